@@ -1,0 +1,172 @@
+//! The resolved shape of a Llama-family model, read from GGUF metadata or a Hugging Face
+//! `config.json`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+
+/// Which pairs of a head's dimensions RoPE rotates together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RopeLayout {
+    /// (2i, 2i+1): GGUF permutes Q/K rows at conversion so this applies.
+    Adjacent,
+    /// (i, i + head_dim/2): Hugging Face checkpoints.
+    Neox,
+}
+
+/// Everything the forward pass needs to know about a model's shape.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub architecture: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn_size: usize,
+    pub rms_eps: f32,
+    pub rope_theta: f64,
+    pub rope_layout: RopeLayout,
+    pub context_length: usize,
+    pub tied_embeddings: bool,
+}
+
+impl ModelConfig {
+    /// Columns of the fused Q, K and V projections' output.
+    pub fn qkv_dim(&self) -> usize {
+        (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+    }
+
+    /// Width of one position's K (or V) in one layer.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Checks the shape is one the kernels handle.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let err = |reason: String| Err(Error::Config { path: path.into(), reason });
+        if self.architecture != "llama" {
+            return err(format!("architecture `{}` is not supported (tandem runs the llama family)", self.architecture));
+        }
+        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return err(format!("{} attention heads cannot share {} KV heads", self.n_heads, self.n_kv_heads));
+        }
+        if self.head_dim == 0 || self.head_dim % 32 != 0 || self.head_dim > 256 {
+            return err(format!("head dimension {} is not a multiple of 32 up to 256", self.head_dim));
+        }
+        if self.hidden_size == 0 || self.ffn_size == 0 || self.n_layers == 0 || self.vocab_size == 0 {
+            return err("a model dimension is zero".into());
+        }
+        if self.context_length == 0 {
+            return err("context length is zero".into());
+        }
+        Ok(())
+    }
+
+    /// Reads the `llama.*` metadata of a GGUF file.
+    pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        let path = &file.path;
+        let missing = |key: &str| Error::Config { path: path.clone(), reason: format!("missing or invalid metadata `{key}`") };
+        let arch = file.get("general.architecture").and_then(|v| v.as_str()).ok_or_else(|| missing("general.architecture"))?.to_string();
+        let uint = |key: &str| -> Result<usize> {
+            let full = format!("{arch}.{key}");
+            file.get(&full).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| missing(&full))
+        };
+        let hidden_size = uint("embedding_length")?;
+        let n_heads = uint("attention.head_count")?;
+        let n_kv_heads = uint("attention.head_count_kv").unwrap_or(n_heads);
+        let head_dim = uint("attention.key_length").unwrap_or(if n_heads > 0 { hidden_size / n_heads } else { 0 });
+        let vocab_size = match uint("vocab_size") {
+            Ok(v) => v,
+            Err(_) => file.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len()).ok_or_else(|| missing("tokenizer.ggml.tokens"))?,
+        };
+        let float = |key: &str, default: f64| file.get(&format!("{arch}.{key}")).and_then(|v| v.as_f64()).unwrap_or(default);
+        let tied = !file.tensors.iter().any(|t| t.name == "output.weight");
+        let cfg = ModelConfig {
+            vocab_size,
+            hidden_size,
+            n_layers: uint("block_count")?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            ffn_size: uint("feed_forward_length")?,
+            rms_eps: float("attention.layer_norm_rms_epsilon", 1e-5) as f32,
+            rope_theta: float("rope.freq_base", 10000.0),
+            rope_layout: RopeLayout::Adjacent,
+            context_length: uint("context_length")?,
+            tied_embeddings: tied,
+            architecture: arch,
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Reads a Hugging Face `config.json`.
+    pub fn from_hf_json(path: &Path, text: &str) -> Result<Self> {
+        let hf: HfConfig = serde_json::from_str(text).map_err(|e| Error::Config { path: path.into(), reason: e.to_string() })?;
+        let arch_ok = hf.model_type.as_deref() == Some("llama") || hf.architectures.iter().any(|a| a == "LlamaForCausalLM");
+        let n_heads = hf.num_attention_heads;
+        let cfg = ModelConfig {
+            architecture: if arch_ok { "llama".into() } else { hf.model_type.clone().unwrap_or_default() },
+            vocab_size: hf.vocab_size,
+            hidden_size: hf.hidden_size,
+            n_layers: hf.num_hidden_layers,
+            n_heads,
+            n_kv_heads: hf.num_key_value_heads.unwrap_or(n_heads),
+            head_dim: hf.head_dim.unwrap_or(if n_heads > 0 { hf.hidden_size / n_heads } else { 0 }),
+            ffn_size: hf.intermediate_size,
+            rms_eps: hf.rms_norm_eps.unwrap_or(1e-5) as f32,
+            rope_theta: hf.rope_theta.unwrap_or(10000.0),
+            rope_layout: RopeLayout::Neox,
+            context_length: hf.max_position_embeddings.unwrap_or(2048),
+            tied_embeddings: hf.tie_word_embeddings.unwrap_or(false),
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// The Hugging Face `config.json` for this model (used by `export-hf`).
+    pub fn to_hf_json(&self, bos: Option<u32>, eos: Option<u32>, dtype: &str) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.ffn_size,
+            "rms_norm_eps": self.rms_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.context_length,
+            "tie_word_embeddings": self.tied_embeddings,
+            "hidden_act": "silu",
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "torch_dtype": dtype,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct HfConfig {
+    model_type: Option<String>,
+    #[serde(default)]
+    architectures: Vec<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    intermediate_size: usize,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+}

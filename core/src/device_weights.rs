@@ -1,0 +1,112 @@
+//! Weight tensors on the GPU, in their stored format. Quantized blocks are split at upload into an
+//! array of quant words and an array of scales so every kernel load is an aligned u32; the bytes
+//! are the file's, nothing is expanded. A tensor larger than one storage binding is split into
+//! row ranges ("parts"), each its own buffer.
+
+use tandem_shaders::{MatmulParams, WeightFormat};
+
+use crate::error::{Error, Result};
+use crate::gpu::GpuContext;
+use crate::tensor::HostTensor;
+
+/// One row range of a matrix on the GPU.
+#[derive(Debug)]
+pub struct MatrixPart {
+    pub row_start: usize,
+    pub rows: usize,
+    pub quants: wgpu::Buffer,
+    pub scales: wgpu::Buffer,
+}
+
+/// A weight matrix (rows x cols) on the GPU.
+#[derive(Debug)]
+pub struct DeviceMatrix {
+    pub name: String,
+    pub format: WeightFormat,
+    pub rows: usize,
+    pub cols: usize,
+    pub parts: Vec<MatrixPart>,
+}
+
+/// Bytes per row on the GPU: (quant words, scale bytes).
+fn gpu_row_bytes(format: WeightFormat, cols: usize) -> (usize, usize) {
+    let blocks = cols / 32;
+    match format {
+        WeightFormat::F32 => (cols * 4, 0),
+        WeightFormat::F16 | WeightFormat::Bf16 => (cols * 2, 0),
+        WeightFormat::Q8_0 => (blocks * 32, blocks * 2),
+        WeightFormat::Q4_0 => (blocks * 16, blocks * 2),
+        WeightFormat::Q4_1 => (blocks * 16, blocks * 4),
+    }
+}
+
+/// Splits file-layout blocks into (quant bytes, scale bytes).
+fn repack(format: WeightFormat, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let (block, scale) = match format {
+        WeightFormat::F32 | WeightFormat::F16 | WeightFormat::Bf16 => return (bytes.to_vec(), Vec::new()),
+        WeightFormat::Q8_0 => (34, 2),
+        WeightFormat::Q4_0 => (18, 2),
+        WeightFormat::Q4_1 => (20, 4),
+    };
+    let n = bytes.len() / block;
+    let mut quants = Vec::with_capacity(n * (block - scale));
+    let mut scales = Vec::with_capacity(n * scale);
+    for b in bytes.chunks_exact(block) {
+        scales.extend_from_slice(&b[..scale]);
+        quants.extend_from_slice(&b[scale..]);
+    }
+    (quants, scales)
+}
+
+impl DeviceMatrix {
+    /// Uploads a 2-D tensor, split into parts that fit the adapter's binding limit.
+    pub fn upload(ctx: &GpuContext, t: &HostTensor) -> Result<Self> {
+        let (rows, cols) = (t.rows(), t.cols());
+        let (qb, sb) = gpu_row_bytes(t.format, cols);
+        let per_row = qb.max(sb).max(1) as u64;
+        // Rows per part: what fits one binding, kept even so packed f16 scales never straddle parts.
+        let max_rows = ((ctx.max_binding() / per_row) as usize & !1).max(2);
+        if per_row > ctx.max_binding() {
+            return Err(Error::AdapterLimit { what: "bytes in one weight row", needed: per_row, limit: ctx.max_binding() });
+        }
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < rows {
+            let end = (start + max_rows).min(rows);
+            let (quants, scales) = repack(t.format, t.row_bytes(start, end));
+            let label = format!("{}[{start}..{end}]", t.name);
+            parts.push(MatrixPart {
+                row_start: start,
+                rows: end - start,
+                quants: ctx.storage_init(&label, &quants),
+                scales: ctx.storage_init(&format!("{label}.scales"), &scales),
+            });
+            start = end;
+        }
+        Ok(DeviceMatrix { name: t.name.clone(), format: t.format, rows, cols, parts })
+    }
+
+    /// Uniform parameters for each part when it writes columns `y_offset..` of rows `y_stride` wide.
+    pub fn part_params(&self, ctx: &GpuContext, x_stride: usize, y_stride: usize, y_offset: usize) -> Vec<wgpu::Buffer> {
+        self.parts
+            .iter()
+            .map(|p| {
+                let params = MatmulParams {
+                    n: p.rows as u32,
+                    k: self.cols as u32,
+                    y_stride: y_stride as u32,
+                    x_stride: x_stride as u32,
+                    y_offset: (y_offset + p.row_start) as u32,
+                    ..Default::default()
+                };
+                ctx.uniform_init(&format!("{}.params", self.name), bytemuck::bytes_of(&params))
+            })
+            .collect()
+    }
+}
+
+/// A vector (norm weights) uploaded as f32.
+pub fn upload_vector(ctx: &GpuContext, t: &HostTensor) -> wgpu::Buffer {
+    let values = crate::cpu_ref::dequantize_row(t.format, t.bytes.as_slice(), t.cols());
+    ctx.storage_init(&t.name, bytemuck::cast_slice(&values))
+}

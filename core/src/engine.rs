@@ -1,0 +1,663 @@
+//! The forward pass of a Llama-family model over the paged KV cache, one scheduler step at a
+//! time: a step carries any mix of prefill chunks and decode tokens of many sequences, is
+//! recorded into one command buffer with bind groups built at load, and reads back only the
+//! sampled token ids (or, when asked, logits).
+
+use std::collections::HashMap;
+
+use tandem_shaders::{EmbedParams, Kernel, SampleParams, Step, TokenInfo};
+
+use crate::config::{ModelConfig, RopeLayout};
+use crate::cpu_ref::rope_table;
+use crate::device_weights::{DeviceMatrix, upload_vector};
+use crate::error::{Error, Result};
+use crate::gpu::GpuContext;
+use crate::kernels::{Kernels, matmul_tile};
+use crate::kv::{BLOCK_TOKENS, BlockPool, KvLayer, KvSink, SeqId, SeqState};
+use crate::model::{HostModel, layer_tensor};
+
+/// How to choose the next token.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0 picks the most likely token.
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0: all).
+    pub top_k: u32,
+    /// Keep the smallest set of tokens whose probability reaches p (1: all).
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl SamplingParams {
+    /// Temperature 0: the most likely token, ties to the lowest id.
+    pub fn greedy() -> Self {
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+    }
+}
+
+/// Sizes of an engine's buffers.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Most tokens one step may carry.
+    pub max_batch_tokens: usize,
+    /// KV blocks in the cache (0: enough for `max_sequences` full contexts).
+    pub kv_blocks: usize,
+    /// Positions per sequence (0: the model's context, capped at 8192).
+    pub context_length: usize,
+    /// Sequences the default block count is sized for.
+    pub max_sequences: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { max_batch_tokens: 256, kv_blocks: 0, context_length: 0, max_sequences: 1 }
+    }
+}
+
+/// One sequence's work in a step.
+#[derive(Clone, Debug)]
+pub struct StepInput {
+    pub seq: SeqId,
+    /// Tokens appended at the sequence's next positions.
+    pub tokens: Vec<u32>,
+    /// Sample a token after the last one.
+    pub sample: Option<SamplingParams>,
+}
+
+/// A matmul over one weight: a bind group and row count per part.
+struct MatmulOp {
+    pipelines: [wgpu::ComputePipeline; 2],
+    parts: Vec<(wgpu::BindGroup, u32)>,
+}
+
+struct LayerOps {
+    norm_attn: wgpu::BindGroup,
+    q: MatmulOp,
+    k: MatmulOp,
+    v: MatmulOp,
+    rope: wgpu::BindGroup,
+    attention: wgpu::BindGroup,
+    o: MatmulOp,
+    norm_ffn: wgpu::BindGroup,
+    gate: MatmulOp,
+    up: MatmulOp,
+    silu: wgpu::BindGroup,
+    down: MatmulOp,
+    k_cache: wgpu::Buffer,
+    v_cache: wgpu::Buffer,
+}
+
+struct Pipelines {
+    embed: wgpu::ComputePipeline,
+    norm: wgpu::ComputePipeline,
+    norm_gather: wgpu::ComputePipeline,
+    rope: wgpu::ComputePipeline,
+    attention: wgpu::ComputePipeline,
+    silu: wgpu::ComputePipeline,
+    sample: wgpu::ComputePipeline,
+}
+
+struct StepBuffers {
+    step: wgpu::Buffer,
+    tokens: wgpu::Buffer,
+    tables: wgpu::Buffer,
+    sample_rows: wgpu::Buffer,
+    sample_params: wgpu::Buffer,
+    chosen: wgpu::Buffer,
+    chosen_read: wgpu::Buffer,
+    logits: wgpu::Buffer,
+}
+
+/// What a step produced.
+#[derive(Debug, Default)]
+pub struct StepOutput {
+    /// The sampled token per input (None where the input did not sample).
+    pub tokens: Vec<Option<u32>>,
+    /// Logits of every token of the step, `[tokens][vocab]`, when asked for.
+    pub logits: Option<Vec<f32>>,
+}
+
+/// A model on one GPU with its KV cache.
+pub struct Engine {
+    ctx: GpuContext,
+    kernels: Kernels,
+    pub config: ModelConfig,
+    context_length: usize,
+    max_tokens: usize,
+    max_sample: usize,
+    max_table: usize,
+    pipelines: Pipelines,
+    embed: Vec<wgpu::BindGroup>,
+    layers: Vec<LayerOps>,
+    norm_out: wgpu::BindGroup,
+    head: MatmulOp,
+    sample: wgpu::BindGroup,
+    bufs: StepBuffers,
+    pool: BlockPool,
+    seqs: HashMap<SeqId, SeqState>,
+    next_seq: u64,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("adapter", &self.ctx.adapter.name).field("sequences", &self.seqs.len()).finish()
+    }
+}
+
+fn wg(n: usize, per: usize) -> u32 {
+    n.div_ceil(per) as u32
+}
+
+impl MatmulOp {
+    fn new(
+        kernels: &Kernels,
+        m: &DeviceMatrix,
+        step: &wgpu::Buffer,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        (x_stride, y_stride, y_offset): (usize, usize, usize),
+        accumulate: bool,
+        sample_rows: bool,
+    ) -> Result<Self> {
+        let ctx = kernels.ctx();
+        let params = m.part_params(ctx, x_stride, y_stride, y_offset);
+        let parts = m
+            .parts
+            .iter()
+            .zip(&params)
+            .map(|(p, u)| (kernels.bind_group(Kernel::Matmul, &m.name, &[step, u, x, &p.quants, &p.scales, y]), p.rows as u32))
+            .collect();
+        let rows_per_wg = 64 / kernels.matmul_split() as usize;
+        let groups = m.parts.iter().map(|p| wg(p.rows, rows_per_wg)).max().unwrap_or(0);
+        if groups > ctx.limits.max_compute_workgroups_per_dimension {
+            return Err(Error::AdapterLimit {
+                what: "workgroups per dimension for a weight part",
+                needed: groups.into(),
+                limit: ctx.limits.max_compute_workgroups_per_dimension.into(),
+            });
+        }
+        Ok(MatmulOp {
+            pipelines: [kernels.matmul(m.format, 1, accumulate, sample_rows)?, kernels.matmul(m.format, 8, accumulate, sample_rows)?],
+            parts,
+        })
+    }
+
+    fn record(&self, pass: &mut wgpu::ComputePass<'_>, tokens: usize, split: u32) {
+        let tile = matmul_tile(tokens as u32);
+        pass.set_pipeline(&self.pipelines[usize::from(tile > 1)]);
+        let rows_per_wg = 64 / split as usize;
+        for (bg, rows) in &self.parts {
+            pass.set_bind_group(0, bg, &[]);
+            pass.dispatch_workgroups(wg(*rows as usize, rows_per_wg), wg(tokens, tile as usize), 1);
+        }
+    }
+}
+
+impl Engine {
+    /// Uploads `model` and builds every pipeline, buffer and bind group.
+    pub fn new(ctx: &GpuContext, model: &HostModel, cfg: &EngineConfig) -> Result<Self> {
+        let c = model.config.clone();
+        let context_length = if cfg.context_length == 0 { c.context_length.min(8192) } else { cfg.context_length };
+        let max_tokens = cfg.max_batch_tokens.max(1);
+        let blocks_per_seq = context_length.div_ceil(BLOCK_TOKENS);
+        let kv_blocks = if cfg.kv_blocks == 0 { blocks_per_seq * cfg.max_sequences.max(1) } else { cfg.kv_blocks };
+        let max_binding = ctx.max_binding();
+        let f4 = 4u64;
+        let logits_row = c.vocab_size as u64 * f4;
+        let max_sample = (max_binding / logits_row).min(max_tokens as u64) as usize;
+        if max_sample == 0 {
+            return Err(Error::AdapterLimit { what: "bytes for one row of logits", needed: logits_row, limit: max_binding });
+        }
+        let cache_bytes = kv_blocks as u64 * BLOCK_TOKENS as u64 * c.kv_dim() as u64 * f4;
+        if cache_bytes > max_binding {
+            return Err(Error::AdapterLimit { what: "bytes of one layer's K cache", needed: cache_bytes, limit: max_binding });
+        }
+        let kernels = Kernels::new(ctx);
+        let (d, q_dim, qkv_dim, f) = (c.hidden_size, c.n_heads * c.head_dim, c.qkv_dim(), c.ffn_size);
+        let t = max_tokens as u64;
+        let act = |label: &str, width: usize| ctx.storage(label, t * width as u64 * f4);
+        let x = act("x", d);
+        let xn = act("xn", d);
+        let qkv = act("qkv", qkv_dim);
+        let attn_out = act("attn_out", q_dim);
+        let gate = act("gate", f);
+        let up = act("up", f);
+        let hs = ctx.storage("hidden_sampled", max_sample as u64 * d as u64 * f4);
+        let max_table = max_tokens.min(kv_blocks.max(1)) * blocks_per_seq;
+        let bufs = StepBuffers {
+            step: ctx.uniform_init("step", bytemuck::bytes_of(&Step::default())),
+            tokens: ctx.storage("tokens", t * size_of::<TokenInfo>() as u64),
+            tables: ctx.storage("block_tables", max_table as u64 * f4),
+            sample_rows: ctx.storage("sample_rows", t * f4),
+            sample_params: ctx.storage("sample_params", t * size_of::<SampleParams>() as u64),
+            chosen: ctx.storage("chosen", t * f4),
+            chosen_read: ctx.readback("chosen_read", t * f4),
+            logits: ctx.storage("logits", max_sample as u64 * logits_row),
+        };
+        let freq_factors = model
+            .tensors
+            .get("rope_freqs.weight")
+            .map(|t| crate::cpu_ref::dequantize_row(t.format, t.bytes.as_slice(), t.cols()));
+        let table: Vec<f32> =
+            rope_table(context_length, c.head_dim, c.rope_theta, freq_factors.as_deref()).into_iter().flatten().collect();
+        let rope_buf = ctx.storage_init("rope_table", bytemuck::cast_slice(&table));
+
+        let heads = [
+            ("N_HEADS", c.n_heads as f64),
+            ("N_KV_HEADS", c.n_kv_heads as f64),
+            ("HEAD_DIM", c.head_dim as f64),
+        ];
+        let norm_consts = [("DIM", d as f64), ("EPS", f64::from(c.rms_eps))];
+        let pipelines = Pipelines {
+            embed: kernels.pipeline(Kernel::Embed, Some(model.tensor("token_embd.weight")?.format), &[])?,
+            norm: kernels.pipeline(Kernel::RmsNorm, None, &[norm_consts[0], norm_consts[1], ("GATHER", 0.0)])?,
+            norm_gather: kernels.pipeline(Kernel::RmsNorm, None, &[norm_consts[0], norm_consts[1], ("GATHER", 1.0)])?,
+            rope: kernels.pipeline(
+                Kernel::RopeKv,
+                None,
+                &[heads[0], heads[1], heads[2], ("NEOX", f64::from(u8::from(c.rope_layout == RopeLayout::Neox)))],
+            )?,
+            attention: kernels.pipeline(
+                Kernel::Attention,
+                None,
+                &[heads[0], heads[1], heads[2], ("BLOCK_TOKENS", BLOCK_TOKENS as f64), ("SCALE", 1.0 / (c.head_dim as f64).sqrt())],
+            )?,
+            silu: kernels.pipeline(Kernel::SiluMul, None, &[("FFN_DIM", f as f64)])?,
+            sample: kernels.pipeline(Kernel::Sample, None, &[("VOCAB", c.vocab_size as f64)])?,
+        };
+
+        let embed_t = DeviceMatrix::upload(ctx, model.tensor("token_embd.weight")?)?;
+        let embed = embed_t
+            .parts
+            .iter()
+            .map(|p| {
+                let params = EmbedParams { row_start: p.row_start as u32, row_count: p.rows as u32, dim: d as u32, _pad: 0 };
+                let u = ctx.uniform_init("embed.params", bytemuck::bytes_of(&params));
+                kernels.bind_group(Kernel::Embed, "embed", &[&bufs.step, &u, &bufs.tokens, &p.quants, &p.scales, &x])
+            })
+            .collect();
+
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let _span = tracing::debug_span!("upload_layer", layer = l).entered();
+            let mat = |what: &str| DeviceMatrix::upload(ctx, model.tensor(&layer_tensor(l, what))?);
+            let vec = |what: &str| -> Result<wgpu::Buffer> { Ok(upload_vector(ctx, model.tensor(&layer_tensor(l, what))?)) };
+            let cache = |what: &str| ctx.storage(&format!("{what}_cache.{l}"), cache_bytes);
+            let (k_cache, v_cache) = (cache("k"), cache("v"));
+            let (g_attn, g_ffn) = (vec("attn_norm")?, vec("ffn_norm")?);
+            let mm = |m: &DeviceMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, strides, acc| {
+                MatmulOp::new(&kernels, m, &bufs.step, x, y, strides, acc, false)
+            };
+            let (wq, wk, wv, wo) = (mat("attn_q")?, mat("attn_k")?, mat("attn_v")?, mat("attn_output")?);
+            let (wg_, wu, wd) = (mat("ffn_gate")?, mat("ffn_up")?, mat("ffn_down")?);
+            let kv = c.kv_dim();
+            layers.push(LayerOps {
+                norm_attn: kernels.bind_group(Kernel::RmsNorm, "norm_attn", &[&bufs.step, &x, &g_attn, &bufs.sample_rows, &xn]),
+                q: mm(&wq, &xn, &qkv, (d, qkv_dim, 0), false)?,
+                k: mm(&wk, &xn, &qkv, (d, qkv_dim, q_dim), false)?,
+                v: mm(&wv, &xn, &qkv, (d, qkv_dim, q_dim + kv), false)?,
+                rope: kernels.bind_group(Kernel::RopeKv, "rope_kv", &[&bufs.step, &qkv, &bufs.tokens, &rope_buf, &k_cache, &v_cache]),
+                attention: kernels.bind_group(
+                    Kernel::Attention,
+                    "attention",
+                    &[&bufs.step, &qkv, &bufs.tokens, &bufs.tables, &k_cache, &v_cache, &attn_out],
+                ),
+                o: mm(&wo, &attn_out, &x, (q_dim, d, 0), true)?,
+                norm_ffn: kernels.bind_group(Kernel::RmsNorm, "norm_ffn", &[&bufs.step, &x, &g_ffn, &bufs.sample_rows, &xn]),
+                gate: mm(&wg_, &xn, &gate, (d, f, 0), false)?,
+                up: mm(&wu, &xn, &up, (d, f, 0), false)?,
+                silu: kernels.bind_group(Kernel::SiluMul, "silu_mul", &[&bufs.step, &gate, &up]),
+                down: mm(&wd, &gate, &x, (f, d, 0), true)?,
+                k_cache,
+                v_cache,
+            });
+        }
+        let g_out = upload_vector(ctx, model.tensor("output_norm.weight")?);
+        let norm_out = kernels.bind_group(Kernel::RmsNorm, "norm_out", &[&bufs.step, &x, &g_out, &bufs.sample_rows, &hs]);
+        let head_t = if c.tied_embeddings { embed_t } else { DeviceMatrix::upload(ctx, model.output_head()?)? };
+        let head = MatmulOp::new(&kernels, &head_t, &bufs.step, &hs, &bufs.logits, (d, c.vocab_size, 0), false, true)?;
+        let sample = kernels.bind_group(Kernel::Sample, "sample", &[&bufs.step, &bufs.logits, &bufs.sample_params, &bufs.chosen]);
+        ctx.check_errors("engine setup")?;
+        Ok(Engine {
+            ctx: ctx.clone(),
+            kernels,
+            config: c,
+            context_length,
+            max_tokens,
+            max_sample,
+            max_table,
+            pipelines,
+            embed,
+            layers,
+            norm_out,
+            head,
+            sample,
+            bufs,
+            pool: BlockPool::new(kv_blocks),
+            seqs: HashMap::new(),
+            next_seq: 0,
+        })
+    }
+
+    /// The GPU this engine runs on.
+    pub fn gpu(&self) -> &GpuContext {
+        &self.ctx
+    }
+
+    /// Positions one sequence may hold.
+    pub fn context_length(&self) -> usize {
+        self.context_length
+    }
+
+    /// Most tokens in one step.
+    pub fn max_batch_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// Most rows of logits one step can return.
+    pub fn max_logit_rows(&self) -> usize {
+        self.max_sample
+    }
+
+    /// (free, total) KV blocks.
+    pub fn kv_blocks(&self) -> (usize, usize) {
+        (self.pool.free(), self.pool.total())
+    }
+
+    /// A new, empty sequence.
+    pub fn create_sequence(&mut self) -> SeqId {
+        let id = SeqId(self.next_seq);
+        self.next_seq += 1;
+        self.seqs.insert(id, SeqState { ready: vec![0; self.config.n_layers], ..Default::default() });
+        id
+    }
+
+    /// Frees a sequence's blocks.
+    pub fn free_sequence(&mut self, seq: SeqId) {
+        if let Some(s) = self.seqs.remove(&seq) {
+            self.pool.release(s);
+        }
+    }
+
+    /// Positions with K/V in every layer.
+    pub fn sequence_len(&self, seq: SeqId) -> Result<usize> {
+        self.seqs.get(&seq).map(|s| s.len).ok_or(Error::UnknownSequence(seq.0))
+    }
+
+    /// Runs one step and returns the sampled tokens.
+    pub fn step(&mut self, inputs: &[StepInput]) -> Result<Vec<Option<u32>>> {
+        Ok(self.run_step(inputs, false, None)?.tokens)
+    }
+
+    /// Runs one step, handing each layer's new K/V to `sink` as soon as the GPU has written it.
+    pub fn step_with_sink(&mut self, inputs: &[StepInput], sink: &mut dyn KvSink) -> Result<Vec<Option<u32>>> {
+        Ok(self.run_step(inputs, false, Some(sink))?.tokens)
+    }
+
+    /// Appends `tokens` to `seq` and returns the logits after every one of them, `[tokens][vocab]`
+    /// (for tests and evaluation; serving samples on the GPU instead).
+    pub fn forward_logits(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(tokens.len());
+        for chunk in tokens.chunks(self.max_sample.min(self.max_tokens)) {
+            let input = StepInput { seq, tokens: chunk.to_vec(), sample: None };
+            let logits = self.run_step(&[input], true, None)?.logits.unwrap_or_default();
+            out.extend(logits.chunks(self.config.vocab_size).map(<[f32]>::to_vec));
+        }
+        Ok(out)
+    }
+
+    /// Writes imported K/V for one layer of `seq` at positions `kv.start..kv.start + kv.tokens`.
+    /// Layers may arrive in any order; the sequence can be extended once every layer holds the range.
+    pub fn import_kv(&mut self, seq: SeqId, kv: &KvLayer) -> Result<()> {
+        let kv_dim = self.config.kv_dim();
+        let n_layers = self.config.n_layers;
+        let ctx_len = self.context_length;
+        let state = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+        if kv.layer >= n_layers {
+            return Err(Error::KvImport(format!("layer {} of a {n_layers}-layer model", kv.layer)));
+        }
+        if kv.k.len() != kv.tokens * kv_dim || kv.v.len() != kv.tokens * kv_dim {
+            return Err(Error::KvImport(format!("{} tokens need {} values each for K and V", kv.tokens, kv.tokens * kv_dim)));
+        }
+        if kv.start != state.ready[kv.layer] {
+            return Err(Error::KvImport(format!(
+                "layer {} continues at position {}, got {}",
+                kv.layer, state.ready[kv.layer], kv.start
+            )));
+        }
+        let end = kv.start + kv.tokens;
+        if end > ctx_len {
+            return Err(Error::ContextOverflow { tokens: end, max_new: 0, context: ctx_len });
+        }
+        self.pool.reserve(state, end)?;
+        let layer = &self.layers[kv.layer];
+        let row_bytes = (kv_dim * 4) as u64;
+        let mut pos = kv.start;
+        while pos < end {
+            let run = (BLOCK_TOKENS - pos % BLOCK_TOKENS).min(end - pos);
+            let offset = u64::from(state.slot(pos)) * row_bytes;
+            let src = (pos - kv.start) * kv_dim..(pos - kv.start + run) * kv_dim;
+            self.ctx.queue.write_buffer(&layer.k_cache, offset, bytemuck::cast_slice(&kv.k[src.clone()]));
+            self.ctx.queue.write_buffer(&layer.v_cache, offset, bytemuck::cast_slice(&kv.v[src]));
+            pos += run;
+        }
+        state.ready[kv.layer] = end;
+        state.len = state.ready.iter().copied().min().unwrap_or(0);
+        Ok(())
+    }
+
+    fn run_step(&mut self, inputs: &[StepInput], all_logits: bool, mut sink: Option<&mut dyn KvSink>) -> Result<StepOutput> {
+        let c = &self.config;
+        let n_tokens: usize = inputs.iter().map(|i| i.tokens.len()).sum();
+        if n_tokens == 0 {
+            return Err(Error::InvalidRequest("a step needs at least one token".into()));
+        }
+        if n_tokens > self.max_tokens {
+            return Err(Error::InvalidRequest(format!("{n_tokens} tokens exceed the step budget of {}", self.max_tokens)));
+        }
+        let n_sample = if all_logits { n_tokens } else { inputs.iter().filter(|i| i.sample.is_some()).count() };
+        if n_sample > self.max_sample {
+            return Err(Error::InvalidRequest(format!("{n_sample} logit rows exceed the limit of {}", self.max_sample)));
+        }
+        // Validate everything and reserve blocks before touching any state.
+        let mut seen = std::collections::HashSet::new();
+        let mut needed_blocks = 0;
+        for input in inputs {
+            let s = self.seqs.get(&input.seq).ok_or(Error::UnknownSequence(input.seq.0))?;
+            if !seen.insert(input.seq) {
+                return Err(Error::InvalidRequest(format!("sequence {} appears twice in one step", input.seq.0)));
+            }
+            if input.tokens.is_empty() {
+                return Err(Error::InvalidRequest(format!("sequence {} has no tokens in this step", input.seq.0)));
+            }
+            if let Some(&id) = input.tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
+                return Err(Error::TokenOutOfRange { id, vocab: c.vocab_size });
+            }
+            if s.ready.iter().any(|&r| r != s.len) {
+                return Err(Error::KvImport(format!("sequence {} has an incomplete KV import", input.seq.0)));
+            }
+            let end = s.len + input.tokens.len();
+            if end > self.context_length {
+                return Err(Error::ContextOverflow { tokens: end, max_new: 0, context: self.context_length });
+            }
+            needed_blocks += end.div_ceil(BLOCK_TOKENS).saturating_sub(s.blocks.len());
+        }
+        if needed_blocks > self.pool.free() {
+            return Err(Error::OutOfKvBlocks { needed: needed_blocks, free: self.pool.free() });
+        }
+
+        let mut infos = Vec::with_capacity(n_tokens);
+        let mut tables: Vec<u32> = Vec::new();
+        let mut rows = Vec::with_capacity(n_sample);
+        let mut params = Vec::with_capacity(n_sample);
+        let mut exports = Vec::new();
+        for input in inputs {
+            let state = self.seqs.get_mut(&input.seq).ok_or(Error::UnknownSequence(input.seq.0))?;
+            let start = state.len;
+            let end = start + input.tokens.len();
+            self.pool.reserve(state, end)?;
+            let table_off = tables.len() as u32;
+            tables.extend_from_slice(&state.blocks);
+            for (i, &id) in input.tokens.iter().enumerate() {
+                let pos = start + i;
+                if all_logits {
+                    rows.push(infos.len() as u32);
+                }
+                infos.push(TokenInfo { id, pos: pos as u32, slot: state.slot(pos), table_off });
+            }
+            if let (Some(sp), false) = (input.sample, all_logits) {
+                rows.push(infos.len() as u32 - 1);
+                params.push(SampleParams {
+                    temperature: sp.temperature,
+                    top_k: sp.top_k,
+                    top_p: sp.top_p,
+                    seed: (sp.seed ^ (sp.seed >> 32)) as u32,
+                    counter: end as u32,
+                    ..Default::default()
+                });
+            }
+            if sink.is_some() {
+                exports.push((input.seq, start, end, state.clone()));
+            }
+        }
+        if tables.len() > self.max_table {
+            return Err(Error::InvalidRequest(format!("{} block-table entries exceed {}", tables.len(), self.max_table)));
+        }
+        let q = &self.ctx.queue;
+        q.write_buffer(&self.bufs.step, 0, bytemuck::bytes_of(&Step { n_tokens: n_tokens as u32, n_sample: n_sample as u32, ..Default::default() }));
+        q.write_buffer(&self.bufs.tokens, 0, bytemuck::cast_slice(&infos));
+        q.write_buffer(&self.bufs.tables, 0, bytemuck::cast_slice(&tables));
+        if !rows.is_empty() {
+            q.write_buffer(&self.bufs.sample_rows, 0, bytemuck::cast_slice(&rows));
+        }
+        if !params.is_empty() {
+            q.write_buffer(&self.bufs.sample_params, 0, bytemuck::cast_slice(&params));
+        }
+
+        let split = self.kernels.matmul_split();
+        let kv_row = (c.kv_dim() * 4) as u64;
+        let export_tokens: usize = exports.iter().map(|(_, s, e, _)| e - s).sum();
+        let mut staged = Vec::new();
+        let device = &self.ctx.device;
+        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("embed"), timestamp_writes: None });
+            pass.set_pipeline(&self.pipelines.embed);
+            for bg in &self.embed {
+                pass.set_bind_group(0, bg, &[]);
+                pass.dispatch_workgroups(wg(c.hidden_size, 64), n_tokens as u32, 1);
+            }
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("layer"), timestamp_writes: None });
+                let p = &self.pipelines;
+                pass.set_pipeline(&p.norm);
+                pass.set_bind_group(0, &layer.norm_attn, &[]);
+                pass.dispatch_workgroups(n_tokens as u32, 1, 1);
+                layer.q.record(&mut pass, n_tokens, split);
+                layer.k.record(&mut pass, n_tokens, split);
+                layer.v.record(&mut pass, n_tokens, split);
+                pass.set_pipeline(&p.rope);
+                pass.set_bind_group(0, &layer.rope, &[]);
+                let rope_items = (c.n_heads + c.n_kv_heads) * c.head_dim / 2 + c.kv_dim();
+                pass.dispatch_workgroups(wg(rope_items, 64), n_tokens as u32, 1);
+                pass.set_pipeline(&p.attention);
+                pass.set_bind_group(0, &layer.attention, &[]);
+                pass.dispatch_workgroups(c.n_heads as u32, n_tokens as u32, 1);
+                layer.o.record(&mut pass, n_tokens, split);
+                pass.set_pipeline(&p.norm);
+                pass.set_bind_group(0, &layer.norm_ffn, &[]);
+                pass.dispatch_workgroups(n_tokens as u32, 1, 1);
+                layer.gate.record(&mut pass, n_tokens, split);
+                layer.up.record(&mut pass, n_tokens, split);
+                pass.set_pipeline(&p.silu);
+                pass.set_bind_group(0, &layer.silu, &[]);
+                pass.dispatch_workgroups(wg(c.ffn_size, 64), n_tokens as u32, 1);
+                layer.down.record(&mut pass, n_tokens, split);
+            }
+            if sink.is_some() {
+                // Copy this layer's new K/V out and submit, so the host can take layer l while the
+                // GPU computes layer l + 1.
+                let bytes = export_tokens as u64 * kv_row;
+                let k_stage = self.ctx.readback(&format!("k_export.{l}"), bytes);
+                let v_stage = self.ctx.readback(&format!("v_export.{l}"), bytes);
+                let mut dst = 0;
+                for (_, start, end, state) in &exports {
+                    let mut pos = *start;
+                    while pos < *end {
+                        let run = (BLOCK_TOKENS - pos % BLOCK_TOKENS).min(end - pos);
+                        let src = u64::from(state.slot(pos)) * kv_row;
+                        enc.copy_buffer_to_buffer(&layer.k_cache, src, &k_stage, dst, run as u64 * kv_row);
+                        enc.copy_buffer_to_buffer(&layer.v_cache, src, &v_stage, dst, run as u64 * kv_row);
+                        dst += run as u64 * kv_row;
+                        pos += run;
+                    }
+                }
+                let done = q.submit([enc.finish()]);
+                staged.push((k_stage, v_stage, done));
+                enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
+            }
+        }
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("head"), timestamp_writes: None });
+            pass.set_pipeline(&self.pipelines.norm_gather);
+            pass.set_bind_group(0, &self.norm_out, &[]);
+            pass.dispatch_workgroups(n_sample as u32, 1, 1);
+            self.head.record(&mut pass, n_sample, split);
+            if !all_logits && n_sample > 0 {
+                pass.set_pipeline(&self.pipelines.sample);
+                pass.set_bind_group(0, &self.sample, &[]);
+                pass.dispatch_workgroups(n_sample as u32, 1, 1);
+            }
+        }
+        let result_bytes = if all_logits { (n_sample * c.vocab_size * 4) as u64 } else { (n_sample * 4) as u64 };
+        let logits_read = all_logits.then(|| self.ctx.readback("logits_read", result_bytes));
+        match &logits_read {
+            Some(buf) => enc.copy_buffer_to_buffer(&self.bufs.logits, 0, buf, 0, result_bytes),
+            None if n_sample > 0 => enc.copy_buffer_to_buffer(&self.bufs.chosen, 0, &self.bufs.chosen_read, 0, result_bytes),
+            None => {}
+        }
+        let done = q.submit([enc.finish()]);
+
+        if let Some(sink) = sink.as_mut() {
+            let kv_dim = c.kv_dim();
+            for (l, (k_stage, v_stage, idx)) in staged.into_iter().enumerate() {
+                let bytes = export_tokens as u64 * kv_row;
+                let k: Vec<f32> = bytemuck::cast_slice(&self.ctx.read_mapped(&k_stage, bytes, idx.clone())?).to_vec();
+                let v: Vec<f32> = bytemuck::cast_slice(&self.ctx.read_mapped(&v_stage, bytes, idx)?).to_vec();
+                let mut off = 0;
+                for (seq, start, end, _) in &exports {
+                    let n = (end - start) * kv_dim;
+                    let layer = KvLayer { layer: l, start: *start, tokens: end - start, k: k[off..off + n].to_vec(), v: v[off..off + n].to_vec() };
+                    sink.layer_ready(*seq, layer)?;
+                    off += n;
+                }
+            }
+        }
+
+        let mut out = StepOutput::default();
+        if let Some(buf) = logits_read {
+            out.logits = Some(bytemuck::cast_slice(&self.ctx.read_mapped(&buf, result_bytes, done)?).to_vec());
+            out.tokens = vec![None; inputs.len()];
+        } else if n_sample > 0 {
+            let chosen: Vec<u32> = bytemuck::cast_slice(&self.ctx.read_mapped(&self.bufs.chosen_read, result_bytes, done)?).to_vec();
+            let mut it = chosen.into_iter();
+            out.tokens = inputs.iter().map(|i| i.sample.and_then(|_| it.next())).collect();
+        } else {
+            self.ctx
+                .device
+                .poll(wgpu::PollType::Wait { submission_index: Some(done), timeout: None })
+                .map_err(|e| Error::Gpu { op: "step".into(), reason: e.to_string() })?;
+            out.tokens = vec![None; inputs.len()];
+        }
+        self.ctx.check_errors("step")?;
+        for input in inputs {
+            if let Some(s) = self.seqs.get_mut(&input.seq) {
+                s.len += input.tokens.len();
+                s.ready.iter_mut().for_each(|r| *r = s.len);
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,280 @@
+//! GGUF (v2/v3) reader: header, metadata, tensor table and data, memory-mapped.
+//!
+//! Every length and offset read from the file is checked against the file's size before use, so
+//! a truncated or corrupt file gives an error naming the file and, where it applies, the tensor.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::tensor::{Backing, HostTensor, TensorBytes, ggml_type_format, ggml_type_name};
+
+const MAGIC: &[u8; 4] = b"GGUF";
+const DEFAULT_ALIGNMENT: u64 = 32;
+/// Far above any real model; stops a corrupt count from allocating the machine away.
+const MAX_ITEMS: u64 = 1 << 24;
+
+/// A metadata value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MetaValue {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    U64(u64),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    Bool(bool),
+    Str(String),
+    Array(Vec<MetaValue>),
+}
+
+impl MetaValue {
+    /// The value as an unsigned integer, if it is a non-negative integer.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            MetaValue::U8(v) => Some(v.into()),
+            MetaValue::U16(v) => Some(v.into()),
+            MetaValue::U32(v) => Some(v.into()),
+            MetaValue::U64(v) => Some(v),
+            MetaValue::I8(v) => u64::try_from(v).ok(),
+            MetaValue::I16(v) => u64::try_from(v).ok(),
+            MetaValue::I32(v) => u64::try_from(v).ok(),
+            MetaValue::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    /// The value as a float, if it is numeric.
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            MetaValue::F32(v) => Some(v.into()),
+            MetaValue::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+
+    /// The value as a string.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            MetaValue::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The value as an array.
+    pub fn as_array(&self) -> Option<&[MetaValue]> {
+        match self {
+            MetaValue::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// A short description for `model inspect`.
+    pub fn summary(&self) -> String {
+        match self {
+            MetaValue::Str(s) if s.len() > 80 => format!("{:?}… ({} bytes)", &s[..s.floor_char_boundary(77)], s.len()),
+            MetaValue::Str(s) => format!("{s:?}"),
+            MetaValue::Array(a) if a.len() > 6 => format!("[{} items]", a.len()),
+            MetaValue::Array(a) => format!("[{}]", a.iter().map(MetaValue::summary).collect::<Vec<_>>().join(", ")),
+            MetaValue::Bool(b) => b.to_string(),
+            MetaValue::F32(v) => v.to_string(),
+            MetaValue::F64(v) => v.to_string(),
+            other => other.as_u64().map_or_else(|| format!("{other:?}"), |v| v.to_string()),
+        }
+    }
+}
+
+/// A parsed GGUF file: metadata and tensors backed by the memory map.
+#[derive(Debug)]
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub version: u32,
+    pub metadata: BTreeMap<String, MetaValue>,
+    pub tensors: Vec<HostTensor>,
+}
+
+struct Reader<'a> {
+    path: &'a Path,
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn err(&self, reason: impl Into<String>) -> Error {
+        Error::Gguf { path: self.path.to_path_buf(), reason: reason.into() }
+    }
+
+    fn bytes(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len()).ok_or_else(|| {
+            self.err(format!("truncated while reading {what} at byte {} (file has {} bytes)", self.pos, self.data.len()))
+        })?;
+        let out = &self.data[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        let b = self.bytes(N, what)?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(b);
+        Ok(out)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    fn count(&mut self, what: &str) -> Result<u64> {
+        let n = self.u64(what)?;
+        if n > MAX_ITEMS {
+            return Err(self.err(format!("implausible {what} {n}")));
+        }
+        Ok(n)
+    }
+
+    fn string(&mut self, what: &str) -> Result<String> {
+        let len = self.u64(what)?;
+        let len = usize::try_from(len).map_err(|_| self.err(format!("{what} length {len} too large")))?;
+        let b = self.bytes(len, what)?;
+        String::from_utf8(b.to_vec()).map_err(|_| self.err(format!("{what} is not valid UTF-8")))
+    }
+
+    fn value(&mut self, ty: u32, key: &str, depth: u32) -> Result<MetaValue> {
+        Ok(match ty {
+            0 => MetaValue::U8(self.array::<1>(key)?[0]),
+            1 => MetaValue::I8(self.array::<1>(key)?[0] as i8),
+            2 => MetaValue::U16(u16::from_le_bytes(self.array(key)?)),
+            3 => MetaValue::I16(i16::from_le_bytes(self.array(key)?)),
+            4 => MetaValue::U32(self.u32(key)?),
+            5 => MetaValue::I32(i32::from_le_bytes(self.array(key)?)),
+            6 => MetaValue::F32(f32::from_le_bytes(self.array(key)?)),
+            7 => MetaValue::Bool(self.array::<1>(key)?[0] != 0),
+            8 => MetaValue::Str(self.string(key)?),
+            9 => {
+                if depth > 2 {
+                    return Err(self.err(format!("metadata `{key}`: arrays nested too deep")));
+                }
+                let elem_ty = self.u32(key)?;
+                let n = self.count(key)?;
+                let mut items = Vec::with_capacity(n.min(1 << 16) as usize);
+                for _ in 0..n {
+                    items.push(self.value(elem_ty, key, depth + 1)?);
+                }
+                MetaValue::Array(items)
+            }
+            10 => MetaValue::U64(self.u64(key)?),
+            11 => MetaValue::I64(i64::from_le_bytes(self.array(key)?)),
+            12 => MetaValue::F64(f64::from_le_bytes(self.array(key)?)),
+            other => return Err(self.err(format!("metadata `{key}` has unknown value type {other}"))),
+        })
+    }
+}
+
+impl GgufFile {
+    /// Memory-maps and parses `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY-free: memmap2's map is `unsafe` because another process may change the file; we
+        // only read, and a model file changing under a running server is outside our contract.
+        let map = crate::tensor::map_file(&file, path)?;
+        Self::parse(path, Arc::new(Backing::Mapped(map)))
+    }
+
+    /// Parses a GGUF image held in memory (used by tests and synthetic models).
+    pub fn parse(path: &Path, backing: Arc<Backing>) -> Result<Self> {
+        let data = backing.bytes();
+        let mut r = Reader { path, data, pos: 0 };
+        if r.bytes(4, "magic")? != MAGIC {
+            return Err(r.err("bad magic (expected `GGUF`)"));
+        }
+        let version = r.u32("version")?;
+        if !(2..=3).contains(&version) {
+            return Err(r.err(format!("unsupported GGUF version {version} (tandem reads 2 and 3)")));
+        }
+        let n_tensors = r.count("tensor count")?;
+        let n_kv = r.count("metadata count")?;
+        let mut metadata = BTreeMap::new();
+        for _ in 0..n_kv {
+            let key = r.string("metadata key")?;
+            let ty = r.u32(&key)?;
+            let v = r.value(ty, &key, 0)?;
+            metadata.insert(key, v);
+        }
+        let alignment = match metadata.get("general.alignment") {
+            Some(v) => v.as_u64().filter(|a| a.is_power_of_two()).ok_or_else(|| r.err("general.alignment is not a power of two"))?,
+            None => DEFAULT_ALIGNMENT,
+        };
+        struct Info {
+            name: String,
+            dims: Vec<usize>,
+            ty: u32,
+            offset: u64,
+        }
+        let mut infos = Vec::with_capacity(n_tensors as usize);
+        for _ in 0..n_tensors {
+            let name = r.string("tensor name")?;
+            let n_dims = r.u32(&name)?;
+            if n_dims == 0 || n_dims > 4 {
+                return Err(Error::Tensor { path: path.into(), tensor: name, reason: format!("{n_dims} dimensions") });
+            }
+            let mut dims = Vec::with_capacity(n_dims as usize);
+            for _ in 0..n_dims {
+                let d = r.u64(&name)?;
+                dims.push(usize::try_from(d).map_err(|_| r.err(format!("tensor `{name}`: dimension {d} too large")))?);
+            }
+            let ty = r.u32(&name)?;
+            let offset = r.u64(&name)?;
+            infos.push(Info { name, dims, ty, offset });
+        }
+        let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
+        let mut tensors = Vec::with_capacity(infos.len());
+        for info in infos {
+            let tensor_err = |reason: String| Error::Tensor { path: path.into(), tensor: info.name.clone(), reason };
+            let Some(format) = ggml_type_format(info.ty) else {
+                return Err(Error::UnsupportedTensorType {
+                    path: path.into(),
+                    tensor: info.name,
+                    type_name: ggml_type_name(info.ty),
+                });
+            };
+            let cols = info.dims[0];
+            let rows: usize = info.dims[1..].iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| tensor_err("shape overflows".into()))?;
+            let row_bytes = format
+                .row_bytes(cols)
+                .ok_or_else(|| tensor_err(format!("{cols} columns is not a multiple of the {format} block size")))?;
+            let len = row_bytes.checked_mul(rows).ok_or_else(|| tensor_err("size overflows".into()))?;
+            if info.offset % alignment != 0 {
+                return Err(tensor_err(format!("data offset {} is not aligned to {alignment}", info.offset)));
+            }
+            let start = data_start.checked_add(info.offset).ok_or_else(|| tensor_err("offset overflows".into()))?;
+            let end = start.checked_add(len as u64).ok_or_else(|| tensor_err("offset overflows".into()))?;
+            if end > data.len() as u64 {
+                return Err(tensor_err(format!(
+                    "data [{start}, {end}) lies beyond the end of the file ({} bytes): the file is truncated",
+                    data.len()
+                )));
+            }
+            tensors.push(HostTensor {
+                name: info.name,
+                format,
+                shape: info.dims,
+                bytes: TensorBytes::new(backing.clone(), start as usize, len),
+            });
+        }
+        Ok(GgufFile { path: path.to_path_buf(), version, metadata, tensors })
+    }
+
+    /// A metadata value by key.
+    pub fn get(&self, key: &str) -> Option<&MetaValue> {
+        self.metadata.get(key)
+    }
+}

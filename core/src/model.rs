@@ -1,0 +1,233 @@
+//! A model on the host: configuration, named tensors (with GGUF's canonical names) and tokenizer,
+//! from a GGUF file or a Hugging Face directory.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+use crate::tensor::{Backing, HostTensor, TensorBytes, WeightFormat, map_file};
+use crate::tokenizer::TextTokenizer;
+
+/// A loaded (memory-mapped) model.
+#[derive(Debug, Clone)]
+pub struct HostModel {
+    pub path: PathBuf,
+    pub config: ModelConfig,
+    pub tensors: HashMap<String, HostTensor>,
+    pub tokenizer: TextTokenizer,
+}
+
+/// The names of one layer's tensors.
+pub fn layer_tensor(layer: usize, what: &str) -> String {
+    format!("blk.{layer}.{what}.weight")
+}
+
+impl HostModel {
+    /// Loads a `.gguf` file or a Hugging Face model directory.
+    pub fn load(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            Self::load_hf_dir(path)
+        } else {
+            Self::load_gguf(path)
+        }
+    }
+
+    /// Loads a GGUF file.
+    pub fn load_gguf(path: &Path) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let config = ModelConfig::from_gguf(&file)?;
+        let tokenizer = TextTokenizer::from_gguf(&file)?;
+        let tensors = file.tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
+        let model = HostModel { path: path.into(), config, tensors, tokenizer };
+        model.check_tensors()?;
+        Ok(model)
+    }
+
+    /// Loads `config.json`, `model.safetensors` (or shards listed in
+    /// `model.safetensors.index.json`) and `tokenizer.json` from `dir`.
+    pub fn load_hf_dir(dir: &Path) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let config = ModelConfig::from_hf_json(&cfg_path, &text)?;
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::Safetensors { path: index.clone(), reason: e.to_string() })?;
+            let map = v["weight_map"]
+                .as_object()
+                .ok_or_else(|| Error::Safetensors { path: index.clone(), reason: "no weight_map".into() })?;
+            let mut names: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
+            names.sort();
+            names.dedup();
+            for n in &names {
+                if n.contains('/') || n.contains("..") {
+                    return Err(Error::Safetensors { path: index.clone(), reason: format!("shard name `{n}` leaves the directory") });
+                }
+            }
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else {
+            vec![dir.join("model.safetensors")]
+        };
+        let mut tensors = HashMap::new();
+        for file in files {
+            for t in read_safetensors(&file)? {
+                if let Some(name) = canonical_name(&t.name) {
+                    tensors.insert(name.clone(), HostTensor { name, ..t });
+                }
+            }
+        }
+        let tokenizer = TextTokenizer::from_hf_dir(dir)?;
+        let model = HostModel { path: dir.into(), config, tensors, tokenizer };
+        model.check_tensors()?;
+        Ok(model)
+    }
+
+    /// A tensor by canonical name.
+    pub fn tensor(&self, name: &str) -> Result<&HostTensor> {
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensor { path: self.path.clone(), tensor: name.into() })
+    }
+
+    /// The output head (the embedding table when tied).
+    pub fn output_head(&self) -> Result<&HostTensor> {
+        if self.config.tied_embeddings { self.tensor("token_embd.weight") } else { self.tensor("output.weight") }
+    }
+
+    /// Every tensor the forward pass reads exists with the shape the configuration implies.
+    fn check_tensors(&self) -> Result<()> {
+        let c = &self.config;
+        let (d, f, q, kv) = (c.hidden_size, c.ffn_size, c.n_heads * c.head_dim, c.kv_dim());
+        let mut expected: Vec<(String, Vec<usize>)> = vec![
+            ("token_embd.weight".into(), vec![d, c.vocab_size]),
+            ("output_norm.weight".into(), vec![d]),
+        ];
+        if !c.tied_embeddings {
+            expected.push(("output.weight".into(), vec![d, c.vocab_size]));
+        }
+        for l in 0..c.n_layers {
+            for (what, shape) in [
+                ("attn_norm", vec![d]),
+                ("attn_q", vec![d, q]),
+                ("attn_k", vec![d, kv]),
+                ("attn_v", vec![d, kv]),
+                ("attn_output", vec![q, d]),
+                ("ffn_norm", vec![d]),
+                ("ffn_gate", vec![d, f]),
+                ("ffn_up", vec![d, f]),
+                ("ffn_down", vec![f, d]),
+            ] {
+                expected.push((layer_tensor(l, what), shape));
+            }
+        }
+        for (name, shape) in expected {
+            let t = self.tensor(&name)?;
+            let got: Vec<usize> = t.shape.iter().copied().filter(|&s| s != 1 || shape.len() > 1).collect();
+            let got = if got.is_empty() { vec![1] } else { got };
+            if got != shape {
+                return Err(Error::ShapeMismatch { path: self.path.clone(), tensor: name, got: t.shape.clone(), expected: shape });
+            }
+            if shape.len() > 1 && t.format.row_bytes(t.cols()).is_none() {
+                return Err(Error::Tensor {
+                    path: self.path.clone(),
+                    tensor: name,
+                    reason: format!("{} columns do not fit {} blocks", t.cols(), t.format),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Weight bytes in the file's formats.
+    pub fn weight_bytes(&self) -> u64 {
+        self.tensors.values().map(|t| t.bytes.as_slice().len() as u64).sum()
+    }
+}
+
+/// Maps a Hugging Face Llama tensor name to GGUF's name.
+fn canonical_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let what = match rest {
+        "input_layernorm.weight" => "attn_norm",
+        "self_attn.q_proj.weight" => "attn_q",
+        "self_attn.k_proj.weight" => "attn_k",
+        "self_attn.v_proj.weight" => "attn_v",
+        "self_attn.o_proj.weight" => "attn_output",
+        "post_attention_layernorm.weight" => "ffn_norm",
+        "mlp.gate_proj.weight" => "ffn_gate",
+        "mlp.up_proj.weight" => "ffn_up",
+        "mlp.down_proj.weight" => "ffn_down",
+        _ => return None,
+    };
+    Some(layer_tensor(layer, what))
+}
+
+/// The Hugging Face name of a canonical tensor name (inverse of [`canonical_name`]).
+pub fn hf_name(canonical: &str) -> Option<String> {
+    let fixed = match canonical {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = canonical.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let what = match rest.strip_suffix(".weight")? {
+        "attn_norm" => "input_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_norm" => "post_attention_layernorm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{what}.weight"))
+}
+
+/// Memory-maps a safetensors file and lists its tensors (HF names, GGUF-order shapes).
+fn read_safetensors(path: &Path) -> Result<Vec<HostTensor>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let backing = Arc::new(Backing::Mapped(map_file(&file, path)?));
+    let bytes = backing.bytes();
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors { path: path.into(), reason: e.to_string() })?;
+    let base = bytes.as_ptr() as usize;
+    let mut out = Vec::new();
+    for (name, view) in st.iter() {
+        let format = match view.dtype() {
+            safetensors::Dtype::F32 => WeightFormat::F32,
+            safetensors::Dtype::F16 => WeightFormat::F16,
+            safetensors::Dtype::BF16 => WeightFormat::Bf16,
+            other => {
+                return Err(Error::UnsupportedTensorType { path: path.into(), tensor: name.into(), type_name: format!("{other:?}") });
+            }
+        };
+        let data = view.data();
+        let start = data.as_ptr() as usize - base;
+        let mut shape: Vec<usize> = view.shape().to_vec();
+        shape.reverse();
+        if shape.is_empty() {
+            shape.push(1);
+        }
+        out.push(HostTensor { name: name.to_string(), format, shape, bytes: TensorBytes::new(backing.clone(), start, data.len()) });
+    }
+    Ok(out)
+}

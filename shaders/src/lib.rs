@@ -1,0 +1,187 @@
+//! Every WGSL kernel of tandem, rendered per weight format.
+//!
+//! Each kernel lives in its own `.wgsl` file under `wgsl/`. A kernel that reads weights is rendered
+//! by prepending the dequantization module of the weight's storage format (`dequant_*.wgsl`, which
+//! defines `BLOCK`, `dq_block` and `dq_elem`); everything else that varies (model shape, tiling) is
+//! a WGSL `override` constant set when the pipeline is created. The structs the CPU writes into
+//! GPU buffers are defined here next to their WGSL twins, and a test checks that both agree.
+
+mod layout;
+
+pub use layout::{EmbedParams, MatmulParams, SampleParams, Step, TokenInfo};
+
+use std::fmt;
+
+/// How a weight tensor is stored on the GPU (and in the model file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightFormat {
+    F32,
+    F16,
+    Bf16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+}
+
+impl WeightFormat {
+    /// Every format, for tests and variant enumeration.
+    pub const ALL: [WeightFormat; 6] = [
+        WeightFormat::F32,
+        WeightFormat::F16,
+        WeightFormat::Bf16,
+        WeightFormat::Q8_0,
+        WeightFormat::Q4_0,
+        WeightFormat::Q4_1,
+    ];
+
+    /// Lower-case name as used in file names and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::F32 => "f32",
+            WeightFormat::F16 => "f16",
+            WeightFormat::Bf16 => "bf16",
+            WeightFormat::Q8_0 => "q8_0",
+            WeightFormat::Q4_0 => "q4_0",
+            WeightFormat::Q4_1 => "q4_1",
+        }
+    }
+
+    /// Elements per quantization block (1 for plain float formats).
+    pub fn block_elems(self) -> usize {
+        match self {
+            WeightFormat::F32 | WeightFormat::F16 | WeightFormat::Bf16 => 1,
+            WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4_1 => 32,
+        }
+    }
+
+    /// Bytes per block in the file's layout.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            WeightFormat::F32 => 4,
+            WeightFormat::F16 | WeightFormat::Bf16 => 2,
+            WeightFormat::Q8_0 => 34,
+            WeightFormat::Q4_0 => 18,
+            WeightFormat::Q4_1 => 20,
+        }
+    }
+
+    /// Bytes a row of `cols` elements takes in the file's layout, if `cols` fits the block size.
+    pub fn row_bytes(self, cols: usize) -> Option<usize> {
+        (cols % self.block_elems() == 0).then(|| cols / self.block_elems() * self.block_bytes())
+    }
+
+    fn dequant_source(self) -> &'static str {
+        match self {
+            WeightFormat::F32 => include_str!("../wgsl/dequant_f32.wgsl"),
+            WeightFormat::F16 => include_str!("../wgsl/dequant_f16.wgsl"),
+            WeightFormat::Bf16 => include_str!("../wgsl/dequant_bf16.wgsl"),
+            WeightFormat::Q8_0 => include_str!("../wgsl/dequant_q8_0.wgsl"),
+            WeightFormat::Q4_0 => include_str!("../wgsl/dequant_q4_0.wgsl"),
+            WeightFormat::Q4_1 => include_str!("../wgsl/dequant_q4_1.wgsl"),
+        }
+    }
+}
+
+impl fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A compute kernel; `source` of a weight-reading kernel needs the weight's format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    Embed,
+    RmsNorm,
+    Matmul,
+    RopeKv,
+    Attention,
+    SiluMul,
+    Sample,
+}
+
+impl Kernel {
+    /// Every kernel.
+    pub const ALL: [Kernel; 7] = [
+        Kernel::Embed,
+        Kernel::RmsNorm,
+        Kernel::Matmul,
+        Kernel::RopeKv,
+        Kernel::Attention,
+        Kernel::SiluMul,
+        Kernel::Sample,
+    ];
+
+    /// The file stem, also used as the pipeline label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Embed => "embed",
+            Kernel::RmsNorm => "rmsnorm",
+            Kernel::Matmul => "matmul",
+            Kernel::RopeKv => "rope_kv",
+            Kernel::Attention => "attention",
+            Kernel::SiluMul => "silu_mul",
+            Kernel::Sample => "sample",
+        }
+    }
+
+    /// Whether the kernel reads a weight tensor and so exists once per weight format.
+    pub fn reads_weights(self) -> bool {
+        matches!(self, Kernel::Embed | Kernel::Matmul)
+    }
+
+    fn body(self) -> &'static str {
+        match self {
+            Kernel::Embed => include_str!("../wgsl/embed.wgsl"),
+            Kernel::RmsNorm => include_str!("../wgsl/rmsnorm.wgsl"),
+            Kernel::Matmul => include_str!("../wgsl/matmul.wgsl"),
+            Kernel::RopeKv => include_str!("../wgsl/rope_kv.wgsl"),
+            Kernel::Attention => include_str!("../wgsl/attention.wgsl"),
+            Kernel::SiluMul => include_str!("../wgsl/silu_mul.wgsl"),
+            Kernel::Sample => include_str!("../wgsl/sample.wgsl"),
+        }
+    }
+
+    /// The complete WGSL source of one variant.
+    pub fn source(self, format: Option<WeightFormat>) -> Result<String, RenderError> {
+        let common = include_str!("../wgsl/common.wgsl");
+        match (self.reads_weights(), format) {
+            (true, Some(f)) => Ok(format!("{common}\n{}\n{}", self.body(), f.dequant_source())),
+            (false, None) => Ok(format!("{common}\n{}", self.body())),
+            (true, None) => Err(RenderError::MissingFormat(self)),
+            (false, Some(f)) => Err(RenderError::UnexpectedFormat(self, f)),
+        }
+    }
+
+    /// Every (kernel, format) variant that can be rendered.
+    pub fn variants() -> impl Iterator<Item = (Kernel, Option<WeightFormat>)> {
+        Kernel::ALL.into_iter().flat_map(|k| {
+            let formats: Vec<Option<WeightFormat>> = if k.reads_weights() {
+                WeightFormat::ALL.into_iter().map(Some).collect()
+            } else {
+                vec![None]
+            };
+            formats.into_iter().map(move |f| (k, f))
+        })
+    }
+}
+
+/// A variant that does not exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RenderError {
+    MissingFormat(Kernel),
+    UnexpectedFormat(Kernel, WeightFormat),
+}
+
+impl fmt::Display for RenderError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RenderError::MissingFormat(k) => write!(f, "kernel `{}` needs a weight format", k.name()),
+            RenderError::UnexpectedFormat(k, w) => {
+                write!(f, "kernel `{}` reads no weights, yet format {w} was given", k.name())
+            }
+        }
+    }
+}
+
+impl std::error::Error for RenderError {}

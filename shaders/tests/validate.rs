@@ -1,0 +1,61 @@
+//! Every rendered kernel variant parses and validates with naga, and the CPU-side structs match
+//! naga's layout of their WGSL declarations.
+
+use naga::valid::{Capabilities, ValidationFlags, Validator};
+use tandem_shaders::{EmbedParams, Kernel, MatmulParams, SampleParams, Step, TokenInfo};
+
+fn parse(kernel: Kernel, source: &str, label: &str) -> naga::Module {
+    let module = naga::front::wgsl::parse_str(source)
+        .unwrap_or_else(|e| panic!("{label}: {}", e.emit_to_string_with_path(source, label)));
+    Validator::new(ValidationFlags::all(), Capabilities::all())
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{label} ({kernel:?}): {}", e.emit_to_string_with_path(source, label)));
+    module
+}
+
+#[test]
+fn every_variant_validates() {
+    let mut count = 0;
+    for (kernel, format) in Kernel::variants() {
+        let label = match format {
+            Some(f) => format!("{}.{}.wgsl", kernel.name(), f.name()),
+            None => format!("{}.wgsl", kernel.name()),
+        };
+        let source = kernel.source(format).expect("variant renders");
+        parse(kernel, &source, &label);
+        count += 1;
+    }
+    // 5 plain kernels + 2 weight-reading kernels x 6 formats.
+    assert_eq!(count, 5 + 2 * 6);
+}
+
+#[test]
+fn impossible_variants_are_refused() {
+    assert!(Kernel::Matmul.source(None).is_err());
+    assert!(Kernel::RmsNorm.source(Some(tandem_shaders::WeightFormat::F16)).is_err());
+}
+
+fn struct_size(module: &naga::Module, name: &str) -> u32 {
+    let (_, ty) = module
+        .types
+        .iter()
+        .find(|(_, t)| t.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("struct {name} not found"));
+    ty.inner.size(module.to_ctx())
+}
+
+#[test]
+fn cpu_structs_match_wgsl_layout() {
+    let checks: [(Kernel, Option<tandem_shaders::WeightFormat>, &str, usize); 5] = [
+        (Kernel::RmsNorm, None, "Step", size_of::<Step>()),
+        (Kernel::RmsNorm, None, "TokenInfo", size_of::<TokenInfo>()),
+        (Kernel::Matmul, Some(tandem_shaders::WeightFormat::Q4_1), "MatmulParams", size_of::<MatmulParams>()),
+        (Kernel::Embed, Some(tandem_shaders::WeightFormat::F32), "EmbedParams", size_of::<EmbedParams>()),
+        (Kernel::Sample, None, "SampleParams", size_of::<SampleParams>()),
+    ];
+    for (kernel, format, name, rust_size) in checks {
+        let source = kernel.source(format).expect("variant renders");
+        let module = parse(kernel, &source, kernel.name());
+        assert_eq!(struct_size(&module, name) as usize, rust_size, "size of {name}");
+    }
+}

@@ -1,0 +1,22 @@
+// Declarations shared by every kernel: the per-step header and the per-token record.
+// Both are written once per engine step by the CPU; everything else a kernel needs is either a
+// pipeline-overridable constant (model shape) or a small uniform built once at load time.
+
+struct Step {
+    // Tokens processed in this step (prefill chunks and decode tokens of all sequences).
+    n_tokens: u32,
+    // Rows that get logits and a sampled token (one per sequence that samples this step).
+    n_sample: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+struct TokenInfo {
+    id: u32,
+    // Position of the token in its sequence.
+    pos: u32,
+    // Physical KV row (block * BLOCK_TOKENS + offset) the token's K/V is written to.
+    slot: u32,
+    // Offset of the sequence's block table in the block-table buffer.
+    table_off: u32,
+}

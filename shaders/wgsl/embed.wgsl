@@ -1,0 +1,30 @@
+// Embedding gather: x[t] = dequant(row id[t] of the token table). A table larger than one
+// storage binding is split into row ranges; each part writes only the tokens it holds.
+
+struct EmbedParams {
+    row_start: u32,
+    row_count: u32,
+    dim: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> step: Step;
+@group(0) @binding(1) var<uniform> p: EmbedParams;
+@group(0) @binding(2) var<storage, read> tokens: array<TokenInfo>;
+@group(0) @binding(3) var<storage, read> w: array<u32>;
+@group(0) @binding(4) var<storage, read> s: array<u32>;
+@group(0) @binding(5) var<storage, read_write> x: array<f32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let col = gid.x;
+    let t = gid.y;
+    if (t >= step.n_tokens || col >= p.dim) {
+        return;
+    }
+    let id = tokens[t].id;
+    if (id < p.row_start || id >= p.row_start + p.row_count) {
+        return;
+    }
+    x[t * p.dim + col] = dq_elem(id - p.row_start, col, p.dim);
+}

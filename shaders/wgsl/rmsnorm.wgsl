@@ -1,0 +1,52 @@
+// RMSNorm: out[r] = x[src] * g / sqrt(mean(x[src]^2) + eps), one workgroup per row.
+// With GATHER the source row is taken from `rows` (the tokens that get logits), so the final norm
+// also compacts the rows the output head runs on.
+
+override DIM: u32;
+override EPS: f32;
+override GATHER: bool = false;
+
+const WG: u32 = 64u;
+
+@group(0) @binding(0) var<uniform> step: Step;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> g: array<f32>;
+@group(0) @binding(3) var<storage, read> rows: array<u32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+
+var<workgroup> red: array<f32, WG>;
+
+@compute @workgroup_size(WG)
+fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    let r = wg.x;
+    var n_rows = step.n_tokens;
+    if (GATHER) {
+        n_rows = step.n_sample;
+    }
+    // `r` is uniform across the workgroup, so returning here keeps barriers uniform.
+    if (r >= n_rows) {
+        return;
+    }
+    var src = r;
+    if (GATHER) {
+        src = rows[r];
+    }
+    let base = src * DIM;
+    var sum = 0.0;
+    for (var i = lane; i < DIM; i += WG) {
+        let v = x[base + i];
+        sum += v * v;
+    }
+    red[lane] = sum;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
+        if (lane < stride) {
+            red[lane] += red[lane + stride];
+        }
+        workgroupBarrier();
+    }
+    let inv = inverseSqrt(red[0] / f32(DIM) + EPS);
+    for (var i = lane; i < DIM; i += WG) {
+        out[r * DIM + i] = x[base + i] * inv * g[i];
+    }
+}
