@@ -12,7 +12,7 @@ use crate::cpu_ref::rope_table;
 use crate::device_weights::{DeviceMatrix, upload_vector};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::kernels::{Kernels, matmul_tile};
+use crate::kernels::{Kernels, MATMUL_TILE};
 use crate::kv::{BLOCK_TOKENS, BlockPool, KvLayer, KvSink, SeqId, SeqState};
 use crate::model::{HostModel, layer_tensor};
 
@@ -66,7 +66,7 @@ pub struct StepInput {
 
 /// A matmul over one weight: a bind group and row count per part.
 struct MatmulOp {
-    pipelines: [wgpu::ComputePipeline; 2],
+    pipeline: wgpu::ComputePipeline,
     parts: Vec<(wgpu::BindGroup, u32)>,
 }
 
@@ -177,18 +177,17 @@ impl MatmulOp {
             });
         }
         Ok(MatmulOp {
-            pipelines: [kernels.matmul(m.format, 1, accumulate, sample_rows)?, kernels.matmul(m.format, 8, accumulate, sample_rows)?],
+            pipeline: kernels.matmul(m.format, accumulate, sample_rows)?,
             parts,
         })
     }
 
     fn record(&self, pass: &mut wgpu::ComputePass<'_>, tokens: usize, split: u32) {
-        let tile = matmul_tile(tokens as u32);
-        pass.set_pipeline(&self.pipelines[usize::from(tile > 1)]);
+        pass.set_pipeline(&self.pipeline);
         let rows_per_wg = 64 / split as usize;
         for (bg, rows) in &self.parts {
             pass.set_bind_group(0, bg, &[]);
-            pass.dispatch_workgroups(wg(*rows as usize, rows_per_wg), wg(tokens, tile as usize), 1);
+            pass.dispatch_workgroups(wg(*rows as usize, rows_per_wg), wg(tokens, MATMUL_TILE), 1);
         }
     }
 }

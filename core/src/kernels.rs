@@ -127,14 +127,13 @@ impl Kernels {
         if self.ctx.is_cpu { 1 } else { 32 }
     }
 
-    /// The matmul pipeline for `format`; `tile` tokens per invocation (1 or 8).
-    pub fn matmul(&self, format: WeightFormat, tile: u32, accumulate: bool, sample_rows: bool) -> Result<wgpu::ComputePipeline> {
+    /// The matmul pipeline for `format`.
+    pub fn matmul(&self, format: WeightFormat, accumulate: bool, sample_rows: bool) -> Result<wgpu::ComputePipeline> {
         self.pipeline(
             Kernel::Matmul,
             Some(format),
             &[
                 ("SPLIT", f64::from(self.matmul_split())),
-                ("TILE_T", f64::from(tile)),
                 ("ACCUMULATE", f64::from(u8::from(accumulate))),
                 ("SAMPLE_ROWS", f64::from(u8::from(sample_rows))),
             ],
@@ -142,8 +141,5 @@ impl Kernels {
     }
 }
 
-/// Tokens per matmul invocation for a step of `tokens` tokens. Every tile size gives bit-identical
-/// results (see matmul.wgsl), so this is purely a speed choice.
-pub fn matmul_tile(tokens: u32) -> u32 {
-    if tokens >= 8 { 8 } else { 1 }
-}
+/// Tokens one matmul invocation serves (`TILE_T` in matmul.wgsl).
+pub const MATMUL_TILE: usize = 8;

@@ -1,1 +1,278 @@
-fn main() {}
+//! `tandem`: the headless node and command-line tool.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use tandem_core::hf_export::{ExportDtype, export_hf};
+use tandem_core::synthetic::synthetic_model;
+use tandem_core::{ChatMessage, Engine, EngineConfig, GpuContext, HostModel, SamplingParams, WeightFormat};
+use tandem_node::models::{DEFAULT_MODEL, ensure_model, resolve_model, sha256_file};
+
+#[derive(Parser)]
+#[command(name = "tandem", version, about = "A portable LLM inference node on WGSL kernels (wgpu).")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming tokens to stdout.
+    Generate(GenerateArgs),
+    /// Manage model files.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Measure prefill and decode speed.
+    Bench(BenchArgs),
+    /// List the GPU adapters wgpu can see.
+    Adapters,
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// `smollm2-135m` (fetched into the cache if missing), a .gguf file or a Hugging Face directory.
+    #[arg(long, default_value = DEFAULT_MODEL.id)]
+    model: String,
+    /// The prompt text.
+    #[arg(long, required_unless_present = "prompt_file")]
+    prompt: Option<OsString>,
+    /// Read the prompt from a file instead.
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat.
+    #[arg(long)]
+    system: Option<String>,
+    /// Parse special-token text such as `<|im_start|>` in a raw prompt as special tokens.
+    #[arg(long)]
+    special: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: u32,
+    /// Nucleus sampling mass (1: all).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Adapter index or name substring (see `tandem adapters`).
+    #[arg(long, env = "TANDEM_ADAPTER")]
+    adapter: Option<String>,
+    /// Context length (0: the model's, capped at 8192).
+    #[arg(long, default_value_t = 0)]
+    context: usize,
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Download the default model into the cache if missing, and verify its sha256.
+    Fetch,
+    /// Print a model's architecture, shapes and tensors.
+    Inspect {
+        /// A .gguf file, a Hugging Face directory, or `smollm2-135m`.
+        path: String,
+        /// List every tensor.
+        #[arg(long)]
+        tensors: bool,
+    },
+    /// Write a model as a Hugging Face directory (config.json, model.safetensors, tokenizer.json).
+    ExportHf {
+        gguf: String,
+        dir: PathBuf,
+        #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
+        dtype: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// A model file (or `smollm2-135m`).
+    #[arg(long, conflicts_with = "synthetic")]
+    model: Option<String>,
+    /// Seeded random weights with the shapes of: smollm2-135m, smollm2-1.7b, llama-3.2-1b, llama-3-8b.
+    #[arg(long)]
+    synthetic: Option<String>,
+    /// Weight format of a synthetic model: q4_0, q4_1, q8_0, f16, bf16, f32.
+    #[arg(long, default_value = "q4_1")]
+    format: String,
+    /// Decode steps per measurement.
+    #[arg(long, default_value_t = 64)]
+    steps: usize,
+    #[arg(long, env = "TANDEM_ADAPTER")]
+    adapter: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Model { command: ModelCommand::Fetch } => {
+            let path = ensure_model(&DEFAULT_MODEL)?;
+            let sum = sha256_file(&path)?;
+            if sum != DEFAULT_MODEL.sha256 {
+                bail!("{}: sha256 {sum} does not match {}; delete it and fetch again", path.display(), DEFAULT_MODEL.sha256);
+            }
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::Model { command: ModelCommand::Inspect { path, tensors } } => inspect(&path, tensors),
+        Command::Model { command: ModelCommand::ExportHf { gguf, dir, dtype } } => {
+            let model = HostModel::load(&resolve_model(&gguf)?)?;
+            let dtype = if dtype == "f32" { ExportDtype::F32 } else { ExportDtype::F16 };
+            export_hf(&model, &dir, dtype)?;
+            println!("wrote {}", dir.display());
+            Ok(())
+        }
+        Command::Bench(args) => bench(args),
+        Command::Adapters => {
+            let all = tandem_core::list_adapters();
+            if all.is_empty() {
+                bail!(tandem_core::Error::NoAdapter { detail: String::new() });
+            }
+            for a in all {
+                println!("{a}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn read_prompt(args: &GenerateArgs) -> anyhow::Result<String> {
+    match (&args.prompt, &args.prompt_file) {
+        (Some(p), _) => p.to_str().map(str::to_string).context("the prompt is not valid UTF-8"),
+        (None, Some(f)) => {
+            let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+            String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("{}: not valid UTF-8 ({e})", f.display()))
+        }
+        (None, None) => bail!("give --prompt or --prompt-file"),
+    }
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let text = read_prompt(&args)?;
+    let model = HostModel::load(&resolve_model(&args.model)?)?;
+    let tok = &model.tokenizer;
+    let prompt = if args.chat {
+        let mut msgs = Vec::new();
+        if let Some(s) = &args.system {
+            msgs.push(ChatMessage { role: "system".into(), content: s.clone() });
+        }
+        msgs.push(ChatMessage { role: "user".into(), content: text });
+        tok.encode(&tok.apply_chat_template(&msgs, true)?, true)?
+    } else {
+        tok.encode(&text, args.special)?
+    };
+    let gpu = GpuContext::new(args.adapter.as_deref())?;
+    let cfg = EngineConfig { context_length: args.context, ..Default::default() };
+    let mut engine = Engine::new(&gpu, &model, &cfg)?;
+    let sampling = SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
+    let mut stream = tok.decode_stream(true);
+    let mut stdout = std::io::stdout().lock();
+    let stats = tandem_core::generate(&mut engine, &prompt, args.max_tokens, sampling, &tok.stop_ids, |id| {
+        if !tok.stop_ids.contains(&id) {
+            if let Some(piece) = stream.push(id)? {
+                let _ = stdout.write_all(piece.as_bytes());
+                let _ = stdout.flush();
+            }
+        }
+        Ok(true)
+    })?;
+    let _ = writeln!(stdout);
+    eprintln!(
+        "adapter: {}\nprompt: {} tokens, prefill {:.1} tokens/s ({:.0} ms)\ngenerated: {} tokens, decode {:.1} tokens/s",
+        gpu.adapter,
+        stats.prompt_tokens,
+        stats.prefill_tokens_per_s(),
+        stats.prefill_time.as_secs_f64() * 1000.0,
+        stats.generated_tokens,
+        stats.decode_tokens_per_s(),
+    );
+    Ok(())
+}
+
+fn inspect(spec: &str, list_tensors: bool) -> anyhow::Result<()> {
+    let path = resolve_model(spec)?;
+    let model = HostModel::load(&path)?;
+    let c = &model.config;
+    println!("file: {}", path.display());
+    println!("architecture: {}", c.architecture);
+    println!(
+        "layers: {}  hidden: {}  ffn: {}  heads: {} (kv {})  head_dim: {}",
+        c.n_layers, c.hidden_size, c.ffn_size, c.n_heads, c.n_kv_heads, c.head_dim
+    );
+    println!("vocab: {}  context: {}  rope theta: {}  rms eps: {}", c.vocab_size, c.context_length, c.rope_theta, c.rms_eps);
+    println!("output head: {}", if c.tied_embeddings { "tied to the embedding" } else { "separate" });
+    let mut by_format: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
+    for t in model.tensors.values() {
+        let e = by_format.entry(t.format.to_string()).or_default();
+        e.0 += 1;
+        e.1 += t.bytes.as_slice().len() as u64;
+    }
+    for (f, (n, bytes)) in &by_format {
+        println!("tensors {f:>5}: {n:>4}  {:>9.2} MiB", *bytes as f64 / (1 << 20) as f64);
+    }
+    println!("weights: {:.2} MiB", model.weight_bytes() as f64 / (1 << 20) as f64);
+    let tok = &model.tokenizer;
+    println!("tokenizer: {} tokens, bos {:?}, eos {:?}, chat template: {}", tok.vocab_size(), tok.bos_id, tok.eos_id, tok.chat_template.is_some());
+    if list_tensors {
+        let mut names: Vec<_> = model.tensors.values().collect();
+        names.sort_by(|a, b| a.name.cmp(&b.name));
+        for t in names {
+            println!("  {:<32} {:>5} {:?}  {} bytes", t.name, t.format.to_string(), t.shape, t.bytes.as_slice().len());
+        }
+    }
+    Ok(())
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let model = match (&args.synthetic, &args.model) {
+        (Some(name), _) => {
+            let format = WeightFormat::ALL
+                .into_iter()
+                .find(|f| f.name() == args.format)
+                .with_context(|| format!("unknown format `{}`", args.format))?;
+            synthetic_model(name, format, 42)?
+        }
+        (None, Some(spec)) => HostModel::load(&resolve_model(spec)?)?,
+        (None, None) => HostModel::load(&resolve_model(DEFAULT_MODEL.id)?)?,
+    };
+    let gpu = GpuContext::new(args.adapter.as_deref())?;
+    let cfg = EngineConfig { max_batch_tokens: 512, context_length: 2048, ..Default::default() };
+    let mut engine = Engine::new(&gpu, &model, &cfg)?;
+    let report = tandem_node::bench::run(&mut engine, model.path.display().to_string(), model.weight_bytes(), args.steps)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", tandem_node::bench::table(&report));
+    }
+    Ok(())
+}

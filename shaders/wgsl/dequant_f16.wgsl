@@ -7,13 +7,12 @@ fn dq_elem(row: u32, col: u32, k: u32) -> f32 {
     return unpack2x16float(w[e >> 1u])[e & 1u];
 }
 
-fn dq_block(row: u32, b: u32, k: u32) -> array<f32, 32> {
-    var out: array<f32, 32>;
+fn block_dot(row: u32, b: u32, k: u32, xo: u32) -> f32 {
     let base = b * BLOCK;
     let cnt = min(BLOCK, k - base);
+    var sum = 0.0;
     for (var i = 0u; i < cnt; i++) {
-        let e = row * k + base + i;
-        out[i] = unpack2x16float(w[e >> 1u])[e & 1u];
+        sum += dq_elem(row, base + i, k) * x[xo + i];
     }
-    return out;
+    return sum;
 }

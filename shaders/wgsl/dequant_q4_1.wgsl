@@ -13,17 +13,21 @@ fn dq_elem(row: u32, col: u32, k: u32) -> f32 {
     return dm.x * f32(q) + dm.y;
 }
 
-fn dq_block(row: u32, b: u32, k: u32) -> array<f32, 32> {
-    var out: array<f32, 32>;
+fn x4(o: u32) -> vec4<f32> {
+    return vec4<f32>(x[o], x[o + 1u], x[o + 2u], x[o + 3u]);
+}
+
+fn block_dot(row: u32, b: u32, k: u32, xo: u32) -> f32 {
     let blk = row * (k / BLOCK) + b;
     let dm = unpack2x16float(s[blk]);
+    var qx = 0.0;
+    var sx = 0.0;
     for (var j = 0u; j < 4u; j++) {
-        let word = w[blk * 4u + j];
-        for (var c = 0u; c < 4u; c++) {
-            let byte = (word >> (c * 8u)) & 0xffu;
-            out[j * 4u + c] = dm.x * f32(byte & 0xfu) + dm.y;
-            out[j * 4u + c + 16u] = dm.x * f32(byte >> 4u) + dm.y;
-        }
+        let word = vec4<u32>(w[blk * 4u + j]) >> vec4<u32>(0u, 8u, 16u, 24u);
+        let xl = x4(xo + j * 4u);
+        let xh = x4(xo + 16u + j * 4u);
+        qx += dot(vec4<f32>(word & vec4<u32>(0xfu)), xl) + dot(vec4<f32>((word >> vec4<u32>(4u)) & vec4<u32>(0xfu)), xh);
+        sx += dot(xl + xh, vec4<f32>(1.0));
     }
-    return out;
+    return dm.x * qx + dm.y * sx;
 }

@@ -15,15 +15,16 @@ fn dq_elem(row: u32, col: u32, k: u32) -> f32 {
     return q8_scale(blk) * f32(q);
 }
 
-fn dq_block(row: u32, b: u32, k: u32) -> array<f32, 32> {
-    var out: array<f32, 32>;
+fn x4(o: u32) -> vec4<f32> {
+    return vec4<f32>(x[o], x[o + 1u], x[o + 2u], x[o + 3u]);
+}
+
+fn block_dot(row: u32, b: u32, k: u32, xo: u32) -> f32 {
     let blk = row * (k / BLOCK) + b;
-    let d = q8_scale(blk);
+    var qx = 0.0;
     for (var j = 0u; j < 8u; j++) {
-        let word = bitcast<i32>(w[blk * 8u + j]);
-        for (var c = 0u; c < 4u; c++) {
-            out[j * 4u + c] = d * f32(extractBits(word, c * 8u, 8u));
-        }
+        let q = (vec4<i32>(bitcast<i32>(w[blk * 8u + j])) << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u);
+        qx += dot(vec4<f32>(q), x4(xo + j * 4u));
     }
-    return out;
+    return q8_scale(blk) * qx;
 }

@@ -1,9 +1,10 @@
 // y[t, off + n] (+)= sum_k x[t, k] * W[n, k] for every token t of the step and row n of W.
 //
-// Batch invariance: every output is a sum over k in one fixed order (blocks of 32, each block
-// summed in order; blocks split over SPLIT lanes; lanes combined by a fixed tree), so a token's
-// result does not depend on how many tokens share the step or which tile it lands in. TILE_T only
-// decides how many tokens one invocation serves from one weight load.
+// Batch invariance: every output is a sum over k in one fixed order (blocks of 32, each block's
+// dot product by the same code; blocks split over SPLIT lanes; lanes combined by a fixed tree), so
+// a token's result does not depend on how many tokens share the step or which tile it lands in.
+// One pipeline serves every token count (a second tile size could contract multiply-adds
+// differently), and TILE_T tokens share each weight load.
 //
 // SPLIT = 1 suits CPU drivers (no barriers, one row per invocation); SPLIT = 32 suits GPUs
 // (a warp walks one row with coalesced loads).
@@ -24,7 +25,7 @@ struct MatmulParams {
 }
 
 override SPLIT: u32 = 1u;
-override TILE_T: u32 = 1u;
+override TILE_T: u32 = 8u;
 override ACCUMULATE: bool = false;
 override SAMPLE_ROWS: bool = false;
 
@@ -55,16 +56,8 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
     if (row < p.n) {
         let nb = (p.k + BLOCK - 1u) / BLOCK;
         for (var b = lane; b < nb; b += SPLIT) {
-            let wv = dq_block(row, b, p.k);
-            let base = b * BLOCK;
-            let cnt = min(BLOCK, p.k - base);
             for (var tt = 0u; tt < nt; tt++) {
-                let xo = (t0 + tt) * p.x_stride + base;
-                var sum = 0.0;
-                for (var i = 0u; i < cnt; i++) {
-                    sum += wv[i] * x[xo + i];
-                }
-                acc[tt] += sum;
+                acc[tt] += block_dot(row, b, p.k, (t0 + tt) * p.x_stride + b * BLOCK);
             }
         }
     }

@@ -193,12 +193,12 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
             total += red_f[i];
         }
         let u = f32(pcg(sp.seed ^ pcg(sp.counter)) >> 8u) / 16777216.0;
-        let target = u * total;
+        let goal = u * total;
         var run = 0.0;
         var pick = top_id;
         var found = false;
         for (var c = 0u; c < WG && !found; c++) {
-            if (run + red_f[c] > target) {
+            if (run + red_f[c] > goal) {
                 let clo = min(c * chunk, VOCAB);
                 let chi = min(clo + chunk, VOCAB);
                 for (var i = clo; i < chi; i++) {
@@ -206,7 +206,7 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
                     if (key_of(v) >= threshold) {
                         run += exp((v - top_logit) * inv_t);
                         pick = i;
-                        if (run > target) {
+                        if (run > goal) {
                             found = true;
                             break;
                         }

@@ -1,1 +1,69 @@
+//! Shared helpers of the cross-crate tests: the default model, the GPU, the reference files.
 
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use serde::Deserialize;
+use tandem_core::{GpuContext, HostModel};
+
+/// The default model, fetched into the cache if missing. Panics (failing the test) when it cannot
+/// be had: these tests never skip.
+pub fn default_model() -> &'static HostModel {
+    static MODEL: OnceLock<HostModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let path = tandem_node::models::ensure_model(&tandem_node::models::DEFAULT_MODEL).expect("default model available");
+        HostModel::load(&path).expect("default model loads")
+    })
+}
+
+/// The GPU adapter the tests run on (`TANDEM_ADAPTER` picks one). Fails, never skips, without one.
+pub fn gpu() -> &'static GpuContext {
+    static GPU: OnceLock<GpuContext> = OnceLock::new();
+    GPU.get_or_init(|| {
+        let wanted = std::env::var("TANDEM_ADAPTER").ok();
+        GpuContext::new(wanted.as_deref()).expect("a GPU adapter (install mesa-vulkan-drivers for lavapipe)")
+    })
+}
+
+/// `../shared/reference` next to the checkout, or `$TANDEM_REFERENCE_DIR`.
+pub fn reference_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TANDEM_REFERENCE_DIR") {
+        return d.into();
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference")
+}
+
+/// One position's top logits.
+#[derive(Debug, Deserialize)]
+pub struct TopLogits {
+    pub top_ids: Vec<u32>,
+    pub top_logits: Vec<f32>,
+}
+
+/// One prompt of a reference file.
+#[derive(Debug, Deserialize)]
+pub struct ReferencePrompt {
+    pub name: String,
+    pub text: String,
+    pub special: bool,
+    pub tokens: Vec<u32>,
+    pub positions: Vec<TopLogits>,
+    pub greedy_tokens: Vec<u32>,
+    #[serde(default)]
+    pub greedy_margins: Vec<f32>,
+    #[serde(default)]
+    pub chat_user: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ReferenceFile {
+    prompts: Vec<ReferencePrompt>,
+}
+
+/// The prompts of `smollm2-135m-q4_1.{kind}.json` (`kind` is `llamacpp` or `f64`).
+pub fn reference(kind: &str) -> Vec<ReferencePrompt> {
+    let path = reference_dir().join(format!("smollm2-135m-q4_1.{kind}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let file: ReferenceFile = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    file.prompts
+}

@@ -1,0 +1,378 @@
+//! Every GPU kernel against the plain CPU implementation in `cpu_ref`, on odd shapes: row counts
+//! that are not multiples of the workgroup, one token and many, float columns that are not
+//! multiples of the block. Runs on whatever adapter is present (lavapipe in CI); fails without one.
+
+use rand::{Rng, SeedableRng};
+use tandem_core::cpu_ref;
+use tandem_core::device_weights::DeviceMatrix;
+use tandem_core::kernels::{Kernels, MATMUL_TILE};
+use tandem_core::tensor::{HostTensor, TensorBytes};
+use tandem_core::{GpuContext, WeightFormat};
+use tandem_shaders::{Kernel, SampleParams, Step, TokenInfo};
+
+/// Matmul results may differ from the f64-accumulated reference by this much (relative to the
+/// magnitude of the dot product's terms).
+const MATMUL_TOLERANCE: f32 = 2e-5;
+const ELEMENTWISE_TOLERANCE: f32 = 1e-5;
+
+fn gpu() -> GpuContext {
+    GpuContext::new(std::env::var("TANDEM_ADAPTER").ok().as_deref()).expect("a GPU adapter (install mesa-vulkan-drivers)")
+}
+
+fn rng() -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(7)
+}
+
+fn random(rng: &mut impl Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn read_f32(ctx: &GpuContext, buf: &wgpu::Buffer, bytes: u64, enc: wgpu::CommandEncoder) -> Vec<f32> {
+    let mut enc = enc;
+    let rb = ctx.readback("test.read", bytes);
+    enc.copy_buffer_to_buffer(buf, 0, &rb, 0, bytes);
+    let idx = ctx.queue.submit([enc.finish()]);
+    bytemuck::cast_slice(&ctx.read_mapped(&rb, bytes, idx).expect("readback")).to_vec()
+}
+
+fn dispatch(ctx: &GpuContext, pipeline: &wgpu::ComputePipeline, groups: &[(&wgpu::BindGroup, [u32; 3])]) -> wgpu::CommandEncoder {
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        pass.set_pipeline(pipeline);
+        for (bg, [x, y, z]) in groups {
+            pass.set_bind_group(0, *bg, &[]);
+            pass.dispatch_workgroups(*x, *y, *z);
+        }
+    }
+    enc
+}
+
+fn step_buf(ctx: &GpuContext, n_tokens: usize, n_sample: usize) -> wgpu::Buffer {
+    ctx.uniform_init("step", bytemuck::bytes_of(&Step { n_tokens: n_tokens as u32, n_sample: n_sample as u32, ..Default::default() }))
+}
+
+fn host_matrix(format: WeightFormat, values: &[f32], rows: usize, cols: usize) -> HostTensor {
+    let bytes: Vec<u8> = values.chunks(cols).flat_map(|r| cpu_ref::quantize_row(format, r)).collect();
+    HostTensor { name: format!("w.{format}"), format, shape: vec![cols, rows], bytes: TensorBytes::owned(bytes) }
+}
+
+fn assert_close(got: &[f32], want: &[f32], tol: f32, scale: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, ((g, w), s)) in got.iter().zip(want).zip(scale).enumerate() {
+        assert!((g - w).abs() <= tol * s.max(1.0), "{what}[{i}]: got {g}, want {w} (tolerance {tol} x {s})");
+    }
+}
+
+fn run_matmul(ctx: &GpuContext, kernels: &Kernels, m: &DeviceMatrix, x: &[f32], tokens: usize) -> Vec<f32> {
+    let (rows, cols) = (m.rows, m.cols);
+    let step = step_buf(ctx, tokens, 0);
+    let xb = ctx.storage_init("x", bytemuck::cast_slice(x));
+    let y = ctx.storage("y", (tokens * rows * 4) as u64);
+    let params = m.part_params(ctx, cols, rows, 0);
+    let groups: Vec<(wgpu::BindGroup, [u32; 3])> = m
+        .parts
+        .iter()
+        .zip(&params)
+        .map(|(p, u)| {
+            let bg = kernels.bind_group(Kernel::Matmul, "mm", &[&step, u, &xb, &p.quants, &p.scales, &y]);
+            let per_wg = 64 / kernels.matmul_split() as usize;
+            (bg, [p.rows.div_ceil(per_wg) as u32, tokens.div_ceil(MATMUL_TILE) as u32, 1])
+        })
+        .collect();
+    let pipeline = kernels.matmul(m.format, false, false).expect("pipeline");
+    let refs: Vec<(&wgpu::BindGroup, [u32; 3])> = groups.iter().map(|(b, d)| (b, *d)).collect();
+    read_f32(ctx, &y, (tokens * rows * 4) as u64, dispatch(ctx, &pipeline, &refs))
+}
+
+fn matmul_reference(format: WeightFormat, t: &HostTensor, x: &[f32], tokens: usize) -> (Vec<f32>, Vec<f32>) {
+    let (rows, cols) = (t.rows(), t.cols());
+    let w = cpu_ref::dequantize(format, t.bytes.as_slice(), rows, cols);
+    let want = cpu_ref::matmul(x, &w, tokens, rows, cols);
+    let abs_w: Vec<f32> = w.iter().map(|v| v.abs()).collect();
+    let abs_x: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+    (want, cpu_ref::matmul(&abs_x, &abs_w, tokens, rows, cols))
+}
+
+#[test]
+fn matmul_matches_cpu_for_every_format_and_odd_shapes() {
+    let ctx = gpu();
+    let kernels = Kernels::new(&ctx);
+    let mut rng = rng();
+    for format in WeightFormat::ALL {
+        let mut shapes = vec![(70, 64, 1), (130, 96, 3), (33, 160, 9), (65, 64, 17)];
+        if format.block_elems() == 1 {
+            shapes.extend([(7, 37, 2), (66, 45, 8)]);
+        }
+        for (rows, cols, tokens) in shapes {
+            let t = host_matrix(format, &random(&mut rng, rows * cols), rows, cols);
+            let x = random(&mut rng, tokens * cols);
+            let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
+            let got = run_matmul(&ctx, &kernels, &m, &x, tokens);
+            let (want, scale) = matmul_reference(format, &t, &x, tokens);
+            assert_close(&got, &want, MATMUL_TOLERANCE, &scale, &format!("matmul {format} {rows}x{cols} x{tokens}"));
+        }
+    }
+}
+
+#[test]
+fn matmul_is_identical_for_a_token_alone_and_in_a_batch() {
+    let ctx = gpu();
+    let kernels = Kernels::new(&ctx);
+    let mut rng = rng();
+    let (rows, cols) = (96, 128);
+    let t = host_matrix(WeightFormat::Q4_1, &random(&mut rng, rows * cols), rows, cols);
+    let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
+    let x = random(&mut rng, 13 * cols);
+    let batch = run_matmul(&ctx, &kernels, &m, &x, 13);
+    for tok in [0, 5, 12] {
+        let alone = run_matmul(&ctx, &kernels, &m, &x[tok * cols..(tok + 1) * cols], 1);
+        assert_eq!(alone, batch[tok * rows..(tok + 1) * rows], "token {tok}: bitwise equal alone and batched");
+    }
+}
+
+#[test]
+fn tensors_larger_than_a_binding_are_split_and_still_correct() {
+    let mut ctx = gpu();
+    // Pretend the adapter binds at most 4 KiB so a small matrix needs several parts.
+    ctx.limits.max_storage_buffer_binding_size = 4096;
+    let kernels = Kernels::new(&ctx);
+    let mut rng = rng();
+    for format in [WeightFormat::Q8_0, WeightFormat::Q4_0, WeightFormat::F16] {
+        let (rows, cols, tokens) = (301, 128, 3);
+        let t = host_matrix(format, &random(&mut rng, rows * cols), rows, cols);
+        let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
+        assert!(m.parts.len() > 1, "{format}: split into {} parts", m.parts.len());
+        let x = random(&mut rng, tokens * cols);
+        let got = run_matmul(&ctx, &kernels, &m, &x, tokens);
+        let (want, scale) = matmul_reference(format, &t, &x, tokens);
+        assert_close(&got, &want, MATMUL_TOLERANCE, &scale, &format!("split matmul {format}"));
+    }
+}
+
+#[test]
+fn embed_gathers_dequantized_rows() {
+    let ctx = gpu();
+    let kernels = Kernels::new(&ctx);
+    let mut rng = rng();
+    for format in WeightFormat::ALL {
+        let (rows, cols) = (50, 96);
+        let t = host_matrix(format, &random(&mut rng, rows * cols), rows, cols);
+        let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
+        let ids = [3u32, 49, 0, 17, 17];
+        let infos: Vec<TokenInfo> = ids.iter().map(|&id| TokenInfo { id, ..Default::default() }).collect();
+        let step = step_buf(&ctx, ids.len(), 0);
+        let tokens = ctx.storage_init("tokens", bytemuck::cast_slice(&infos));
+        let out = ctx.storage("x", (ids.len() * cols * 4) as u64);
+        let p = &m.parts[0];
+        let params = tandem_shaders::EmbedParams { row_start: 0, row_count: rows as u32, dim: cols as u32, _pad: 0 };
+        let u = ctx.uniform_init("embed", bytemuck::bytes_of(&params));
+        let bg = kernels.bind_group(Kernel::Embed, "embed", &[&step, &u, &tokens, &p.quants, &p.scales, &out]);
+        let pipeline = kernels.pipeline(Kernel::Embed, Some(format), &[]).expect("pipeline");
+        let got = read_f32(&ctx, &out, (ids.len() * cols * 4) as u64, dispatch(&ctx, &pipeline, &[(&bg, [cols.div_ceil(64) as u32, ids.len() as u32, 1])]));
+        let w = cpu_ref::dequantize(format, t.bytes.as_slice(), rows, cols);
+        let want: Vec<f32> = ids.iter().flat_map(|&id| w[id as usize * cols..(id as usize + 1) * cols].to_vec()).collect();
+        assert_eq!(got, want, "embed {format}");
+    }
+}
+
+#[test]
+fn rmsnorm_matches_cpu_plain_and_gathering() {
+    let ctx = gpu();
+    let kernels = Kernels::new(&ctx);
+    let mut rng = rng();
+    let (dim, tokens) = (200, 5);
+    let x = random(&mut rng, dim * tokens);
+    let g = random(&mut rng, dim);
+    let want = cpu_ref::rmsnorm(&x, &g, dim, 1e-5);
+    let rows = [4u32, 1];
+    for gather in [false, true] {
+        let n_out = if gather { rows.len() } else { tokens };
+        let step = step_buf(&ctx, tokens, rows.len());
+        let (xb, gb) = (ctx.storage_init("x", bytemuck::cast_slice(&x)), ctx.storage_init("g", bytemuck::cast_slice(&g)));
+        let rb = ctx.storage_init("rows", bytemuck::cast_slice(&rows));
+        let out = ctx.storage("out", (n_out * dim * 4) as u64);
+        let bg = kernels.bind_group(Kernel::RmsNorm, "norm", &[&step, &xb, &gb, &rb, &out]);
+        let consts = [("DIM", dim as f64), ("EPS", 1e-5), ("GATHER", f64::from(u8::from(gather)))];
+        let pipeline = kernels.pipeline(Kernel::RmsNorm, None, &consts).expect("pipeline");
+        let got = read_f32(&ctx, &out, (n_out * dim * 4) as u64, dispatch(&ctx, &pipeline, &[(&bg, [n_out as u32, 1, 1])]));
+        let want: Vec<f32> = if gather {
+            rows.iter().flat_map(|&r| want[r as usize * dim..(r as usize + 1) * dim].to_vec()).collect()
+        } else {
+            want.clone()
+        };
+        assert_close(&got, &want, ELEMENTWISE_TOLERANCE, &vec![1.0; want.len()], &format!("rmsnorm gather={gather}"));
+    }
+}
+
+#[test]
+fn silu_mul_matches_cpu() {
+    let ctx = gpu();
+    let kernels = Kernels::new(&ctx);
+    let mut rng = rng();
+    let (ffn, tokens) = (100, 3);
+    let (g, u) = (random(&mut rng, ffn * tokens), random(&mut rng, ffn * tokens));
+    let step = step_buf(&ctx, tokens, 0);
+    let (gb, ub) = (ctx.storage_init("g", bytemuck::cast_slice(&g)), ctx.storage_init("u", bytemuck::cast_slice(&u)));
+    let bg = kernels.bind_group(Kernel::SiluMul, "silu", &[&step, &gb, &ub]);
+    let pipeline = kernels.pipeline(Kernel::SiluMul, None, &[("FFN_DIM", ffn as f64)]).expect("pipeline");
+    let got = read_f32(&ctx, &gb, (ffn * tokens * 4) as u64, dispatch(&ctx, &pipeline, &[(&bg, [ffn.div_ceil(64) as u32, tokens as u32, 1])]));
+    assert_close(&got, &cpu_ref::silu_mul(&g, &u), ELEMENTWISE_TOLERANCE, &vec![1.0; g.len()], "silu_mul");
+}
+
+/// Sets up a paged cache for one sequence with `len` positions scattered over shuffled blocks.
+struct PagedFixture {
+    blocks: Vec<u32>,
+    infos: Vec<TokenInfo>,
+}
+
+fn paged(len: usize, new_tokens: usize, n_blocks: usize) -> PagedFixture {
+    let bt = tandem_core::BLOCK_TOKENS;
+    let blocks: Vec<u32> = (0..len.div_ceil(bt) as u32).map(|b| (b * 7 + 3) % n_blocks as u32).collect();
+    let infos = (len - new_tokens..len)
+        .map(|pos| TokenInfo { id: 0, pos: pos as u32, slot: blocks[pos / bt] * bt as u32 + (pos % bt) as u32, table_off: 0 })
+        .collect();
+    PagedFixture { blocks, infos }
+}
+
+#[test]
+fn rope_kv_rotates_and_writes_the_paged_cache() {
+    let ctx = gpu();
+    let kernels = Kernels::new(&ctx);
+    let mut rng = rng();
+    let (nh, nkv, hd) = (6, 2, 64);
+    let (q_dim, kv_dim) = (nh * hd, nkv * hd);
+    let stride = q_dim + 2 * kv_dim;
+    let n_blocks = 8;
+    for neox in [false, true] {
+        let fx = paged(40, 5, n_blocks);
+        let tokens = fx.infos.len();
+        let qkv = random(&mut rng, tokens * stride);
+        let table = cpu_ref::rope_table(64, hd, 10000.0, None);
+        let flat: Vec<f32> = table.iter().flatten().copied().collect();
+        let step = step_buf(&ctx, tokens, 0);
+        let qkv_b = ctx.storage_init("qkv", bytemuck::cast_slice(&qkv));
+        let info_b = ctx.storage_init("tokens", bytemuck::cast_slice(&fx.infos));
+        let rope_b = ctx.storage_init("rope", bytemuck::cast_slice(&flat));
+        let cache_bytes = (n_blocks * 16 * kv_dim * 4) as u64;
+        let (kc, vc) = (ctx.storage("k", cache_bytes), ctx.storage("v", cache_bytes));
+        let bg = kernels.bind_group(Kernel::RopeKv, "rope", &[&step, &qkv_b, &info_b, &rope_b, &kc, &vc]);
+        let consts = [("N_HEADS", nh as f64), ("N_KV_HEADS", nkv as f64), ("HEAD_DIM", hd as f64), ("NEOX", f64::from(u8::from(neox)))];
+        let pipeline = kernels.pipeline(Kernel::RopeKv, None, &consts).expect("pipeline");
+        let items = (nh + nkv) * hd / 2 + kv_dim;
+        let enc = dispatch(&ctx, &pipeline, &[(&bg, [items.div_ceil(64) as u32, tokens as u32, 1])]);
+        let got_qkv = read_f32(&ctx, &qkv_b, (tokens * stride * 4) as u64, enc);
+        let got_k = read_f32(&ctx, &kc, cache_bytes, ctx.device.create_command_encoder(&Default::default()));
+        let got_v = read_f32(&ctx, &vc, cache_bytes, ctx.device.create_command_encoder(&Default::default()));
+        for (t, info) in fx.infos.iter().enumerate() {
+            let row = &qkv[t * stride..(t + 1) * stride];
+            let slot = info.slot as usize;
+            for h in 0..nh + nkv {
+                let mut head = row[h * hd..(h + 1) * hd].to_vec();
+                cpu_ref::rope(&mut head, info.pos as usize, &table, neox);
+                let got = if h < nh {
+                    got_qkv[t * stride + h * hd..][..hd].to_vec()
+                } else {
+                    got_k[slot * kv_dim + (h - nh) * hd..][..hd].to_vec()
+                };
+                assert_close(&got, &head, ELEMENTWISE_TOLERANCE, &vec![1.0; hd], &format!("rope neox={neox} token {t} head {h}"));
+            }
+            assert_eq!(&got_v[slot * kv_dim..(slot + 1) * kv_dim], &row[q_dim + kv_dim..], "V written to its slot");
+        }
+    }
+}
+
+#[test]
+fn attention_over_paged_blocks_matches_cpu() {
+    let ctx = gpu();
+    let kernels = Kernels::new(&ctx);
+    let mut rng = rng();
+    let (nh, nkv, hd) = (4, 2, 64);
+    let (q_dim, kv_dim) = (nh * hd, nkv * hd);
+    let stride = q_dim + 2 * kv_dim;
+    let n_blocks = 16;
+    // One token alone (decode), and a chunk of 7 whose first position is mid-block.
+    for (len, new) in [(1, 1), (37, 1), (45, 7)] {
+        let fx = paged(len, new, n_blocks);
+        let k_all = random(&mut rng, len * kv_dim);
+        let v_all = random(&mut rng, len * kv_dim);
+        let q = random(&mut rng, new * q_dim);
+        let mut kc = vec![0f32; n_blocks * 16 * kv_dim];
+        let mut vc = kc.clone();
+        for pos in 0..len {
+            let slot = fx.blocks[pos / 16] as usize * 16 + pos % 16;
+            kc[slot * kv_dim..(slot + 1) * kv_dim].copy_from_slice(&k_all[pos * kv_dim..(pos + 1) * kv_dim]);
+            vc[slot * kv_dim..(slot + 1) * kv_dim].copy_from_slice(&v_all[pos * kv_dim..(pos + 1) * kv_dim]);
+        }
+        let mut qkv = vec![0f32; new * stride];
+        for t in 0..new {
+            qkv[t * stride..t * stride + q_dim].copy_from_slice(&q[t * q_dim..(t + 1) * q_dim]);
+        }
+        let step = step_buf(&ctx, new, 0);
+        let b = |l: &str, v: &[f32]| ctx.storage_init(l, bytemuck::cast_slice(v));
+        let (qkv_b, kc_b, vc_b) = (b("qkv", &qkv), b("k", &kc), b("v", &vc));
+        let info_b = ctx.storage_init("tokens", bytemuck::cast_slice(&fx.infos));
+        let table_b = ctx.storage_init("tables", bytemuck::cast_slice(&fx.blocks));
+        let out = ctx.storage("out", (new * q_dim * 4) as u64);
+        let bg = kernels.bind_group(Kernel::Attention, "attn", &[&step, &qkv_b, &info_b, &table_b, &kc_b, &vc_b, &out]);
+        let consts = [
+            ("N_HEADS", nh as f64),
+            ("N_KV_HEADS", nkv as f64),
+            ("HEAD_DIM", hd as f64),
+            ("BLOCK_TOKENS", 16.0),
+            ("SCALE", 1.0 / (hd as f64).sqrt()),
+        ];
+        let pipeline = kernels.pipeline(Kernel::Attention, None, &consts).expect("pipeline");
+        let got = read_f32(&ctx, &out, (new * q_dim * 4) as u64, dispatch(&ctx, &pipeline, &[(&bg, [nh as u32, new as u32, 1])]));
+        let want = cpu_ref::attention(&q, &k_all, &v_all, len - new, nh, nkv, hd);
+        assert_close(&got, &want, 1e-5, &vec![1.0; want.len()], &format!("attention len {len} new {new}"));
+    }
+}
+
+fn run_sample(ctx: &GpuContext, kernels: &Kernels, logits: &[f32], vocab: usize, params: &[SampleParams]) -> Vec<u32> {
+    let rows = params.len();
+    let step = step_buf(ctx, rows, rows);
+    let lb = ctx.storage_init("logits", bytemuck::cast_slice(logits));
+    let pb = ctx.storage_init("params", bytemuck::cast_slice(params));
+    let out = ctx.storage("chosen", (rows * 4) as u64);
+    let bg = kernels.bind_group(Kernel::Sample, "sample", &[&step, &lb, &pb, &out]);
+    let pipeline = kernels.pipeline(Kernel::Sample, None, &[("VOCAB", vocab as f64)]).expect("pipeline");
+    read_f32(ctx, &out, (rows * 4) as u64, dispatch(ctx, &pipeline, &[(&bg, [rows as u32, 1, 1])])).into_iter().map(f32::to_bits).collect()
+}
+
+#[test]
+fn sampling_greedy_top_k_top_p_and_seeds() {
+    let ctx = gpu();
+    let kernels = Kernels::new(&ctx);
+    let mut rng = rng();
+    let vocab = 1000;
+    let mut logits = random(&mut rng, vocab * 3);
+    // Row 1 has a tie for the maximum: the lower id wins.
+    logits[vocab + 400] = 5.0;
+    logits[vocab + 700] = 5.0;
+    let greedy = SampleParams { temperature: 0.0, top_p: 1.0, ..Default::default() };
+    let got = run_sample(&ctx, &kernels, &logits, vocab, &[greedy; 3]);
+    let want: Vec<u32> = logits.chunks(vocab).map(cpu_ref::argmax).collect();
+    assert_eq!(got, want);
+    assert_eq!(got[1], 400);
+
+    // top_k = 1 and a tiny top_p both reduce to the argmax whatever the seed.
+    let row0 = &logits[..vocab];
+    for seed in 0..4 {
+        let k1 = SampleParams { temperature: 1.0, top_k: 1, top_p: 1.0, seed, ..Default::default() };
+        let p0 = SampleParams { temperature: 1.0, top_k: 0, top_p: 1e-6, seed, ..Default::default() };
+        assert_eq!(run_sample(&ctx, &kernels, row0, vocab, &[k1, p0]), vec![want[0], want[0]]);
+    }
+
+    // With top_k = 5 every draw is among the 5 largest, and seeds reproduce.
+    let mut order: Vec<u32> = (0..vocab as u32).collect();
+    order.sort_by(|&a, &b| row0[b as usize].total_cmp(&row0[a as usize]));
+    let top5 = &order[..5];
+    let params: Vec<SampleParams> =
+        (0..64).map(|i| SampleParams { temperature: 1.5, top_k: 5, top_p: 1.0, seed: 9, counter: i, ..Default::default() }).collect();
+    let draws = run_sample(&ctx, &kernels, &row0.repeat(64), vocab, &params);
+    assert!(draws.iter().all(|d| top5.contains(d)), "draws {draws:?} outside the top 5 {top5:?}");
+    let distinct: std::collections::HashSet<_> = draws.iter().collect();
+    assert!(distinct.len() > 1, "different counters give different draws");
+    assert_eq!(run_sample(&ctx, &kernels, &row0.repeat(64), vocab, &params), draws, "same seeds, same draws");
+}

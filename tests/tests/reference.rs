@@ -1,0 +1,68 @@
+//! The default model against references no one here wrote: llama.cpp's tokenizations and an
+//! exact float64 forward pass over the same weights.
+
+use tandem_core::{Engine, EngineConfig, SamplingParams, generate};
+use tandem_tests::{default_model, gpu, reference};
+
+/// Our f32 logits may differ from exact math by this much.
+const LOGIT_TOLERANCE: f32 = 0.05;
+/// Where the reference's top-1/top-2 margin exceeds this, our top-1 must agree.
+const TOP1_MARGIN: f32 = 0.05;
+/// Greedy continuations are compared up to the first step whose margin is below this.
+const GREEDY_MARGIN: f32 = 0.01;
+
+#[test]
+fn tokenization_matches_llama_cpp() {
+    let model = default_model();
+    for p in reference("llamacpp") {
+        let ours = model.tokenizer.encode(&p.text, p.special).expect("encodes");
+        assert_eq!(ours, p.tokens, "prompt `{}`", p.name);
+    }
+}
+
+#[test]
+fn chat_template_renders_the_reference_chat_prompt() {
+    let model = default_model();
+    let p = reference("f64").into_iter().find(|p| p.chat_user.is_some()).expect("a chat prompt");
+    let user = p.chat_user.clone().expect("chat_user");
+    let msgs = [tandem_core::ChatMessage { role: "user".into(), content: user }];
+    let text = model.tokenizer.apply_chat_template(&msgs, true).expect("renders");
+    assert_eq!(text, p.text);
+}
+
+#[test]
+fn logits_and_greedy_match_the_f64_reference() {
+    let model = default_model();
+    let cfg = EngineConfig { max_batch_tokens: 256, context_length: 512, ..Default::default() };
+    let mut engine = Engine::new(gpu(), model, &cfg).expect("engine");
+    for p in reference("f64") {
+        let seq = engine.create_sequence();
+        let logits = engine.forward_logits(seq, &p.tokens).expect("forward");
+        engine.free_sequence(seq);
+        assert_eq!(logits.len(), p.tokens.len());
+        for (i, (ours, want)) in logits.iter().zip(&p.positions).enumerate() {
+            let margin = want.top_logits[0] - want.top_logits[1];
+            let our_top = tandem_core::cpu_ref::argmax(ours);
+            if margin > TOP1_MARGIN {
+                assert_eq!(our_top, want.top_ids[0], "`{}` position {i}: top-1 (margin {margin})", p.name);
+            }
+            for (id, want_logit) in want.top_ids.iter().zip(&want.top_logits).take(5) {
+                let got = ours[*id as usize];
+                assert!(
+                    (got - want_logit).abs() <= LOGIT_TOLERANCE,
+                    "`{}` position {i} token {id}: logit {got} vs reference {want_logit} (tolerance {LOGIT_TOLERANCE})",
+                    p.name
+                );
+            }
+        }
+        let comparable = p.greedy_margins.iter().position(|&m| m < GREEDY_MARGIN).unwrap_or(p.greedy_tokens.len());
+        let want = &p.greedy_tokens[..comparable];
+        let mut got = Vec::new();
+        generate(&mut engine, &p.tokens, want.len(), SamplingParams::greedy(), &[], |t| {
+            got.push(t);
+            Ok(true)
+        })
+        .expect("generates");
+        assert_eq!(got, want, "`{}`: greedy continuation", p.name);
+    }
+}
