@@ -361,7 +361,7 @@ fn sampling_greedy_top_k_top_p_and_seeds() {
     for seed in 0..4 {
         let k1 = SampleParams { temperature: 1.0, top_k: 1, top_p: 1.0, seed, ..Default::default() };
         let p0 = SampleParams { temperature: 1.0, top_k: 0, top_p: 1e-6, seed, ..Default::default() };
-        assert_eq!(run_sample(&ctx, &kernels, row0, vocab, &[k1, p0]), vec![want[0], want[0]]);
+        assert_eq!(run_sample(&ctx, &kernels, &row0.repeat(2), vocab, &[k1, p0]), vec![want[0], want[0]]);
     }
 
     // With top_k = 5 every draw is among the 5 largest, and seeds reproduce.
