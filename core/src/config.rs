@@ -55,8 +55,8 @@ impl ModelConfig {
         if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
             return err(format!("{} attention heads cannot share {} KV heads", self.n_heads, self.n_kv_heads));
         }
-        if self.head_dim == 0 || self.head_dim % 32 != 0 || self.head_dim > 256 {
-            return err(format!("head dimension {} is not a multiple of 32 up to 256", self.head_dim));
+        if self.head_dim == 0 || self.head_dim % 32 != 0 || self.head_dim > 128 {
+            return err(format!("head dimension {} is not a multiple of 32 up to 128", self.head_dim));
         }
         if self.hidden_size == 0 || self.ffn_size == 0 || self.n_layers == 0 || self.vocab_size == 0 {
             return err("a model dimension is zero".into());

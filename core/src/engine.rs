@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use tandem_shaders::{EmbedParams, Kernel, SampleParams, Step, TokenInfo};
+use tandem_shaders::{ATTENTION_CHUNK, EmbedParams, Kernel, SampleParams, Step, TokenInfo};
 
 use crate::config::{ModelConfig, RopeLayout};
 use crate::cpu_ref::rope_table;
@@ -77,6 +77,7 @@ struct LayerOps {
     v: MatmulOp,
     rope: wgpu::BindGroup,
     attention: wgpu::BindGroup,
+    attention_merge: wgpu::BindGroup,
     o: MatmulOp,
     norm_ffn: wgpu::BindGroup,
     gate: MatmulOp,
@@ -93,6 +94,7 @@ struct Pipelines {
     norm_gather: wgpu::ComputePipeline,
     rope: wgpu::ComputePipeline,
     attention: wgpu::ComputePipeline,
+    attention_merge: wgpu::ComputePipeline,
     silu: wgpu::ComputePipeline,
     sample: wgpu::ComputePipeline,
 }
@@ -222,6 +224,12 @@ impl Engine {
         let gate = act("gate", f);
         let up = act("up", f);
         let hs = ctx.storage("hidden_sampled", max_sample as u64 * d as u64 * f4);
+        let max_chunks = context_length.div_ceil(ATTENTION_CHUNK as usize);
+        let partial_bytes = t * (c.n_heads * max_chunks * (c.head_dim + 2)) as u64 * f4;
+        if partial_bytes > max_binding {
+            return Err(Error::AdapterLimit { what: "bytes of attention partials (lower the batch or context)", needed: partial_bytes, limit: max_binding });
+        }
+        let partials = ctx.storage("attention_partials", partial_bytes);
         let max_table = max_tokens.min(kv_blocks.max(1)) * blocks_per_seq;
         let bufs = StepBuffers {
             step: ctx.uniform_init("step", bytemuck::bytes_of(&Step::default())),
@@ -259,7 +267,20 @@ impl Engine {
             attention: kernels.pipeline(
                 Kernel::Attention,
                 None,
-                &[heads[0], heads[1], heads[2], ("BLOCK_TOKENS", BLOCK_TOKENS as f64), ("SCALE", 1.0 / (c.head_dim as f64).sqrt())],
+                &[
+                    heads[0],
+                    heads[1],
+                    heads[2],
+                    ("BLOCK_TOKENS", BLOCK_TOKENS as f64),
+                    ("SCALE", 1.0 / (c.head_dim as f64).sqrt()),
+                    ("CHUNK", f64::from(ATTENTION_CHUNK)),
+                    ("MAX_CHUNKS", max_chunks as f64),
+                ],
+            )?,
+            attention_merge: kernels.pipeline(
+                Kernel::AttentionMerge,
+                None,
+                &[heads[0], heads[2], ("CHUNK", f64::from(ATTENTION_CHUNK)), ("MAX_CHUNKS", max_chunks as f64)],
             )?,
             silu: kernels.pipeline(Kernel::SiluMul, None, &[("FFN_DIM", f as f64)])?,
             sample: kernels.pipeline(Kernel::Sample, None, &[("VOCAB", c.vocab_size as f64)])?,
@@ -299,8 +320,9 @@ impl Engine {
                 attention: kernels.bind_group(
                     Kernel::Attention,
                     "attention",
-                    &[&bufs.step, &qkv, &bufs.tokens, &bufs.tables, &k_cache, &v_cache, &attn_out],
+                    &[&bufs.step, &qkv, &bufs.tokens, &bufs.tables, &k_cache, &v_cache, &partials],
                 ),
+                attention_merge: kernels.bind_group(Kernel::AttentionMerge, "attention_merge", &[&bufs.step, &bufs.tokens, &partials, &attn_out]),
                 o: mm(&wo, &attn_out, &x, (q_dim, d, 0), true)?,
                 norm_ffn: kernels.bind_group(Kernel::RmsNorm, "norm_ffn", &[&bufs.step, &x, &g_ffn, &bufs.sample_rows, &xn]),
                 gate: mm(&wg_, &xn, &gate, (d, f, 0), false)?,
@@ -534,6 +556,8 @@ impl Engine {
         }
 
         let split = self.kernels.matmul_split();
+        let last_pos = infos.iter().map(|i| i.pos).max().unwrap_or(0);
+        let attention_chunks = (last_pos + 1).div_ceil(ATTENTION_CHUNK);
         let kv_row = (c.kv_dim() * 4) as u64;
         let export_tokens: usize = exports.iter().map(|(_, s, e, _)| e - s).sum();
         let mut staged = Vec::new();
@@ -563,6 +587,9 @@ impl Engine {
                 pass.dispatch_workgroups(wg(rope_items, 64), n_tokens as u32, 1);
                 pass.set_pipeline(&p.attention);
                 pass.set_bind_group(0, &layer.attention, &[]);
+                pass.dispatch_workgroups(c.n_heads as u32, n_tokens as u32, attention_chunks);
+                pass.set_pipeline(&p.attention_merge);
+                pass.set_bind_group(0, &layer.attention_merge, &[]);
                 pass.dispatch_workgroups(c.n_heads as u32, n_tokens as u32, 1);
                 layer.o.record(&mut pass, n_tokens, split);
                 pass.set_pipeline(&p.norm);

@@ -278,3 +278,86 @@ impl GgufFile {
         self.metadata.get(key)
     }
 }
+
+fn write_value(out: &mut Vec<u8>, v: &MetaValue) {
+    match v {
+        MetaValue::U8(x) => out.push(*x),
+        MetaValue::I8(x) => out.push(*x as u8),
+        MetaValue::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::Bool(x) => out.push(u8::from(*x)),
+        MetaValue::Str(s) => {
+            out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+        MetaValue::Array(items) => {
+            let elem = items.first().map_or(4, value_type);
+            out.extend_from_slice(&elem.to_le_bytes());
+            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            items.iter().for_each(|i| write_value(out, i));
+        }
+    }
+}
+
+fn value_type(v: &MetaValue) -> u32 {
+    match v {
+        MetaValue::U8(_) => 0,
+        MetaValue::I8(_) => 1,
+        MetaValue::U16(_) => 2,
+        MetaValue::I16(_) => 3,
+        MetaValue::U32(_) => 4,
+        MetaValue::I32(_) => 5,
+        MetaValue::F32(_) => 6,
+        MetaValue::Bool(_) => 7,
+        MetaValue::Str(_) => 8,
+        MetaValue::Array(_) => 9,
+        MetaValue::U64(_) => 10,
+        MetaValue::I64(_) => 11,
+        MetaValue::F64(_) => 12,
+    }
+}
+
+/// A tensor entry for [`write_gguf`]: name, GGML type id, GGUF-order shape, bytes.
+#[derive(Debug, Clone)]
+pub struct GgufTensorOut<'a> {
+    pub name: &'a str,
+    pub ggml_type: u32,
+    pub shape: &'a [usize],
+    pub bytes: &'a [u8],
+}
+
+/// Writes a GGUF v3 file (32-byte alignment).
+pub fn write_gguf(path: &Path, metadata: &BTreeMap<String, MetaValue>, tensors: &[GgufTensorOut<'_>]) -> Result<()> {
+    let mut out = Vec::new();
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&3u32.to_le_bytes());
+    out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    let meta: Vec<_> = metadata.iter().filter(|(k, _)| k.as_str() != "general.alignment").collect();
+    out.extend_from_slice(&(meta.len() as u64).to_le_bytes());
+    for (k, v) in meta {
+        write_value(&mut out, &MetaValue::Str(k.clone()));
+        out.extend_from_slice(&value_type(v).to_le_bytes());
+        write_value(&mut out, v);
+    }
+    let mut offset = 0u64;
+    for t in tensors {
+        write_value(&mut out, &MetaValue::Str(t.name.to_string()));
+        out.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
+        t.shape.iter().for_each(|d| out.extend_from_slice(&(*d as u64).to_le_bytes()));
+        out.extend_from_slice(&t.ggml_type.to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        offset += (t.bytes.len() as u64).div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT;
+    }
+    out.resize(out.len().div_ceil(DEFAULT_ALIGNMENT as usize) * DEFAULT_ALIGNMENT as usize, 0);
+    for t in tensors {
+        out.extend_from_slice(t.bytes);
+        out.resize(out.len().div_ceil(DEFAULT_ALIGNMENT as usize) * DEFAULT_ALIGNMENT as usize, 0);
+    }
+    std::fs::write(path, out).map_err(|e| Error::io(path, e))
+}

@@ -24,6 +24,7 @@ fn slots(kernel: Kernel) -> &'static [Slot] {
         Kernel::Matmul => &[U, U, R, R, R, W],
         Kernel::RopeKv => &[U, W, R, R, W, W],
         Kernel::Attention => &[U, R, R, R, R, R, W],
+        Kernel::AttentionMerge => &[U, R, R, W],
         Kernel::SiluMul => &[U, W, R],
         Kernel::Sample => &[U, R, R, W],
     }

@@ -25,7 +25,7 @@ pub use config::{ModelConfig, RopeLayout};
 pub use engine::{Engine, EngineConfig, SamplingParams, StepInput, StepOutput};
 pub use error::{Error, Result};
 pub use generate::{GenerationStats, generate};
-pub use gguf::{GgufFile, MetaValue};
+pub use gguf::{GgufFile, GgufTensorOut, MetaValue, write_gguf};
 pub use gpu::{AdapterSummary, GpuContext, list_adapters};
 pub use kv::{BLOCK_TOKENS, KvLayer, KvSink, SeqId};
 pub use model::HostModel;

@@ -290,9 +290,10 @@ fn attention_over_paged_blocks_matches_cpu() {
     let (nh, nkv, hd) = (4, 2, 64);
     let (q_dim, kv_dim) = (nh * hd, nkv * hd);
     let stride = q_dim + 2 * kv_dim;
-    let n_blocks = 16;
-    // One token alone (decode), and a chunk of 7 whose first position is mid-block.
-    for (len, new) in [(1, 1), (37, 1), (45, 7)] {
+    let n_blocks = 32;
+    // One token alone (decode), a chunk of 7 whose first position is mid-block, and contexts that
+    // span several attention chunks.
+    for (len, new) in [(1, 1), (37, 1), (45, 7), (300, 1), (290, 5)] {
         let fx = paged(len, new, n_blocks);
         let k_all = random(&mut rng, len * kv_dim);
         let v_all = random(&mut rng, len * kv_dim);
@@ -314,16 +315,32 @@ fn attention_over_paged_blocks_matches_cpu() {
         let info_b = ctx.storage_init("tokens", bytemuck::cast_slice(&fx.infos));
         let table_b = ctx.storage_init("tables", bytemuck::cast_slice(&fx.blocks));
         let out = ctx.storage("out", (new * q_dim * 4) as u64);
-        let bg = kernels.bind_group(Kernel::Attention, "attn", &[&step, &qkv_b, &info_b, &table_b, &kc_b, &vc_b, &out]);
+        let chunk = tandem_shaders::ATTENTION_CHUNK;
+        let max_chunks = 4u32;
+        let partials = ctx.storage("partials", u64::from(max_chunks) * (new * nh * (hd + 2) * 4) as u64);
+        let bg = kernels.bind_group(Kernel::Attention, "attn", &[&step, &qkv_b, &info_b, &table_b, &kc_b, &vc_b, &partials]);
+        let merge_bg = kernels.bind_group(Kernel::AttentionMerge, "merge", &[&step, &info_b, &partials, &out]);
         let consts = [
             ("N_HEADS", nh as f64),
             ("N_KV_HEADS", nkv as f64),
             ("HEAD_DIM", hd as f64),
             ("BLOCK_TOKENS", 16.0),
             ("SCALE", 1.0 / (hd as f64).sqrt()),
+            ("CHUNK", f64::from(chunk)),
+            ("MAX_CHUNKS", f64::from(max_chunks)),
         ];
         let pipeline = kernels.pipeline(Kernel::Attention, None, &consts).expect("pipeline");
-        let got = read_f32(&ctx, &out, (new * q_dim * 4) as u64, dispatch(&ctx, &pipeline, &[(&bg, [nh as u32, new as u32, 1])]));
+        let merge_consts = [("N_HEADS", nh as f64), ("HEAD_DIM", hd as f64), ("CHUNK", f64::from(chunk)), ("MAX_CHUNKS", f64::from(max_chunks))];
+        let merge = kernels.pipeline(Kernel::AttentionMerge, None, &merge_consts).expect("pipeline");
+        let chunks = (len as u32).div_ceil(chunk);
+        let mut enc = dispatch(&ctx, &pipeline, &[(&bg, [nh as u32, new as u32, chunks])]);
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&merge);
+            pass.set_bind_group(0, &merge_bg, &[]);
+            pass.dispatch_workgroups(nh as u32, new as u32, 1);
+        }
+        let got = read_f32(&ctx, &out, (new * q_dim * 4) as u64, enc);
         let want = cpu_ref::attention(&q, &k_all, &v_all, len - new, nh, nkv, hd);
         assert_close(&got, &want, 1e-5, &vec![1.0; want.len()], &format!("attention len {len} new {new}"));
     }

@@ -12,6 +12,10 @@ pub use layout::{EmbedParams, MatmulParams, SampleParams, Step, TokenInfo};
 
 use std::fmt;
 
+/// Key positions per attention chunk (`CHUNK` in attention.wgsl). Fixed for every adapter and
+/// engine so attention sums in the same order wherever a sequence's KV was computed.
+pub const ATTENTION_CHUNK: u32 = 128;
+
 /// How a weight tensor is stored on the GPU (and in the model file).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum WeightFormat {
@@ -96,18 +100,20 @@ pub enum Kernel {
     Matmul,
     RopeKv,
     Attention,
+    AttentionMerge,
     SiluMul,
     Sample,
 }
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 7] = [
+    pub const ALL: [Kernel; 8] = [
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::Matmul,
         Kernel::RopeKv,
         Kernel::Attention,
+        Kernel::AttentionMerge,
         Kernel::SiluMul,
         Kernel::Sample,
     ];
@@ -120,6 +126,7 @@ impl Kernel {
             Kernel::Matmul => "matmul",
             Kernel::RopeKv => "rope_kv",
             Kernel::Attention => "attention",
+            Kernel::AttentionMerge => "attention_merge",
             Kernel::SiluMul => "silu_mul",
             Kernel::Sample => "sample",
         }
@@ -137,6 +144,7 @@ impl Kernel {
             Kernel::Matmul => include_str!("../wgsl/matmul.wgsl"),
             Kernel::RopeKv => include_str!("../wgsl/rope_kv.wgsl"),
             Kernel::Attention => include_str!("../wgsl/attention.wgsl"),
+            Kernel::AttentionMerge => include_str!("../wgsl/attention_merge.wgsl"),
             Kernel::SiluMul => include_str!("../wgsl/silu_mul.wgsl"),
             Kernel::Sample => include_str!("../wgsl/sample.wgsl"),
         }

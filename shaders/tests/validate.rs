@@ -25,8 +25,8 @@ fn every_variant_validates() {
         parse(kernel, &source, &label);
         count += 1;
     }
-    // 5 plain kernels + 2 weight-reading kernels x 6 formats.
-    assert_eq!(count, 5 + 2 * 6);
+    // 6 plain kernels + 2 weight-reading kernels x 6 formats.
+    assert_eq!(count, 6 + 2 * 6);
 }
 
 #[test]
