@@ -138,6 +138,14 @@ pub struct Engine {
     pool: BlockPool,
     seqs: HashMap<SeqId, SeqState>,
     next_seq: u64,
+    last_timing: StepTiming,
+}
+
+/// Where the last step's time went: recording and submitting on the CPU, then waiting for the GPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepTiming {
+    pub record: std::time::Duration,
+    pub wait: std::time::Duration,
 }
 
 impl std::fmt::Debug for Engine {
@@ -167,7 +175,7 @@ impl MatmulOp {
             .parts
             .iter()
             .zip(&params)
-            .map(|(p, u)| (kernels.bind_group(Kernel::Matmul, &m.name, &[step, u, x, &p.quants, &p.scales, y]), p.rows as u32))
+            .map(|(p, u)| (kernels.bind_group(Kernel::Matmul, &m.name, &[step, u, x, &p.quants, &p.scales, y, x]), p.rows as u32))
             .collect();
         let rows_per_wg = 64 / kernels.matmul_split() as usize;
         let groups = m.parts.iter().map(|p| wg(p.rows, rows_per_wg)).max().unwrap_or(0);
@@ -357,6 +365,7 @@ impl Engine {
             pool: BlockPool::new(kv_blocks),
             seqs: HashMap::new(),
             next_seq: 0,
+            last_timing: StepTiming::default(),
         })
     }
 
@@ -383,6 +392,11 @@ impl Engine {
     /// (free, total) KV blocks.
     pub fn kv_blocks(&self) -> (usize, usize) {
         (self.pool.free(), self.pool.total())
+    }
+
+    /// CPU recording time and GPU wait time of the last step.
+    pub fn last_step_timing(&self) -> StepTiming {
+        self.last_timing
     }
 
     /// A new, empty sequence.
@@ -555,6 +569,7 @@ impl Engine {
             q.write_buffer(&self.bufs.sample_params, 0, bytemuck::cast_slice(&params));
         }
 
+        let record_start = std::time::Instant::now();
         let split = self.kernels.matmul_split();
         let last_pos = infos.iter().map(|i| i.pos).max().unwrap_or(0);
         let attention_chunks = (last_pos + 1).div_ceil(ATTENTION_CHUNK);
@@ -645,6 +660,7 @@ impl Engine {
             None => {}
         }
         let done = q.submit([enc.finish()]);
+        let wait_start = std::time::Instant::now();
 
         if let Some(sink) = sink.as_mut() {
             let kv_dim = c.kv_dim();
@@ -677,6 +693,7 @@ impl Engine {
                 .map_err(|e| Error::Gpu { op: "step".into(), reason: e.to_string() })?;
             out.tokens = vec![None; inputs.len()];
         }
+        self.last_timing = StepTiming { record: wait_start - record_start, wait: wait_start.elapsed() };
         self.ctx.check_errors("step")?;
         for input in inputs {
             if let Some(s) = self.seqs.get_mut(&input.seq) {

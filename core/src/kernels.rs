@@ -21,7 +21,7 @@ fn slots(kernel: Kernel) -> &'static [Slot] {
     match kernel {
         Kernel::Embed => &[U, U, R, R, R, W],
         Kernel::RmsNorm => &[U, R, R, R, W],
-        Kernel::Matmul => &[U, U, R, R, R, W],
+        Kernel::Matmul => &[U, U, R, R, R, W, R],
         Kernel::RopeKv => &[U, W, R, R, W, W],
         Kernel::Attention => &[U, R, R, R, R, R, W],
         Kernel::AttentionMerge => &[U, R, R, W],

@@ -22,7 +22,7 @@ pub mod tensor;
 pub mod tokenizer;
 
 pub use config::{ModelConfig, RopeLayout};
-pub use engine::{Engine, EngineConfig, SamplingParams, StepInput, StepOutput};
+pub use engine::{Engine, EngineConfig, SamplingParams, StepInput, StepOutput, StepTiming};
 pub use error::{Error, Result};
 pub use generate::{GenerationStats, generate};
 pub use gguf::{GgufFile, GgufTensorOut, MetaValue, write_gguf};

@@ -75,7 +75,7 @@ fn run_matmul(ctx: &GpuContext, kernels: &Kernels, m: &DeviceMatrix, x: &[f32], 
         .iter()
         .zip(&params)
         .map(|(p, u)| {
-            let bg = kernels.bind_group(Kernel::Matmul, "mm", &[&step, u, &xb, &p.quants, &p.scales, &y]);
+            let bg = kernels.bind_group(Kernel::Matmul, "mm", &[&step, u, &xb, &p.quants, &p.scales, &y, &xb]);
             let per_wg = 64 / kernels.matmul_split() as usize;
             (bg, [p.rows.div_ceil(per_wg) as u32, tokens.div_ceil(MATMUL_TILE) as u32, 1])
         })

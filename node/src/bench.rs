@@ -15,6 +15,26 @@ pub struct BenchReport {
     pub prefill: Vec<(usize, f64)>,
     /// (context length, tokens/s, ms per step).
     pub decode: Vec<(usize, f64, f64)>,
+    /// Of a decode step at context 128: (ms recording on the CPU, ms waiting for the GPU).
+    pub decode_split_ms: (f64, f64),
+    /// An empty submission plus a 4-byte readback: the floor under every step.
+    pub round_trip_ms: f64,
+}
+
+/// Median time of submitting nothing and reading 4 bytes back.
+fn round_trip_ms(gpu: &tandem_core::GpuContext) -> tandem_core::Result<f64> {
+    let src = gpu.storage("probe", 4);
+    let dst = gpu.readback("probe.read", 4);
+    let mut times = Vec::new();
+    for _ in 0..50 {
+        let start = Instant::now();
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(&src, 0, &dst, 0, 4);
+        let idx = gpu.queue.submit([enc.finish()]);
+        gpu.read_mapped(&dst, 4, idx)?;
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(median(times))
 }
 
 fn prompt(len: usize, vocab: usize) -> Vec<u32> {
@@ -41,7 +61,9 @@ fn prefill_once(engine: &mut Engine, tokens: &[u32]) -> tandem_core::Result<(f64
 /// Runs the standard measurements: prefill of 128 and 512 tokens, decode at contexts 128 and 1024.
 pub fn run(engine: &mut Engine, model: String, weight_bytes: u64, decode_steps: usize) -> tandem_core::Result<BenchReport> {
     let vocab = engine.config.vocab_size;
-    let mut report = BenchReport { model, adapter: engine.gpu().adapter.to_string(), weight_bytes, prefill: Vec::new(), decode: Vec::new() };
+    let round_trip_ms = round_trip_ms(engine.gpu())?;
+    let mut report =
+        BenchReport { model, adapter: engine.gpu().adapter.to_string(), weight_bytes, prefill: Vec::new(), decode: Vec::new(), decode_split_ms: (0.0, 0.0), round_trip_ms };
     // Warm-up: pipelines compile lazily in some drivers.
     let (_, seq) = prefill_once(engine, &prompt(16, vocab))?;
     engine.free_sequence(seq);
@@ -57,11 +79,18 @@ pub fn run(engine: &mut Engine, model: String, weight_bytes: u64, decode_steps: 
     for ctx in [128, 1024] {
         let (_, seq) = prefill_once(engine, &prompt(ctx, vocab))?;
         let mut token = 1;
+        let (mut record, mut wait) = (0.0, 0.0);
         let start = Instant::now();
         for _ in 0..decode_steps {
             token = engine.step(&[StepInput { seq, tokens: vec![token], sample: Some(SamplingParams::greedy()) }])?[0].unwrap_or(1);
+            let t = engine.last_step_timing();
+            record += t.record.as_secs_f64() * 1000.0;
+            wait += t.wait.as_secs_f64() * 1000.0;
         }
         let secs = start.elapsed().as_secs_f64();
+        if ctx == 128 {
+            report.decode_split_ms = (record / decode_steps as f64, wait / decode_steps as f64);
+        }
         engine.free_sequence(seq);
         report.decode.push((ctx, decode_steps as f64 / secs, secs * 1000.0 / decode_steps as f64));
     }
@@ -70,12 +99,19 @@ pub fn run(engine: &mut Engine, model: String, weight_bytes: u64, decode_steps: 
 
 /// The report as a table.
 pub fn table(r: &BenchReport) -> String {
-    let mut s = format!("model: {}\nadapter: {}\nweights: {:.1} MiB\n", r.model, r.adapter, r.weight_bytes as f64 / (1 << 20) as f64);
+    let mut s = format!(
+        "model: {}\nadapter: {}\nweights: {:.1} MiB\nGPU round trip: {:.3} ms\n",
+        r.model,
+        r.adapter,
+        r.weight_bytes as f64 / (1 << 20) as f64,
+        r.round_trip_ms
+    );
     for (len, tps) in &r.prefill {
         s += &format!("prefill  {len:>5} tokens      {tps:>10.1} tokens/s\n");
     }
     for (ctx, tps, ms) in &r.decode {
         s += &format!("decode   context {ctx:>5}     {tps:>10.1} tokens/s  {ms:>8.3} ms/step\n");
     }
+    s += &format!("decode step at context 128: {:.3} ms recording, {:.3} ms waiting for the GPU\n", r.decode_split_ms.0, r.decode_split_ms.1);
     s
 }

@@ -15,10 +15,6 @@ fn dq_elem(row: u32, col: u32, k: u32) -> f32 {
     return q8_scale(blk) * f32(q);
 }
 
-fn x4(o: u32) -> vec4<f32> {
-    return vec4<f32>(x[o], x[o + 1u], x[o + 2u], x[o + 3u]);
-}
-
 fn block_dot(row: u32, b: u32, k: u32, xo: u32) -> f32 {
     let blk = row * (k / BLOCK) + b;
     var qx = 0.0;

@@ -38,6 +38,13 @@ const MAX_TILE: u32 = 8u;
 @group(0) @binding(3) var<storage, read> w: array<u32>;
 @group(0) @binding(4) var<storage, read> s: array<u32>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
+// The same buffer as `x`, for the 16-byte loads of block formats (their rows are 32-aligned).
+@group(0) @binding(6) var<storage, read> x_vec: array<vec4<f32>>;
+
+/// x[o..o+4] for o a multiple of 4.
+fn x4(o: u32) -> vec4<f32> {
+    return x_vec[o >> 2u];
+}
 
 var<workgroup> partial: array<f32, 512>;
 
@@ -63,19 +70,19 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
     }
 
     if (SPLIT > 1u) {
-        for (var tt = 0u; tt < TILE_T; tt++) {
+        for (var tt = 0u; tt < nt; tt++) {
             partial[li * MAX_TILE + tt] = acc[tt];
         }
         workgroupBarrier();
         for (var stride = SPLIT / 2u; stride > 0u; stride >>= 1u) {
             if (lane < stride) {
-                for (var tt = 0u; tt < TILE_T; tt++) {
+                for (var tt = 0u; tt < nt; tt++) {
                     partial[li * MAX_TILE + tt] += partial[(li + stride) * MAX_TILE + tt];
                 }
             }
             workgroupBarrier();
         }
-        for (var tt = 0u; tt < TILE_T; tt++) {
+        for (var tt = 0u; tt < nt; tt++) {
             acc[tt] = partial[li * MAX_TILE + tt];
         }
     }
