@@ -26,12 +26,13 @@ const NEG_BIG: f32 = -3.0e38;
 @group(0) @binding(1) var<storage, read> qkv: array<f32>;
 @group(0) @binding(2) var<storage, read> tokens: array<TokenInfo>;
 @group(0) @binding(3) var<storage, read> tables: array<u32>;
-@group(0) @binding(4) var<storage, read> k_cache: array<f32>;
+// Keys as 16-byte vectors: head_dim is a multiple of 32, so every head starts aligned.
+@group(0) @binding(4) var<storage, read> k_cache: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read> v_cache: array<f32>;
 // Per (token, head, chunk): [max, sum, HEAD_DIM weighted values].
 @group(0) @binding(6) var<storage, read_write> partials: array<f32>;
 
-var<workgroup> q: array<f32, MAX_HEAD_DIM>;
+var<workgroup> q: array<vec4<f32>, MAX_HEAD_DIM / 4u>;
 var<workgroup> probs: array<f32, WG>;
 var<workgroup> rows: array<u32, WG>;
 
@@ -54,8 +55,9 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
     let q_dim = N_HEADS * HEAD_DIM;
     let kvh = h / (N_HEADS / N_KV_HEADS);
     let q_base = t * (q_dim + 2u * kv_dim) + h * HEAD_DIM;
-    for (var d = lane; d < HEAD_DIM; d += WG) {
-        q[d] = qkv[q_base + d] * SCALE;
+    for (var d = lane; d < HEAD_DIM / 4u; d += WG) {
+        let o = q_base + 4u * d;
+        q[d] = vec4<f32>(qkv[o], qkv[o + 1u], qkv[o + 2u], qkv[o + 3u]) * SCALE;
     }
     workgroupBarrier();
 
@@ -63,38 +65,42 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
     var l = 0.0;
     var acc: array<f32, DIMS_PER_LANE>;
     for (var j0 = first; j0 < last; j0 += WG) {
-        // Lane i scores position j0 + i.
+        // Lane i scores position j0 + i; positions past the chunk get probability 0 and a valid
+        // row, so the loops below have a fixed trip count and their loads overlap.
         let j = j0 + lane;
         var score = NEG_BIG;
+        var row = tables[info.table_off + j0 / BLOCK_TOKENS] * BLOCK_TOKENS + j0 % BLOCK_TOKENS;
         if (j < last) {
-            let row = tables[info.table_off + j / BLOCK_TOKENS] * BLOCK_TOKENS + j % BLOCK_TOKENS;
-            rows[lane] = row;
-            let kb = row * kv_dim + kvh * HEAD_DIM;
+            row = tables[info.table_off + j / BLOCK_TOKENS] * BLOCK_TOKENS + j % BLOCK_TOKENS;
+            let kb = (row * kv_dim + kvh * HEAD_DIM) / 4u;
             score = 0.0;
-            for (var d = 0u; d < HEAD_DIM; d++) {
-                score += q[d] * k_cache[kb + d];
+            for (var d = 0u; d < HEAD_DIM / 4u; d++) {
+                score += dot(q[d], k_cache[kb + d]);
             }
         }
+        rows[lane] = row * kv_dim + kvh * HEAD_DIM;
         probs[lane] = score;
         workgroupBarrier();
-        // Every lane folds the same 32 scores in the same order, so m and l agree across lanes.
-        let count = min(WG, last - j0);
+        // Every lane folds the same 32 values in the same order, so m and l agree across lanes.
         var m_new = m;
-        for (var i = 0u; i < count; i++) {
+        for (var i = 0u; i < WG; i++) {
             m_new = max(m_new, probs[i]);
         }
+        workgroupBarrier();
+        probs[lane] = select(0.0, exp(score - m_new), j < last);
+        workgroupBarrier();
         let scale = exp(m - m_new);
         var p_sum = 0.0;
-        for (var i = 0u; i < count; i++) {
-            p_sum += exp(probs[i] - m_new);
+        for (var i = 0u; i < WG; i++) {
+            p_sum += probs[i];
         }
         l = l * scale + p_sum;
         // Lane i owns dimensions i, i + 32, ...
         for (var e = 0u; e < HEAD_DIM / WG; e++) {
             let d = lane + e * WG;
             var sum = 0.0;
-            for (var i = 0u; i < count; i++) {
-                sum += exp(probs[i] - m_new) * v_cache[rows[i] * kv_dim + kvh * HEAD_DIM + d];
+            for (var i = 0u; i < WG; i++) {
+                sum += probs[i] * v_cache[rows[i] + d];
             }
             acc[e] = acc[e] * scale + sum;
         }
