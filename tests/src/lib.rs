@@ -25,12 +25,14 @@ pub fn gpu() -> &'static GpuContext {
     })
 }
 
-/// `../shared/reference` next to the checkout, or `$TANDEM_REFERENCE_DIR`.
+/// `$TANDEM_REFERENCE_DIR`, else `shared/reference` beside the checkout (or inside it).
 pub fn reference_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("TANDEM_REFERENCE_DIR") {
         return d.into();
     }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference")
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let inside = root.join("shared/reference");
+    if inside.is_dir() { inside } else { root.join("../shared/reference") }
 }
 
 /// One position's top logits.
