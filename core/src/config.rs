@@ -52,10 +52,10 @@ impl ModelConfig {
         if self.architecture != "llama" {
             return err(format!("architecture `{}` is not supported (tandem runs the llama family)", self.architecture));
         }
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return err(format!("{} attention heads cannot share {} KV heads", self.n_heads, self.n_kv_heads));
         }
-        if self.head_dim == 0 || self.head_dim % 32 != 0 || self.head_dim > 128 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(32) || self.head_dim > 128 {
             return err(format!("head dimension {} is not a multiple of 32 up to 128", self.head_dim));
         }
         if self.hidden_size == 0 || self.ffn_size == 0 || self.n_layers == 0 || self.vocab_size == 0 {
@@ -79,7 +79,7 @@ impl ModelConfig {
         let hidden_size = uint("embedding_length")?;
         let n_heads = uint("attention.head_count")?;
         let n_kv_heads = uint("attention.head_count_kv").unwrap_or(n_heads);
-        let head_dim = uint("attention.key_length").unwrap_or(if n_heads > 0 { hidden_size / n_heads } else { 0 });
+        let head_dim = uint("attention.key_length").unwrap_or(hidden_size.checked_div(n_heads).unwrap_or(0));
         let vocab_size = match uint("vocab_size") {
             Ok(v) => v,
             Err(_) => file.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len()).ok_or_else(|| missing("tokenizer.ggml.tokens"))?,
@@ -117,7 +117,7 @@ impl ModelConfig {
             n_layers: hf.num_hidden_layers,
             n_heads,
             n_kv_heads: hf.num_key_value_heads.unwrap_or(n_heads),
-            head_dim: hf.head_dim.unwrap_or(if n_heads > 0 { hf.hidden_size / n_heads } else { 0 }),
+            head_dim: hf.head_dim.unwrap_or(hf.hidden_size.checked_div(n_heads).unwrap_or(0)),
             ffn_size: hf.intermediate_size,
             rms_eps: hf.rms_norm_eps.unwrap_or(1e-5) as f32,
             rope_theta: hf.rope_theta.unwrap_or(10000.0),

@@ -54,11 +54,10 @@ impl TextTokenizer {
         literal.set_encode_special_tokens(true);
         let mut stop_ids: Vec<u32> = eos_id.into_iter().collect();
         for end in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>"] {
-            if let Some(id) = tok.token_to_id(end) {
-                if !stop_ids.contains(&id) {
+            if let Some(id) = tok.token_to_id(end)
+                && !stop_ids.contains(&id) {
                     stop_ids.push(id);
                 }
-            }
         }
         TextTokenizer { special: tok, literal, bos_id, eos_id, stop_ids, chat_template }
     }

@@ -198,12 +198,11 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let mut stream = tok.decode_stream(true);
     let mut stdout = std::io::stdout().lock();
     let stats = tandem_core::generate(&mut engine, &prompt, args.max_tokens, sampling, &tok.stop_ids, |id| {
-        if !tok.stop_ids.contains(&id) {
-            if let Some(piece) = stream.push(id)? {
+        if !tok.stop_ids.contains(&id)
+            && let Some(piece) = stream.push(id)? {
                 let _ = stdout.write_all(piece.as_bytes());
                 let _ = stdout.flush();
             }
-        }
         Ok(true)
     })?;
     let _ = writeln!(stdout);

@@ -71,7 +71,7 @@ impl WeightFormat {
 
     /// Bytes a row of `cols` elements takes in the file's layout, if `cols` fits the block size.
     pub fn row_bytes(self, cols: usize) -> Option<usize> {
-        (cols % self.block_elems() == 0).then(|| cols / self.block_elems() * self.block_bytes())
+        cols.is_multiple_of(self.block_elems()).then(|| cols / self.block_elems() * self.block_bytes())
     }
 
     fn dequant_source(self) -> &'static str {
