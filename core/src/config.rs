@@ -82,7 +82,11 @@ impl ModelConfig {
         let head_dim = uint("attention.key_length").unwrap_or(hidden_size.checked_div(n_heads).unwrap_or(0));
         let vocab_size = match uint("vocab_size") {
             Ok(v) => v,
-            Err(_) => file.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len()).ok_or_else(|| missing("tokenizer.ggml.tokens"))?,
+            Err(_) => file
+                .get("tokenizer.ggml.tokens")
+                .and_then(|v| v.as_array())
+                .map(|a| a.len())
+                .ok_or_else(|| missing("tokenizer.ggml.tokens"))?,
         };
         let float = |key: &str, default: f64| file.get(&format!("{arch}.{key}")).and_then(|v| v.as_f64()).unwrap_or(default);
         let tied = !file.tensors.iter().any(|t| t.name == "output.weight");

@@ -160,9 +160,8 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], start: usize, n_heads: usize, 
         for h in 0..n_heads {
             let kvh = h / (n_heads / n_kv);
             let qv = &q[(t * n_heads + h) * hd..][..hd];
-            let scores: Vec<f64> = (0..n)
-                .map(|j| (0..hd).map(|d| f64::from(qv[d]) * f64::from(k[j * kv_dim + kvh * hd + d])).sum::<f64>() * scale)
-                .collect();
+            let scores: Vec<f64> =
+                (0..n).map(|j| (0..hd).map(|d| f64::from(qv[d]) * f64::from(k[j * kv_dim + kvh * hd + d])).sum::<f64>() * scale).collect();
             let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
             let z: f64 = e.iter().sum();

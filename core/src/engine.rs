@@ -188,10 +188,7 @@ impl MatmulOp {
                 limit: ctx.limits.max_compute_workgroups_per_dimension.into(),
             });
         }
-        Ok(MatmulOp {
-            pipeline: kernels.matmul(m.format, accumulate, sample_rows)?,
-            parts,
-        })
+        Ok(MatmulOp { pipeline: kernels.matmul(m.format, accumulate, sample_rows)?, parts })
     }
 
     fn record(&self, pass: &mut wgpu::ComputePass<'_>, tokens: usize, split: u32) {
@@ -237,7 +234,11 @@ impl Engine {
         let max_chunks = context_length.div_ceil(ATTENTION_CHUNK as usize);
         let partial_bytes = t * (c.n_heads * max_chunks * (c.head_dim + 2)) as u64 * f4;
         if partial_bytes > max_binding {
-            return Err(Error::AdapterLimit { what: "bytes of attention partials (lower the batch or context)", needed: partial_bytes, limit: max_binding });
+            return Err(Error::AdapterLimit {
+                what: "bytes of attention partials (lower the batch or context)",
+                needed: partial_bytes,
+                limit: max_binding,
+            });
         }
         let partials = ctx.storage("attention_partials", partial_bytes);
         let max_table = max_tokens.min(kv_blocks.max(1)) * blocks_per_seq;
@@ -251,19 +252,12 @@ impl Engine {
             chosen_read: ctx.readback("chosen_read", t * f4),
             logits: ctx.storage("logits", max_sample as u64 * logits_row),
         };
-        let freq_factors = model
-            .tensors
-            .get("rope_freqs.weight")
-            .map(|t| crate::cpu_ref::dequantize_row(t.format, t.bytes.as_slice(), t.cols()));
-        let table: Vec<f32> =
-            rope_table(context_length, c.head_dim, c.rope_theta, freq_factors.as_deref()).into_iter().flatten().collect();
+        let freq_factors =
+            model.tensors.get("rope_freqs.weight").map(|t| crate::cpu_ref::dequantize_row(t.format, t.bytes.as_slice(), t.cols()));
+        let table: Vec<f32> = rope_table(context_length, c.head_dim, c.rope_theta, freq_factors.as_deref()).into_iter().flatten().collect();
         let rope_buf = ctx.storage_init("rope_table", bytemuck::cast_slice(&table));
 
-        let heads = [
-            ("N_HEADS", c.n_heads as f64),
-            ("N_KV_HEADS", c.n_kv_heads as f64),
-            ("HEAD_DIM", c.head_dim as f64),
-        ];
+        let heads = [("N_HEADS", c.n_heads as f64), ("N_KV_HEADS", c.n_kv_heads as f64), ("HEAD_DIM", c.head_dim as f64)];
         let norm_consts = [("DIM", d as f64), ("EPS", f64::from(c.rms_eps))];
         let pipelines = Pipelines {
             embed: kernels.pipeline(Kernel::Embed, Some(model.tensor("token_embd.weight")?.format), &[])?,
@@ -332,7 +326,11 @@ impl Engine {
                     "attention",
                     &[&bufs.step, &qkv, &bufs.tokens, &bufs.tables, &k_cache, &v_cache, &partials],
                 ),
-                attention_merge: kernels.bind_group(Kernel::AttentionMerge, "attention_merge", &[&bufs.step, &bufs.tokens, &partials, &attn_out]),
+                attention_merge: kernels.bind_group(
+                    Kernel::AttentionMerge,
+                    "attention_merge",
+                    &[&bufs.step, &bufs.tokens, &partials, &attn_out],
+                ),
                 o: mm(&wo, &attn_out, &x, (q_dim, d, 0), true)?,
                 norm_ffn: kernels.bind_group(Kernel::RmsNorm, "norm_ffn", &[&bufs.step, &x, &g_ffn, &bufs.sample_rows, &xn]),
                 gate: mm(&wg_, &xn, &gate, (d, f, 0), false)?,
@@ -457,10 +455,7 @@ impl Engine {
             return Err(Error::KvImport(format!("{} tokens need {} values each for K and V", kv.tokens, kv.tokens * kv_dim)));
         }
         if kv.start != state.ready[kv.layer] {
-            return Err(Error::KvImport(format!(
-                "layer {} continues at position {}, got {}",
-                kv.layer, state.ready[kv.layer], kv.start
-            )));
+            return Err(Error::KvImport(format!("layer {} continues at position {}, got {}", kv.layer, state.ready[kv.layer], kv.start)));
         }
         let end = kv.start + kv.tokens;
         if end > ctx_len {
@@ -561,7 +556,11 @@ impl Engine {
             return Err(Error::InvalidRequest(format!("{} block-table entries exceed {}", tables.len(), self.max_table)));
         }
         let q = &self.ctx.queue;
-        q.write_buffer(&self.bufs.step, 0, bytemuck::bytes_of(&Step { n_tokens: n_tokens as u32, n_sample: n_sample as u32, ..Default::default() }));
+        q.write_buffer(
+            &self.bufs.step,
+            0,
+            bytemuck::bytes_of(&Step { n_tokens: n_tokens as u32, n_sample: n_sample as u32, ..Default::default() }),
+        );
         q.write_buffer(&self.bufs.tokens, 0, bytemuck::cast_slice(&infos));
         q.write_buffer(&self.bufs.tables, 0, bytemuck::cast_slice(&tables));
         if !rows.is_empty() {
@@ -673,7 +672,8 @@ impl Engine {
                 let mut off = 0;
                 for (seq, start, end, _) in &exports {
                     let n = (end - start) * kv_dim;
-                    let layer = KvLayer { layer: l, start: *start, tokens: end - start, k: k[off..off + n].to_vec(), v: v[off..off + n].to_vec() };
+                    let layer =
+                        KvLayer { layer: l, start: *start, tokens: end - start, k: k[off..off + n].to_vec(), v: v[off..off + n].to_vec() };
                     sink.layer_ready(*seq, layer)?;
                     off += n;
                 }

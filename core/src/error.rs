@@ -32,7 +32,9 @@ pub enum Error {
     Tokenizer(String),
     #[error("chat template: {0}")]
     ChatTemplate(String),
-    #[error("no GPU adapter found{detail}. tandem needs a Vulkan, Metal or DX12 driver: install your GPU's driver, or on a headless Linux machine Mesa's CPU driver lavapipe (`apt-get install mesa-vulkan-drivers`)")]
+    #[error(
+        "no GPU adapter found{detail}. tandem needs a Vulkan, Metal or DX12 driver: install your GPU's driver, or on a headless Linux machine Mesa's CPU driver lavapipe (`apt-get install mesa-vulkan-drivers`)"
+    )]
     NoAdapter { detail: String },
     #[error("no adapter matches `{wanted}`; available: {available}")]
     AdapterNotFound { wanted: String, available: String },

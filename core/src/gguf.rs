@@ -110,9 +110,10 @@ impl<'a> Reader<'a> {
     }
 
     fn bytes(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len()).ok_or_else(|| {
-            self.err(format!("truncated while reading {what} at byte {} (file has {} bytes)", self.pos, self.data.len()))
-        })?;
+        let end =
+            self.pos.checked_add(n).filter(|&e| e <= self.data.len()).ok_or_else(|| {
+                self.err(format!("truncated while reading {what} at byte {} (file has {} bytes)", self.pos, self.data.len()))
+            })?;
         let out = &self.data[self.pos..end];
         self.pos = end;
         Ok(out)
@@ -240,17 +241,13 @@ impl GgufFile {
         for info in infos {
             let tensor_err = |reason: String| Error::Tensor { path: path.into(), tensor: info.name.clone(), reason };
             let Some(format) = ggml_type_format(info.ty) else {
-                return Err(Error::UnsupportedTensorType {
-                    path: path.into(),
-                    tensor: info.name,
-                    type_name: ggml_type_name(info.ty),
-                });
+                return Err(Error::UnsupportedTensorType { path: path.into(), tensor: info.name, type_name: ggml_type_name(info.ty) });
             };
             let cols = info.dims[0];
-            let rows: usize = info.dims[1..].iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| tensor_err("shape overflows".into()))?;
-            let row_bytes = format
-                .row_bytes(cols)
-                .ok_or_else(|| tensor_err(format!("{cols} columns is not a multiple of the {format} block size")))?;
+            let rows: usize =
+                info.dims[1..].iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| tensor_err("shape overflows".into()))?;
+            let row_bytes =
+                format.row_bytes(cols).ok_or_else(|| tensor_err(format!("{cols} columns is not a multiple of the {format} block size")))?;
             let len = row_bytes.checked_mul(rows).ok_or_else(|| tensor_err("size overflows".into()))?;
             if info.offset % alignment != 0 {
                 return Err(tensor_err(format!("data offset {} is not aligned to {alignment}", info.offset)));

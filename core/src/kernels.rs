@@ -67,7 +67,8 @@ impl Kernels {
                         count: None,
                     })
                     .collect();
-                let bgl = ctx.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(k.name()), entries: &entries });
+                let bgl =
+                    ctx.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(k.name()), entries: &entries });
                 let pl = ctx.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
                     label: Some(k.name()),
                     bind_group_layouts: &[Some(&bgl)],
@@ -97,10 +98,10 @@ impl Kernels {
             None => kernel.name().to_string(),
         };
         let scope = self.ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self.ctx.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(&label),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
+        let module = self
+            .ctx
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(&label), source: wgpu::ShaderSource::Wgsl(source.into()) });
         let pipeline = self.ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&label),
             layout: Some(&self.layouts[&kernel].1),
@@ -120,7 +121,11 @@ impl Kernels {
     pub fn bind_group(&self, kernel: Kernel, label: &str, buffers: &[&wgpu::Buffer]) -> wgpu::BindGroup {
         let entries: Vec<wgpu::BindGroupEntry> =
             buffers.iter().enumerate().map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() }).collect();
-        self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(label), layout: &self.layouts[&kernel].0, entries: &entries })
+        self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(label),
+            layout: &self.layouts[&kernel].0,
+            entries: &entries,
+        })
     }
 
     /// Lanes that cooperate on one matmul row on this adapter.

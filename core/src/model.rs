@@ -28,11 +28,7 @@ pub fn layer_tensor(layer: usize, what: &str) -> String {
 impl HostModel {
     /// Loads a `.gguf` file or a Hugging Face model directory.
     pub fn load(path: &Path) -> Result<Self> {
-        if path.is_dir() {
-            Self::load_hf_dir(path)
-        } else {
-            Self::load_gguf(path)
-        }
+        if path.is_dir() { Self::load_hf_dir(path) } else { Self::load_gguf(path) }
     }
 
     /// Loads a GGUF file.
@@ -57,9 +53,8 @@ impl HostModel {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
             let v: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| Error::Safetensors { path: index.clone(), reason: e.to_string() })?;
-            let map = v["weight_map"]
-                .as_object()
-                .ok_or_else(|| Error::Safetensors { path: index.clone(), reason: "no weight_map".into() })?;
+            let map =
+                v["weight_map"].as_object().ok_or_else(|| Error::Safetensors { path: index.clone(), reason: "no weight_map".into() })?;
             let mut names: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
             names.sort();
             names.dedup();
@@ -100,10 +95,8 @@ impl HostModel {
     fn check_tensors(&self) -> Result<()> {
         let c = &self.config;
         let (d, f, q, kv) = (c.hidden_size, c.ffn_size, c.n_heads * c.head_dim, c.kv_dim());
-        let mut expected: Vec<(String, Vec<usize>)> = vec![
-            ("token_embd.weight".into(), vec![d, c.vocab_size]),
-            ("output_norm.weight".into(), vec![d]),
-        ];
+        let mut expected: Vec<(String, Vec<usize>)> =
+            vec![("token_embd.weight".into(), vec![d, c.vocab_size]), ("output_norm.weight".into(), vec![d])];
         if !c.tied_embeddings {
             expected.push(("output.weight".into(), vec![d, c.vocab_size]));
         }

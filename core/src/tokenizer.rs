@@ -15,7 +15,8 @@ use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 
 /// Llama 3's pre-tokenizer pattern (`tokenizer.ggml.pre = "llama-bpe"`).
-const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// One chat message.
 #[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
@@ -55,9 +56,10 @@ impl TextTokenizer {
         let mut stop_ids: Vec<u32> = eos_id.into_iter().collect();
         for end in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>"] {
             if let Some(id) = tok.token_to_id(end)
-                && !stop_ids.contains(&id) {
-                    stop_ids.push(id);
-                }
+                && !stop_ids.contains(&id)
+            {
+                stop_ids.push(id);
+            }
         }
         TextTokenizer { special: tok, literal, bos_id, eos_id, stop_ids, chat_template }
     }
@@ -110,9 +112,7 @@ impl TextTokenizer {
                 ]),
                 true,
             ),
-            "default" | "gpt2" | "gpt-2" => {
-                (Sequence::new(vec![PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true))]), false)
-            }
+            "default" | "gpt2" | "gpt-2" => (Sequence::new(vec![PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true))]), false),
             other => return Err(tok_err(format!("GGUF pre-tokenizer `{other}` is not supported (known: smollm, llama-bpe, gpt2)"))),
         };
         let bpe = BPE::builder().vocab_and_merges(vocab, merges).ignore_merges(ignore_merges).build().map_err(tok_err)?;
@@ -120,11 +120,8 @@ impl TextTokenizer {
         tok.with_pre_tokenizer(Some(pre_tok));
         tok.with_decoder(Some(ByteLevel::default()));
         // CONTROL (3) and USER_DEFINED (4) tokens are matched whole, before pre-tokenization.
-        let specials = types
-            .iter()
-            .enumerate()
-            .filter(|&(_, &ty)| ty == 3 || ty == 4)
-            .map(|(i, &ty)| AddedToken::from(tokens[i].clone(), ty == 3));
+        let specials =
+            types.iter().enumerate().filter(|&(_, &ty)| ty == 3 || ty == 4).map(|(i, &ty)| AddedToken::from(tokens[i].clone(), ty == 3));
         tok.add_special_tokens(specials).map_err(tok_err)?;
         let id = |k: &str| file.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
         Ok(Self::new(
@@ -205,7 +202,14 @@ impl TextTokenizer {
 
 /// Turns a stream of token ids into text pieces (see [`TextTokenizer::decode_stream`]).
 pub struct TokenTextStream<'a> {
-    inner: DecodeStream<'a, tokenizers::ModelWrapper, tokenizers::NormalizerWrapper, PreTokenizerWrapper, tokenizers::PostProcessorWrapper, tokenizers::DecoderWrapper>,
+    inner: DecodeStream<
+        'a,
+        tokenizers::ModelWrapper,
+        tokenizers::NormalizerWrapper,
+        PreTokenizerWrapper,
+        tokenizers::PostProcessorWrapper,
+        tokenizers::DecoderWrapper,
+    >,
 }
 
 impl TokenTextStream<'_> {

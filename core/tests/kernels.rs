@@ -169,7 +169,12 @@ fn embed_gathers_dequantized_rows() {
         let u = ctx.uniform_init("embed", bytemuck::bytes_of(&params));
         let bg = kernels.bind_group(Kernel::Embed, "embed", &[&step, &u, &tokens, &p.quants, &p.scales, &out]);
         let pipeline = kernels.pipeline(Kernel::Embed, Some(format), &[]).expect("pipeline");
-        let got = read_f32(&ctx, &out, (ids.len() * cols * 4) as u64, dispatch(&ctx, &pipeline, &[(&bg, [cols.div_ceil(64) as u32, ids.len() as u32, 1])]));
+        let got = read_f32(
+            &ctx,
+            &out,
+            (ids.len() * cols * 4) as u64,
+            dispatch(&ctx, &pipeline, &[(&bg, [cols.div_ceil(64) as u32, ids.len() as u32, 1])]),
+        );
         let w = cpu_ref::dequantize(format, t.bytes.as_slice(), rows, cols);
         let want: Vec<f32> = ids.iter().flat_map(|&id| w[id as usize * cols..(id as usize + 1) * cols].to_vec()).collect();
         assert_eq!(got, want, "embed {format}");
@@ -216,7 +221,8 @@ fn silu_mul_matches_cpu() {
     let (gb, ub) = (ctx.storage_init("g", bytemuck::cast_slice(&g)), ctx.storage_init("u", bytemuck::cast_slice(&u)));
     let bg = kernels.bind_group(Kernel::SiluMul, "silu", &[&step, &gb, &ub]);
     let pipeline = kernels.pipeline(Kernel::SiluMul, None, &[("FFN_DIM", ffn as f64)]).expect("pipeline");
-    let got = read_f32(&ctx, &gb, (ffn * tokens * 4) as u64, dispatch(&ctx, &pipeline, &[(&bg, [ffn.div_ceil(64) as u32, tokens as u32, 1])]));
+    let got =
+        read_f32(&ctx, &gb, (ffn * tokens * 4) as u64, dispatch(&ctx, &pipeline, &[(&bg, [ffn.div_ceil(64) as u32, tokens as u32, 1])]));
     assert_close(&got, &cpu_ref::silu_mul(&g, &u), ELEMENTWISE_TOLERANCE, &vec![1.0; g.len()], "silu_mul");
 }
 
@@ -330,7 +336,8 @@ fn attention_over_paged_blocks_matches_cpu() {
             ("MAX_CHUNKS", f64::from(max_chunks)),
         ];
         let pipeline = kernels.pipeline(Kernel::Attention, None, &consts).expect("pipeline");
-        let merge_consts = [("N_HEADS", nh as f64), ("HEAD_DIM", hd as f64), ("CHUNK", f64::from(chunk)), ("MAX_CHUNKS", f64::from(max_chunks))];
+        let merge_consts =
+            [("N_HEADS", nh as f64), ("HEAD_DIM", hd as f64), ("CHUNK", f64::from(chunk)), ("MAX_CHUNKS", f64::from(max_chunks))];
         let merge = kernels.pipeline(Kernel::AttentionMerge, None, &merge_consts).expect("pipeline");
         let chunks = (len as u32).div_ceil(chunk);
         let mut enc = dispatch(&ctx, &pipeline, &[(&bg, [nh as u32, new as u32, chunks])]);

@@ -62,8 +62,15 @@ fn prefill_once(engine: &mut Engine, tokens: &[u32]) -> tandem_core::Result<(f64
 pub fn run(engine: &mut Engine, model: String, weight_bytes: u64, decode_steps: usize) -> tandem_core::Result<BenchReport> {
     let vocab = engine.config.vocab_size;
     let round_trip_ms = round_trip_ms(engine.gpu())?;
-    let mut report =
-        BenchReport { model, adapter: engine.gpu().adapter.to_string(), weight_bytes, prefill: Vec::new(), decode: Vec::new(), decode_split_ms: (0.0, 0.0), round_trip_ms };
+    let mut report = BenchReport {
+        model,
+        adapter: engine.gpu().adapter.to_string(),
+        weight_bytes,
+        prefill: Vec::new(),
+        decode: Vec::new(),
+        decode_split_ms: (0.0, 0.0),
+        round_trip_ms,
+    };
     // Warm-up: pipelines compile lazily in some drivers.
     let (_, seq) = prefill_once(engine, &prompt(16, vocab))?;
     engine.free_sequence(seq);
@@ -112,6 +119,9 @@ pub fn table(r: &BenchReport) -> String {
     for (ctx, tps, ms) in &r.decode {
         s += &format!("decode   context {ctx:>5}     {tps:>10.1} tokens/s  {ms:>8.3} ms/step\n");
     }
-    s += &format!("decode step at context 128: {:.3} ms recording, {:.3} ms waiting for the GPU\n", r.decode_split_ms.0, r.decode_split_ms.1);
+    s += &format!(
+        "decode step at context 128: {:.3} ms recording, {:.3} ms waiting for the GPU\n",
+        r.decode_split_ms.0, r.decode_split_ms.1
+    );
     s
 }

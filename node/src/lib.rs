@@ -1,5 +1,5 @@
 //! tandem-node: the glue between the core engine and the outside world: model fetching and the
 //! command-line programs.
 
-pub mod models;
 pub mod bench;
+pub mod models;

@@ -199,10 +199,11 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     let stats = tandem_core::generate(&mut engine, &prompt, args.max_tokens, sampling, &tok.stop_ids, |id| {
         if !tok.stop_ids.contains(&id)
-            && let Some(piece) = stream.push(id)? {
-                let _ = stdout.write_all(piece.as_bytes());
-                let _ = stdout.flush();
-            }
+            && let Some(piece) = stream.push(id)?
+        {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        }
         Ok(true)
     })?;
     let _ = writeln!(stdout);
@@ -241,7 +242,13 @@ fn inspect(spec: &str, list_tensors: bool) -> anyhow::Result<()> {
     }
     println!("weights: {:.2} MiB", model.weight_bytes() as f64 / (1 << 20) as f64);
     let tok = &model.tokenizer;
-    println!("tokenizer: {} tokens, bos {:?}, eos {:?}, chat template: {}", tok.vocab_size(), tok.bos_id, tok.eos_id, tok.chat_template.is_some());
+    println!(
+        "tokenizer: {} tokens, bos {:?}, eos {:?}, chat template: {}",
+        tok.vocab_size(),
+        tok.bos_id,
+        tok.eos_id,
+        tok.chat_template.is_some()
+    );
     if list_tensors {
         let mut names: Vec<_> = model.tensors.values().collect();
         names.sort_by(|a, b| a.name.cmp(&b.name));

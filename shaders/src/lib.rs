@@ -29,14 +29,8 @@ pub enum WeightFormat {
 
 impl WeightFormat {
     /// Every format, for tests and variant enumeration.
-    pub const ALL: [WeightFormat; 6] = [
-        WeightFormat::F32,
-        WeightFormat::F16,
-        WeightFormat::Bf16,
-        WeightFormat::Q8_0,
-        WeightFormat::Q4_0,
-        WeightFormat::Q4_1,
-    ];
+    pub const ALL: [WeightFormat; 6] =
+        [WeightFormat::F32, WeightFormat::F16, WeightFormat::Bf16, WeightFormat::Q8_0, WeightFormat::Q4_0, WeightFormat::Q4_1];
 
     /// Lower-case name as used in file names and on the command line.
     pub fn name(self) -> &'static str {
@@ -164,11 +158,8 @@ impl Kernel {
     /// Every (kernel, format) variant that can be rendered.
     pub fn variants() -> impl Iterator<Item = (Kernel, Option<WeightFormat>)> {
         Kernel::ALL.into_iter().flat_map(|k| {
-            let formats: Vec<Option<WeightFormat>> = if k.reads_weights() {
-                WeightFormat::ALL.into_iter().map(Some).collect()
-            } else {
-                vec![None]
-            };
+            let formats: Vec<Option<WeightFormat>> =
+                if k.reads_weights() { WeightFormat::ALL.into_iter().map(Some).collect() } else { vec![None] };
             formats.into_iter().map(move |f| (k, f))
         })
     }

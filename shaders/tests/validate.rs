@@ -5,8 +5,7 @@ use naga::valid::{Capabilities, ValidationFlags, Validator};
 use tandem_shaders::{EmbedParams, Kernel, MatmulParams, SampleParams, Step, TokenInfo};
 
 fn parse(kernel: Kernel, source: &str, label: &str) -> naga::Module {
-    let module = naga::front::wgsl::parse_str(source)
-        .unwrap_or_else(|e| panic!("{label}: {}", e.emit_to_string_with_path(source, label)));
+    let module = naga::front::wgsl::parse_str(source).unwrap_or_else(|e| panic!("{label}: {}", e.emit_to_string_with_path(source, label)));
     Validator::new(ValidationFlags::all(), Capabilities::all())
         .validate(&module)
         .unwrap_or_else(|e| panic!("{label} ({kernel:?}): {}", e.emit_to_string_with_path(source, label)));
@@ -36,11 +35,7 @@ fn impossible_variants_are_refused() {
 }
 
 fn struct_size(module: &naga::Module, name: &str) -> u32 {
-    let (_, ty) = module
-        .types
-        .iter()
-        .find(|(_, t)| t.name.as_deref() == Some(name))
-        .unwrap_or_else(|| panic!("struct {name} not found"));
+    let (_, ty) = module.types.iter().find(|(_, t)| t.name.as_deref() == Some(name)).unwrap_or_else(|| panic!("struct {name} not found"));
     ty.inner.size(module.to_ctx())
 }
 

@@ -18,11 +18,8 @@ fn default_gguf() -> GgufFile {
 /// Rewrites the default model with `edit` applied to its tensor list.
 fn rewrite(dir: &Path, edit: impl FnOnce(&mut Vec<(String, u32, Vec<usize>, Vec<u8>)>)) -> std::path::PathBuf {
     let file = default_gguf();
-    let mut tensors: Vec<(String, u32, Vec<usize>, Vec<u8>)> = file
-        .tensors
-        .iter()
-        .map(|t| (t.name.clone(), ggml_type_id(t.format), t.shape.clone(), t.bytes.as_slice().to_vec()))
-        .collect();
+    let mut tensors: Vec<(String, u32, Vec<usize>, Vec<u8>)> =
+        file.tensors.iter().map(|t| (t.name.clone(), ggml_type_id(t.format), t.shape.clone(), t.bytes.as_slice().to_vec())).collect();
     edit(&mut tensors);
     let out: Vec<GgufTensorOut<'_>> =
         tensors.iter().map(|(n, ty, s, b)| GgufTensorOut { name: n, ggml_type: *ty, shape: s, bytes: b }).collect();
