@@ -384,16 +384,6 @@ impl Engine {
         self.max_tokens
     }
 
-    /// Most rows of logits one step can return.
-    pub fn max_logit_rows(&self) -> usize {
-        self.max_sample
-    }
-
-    /// (free, total) KV blocks.
-    pub fn kv_blocks(&self) -> (usize, usize) {
-        (self.pool.free(), self.pool.total())
-    }
-
     /// CPU recording time and GPU wait time of the last step.
     pub fn last_step_timing(&self) -> StepTiming {
         self.last_timing

@@ -73,20 +73,6 @@ impl MetaValue {
             _ => None,
         }
     }
-
-    /// A short description for `model inspect`.
-    pub fn summary(&self) -> String {
-        match self {
-            MetaValue::Str(s) if s.len() > 80 => format!("{:?}… ({} bytes)", &s[..s.floor_char_boundary(77)], s.len()),
-            MetaValue::Str(s) => format!("{s:?}"),
-            MetaValue::Array(a) if a.len() > 6 => format!("[{} items]", a.len()),
-            MetaValue::Array(a) => format!("[{}]", a.iter().map(MetaValue::summary).collect::<Vec<_>>().join(", ")),
-            MetaValue::Bool(b) => b.to_string(),
-            MetaValue::F32(v) => v.to_string(),
-            MetaValue::F64(v) => v.to_string(),
-            other => other.as_u64().map_or_else(|| format!("{other:?}"), |v| v.to_string()),
-        }
-    }
 }
 
 /// A parsed GGUF file: metadata and tensors backed by the memory map.
