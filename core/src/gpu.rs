@@ -14,6 +14,10 @@ pub struct AdapterSummary {
     pub backend: String,
     pub device_type: String,
     pub driver: String,
+    /// Whether the adapter offers f16 in shaders (SHADER_F16).
+    pub f16: bool,
+    /// Subgroup widths (min, max), when the adapter offers subgroup operations.
+    pub subgroups: Option<(u32, u32)>,
 }
 
 impl std::fmt::Display for AdapterSummary {
@@ -21,6 +25,14 @@ impl std::fmt::Display for AdapterSummary {
         write!(f, "#{} {} ({}, {}", self.index, self.name, self.backend, self.device_type)?;
         if !self.driver.is_empty() {
             write!(f, ", {}", self.driver)?;
+        }
+        if self.f16 {
+            f.write_str(", f16")?;
+        }
+        match self.subgroups {
+            Some((lo, hi)) if lo == hi => write!(f, ", subgroups of {lo}")?,
+            Some((lo, hi)) => write!(f, ", subgroups of {lo}-{hi}")?,
+            None => {}
         }
         f.write_str(")")
     }
@@ -34,6 +46,8 @@ fn summarize(index: usize, a: &wgpu::Adapter) -> AdapterSummary {
         backend: format!("{:?}", info.backend),
         device_type: format!("{:?}", info.device_type),
         driver: [info.driver, info.driver_info].into_iter().filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" "),
+        f16: a.features().contains(wgpu::Features::SHADER_F16),
+        subgroups: a.features().contains(wgpu::Features::SUBGROUP).then_some((info.subgroup_min_size, info.subgroup_max_size)),
     }
 }
 
@@ -61,6 +75,8 @@ pub struct GpuContext {
     pub adapter: AdapterSummary,
     pub limits: wgpu::Limits,
     pub features: wgpu::Features,
+    /// Which kernel variants the adapter can run (subgroups of 32 lanes, f16 storage).
+    pub caps: tandem_shaders::ShaderCaps,
     /// CPU drivers (lavapipe) want one row per invocation and no barriers; GPUs want cooperation.
     pub is_cpu: bool,
     errors: Arc<std::sync::Mutex<Vec<String>>>,
@@ -117,9 +133,16 @@ impl GpuContext {
                 v.push(e.to_string());
             }
         }));
-        let is_cpu = adapter.get_info().device_type == wgpu::DeviceType::Cpu;
-        tracing::info!(adapter = %summary, "GPU device opened");
-        Ok(GpuContext { device, queue, adapter: summary, limits, features, is_cpu, errors })
+        let info = adapter.get_info();
+        let is_cpu = info.device_type == wgpu::DeviceType::Cpu;
+        let caps = tandem_shaders::ShaderCaps {
+            // Our subgroup kernels assume one subgroup per 32 consecutive lanes; adapters whose
+            // width varies (Intel) or differs (AMD wave64, lavapipe) use the workgroup fallback.
+            subgroups: features.contains(wgpu::Features::SUBGROUP) && info.subgroup_min_size == 32 && info.subgroup_max_size == 32,
+            f16: features.contains(wgpu::Features::SHADER_F16),
+        };
+        tracing::info!(adapter = %summary, subgroups = caps.subgroups, f16 = caps.f16, subgroup_sizes = ?(info.subgroup_min_size, info.subgroup_max_size), "GPU device opened");
+        Ok(GpuContext { device, queue, adapter: summary, limits, features, caps, is_cpu, errors })
     }
 
     /// Fails with the first GPU validation error recorded since the last check.

@@ -92,7 +92,7 @@ impl Kernels {
         if let Some(p) = cache.get(&key) {
             return Ok(p.clone());
         }
-        let source = kernel.source(format).map_err(|e| Error::Gpu { op: key.clone(), reason: e.to_string() })?;
+        let source = kernel.source(format, self.ctx.caps).map_err(|e| Error::Gpu { op: key.clone(), reason: e.to_string() })?;
         let label = match format {
             Some(f) => format!("{}.{}", kernel.name(), f.name()),
             None => kernel.name().to_string(),

@@ -8,7 +8,7 @@ use tandem_core::device_weights::DeviceMatrix;
 use tandem_core::kernels::{Kernels, MATMUL_TILE};
 use tandem_core::tensor::{HostTensor, TensorBytes};
 use tandem_core::{GpuContext, WeightFormat};
-use tandem_shaders::{Kernel, SampleParams, Step, TokenInfo};
+use tandem_shaders::{Kernel, SampleParams, ShaderCaps, Step, TokenInfo};
 
 /// Matmul results may differ from the f64-accumulated reference by this much (relative to the
 /// magnitude of the dot product's terms).
@@ -17,6 +17,21 @@ const ELEMENTWISE_TOLERANCE: f32 = 1e-5;
 
 fn gpu() -> GpuContext {
     GpuContext::new(std::env::var("TANDEM_ADAPTER").ok().as_deref()).expect("a GPU adapter (install mesa-vulkan-drivers)")
+}
+
+/// The adapter once per kernel variant it can run: with its own capabilities and with each
+/// subset of them, so the fallbacks are tested on adapters that would never pick them.
+fn gpu_variants() -> Vec<GpuContext> {
+    let ctx = gpu();
+    ShaderCaps::ALL
+        .into_iter()
+        .filter(|c| (!c.subgroups || ctx.caps.subgroups) && (!c.f16 || ctx.caps.f16))
+        .map(|caps| {
+            let mut c = ctx.clone();
+            c.caps = caps;
+            c
+        })
+        .collect()
 }
 
 fn rng() -> rand::rngs::StdRng {
@@ -96,38 +111,43 @@ fn matmul_reference(format: WeightFormat, t: &HostTensor, x: &[f32], tokens: usi
 
 #[test]
 fn matmul_matches_cpu_for_every_format_and_odd_shapes() {
-    let ctx = gpu();
-    let kernels = Kernels::new(&ctx);
-    let mut rng = rng();
-    for format in WeightFormat::ALL {
-        let mut shapes = vec![(70, 64, 1), (130, 96, 3), (33, 160, 9), (65, 64, 17)];
-        if format.block_elems() == 1 {
-            shapes.extend([(7, 37, 2), (66, 45, 8)]);
-        }
-        for (rows, cols, tokens) in shapes {
-            let t = host_matrix(format, &random(&mut rng, rows * cols), rows, cols);
-            let x = random(&mut rng, tokens * cols);
-            let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
-            let got = run_matmul(&ctx, &kernels, &m, &x, tokens);
-            let (want, scale) = matmul_reference(format, &t, &x, tokens);
-            assert_close(&got, &want, MATMUL_TOLERANCE, &scale, &format!("matmul {format} {rows}x{cols} x{tokens}"));
+    for ctx in gpu_variants() {
+        let kernels = Kernels::new(&ctx);
+        let mut rng = rng();
+        for format in WeightFormat::ALL {
+            let mut shapes = vec![(70, 64, 1), (130, 96, 3), (33, 160, 9), (65, 64, 17)];
+            if format.block_elems() == 1 {
+                shapes.extend([(7, 37, 2), (66, 45, 8)]);
+            }
+            for (rows, cols, tokens) in shapes {
+                let t = host_matrix(format, &random(&mut rng, rows * cols), rows, cols);
+                let x = random(&mut rng, tokens * cols);
+                let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
+                let got = run_matmul(&ctx, &kernels, &m, &x, tokens);
+                let (want, scale) = matmul_reference(format, &t, &x, tokens);
+                assert_close(&got, &want, MATMUL_TOLERANCE, &scale, &format!("matmul {format} {rows}x{cols} x{tokens} {:?}", ctx.caps));
+            }
         }
     }
 }
 
 #[test]
 fn matmul_is_identical_for_a_token_alone_and_in_a_batch() {
-    let ctx = gpu();
-    let kernels = Kernels::new(&ctx);
-    let mut rng = rng();
-    let (rows, cols) = (96, 128);
-    let t = host_matrix(WeightFormat::Q4_1, &random(&mut rng, rows * cols), rows, cols);
-    let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
-    let x = random(&mut rng, 13 * cols);
-    let batch = run_matmul(&ctx, &kernels, &m, &x, 13);
-    for tok in [0, 5, 12] {
-        let alone = run_matmul(&ctx, &kernels, &m, &x[tok * cols..(tok + 1) * cols], 1);
-        assert_eq!(alone, batch[tok * rows..(tok + 1) * rows], "token {tok}: bitwise equal alone and batched");
+    for ctx in gpu_variants() {
+        let kernels = Kernels::new(&ctx);
+        let mut rng = rng();
+        let (rows, cols) = (96, 128);
+        for format in [WeightFormat::Q4_1, WeightFormat::F16] {
+            let t = host_matrix(format, &random(&mut rng, rows * cols), rows, cols);
+            let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
+            let x = random(&mut rng, 13 * cols);
+            let batch = run_matmul(&ctx, &kernels, &m, &x, 13);
+            for tok in [0, 5, 12] {
+                let alone = run_matmul(&ctx, &kernels, &m, &x[tok * cols..(tok + 1) * cols], 1);
+                let what = format!("{format} token {tok}: bitwise equal alone and batched ({:?})", ctx.caps);
+                assert_eq!(alone, batch[tok * rows..(tok + 1) * rows], "{what}");
+            }
+        }
     }
 }
 
@@ -152,32 +172,33 @@ fn tensors_larger_than_a_binding_are_split_and_still_correct() {
 
 #[test]
 fn embed_gathers_dequantized_rows() {
-    let ctx = gpu();
-    let kernels = Kernels::new(&ctx);
-    let mut rng = rng();
-    for format in WeightFormat::ALL {
-        let (rows, cols) = (50, 96);
-        let t = host_matrix(format, &random(&mut rng, rows * cols), rows, cols);
-        let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
-        let ids = [3u32, 49, 0, 17, 17];
-        let infos: Vec<TokenInfo> = ids.iter().map(|&id| TokenInfo { id, ..Default::default() }).collect();
-        let step = step_buf(&ctx, ids.len(), 0);
-        let tokens = ctx.storage_init("tokens", bytemuck::cast_slice(&infos));
-        let out = ctx.storage("x", (ids.len() * cols * 4) as u64);
-        let p = &m.parts[0];
-        let params = tandem_shaders::EmbedParams { row_start: 0, row_count: rows as u32, dim: cols as u32, _pad: 0 };
-        let u = ctx.uniform_init("embed", bytemuck::bytes_of(&params));
-        let bg = kernels.bind_group(Kernel::Embed, "embed", &[&step, &u, &tokens, &p.quants, &p.scales, &out]);
-        let pipeline = kernels.pipeline(Kernel::Embed, Some(format), &[]).expect("pipeline");
-        let got = read_f32(
-            &ctx,
-            &out,
-            (ids.len() * cols * 4) as u64,
-            dispatch(&ctx, &pipeline, &[(&bg, [cols.div_ceil(64) as u32, ids.len() as u32, 1])]),
-        );
-        let w = cpu_ref::dequantize(format, t.bytes.as_slice(), rows, cols);
-        let want: Vec<f32> = ids.iter().flat_map(|&id| w[id as usize * cols..(id as usize + 1) * cols].to_vec()).collect();
-        assert_eq!(got, want, "embed {format}");
+    for ctx in gpu_variants() {
+        let kernels = Kernels::new(&ctx);
+        let mut rng = rng();
+        for format in WeightFormat::ALL {
+            let (rows, cols) = (50, 96);
+            let t = host_matrix(format, &random(&mut rng, rows * cols), rows, cols);
+            let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
+            let ids = [3u32, 49, 0, 17, 17];
+            let infos: Vec<TokenInfo> = ids.iter().map(|&id| TokenInfo { id, ..Default::default() }).collect();
+            let step = step_buf(&ctx, ids.len(), 0);
+            let tokens = ctx.storage_init("tokens", bytemuck::cast_slice(&infos));
+            let out = ctx.storage("x", (ids.len() * cols * 4) as u64);
+            let p = &m.parts[0];
+            let params = tandem_shaders::EmbedParams { row_start: 0, row_count: rows as u32, dim: cols as u32, _pad: 0 };
+            let u = ctx.uniform_init("embed", bytemuck::bytes_of(&params));
+            let bg = kernels.bind_group(Kernel::Embed, "embed", &[&step, &u, &tokens, &p.quants, &p.scales, &out]);
+            let pipeline = kernels.pipeline(Kernel::Embed, Some(format), &[]).expect("pipeline");
+            let got = read_f32(
+                &ctx,
+                &out,
+                (ids.len() * cols * 4) as u64,
+                dispatch(&ctx, &pipeline, &[(&bg, [cols.div_ceil(64) as u32, ids.len() as u32, 1])]),
+            );
+            let w = cpu_ref::dequantize(format, t.bytes.as_slice(), rows, cols);
+            let want: Vec<f32> = ids.iter().flat_map(|&id| w[id as usize * cols..(id as usize + 1) * cols].to_vec()).collect();
+            assert_eq!(got, want, "embed {format} {:?}", ctx.caps);
+        }
     }
 }
 
@@ -290,66 +311,67 @@ fn rope_kv_rotates_and_writes_the_paged_cache() {
 
 #[test]
 fn attention_over_paged_blocks_matches_cpu() {
-    let ctx = gpu();
-    let kernels = Kernels::new(&ctx);
-    let mut rng = rng();
-    let (nh, nkv, hd) = (4, 2, 64);
-    let (q_dim, kv_dim) = (nh * hd, nkv * hd);
-    let stride = q_dim + 2 * kv_dim;
-    let n_blocks = 32;
-    // One token alone (decode), a chunk of 7 whose first position is mid-block, and contexts that
-    // span several attention chunks.
-    for (len, new) in [(1, 1), (37, 1), (45, 7), (300, 1), (290, 5)] {
-        let fx = paged(len, new, n_blocks);
-        let k_all = random(&mut rng, len * kv_dim);
-        let v_all = random(&mut rng, len * kv_dim);
-        let q = random(&mut rng, new * q_dim);
-        let mut kc = vec![0f32; n_blocks * 16 * kv_dim];
-        let mut vc = kc.clone();
-        for pos in 0..len {
-            let slot = fx.blocks[pos / 16] as usize * 16 + pos % 16;
-            kc[slot * kv_dim..(slot + 1) * kv_dim].copy_from_slice(&k_all[pos * kv_dim..(pos + 1) * kv_dim]);
-            vc[slot * kv_dim..(slot + 1) * kv_dim].copy_from_slice(&v_all[pos * kv_dim..(pos + 1) * kv_dim]);
+    for ctx in gpu_variants() {
+        let kernels = Kernels::new(&ctx);
+        let mut rng = rng();
+        let (nh, nkv, hd) = (4, 2, 64);
+        let (q_dim, kv_dim) = (nh * hd, nkv * hd);
+        let stride = q_dim + 2 * kv_dim;
+        let n_blocks = 32;
+        // One token alone (decode), a chunk of 7 whose first position is mid-block, and contexts that
+        // span several attention chunks.
+        for (len, new) in [(1, 1), (37, 1), (45, 7), (300, 1), (290, 5)] {
+            let fx = paged(len, new, n_blocks);
+            let k_all = random(&mut rng, len * kv_dim);
+            let v_all = random(&mut rng, len * kv_dim);
+            let q = random(&mut rng, new * q_dim);
+            let mut kc = vec![0f32; n_blocks * 16 * kv_dim];
+            let mut vc = kc.clone();
+            for pos in 0..len {
+                let slot = fx.blocks[pos / 16] as usize * 16 + pos % 16;
+                kc[slot * kv_dim..(slot + 1) * kv_dim].copy_from_slice(&k_all[pos * kv_dim..(pos + 1) * kv_dim]);
+                vc[slot * kv_dim..(slot + 1) * kv_dim].copy_from_slice(&v_all[pos * kv_dim..(pos + 1) * kv_dim]);
+            }
+            let mut qkv = vec![0f32; new * stride];
+            for t in 0..new {
+                qkv[t * stride..t * stride + q_dim].copy_from_slice(&q[t * q_dim..(t + 1) * q_dim]);
+            }
+            let step = step_buf(&ctx, new, 0);
+            let b = |l: &str, v: &[f32]| ctx.storage_init(l, bytemuck::cast_slice(v));
+            let (qkv_b, kc_b, vc_b) = (b("qkv", &qkv), b("k", &kc), b("v", &vc));
+            let info_b = ctx.storage_init("tokens", bytemuck::cast_slice(&fx.infos));
+            let table_b = ctx.storage_init("tables", bytemuck::cast_slice(&fx.blocks));
+            let out = ctx.storage("out", (new * q_dim * 4) as u64);
+            let chunk = tandem_shaders::ATTENTION_CHUNK;
+            let max_chunks = 4u32;
+            let partials = ctx.storage("partials", u64::from(max_chunks) * (new * nh * (hd + 2) * 4) as u64);
+            let bg = kernels.bind_group(Kernel::Attention, "attn", &[&step, &qkv_b, &info_b, &table_b, &kc_b, &vc_b, &partials]);
+            let merge_bg = kernels.bind_group(Kernel::AttentionMerge, "merge", &[&step, &info_b, &partials, &out]);
+            let consts = [
+                ("N_HEADS", nh as f64),
+                ("N_KV_HEADS", nkv as f64),
+                ("HEAD_DIM", hd as f64),
+                ("BLOCK_TOKENS", 16.0),
+                ("SCALE", 1.0 / (hd as f64).sqrt()),
+                ("CHUNK", f64::from(chunk)),
+                ("MAX_CHUNKS", f64::from(max_chunks)),
+            ];
+            let pipeline = kernels.pipeline(Kernel::Attention, None, &consts).expect("pipeline");
+            let merge_consts =
+                [("N_HEADS", nh as f64), ("HEAD_DIM", hd as f64), ("CHUNK", f64::from(chunk)), ("MAX_CHUNKS", f64::from(max_chunks))];
+            let merge = kernels.pipeline(Kernel::AttentionMerge, None, &merge_consts).expect("pipeline");
+            let chunks = (len as u32).div_ceil(chunk);
+            let mut enc = dispatch(&ctx, &pipeline, &[(&bg, [nh as u32, new as u32, chunks])]);
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                pass.set_pipeline(&merge);
+                pass.set_bind_group(0, &merge_bg, &[]);
+                pass.dispatch_workgroups(nh as u32, new as u32, 1);
+            }
+            let got = read_f32(&ctx, &out, (new * q_dim * 4) as u64, enc);
+            let want = cpu_ref::attention(&q, &k_all, &v_all, len - new, nh, nkv, hd);
+            assert_close(&got, &want, 1e-5, &vec![1.0; want.len()], &format!("attention len {len} new {new} {:?}", ctx.caps));
         }
-        let mut qkv = vec![0f32; new * stride];
-        for t in 0..new {
-            qkv[t * stride..t * stride + q_dim].copy_from_slice(&q[t * q_dim..(t + 1) * q_dim]);
-        }
-        let step = step_buf(&ctx, new, 0);
-        let b = |l: &str, v: &[f32]| ctx.storage_init(l, bytemuck::cast_slice(v));
-        let (qkv_b, kc_b, vc_b) = (b("qkv", &qkv), b("k", &kc), b("v", &vc));
-        let info_b = ctx.storage_init("tokens", bytemuck::cast_slice(&fx.infos));
-        let table_b = ctx.storage_init("tables", bytemuck::cast_slice(&fx.blocks));
-        let out = ctx.storage("out", (new * q_dim * 4) as u64);
-        let chunk = tandem_shaders::ATTENTION_CHUNK;
-        let max_chunks = 4u32;
-        let partials = ctx.storage("partials", u64::from(max_chunks) * (new * nh * (hd + 2) * 4) as u64);
-        let bg = kernels.bind_group(Kernel::Attention, "attn", &[&step, &qkv_b, &info_b, &table_b, &kc_b, &vc_b, &partials]);
-        let merge_bg = kernels.bind_group(Kernel::AttentionMerge, "merge", &[&step, &info_b, &partials, &out]);
-        let consts = [
-            ("N_HEADS", nh as f64),
-            ("N_KV_HEADS", nkv as f64),
-            ("HEAD_DIM", hd as f64),
-            ("BLOCK_TOKENS", 16.0),
-            ("SCALE", 1.0 / (hd as f64).sqrt()),
-            ("CHUNK", f64::from(chunk)),
-            ("MAX_CHUNKS", f64::from(max_chunks)),
-        ];
-        let pipeline = kernels.pipeline(Kernel::Attention, None, &consts).expect("pipeline");
-        let merge_consts =
-            [("N_HEADS", nh as f64), ("HEAD_DIM", hd as f64), ("CHUNK", f64::from(chunk)), ("MAX_CHUNKS", f64::from(max_chunks))];
-        let merge = kernels.pipeline(Kernel::AttentionMerge, None, &merge_consts).expect("pipeline");
-        let chunks = (len as u32).div_ceil(chunk);
-        let mut enc = dispatch(&ctx, &pipeline, &[(&bg, [nh as u32, new as u32, chunks])]);
-        {
-            let mut pass = enc.begin_compute_pass(&Default::default());
-            pass.set_pipeline(&merge);
-            pass.set_bind_group(0, &merge_bg, &[]);
-            pass.dispatch_workgroups(nh as u32, new as u32, 1);
-        }
-        let got = read_f32(&ctx, &out, (new * q_dim * 4) as u64, enc);
-        let want = cpu_ref::attention(&q, &k_all, &v_all, len - new, nh, nkv, hd);
-        assert_close(&got, &want, 1e-5, &vec![1.0; want.len()], &format!("attention len {len} new {new}"));
     }
 }
 

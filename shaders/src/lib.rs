@@ -1,9 +1,11 @@
 //! Every WGSL kernel of tandem, rendered per weight format.
 //!
 //! Each kernel lives in its own `.wgsl` file under `wgsl/`. A kernel that reads weights is rendered
-//! by prepending the dequantization module of the weight's storage format (`dequant_*.wgsl`, which
-//! defines `BLOCK`, `dq_block` and `dq_elem`); everything else that varies (model shape, tiling) is
-//! a WGSL `override` constant set when the pipeline is created. The structs the CPU writes into
+//! with the dequantization module of the weight's storage format (`dequant_*.wgsl`, which declares
+//! the weight binding and defines `BLOCK`, `block_dot` and `dq_elem`); a kernel whose lanes
+//! cooperate gets a lane-exchange module (`*_lanes_subgroup.wgsl` where the adapter has 32-lane
+//! subgroups, `*_lanes_workgroup.wgsl` elsewhere). Everything else that varies (model shape,
+//! tiling) is a WGSL `override` constant set when the pipeline is created. The structs the CPU writes into
 //! GPU buffers are defined here next to their WGSL twins, and a test checks that both agree.
 
 mod layout;
@@ -68,9 +70,10 @@ impl WeightFormat {
         cols.is_multiple_of(self.block_elems()).then(|| cols / self.block_elems() * self.block_bytes())
     }
 
-    fn dequant_source(self) -> &'static str {
+    fn dequant_source(self, caps: ShaderCaps) -> &'static str {
         match self {
             WeightFormat::F32 => include_str!("../wgsl/dequant_f32.wgsl"),
+            WeightFormat::F16 if caps.f16 => include_str!("../wgsl/dequant_f16_native.wgsl"),
             WeightFormat::F16 => include_str!("../wgsl/dequant_f16.wgsl"),
             WeightFormat::Bf16 => include_str!("../wgsl/dequant_bf16.wgsl"),
             WeightFormat::Q8_0 => include_str!("../wgsl/dequant_q8_0.wgsl"),
@@ -144,25 +147,80 @@ impl Kernel {
         }
     }
 
-    /// The complete WGSL source of one variant.
-    pub fn source(self, format: Option<WeightFormat>) -> Result<String, RenderError> {
-        let common = include_str!("../wgsl/common.wgsl");
-        match (self.reads_weights(), format) {
-            (true, Some(f)) => Ok(format!("{common}\n{}\n{}", self.body(), f.dequant_source())),
-            (false, None) => Ok(format!("{common}\n{}", self.body())),
-            (true, None) => Err(RenderError::MissingFormat(self)),
-            (false, Some(f)) => Err(RenderError::UnexpectedFormat(self, f)),
+    /// The module that exchanges values between a kernel's lanes, where the kernel has one.
+    fn lanes_source(self, caps: ShaderCaps) -> Option<&'static str> {
+        match (self, caps.subgroups) {
+            (Kernel::Matmul, true) => Some(include_str!("../wgsl/matmul_lanes_subgroup.wgsl")),
+            (Kernel::Matmul, false) => Some(include_str!("../wgsl/matmul_lanes_workgroup.wgsl")),
+            (Kernel::Attention, true) => Some(include_str!("../wgsl/attention_lanes_subgroup.wgsl")),
+            (Kernel::Attention, false) => Some(include_str!("../wgsl/attention_lanes_workgroup.wgsl")),
+            _ => None,
         }
     }
 
-    /// Every (kernel, format) variant that can be rendered.
-    pub fn variants() -> impl Iterator<Item = (Kernel, Option<WeightFormat>)> {
-        Kernel::ALL.into_iter().flat_map(|k| {
+    /// The complete WGSL source of one variant for an adapter with `caps`.
+    pub fn source(self, format: Option<WeightFormat>, caps: ShaderCaps) -> Result<String, RenderError> {
+        let dequant = match (self.reads_weights(), format) {
+            (true, Some(f)) => Some(f.dequant_source(caps)),
+            (false, None) => None,
+            (true, None) => return Err(RenderError::MissingFormat(self)),
+            (false, Some(f)) => return Err(RenderError::UnexpectedFormat(self, f)),
+        };
+        let lanes = self.lanes_source(caps);
+        let mut out = String::new();
+        // An `enable` directive must precede every declaration. Naga (30) takes subgroup builtins
+        // without one and refuses `enable subgroups`, so only f16 gets a directive.
+        if caps.f16 && format == Some(WeightFormat::F16) {
+            out.push_str("enable f16;\n");
+        }
+        for part in [Some(include_str!("../wgsl/common.wgsl")), Some(self.body()), dequant, lanes].into_iter().flatten() {
+            out.push_str(part);
+            out.push('\n');
+        }
+        Ok(out)
+    }
+
+    /// Every (kernel, format, capabilities) variant that can be rendered; a variant appears once
+    /// per distinct source.
+    pub fn variants() -> impl Iterator<Item = (Kernel, Option<WeightFormat>, ShaderCaps)> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for k in Kernel::ALL {
             let formats: Vec<Option<WeightFormat>> =
                 if k.reads_weights() { WeightFormat::ALL.into_iter().map(Some).collect() } else { vec![None] };
-            formats.into_iter().map(move |f| (k, f))
-        })
+            for f in formats {
+                for caps in ShaderCaps::ALL {
+                    if let Ok(src) = k.source(f, caps)
+                        && seen.insert(src)
+                    {
+                        out.push((k, f, caps));
+                    }
+                }
+            }
+        }
+        out.into_iter()
     }
+}
+
+/// What the adapter offers the kernels beyond core WGSL. Each capability has a fallback, so
+/// `ShaderCaps::default()` runs everywhere.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ShaderCaps {
+    /// Subgroup operations, with every subgroup exactly 32 lanes wide (NVIDIA; AMD RDNA and
+    /// Intel only when their driver fixes the width at 32). Other widths use workgroup memory.
+    pub subgroups: bool,
+    /// The WGSL `f16` type in storage buffers (wgpu's SHADER_F16).
+    pub f16: bool,
+}
+
+impl ShaderCaps {
+    /// Every combination, for tests and variant enumeration.
+    pub const ALL: [ShaderCaps; 4] = [
+        ShaderCaps { subgroups: false, f16: false },
+        ShaderCaps { subgroups: true, f16: false },
+        ShaderCaps { subgroups: false, f16: true },
+        ShaderCaps { subgroups: true, f16: true },
+    ];
 }
 
 /// A variant that does not exist.

@@ -2,11 +2,24 @@
 //! naga's layout of their WGSL declarations.
 
 use naga::valid::{Capabilities, ValidationFlags, Validator};
-use tandem_shaders::{EmbedParams, Kernel, MatmulParams, SampleParams, Step, TokenInfo};
+use tandem_shaders::{EmbedParams, Kernel, MatmulParams, SampleParams, ShaderCaps, Step, TokenInfo};
 
-fn parse(kernel: Kernel, source: &str, label: &str) -> naga::Module {
+/// What naga may assume for a variant: only the extensions the adapter was said to have, so a
+/// fallback that slips into subgroups or f16 fails here.
+fn capabilities(caps: ShaderCaps) -> Capabilities {
+    let mut c = Capabilities::all() - Capabilities::SUBGROUP - Capabilities::SHADER_FLOAT16;
+    if caps.subgroups {
+        c |= Capabilities::SUBGROUP;
+    }
+    if caps.f16 {
+        c |= Capabilities::SHADER_FLOAT16;
+    }
+    c
+}
+
+fn parse(kernel: Kernel, caps: ShaderCaps, source: &str, label: &str) -> naga::Module {
     let module = naga::front::wgsl::parse_str(source).unwrap_or_else(|e| panic!("{label}: {}", e.emit_to_string_with_path(source, label)));
-    Validator::new(ValidationFlags::all(), Capabilities::all())
+    Validator::new(ValidationFlags::all(), capabilities(caps))
         .validate(&module)
         .unwrap_or_else(|e| panic!("{label} ({kernel:?}): {}", e.emit_to_string_with_path(source, label)));
     module
@@ -15,23 +28,24 @@ fn parse(kernel: Kernel, source: &str, label: &str) -> naga::Module {
 #[test]
 fn every_variant_validates() {
     let mut count = 0;
-    for (kernel, format) in Kernel::variants() {
+    for (kernel, format, caps) in Kernel::variants() {
         let label = match format {
-            Some(f) => format!("{}.{}.wgsl", kernel.name(), f.name()),
-            None => format!("{}.wgsl", kernel.name()),
+            Some(f) => format!("{}.{}.{caps:?}.wgsl", kernel.name(), f.name()),
+            None => format!("{}.{caps:?}.wgsl", kernel.name()),
         };
-        let source = kernel.source(format).expect("variant renders");
-        parse(kernel, &source, &label);
+        let source = kernel.source(format, caps).expect("variant renders");
+        parse(kernel, caps, &source, &label);
         count += 1;
     }
-    // 6 plain kernels + 2 weight-reading kernels x 6 formats.
-    assert_eq!(count, 6 + 2 * 6);
+    // 5 plain kernels, attention with and without subgroups, embed in 6 formats plus native f16,
+    // matmul in 6 formats plus native f16, each with and without subgroups.
+    assert_eq!(count, 5 + 2 + 7 + 7 * 2);
 }
 
 #[test]
 fn impossible_variants_are_refused() {
-    assert!(Kernel::Matmul.source(None).is_err());
-    assert!(Kernel::RmsNorm.source(Some(tandem_shaders::WeightFormat::F16)).is_err());
+    assert!(Kernel::Matmul.source(None, ShaderCaps::default()).is_err());
+    assert!(Kernel::RmsNorm.source(Some(tandem_shaders::WeightFormat::F16), ShaderCaps::default()).is_err());
 }
 
 fn struct_size(module: &naga::Module, name: &str) -> u32 {
@@ -49,8 +63,8 @@ fn cpu_structs_match_wgsl_layout() {
         (Kernel::Sample, None, "SampleParams", size_of::<SampleParams>()),
     ];
     for (kernel, format, name, rust_size) in checks {
-        let source = kernel.source(format).expect("variant renders");
-        let module = parse(kernel, &source, kernel.name());
+        let source = kernel.source(format, ShaderCaps::default()).expect("variant renders");
+        let module = parse(kernel, ShaderCaps::default(), &source, kernel.name());
         assert_eq!(struct_size(&module, name) as usize, rust_size, "size of {name}");
     }
 }

@@ -7,6 +7,10 @@
 // Chunks start at fixed positions (multiples of CHUNK), each is walked 32 positions at a time in
 // order, and lanes combine in lane order, so a token's output depends only on its position and
 // the cache: the same alone, batched, or in any prefill chunking.
+//
+// The 32 lanes exchange scores and probabilities through the `lanes_*` functions: subgroup
+// operations where a subgroup is exactly the workgroup (attention_lanes_subgroup.wgsl), workgroup
+// memory and barriers elsewhere (attention_lanes_workgroup.wgsl).
 
 override N_HEADS: u32;
 override N_KV_HEADS: u32;
@@ -33,8 +37,6 @@ const NEG_BIG: f32 = -3.0e38;
 @group(0) @binding(6) var<storage, read_write> partials: array<f32>;
 
 var<workgroup> q: array<vec4<f32>, MAX_HEAD_DIM / 4u>;
-var<workgroup> probs: array<f32, WG>;
-var<workgroup> rows: array<u32, WG>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: vec3<u32>) {
@@ -78,34 +80,23 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
                 score += dot(q[d], k_cache[kb + d]);
             }
         }
-        rows[lane] = row * kv_dim + kvh * HEAD_DIM;
-        probs[lane] = score;
-        workgroupBarrier();
-        // Every lane folds the same 32 values in the same order, so m and l agree across lanes.
-        var m_new = m;
-        for (var i = 0u; i < WG; i++) {
-            m_new = max(m_new, probs[i]);
-        }
-        workgroupBarrier();
-        probs[lane] = select(0.0, exp(score - m_new), j < last);
-        workgroupBarrier();
+        // Every lane sees the same 32 values, so m and l agree across lanes.
+        let m_new = max(m, lanes_max(score, lane));
+        let prob = select(0.0, exp(score - m_new), j < last);
+        lanes_publish(prob, row * kv_dim + kvh * HEAD_DIM, lane);
         let scale = exp(m - m_new);
-        var p_sum = 0.0;
-        for (var i = 0u; i < WG; i++) {
-            p_sum += probs[i];
-        }
-        l = l * scale + p_sum;
+        l = l * scale + published_sum();
         // Lane i owns dimensions i, i + 32, ...
         for (var e = 0u; e < HEAD_DIM / WG; e++) {
             let d = lane + e * WG;
             var sum = 0.0;
             for (var i = 0u; i < WG; i++) {
-                sum += probs[i] * v_cache[rows[i] + d];
+                sum += lane_prob(i) * v_cache[lane_row(i) + d];
             }
             acc[e] = acc[e] * scale + sum;
         }
         m = m_new;
-        workgroupBarrier();
+        lanes_release();
     }
     let base = ((t * N_HEADS + h) * MAX_CHUNKS + c) * (HEAD_DIM + 2u);
     if (lane == 0u) {

@@ -1,4 +1,5 @@
 // BF16 weights: two elements per word (low half first); a bf16 is the top half of an f32.
+@group(0) @binding(3) var<storage, read> w: array<u32>;
 const BLOCK: u32 = 32u;
 
 fn bf16_at(e: u32) -> f32 {

@@ -1,4 +1,5 @@
 // F32 weights: one element per word, rows of `k` elements back to back.
+@group(0) @binding(3) var<storage, read> w: array<u32>;
 const BLOCK: u32 = 32u;
 
 fn dq_elem(row: u32, col: u32, k: u32) -> f32 {

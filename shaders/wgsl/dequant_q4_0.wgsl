@@ -1,6 +1,7 @@
 // Q4_0 (GGUF): blocks of 32 four-bit values with one f16 scale, x = d * (q - 8).
 // Byte j of a block holds element j in its low nibble and element j + 16 in its high nibble.
 // Repacked at upload into 4 quant words per block (`w`) and the f16 scales two per word (`s`).
+@group(0) @binding(3) var<storage, read> w: array<u32>;
 const BLOCK: u32 = 32u;
 
 fn q4_0_scale(blk: u32) -> f32 {

@@ -1,6 +1,7 @@
 // Q4_1 (GGUF): blocks of 32 four-bit values with an f16 scale and an f16 minimum,
 // x = d * q + m. Byte j holds element j (low nibble) and element j + 16 (high nibble).
 // Repacked at upload into 4 quant words per block (`w`) and one word (d, m) per block (`s`).
+@group(0) @binding(3) var<storage, read> w: array<u32>;
 const BLOCK: u32 = 32u;
 
 fn dq_elem(row: u32, col: u32, k: u32) -> f32 {

@@ -1,6 +1,7 @@
 // Q8_0 (GGUF): blocks of 32 signed bytes with one f16 scale, x = d * q.
 // Repacked at upload into 8 quant words per block (`w`) and the f16 scales two per word (`s`),
 // so every load is an aligned u32; the bytes themselves are the file's.
+@group(0) @binding(3) var<storage, read> w: array<u32>;
 const BLOCK: u32 = 32u;
 
 fn q8_scale(blk: u32) -> f32 {

@@ -11,7 +11,7 @@ struct EmbedParams {
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> p: EmbedParams;
 @group(0) @binding(2) var<storage, read> tokens: array<TokenInfo>;
-@group(0) @binding(3) var<storage, read> w: array<u32>;
+// Binding 3, the weight words `w`, is declared by the format's dequantization module.
 @group(0) @binding(4) var<storage, read> s: array<u32>;
 @group(0) @binding(5) var<storage, read_write> x: array<f32>;
 

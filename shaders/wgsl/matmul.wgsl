@@ -7,7 +7,9 @@
 // differently), and TILE_T tokens share each weight load.
 //
 // SPLIT = 1 suits CPU drivers (no barriers, one row per invocation); SPLIT = 32 suits GPUs
-// (a warp walks one row with coalesced loads).
+// (a warp walks one row with coalesced loads). The lanes of a row are summed by
+// `sum_row_lanes`, from matmul_lanes_subgroup.wgsl where subgroups are exactly 32 lanes wide and
+// from matmul_lanes_workgroup.wgsl elsewhere.
 
 struct MatmulParams {
     // Rows of this weight part.
@@ -35,7 +37,7 @@ const MAX_TILE: u32 = 8u;
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> p: MatmulParams;
 @group(0) @binding(2) var<storage, read> x: array<f32>;
-@group(0) @binding(3) var<storage, read> w: array<u32>;
+// Binding 3, the weight words `w`, is declared by the format's dequantization module.
 @group(0) @binding(4) var<storage, read> s: array<u32>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 // The same buffer as `x`, for the 16-byte loads of block formats (their rows are 32-aligned).
@@ -45,8 +47,6 @@ const MAX_TILE: u32 = 8u;
 fn x4(o: u32) -> vec4<f32> {
     return x_vec[o >> 2u];
 }
-
-var<workgroup> partial: array<f32, 512>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec3<u32>) {
@@ -70,21 +70,7 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
     }
 
     if (SPLIT > 1u) {
-        for (var tt = 0u; tt < nt; tt++) {
-            partial[li * MAX_TILE + tt] = acc[tt];
-        }
-        workgroupBarrier();
-        for (var stride = SPLIT / 2u; stride > 0u; stride >>= 1u) {
-            if (lane < stride) {
-                for (var tt = 0u; tt < nt; tt++) {
-                    partial[li * MAX_TILE + tt] += partial[(li + stride) * MAX_TILE + tt];
-                }
-            }
-            workgroupBarrier();
-        }
-        for (var tt = 0u; tt < nt; tt++) {
-            acc[tt] = partial[li * MAX_TILE + tt];
-        }
+        sum_row_lanes(&acc, li, lane, nt);
     }
 
     if (row < p.n && lane == 0u) {
