@@ -16,7 +16,7 @@ use std::fmt;
 
 /// Key positions per attention chunk (`CHUNK` in attention.wgsl). Fixed for every adapter and
 /// engine so attention sums in the same order wherever a sequence's KV was computed.
-pub const ATTENTION_CHUNK: u32 = 128;
+pub const ATTENTION_CHUNK: u32 = 32;
 
 /// How a weight tensor is stored on the GPU (and in the model file).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
