@@ -128,6 +128,8 @@ pub struct Engine {
     max_tokens: usize,
     max_sample: usize,
     max_table: usize,
+    /// Attention chunks one step may have (see `attention_chunks`).
+    attention_budget: usize,
     pipelines: Pipelines,
     embed: Vec<wgpu::BindGroup>,
     layers: Vec<LayerOps>,
@@ -152,6 +154,21 @@ impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine").field("adapter", &self.ctx.adapter.name).field("sequences", &self.seqs.len()).finish()
     }
+}
+
+/// Memory for attention partials beyond what decoding every cached position needs.
+const PARTIALS_BYTES: u64 = 64 << 20;
+
+/// Attention chunks of `n` tokens appended at positions `start..start + n`: each token attends
+/// over its whole prefix in chunks of `ATTENTION_CHUNK` positions.
+pub fn attention_chunks(start: usize, n: usize) -> usize {
+    let chunk = ATTENTION_CHUNK as usize;
+    // Sum of ceil((p + 1) / chunk) for p in start..start + n, by whole chunks of positions.
+    let below = |end: usize| -> usize {
+        let (full, rest) = (end / chunk, end % chunk);
+        chunk * full * (full + 1) / 2 + rest * (full + 1)
+    };
+    below(start + n) - below(start)
 }
 
 fn wg(n: usize, per: usize) -> u32 {
@@ -231,16 +248,21 @@ impl Engine {
         let gate = act("gate", f);
         let up = act("up", f);
         let hs = ctx.storage("hidden_sampled", max_sample as u64 * d as u64 * f4);
-        let max_chunks = context_length.div_ceil(ATTENTION_CHUNK as usize);
-        let partial_bytes = t * (c.n_heads * max_chunks * (c.head_dim + 2)) as u64 * f4;
-        if partial_bytes > max_binding {
+        // Attention partials are packed per step, one record per (chunk, head). Enough for every
+        // cached position decoding at once plus, within a fixed memory share, prefill chunks
+        // deep into the context (the scheduler shortens those to fit).
+        let chunk_bytes = (c.n_heads * (c.head_dim + 2)) as u64 * f4;
+        let decode_all = (kv_blocks * BLOCK_TOKENS).div_ceil(ATTENTION_CHUNK as usize) + max_tokens;
+        let budget_bytes = (decode_all as u64 * chunk_bytes).max(PARTIALS_BYTES.min(max_binding));
+        if budget_bytes > max_binding {
             return Err(Error::AdapterLimit {
-                what: "bytes of attention partials (lower the batch or context)",
-                needed: partial_bytes,
+                what: "bytes of attention partials (lower --kv-memory)",
+                needed: budget_bytes,
                 limit: max_binding,
             });
         }
-        let partials = ctx.storage("attention_partials", partial_bytes);
+        let attention_budget = (budget_bytes / chunk_bytes) as usize;
+        let partials = ctx.storage("attention_partials", attention_budget as u64 * chunk_bytes);
         let max_table = max_tokens.min(kv_blocks.max(1)) * blocks_per_seq;
         let bufs = StepBuffers {
             step: ctx.uniform_init("step", bytemuck::bytes_of(&Step::default())),
@@ -278,13 +300,12 @@ impl Engine {
                     ("BLOCK_TOKENS", BLOCK_TOKENS as f64),
                     ("SCALE", 1.0 / (c.head_dim as f64).sqrt()),
                     ("CHUNK", f64::from(ATTENTION_CHUNK)),
-                    ("MAX_CHUNKS", max_chunks as f64),
                 ],
             )?,
             attention_merge: kernels.pipeline(
                 Kernel::AttentionMerge,
                 None,
-                &[heads[0], heads[2], ("CHUNK", f64::from(ATTENTION_CHUNK)), ("MAX_CHUNKS", max_chunks as f64)],
+                &[heads[0], heads[2], ("CHUNK", f64::from(ATTENTION_CHUNK))],
             )?,
             silu: kernels.pipeline(Kernel::SiluMul, None, &[("FFN_DIM", f as f64)])?,
             sample: kernels.pipeline(Kernel::Sample, None, &[("VOCAB", c.vocab_size as f64)])?,
@@ -355,6 +376,7 @@ impl Engine {
             max_tokens,
             max_sample,
             max_table,
+            attention_budget,
             pipelines,
             embed,
             layers,
@@ -382,6 +404,22 @@ impl Engine {
     /// Most tokens in one step.
     pub fn max_batch_tokens(&self) -> usize {
         self.max_tokens
+    }
+
+    /// Attention chunks one step may have in all (`attention_chunks` of each input).
+    pub fn attention_budget(&self) -> usize {
+        self.attention_budget
+    }
+
+    /// The most of `n` tokens appended at `start` that fit in a step with `budget` attention
+    /// chunks and `tokens` token slots left.
+    pub fn prefill_fit(start: usize, n: usize, budget: usize, tokens: usize) -> usize {
+        let (mut lo, mut hi) = (0, n.min(tokens));
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            if attention_chunks(start, mid) <= budget { lo = mid } else { hi = mid - 1 }
+        }
+        lo
     }
 
     /// CPU recording time and GPU wait time of the last step.
@@ -423,10 +461,14 @@ impl Engine {
     /// (for tests and evaluation; serving samples on the GPU instead).
     pub fn forward_logits(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         let mut out = Vec::with_capacity(tokens.len());
-        for chunk in tokens.chunks(self.max_sample.min(self.max_tokens)) {
-            let input = StepInput { seq, tokens: chunk.to_vec(), sample: None };
+        let mut done = 0;
+        while done < tokens.len() {
+            let start = self.sequence_len(seq)?;
+            let n = Self::prefill_fit(start, tokens.len() - done, self.attention_budget, self.max_sample.min(self.max_tokens)).max(1);
+            let input = StepInput { seq, tokens: tokens[done..done + n].to_vec(), sample: None };
             let logits = self.run_step(&[input], true, None)?.logits.unwrap_or_default();
             out.extend(logits.chunks(self.config.vocab_size).map(<[f32]>::to_vec));
+            done += n;
         }
         Ok(out)
     }
@@ -484,6 +526,7 @@ impl Engine {
         // Validate everything and reserve blocks before touching any state.
         let mut seen = std::collections::HashSet::new();
         let mut needed_blocks = 0;
+        let mut chunks = 0;
         for input in inputs {
             let s = self.seqs.get(&input.seq).ok_or(Error::UnknownSequence(input.seq.0))?;
             if !seen.insert(input.seq) {
@@ -503,6 +546,13 @@ impl Engine {
                 return Err(Error::ContextOverflow { tokens: end, max_new: 0, context: self.context_length });
             }
             needed_blocks += end.div_ceil(BLOCK_TOKENS).saturating_sub(s.blocks.len());
+            chunks += attention_chunks(s.len, input.tokens.len());
+        }
+        if chunks > self.attention_budget {
+            return Err(Error::InvalidRequest(format!(
+                "{chunks} attention chunks exceed the step budget of {} (split the prefill)",
+                self.attention_budget
+            )));
         }
         if needed_blocks > self.pool.free() {
             return Err(Error::OutOfKvBlocks { needed: needed_blocks, free: self.pool.free() });
@@ -513,6 +563,7 @@ impl Engine {
         let mut rows = Vec::with_capacity(n_sample);
         let mut params = Vec::with_capacity(n_sample);
         let mut exports = Vec::new();
+        let mut chunk_off = 0;
         for input in inputs {
             let state = self.seqs.get_mut(&input.seq).ok_or(Error::UnknownSequence(input.seq.0))?;
             let start = state.len;
@@ -525,7 +576,8 @@ impl Engine {
                 if all_logits {
                     rows.push(infos.len() as u32);
                 }
-                infos.push(TokenInfo { id, pos: pos as u32, slot: state.slot(pos), table_off });
+                infos.push(TokenInfo { id, pos: pos as u32, slot: state.slot(pos), table_off, chunk_off });
+                chunk_off += (pos as u32 + ATTENTION_CHUNK) / ATTENTION_CHUNK;
             }
             if let (Some(sp), false) = (input.sample, all_logits) {
                 rows.push(infos.len() as u32 - 1);
@@ -694,5 +746,32 @@ impl Engine {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks_by_token(start: usize, n: usize) -> usize {
+        (start..start + n).map(|p| (p + 1).div_ceil(ATTENTION_CHUNK as usize)).sum()
+    }
+
+    #[test]
+    fn attention_chunks_counts_every_tokens_prefix() {
+        for start in [0, 1, 31, 32, 33, 100, 1000] {
+            for n in [0, 1, 5, 31, 32, 64, 257] {
+                assert_eq!(attention_chunks(start, n), chunks_by_token(start, n), "start {start} n {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn prefill_fit_takes_the_most_tokens_within_both_budgets() {
+        assert_eq!(Engine::prefill_fit(0, 1000, usize::MAX, 256), 256);
+        assert_eq!(Engine::prefill_fit(0, 10, usize::MAX, 256), 10);
+        let fit = Engine::prefill_fit(4000, 1000, 5000, 256);
+        assert!(attention_chunks(4000, fit) <= 5000 && attention_chunks(4000, fit + 1) > 5000, "fit {fit}");
+        assert_eq!(Engine::prefill_fit(4000, 1000, 0, 256), 0);
     }
 }

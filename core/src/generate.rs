@@ -65,12 +65,14 @@ fn run(
         return Ok(stats);
     }
     let start = Instant::now();
-    let chunks: Vec<&[u32]> = prompt.chunks(engine.max_batch_tokens()).collect();
     let mut next = None;
-    for (i, chunk) in chunks.iter().enumerate() {
-        let last = i + 1 == chunks.len();
-        let input = StepInput { seq, tokens: chunk.to_vec(), sample: last.then_some(sampling) };
+    let mut done = 0;
+    while done < prompt.len() {
+        let n = Engine::prefill_fit(done, prompt.len() - done, engine.attention_budget(), engine.max_batch_tokens()).max(1);
+        let last = done + n == prompt.len();
+        let input = StepInput { seq, tokens: prompt[done..done + n].to_vec(), sample: last.then_some(sampling) };
         next = engine.step(&[input])?[0];
+        done += n;
     }
     stats.prefill_time = start.elapsed();
     let decode_start = Instant::now();

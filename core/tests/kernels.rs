@@ -256,8 +256,15 @@ struct PagedFixture {
 fn paged(len: usize, new_tokens: usize, n_blocks: usize) -> PagedFixture {
     let bt = tandem_core::BLOCK_TOKENS;
     let blocks: Vec<u32> = (0..len.div_ceil(bt) as u32).map(|b| (b * 7 + 3) % n_blocks as u32).collect();
-    let infos = (len - new_tokens..len)
-        .map(|pos| TokenInfo { id: 0, pos: pos as u32, slot: blocks[pos / bt] * bt as u32 + (pos % bt) as u32, table_off: 0 })
+    let start = len - new_tokens;
+    let infos = (start..len)
+        .map(|pos| TokenInfo {
+            id: 0,
+            pos: pos as u32,
+            slot: blocks[pos / bt] * bt as u32 + (pos % bt) as u32,
+            table_off: 0,
+            chunk_off: tandem_core::engine::attention_chunks(start, pos - start) as u32,
+        })
         .collect();
     PagedFixture { blocks, infos }
 }
@@ -343,8 +350,8 @@ fn attention_over_paged_blocks_matches_cpu() {
             let table_b = ctx.storage_init("tables", bytemuck::cast_slice(&fx.blocks));
             let out = ctx.storage("out", (new * q_dim * 4) as u64);
             let chunk = tandem_shaders::ATTENTION_CHUNK;
-            let max_chunks = 4u32;
-            let partials = ctx.storage("partials", u64::from(max_chunks) * (new * nh * (hd + 2) * 4) as u64);
+            let n_chunks = tandem_core::engine::attention_chunks(len - new, new);
+            let partials = ctx.storage("partials", (n_chunks * nh * (hd + 2) * 4) as u64);
             let bg = kernels.bind_group(Kernel::Attention, "attn", &[&step, &qkv_b, &info_b, &table_b, &kc_b, &vc_b, &partials]);
             let merge_bg = kernels.bind_group(Kernel::AttentionMerge, "merge", &[&step, &info_b, &partials, &out]);
             let consts = [
@@ -354,11 +361,9 @@ fn attention_over_paged_blocks_matches_cpu() {
                 ("BLOCK_TOKENS", 16.0),
                 ("SCALE", 1.0 / (hd as f64).sqrt()),
                 ("CHUNK", f64::from(chunk)),
-                ("MAX_CHUNKS", f64::from(max_chunks)),
             ];
             let pipeline = kernels.pipeline(Kernel::Attention, None, &consts).expect("pipeline");
-            let merge_consts =
-                [("N_HEADS", nh as f64), ("HEAD_DIM", hd as f64), ("CHUNK", f64::from(chunk)), ("MAX_CHUNKS", f64::from(max_chunks))];
+            let merge_consts = [("N_HEADS", nh as f64), ("HEAD_DIM", hd as f64), ("CHUNK", f64::from(chunk))];
             let merge = kernels.pipeline(Kernel::AttentionMerge, None, &merge_consts).expect("pipeline");
             let chunks = (len as u32).div_ceil(chunk);
             let mut enc = dispatch(&ctx, &pipeline, &[(&bg, [nh as u32, new as u32, chunks])]);

@@ -21,6 +21,7 @@ pub struct TokenInfo {
     pub pos: u32,
     pub slot: u32,
     pub table_off: u32,
+    pub chunk_off: u32,
 }
 
 /// Static shape of one matmul weight part (`MatmulParams` in matmul.wgsl).

@@ -2,7 +2,7 @@
 // over the key positions (flash-decoding): the query at position p attends to positions 0..=p of
 // its own sequence, read through its block table, in chunks of CHUNK positions. One workgroup
 // per (head, token, chunk) writes the chunk's softmax state (max, sum, weighted values) to
-// `partials`; attention_merge.wgsl combines the chunks in order.
+// `partials`, packed by the tokens' `chunk_off`; attention_merge.wgsl combines the chunks in order.
 //
 // Chunks start at fixed positions (multiples of CHUNK), each is walked 32 positions at a time in
 // order, and lanes combine in lane order, so a token's output depends only on its position and
@@ -17,9 +17,8 @@ override N_KV_HEADS: u32;
 override HEAD_DIM: u32;
 override BLOCK_TOKENS: u32;
 override SCALE: f32;
-// Key positions per chunk, and chunks per (token, head) in `partials`: ceil(context / CHUNK).
+// Key positions per chunk.
 override CHUNK: u32;
-override MAX_CHUNKS: u32;
 
 const WG: u32 = 32u;
 const MAX_HEAD_DIM: u32 = 128u;
@@ -33,7 +32,7 @@ const NEG_BIG: f32 = -3.0e38;
 // Keys as 16-byte vectors: head_dim is a multiple of 32, so every head starts aligned.
 @group(0) @binding(4) var<storage, read> k_cache: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read> v_cache: array<f32>;
-// Per (token, head, chunk): [max, sum, HEAD_DIM weighted values].
+// Per (chunk of the step, head): [max, sum, HEAD_DIM weighted values].
 @group(0) @binding(6) var<storage, read_write> partials: array<f32>;
 
 var<workgroup> q: array<vec4<f32>, MAX_HEAD_DIM / 4u>;
@@ -98,7 +97,7 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
         m = m_new;
         lanes_release();
     }
-    let base = ((t * N_HEADS + h) * MAX_CHUNKS + c) * (HEAD_DIM + 2u);
+    let base = ((info.chunk_off + c) * N_HEADS + h) * (HEAD_DIM + 2u);
     if (lane == 0u) {
         partials[base] = m;
         partials[base + 1u] = l;

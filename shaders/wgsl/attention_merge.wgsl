@@ -4,7 +4,6 @@
 override N_HEADS: u32;
 override HEAD_DIM: u32;
 override CHUNK: u32;
-override MAX_CHUNKS: u32;
 
 const WG: u32 = 32u;
 
@@ -21,8 +20,8 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
         return;
     }
     let chunks = (tokens[t].pos + CHUNK) / CHUNK;
-    let stride = HEAD_DIM + 2u;
-    let base = (t * N_HEADS + h) * MAX_CHUNKS * stride;
+    let stride = N_HEADS * (HEAD_DIM + 2u);
+    let base = (tokens[t].chunk_off * N_HEADS + h) * (HEAD_DIM + 2u);
     var big = -3.0e38;
     for (var c = 0u; c < chunks; c++) {
         big = max(big, partials[base + c * stride]);

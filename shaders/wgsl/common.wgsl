@@ -19,4 +19,7 @@ struct TokenInfo {
     slot: u32,
     // Offset of the sequence's block table in the block-table buffer.
     table_off: u32,
+    // First of this token's attention chunks in the step's partials: the tokens before it have
+    // ceil((pos + 1) / CHUNK) chunks each.
+    chunk_off: u32,
 }
