@@ -13,7 +13,7 @@ use crate::device_weights::{DeviceMatrix, upload_vector};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::kernels::{Kernels, MATMUL_TILE};
-use crate::kv::{BLOCK_TOKENS, BlockPool, KvLayer, KvSink, SeqId, SeqState};
+use crate::kv::{BLOCK_TOKENS, BlockPool, KvLayer, KvSink, PoolUsage, SeqId, SeqState, block_hash, prefix_hashes};
 use crate::model::{HostModel, layer_tensor};
 
 /// How to choose the next token.
@@ -435,11 +435,37 @@ impl Engine {
         id
     }
 
+    /// A new sequence holding the cached blocks of the longest cached prefix of `prompt`, and the
+    /// number of positions it starts with. At least the last prompt token is left to compute, so
+    /// the step that appends it can sample.
+    pub fn create_sequence_with_prefix(&mut self, prompt: &[u32]) -> (SeqId, usize) {
+        let usable = prompt.len().saturating_sub(1) / BLOCK_TOKENS * BLOCK_TOKENS;
+        let mut hashes = prefix_hashes(&prompt[..usable]);
+        let blocks = self.pool.share_prefix(&hashes);
+        hashes.truncate(blocks.len());
+        let len = blocks.len() * BLOCK_TOKENS;
+        let id = SeqId(self.next_seq);
+        self.next_seq += 1;
+        let state = SeqState { blocks, len, ready: vec![len; self.config.n_layers], tokens: prompt[..len].to_vec(), hashes };
+        self.seqs.insert(id, state);
+        (id, len)
+    }
+
+    /// Blocks in use, cached and in all.
+    pub fn kv_usage(&self) -> PoolUsage {
+        self.pool.usage()
+    }
+
     /// Frees a sequence's blocks.
     pub fn free_sequence(&mut self, seq: SeqId) {
         if let Some(s) = self.seqs.remove(&seq) {
             self.pool.release(s);
         }
+    }
+
+    /// Blocks a sequence holds.
+    pub fn sequence_blocks(&self, seq: SeqId) -> Result<usize> {
+        self.seqs.get(&seq).map(|s| s.blocks.len()).ok_or(Error::UnknownSequence(seq.0))
     }
 
     /// Positions with K/V in every layer.
@@ -554,8 +580,8 @@ impl Engine {
                 self.attention_budget
             )));
         }
-        if needed_blocks > self.pool.free() {
-            return Err(Error::OutOfKvBlocks { needed: needed_blocks, free: self.pool.free() });
+        if needed_blocks > self.pool.available() {
+            return Err(Error::OutOfKvBlocks { needed: needed_blocks, free: self.pool.available() });
         }
 
         let mut infos = Vec::with_capacity(n_tokens);
@@ -741,8 +767,18 @@ impl Engine {
         self.ctx.check_errors("step")?;
         for input in inputs {
             if let Some(s) = self.seqs.get_mut(&input.seq) {
+                if s.tokens.len() == s.len {
+                    s.tokens.extend_from_slice(&input.tokens);
+                }
                 s.len += input.tokens.len();
                 s.ready.iter_mut().for_each(|r| *r = s.len);
+                // Full blocks computed from known tokens become reusable prefixes.
+                while (s.hashes.len() + 1) * BLOCK_TOKENS <= s.tokens.len() {
+                    let b = s.hashes.len();
+                    let h = block_hash(s.hashes.last().copied(), &s.tokens[b * BLOCK_TOKENS..(b + 1) * BLOCK_TOKENS]);
+                    self.pool.register(s.blocks[b], h);
+                    s.hashes.push(h);
+                }
             }
         }
         Ok(out)

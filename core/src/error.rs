@@ -48,6 +48,8 @@ pub enum Error {
     ContextOverflow { tokens: usize, max_new: usize, context: usize },
     #[error("out of KV cache blocks: need {needed}, {free} free")]
     OutOfKvBlocks { needed: usize, free: usize },
+    #[error("overloaded: {waiting} requests are already waiting")]
+    Overloaded { waiting: usize },
     #[error("token id {id} is outside the vocabulary of {vocab}")]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("unknown sequence {0}")]

@@ -36,12 +36,17 @@ impl<F: FnMut(SeqId, KvLayer) -> Result<()>> KvSink for F {
 /// A sequence's cache state.
 #[derive(Clone, Debug, Default)]
 pub struct SeqState {
-    /// Physical blocks, in position order.
+    /// Physical blocks, in position order; the first ones may be shared with other sequences.
     pub blocks: Vec<u32>,
     /// Positions whose K/V is present in every layer.
     pub len: usize,
     /// Positions present per layer (they differ only while an import is in progress).
     pub ready: Vec<usize>,
+    /// Token ids of the positions computed by steps (imported KV has none, so it is never
+    /// registered in the prefix cache).
+    pub tokens: Vec<u32>,
+    /// Prefix hashes of the full blocks, in order, as far as `tokens` reaches.
+    pub hashes: Vec<u64>,
 }
 
 impl SeqState {
@@ -51,45 +56,203 @@ impl SeqState {
     }
 }
 
-/// The free list of physical blocks.
+/// The key of a full block in the prefix cache: a hash of every token from the start of the
+/// sequence to the end of the block, chained block by block.
+pub fn block_hash(parent: Option<u64>, tokens: &[u32]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(bytemuck::cast_slice(tokens), parent.unwrap_or(0x7a6e_6465_6d00_0001))
+}
+
+/// The prefix hashes of every full block of `tokens`.
+pub fn prefix_hashes(tokens: &[u32]) -> Vec<u64> {
+    let mut parent = None;
+    tokens
+        .chunks_exact(BLOCK_TOKENS)
+        .map(|b| {
+            let h = block_hash(parent, b);
+            parent = Some(h);
+            h
+        })
+        .collect()
+}
+
+/// Counts of the pool's blocks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolUsage {
+    pub total: usize,
+    /// Held by at least one sequence.
+    pub used: usize,
+    /// Unused but kept for the prefix cache (evicted when needed).
+    pub cached: usize,
+}
+
+/// Physical KV blocks: free, held by sequences (reference-counted, since sequences with a common
+/// prefix share its blocks), or unused but kept under their prefix hash for later requests and
+/// evicted least recently used first when the free list runs dry.
 #[derive(Debug)]
 pub struct BlockPool {
     free: Vec<u32>,
-    total: usize,
+    refs: Vec<u32>,
+    hash: Vec<Option<u64>>,
+    by_hash: std::collections::HashMap<u64, u32>,
+    /// Unused cached blocks by the tick of their last release.
+    evictable: std::collections::BTreeMap<u64, u32>,
+    released_at: Vec<u64>,
+    tick: u64,
 }
 
 impl BlockPool {
     /// A pool of `total` blocks, all free.
     pub fn new(total: usize) -> Self {
-        BlockPool { free: (0..total as u32).rev().collect(), total }
+        BlockPool {
+            free: (0..total as u32).rev().collect(),
+            refs: vec![0; total],
+            hash: vec![None; total],
+            by_hash: Default::default(),
+            evictable: Default::default(),
+            released_at: vec![0; total],
+            tick: 0,
+        }
     }
 
-    /// Free blocks.
-    pub fn free(&self) -> usize {
-        self.free.len()
+    /// Blocks a sequence could take now (free ones and evictable cached ones).
+    pub fn available(&self) -> usize {
+        self.free.len() + self.evictable.len()
     }
 
     /// All blocks.
     pub fn total(&self) -> usize {
-        self.total
+        self.refs.len()
+    }
+
+    pub fn usage(&self) -> PoolUsage {
+        PoolUsage { total: self.total(), used: self.total() - self.available(), cached: self.evictable.len() }
+    }
+
+    fn take(&mut self) -> Option<u32> {
+        if let Some(b) = self.free.pop() {
+            self.refs[b as usize] = 1;
+            return Some(b);
+        }
+        let (_, b) = self.evictable.pop_first()?;
+        if let Some(h) = self.hash[b as usize].take() {
+            self.by_hash.remove(&h);
+        }
+        self.refs[b as usize] = 1;
+        Some(b)
     }
 
     /// Grows `seq` to hold `len` positions, or fails without taking any block.
     pub fn reserve(&mut self, seq: &mut SeqState, len: usize) -> Result<()> {
         let need = len.div_ceil(BLOCK_TOKENS).saturating_sub(seq.blocks.len());
-        if need > self.free.len() {
-            return Err(Error::OutOfKvBlocks { needed: need, free: self.free.len() });
+        if need > self.available() {
+            return Err(Error::OutOfKvBlocks { needed: need, free: self.available() });
         }
         for _ in 0..need {
-            if let Some(b) = self.free.pop() {
+            if let Some(b) = self.take() {
                 seq.blocks.push(b);
             }
         }
         Ok(())
     }
 
-    /// Returns a sequence's blocks to the pool.
+    /// Drops a sequence's hold on its blocks; registered ones stay cached until evicted.
     pub fn release(&mut self, seq: SeqState) {
-        self.free.extend(seq.blocks);
+        for b in seq.blocks.into_iter().rev() {
+            let i = b as usize;
+            self.refs[i] = self.refs[i].saturating_sub(1);
+            if self.refs[i] > 0 {
+                continue;
+            }
+            if self.hash[i].is_some() {
+                // Later blocks of a sequence are released first, so a prefix outlives its tails.
+                self.tick += 1;
+                self.released_at[i] = self.tick;
+                self.evictable.insert(self.tick, b);
+            } else {
+                self.free.push(b);
+            }
+        }
+    }
+
+    /// The cached blocks of the longest prefix of `hashes` (prefix hashes of consecutive full
+    /// blocks), each now held once more by the caller.
+    pub fn share_prefix(&mut self, hashes: &[u64]) -> Vec<u32> {
+        let mut out = Vec::new();
+        for h in hashes {
+            let Some(&b) = self.by_hash.get(h) else { break };
+            let i = b as usize;
+            if self.refs[i] == 0 {
+                self.evictable.remove(&self.released_at[i]);
+            }
+            self.refs[i] += 1;
+            out.push(b);
+        }
+        out
+    }
+
+    /// Makes a full, computed block findable under its prefix hash. A block whose content is
+    /// already cached elsewhere (two identical prompts computed at once) stays private.
+    pub fn register(&mut self, block: u32, hash: u64) {
+        if self.hash[block as usize].is_none() && !self.by_hash.contains_key(&hash) {
+            self.hash[block as usize] = Some(hash);
+            self.by_hash.insert(hash, block);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq_with(pool: &mut BlockPool, len: usize) -> SeqState {
+        let mut s = SeqState::default();
+        pool.reserve(&mut s, len).expect("blocks");
+        s
+    }
+
+    #[test]
+    fn shared_prefix_blocks_are_counted_and_survive_their_first_user() {
+        let mut pool = BlockPool::new(8);
+        let tokens: Vec<u32> = (0..40).collect();
+        let hashes = prefix_hashes(&tokens);
+        assert_eq!(hashes.len(), 2);
+        let a = seq_with(&mut pool, 40);
+        pool.register(a.blocks[0], hashes[0]);
+        pool.register(a.blocks[1], hashes[1]);
+        assert_eq!(pool.usage(), PoolUsage { total: 8, used: 3, cached: 0 });
+        let shared = pool.share_prefix(&hashes);
+        assert_eq!(shared, a.blocks[..2]);
+        pool.release(a);
+        // The shared blocks are still held; the unregistered third block went back to the free list.
+        assert_eq!(pool.usage(), PoolUsage { total: 8, used: 2, cached: 0 });
+        pool.release(SeqState { blocks: shared, ..Default::default() });
+        assert_eq!(pool.usage(), PoolUsage { total: 8, used: 0, cached: 2 });
+        // Still findable, and a different prefix is not.
+        assert_eq!(pool.share_prefix(&hashes[..1]).len(), 1);
+        assert!(pool.share_prefix(&prefix_hashes(&[9; 16])).is_empty());
+    }
+
+    #[test]
+    fn cached_blocks_are_evicted_least_recently_used_first_and_only_when_needed() {
+        let mut pool = BlockPool::new(4);
+        let (t1, t2): (Vec<u32>, Vec<u32>) = ((0..16).collect(), (100..116).collect());
+        let (h1, h2) = (prefix_hashes(&t1), prefix_hashes(&t2));
+        for h in [&h1, &h2] {
+            let s = seq_with(&mut pool, 16);
+            pool.register(s.blocks[0], h[0]);
+            pool.release(s);
+        }
+        assert_eq!(pool.usage().cached, 2);
+        // Two free blocks are used before any cached one.
+        let s = seq_with(&mut pool, 32);
+        assert_eq!((pool.share_prefix(&h1).len(), pool.share_prefix(&h2).len()), (1, 1));
+        pool.release(SeqState { blocks: vec![pool.by_hash[&h1[0]]], ..Default::default() });
+        pool.release(SeqState { blocks: vec![pool.by_hash[&h2[0]]], ..Default::default() });
+        // Now h1 was released before h2, so it goes first.
+        let one = seq_with(&mut pool, 16);
+        assert!(pool.share_prefix(&h1).is_empty(), "least recently used evicted");
+        assert_eq!(pool.share_prefix(&h2).len(), 1);
+        assert!(pool.reserve(&mut SeqState::default(), 16).is_err(), "nothing left");
+        drop((s, one));
     }
 }

@@ -17,9 +17,11 @@ pub mod hf_export;
 pub mod kernels;
 pub mod kv;
 pub mod model;
+pub mod scheduler;
 pub mod synthetic;
 pub mod tensor;
 pub mod tokenizer;
+pub mod worker;
 
 pub use config::{ModelConfig, RopeLayout};
 pub use engine::{Engine, EngineConfig, SamplingParams, StepInput, StepOutput, StepTiming};

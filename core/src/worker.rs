@@ -1,0 +1,165 @@
+//! The GPU worker: a named thread that owns the scheduler (and so the engine) and is fed by a
+//! bounded channel, so async callers never block on the GPU.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::error::{Error, Result};
+use crate::scheduler::{Event, EventSink, Request, RequestId, Scheduler, SchedulerStats};
+
+enum Command {
+    Submit(RequestId, Request, Box<dyn EventSink>),
+    Cancel(RequestId),
+    /// Stop taking requests; finish the running ones (`drain`) or cancel everything.
+    Shutdown {
+        drain: bool,
+    },
+}
+
+/// What callers need to know to check a request before it reaches the worker.
+#[derive(Clone, Copy, Debug)]
+pub struct WorkerLimits {
+    pub context_length: usize,
+    pub vocab_size: usize,
+    pub kv_blocks: usize,
+    pub max_waiting: usize,
+}
+
+/// A cheap, clonable handle to the worker thread.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    tx: SyncSender<Command>,
+    stats: Arc<Mutex<SchedulerStats>>,
+    next_id: Arc<AtomicU64>,
+    limits: WorkerLimits,
+    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for WorkerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerHandle").field("limits", &self.limits).finish()
+    }
+}
+
+/// Commands that may queue up between two steps, beyond the scheduler's own waiting list.
+const CHANNEL_BOUND: usize = 1024;
+
+impl WorkerHandle {
+    /// Starts the worker thread running `scheduler`.
+    pub fn spawn(scheduler: Scheduler, max_waiting: usize) -> Result<Self> {
+        let engine = scheduler.engine();
+        let limits = WorkerLimits {
+            context_length: engine.context_length(),
+            vocab_size: engine.config.vocab_size,
+            kv_blocks: engine.kv_usage().total,
+            max_waiting,
+        };
+        let stats = Arc::new(Mutex::new(scheduler.stats()));
+        let (tx, rx) = std::sync::mpsc::sync_channel(CHANNEL_BOUND);
+        let shared = stats.clone();
+        let thread = std::thread::Builder::new()
+            .name("tandem-gpu".into())
+            .spawn(move || run(scheduler, rx, shared))
+            .map_err(|e| Error::InvalidRequest(format!("cannot start the GPU worker thread: {e}")))?;
+        Ok(WorkerHandle { tx, stats, next_id: Arc::default(), limits, thread: Arc::new(Mutex::new(Some(thread))) })
+    }
+
+    pub fn limits(&self) -> WorkerLimits {
+        self.limits
+    }
+
+    /// The scheduler's counters as of its last step.
+    pub fn stats(&self) -> SchedulerStats {
+        self.stats.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    /// Checks and queues a request; its events go to `sink`.
+    pub fn submit(&self, req: Request, sink: Box<dyn EventSink>) -> Result<RequestId> {
+        let l = self.limits;
+        if req.prompt.is_empty() {
+            return Err(Error::InvalidRequest("the prompt is empty".into()));
+        }
+        if let Some(&id) = req.prompt.iter().find(|&&id| id as usize >= l.vocab_size) {
+            return Err(Error::TokenOutOfRange { id, vocab: l.vocab_size });
+        }
+        if req.prompt.len() + req.max_tokens > l.context_length {
+            return Err(Error::ContextOverflow { tokens: req.prompt.len(), max_new: req.max_tokens, context: l.context_length });
+        }
+        let waiting = self.stats().waiting;
+        if waiting >= l.max_waiting {
+            return Err(Error::Overloaded { waiting });
+        }
+        let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        match self.tx.try_send(Command::Submit(id, req, sink)) {
+            Ok(()) => Ok(id),
+            Err(TrySendError::Full(_)) => Err(Error::Overloaded { waiting }),
+            Err(TrySendError::Disconnected(_)) => Err(Error::InvalidRequest("the GPU worker has stopped".into())),
+        }
+    }
+
+    /// Ends a request early (its blocks are freed before the next step).
+    pub fn cancel(&self, id: RequestId) {
+        let _ = self.tx.try_send(Command::Cancel(id));
+    }
+
+    /// Stops the worker: running requests finish first when `drain`, else they are cancelled.
+    /// Blocks until the thread has ended.
+    pub fn shutdown(&self, drain: bool) {
+        let _ = self.tx.send(Command::Shutdown { drain });
+        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(mut sched: Scheduler, rx: Receiver<Command>, stats: Arc<Mutex<SchedulerStats>>) {
+    let mut stopping = false;
+    loop {
+        let mut cmds: Vec<Command> = Vec::new();
+        if !sched.has_work() && !stopping {
+            match rx.recv() {
+                Ok(c) => cmds.push(c),
+                // Every handle is gone.
+                Err(_) => break,
+            }
+        }
+        cmds.extend(std::iter::from_fn(|| rx.try_recv().ok()));
+        for cmd in cmds {
+            match cmd {
+                Command::Submit(id, req, mut sink) => {
+                    if stopping {
+                        sink.send(Event::Failed("the server is shutting down".into()));
+                    } else if let Err(e) = sched.submit(id, req, sink) {
+                        tracing::debug!(request = id.0, error = %e, "request refused by the scheduler");
+                    }
+                }
+                Command::Cancel(id) => sched.cancel(id),
+                Command::Shutdown { drain } => {
+                    stopping = true;
+                    if !drain {
+                        sched.cancel_all();
+                    }
+                }
+            }
+        }
+        if stopping && !sched.has_work() {
+            break;
+        }
+        step(&mut sched, &stats);
+    }
+    if let Ok(mut s) = stats.lock() {
+        *s = sched.stats();
+    }
+    tracing::info!("GPU worker stopped");
+}
+
+fn step(sched: &mut Scheduler, stats: &Mutex<SchedulerStats>) {
+    if let Err(e) = sched.step() {
+        tracing::error!(error = %e, "scheduler step failed");
+    }
+    if let Ok(mut s) = stats.lock() {
+        *s = sched.stats();
+    }
+}
