@@ -87,6 +87,13 @@ impl WorkerHandle {
         if req.prompt.len() + req.max_tokens > l.context_length {
             return Err(Error::ContextOverflow { tokens: req.prompt.len(), max_new: req.max_tokens, context: l.context_length });
         }
+        let blocks = (req.prompt.len() + req.max_tokens).div_ceil(crate::kv::BLOCK_TOKENS);
+        if blocks > l.kv_blocks {
+            return Err(Error::InvalidRequest(format!(
+                "the request needs {blocks} KV blocks and the cache holds {} (raise --kv-memory)",
+                l.kv_blocks
+            )));
+        }
         let waiting = self.stats().waiting;
         if waiting >= l.max_waiting {
             return Err(Error::Overloaded { waiting });
@@ -104,10 +111,14 @@ impl WorkerHandle {
         let _ = self.tx.try_send(Command::Cancel(id));
     }
 
-    /// Stops the worker: running requests finish first when `drain`, else they are cancelled.
-    /// Blocks until the thread has ended.
-    pub fn shutdown(&self, drain: bool) {
-        let _ = self.tx.send(Command::Shutdown { drain });
+    /// Asks the worker to stop taking requests and to end once the running ones have finished
+    /// (`drain`) or at once, cancelling them. Does not wait.
+    pub fn request_stop(&self, drain: bool) {
+        let _ = self.tx.try_send(Command::Shutdown { drain });
+    }
+
+    /// Waits for the worker thread to end (after `request_stop`).
+    pub fn join(&self) {
         if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
             let _ = t.join();
         }

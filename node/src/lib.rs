@@ -1,5 +1,6 @@
-//! tandem-node: the glue between the core engine and the outside world: model fetching and the
-//! command-line programs.
+//! tandem-node: the glue between the core engine and the outside world: model fetching, the
+//! OpenAI-compatible server and the command-line programs.
 
 pub mod bench;
 pub mod models;
+pub mod serve;

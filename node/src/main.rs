@@ -28,6 +28,8 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
+    /// Serve the model to many users over an OpenAI-compatible HTTP API.
+    Serve(tandem_node::serve::ServeArgs),
     /// Measure prefill and decode speed.
     Bench(BenchArgs),
     /// List the GPU adapters wgpu can see.
@@ -118,12 +120,18 @@ struct BenchArgs {
     json: bool,
 }
 
+fn init_logs(default: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG").unwrap_or_else(|_| default.into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json { logs.json().init() } else { logs.init() }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        init_logs("warn", false);
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -151,6 +159,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             export_hf(&model, &dir, dtype)?;
             println!("wrote {}", dir.display());
             Ok(())
+        }
+        Command::Serve(args) => {
+            let cfg = args.resolve()?;
+            init_logs("info,wgpu_core=warn,wgpu_hal=warn,naga=warn", cfg.log_json);
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(tandem_node::serve::serve(cfg))
         }
         Command::Bench(args) => bench(args),
         Command::Adapters => {

@@ -1,0 +1,113 @@
+//! `GET /metrics`: Prometheus text exposition of request latencies (histograms observed as
+//! requests finish) and the scheduler's gauges and counters (read at scrape time).
+
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tandem_core::scheduler::{RequestTimings, SchedulerStats};
+
+/// Latency histograms and the source of the scheduler's numbers.
+pub struct Metrics {
+    registry: Registry,
+    ttft: Histogram,
+    tpot: Histogram,
+    e2e: Histogram,
+    queue: Histogram,
+    stats: Arc<Mutex<Option<tandem_core::worker::WorkerHandle>>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+#[derive(Debug)]
+struct SchedulerCollector(Arc<Mutex<Option<tandem_core::worker::WorkerHandle>>>);
+
+fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(v);
+    g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(v);
+    c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+impl Collector for SchedulerCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(s) = self.0.lock().ok().and_then(|w| w.as_ref().map(|w| w.stats())) else { return Ok(()) };
+        let SchedulerStats { running, waiting, queued_prefill_tokens, kv_blocks_used, kv_blocks_cached, kv_blocks_total, .. } = s;
+        gauge(&mut enc, "tandem_requests_running", "Requests admitted to the engine", running as f64)?;
+        gauge(&mut enc, "tandem_requests_waiting", "Requests waiting for admission", waiting as f64)?;
+        gauge(&mut enc, "tandem_prefill_tokens_queued", "Prompt tokens not yet prefilled", queued_prefill_tokens as f64)?;
+        gauge(&mut enc, "tandem_kv_blocks_used", "KV cache blocks held by requests", kv_blocks_used as f64)?;
+        gauge(&mut enc, "tandem_kv_blocks_cached", "Unused KV blocks kept for the prefix cache", kv_blocks_cached as f64)?;
+        gauge(&mut enc, "tandem_kv_blocks_total", "KV cache blocks in all", kv_blocks_total as f64)?;
+        let rate = if s.prompt_tokens == 0 { 0.0 } else { s.prefix_cache_hit_tokens as f64 / s.prompt_tokens as f64 };
+        gauge(&mut enc, "tandem_prefix_cache_hit_rate", "Share of prompt tokens found in the prefix cache", rate)?;
+        counter(&mut enc, "tandem_prompt_tokens", "Prompt tokens received", s.prompt_tokens)?;
+        counter(&mut enc, "tandem_prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache", s.prefix_cache_hit_tokens)?;
+        counter(&mut enc, "tandem_generated_tokens", "Tokens generated", s.generated_tokens)?;
+        counter(&mut enc, "tandem_preemptions", "Requests preempted for lack of KV blocks", s.preemptions)?;
+        counter(&mut enc, "tandem_engine_steps", "Engine steps run", s.steps)?;
+        counter(&mut enc, "tandem_requests_finished", "Requests that ended, for any reason", s.finished)?;
+        Ok(())
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        // 1 ms to about 65 s.
+        let latency = || Histogram::new(exponential_buckets(0.001, 2.0, 17));
+        let (ttft, tpot, e2e, queue) = (latency(), latency(), latency(), latency());
+        registry.register("tandem_time_to_first_token_seconds", "Arrival to first token", ttft.clone());
+        registry.register("tandem_time_per_output_token_seconds", "Mean time between output tokens of a request", tpot.clone());
+        registry.register("tandem_e2e_request_latency_seconds", "Arrival to the last token", e2e.clone());
+        registry.register("tandem_queue_time_seconds", "Arrival to admission", queue.clone());
+        let stats: Arc<Mutex<Option<tandem_core::worker::WorkerHandle>>> = Arc::default();
+        registry.register_collector(Box::new(SchedulerCollector(stats.clone())));
+        Metrics { registry, ttft, tpot, e2e, queue, stats }
+    }
+
+    /// Reads the scheduler's numbers from `worker` from now on.
+    pub fn attach(&self, worker: tandem_core::worker::WorkerHandle) {
+        if let Ok(mut w) = self.stats.lock() {
+            *w = Some(worker);
+        }
+    }
+
+    /// Records a finished request.
+    pub fn observe(&self, t: &RequestTimings) {
+        if let Some(ttft) = t.ttft {
+            self.ttft.observe(ttft.as_secs_f64());
+        }
+        if let Some(tpot) = t.tpot {
+            self.tpot.observe(tpot.as_secs_f64());
+        }
+        self.e2e.observe(t.e2e.as_secs_f64());
+        self.queue.observe(t.queued.as_secs_f64());
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,568 @@
+//! The OpenAI-compatible endpoints: request and response shapes, validation, and the stream of a
+//! generation from scheduler events to text (stop strings included) to JSON or SSE chunks.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tandem_core::scheduler::{Event, FinishReason, Request};
+use tandem_core::{ChatMessage, SamplingParams};
+use tokio::sync::mpsc;
+
+use super::{App, Loaded};
+
+/// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub code: Option<&'static str>,
+    pub param: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into(), code: None, param: None }
+    }
+
+    fn bad(message: impl Into<String>, param: &'static str) -> Self {
+        ApiError { param: Some(param), ..Self::new(StatusCode::BAD_REQUEST, message) }
+    }
+
+    fn body(&self) -> serde_json::Value {
+        let kind = match self.status.as_u16() {
+            400 | 404 | 413 | 422 => "invalid_request_error",
+            429 => "rate_limit_error",
+            503 => "service_unavailable",
+            _ => "server_error",
+        };
+        json!({ "error": { "message": self.message, "type": kind, "param": self.param, "code": self.code } })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        // Keeps axum's status: 400 for bad JSON, 413 for a body over the limit, 415 without JSON.
+        ApiError::new(e.status(), e.body_text())
+    }
+}
+
+/// Maps a refusal from the core to a status code.
+fn refused(e: tandem_core::Error) -> ApiError {
+    use tandem_core::Error as E;
+    match e {
+        E::Overloaded { .. } => ApiError { code: Some("overloaded"), ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()) },
+        E::ContextOverflow { .. } => ApiError { code: Some("context_length_exceeded"), ..ApiError::bad(e.to_string(), "messages") },
+        E::InvalidRequest(_) | E::TokenOutOfRange { .. } => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
+        _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+pub enum PromptInput {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+pub enum StopInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Debug, Default)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// What both endpoints accept beyond their prompt.
+#[derive(Deserialize, Debug)]
+pub struct GenerationFields {
+    pub model: String,
+    pub max_tokens: Option<i64>,
+    /// The chat endpoint's newer name for `max_tokens`.
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    /// Not in OpenAI's API; as in vLLM and llama-server.
+    pub top_k: Option<i64>,
+    pub seed: Option<u64>,
+    pub stop: Option<StopInput>,
+    /// Not in OpenAI's API; as in vLLM.
+    pub stop_token_ids: Option<Vec<u32>>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub n: Option<i64>,
+    pub logprobs: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct CompletionRequest {
+    pub prompt: PromptInput,
+    #[serde(flatten)]
+    pub fields: GenerationFields,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize, Debug)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct ChatRequestMessage {
+    pub role: String,
+    pub content: Option<MessageContent>,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatRequestMessage>,
+    #[serde(flatten)]
+    pub fields: GenerationFields,
+}
+
+#[derive(Serialize, Debug, Clone, Copy)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Completions,
+    Chat,
+}
+
+/// A checked request, ready for the scheduler.
+struct Generation {
+    endpoint: Endpoint,
+    request: Request,
+    stops: Vec<String>,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn check_fields(f: &GenerationFields, loaded: &Loaded, prompt_len: usize, endpoint: Endpoint) -> Result<(Request, Vec<String>), ApiError> {
+    if f.model != loaded.model_id {
+        return Err(ApiError {
+            code: Some("model_not_found"),
+            param: Some("model"),
+            ..ApiError::new(StatusCode::NOT_FOUND, format!("the model `{}` does not exist; this server has `{}`", f.model, loaded.model_id))
+        });
+    }
+    if f.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad("only n = 1 is supported", "n"));
+    }
+    if f.logprobs.as_ref().is_some_and(|v| !v.is_null() && v != &json!(false)) {
+        return Err(ApiError::bad("logprobs are not supported", "logprobs"));
+    }
+    let context = loaded.worker.limits().context_length;
+    let room = context.saturating_sub(prompt_len);
+    let max_tokens = match f.max_completion_tokens.or(f.max_tokens) {
+        Some(n) if n < 1 => return Err(ApiError::bad(format!("max_tokens must be at least 1, got {n}"), "max_tokens")),
+        Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+        // OpenAI's legacy default for completions; chat runs to the end of the context.
+        None if endpoint == Endpoint::Completions => 16.min(room.max(1)),
+        None => room.max(1),
+    };
+    let temperature = f.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::bad(format!("temperature must be between 0 and 2, got {temperature}"), "temperature"));
+    }
+    let top_p = f.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::bad(format!("top_p must be in (0, 1], got {top_p}"), "top_p"));
+    }
+    let top_k = match f.top_k {
+        None | Some(-1) => 0,
+        Some(k) if k >= 0 => u32::try_from(k).unwrap_or(u32::MAX),
+        Some(k) => return Err(ApiError::bad(format!("top_k must be -1 (off) or at least 0, got {k}"), "top_k")),
+    };
+    let stops = match &f.stop {
+        None => Vec::new(),
+        Some(StopInput::One(s)) => vec![s.clone()],
+        Some(StopInput::Many(v)) => v.clone(),
+    };
+    if stops.len() > 4 || stops.iter().any(String::is_empty) {
+        return Err(ApiError::bad("stop takes at most 4 non-empty strings", "stop"));
+    }
+    let mut stop_ids = loaded.tokenizer.stop_ids.clone();
+    stop_ids.extend(f.stop_token_ids.iter().flatten());
+    // Without a seed, sampling still needs one; temperature 0 ignores it.
+    let seed = f.seed.unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0));
+    let sampling = SamplingParams { temperature, top_k, top_p, seed };
+    Ok((Request { prompt: Vec::new(), max_tokens, sampling, stop_ids }, stops))
+}
+
+fn prepare(loaded: &Loaded, fields: &GenerationFields, prompt: Vec<u32>, endpoint: Endpoint) -> Result<Generation, ApiError> {
+    if prompt.is_empty() {
+        return Err(ApiError::bad("the prompt is empty", "prompt"));
+    }
+    let (mut request, stops) = check_fields(fields, loaded, prompt.len(), endpoint)?;
+    let context = loaded.worker.limits().context_length;
+    if prompt.len() + request.max_tokens > context {
+        return Err(ApiError {
+            code: Some("context_length_exceeded"),
+            ..ApiError::bad(
+                format!(
+                    "this model's context is {context} tokens; the prompt has {} and max_tokens asks for {} more",
+                    prompt.len(),
+                    request.max_tokens
+                ),
+                "max_tokens",
+            )
+        });
+    }
+    request.prompt = prompt;
+    Ok(Generation {
+        endpoint,
+        request,
+        stops,
+        stream: fields.stream,
+        include_usage: fields.stream_options.as_ref().is_some_and(|o| o.include_usage),
+    })
+}
+
+pub async fn completions(State(app): State<Arc<App>>, body: Result<Json<CompletionRequest>, JsonRejection>) -> Response {
+    let result = async {
+        let Json(req) = body?;
+        let loaded = app.loaded()?;
+        let tok = &loaded.tokenizer;
+        let prompt = match req.prompt {
+            PromptInput::Text(t) => tok.encode(&t, true),
+            PromptInput::Texts(v) if v.len() == 1 => tok.encode(&v[0], true),
+            PromptInput::Texts(_) => return Err(ApiError::bad("only one prompt per request is supported", "prompt")),
+            PromptInput::Tokens(ids) => Ok(ids),
+        }
+        .map_err(|e| ApiError::bad(e.to_string(), "prompt"))?;
+        let generation = prepare(&loaded, &req.fields, prompt, Endpoint::Completions)?;
+        Ok::<_, ApiError>(run(app.clone(), loaded, generation).await)
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn chat_completions(State(app): State<Arc<App>>, body: Result<Json<ChatRequest>, JsonRejection>) -> Response {
+    let result = async {
+        let Json(req) = body?;
+        let loaded = app.loaded()?;
+        if req.messages.is_empty() {
+            return Err(ApiError::bad("messages must not be empty", "messages"));
+        }
+        let messages: Vec<ChatMessage> = req
+            .messages
+            .into_iter()
+            .map(|m| {
+                let content = match m.content {
+                    None => String::new(),
+                    Some(MessageContent::Text(t)) => t,
+                    Some(MessageContent::Parts(parts)) => {
+                        parts.into_iter().filter(|p| p.kind == "text").filter_map(|p| p.text).collect::<Vec<_>>().join("")
+                    }
+                };
+                ChatMessage { role: m.role, content }
+            })
+            .collect();
+        let tok = &loaded.tokenizer;
+        let text = tok.apply_chat_template(&messages, true).map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
+        let prompt = tok.encode(&text, true).map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
+        let generation = prepare(&loaded, &req.fields, prompt, Endpoint::Chat)?;
+        Ok::<_, ApiError>(run(app.clone(), loaded, generation).await)
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Delivers scheduler events to the request's task. Unbounded, yet bounded in practice: a
+/// request produces at most `max_tokens` + 1 events.
+struct ChannelSink(mpsc::UnboundedSender<Event>);
+
+impl tandem_core::scheduler::EventSink for ChannelSink {
+    fn send(&mut self, event: Event) -> bool {
+        self.0.send(event).is_ok()
+    }
+    fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+/// Cancels the request in the scheduler when dropped before it finished (client gone).
+struct CancelGuard {
+    worker: tandem_core::worker::WorkerHandle,
+    id: tandem_core::scheduler::RequestId,
+    finished: bool,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.worker.cancel(self.id);
+        }
+    }
+}
+
+/// Holds back text that may be the start of a stop string, and cuts at the first stop string.
+struct StopMatcher {
+    stops: Vec<String>,
+    pending: String,
+}
+
+impl StopMatcher {
+    /// Text that is safe to send now, and whether a stop string was found.
+    fn push(&mut self, piece: &str) -> (String, bool) {
+        self.pending.push_str(piece);
+        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+            let out = self.pending[..at].to_string();
+            self.pending.clear();
+            return (out, true);
+        }
+        let keep = self
+            .stops
+            .iter()
+            .flat_map(|s| (1..s.len()).rev().filter(|&n| s.is_char_boundary(n) && self.pending.ends_with(&s[..n])).take(1))
+            .max()
+            .unwrap_or(0);
+        let cut = self.pending.len() - keep;
+        let out = self.pending[..cut].to_string();
+        self.pending.drain(..cut);
+        (out, false)
+    }
+
+    fn flush(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+/// One piece of output of a generation.
+enum Piece {
+    Text(String),
+    Done { finish: &'static str, usage: Usage },
+    Failed(ApiError),
+}
+
+/// Submits the request and turns its events into text pieces on `out`.
+async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc::Sender<Piece>) {
+    let prompt_tokens = g.request.prompt.len();
+    let stop_ids = g.request.stop_ids.clone();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let id = match loaded.worker.submit(g.request, Box::new(ChannelSink(tx))) {
+        Ok(id) => id,
+        Err(e) => {
+            let _ = out.send(Piece::Failed(refused(e))).await;
+            return;
+        }
+    };
+    let mut guard = CancelGuard { worker: loaded.worker.clone(), id, finished: false };
+    let tok = loaded.tokenizer.clone();
+    let mut text = tok.decode_stream(true);
+    let mut stops = StopMatcher { stops: g.stops, pending: String::new() };
+    let mut generated = 0;
+    while let Some(event) = rx.recv().await {
+        match event {
+            Event::Token(id) => {
+                generated += 1;
+                if stop_ids.contains(&id) {
+                    continue;
+                }
+                let piece = match text.push(id) {
+                    Ok(p) => p.unwrap_or_default(),
+                    Err(e) => {
+                        let _ = out.send(Piece::Failed(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))).await;
+                        return;
+                    }
+                };
+                let (safe, stopped) = stops.push(&piece);
+                if !safe.is_empty() && out.send(Piece::Text(safe)).await.is_err() {
+                    return;
+                }
+                if stopped {
+                    let usage = Usage { prompt_tokens, completion_tokens: generated, total_tokens: prompt_tokens + generated };
+                    let _ = out.send(Piece::Done { finish: "stop", usage }).await;
+                    return;
+                }
+            }
+            Event::Finished(reason, timings) => {
+                guard.finished = true;
+                app.metrics.observe(&timings);
+                let rest = stops.flush();
+                if !rest.is_empty() {
+                    let _ = out.send(Piece::Text(rest)).await;
+                }
+                let finish = match reason {
+                    FinishReason::Length => "length",
+                    FinishReason::Stop => "stop",
+                    FinishReason::Cancelled => "cancelled",
+                };
+                let usage = Usage { prompt_tokens, completion_tokens: generated, total_tokens: prompt_tokens + generated };
+                let _ = out.send(Piece::Done { finish, usage }).await;
+                return;
+            }
+            Event::Failed(msg) => {
+                guard.finished = true;
+                let _ = out.send(Piece::Failed(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg))).await;
+                return;
+            }
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn response_id(endpoint: Endpoint) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let prefix = if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" };
+    format!("{prefix}-{:x}{n:04x}", now_secs())
+}
+
+async fn run(app: Arc<App>, loaded: Arc<Loaded>, g: Generation) -> Response {
+    let (endpoint, stream, include_usage) = (g.endpoint, g.stream, g.include_usage);
+    let model = loaded.model_id.clone();
+    let (tx, mut rx) = mpsc::channel(64);
+    // Submission errors (429, 400) must come back as statuses, so the first piece is awaited
+    // before any response is chosen.
+    tokio::spawn(drive(loaded, app, g, tx));
+    let id = response_id(endpoint);
+    let created = now_secs();
+    if !stream {
+        let mut text = String::new();
+        while let Some(piece) = rx.recv().await {
+            match piece {
+                Piece::Text(t) => text.push_str(&t),
+                Piece::Failed(e) => return e.into_response(),
+                Piece::Done { finish, usage } => {
+                    let body = match endpoint {
+                        Endpoint::Completions => json!({
+                            "id": id, "object": "text_completion", "created": created, "model": model,
+                            "choices": [{ "index": 0, "text": text, "logprobs": null, "finish_reason": finish }],
+                            "usage": usage,
+                        }),
+                        Endpoint::Chat => json!({
+                            "id": id, "object": "chat.completion", "created": created, "model": model,
+                            "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "logprobs": null, "finish_reason": finish }],
+                            "usage": usage,
+                        }),
+                    };
+                    return Json(body).into_response();
+                }
+            }
+        }
+        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the generation ended without a result").into_response();
+    }
+    let first = match rx.recv().await {
+        Some(Piece::Failed(e)) => return e.into_response(),
+        other => other,
+    };
+    let chunk = move |text: Option<&str>, finish: Option<&str>, first: bool| -> serde_json::Value {
+        match endpoint {
+            Endpoint::Completions => json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{ "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish }],
+            }),
+            Endpoint::Chat => {
+                let mut delta = serde_json::Map::new();
+                if first {
+                    delta.insert("role".into(), json!("assistant"));
+                }
+                if let Some(t) = text {
+                    delta.insert("content".into(), json!(t));
+                }
+                json!({
+                    "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }],
+                })
+            }
+        }
+    };
+    let (sse_tx, sse_rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    tokio::spawn(async move {
+        let send = |v: serde_json::Value| SseEvent::default().data(v.to_string());
+        let mut first_chunk = true;
+        let mut next = first;
+        while let Some(piece) = next {
+            let event = match piece {
+                Piece::Text(t) => {
+                    let e = send(chunk(Some(&t), None, first_chunk));
+                    first_chunk = false;
+                    e
+                }
+                Piece::Done { finish, usage } => {
+                    let mut done = chunk(None, Some(finish), first_chunk);
+                    if include_usage {
+                        if sse_tx.send(Ok(send(done.take()))).await.is_err() {
+                            return;
+                        }
+                        let mut u = chunk(None, None, false);
+                        u["choices"] = json!([]);
+                        u["usage"] = json!(usage);
+                        done = u;
+                    }
+                    if sse_tx.send(Ok(send(done))).await.is_err() {
+                        return;
+                    }
+                    let _ = sse_tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+                    return;
+                }
+                Piece::Failed(e) => {
+                    let _ = sse_tx.send(Ok(send(e.body()))).await;
+                    let _ = sse_tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+                    return;
+                }
+            };
+            // A send error means the client left: dropping `rx` cancels the request.
+            if sse_tx.send(Ok(event)).await.is_err() {
+                return;
+            }
+            next = rx.recv().await;
+        }
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(sse_rx)).keep_alive(KeepAlive::default()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopMatcher;
+
+    #[test]
+    fn stop_strings_cut_the_text_and_partial_matches_wait() {
+        let mut m = StopMatcher { stops: vec!["\n\n".into(), "END".into()], pending: String::new() };
+        assert_eq!(m.push("Hello"), ("Hello".into(), false));
+        assert_eq!(m.push(" wor\n"), (" wor".into(), false), "a lone newline may start a stop");
+        assert_eq!(m.push("ld E"), ("\nld ".into(), false));
+        assert_eq!(m.push("ND tail"), (String::new(), true));
+        let mut m = StopMatcher { stops: vec!["é!".into()], pending: String::new() };
+        assert_eq!(m.push("café"), ("caf".into(), false));
+        assert_eq!(m.flush(), "é");
+    }
+}
