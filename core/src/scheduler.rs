@@ -103,6 +103,12 @@ pub struct RequestTimings {
 pub enum Event {
     Token(u32),
     Finished(FinishReason, RequestTimings),
+    /// Never started: the queue was full (`overloaded`) or the request can never run here.
+    Refused {
+        overloaded: bool,
+        reason: String,
+    },
+    /// The engine failed while running it.
     Failed(String),
 }
 
@@ -232,7 +238,7 @@ impl Scheduler {
             other => other,
         };
         if let Err(e) = checked {
-            sink.send(Event::Failed(e.to_string()));
+            sink.send(Event::Refused { overloaded: matches!(e, Error::Overloaded { .. }), reason: e.to_string() });
             return Err(e);
         }
         self.stats.prompt_tokens += req.prompt.len() as u64;

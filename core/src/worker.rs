@@ -141,7 +141,7 @@ fn run(mut sched: Scheduler, rx: Receiver<Command>, stats: Arc<Mutex<SchedulerSt
             match cmd {
                 Command::Submit(id, req, mut sink) => {
                     if stopping {
-                        sink.send(Event::Failed("the server is shutting down".into()));
+                        sink.send(Event::Refused { overloaded: true, reason: "the server is shutting down".into() });
                     } else if let Err(e) = sched.submit(id, req, sink) {
                         tracing::debug!(request = id.0, error = %e, "request refused by the scheduler");
                     }

@@ -69,7 +69,7 @@ fn collect(rx: mpsc::Receiver<Event>) -> Outcome {
         match ev {
             Event::Token(t) => tokens.push(t),
             Event::Finished(reason, timings) => return Outcome { tokens, reason, timings },
-            Event::Failed(e) => panic!("request failed: {e}"),
+            Event::Failed(e) | Event::Refused { reason: e, .. } => panic!("request failed: {e}"),
         }
     }
     panic!("request did not finish")
@@ -159,5 +159,5 @@ fn cancelled_requests_free_their_blocks_and_impossible_ones_are_refused() {
     let mut small = scheduler(64, 4, SchedulerConfig::default());
     let err = small.submit(RequestId(0), too_big, Box::new(tx)).expect_err("refused");
     assert!(err.to_string().contains("KV blocks"), "{err}");
-    assert!(matches!(rx.try_recv(), Ok(Event::Failed(_))), "the sink hears why");
+    assert!(matches!(rx.try_recv(), Ok(Event::Refused { overloaded: false, .. })), "the sink hears why");
 }

@@ -426,6 +426,13 @@ async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc::Sen
                 let _ = out.send(Piece::Done { finish, usage }).await;
                 return;
             }
+            Event::Refused { overloaded, reason } => {
+                guard.finished = true;
+                let status = if overloaded { StatusCode::TOO_MANY_REQUESTS } else { StatusCode::BAD_REQUEST };
+                let code = overloaded.then_some("overloaded");
+                let _ = out.send(Piece::Failed(ApiError { code, ..ApiError::new(status, reason) })).await;
+                return;
+            }
             Event::Failed(msg) => {
                 guard.finished = true;
                 let _ = out.send(Piece::Failed(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg))).await;
