@@ -2,5 +2,6 @@
 //! OpenAI-compatible server and the command-line programs.
 
 pub mod bench;
+pub mod loadgen;
 pub mod models;
 pub mod serve;

@@ -100,7 +100,10 @@ enum ModelCommand {
 }
 
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 struct BenchArgs {
+    #[command(subcommand)]
+    load: Option<BenchCommand>,
     /// A model file (or `smollm2-135m`).
     #[arg(long, conflicts_with = "synthetic")]
     model: Option<String>,
@@ -118,6 +121,85 @@ struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Load a running OpenAI-compatible server (tandem, llama-server, vLLM) with Poisson
+    /// arrivals and report throughput, TTFT/TPOT percentiles and SLO attainment per rate.
+    Serve(LoadArgs),
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// Base URL of the server.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Model id (default: the first of GET /v1/models).
+    #[arg(long)]
+    model: Option<String>,
+    /// Arrival rates in requests/s, one run each (a sweep); `burst` sends every request at once.
+    #[arg(long, value_delimiter = ',', default_value = "burst")]
+    rate: Vec<String>,
+    /// Requests per rate.
+    #[arg(long, default_value_t = 64)]
+    requests: usize,
+    /// Mean prompt length in words (about a token each), uniform within ±50%.
+    #[arg(long, default_value_t = 128)]
+    prompt_words: usize,
+    /// Tokens generated per request (end-of-sequence ignored).
+    #[arg(long, default_value_t = 64)]
+    output_tokens: usize,
+    /// TTFT bound of the SLO, in ms.
+    #[arg(long, default_value_t = 1000)]
+    slo_ttft_ms: u64,
+    /// TPOT bound of the SLO, in ms.
+    #[arg(long, default_value_t = 100)]
+    slo_tpot_ms: u64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn bench_serve(args: LoadArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let model = match args.model {
+            Some(m) => m,
+            None => tandem_node::loadgen::first_model(&args.url).await?,
+        };
+        let mut reports = Vec::new();
+        let mut spec = tandem_node::loadgen::LoadSpec {
+            url: args.url.clone(),
+            model,
+            rate: None,
+            requests: args.requests,
+            prompt_words: args.prompt_words,
+            output_tokens: args.output_tokens,
+            slo_ttft: std::time::Duration::from_millis(args.slo_ttft_ms),
+            slo_tpot: std::time::Duration::from_millis(args.slo_tpot_ms),
+            seed: args.seed,
+        };
+        for rate in &args.rate {
+            spec.rate = match rate.as_str() {
+                "burst" => None,
+                r => Some(r.parse::<f64>().ok().filter(|r| *r > 0.0).with_context(|| format!("rate `{r}` is not a positive number"))?),
+            };
+            let report = tandem_node::loadgen::run(&spec).await;
+            if !args.json {
+                eprint!("{}", tandem_node::loadgen::table(std::slice::from_ref(&report), &spec));
+            }
+            reports.push(report);
+        }
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&reports)?);
+        } else {
+            print!("{}", tandem_node::loadgen::table(&reports, &spec));
+        }
+        Ok(())
+    })
 }
 
 fn init_logs(default: &str, json: bool) {
@@ -274,6 +356,9 @@ fn inspect(spec: &str, list_tensors: bool) -> anyhow::Result<()> {
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(BenchCommand::Serve(load)) = args.load {
+        return bench_serve(load);
+    }
     let model = match (&args.synthetic, &args.model) {
         (Some(name), _) => {
             let format = WeightFormat::ALL

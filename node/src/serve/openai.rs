@@ -113,6 +113,9 @@ pub struct GenerationFields {
     pub stream_options: Option<StreamOptions>,
     pub n: Option<i64>,
     pub logprobs: Option<serde_json::Value>,
+    /// Not in OpenAI's API; as in vLLM: keep generating past end-of-sequence (for benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 #[derive(Deserialize, Debug)]
@@ -215,7 +218,7 @@ fn check_fields(f: &GenerationFields, loaded: &Loaded, prompt_len: usize, endpoi
     if stops.len() > 4 || stops.iter().any(String::is_empty) {
         return Err(ApiError::bad("stop takes at most 4 non-empty strings", "stop"));
     }
-    let mut stop_ids = loaded.tokenizer.stop_ids.clone();
+    let mut stop_ids = if f.ignore_eos { Vec::new() } else { loaded.tokenizer.stop_ids.clone() };
     stop_ids.extend(f.stop_token_ids.iter().flatten());
     // Without a seed, sampling still needs one; temperature 0 ignores it.
     let seed = f.seed.unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0));
