@@ -220,10 +220,33 @@ impl TokenTextStream<'_> {
 }
 
 impl TextTokenizer {
-    /// A tokenizer whose ids are placeholders `<t{id}>`, for synthetic models.
+    /// A byte-level tokenizer for synthetic models: any text encodes to one id per byte (ids 0 to
+    /// 255), and the ids beyond decode to placeholders `<t{id}>`, so servers and benchmarks can run
+    /// on random weights.
     pub fn placeholder(vocab: usize) -> Result<Self> {
-        let vocab_map: Vocab = (0..vocab as u32).map(|i| (format!("<t{i}>"), i)).collect();
+        let mut bytes: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+        bytes.sort_unstable();
+        let mut vocab_map: Vocab = bytes.iter().enumerate().map(|(i, c)| (c.to_string(), i as u32)).collect();
+        vocab_map.extend((bytes.len() as u32..vocab as u32).map(|i| (format!("<t{i}>"), i)));
         let bpe = BPE::builder().vocab_and_merges(vocab_map, Vec::new()).build().map_err(tok_err)?;
-        Ok(Self::new(tokenizers::Tokenizer::new(bpe), None, None, None))
+        let mut tok = tokenizers::Tokenizer::new(bpe);
+        tok.with_pre_tokenizer(Some(ByteLevel::new(false, false, false)));
+        tok.with_decoder(Some(ByteLevel::default()));
+        Ok(Self::new(tok, None, None, None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_placeholder_tokenizer_takes_any_text_a_byte_a_token() {
+        let tok = TextTokenizer::placeholder(1000).expect("builds");
+        let ids = tok.encode("héllo 42", false).expect("encodes");
+        assert_eq!(ids.len(), "héllo 42".len());
+        assert!(ids.iter().all(|&i| i < 256));
+        assert_eq!(tok.decode(&ids).expect("decodes"), "héllo 42");
+        assert_eq!(tok.decode(&[700]).expect("decodes"), "<t700>");
     }
 }

@@ -188,9 +188,8 @@ fn bench_serve(args: LoadArgs) -> anyhow::Result<()> {
                 r => Some(r.parse::<f64>().ok().filter(|r| *r > 0.0).with_context(|| format!("rate `{r}` is not a positive number"))?),
             };
             let report = tandem_node::loadgen::run(&spec).await;
-            if !args.json {
-                eprint!("{}", tandem_node::loadgen::table(std::slice::from_ref(&report), &spec));
-            }
+            // Progress on stderr, one row per rate as it finishes.
+            eprint!("{}", tandem_node::loadgen::table(std::slice::from_ref(&report), &spec));
             reports.push(report);
         }
         if args.json {
