@@ -182,7 +182,9 @@ fn bench_serve(args: LoadArgs) -> anyhow::Result<()> {
             slo_tpot: std::time::Duration::from_millis(args.slo_tpot_ms),
             seed: args.seed,
         };
-        for rate in &args.rate {
+        for (level, rate) in args.rate.iter().enumerate() {
+            // New prompts at every level: repeats would be served from the prefix cache.
+            spec.seed = args.seed.wrapping_add(level as u64 * 1_000_003);
             spec.rate = match rate.as_str() {
                 "burst" => None,
                 r => Some(r.parse::<f64>().ok().filter(|r| *r > 0.0).with_context(|| format!("rate `{r}` is not a positive number"))?),
