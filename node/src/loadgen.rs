@@ -22,6 +22,8 @@ pub struct LoadSpec {
     pub prompt_words: usize,
     /// Output tokens per request (the server is asked to ignore end-of-sequence tokens).
     pub output_tokens: usize,
+    /// (prompt words, output tokens) pairs to draw from instead, e.g. from a trace.
+    pub lengths: Vec<(usize, usize)>,
     pub slo_ttft: Duration,
     pub slo_tpot: Duration,
     pub seed: u64,
@@ -65,7 +67,8 @@ pub struct LoadReport {
 
 const WORDS: &[&str] = &[
     "time", "river", "stone", "light", "house", "garden", "music", "window", "forest", "market", "winter", "bridge", "letter", "silver",
-    "orange", "doctor", "island", "engine", "circle", "mirror", "summer", "paper", "castle", "animal", "planet", "school", "ocean", "friend",
+    "orange", "doctor", "island", "engine", "circle", "mirror", "summer", "paper", "castle", "animal", "planet", "school", "ocean",
+    "friend",
 ];
 
 fn prompt(rng: &mut impl Rng, words: usize) -> String {
@@ -145,10 +148,14 @@ pub async fn run(spec: &LoadSpec) -> LoadReport {
             let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
             at += Duration::from_secs_f64(-u.ln() / rate);
         }
-        let lo = (spec.prompt_words / 2).max(1);
-        let words = rng.random_range(lo..=spec.prompt_words + spec.prompt_words / 2);
+        let (words, output_tokens) = if spec.lengths.is_empty() {
+            let lo = (spec.prompt_words / 2).max(1);
+            (rng.random_range(lo..=spec.prompt_words + spec.prompt_words / 2), spec.output_tokens)
+        } else {
+            spec.lengths[rng.random_range(0..spec.lengths.len())]
+        };
         let body = json!({
-            "model": spec.model, "prompt": prompt(&mut rng, words), "max_tokens": spec.output_tokens,
+            "model": spec.model, "prompt": prompt(&mut rng, words), "max_tokens": output_tokens.max(1),
             "temperature": 0, "stream": true, "stream_options": { "include_usage": true }, "ignore_eos": true,
         });
         let (client, url) = (client.clone(), url.clone());
@@ -180,6 +187,31 @@ pub async fn run(spec: &LoadSpec) -> LoadReport {
         // Failed requests miss the SLO.
         slo_attainment: met as f64 / samples.len().max(1) as f64,
     }
+}
+
+/// Reads a lengths file: one `PROMPT_WORDS OUTPUT_TOKENS` pair per line (spaces or a comma
+/// between them; `#` starts a comment).
+pub fn read_lengths(path: &std::path::Path) -> anyhow::Result<Vec<(usize, usize)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        let nums: Vec<usize> = line
+            .split([',', ' ', '\t'])
+            .filter(|s| !s.is_empty())
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("{}:{}: {e} (want `PROMPT_WORDS OUTPUT_TOKENS`)", path.display(), i + 1))?;
+        match nums[..] {
+            [p, o] if p > 0 && o > 0 => out.push((p, o)),
+            _ => anyhow::bail!("{}:{}: want two positive numbers, `PROMPT_WORDS OUTPUT_TOKENS`", path.display(), i + 1),
+        }
+    }
+    anyhow::ensure!(!out.is_empty(), "{} holds no lengths", path.display());
+    Ok(out)
 }
 
 /// The model a server offers first (`GET /v1/models`).
@@ -219,6 +251,17 @@ pub fn table(reports: &[LoadReport], spec: &LoadSpec) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lengths_files_are_read_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let good = dir.path().join("lengths.txt");
+        std::fs::write(&good, "# prompt output\n128 64\n512,16\n\n").expect("write");
+        assert_eq!(read_lengths(&good).expect("reads"), vec![(128, 64), (512, 16)]);
+        let bad = dir.path().join("bad.txt");
+        std::fs::write(&bad, "128\n").expect("write");
+        assert!(read_lengths(&bad).expect_err("one number").to_string().contains("bad.txt:1"));
+    }
 
     #[test]
     fn percentiles_pick_ranked_values() {

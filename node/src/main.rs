@@ -150,6 +150,9 @@ struct LoadArgs {
     /// Tokens generated per request (end-of-sequence ignored).
     #[arg(long, default_value_t = 64)]
     output_tokens: usize,
+    /// Draw (prompt words, output tokens) from this file instead: one `WORDS TOKENS` pair a line.
+    #[arg(long)]
+    lengths: Option<PathBuf>,
     /// TTFT bound of the SLO, in ms.
     #[arg(long, default_value_t = 1000)]
     slo_ttft_ms: u64,
@@ -178,6 +181,7 @@ fn bench_serve(args: LoadArgs) -> anyhow::Result<()> {
             requests: args.requests,
             prompt_words: args.prompt_words,
             output_tokens: args.output_tokens,
+            lengths: args.lengths.as_deref().map(tandem_node::loadgen::read_lengths).transpose()?.unwrap_or_default(),
             slo_ttft: std::time::Duration::from_millis(args.slo_ttft_ms),
             slo_tpot: std::time::Duration::from_millis(args.slo_tpot_ms),
             seed: args.seed,

@@ -36,10 +36,11 @@ impl Server {
         let client = reqwest::Client::new();
         let start = Instant::now();
         loop {
-            if let Ok(r) = client.get(format!("{}/health", server.base)).send().await
-                && r.status() == 200
-            {
-                break;
+            if let Ok(r) = client.get(format!("{}/health", server.base)).send().await {
+                if r.status() == 200 {
+                    break;
+                }
+                assert_eq!(r.status(), 503, "not ready yet means 503");
             }
             assert!(start.elapsed() < Duration::from_secs(180), "the model loads");
             tokio::time::sleep(Duration::from_millis(200)).await;
