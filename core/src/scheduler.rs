@@ -366,11 +366,20 @@ impl Scheduler {
 
     /// Chooses (request, tokens) for the next step, admitting and preempting as needed.
     fn plan(&mut self) -> Result<Vec<(RequestId, usize)>> {
+        let prefill_only = !self.cfg.chunked_prefill && (self.running.iter().any(|a| a.left() > 1) || !self.waiting.is_empty());
+        let plan = self.plan_with(prefill_only)?;
+        if plan.is_empty() && prefill_only {
+            // No prefill can start (the decoding requests hold the blocks it needs): decode.
+            return self.plan_with(false);
+        }
+        Ok(plan)
+    }
+
+    fn plan_with(&mut self, prefill_only: bool) -> Result<Vec<(RequestId, usize)>> {
         let mut tokens_left = self.engine.max_batch_tokens();
         let mut chunks_left = self.engine.attention_budget();
         let mut plan: Vec<(RequestId, usize)> = Vec::new();
         let mut blocks_taken = 0;
-        let prefill_only = !self.cfg.chunked_prefill && (self.running.iter().any(|a| a.left() > 1) || !self.waiting.is_empty());
 
         // Running requests in policy order.
         let mut order: Vec<RequestId> = self.running.iter().map(|a| a.id).collect();

@@ -127,9 +127,10 @@ impl WorkerHandle {
 
 fn run(mut sched: Scheduler, rx: Receiver<Command>, stats: Arc<Mutex<SchedulerStats>>) {
     let mut stopping = false;
+    let mut pending: Option<Command> = None;
     loop {
-        let mut cmds: Vec<Command> = Vec::new();
-        if !sched.has_work() && !stopping {
+        let mut cmds: Vec<Command> = pending.take().into_iter().collect();
+        if cmds.is_empty() && !sched.has_work() && !stopping {
             match rx.recv() {
                 Ok(c) => cmds.push(c),
                 // Every handle is gone.
@@ -158,7 +159,12 @@ fn run(mut sched: Scheduler, rx: Receiver<Command>, stats: Arc<Mutex<SchedulerSt
         if stopping && !sched.has_work() {
             break;
         }
-        step(&mut sched, &stats);
+        if !step(&mut sched, &stats) && sched.has_work() {
+            // Work that cannot run yet; wait for a command rather than spin.
+            if let Ok(c) = rx.recv_timeout(std::time::Duration::from_millis(5)) {
+                pending = Some(c);
+            }
+        }
     }
     if let Ok(mut s) = stats.lock() {
         *s = sched.stats();
@@ -166,11 +172,14 @@ fn run(mut sched: Scheduler, rx: Receiver<Command>, stats: Arc<Mutex<SchedulerSt
     tracing::info!("GPU worker stopped");
 }
 
-fn step(sched: &mut Scheduler, stats: &Mutex<SchedulerStats>) {
-    if let Err(e) = sched.step() {
+/// Runs a step if one can run; returns whether it did.
+fn step(sched: &mut Scheduler, stats: &Mutex<SchedulerStats>) -> bool {
+    let ran = sched.step().unwrap_or_else(|e| {
         tracing::error!(error = %e, "scheduler step failed");
-    }
+        false
+    });
     if let Ok(mut s) = stats.lock() {
         *s = sched.stats();
     }
+    ran
 }

@@ -112,10 +112,12 @@ fn greedy_tokens_do_not_depend_on_batch_chunking_prefix_cache_or_preemption() {
 
     // Six requests in a cache of 6 blocks: the 30-token prompts fill two blocks each and need a
     // third while decoding, so newer requests are preempted and recomputed; every output is
-    // still the same as alone.
+    // still the same as alone. Without chunked prefill, waiting prompts that cannot get blocks
+    // must not stall the decodes that hold them.
     let p30 = main[..30].to_vec();
     let p30_alone = run_all(&mut scheduler(64, 0, SchedulerConfig::default()), std::slice::from_ref(&p30), 0).remove(0);
-    let mut small = scheduler(64, 6, SchedulerConfig { policy: Policy::DecodeFirst, ..Default::default() });
+    let small_cfg = SchedulerConfig { policy: Policy::DecodeFirst, chunked_prefill: false, ..Default::default() };
+    let mut small = scheduler(64, 6, small_cfg);
     let six = [p30.clone(), prompts[0].clone(), p30.clone(), prompts[1].clone(), prompts[2].clone(), p30.clone()];
     let squeezed = run_all(&mut small, &six, 0);
     assert!(small.stats().preemptions > 0, "the small cache forced preemptions");
