@@ -156,8 +156,10 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-/// Memory for attention partials beyond what decoding every cached position needs.
-const PARTIALS_BYTES: u64 = 64 << 20;
+/// Memory for attention partials beyond what decoding every cached position needs (capped by
+/// the binding limit): enough for 512-token prefill chunks a few thousand positions deep even
+/// for an 8B model's 32 heads.
+const PARTIALS_BYTES: u64 = 256 << 20;
 
 /// Attention chunks of `n` tokens appended at positions `start..start + n`: each token attends
 /// over its whole prefix in chunks of `ATTENTION_CHUNK` positions.

@@ -51,6 +51,22 @@ pub fn generate(
     result
 }
 
+/// Appends `tokens` to `seq` in as few steps as the engine's token and attention budgets allow,
+/// sampling after the last one.
+pub fn prefill(engine: &mut Engine, seq: crate::kv::SeqId, tokens: &[u32], sampling: SamplingParams) -> Result<Option<u32>> {
+    let mut next = None;
+    let mut done = 0;
+    while done < tokens.len() {
+        let start = engine.sequence_len(seq)?;
+        let n = Engine::prefill_fit(start, tokens.len() - done, engine.attention_budget(), engine.max_batch_tokens()).max(1);
+        let last = done + n == tokens.len();
+        let input = StepInput { seq, tokens: tokens[done..done + n].to_vec(), sample: last.then_some(sampling) };
+        next = engine.step(&[input])?[0];
+        done += n;
+    }
+    Ok(next)
+}
+
 fn run(
     engine: &mut Engine,
     seq: crate::kv::SeqId,
@@ -65,15 +81,7 @@ fn run(
         return Ok(stats);
     }
     let start = Instant::now();
-    let mut next = None;
-    let mut done = 0;
-    while done < prompt.len() {
-        let n = Engine::prefill_fit(done, prompt.len() - done, engine.attention_budget(), engine.max_batch_tokens()).max(1);
-        let last = done + n == prompt.len();
-        let input = StepInput { seq, tokens: prompt[done..done + n].to_vec(), sample: last.then_some(sampling) };
-        next = engine.step(&[input])?[0];
-        done += n;
-    }
+    let next = prefill(engine, seq, prompt, sampling)?;
     stats.prefill_time = start.elapsed();
     let decode_start = Instant::now();
     let mut token = next.ok_or_else(|| Error::InvalidRequest("prefill produced no token".into()))?;

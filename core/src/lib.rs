@@ -26,7 +26,7 @@ pub mod worker;
 pub use config::{ModelConfig, RopeLayout};
 pub use engine::{Engine, EngineConfig, SamplingParams, StepInput, StepOutput, StepTiming};
 pub use error::{Error, Result};
-pub use generate::{GenerationStats, generate};
+pub use generate::{GenerationStats, generate, prefill};
 pub use gguf::{GgufFile, GgufTensorOut, MetaValue, write_gguf};
 pub use gpu::{AdapterSummary, GpuContext, list_adapters};
 pub use kv::{BLOCK_TOKENS, KvLayer, KvSink, SeqId};

@@ -130,6 +130,41 @@ impl EventSink for std::sync::mpsc::Sender<Event> {
     }
 }
 
+/// What a request must fit in to ever run on a scheduler; checked where it is submitted, and
+/// again by the scheduler itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub context_length: usize,
+    pub vocab_size: usize,
+    pub kv_blocks: usize,
+    /// Requests that may wait for admission before new ones are refused.
+    pub max_waiting: usize,
+}
+
+impl Limits {
+    /// Whether `req` could ever run (the queue length is not checked here).
+    pub fn check(&self, req: &Request) -> Result<()> {
+        if req.prompt.is_empty() {
+            return Err(Error::InvalidRequest("the prompt is empty".into()));
+        }
+        if let Some(&id) = req.prompt.iter().find(|&&id| id as usize >= self.vocab_size) {
+            return Err(Error::TokenOutOfRange { id, vocab: self.vocab_size });
+        }
+        let positions = req.prompt.len() + req.max_tokens;
+        if positions > self.context_length {
+            return Err(Error::ContextOverflow { tokens: req.prompt.len(), max_new: req.max_tokens, context: self.context_length });
+        }
+        let blocks = positions.div_ceil(BLOCK_TOKENS);
+        if blocks > self.kv_blocks {
+            return Err(Error::InvalidRequest(format!(
+                "the request needs {blocks} KV blocks of {BLOCK_TOKENS} tokens and the cache holds {} (raise --kv-memory)",
+                self.kv_blocks
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Identifies a request within one scheduler.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RequestId(pub u64);
@@ -207,33 +242,20 @@ impl Scheduler {
         !self.waiting.is_empty() || !self.running.is_empty()
     }
 
-    /// Checks that a request could ever run here.
-    pub fn validate(&self, req: &Request) -> Result<()> {
-        if req.prompt.is_empty() {
-            return Err(Error::InvalidRequest("the prompt is empty".into()));
+    /// What a request must fit in to ever run here.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            context_length: self.engine.context_length(),
+            vocab_size: self.engine.config.vocab_size,
+            kv_blocks: self.engine.kv_usage().total,
+            max_waiting: self.cfg.max_waiting,
         }
-        let vocab = self.engine.config.vocab_size;
-        if let Some(&id) = req.prompt.iter().find(|&&id| id as usize >= vocab) {
-            return Err(Error::TokenOutOfRange { id, vocab });
-        }
-        let context = self.engine.context_length();
-        if req.prompt.len() + req.max_tokens > context {
-            return Err(Error::ContextOverflow { tokens: req.prompt.len(), max_new: req.max_tokens, context });
-        }
-        let blocks = (req.prompt.len() + req.max_tokens).div_ceil(BLOCK_TOKENS);
-        let total = self.engine.kv_usage().total;
-        if blocks > total {
-            return Err(Error::InvalidRequest(format!(
-                "the request needs {blocks} KV blocks of {BLOCK_TOKENS} tokens and the cache holds {total} (raise --kv-memory)"
-            )));
-        }
-        Ok(())
     }
 
     /// Queues a request; its events go to `sink`. Ids must increase with arrival (they order
     /// the queue); a refused request is told why through `sink` as well.
     pub fn submit(&mut self, id: RequestId, req: Request, mut sink: Box<dyn EventSink>) -> Result<RequestId> {
-        let checked = match self.validate(&req) {
+        let checked = match self.limits().check(&req) {
             Ok(()) if self.waiting.len() >= self.cfg.max_waiting => Err(Error::Overloaded { waiting: self.waiting.len() }),
             other => other,
         };

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::error::{Error, Result};
-use crate::scheduler::{Event, EventSink, Request, RequestId, Scheduler, SchedulerStats};
+use crate::scheduler::{Event, EventSink, Limits, Request, RequestId, Scheduler, SchedulerStats};
 
 enum Command {
     Submit(RequestId, Request, Box<dyn EventSink>),
@@ -18,22 +18,13 @@ enum Command {
     },
 }
 
-/// What callers need to know to check a request before it reaches the worker.
-#[derive(Clone, Copy, Debug)]
-pub struct WorkerLimits {
-    pub context_length: usize,
-    pub vocab_size: usize,
-    pub kv_blocks: usize,
-    pub max_waiting: usize,
-}
-
 /// A cheap, clonable handle to the worker thread.
 #[derive(Clone)]
 pub struct WorkerHandle {
     tx: SyncSender<Command>,
     stats: Arc<Mutex<SchedulerStats>>,
     next_id: Arc<AtomicU64>,
-    limits: WorkerLimits,
+    limits: Limits,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
@@ -48,14 +39,8 @@ const CHANNEL_BOUND: usize = 1024;
 
 impl WorkerHandle {
     /// Starts the worker thread running `scheduler`.
-    pub fn spawn(scheduler: Scheduler, max_waiting: usize) -> Result<Self> {
-        let engine = scheduler.engine();
-        let limits = WorkerLimits {
-            context_length: engine.context_length(),
-            vocab_size: engine.config.vocab_size,
-            kv_blocks: engine.kv_usage().total,
-            max_waiting,
-        };
+    pub fn spawn(scheduler: Scheduler) -> Result<Self> {
+        let limits = scheduler.limits();
         let stats = Arc::new(Mutex::new(scheduler.stats()));
         let (tx, rx) = std::sync::mpsc::sync_channel(CHANNEL_BOUND);
         let shared = stats.clone();
@@ -66,7 +51,7 @@ impl WorkerHandle {
         Ok(WorkerHandle { tx, stats, next_id: Arc::default(), limits, thread: Arc::new(Mutex::new(Some(thread))) })
     }
 
-    pub fn limits(&self) -> WorkerLimits {
+    pub fn limits(&self) -> Limits {
         self.limits
     }
 
@@ -77,25 +62,9 @@ impl WorkerHandle {
 
     /// Checks and queues a request; its events go to `sink`.
     pub fn submit(&self, req: Request, sink: Box<dyn EventSink>) -> Result<RequestId> {
-        let l = self.limits;
-        if req.prompt.is_empty() {
-            return Err(Error::InvalidRequest("the prompt is empty".into()));
-        }
-        if let Some(&id) = req.prompt.iter().find(|&&id| id as usize >= l.vocab_size) {
-            return Err(Error::TokenOutOfRange { id, vocab: l.vocab_size });
-        }
-        if req.prompt.len() + req.max_tokens > l.context_length {
-            return Err(Error::ContextOverflow { tokens: req.prompt.len(), max_new: req.max_tokens, context: l.context_length });
-        }
-        let blocks = (req.prompt.len() + req.max_tokens).div_ceil(crate::kv::BLOCK_TOKENS);
-        if blocks > l.kv_blocks {
-            return Err(Error::InvalidRequest(format!(
-                "the request needs {blocks} KV blocks and the cache holds {} (raise --kv-memory)",
-                l.kv_blocks
-            )));
-        }
+        self.limits.check(&req)?;
         let waiting = self.stats().waiting;
-        if waiting >= l.max_waiting {
+        if waiting >= self.limits.max_waiting {
             return Err(Error::Overloaded { waiting });
         }
         let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));

@@ -46,15 +46,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Prefill time of a `len`-token prompt (seconds), as one step (or several when the step budget is smaller).
+/// Prefill time of a prompt (seconds), in as few steps as the engine's budgets allow.
 fn prefill_once(engine: &mut Engine, tokens: &[u32]) -> tandem_core::Result<(f64, tandem_core::SeqId)> {
     let seq = engine.create_sequence();
     let start = Instant::now();
-    let chunks: Vec<&[u32]> = tokens.chunks(engine.max_batch_tokens()).collect();
-    for (i, c) in chunks.iter().enumerate() {
-        let sample = (i + 1 == chunks.len()).then(SamplingParams::greedy);
-        engine.step(&[StepInput { seq, tokens: c.to_vec(), sample }])?;
-    }
+    tandem_core::prefill(engine, seq, tokens, SamplingParams::greedy())?;
     Ok((start.elapsed().as_secs_f64(), seq))
 }
 

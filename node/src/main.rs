@@ -366,10 +366,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     let model = match (&args.synthetic, &args.model) {
         (Some(name), _) => {
-            let format = WeightFormat::ALL
-                .into_iter()
-                .find(|f| f.name() == args.format)
-                .with_context(|| format!("unknown format `{}`", args.format))?;
+            let format: WeightFormat = args.format.parse().map_err(anyhow::Error::msg)?;
             synthetic_model(name, format, 42)?
         }
         (None, Some(spec)) => HostModel::load(&resolve_model(spec)?)?,

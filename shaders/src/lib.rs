@@ -2,7 +2,8 @@
 //!
 //! Each kernel lives in its own `.wgsl` file under `wgsl/`. A kernel that reads weights is rendered
 //! with the dequantization module of the weight's storage format (`dequant_*.wgsl`, which declares
-//! the weight binding and defines `BLOCK`, `block_dot` and `dq_elem`); a kernel whose lanes
+//! the weight binding and defines `BLOCK`, `block_dot` and `dq_elem`; F16 reads its halves through
+//! `f16_words.wgsl` or, on SHADER_F16 adapters, `f16_native.wgsl`); a kernel whose lanes
 //! cooperate gets a lane-exchange module (`*_lanes_subgroup.wgsl` where the adapter has 32-lane
 //! subgroups, `*_lanes_workgroup.wgsl` elsewhere). Everything else that varies (model shape,
 //! tiling) is a WGSL `override` constant set when the pipeline is created. The structs the CPU writes into
@@ -70,16 +71,34 @@ impl WeightFormat {
         cols.is_multiple_of(self.block_elems()).then(|| cols / self.block_elems() * self.block_bytes())
     }
 
-    fn dequant_source(self, caps: ShaderCaps) -> &'static str {
+    /// How the weight words are read, where that depends on the adapter.
+    fn weight_access_source(self, caps: ShaderCaps) -> Option<&'static str> {
+        match self {
+            WeightFormat::F16 if caps.f16 => Some(include_str!("../wgsl/f16_native.wgsl")),
+            WeightFormat::F16 => Some(include_str!("../wgsl/f16_words.wgsl")),
+            _ => None,
+        }
+    }
+
+    fn dequant_source(self) -> &'static str {
         match self {
             WeightFormat::F32 => include_str!("../wgsl/dequant_f32.wgsl"),
-            WeightFormat::F16 if caps.f16 => include_str!("../wgsl/dequant_f16_native.wgsl"),
             WeightFormat::F16 => include_str!("../wgsl/dequant_f16.wgsl"),
             WeightFormat::Bf16 => include_str!("../wgsl/dequant_bf16.wgsl"),
             WeightFormat::Q8_0 => include_str!("../wgsl/dequant_q8_0.wgsl"),
             WeightFormat::Q4_0 => include_str!("../wgsl/dequant_q4_0.wgsl"),
             WeightFormat::Q4_1 => include_str!("../wgsl/dequant_q4_1.wgsl"),
         }
+    }
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        WeightFormat::ALL.into_iter().find(|f| f.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = WeightFormat::ALL.iter().map(|f| f.name()).collect();
+            format!("unknown weight format `{s}` ({})", names.join(", "))
+        })
     }
 }
 
@@ -161,7 +180,7 @@ impl Kernel {
     /// The complete WGSL source of one variant for an adapter with `caps`.
     pub fn source(self, format: Option<WeightFormat>, caps: ShaderCaps) -> Result<String, RenderError> {
         let dequant = match (self.reads_weights(), format) {
-            (true, Some(f)) => Some(f.dequant_source(caps)),
+            (true, Some(f)) => Some(f.dequant_source()),
             (false, None) => None,
             (true, None) => return Err(RenderError::MissingFormat(self)),
             (false, Some(f)) => return Err(RenderError::UnexpectedFormat(self, f)),
@@ -173,7 +192,8 @@ impl Kernel {
         if caps.f16 && format == Some(WeightFormat::F16) {
             out.push_str("enable f16;\n");
         }
-        for part in [Some(include_str!("../wgsl/common.wgsl")), Some(self.body()), dequant, lanes].into_iter().flatten() {
+        let access = format.and_then(|f| f.weight_access_source(caps));
+        for part in [Some(include_str!("../wgsl/common.wgsl")), Some(self.body()), access, dequant, lanes].into_iter().flatten() {
             out.push_str(part);
             out.push('\n');
         }

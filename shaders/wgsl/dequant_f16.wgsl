@@ -1,11 +1,10 @@
-// F16 weights: two elements per word (low half first), rows of `k` elements back to back, so a
-// row may start in the middle of a word when `k` is odd.
-@group(0) @binding(3) var<storage, read> w: array<u32>;
+// F16 weights: rows of `k` halves back to back (a row may start mid-word when `k` is odd). The
+// halves are read through `half_at`/`half4_at`, from f16_words.wgsl (u32 words unpacked) or
+// f16_native.wgsl (WGSL `f16`, on SHADER_F16 adapters); both sum in the same order.
 const BLOCK: u32 = 32u;
 
 fn dq_elem(row: u32, col: u32, k: u32) -> f32 {
-    let e = row * k + col;
-    return unpack2x16float(w[e >> 1u])[e & 1u];
+    return half_at(row * k + col);
 }
 
 fn block_dot(row: u32, b: u32, k: u32, xo: u32) -> f32 {
@@ -16,9 +15,7 @@ fn block_dot(row: u32, b: u32, k: u32, xo: u32) -> f32 {
         // Whole block of a row starting on an 8-byte boundary: 4 elements per step. Which path
         // a block takes depends only on the weight's shape, never on the batch.
         for (var i = 0u; i < BLOCK; i += 4u) {
-            let h = e + i;
-            let v = vec4<f32>(unpack2x16float(w[h >> 1u]), unpack2x16float(w[(h >> 1u) + 1u]));
-            sum += dot(v, x4(xo + i));
+            sum += dot(half4_at(e + i), x4(xo + i));
         }
         return sum;
     }

@@ -35,7 +35,8 @@ enum Phase {
     Loading,
     Ready(Arc<Loaded>),
     Failed(String),
-    Stopping,
+    /// Shutting down; the model, if it had loaded, until the worker has stopped.
+    Stopping(Option<Arc<Loaded>>),
 }
 
 /// Shared state of the HTTP handlers.
@@ -44,14 +45,32 @@ pub struct App {
     pub model_id: String,
     pub metrics: metrics::Metrics,
     phase: RwLock<Phase>,
-    /// The worker, kept after `Stopping` so shutdown can still reach it.
-    worker: RwLock<Option<WorkerHandle>>,
 }
 
 impl App {
-    fn set(&self, phase: Phase) {
-        if let Ok(mut p) = self.phase.write() {
-            *p = phase;
+    /// Refuses new requests from now on; returns the worker to stop, if the model had loaded.
+    fn begin_stopping(&self) -> Option<WorkerHandle> {
+        let mut p = self.phase.write().ok()?;
+        let loaded = match std::mem::replace(&mut *p, Phase::Stopping(None)) {
+            Phase::Ready(l) | Phase::Stopping(Some(l)) => Some(l),
+            _ => None,
+        };
+        let worker = loaded.as_ref().map(|l| l.worker.clone());
+        *p = Phase::Stopping(loaded);
+        worker
+    }
+
+    /// Becomes ready, unless a shutdown began while loading (then the worker is stopped).
+    fn finish_loading(&self, result: anyhow::Result<Arc<Loaded>>) {
+        let Ok(mut p) = self.phase.write() else { return };
+        match (result, &*p) {
+            (Ok(l), Phase::Loading) => *p = Phase::Ready(l),
+            (Ok(l), _) => {
+                l.worker.request_stop(false);
+                *p = Phase::Stopping(Some(l));
+            }
+            (Err(e), Phase::Loading) => *p = Phase::Failed(format!("{e:#}")),
+            (Err(_), _) => {}
         }
     }
 
@@ -61,13 +80,16 @@ impl App {
         match &*phase {
             Phase::Ready(l) => Ok(l.clone()),
             Phase::Loading => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the model is still loading")),
-            Phase::Stopping => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down")),
+            Phase::Stopping(_) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down")),
             Phase::Failed(e) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("the model failed to load: {e}"))),
         }
     }
 
     fn worker(&self) -> Option<WorkerHandle> {
-        self.worker.read().ok().and_then(|w| w.clone())
+        match &*self.phase.read().ok()? {
+            Phase::Ready(l) | Phase::Stopping(Some(l)) => Some(l.worker.clone()),
+            _ => None,
+        }
     }
 }
 
@@ -87,15 +109,7 @@ fn load_model(spec: &str) -> anyhow::Result<HostModel> {
     if let Some(rest) = spec.strip_prefix("synthetic:") {
         let mut parts = rest.split(':');
         let name = parts.next().unwrap_or_default();
-        let format = match parts.next().unwrap_or("q4_1") {
-            "q4_0" => WeightFormat::Q4_0,
-            "q4_1" => WeightFormat::Q4_1,
-            "q8_0" => WeightFormat::Q8_0,
-            "f16" => WeightFormat::F16,
-            "bf16" => WeightFormat::Bf16,
-            "f32" => WeightFormat::F32,
-            other => anyhow::bail!("unknown weight format `{other}` (q4_0, q4_1, q8_0, f16, bf16, f32)"),
-        };
+        let format: WeightFormat = parts.next().unwrap_or("q4_1").parse().map_err(anyhow::Error::msg)?;
         return Ok(tandem_core::synthetic::synthetic_model(name, format, 42)?);
     }
     Ok(HostModel::load(&crate::models::resolve_model(spec)?)?)
@@ -131,7 +145,7 @@ fn load(app: &App) -> anyhow::Result<Arc<Loaded>> {
         "model loaded"
     );
     let scfg = SchedulerConfig { policy: cfg.policy, chunked_prefill: cfg.chunked_prefill, max_waiting: cfg.max_waiting };
-    let worker = WorkerHandle::spawn(Scheduler::new(engine, scfg), cfg.max_waiting)?;
+    let worker = WorkerHandle::spawn(Scheduler::new(engine, scfg))?;
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     Ok(Arc::new(Loaded {
         model_id: app.model_id.clone(),
@@ -204,42 +218,29 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.http).await.with_context(|| format!("binding {}", cfg.http))?;
     let addr = listener.local_addr()?;
     let grace = Duration::from_secs(cfg.shutdown_grace);
-    let app = Arc::new(App {
-        model_id: model_id(&cfg.model),
-        cfg,
-        metrics: metrics::Metrics::new(),
-        phase: RwLock::new(Phase::Loading),
-        worker: RwLock::new(None),
-    });
+    let app = Arc::new(App { model_id: model_id(&cfg.model), cfg, metrics: metrics::Metrics::new(), phase: RwLock::new(Phase::Loading) });
     // Scripts and tests read the address (the port may have been 0) from this line.
     println!("tandem: listening on http://{addr}");
     tracing::info!(%addr, model = %app.model_id, "listening; loading the model");
 
     let loader = app.clone();
-    tokio::task::spawn_blocking(move || match load(&loader) {
-        Ok(l) => {
-            loader.metrics.attach(l.worker.clone());
-            if let Ok(mut w) = loader.worker.write() {
-                *w = Some(l.worker.clone());
+    tokio::task::spawn_blocking(move || {
+        let result = load(&loader);
+        match &result {
+            Ok(l) => {
+                loader.metrics.attach(l.worker.clone());
+                tracing::info!("ready");
             }
-            // A signal may have come while loading.
-            if matches!(loader.phase.read().as_deref(), Ok(Phase::Loading)) {
-                loader.set(Phase::Ready(l));
-            }
-            tracing::info!("ready");
+            Err(e) => tracing::error!(error = format!("{e:#}"), "the model failed to load"),
         }
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "the model failed to load");
-            loader.set(Phase::Failed(format!("{e:#}")));
-        }
+        loader.finish_loading(result);
     });
 
     let stopper = app.clone();
     let shutdown = async move {
         signal().await;
         tracing::info!(grace_s = grace.as_secs(), "shutting down: finishing in-flight requests");
-        stopper.set(Phase::Stopping);
-        if let Some(w) = stopper.worker() {
+        if let Some(w) = stopper.begin_stopping() {
             w.request_stop(true);
         }
         let late = stopper.clone();

@@ -66,7 +66,7 @@ fn refused(e: tandem_core::Error) -> ApiError {
     use tandem_core::Error as E;
     match e {
         E::Overloaded { .. } => ApiError { code: Some("overloaded"), ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()) },
-        E::ContextOverflow { .. } => ApiError { code: Some("context_length_exceeded"), ..ApiError::bad(e.to_string(), "messages") },
+        E::ContextOverflow { .. } => ApiError { code: Some("context_length_exceeded"), ..ApiError::bad(e.to_string(), "max_tokens") },
         E::InvalidRequest(_) | E::TokenOutOfRange { .. } => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
         _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
@@ -227,24 +227,8 @@ fn check_fields(f: &GenerationFields, loaded: &Loaded, prompt_len: usize, endpoi
 }
 
 fn prepare(loaded: &Loaded, fields: &GenerationFields, prompt: Vec<u32>, endpoint: Endpoint) -> Result<Generation, ApiError> {
-    if prompt.is_empty() {
-        return Err(ApiError::bad("the prompt is empty", "prompt"));
-    }
+    // Context, vocabulary and cache limits are checked by the worker at submission.
     let (mut request, stops) = check_fields(fields, loaded, prompt.len(), endpoint)?;
-    let context = loaded.worker.limits().context_length;
-    if prompt.len() + request.max_tokens > context {
-        return Err(ApiError {
-            code: Some("context_length_exceeded"),
-            ..ApiError::bad(
-                format!(
-                    "this model's context is {context} tokens; the prompt has {} and max_tokens asks for {} more",
-                    prompt.len(),
-                    request.max_tokens
-                ),
-                "max_tokens",
-            )
-        });
-    }
     request.prompt = prompt;
     Ok(Generation {
         endpoint,
