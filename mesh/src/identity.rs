@@ -1,0 +1,59 @@
+//! The node's persistent ed25519 identity: its peer id is stable across restarts, so allow-lists
+//! and bootstrap addresses keep working.
+
+use std::path::Path;
+
+use libp2p::identity::Keypair;
+
+use crate::error::{Error, Result};
+
+/// Reads the key at `path`, or creates one there (mode 0600) on first start.
+pub fn load_or_create_identity(path: &Path) -> Result<Keypair> {
+    let err = |message: String| Error::Identity { path: path.to_path_buf(), message };
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            Keypair::from_protobuf_encoding(&bytes).map_err(|e| err(format!("not a libp2p key ({e}); delete it to make a new one")))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = Keypair::generate_ed25519();
+            let bytes = key.to_protobuf_encoding().map_err(|e| err(e.to_string()))?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create its folder: {e}")))?;
+            }
+            write_private(path, &bytes).map_err(|e| err(format!("cannot write it: {e}")))?;
+            tracing::info!(path = %path.display(), peer_id = %key.public().to_peer_id(), "created a new node identity");
+            Ok(key)
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+#[cfg(unix)]
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(bytes)
+}
+
+#[cfg(not(unix))]
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::write(path, bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_identity_survives_a_restart_and_garbage_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sub/identity.key");
+        let a = load_or_create_identity(&path).expect("created");
+        let b = load_or_create_identity(&path).expect("read back");
+        assert_eq!(a.public().to_peer_id(), b.public().to_peer_id());
+        std::fs::write(&path, b"not a key").expect("write");
+        let e = load_or_create_identity(&path).expect_err("garbage");
+        assert!(e.to_string().contains("identity.key"), "{e}");
+    }
+}

@@ -1,0 +1,29 @@
+//! The tandem mesh: a libp2p swarm (TCP + noise + yamux and QUIC, or TCP behind a pre-shared key)
+//! on which nodes find each other (bootstrap addresses, mDNS, Kademlia), advertise what they can do
+//! and how loaded they are (gossipsub), take roles, and open direct streams to each other for
+//! requests. Knows nothing of GPUs or models beyond what the ads say: payloads are opaque.
+
+mod cluster;
+mod error;
+mod frames;
+mod identity;
+mod infer;
+mod messages;
+mod network;
+mod placement;
+mod roles;
+mod secret;
+
+pub use cluster::{ClusterSnapshot, ClusterView, Link, MeshEvent, MeshEventKind, NodeSnapshot, NodeState};
+pub use error::{Error, Result};
+pub use frames::{FrameError, FramedStream, Limits as FrameLimits};
+pub use identity::load_or_create_identity;
+pub use infer::{HEARTBEAT, INFER_LIMITS, INFER_PROTOCOL, InferEndpoint, InferReply, InferRequest};
+pub use messages::{AdapterAd, CapabilityAd, GossipMessage, LoadReport, MAX_GOSSIP_BYTES, ModelAd, PROTOCOL_VERSION, Speed};
+pub use network::{Mesh, MeshConfig, MeshHandle, StreamGate, StreamPermit};
+pub use placement::{Placement, PlacementRequest, place};
+pub use roles::{Role, RoleBalancer, RoleInput, RoleSetting, auto_role};
+pub use secret::{MeshSecret, generate_secret};
+
+pub use libp2p::Stream;
+pub use libp2p::{Multiaddr, PeerId, StreamProtocol};

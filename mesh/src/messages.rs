@@ -1,0 +1,303 @@
+//! What nodes tell each other on gossipsub: a capability ad (what a node is and can do; sent on
+//! change, when a peer subscribes, and every few seconds) and a load report (about once a
+//! second). Small, versioned JSON with a hard size bound; every field is checked for plausibility
+//! before it reaches the cluster view, since gossip is relayed by peers we do not control.
+
+use serde::{Deserialize, Serialize};
+
+use crate::roles::Role;
+
+/// Version of the gossip and stream messages; a peer with another version is ignored.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Largest gossip message accepted or sent.
+pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
+
+const MAX_TEXT: usize = 256;
+const MAX_MODELS: usize = 16;
+const MAX_ADDRESSES: usize = 32;
+const MAX_PEERS_LISTED: usize = 512;
+
+/// Measured speed of a node's GPU, from its start-up micro-benchmark of our own kernels.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Default)]
+pub struct Speed {
+    /// Matmul throughput.
+    pub gflops: f64,
+    /// Matvec weight-streaming bandwidth.
+    pub gbps: f64,
+}
+
+/// The GPU a node runs on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct AdapterAd {
+    pub name: String,
+    pub vendor: String,
+    /// Vulkan, Metal, Dx12, Gl or BrowserWebGpu.
+    pub backend: String,
+    /// DiscreteGpu, IntegratedGpu, Cpu, ...
+    pub device_type: String,
+    /// Device memory in bytes, where the platform tells it.
+    pub memory_bytes: Option<u64>,
+}
+
+/// A model a node serves.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct ModelAd {
+    /// The API id clients ask for.
+    pub id: String,
+    /// Hash of the architecture, shapes, weights and tokenizer: nodes with equal fingerprints
+    /// compute the same tokens.
+    pub fingerprint: String,
+    pub parameters: u64,
+    pub weight_bytes: u64,
+    pub context: u64,
+    /// Bytes of KV cache one token takes (all layers, K and V).
+    pub kv_bytes_per_token: u64,
+}
+
+/// What a node is and can do.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct CapabilityAd {
+    pub peer_id: String,
+    /// Software version.
+    pub version: String,
+    /// The role the node has now.
+    pub role: Role,
+    /// Whether the role was chosen by `auto` (and may flip) rather than pinned.
+    pub auto_role: bool,
+    pub adapter: Option<AdapterAd>,
+    pub speed: Speed,
+    pub models: Vec<ModelAd>,
+    /// Where its HTTP API listens, for scripts and the console.
+    pub http: Option<String>,
+    pub addresses: Vec<String>,
+}
+
+/// How busy a node is.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct LoadReport {
+    pub peer_id: String,
+    pub running: u64,
+    pub waiting: u64,
+    pub queued_prefill_tokens: u64,
+    pub kv_blocks_free: u64,
+    pub kv_blocks_total: u64,
+    /// Generated tokens per second over the last few seconds.
+    pub tokens_per_s: f64,
+    pub ttft_p50_ms: Option<f64>,
+    pub ttft_p99_ms: Option<f64>,
+    pub tpot_p50_ms: Option<f64>,
+    pub tpot_p99_ms: Option<f64>,
+    /// Not taking new work (role flip or shutdown under way).
+    pub draining: bool,
+    /// Peers it has a direct connection to: the cluster's links.
+    pub peers: Vec<String>,
+}
+
+/// One gossip message.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GossipMessage {
+    Capability(CapabilityAd),
+    Load(LoadReport),
+    /// The node is leaving on purpose; forget it now rather than at the timeout.
+    Leaving {
+        peer_id: String,
+        reason: String,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope<M> {
+    v: u16,
+    #[serde(flatten)]
+    message: M,
+}
+
+impl GossipMessage {
+    /// The peer the message speaks for.
+    pub fn peer_id(&self) -> &str {
+        match self {
+            GossipMessage::Capability(a) => &a.peer_id,
+            GossipMessage::Load(l) => &l.peer_id,
+            GossipMessage::Leaving { peer_id, .. } => peer_id,
+        }
+    }
+
+    /// The wire form; fails only if it would exceed [`MAX_GOSSIP_BYTES`].
+    pub fn encode(&self) -> Result<Vec<u8>, String> {
+        let bytes = serde_json::to_vec(&Envelope { v: PROTOCOL_VERSION, message: self }).map_err(|e| e.to_string())?;
+        if bytes.len() > MAX_GOSSIP_BYTES {
+            return Err(format!("message of {} bytes exceeds the {MAX_GOSSIP_BYTES}-byte bound", bytes.len()));
+        }
+        Ok(bytes)
+    }
+
+    /// Parses and checks a message; the error says what was wrong.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        if bytes.len() > MAX_GOSSIP_BYTES {
+            return Err(format!("{} bytes exceeds the {MAX_GOSSIP_BYTES}-byte bound", bytes.len()));
+        }
+        #[derive(Deserialize)]
+        struct Version {
+            v: u16,
+        }
+        let Version { v } = serde_json::from_slice(bytes).map_err(|e| format!("not a tandem message: {e}"))?;
+        if v != PROTOCOL_VERSION {
+            return Err(format!("protocol version {v}, this node speaks {PROTOCOL_VERSION}"));
+        }
+        let Envelope { message, .. }: Envelope<GossipMessage> = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        message.check()?;
+        Ok(message)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        fn text(name: &str, s: &str) -> Result<(), String> {
+            if s.len() > MAX_TEXT { Err(format!("{name} is {} bytes long (at most {MAX_TEXT})", s.len())) } else { Ok(()) }
+        }
+        fn number(name: &str, v: f64, max: f64) -> Result<(), String> {
+            if v.is_finite() && (0.0..=max).contains(&v) { Ok(()) } else { Err(format!("{name} = {v} is not plausible")) }
+        }
+        fn list(name: &str, n: usize, max: usize) -> Result<(), String> {
+            if n > max { Err(format!("{n} {name} (at most {max})")) } else { Ok(()) }
+        }
+        text("peer_id", self.peer_id())?;
+        match self {
+            GossipMessage::Capability(a) => {
+                text("version", &a.version)?;
+                if a.role == Role::Auto {
+                    return Err("a node advertises the role it has, never `auto`".into());
+                }
+                if let Some(ad) = &a.adapter {
+                    for (n, s) in
+                        [("adapter", &ad.name), ("vendor", &ad.vendor), ("backend", &ad.backend), ("device_type", &ad.device_type)]
+                    {
+                        text(n, s)?;
+                    }
+                }
+                number("gflops", a.speed.gflops, 1e7)?;
+                number("gbps", a.speed.gbps, 1e5)?;
+                list("models", a.models.len(), MAX_MODELS)?;
+                for m in &a.models {
+                    text("model id", &m.id)?;
+                    text("fingerprint", &m.fingerprint)?;
+                    if m.id.is_empty() || m.fingerprint.is_empty() || m.parameters == 0 {
+                        return Err(format!("model `{}` lacks an id, fingerprint or size", m.id));
+                    }
+                }
+                list("addresses", a.addresses.len(), MAX_ADDRESSES)?;
+                for s in a.addresses.iter().chain(a.http.iter()) {
+                    text("address", s)?;
+                }
+            }
+            GossipMessage::Load(l) => {
+                number("tokens_per_s", l.tokens_per_s, 1e9)?;
+                for (n, v) in [
+                    ("ttft_p50_ms", l.ttft_p50_ms),
+                    ("ttft_p99_ms", l.ttft_p99_ms),
+                    ("tpot_p50_ms", l.tpot_p50_ms),
+                    ("tpot_p99_ms", l.tpot_p99_ms),
+                ] {
+                    if let Some(v) = v {
+                        number(n, v, 1e9)?;
+                    }
+                }
+                if l.kv_blocks_free > l.kv_blocks_total {
+                    return Err(format!("{} free KV blocks of {}", l.kv_blocks_free, l.kv_blocks_total));
+                }
+                list("peers", l.peers.len(), MAX_PEERS_LISTED)?;
+                for p in &l.peers {
+                    text("peer", p)?;
+                }
+            }
+            GossipMessage::Leaving { reason, .. } => text("reason", reason)?,
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ad() -> CapabilityAd {
+        CapabilityAd {
+            peer_id: "12D3KooWtest".into(),
+            version: "0.1.0".into(),
+            role: Role::Both,
+            auto_role: false,
+            adapter: Some(AdapterAd {
+                name: "llvmpipe".into(),
+                vendor: "0x10005".into(),
+                backend: "Vulkan".into(),
+                device_type: "Cpu".into(),
+                memory_bytes: None,
+            }),
+            speed: Speed { gflops: 12.5, gbps: 8.0 },
+            models: vec![ModelAd {
+                id: "smollm2-135m".into(),
+                fingerprint: "abcd".into(),
+                parameters: 134_515_008,
+                weight_bytes: 1,
+                context: 8192,
+                kv_bytes_per_token: 1,
+            }],
+            http: Some("127.0.0.1:8080".into()),
+            addresses: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+        }
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let load = LoadReport {
+            peer_id: "p".into(),
+            running: 3,
+            kv_blocks_free: 1,
+            kv_blocks_total: 2,
+            ttft_p50_ms: Some(12.0),
+            peers: vec!["q".into()],
+            ..Default::default()
+        };
+        for m in [
+            GossipMessage::Capability(ad()),
+            GossipMessage::Load(load),
+            GossipMessage::Leaving { peer_id: "p".into(), reason: "shutdown".into() },
+        ] {
+            let bytes = m.encode().expect("encodes");
+            assert_eq!(GossipMessage::decode(&bytes).expect("decodes"), m);
+        }
+    }
+
+    #[test]
+    fn malformed_oversized_foreign_and_implausible_messages_are_refused() {
+        let good = GossipMessage::Capability(ad()).encode().expect("encodes");
+        let mut cases: Vec<(Vec<u8>, &str)> = vec![
+            (vec![], "not a tandem message"),
+            (b"{\"v\":1".to_vec(), "not a tandem message"),
+            (vec![0xff; 100], "not a tandem message"),
+            (vec![b' '; MAX_GOSSIP_BYTES + 1], "bound"),
+            (String::from_utf8_lossy(&good).replacen("\"v\":1", "\"v\":2", 1).into_bytes(), "version 2"),
+            (String::from_utf8_lossy(&good).replacen("\"capability\"", "\"mystery\"", 1).into_bytes(), "unknown variant"),
+        ];
+        for (field, value) in [("gflops", "-1.0"), ("gbps", "1e300"), ("role", "\"auto\"")] {
+            let mut v: serde_json::Value = serde_json::from_slice(&good).expect("json");
+            v[field] = serde_json::from_str(value).expect("value");
+            if field != "role" {
+                v["speed"][field] = serde_json::from_str(value).expect("value");
+            }
+            cases.push((serde_json::to_vec(&v).expect("json"), "plausible"));
+        }
+        let mut long = ad();
+        long.models[0].id = "x".repeat(300);
+        cases.push((serde_json::to_vec(&serde_json::json!({"v": 1, "type": "capability", "peer_id": long.peer_id, "version": "1", "role": "both", "auto_role": false, "adapter": null, "speed": {"gflops": 1.0, "gbps": 1.0}, "models": long.models, "http": null, "addresses": []})).expect("json"), "at most"));
+        let mut many = ad();
+        many.models = vec![many.models[0].clone(); 17];
+        cases.push((GossipMessage::Capability(many).encode().expect("encodes"), "at most 16"));
+        let lying = LoadReport { peer_id: "p".into(), kv_blocks_free: 5, kv_blocks_total: 2, ..Default::default() };
+        cases.push((GossipMessage::Load(lying).encode().expect("encodes"), "free KV blocks"));
+        for (bytes, why) in cases {
+            let e = GossipMessage::decode(&bytes).expect_err(why);
+            assert!(e.contains(why) || why == "plausible" && (e.contains("plausible") || e.contains("auto")), "{why}: {e}");
+        }
+    }
+}

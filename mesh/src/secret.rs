@@ -1,0 +1,83 @@
+//! The mesh secret: a libp2p pnet pre-shared key. Nodes without it cannot complete a connection
+//! (the handshake is encrypted with it before anything else), so outsiders never join.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use libp2p::pnet::PreSharedKey;
+
+use crate::error::{Error, Result};
+
+/// A 256-bit pre-shared key.
+#[derive(Clone, Copy)]
+pub struct MeshSecret(pub(crate) PreSharedKey);
+
+impl std::fmt::Debug for MeshSecret {
+    // Never print the key itself.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MeshSecret(fingerprint {})", self.fingerprint())
+    }
+}
+
+const SWARM_KEY_HEADER: &str = "/key/swarm/psk/1.0.0/\n/base16/\n";
+
+impl MeshSecret {
+    /// Parses 64 hex characters, or IPFS's swarm.key format.
+    pub fn parse(text: &str, source_name: &str) -> Result<Self> {
+        let text = text.trim();
+        let err = |message: &str| Error::Secret { source_name: source_name.into(), message: message.into() };
+        if text.starts_with("/key/") {
+            let normalized = text.lines().map(str::trim).collect::<Vec<_>>().join("\n");
+            return PreSharedKey::from_str(&normalized).map(MeshSecret).map_err(|e| err(&format!("not a valid swarm.key: {e}")));
+        }
+        if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(err("expected 64 hex characters (or a swarm.key file); `tandem mesh keygen` writes one"));
+        }
+        PreSharedKey::from_str(&format!("{SWARM_KEY_HEADER}{text}")).map(MeshSecret).map_err(|e| err(&e.to_string()))
+    }
+
+    /// Reads the key from a file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Secret { source_name: name.clone(), message: e.to_string() })?;
+        Self::parse(&text, &name)
+    }
+
+    /// A short, non-secret name for the key, safe to log: nodes whose fingerprints differ cannot
+    /// connect.
+    pub fn fingerprint(&self) -> String {
+        self.0.fingerprint().to_string()
+    }
+}
+
+/// Writes a new random key in swarm.key format (mode 0600); refuses to overwrite.
+pub fn generate_secret(path: &Path) -> Result<MeshSecret> {
+    let key: [u8; 32] = rand::random();
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let text = format!("{SWARM_KEY_HEADER}{hex}\n");
+    crate::identity::write_private(path, text.as_bytes())
+        .map_err(|e| Error::Secret { source_name: path.display().to_string(), message: format!("cannot write: {e}") })?;
+    Ok(MeshSecret(PreSharedKey::new(key)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_formats_parse_to_the_same_key_and_junk_is_refused() {
+        let hex = "ab".repeat(32);
+        let a = MeshSecret::parse(&hex, "test").expect("hex");
+        let b = MeshSecret::parse(&format!("/key/swarm/psk/1.0.0/\r\n/base16/\r\n{hex}\r\n"), "test").expect("swarm.key");
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert!(!format!("{a:?}").contains(&hex), "the key is never printed");
+        for bad in ["", "abc", &"zz".repeat(32), &"ab".repeat(33), "/key/swarm/psk/1.0.0/\n/base64/\nAAAA"] {
+            assert!(MeshSecret::parse(bad, "test").is_err(), "{bad:?}");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("swarm.key");
+        let made = generate_secret(&path).expect("keygen");
+        assert_eq!(MeshSecret::from_file(&path).expect("read").fingerprint(), made.fingerprint());
+        assert!(generate_secret(&path).is_err(), "never overwrites a key");
+    }
+}
