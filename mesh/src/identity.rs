@@ -20,7 +20,15 @@ pub fn load_or_create_identity(path: &Path) -> Result<Keypair> {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create its folder: {e}")))?;
             }
-            write_private(path, &bytes).map_err(|e| err(format!("cannot write it: {e}")))?;
+            match write_private(path, &bytes) {
+                Ok(()) => {}
+                // Another process on this machine created it first: use theirs.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    return load_or_create_identity(path);
+                }
+                Err(e) => return Err(err(format!("cannot write it: {e}"))),
+            }
             tracing::info!(path = %path.display(), peer_id = %key.public().to_peer_id(), "created a new node identity");
             Ok(key)
         }

@@ -21,9 +21,11 @@ pub use identity::load_or_create_identity;
 pub use infer::{HEARTBEAT, INFER_LIMITS, INFER_PROTOCOL, InferEndpoint, InferReply, InferRequest};
 pub use messages::{AdapterAd, CapabilityAd, GossipMessage, LoadReport, MAX_GOSSIP_BYTES, ModelAd, PROTOCOL_VERSION, Speed};
 pub use network::{Mesh, MeshConfig, MeshHandle, StreamGate, StreamPermit};
-pub use placement::{Placement, PlacementRequest, place};
+pub use placement::{Placement, PlacementRequest, place, prefill_tokens_per_s};
 pub use roles::{Role, RoleBalancer, RoleInput, RoleSetting, auto_role};
 pub use secret::{MeshSecret, generate_secret};
 
 pub use libp2p::Stream;
+pub use libp2p::identity::{Keypair, ParseError as PeerIdError};
+pub use libp2p::multiaddr::Error as MultiaddrError;
 pub use libp2p::{Multiaddr, PeerId, StreamProtocol};

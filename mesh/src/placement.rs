@@ -5,7 +5,6 @@
 use libp2p::PeerId;
 
 use crate::cluster::ClusterView;
-use crate::messages::ModelAd;
 use crate::roles::Role;
 
 /// Share of a node's measured matmul GFLOP/s a whole forward pass achieves.
@@ -39,8 +38,9 @@ pub struct Placement {
     pub expected_ttft_s: f64,
 }
 
-fn prefill_tokens_per_s(gflops: f64, model: &ModelAd) -> f64 {
-    (gflops * 1e9 * PREFILL_EFFICIENCY / (2.0 * model.parameters.max(1) as f64)).max(1e-3)
+/// Expected prompt tokens per second of a node with this matmul speed on a model of `parameters`.
+pub fn prefill_tokens_per_s(gflops: f64, parameters: u64) -> f64 {
+    (gflops * 1e9 * PREFILL_EFFICIENCY / (2.0 * parameters.max(1) as f64)).max(1e-3)
 }
 
 /// Every node that can take the request, best first; empty when nobody serves the model.
@@ -61,7 +61,7 @@ pub fn place(view: &ClusterView, req: &PlacementRequest) -> Vec<Placement> {
             if !usable {
                 return None;
             }
-            let prefill_s = (load.queued_prefill_tokens as f64 + req.prompt_tokens as f64) / prefill_tokens_per_s(ad.speed.gflops, model);
+            let prefill_s = (load.queued_prefill_tokens as f64 + req.prompt_tokens as f64) / prefill_tokens_per_s(ad.speed.gflops, model.parameters);
             let step_s = model.weight_bytes as f64 / (ad.speed.gbps.max(1e-3) * 1e9);
             let blocks_needed = req.prompt_tokens.div_ceil(16) as u64;
             let mut ttft = prefill_s + step_s * (1.0 + load.running as f64 / 8.0);
@@ -93,7 +93,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::messages::{CapabilityAd, GossipMessage, LoadReport, Speed};
+    use crate::messages::{CapabilityAd, GossipMessage, LoadReport, ModelAd, Speed};
 
     fn model() -> ModelAd {
         ModelAd {

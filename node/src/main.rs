@@ -34,6 +34,66 @@ enum Command {
     Bench(BenchArgs),
     /// List the GPU adapters wgpu can see.
     Adapters,
+    /// Mesh secrets and identities.
+    Mesh {
+        #[command(subcommand)]
+        command: MeshCommand,
+    },
+    /// A running node's role.
+    Role {
+        #[command(subcommand)]
+        command: RoleCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum MeshCommand {
+    /// Write a new mesh secret (swarm.key format) for `tandem serve --mesh-secret-file`.
+    Keygen {
+        /// Where to write it; an existing file is never overwritten.
+        path: PathBuf,
+    },
+    /// Print the peer id of an identity key file (created if missing).
+    Id {
+        #[arg(long, env = "TANDEM_IDENTITY")]
+        identity: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RoleCommand {
+    /// Pin a node's role (prefill, decode, both, observer) or hand it back to `auto`; the node
+    /// drains its in-flight work first. Only from the node's own machine.
+    Set {
+        role: tandem_mesh::Role,
+        /// The node's HTTP API.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        node: String,
+    },
+    /// Print a node's role.
+    Get {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        node: String,
+    },
+}
+
+fn role_command(command: RoleCommand) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let resp = match command {
+            RoleCommand::Set { role, node } => client.post(format!("{}/v1/role", node.trim_end_matches('/'))).json(&serde_json::json!({ "role": role })).send().await,
+            RoleCommand::Get { node } => client.get(format!("{}/v1/role", node.trim_end_matches('/'))).send().await,
+        }
+        .context("cannot reach the node")?;
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.context("the node's answer is not JSON")?;
+        if !status.is_success() {
+            bail!("{status}: {}", body["error"]["message"].as_str().unwrap_or("unknown error"));
+        }
+        println!("{}", serde_json::to_string(&body)?);
+        Ok(())
+    })
 }
 
 #[derive(clap::Args)]
@@ -254,6 +314,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(tandem_node::serve::serve(cfg))
         }
         Command::Bench(args) => bench(args),
+        Command::Mesh { command: MeshCommand::Keygen { path } } => {
+            let secret = tandem_mesh::generate_secret(&path)?;
+            println!("wrote {} (fingerprint {}); give it to every node with --mesh-secret-file", path.display(), secret.fingerprint());
+            Ok(())
+        }
+        Command::Mesh { command: MeshCommand::Id { identity } } => {
+            let args = tandem_node::serve::ServeArgs { identity, ..Default::default() };
+            let key = tandem_mesh::load_or_create_identity(&args.resolve()?.mesh.identity)?;
+            println!("{}", key.public().to_peer_id());
+            Ok(())
+        }
+        Command::Role { command } => role_command(command),
         Command::Adapters => {
             let all = tandem_core::list_adapters();
             if all.is_empty() {

@@ -22,6 +22,7 @@ impl Server {
     async fn start(extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
             .args(["serve", "--http", "127.0.0.1:0", "--context", "512", "--kv-memory", "64MiB", "--max-body", "64KiB"])
+            .args(["--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
             .args(extra)
             .env("TANDEM_LOG", "warn")
             .stdout(Stdio::piped())

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use tandem_core::scheduler::Policy;
+use tandem_mesh::{MeshSecret, Multiaddr, PeerId, Role};
 
 /// Flags of `tandem serve`. Every one can also be set in the config file (same name, with `_`
 /// for `-`) or in the environment variable shown.
@@ -53,6 +54,31 @@ pub struct ServeArgs {
     /// Logs as JSON lines instead of text.
     #[arg(long, env = "TANDEM_LOG_JSON")]
     pub log_json: Option<bool>,
+    /// Mesh listen address (repeatable), e.g. `/ip4/0.0.0.0/tcp/4001` or `/ip4/0.0.0.0/udp/4001/quic-v1`.
+    /// Default: every interface, a free TCP port (and QUIC outside private meshes).
+    #[arg(long = "listen", env = "TANDEM_LISTEN", value_delimiter = ',')]
+    pub listen: Vec<String>,
+    /// A peer to join through (repeatable), e.g. `/ip4/10.0.0.2/tcp/4001/p2p/12D3Koo...`; the
+    /// `/p2p/` part may be left out.
+    #[arg(long = "peer", env = "TANDEM_PEERS", value_delimiter = ',')]
+    pub peer: Vec<String>,
+    /// prefill, decode, both (default), observer (no model: routes and watches) or auto (chosen
+    /// from measured speed relative to the mesh, re-balanced under skewed load).
+    #[arg(long, env = "TANDEM_ROLE")]
+    pub role: Option<Role>,
+    /// File holding the mesh secret (64 hex characters or a swarm.key); the secret itself can
+    /// come from the TANDEM_MESH_SECRET variable, never from a flag. A private mesh is TCP only.
+    #[arg(long, env = "TANDEM_MESH_SECRET_FILE")]
+    pub mesh_secret_file: Option<PathBuf>,
+    /// Only these peers may connect (repeatable); default: anyone with the mesh secret.
+    #[arg(long = "allow-peer", env = "TANDEM_ALLOW_PEERS", value_delimiter = ',')]
+    pub allow_peer: Vec<String>,
+    /// Turn off mDNS discovery on the local network.
+    #[arg(long, env = "TANDEM_NO_MDNS")]
+    pub no_mdns: bool,
+    /// The node's identity key file (created on first start).
+    #[arg(long, env = "TANDEM_IDENTITY")]
+    pub identity: Option<PathBuf>,
 }
 
 /// The same settings as read from the TOML file.
@@ -71,6 +97,13 @@ struct FileConfig {
     max_body: Option<String>,
     shutdown_grace: Option<u64>,
     log_json: Option<bool>,
+    listen: Option<Vec<String>>,
+    peer: Option<Vec<String>>,
+    role: Option<Role>,
+    mesh_secret_file: Option<PathBuf>,
+    allow_peer: Option<Vec<String>>,
+    mdns: Option<bool>,
+    identity: Option<PathBuf>,
 }
 
 /// Resolved settings.
@@ -89,6 +122,26 @@ pub struct ServeConfig {
     pub max_body: usize,
     pub shutdown_grace: u64,
     pub log_json: bool,
+    pub mesh: MeshSettings,
+}
+
+/// How the node joins the mesh.
+#[derive(Clone, Debug)]
+pub struct MeshSettings {
+    pub listen: Vec<Multiaddr>,
+    pub peers: Vec<Multiaddr>,
+    pub role: Role,
+    pub secret: Option<MeshSecret>,
+    pub allow: Vec<PeerId>,
+    pub mdns: bool,
+    pub identity: PathBuf,
+}
+
+impl PartialEq for MeshSettings {
+    fn eq(&self, o: &Self) -> bool {
+        (&self.listen, &self.peers, self.role, &self.allow, self.mdns, &self.identity) == (&o.listen, &o.peers, o.role, &o.allow, o.mdns, &o.identity)
+            && self.secret.map(|s| s.fingerprint()) == o.secret.map(|s| s.fingerprint())
+    }
 }
 
 /// A setting that could not be used.
@@ -102,6 +155,22 @@ pub enum ConfigError {
     Size { setting: &'static str, value: String },
     #[error("{setting} must be at least {min}")]
     TooSmall { setting: &'static str, min: usize },
+    #[error("{setting}: `{value}`: {message}")]
+    Mesh { setting: &'static str, value: String, message: String },
+    #[error(transparent)]
+    Secret(#[from] tandem_mesh::Error),
+}
+
+fn multiaddrs(setting: &'static str, values: Vec<String>) -> Result<Vec<Multiaddr>, ConfigError> {
+    values.into_iter().map(|v| v.parse().map_err(|e: tandem_mesh::MultiaddrError| ConfigError::Mesh { setting, value: v, message: e.to_string() })).collect()
+}
+
+/// Where the identity key lives unless told: `$XDG_CONFIG_HOME/tandem` or `~/.config/tandem`.
+fn default_identity() -> PathBuf {
+    let base = std::env::var_os("XDG_CONFIG_HOME").map(PathBuf::from).unwrap_or_else(|| {
+        std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from).join(".config")
+    });
+    base.join("tandem").join("identity.key")
 }
 
 fn size(setting: &'static str, value: &str) -> Result<u64, ConfigError> {
@@ -136,6 +205,22 @@ impl ServeArgs {
             max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
             shutdown_grace: self.shutdown_grace.or(file.shutdown_grace).unwrap_or(30),
             log_json: self.log_json.or(file.log_json).unwrap_or(false),
+            mesh: MeshSettings {
+                listen: multiaddrs("listen", if self.listen.is_empty() { file.listen.unwrap_or_default() } else { self.listen })?,
+                peers: multiaddrs("peer", if self.peer.is_empty() { file.peer.unwrap_or_default() } else { self.peer })?,
+                role: self.role.or(file.role).unwrap_or_default(),
+                secret: match (self.mesh_secret_file.or(file.mesh_secret_file), std::env::var("TANDEM_MESH_SECRET")) {
+                    (Some(path), _) => Some(MeshSecret::from_file(&path)?),
+                    (None, Ok(text)) if !text.is_empty() => Some(MeshSecret::parse(&text, "TANDEM_MESH_SECRET")?),
+                    _ => None,
+                },
+                allow: (if self.allow_peer.is_empty() { file.allow_peer.unwrap_or_default() } else { self.allow_peer })
+                    .into_iter()
+                    .map(|v| v.parse().map_err(|e: tandem_mesh::PeerIdError| ConfigError::Mesh { setting: "allow-peer", value: v, message: e.to_string() }))
+                    .collect::<Result<_, _>>()?,
+                mdns: !self.no_mdns && file.mdns.unwrap_or(true),
+                identity: self.identity.or(file.identity).unwrap_or_else(default_identity),
+            },
         };
         if cfg.max_batch_tokens < 16 {
             return Err(ConfigError::TooSmall { setting: "max-batch-tokens", min: 16 });
@@ -161,6 +246,15 @@ mod tests {
         assert_eq!(cfg.policy, Policy::DecodeFirst);
         assert_eq!(cfg.kv_memory, Some(256 << 20));
         assert_eq!(cfg.max_waiting, 256, "default");
+        assert_eq!(cfg.mesh.role, Role::Both, "default");
+        assert!(cfg.mesh.mdns && cfg.mesh.secret.is_none());
+        std::fs::write(&path, "listen = [\"/ip4/127.0.0.1/tcp/4001\"]\nrole = \"decode\"\nmdns = false\n").expect("write");
+        let cfg = ServeArgs { config: Some(path.clone()), ..Default::default() }.resolve().expect("resolves");
+        assert_eq!((cfg.mesh.listen.len(), cfg.mesh.role, cfg.mesh.mdns), (1, Role::Decode, false));
+        let err = ServeArgs { peer: vec!["/ip4/nonsense".into()], ..Default::default() }.resolve().expect_err("bad multiaddr");
+        assert!(err.to_string().contains("peer"), "{err}");
+        let err = ServeArgs { allow_peer: vec!["12D3".into()], ..Default::default() }.resolve().expect_err("bad peer id");
+        assert!(err.to_string().contains("allow-peer"), "{err}");
         std::fs::write(&path, "max_batch_size = 3\n").expect("write");
         let err = ServeArgs { config: Some(path), ..Default::default() }.resolve().expect_err("unknown key");
         assert!(err.to_string().contains("max_batch_size"), "{err}");

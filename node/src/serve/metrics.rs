@@ -19,6 +19,22 @@ pub struct Metrics {
     e2e: Histogram,
     queue: Histogram,
     stats: Arc<Mutex<Option<tandem_core::worker::WorkerHandle>>>,
+    forwarded: prometheus_client::metrics::counter::Counter,
+    served_for_peers: prometheus_client::metrics::counter::Counter,
+    /// (TTFT, TPOT) in ms of the last requests, for the load report's percentiles.
+    recent: Mutex<std::collections::VecDeque<(Option<f64>, Option<f64>)>>,
+}
+
+/// Finished requests the load report's percentiles are taken over.
+const RECENT: usize = 256;
+
+fn percentile(mut v: Vec<f64>, p: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() - 1) as f64 * p).round() as usize;
+    v.get(i).copied()
 }
 
 impl std::fmt::Debug for Metrics {
@@ -74,7 +90,11 @@ impl Metrics {
         registry.register("tandem_queue_time_seconds", "Arrival to admission", queue.clone());
         let stats: Arc<Mutex<Option<tandem_core::worker::WorkerHandle>>> = Arc::default();
         registry.register_collector(Box::new(SchedulerCollector(stats.clone())));
-        Metrics { registry, ttft, tpot, e2e, queue, stats }
+        let forwarded = prometheus_client::metrics::counter::Counter::default();
+        let served_for_peers = prometheus_client::metrics::counter::Counter::default();
+        registry.register("tandem_mesh_forwarded_requests", "Requests this node placed on another node", forwarded.clone());
+        registry.register("tandem_mesh_served_requests", "Requests this node ran for another node", served_for_peers.clone());
+        Metrics { registry, ttft, tpot, e2e, queue, stats, forwarded, served_for_peers, recent: Mutex::default() }
     }
 
     /// Reads the scheduler's numbers from `worker` from now on.
@@ -94,6 +114,28 @@ impl Metrics {
         }
         self.e2e.observe(t.e2e.as_secs_f64());
         self.queue.observe(t.queued.as_secs_f64());
+        if let Ok(mut r) = self.recent.lock() {
+            if r.len() == RECENT {
+                r.pop_front();
+            }
+            r.push_back((t.ttft.map(|d| d.as_secs_f64() * 1e3), t.tpot.map(|d| d.as_secs_f64() * 1e3)));
+        }
+    }
+
+    pub fn forwarded(&self) {
+        self.forwarded.inc();
+    }
+
+    pub fn served_for_peer(&self) {
+        self.served_for_peers.inc();
+    }
+
+    /// TTFT p50, p99 and TPOT p50, p99 in ms over the last requests.
+    pub fn recent_percentiles(&self) -> (Option<f64>, Option<f64>, Option<f64>, Option<f64>) {
+        let Ok(r) = self.recent.lock() else { return (None, None, None, None) };
+        let ttft: Vec<f64> = r.iter().filter_map(|x| x.0).collect();
+        let tpot: Vec<f64> = r.iter().filter_map(|x| x.1).collect();
+        (percentile(ttft.clone(), 0.5), percentile(ttft, 0.99), percentile(tpot.clone(), 0.5), percentile(tpot, 0.99))
     }
 
     /// The text exposition.

@@ -2,6 +2,7 @@
 //! the model on a GPU worker thread behind the continuous-batching scheduler.
 
 pub mod config;
+pub mod mesh;
 pub mod metrics;
 pub mod openai;
 
@@ -28,10 +29,18 @@ pub struct Loaded {
     pub worker: WorkerHandle,
     pub tokenizer: Arc<TextTokenizer>,
     pub created: u64,
-    pub adapter: String,
+    pub gpu: tandem_core::AdapterSummary,
+    /// Measured at start-up with our own kernels, for the capability ad.
+    pub speed: tandem_mesh::Speed,
+    pub fingerprint: String,
+    pub parameters: u64,
+    pub weight_bytes: u64,
+    pub kv_bytes_per_token: u64,
 }
 
 enum Phase {
+    /// Runs no model: routes requests to the mesh and watches.
+    Observer,
     Loading,
     Ready(Arc<Loaded>),
     Failed(String),
@@ -44,6 +53,9 @@ pub struct App {
     pub cfg: ServeConfig,
     pub model_id: String,
     pub metrics: metrics::Metrics,
+    pub mesh: mesh::NodeMesh,
+    /// Where the HTTP API listens.
+    pub http_addr: std::net::SocketAddr,
     phase: RwLock<Phase>,
 }
 
@@ -79,6 +91,7 @@ impl App {
         let phase = self.phase.read().map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "state lock poisoned"))?;
         match &*phase {
             Phase::Ready(l) => Ok(l.clone()),
+            Phase::Observer => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "this node is an observer and runs no model")),
             Phase::Loading => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the model is still loading")),
             Phase::Stopping(_) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down")),
             Phase::Failed(e) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("the model failed to load: {e}"))),
@@ -135,6 +148,12 @@ fn load(app: &App) -> anyhow::Result<Arc<Loaded>> {
         context_length: cfg.context.unwrap_or(0),
         max_sequences: 1,
     };
+    let started = std::time::Instant::now();
+    let speed = tandem_core::probe::measure_speed(&gpu)?;
+    let fingerprint = model.fingerprint();
+    tracing::info!(gflops = speed.gflops, gbps = speed.gbps, %fingerprint, ms = started.elapsed().as_millis() as u64, "measured the adapter; fingerprinted the model");
+    let (parameters, weight_bytes) = (model.parameter_count(), model.weight_bytes());
+    let kv_bytes_per_token = (2 * model.config.n_layers * model.config.kv_dim() * 4) as u64;
     let engine = Engine::new(&gpu, &model, &ecfg)?;
     let usage = engine.kv_usage();
     tracing::info!(
@@ -152,24 +171,73 @@ fn load(app: &App) -> anyhow::Result<Arc<Loaded>> {
         worker,
         tokenizer: Arc::new(model.tokenizer),
         created,
-        adapter: gpu.adapter.to_string(),
+        gpu: gpu.adapter.clone(),
+        speed: tandem_mesh::Speed { gflops: speed.gflops, gbps: speed.gbps },
+        fingerprint,
+        parameters,
+        weight_bytes,
+        kv_bytes_per_token,
     }))
 }
 
 async fn health(State(app): State<Arc<App>>) -> Response {
+    let peer_id = app.mesh.handle.peer_id().to_string();
+    if app.mesh.role() == tandem_mesh::Role::Observer && app.model_id.is_empty() {
+        return axum::Json(json!({ "status": "ok", "role": "observer", "peer_id": peer_id })).into_response();
+    }
     match app.loaded() {
-        Ok(l) => (StatusCode::OK, axum::Json(json!({ "status": "ok", "model": l.model_id, "adapter": l.adapter }))).into_response(),
+        Ok(l) => (StatusCode::OK, axum::Json(json!({ "status": "ok", "model": l.model_id, "adapter": l.gpu.to_string(), "role": app.mesh.role(), "peer_id": peer_id })))
+            .into_response(),
         Err(e) => (e.status, axum::Json(json!({ "status": "unavailable", "reason": e.message }))).into_response(),
     }
 }
 
+/// Every model served anywhere in the mesh.
 async fn models(State(app): State<Arc<App>>) -> Response {
     let created = app.loaded().map(|l| l.created).unwrap_or(0);
-    axum::Json(json!({
-        "object": "list",
-        "data": [{ "id": app.model_id, "object": "model", "created": created, "owned_by": "tandem" }],
-    }))
-    .into_response()
+    let mut ids = mesh::mesh_models(&app);
+    if !app.model_id.is_empty() && !ids.contains(&app.model_id) {
+        ids.insert(0, app.model_id.clone());
+    }
+    let data: Vec<_> = ids.into_iter().map(|id| json!({ "id": id, "object": "model", "created": created, "owned_by": "tandem" })).collect();
+    axum::Json(json!({ "object": "list", "data": data })).into_response()
+}
+
+/// `GET /v1/cluster`: every node this one knows of, their roles, loads and links, and recent
+/// mesh events.
+async fn cluster(State(app): State<Arc<App>>) -> Response {
+    let own = mesh::load_report(&app);
+    app.mesh.handle.update_view(|v| v.set_own(None, Some(own)));
+    axum::Json(app.mesh.handle.snapshot()).into_response()
+}
+
+async fn get_role(State(app): State<Arc<App>>) -> Response {
+    axum::Json(json!({ "role": app.mesh.role(), "setting": app.mesh.setting(), "draining": app.mesh.draining() })).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct RoleBody {
+    role: tandem_mesh::Role,
+}
+
+/// `POST /v1/role`: operators only, so only from this machine.
+async fn post_role(
+    State(app): State<Arc<App>>,
+    axum::extract::ConnectInfo(from): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    body: Result<axum::Json<RoleBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if !from.ip().is_loopback() {
+        return ApiError::new(StatusCode::FORBIDDEN, "roles can be changed only from the node's own machine").into_response();
+    }
+    let result = async {
+        let axum::Json(RoleBody { role }) = body?;
+        mesh::set_role(&app, role).await
+    }
+    .await;
+    match result {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn prometheus(State(app): State<Arc<App>>) -> Response {
@@ -187,11 +255,51 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/role", get(get_role).post(post_role))
         .route("/health", get(health))
         .route("/metrics", get(prometheus))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(app)
+}
+
+/// A line for scripts on stdout; a reader that has gone away is not an error.
+fn announce(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+}
+
+fn start_mesh(cfg: &ServeConfig) -> anyhow::Result<tandem_mesh::MeshHandle> {
+    let m = &cfg.mesh;
+    let keypair = tandem_mesh::load_or_create_identity(&m.identity)?;
+    let mut mc = tandem_mesh::MeshConfig::new(keypair);
+    mc.listen = m.listen.clone();
+    mc.bootstrap = m.peers.clone();
+    mc.secret = m.secret;
+    mc.allow = m.allow.clone();
+    mc.mdns = m.mdns;
+    Ok(tandem_mesh::Mesh::start(mc)?)
+}
+
+/// Prints each mesh address as it comes up, with the peer id: what other nodes pass to `--peer`.
+fn print_mesh_addresses(handle: &tandem_mesh::MeshHandle) {
+    let mut rx = handle.listening();
+    let me = handle.peer_id();
+    tokio::spawn(async move {
+        let mut printed = 0;
+        loop {
+            let addrs = rx.borrow_and_update().clone();
+            for a in &addrs[printed.min(addrs.len())..] {
+                announce(&format!("tandem: mesh listening on {a}/p2p/{me}"));
+            }
+            printed = addrs.len();
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 async fn signal() {
@@ -218,13 +326,29 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.http).await.with_context(|| format!("binding {}", cfg.http))?;
     let addr = listener.local_addr()?;
     let grace = Duration::from_secs(cfg.shutdown_grace);
-    let app = Arc::new(App { model_id: model_id(&cfg.model), cfg, metrics: metrics::Metrics::new(), phase: RwLock::new(Phase::Loading) });
+    let handle = start_mesh(&cfg)?;
+    let observer = cfg.mesh.role == tandem_mesh::Role::Observer;
+    let app = Arc::new(App {
+        model_id: if observer { String::new() } else { model_id(&cfg.model) },
+        mesh: mesh::NodeMesh::new(handle.clone(), cfg.mesh.role),
+        cfg,
+        metrics: metrics::Metrics::new(),
+        http_addr: addr,
+        phase: RwLock::new(if observer { Phase::Observer } else { Phase::Loading }),
+    });
     // Scripts and tests read the address (the port may have been 0) from this line.
-    println!("tandem: listening on http://{addr}");
-    tracing::info!(%addr, model = %app.model_id, "listening; loading the model");
+    announce(&format!("tandem: listening on http://{addr}"));
+    announce(&format!("tandem: peer id {}", handle.peer_id()));
+    print_mesh_addresses(&handle);
+    tokio::spawn(mesh::publish_loop(app.clone()));
+    tokio::spawn(mesh::accept_loop(app.clone()));
+    tracing::info!(%addr, model = %app.model_id, role = %app.mesh.setting(), "listening");
 
     let loader = app.clone();
     tokio::task::spawn_blocking(move || {
+        if observer {
+            return;
+        }
         let result = load(&loader);
         match &result {
             Ok(l) => {
@@ -239,7 +363,9 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let stopper = app.clone();
     let shutdown = async move {
         signal().await;
-        tracing::info!(grace_s = grace.as_secs(), "shutting down: finishing in-flight requests");
+        tracing::info!(grace_s = grace.as_secs(), "shutting down: leaving the mesh, finishing in-flight requests");
+        stopper.mesh.begin_draining();
+        let _ = stopper.mesh.handle.leave("shutting down").await;
         if let Some(w) = stopper.begin_stopping() {
             w.request_stop(true);
         }
@@ -252,7 +378,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             }
         });
     };
-    axum::serve(listener, router(app.clone())).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, router(app.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>()).with_graceful_shutdown(shutdown).await?;
     if let Some(w) = app.worker() {
         w.request_stop(false);
         tokio::task::spawn_blocking(move || w.join()).await?;

@@ -17,7 +17,9 @@ use tandem_core::scheduler::{Event, FinishReason, Request};
 use tandem_core::{ChatMessage, SamplingParams};
 use tokio::sync::mpsc;
 
+use super::mesh::RequestShape;
 use super::{App, Loaded};
+use tandem_mesh::InferEndpoint;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug)]
@@ -159,19 +161,34 @@ pub struct Usage {
     pub total_tokens: usize,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Endpoint {
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Endpoint {
     Completions,
     Chat,
 }
 
+impl From<Endpoint> for InferEndpoint {
+    fn from(e: Endpoint) -> Self {
+        match e {
+            Endpoint::Completions => InferEndpoint::Completions,
+            Endpoint::Chat => InferEndpoint::Chat,
+        }
+    }
+}
+
+impl From<InferEndpoint> for Endpoint {
+    fn from(e: InferEndpoint) -> Self {
+        match e {
+            InferEndpoint::Completions => Endpoint::Completions,
+            InferEndpoint::Chat => Endpoint::Chat,
+        }
+    }
+}
+
 /// A checked request, ready for the scheduler.
-struct Generation {
-    endpoint: Endpoint,
+pub struct Generation {
     request: Request,
     stops: Vec<String>,
-    stream: bool,
-    include_usage: bool,
 }
 
 fn check_fields(f: &GenerationFields, loaded: &Loaded, prompt_len: usize, endpoint: Endpoint) -> Result<(Request, Vec<String>), ApiError> {
@@ -230,63 +247,132 @@ fn prepare(loaded: &Loaded, fields: &GenerationFields, prompt: Vec<u32>, endpoin
     // Context, vocabulary and cache limits are checked by the worker at submission.
     let (mut request, stops) = check_fields(fields, loaded, prompt.len(), endpoint)?;
     request.prompt = prompt;
-    Ok(Generation {
-        endpoint,
-        request,
-        stops,
+    Ok(Generation { request, stops })
+}
+
+fn invalid(e: serde_json::Error) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, format!("invalid request: {e}"))
+}
+
+fn chat_messages(messages: Vec<ChatRequestMessage>) -> Vec<ChatMessage> {
+    messages
+        .into_iter()
+        .map(|m| {
+            let content = match m.content {
+                None => String::new(),
+                Some(MessageContent::Text(t)) => t,
+                Some(MessageContent::Parts(parts)) => parts.into_iter().filter(|p| p.kind == "text").filter_map(|p| p.text).collect::<Vec<_>>().join(""),
+            };
+            ChatMessage { role: m.role, content }
+        })
+        .collect()
+}
+
+/// Checks and tokenizes a request body for this node's model: the same path for requests from
+/// its own HTTP clients and from other nodes.
+pub fn generation(loaded: &Loaded, endpoint: Endpoint, body: serde_json::Value) -> Result<Generation, ApiError> {
+    let tok = &loaded.tokenizer;
+    match endpoint {
+        Endpoint::Completions => {
+            let req: CompletionRequest = serde_json::from_value(body).map_err(invalid)?;
+            let prompt = match req.prompt {
+                PromptInput::Text(t) => tok.encode(&t, true),
+                PromptInput::Texts(v) if v.len() == 1 => tok.encode(&v[0], true),
+                PromptInput::Texts(_) => return Err(ApiError::bad("only one prompt per request is supported", "prompt")),
+                PromptInput::Tokens(ids) => Ok(ids),
+            }
+            .map_err(|e| ApiError::bad(e.to_string(), "prompt"))?;
+            prepare(loaded, &req.fields, prompt, endpoint)
+        }
+        Endpoint::Chat => {
+            let req: ChatRequest = serde_json::from_value(body).map_err(invalid)?;
+            if req.messages.is_empty() {
+                return Err(ApiError::bad("messages must not be empty", "messages"));
+            }
+            let text = tok.apply_chat_template(&chat_messages(req.messages), true).map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
+            let prompt = tok.encode(&text, true).map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
+            prepare(loaded, &req.fields, prompt, endpoint)
+        }
+    }
+}
+
+/// How the response is shaped, and what placement needs, read from the body without a model.
+struct Shape {
+    stream: bool,
+    include_usage: bool,
+    request: RequestShape,
+}
+
+fn shape(endpoint: Endpoint, body: &serde_json::Value) -> Result<Shape, ApiError> {
+    let hash = |s: &str| xxhash_rust::xxh3::xxh3_64(s.as_bytes());
+    let (fields, chars, opening) = match endpoint {
+        Endpoint::Completions => {
+            let req: CompletionRequest = serde_json::from_value(body.clone()).map_err(invalid)?;
+            let (chars, opening) = match &req.prompt {
+                PromptInput::Text(t) => (t.len(), t.chars().take(512).collect::<String>()),
+                PromptInput::Texts(v) => (v.iter().map(String::len).sum(), v.first().map(|t| t.chars().take(512).collect()).unwrap_or_default()),
+                PromptInput::Tokens(ids) => (ids.len() * 4, format!("{:?}", &ids[..ids.len().min(128)])),
+            };
+            (req.fields, chars, opening)
+        }
+        Endpoint::Chat => {
+            let req: ChatRequest = serde_json::from_value(body.clone()).map_err(invalid)?;
+            let messages = chat_messages(req.messages);
+            let chars = messages.iter().map(|m| m.content.len() + 8).sum();
+            // A conversation is known by its system prompt and first user turn.
+            let opening: String = messages.iter().take_while(|m| m.role != "assistant").map(|m| format!("{}:{}\n", m.role, m.content)).collect();
+            (req.fields, chars, opening)
+        }
+    };
+    Ok(Shape {
         stream: fields.stream,
         include_usage: fields.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        request: RequestShape { affinity_key: hash(&format!("{}\n{opening}", fields.model)), model: fields.model, prompt_tokens: chars / 4 + 1 },
     })
 }
 
-pub async fn completions(State(app): State<Arc<App>>, body: Result<Json<CompletionRequest>, JsonRejection>) -> Response {
+pub async fn completions(State(app): State<Arc<App>>, body: Result<Json<serde_json::Value>, JsonRejection>) -> Response {
+    handle(app, Endpoint::Completions, body).await
+}
+
+pub async fn chat_completions(State(app): State<Arc<App>>, body: Result<Json<serde_json::Value>, JsonRejection>) -> Response {
+    handle(app, Endpoint::Chat, body).await
+}
+
+/// Places the request on the best node of the mesh (this one or a peer) and answers with its
+/// output.
+async fn handle(app: Arc<App>, endpoint: Endpoint, body: Result<Json<serde_json::Value>, JsonRejection>) -> Response {
     let result = async {
-        let Json(req) = body?;
-        let loaded = app.loaded()?;
-        let tok = &loaded.tokenizer;
-        let prompt = match req.prompt {
-            PromptInput::Text(t) => tok.encode(&t, true),
-            PromptInput::Texts(v) if v.len() == 1 => tok.encode(&v[0], true),
-            PromptInput::Texts(_) => return Err(ApiError::bad("only one prompt per request is supported", "prompt")),
-            PromptInput::Tokens(ids) => Ok(ids),
+        let Json(body) = body?;
+        let shape = shape(endpoint, &body)?;
+        let candidates = super::mesh::plan(&app, &shape.request, &[]);
+        if candidates.is_empty() {
+            return Err(nobody_serves(&app, &shape.request.model));
         }
-        .map_err(|e| ApiError::bad(e.to_string(), "prompt"))?;
-        let generation = prepare(&loaded, &req.fields, prompt, Endpoint::Completions)?;
-        Ok::<_, ApiError>(run(app.clone(), loaded, generation).await)
+        let model = shape.request.model.clone();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(super::mesh::dispatch(app.clone(), endpoint, body, shape.request, candidates, tx));
+        Ok::<_, ApiError>(respond(endpoint, model, shape.stream, shape.include_usage, rx).await)
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
-pub async fn chat_completions(State(app): State<Arc<App>>, body: Result<Json<ChatRequest>, JsonRejection>) -> Response {
-    let result = async {
-        let Json(req) = body?;
-        let loaded = app.loaded()?;
-        if req.messages.is_empty() {
-            return Err(ApiError::bad("messages must not be empty", "messages"));
+/// Why no node can take a request for `model`.
+fn nobody_serves(app: &App, model: &str) -> ApiError {
+    if model == app.model_id {
+        // Ours, but not now: loading, failed, draining or shutting down.
+        if let Err(e) = app.loaded() {
+            return e;
         }
-        let messages: Vec<ChatMessage> = req
-            .messages
-            .into_iter()
-            .map(|m| {
-                let content = match m.content {
-                    None => String::new(),
-                    Some(MessageContent::Text(t)) => t,
-                    Some(MessageContent::Parts(parts)) => {
-                        parts.into_iter().filter(|p| p.kind == "text").filter_map(|p| p.text).collect::<Vec<_>>().join("")
-                    }
-                };
-                ChatMessage { role: m.role, content }
-            })
-            .collect();
-        let tok = &loaded.tokenizer;
-        let text = tok.apply_chat_template(&messages, true).map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
-        let prompt = tok.encode(&text, true).map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
-        let generation = prepare(&loaded, &req.fields, prompt, Endpoint::Chat)?;
-        Ok::<_, ApiError>(run(app.clone(), loaded, generation).await)
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "this node is not taking requests now (role change or shutdown) and no other node serves the model");
     }
-    .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+    let models = super::mesh::mesh_models(app);
+    ApiError {
+        code: Some("model_not_found"),
+        param: Some("model"),
+        ..ApiError::new(StatusCode::NOT_FOUND, format!("the model `{model}` does not exist: no node in the mesh serves it (served: {models:?})"))
+    }
 }
 
 /// Delivers scheduler events to the request's task. Unbounded, yet bounded in practice: a
@@ -350,14 +436,14 @@ impl StopMatcher {
 }
 
 /// One piece of output of a generation.
-enum Piece {
+pub enum Piece {
     Text(String),
     Done { finish: &'static str, usage: Usage },
     Failed(ApiError),
 }
 
 /// Submits the request and turns its events into text pieces on `out`.
-async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc::Sender<Piece>) {
+pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc::Sender<Piece>) {
     let prompt_tokens = g.request.prompt.len();
     let stop_ids = g.request.stop_ids.clone();
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -440,13 +526,9 @@ fn response_id(endpoint: Endpoint) -> String {
     format!("{prefix}-{:x}{n:04x}", now_secs())
 }
 
-async fn run(app: Arc<App>, loaded: Arc<Loaded>, g: Generation) -> Response {
-    let (endpoint, stream, include_usage) = (g.endpoint, g.stream, g.include_usage);
-    let model = loaded.model_id.clone();
-    let (tx, mut rx) = mpsc::channel(64);
-    // Submission errors (429, 400) must come back as statuses, so the first piece is awaited
-    // before any response is chosen.
-    tokio::spawn(drive(loaded, app, g, tx));
+/// The response from a generation's pieces: one JSON body, or SSE chunks. Submission errors (429,
+/// 400) must come back as statuses, so the first piece is awaited before any response is chosen.
+async fn respond(endpoint: Endpoint, model: String, stream: bool, include_usage: bool, mut rx: mpsc::Receiver<Piece>) -> Response {
     let id = response_id(endpoint);
     let created = now_secs();
     if !stream {
