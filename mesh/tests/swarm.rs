@@ -86,6 +86,28 @@ async fn three_nodes_find_each_other_through_one_bootstrap_peer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_connect_over_quic() {
+    let quic = |bootstrap| {
+        let mut cfg = config(None, bootstrap);
+        cfg.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("addr")];
+        cfg
+    };
+    let (b, b_addr) = start(quic(vec![])).await;
+    assert!(b_addr.to_string().contains("/quic-v1/"), "{b_addr}");
+    let (a, _) = start(quic(vec![b_addr])).await;
+    assert!(wait_for(&a, 2).await && wait_for(&b, 2).await, "a and b see each other over QUIC");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_mesh_refuses_quic_addresses() {
+    let key = MeshSecret::parse(&"11".repeat(32), "test").expect("key");
+    let mut cfg = config(Some(&key), vec![]);
+    cfg.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("addr")];
+    let e = Mesh::start(cfg).expect_err("pnet has no QUIC");
+    assert!(e.to_string().contains("TCP only"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_another_mesh_secret_cannot_join() {
     let key = MeshSecret::parse(&"11".repeat(32), "test").expect("key");
     let other = MeshSecret::parse(&"22".repeat(32), "test").expect("key");

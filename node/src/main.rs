@@ -309,7 +309,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Serve(args) => {
             let cfg = args.resolve()?;
-            init_logs("info,wgpu_core=warn,wgpu_hal=warn,naga=warn", cfg.log_json);
+            init_logs("info,wgpu_core=warn,wgpu_hal=warn,naga=warn,libp2p_kad=error", cfg.log_json);
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(tandem_node::serve::serve(cfg))
         }

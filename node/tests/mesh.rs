@@ -230,6 +230,16 @@ async fn three_nodes_find_each_other_route_around_an_observer_and_survive_a_kill
         assert!(start.elapsed() < Duration::from_secs(15), "a sees c's new role: {v}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // SIGTERM: c leaves gracefully, and a forgets it at once with a `left` event.
+    let mut c = c;
+    let term = Command::new("kill").args(["-TERM", &c.child.id().to_string()]).status().expect("kill -TERM");
+    assert!(term.success());
+    a.wait_until_sees(&[&a], Duration::from_secs(5)).await;
+    let events = a.get("/v1/cluster").await["events"].clone();
+    assert!(events.as_array().expect("events").iter().any(|e| e["kind"] == "left" && e["peer_id"] == c.peer_id.as_str()), "{events}");
+    let status = c.child.wait().expect("c exits");
+    assert!(status.success(), "a clean exit after SIGTERM: {status}");
 }
 
 fn write_key(dir: &std::path::Path, name: &str, byte: &str) -> String {

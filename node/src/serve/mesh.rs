@@ -266,10 +266,23 @@ pub struct RequestShape {
     pub affinity_key: u64,
 }
 
+/// Brings this node's own entry in the view up to date (the published one may be a second old,
+/// e.g. from before the model loaded); the addresses stay those the mesh filled in.
+pub fn refresh_own(app: &App) {
+    let (mut ad, load) = (capability(app), load_report(app));
+    let me = app.mesh.handle.peer_id();
+    app.mesh.handle.update_view(|v| {
+        if let Some(old) = v.node(&me).and_then(|n| n.ad.as_ref()) {
+            ad.peer_id = old.peer_id.clone();
+            ad.addresses = old.addresses.clone();
+        }
+        v.set_own(Some(ad), Some(load));
+    });
+}
+
 /// Every node that could take the request, best first.
 pub fn plan(app: &App, shape: &RequestShape, exclude: &[PeerId]) -> Vec<Placement> {
-    let own = load_report(app);
-    app.mesh.handle.update_view(|v| v.set_own(None, Some(own)));
+    refresh_own(app);
     let affinity = app.mesh.affinity_of(shape.affinity_key);
     let req = PlacementRequest { model: &shape.model, prompt_tokens: shape.prompt_tokens, affinity, exclude };
     let view = app.mesh.handle.view().read();

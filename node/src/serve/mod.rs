@@ -206,8 +206,7 @@ async fn models(State(app): State<Arc<App>>) -> Response {
 /// `GET /v1/cluster`: every node this one knows of, their roles, loads and links, and recent
 /// mesh events.
 async fn cluster(State(app): State<Arc<App>>) -> Response {
-    let own = mesh::load_report(&app);
-    app.mesh.handle.update_view(|v| v.set_own(None, Some(own)));
+    mesh::refresh_own(&app);
     axum::Json(app.mesh.handle.snapshot()).into_response()
 }
 
