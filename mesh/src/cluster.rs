@@ -198,10 +198,10 @@ impl ClusterView {
     /// The last direct connection to `peer` closed: it cannot take requests from us, and unless it
     /// is heard of again it is gone.
     pub fn disconnected(&mut self, peer: PeerId, why: &str) {
-        if let Some(node) = self.nodes.remove(&peer) {
-            if node.ad.is_some() {
-                self.log(MeshEventKind::Lost, peer, format!("connection closed: {why}"));
-            }
+        if let Some(node) = self.nodes.remove(&peer)
+            && node.ad.is_some()
+        {
+            self.log(MeshEventKind::Lost, peer, format!("connection closed: {why}"));
         }
     }
 
@@ -221,10 +221,10 @@ impl ClusterView {
 
     /// Stops routing `model` to `peer`: a request showed its ad's fingerprint to be false.
     pub fn distrust(&mut self, peer: PeerId, model: &str, detail: &str) {
-        if let Some(n) = self.nodes.get_mut(&peer) {
-            if n.distrusted.insert(model.to_string()) {
-                self.log(MeshEventKind::Distrusted, peer, format!("{model}: {detail}"));
-            }
+        if let Some(n) = self.nodes.get_mut(&peer)
+            && n.distrusted.insert(model.to_string())
+        {
+            self.log(MeshEventKind::Distrusted, peer, format!("{model}: {detail}"));
         }
     }
 

@@ -202,13 +202,13 @@ impl Mesh {
         } else {
             cfg.listen.clone()
         };
-        if cfg.secret.is_some() {
-            if let Some(a) = listen.iter().chain(&cfg.bootstrap).find(|a| is_quic(a)) {
-                return Err(Error::Address {
-                    addr: a.to_string(),
-                    message: "a private mesh (mesh secret) runs over TCP only: pnet has no QUIC".into(),
-                });
-            }
+        if cfg.secret.is_some()
+            && let Some(a) = listen.iter().chain(&cfg.bootstrap).find(|a| is_quic(a))
+        {
+            return Err(Error::Address {
+                addr: a.to_string(),
+                message: "a private mesh (mesh secret) runs over TCP only: pnet has no QUIC".into(),
+            });
         }
         let mut swarm = build_swarm(&cfg)?;
         for addr in &listen {
@@ -515,10 +515,11 @@ impl SwarmTask {
                     e => e.to_string(),
                 };
                 tracing::warn!(peer = ?peer_id, "cannot connect: {detail}");
-                if let Some(p) = peer_id {
-                    if !self.allow.is_empty() && !self.allow.contains(&p) {
-                        self.with_view(|v| v.record(MeshEventKind::Refused, p, detail));
-                    }
+                if let Some(p) = peer_id
+                    && !self.allow.is_empty()
+                    && !self.allow.contains(&p)
+                {
+                    self.with_view(|v| v.record(MeshEventKind::Refused, p, detail));
                 }
             }
             SwarmEvent::Behaviour(event) => self.on_behaviour(event),
@@ -559,11 +560,11 @@ impl SwarmTask {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
             }
-            BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, addresses, .. }) => {
-                if peer != *self.swarm.local_peer_id() && !self.swarm.is_connected(&peer) {
-                    tracing::debug!(%peer, "learned of a peer through Kademlia");
-                    let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(addresses.into_vec()).build());
-                }
+            BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, addresses, .. })
+                if peer != *self.swarm.local_peer_id() && !self.swarm.is_connected(&peer) =>
+            {
+                tracing::debug!(%peer, "learned of a peer through Kademlia");
+                let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(addresses.into_vec()).build());
             }
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { result: kad::QueryResult::GetClosestPeers(Ok(ok)), .. }) => {
                 for p in ok.peers {

@@ -61,7 +61,8 @@ pub fn place(view: &ClusterView, req: &PlacementRequest) -> Vec<Placement> {
             if !usable {
                 return None;
             }
-            let prefill_s = (load.queued_prefill_tokens as f64 + req.prompt_tokens as f64) / prefill_tokens_per_s(ad.speed.gflops, model.parameters);
+            let prefill_s =
+                (load.queued_prefill_tokens as f64 + req.prompt_tokens as f64) / prefill_tokens_per_s(ad.speed.gflops, model.parameters);
             let step_s = model.weight_bytes as f64 / (ad.speed.gbps.max(1e-3) * 1e9);
             let blocks_needed = req.prompt_tokens.div_ceil(16) as u64;
             let mut ttft = prefill_s + step_s * (1.0 + load.running as f64 / 8.0);
@@ -79,11 +80,11 @@ pub fn place(view: &ClusterView, req: &PlacementRequest) -> Vec<Placement> {
         })
         .collect();
     out.sort_by(|a, b| a.expected_ttft_s.total_cmp(&b.expected_ttft_s).then_with(|| a.peer.cmp(&b.peer)));
-    if let (Some(aff), Some(best)) = (req.affinity, out.first().map(|p| p.expected_ttft_s)) {
-        if let Some(i) = out.iter().position(|p| p.peer == aff && p.expected_ttft_s <= best * AFFINITY_SLACK + FORWARD_COST_S) {
-            let p = out.remove(i);
-            out.insert(0, p);
-        }
+    if let (Some(aff), Some(best)) = (req.affinity, out.first().map(|p| p.expected_ttft_s))
+        && let Some(i) = out.iter().position(|p| p.peer == aff && p.expected_ttft_s <= best * AFFINITY_SLACK + FORWARD_COST_S)
+    {
+        let p = out.remove(i);
+        out.insert(0, p);
     }
     out
 }

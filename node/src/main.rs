@@ -82,7 +82,9 @@ fn role_command(command: RoleCommand) -> anyhow::Result<()> {
     runtime.block_on(async {
         let client = reqwest::Client::new();
         let resp = match command {
-            RoleCommand::Set { role, node } => client.post(format!("{}/v1/role", node.trim_end_matches('/'))).json(&serde_json::json!({ "role": role })).send().await,
+            RoleCommand::Set { role, node } => {
+                client.post(format!("{}/v1/role", node.trim_end_matches('/'))).json(&serde_json::json!({ "role": role })).send().await
+            }
             RoleCommand::Get { node } => client.get(format!("{}/v1/role", node.trim_end_matches('/'))).send().await,
         }
         .context("cannot reach the node")?;

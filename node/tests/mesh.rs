@@ -59,7 +59,8 @@ impl Node {
         let (mut http, mut peer_id) = (None, None);
         let deadline = Instant::now() + Duration::from_secs(60);
         while http.is_none() || peer_id.is_none() || mesh.lock().expect("lock").is_empty() {
-            let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap_or_else(|_| panic!("{name} announces itself"));
+            let line =
+                rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap_or_else(|_| panic!("{name} announces itself"));
             if let Some(a) = line.strip_prefix("tandem: listening on ") {
                 http = Some(a.to_string());
             }
@@ -87,10 +88,10 @@ impl Node {
     async fn wait_ready(&self) {
         let start = Instant::now();
         loop {
-            if let Ok(r) = reqwest::get(format!("{}/health", self.http)).await {
-                if r.status() == 200 {
-                    return;
-                }
+            if let Ok(r) = reqwest::get(format!("{}/health", self.http)).await
+                && r.status() == 200
+            {
+                return;
             }
             assert!(start.elapsed() < Duration::from_secs(180), "{} gets ready", self.http);
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -200,7 +201,12 @@ async fn three_nodes_find_each_other_route_around_an_observer_and_survive_a_kill
     assert_eq!(served, 1.0 + b.metric("tandem_mesh_forwarded_requests_total").await, "every forwarded request was served by b or c");
 
     // A request for a model nobody serves.
-    let resp = reqwest::Client::new().post(format!("{}/v1/completions", a.http)).json(&json!({ "model": "nope", "prompt": "x" })).send().await.expect("request");
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/completions", a.http))
+        .json(&json!({ "model": "nope", "prompt": "x" }))
+        .send()
+        .await
+        .expect("request");
     assert_eq!(resp.status(), 404);
     let body: Value = resp.json().await.expect("JSON");
     assert_eq!(body["error"]["code"], "model_not_found");
@@ -213,7 +219,11 @@ async fn three_nodes_find_each_other_route_around_an_observer_and_survive_a_kill
     a.wait_until_sees(&[&a, &c], Duration::from_secs(10)).await;
     eprintln!("a noticed b's death after {:?}", killed.elapsed());
     let cluster = a.get("/v1/cluster").await;
-    assert!(cluster["events"].as_array().expect("events").iter().any(|e| e["kind"] == "lost" && e["peer_id"] == b.peer_id.as_str()), "{}", cluster["events"]);
+    assert!(
+        cluster["events"].as_array().expect("events").iter().any(|e| e["kind"] == "lost" && e["peer_id"] == b.peer_id.as_str()),
+        "{}",
+        cluster["events"]
+    );
     let before = c.metric("tandem_mesh_served_requests_total").await;
     assert_eq!(complete(&a, prompt).await.expect("served by c"), local);
     assert_eq!(c.metric("tandem_mesh_served_requests_total").await, before + 1.0);
@@ -272,7 +282,11 @@ async fn a_wrong_mesh_secret_or_a_peer_off_the_allow_list_is_refused() {
     // An allow-list that names `good` only: a node with the right secret but another id is refused.
     let c = Node::start(&[&obs[..], &["--mesh-secret-file", &key, "--allow-peer", &good.peer_id]].concat(), dir.path(), "c");
     let stranger = Node::start(&[&obs[..], &["--mesh-secret-file", &key, "--peer", &c.addr()]].concat(), dir.path(), "stranger");
-    let friend = Node::start(&[&obs[..], &["--mesh-secret-file", &key, "--peer", &c.addr(), "--allow-peer", &c.peer_id]].concat(), dir.path(), "friend");
+    let friend = Node::start(
+        &[&obs[..], &["--mesh-secret-file", &key, "--peer", &c.addr(), "--allow-peer", &c.peer_id]].concat(),
+        dir.path(),
+        "friend",
+    );
     // `friend` allows c, but c does not allow `friend`: refused too.
     tokio::time::sleep(Duration::from_secs(4)).await;
     c.wait_until_sees(&[&c], Duration::from_secs(1)).await;
@@ -357,11 +371,29 @@ async fn nodes_in_separate_network_namespaces_find_each_other_by_mdns_and_serve_
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(ready, "the entry node found the server by mDNS across the veth link: {cluster:#}");
-    let addrs = cluster["nodes"].as_array().expect("nodes").iter().find(|n| n["peer_id"] == server.peer_id.as_str()).map(|n| n["addresses"].to_string());
+    let addrs = cluster["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["peer_id"] == server.peer_id.as_str())
+        .map(|n| n["addresses"].to_string());
     assert!(addrs.as_deref().is_some_and(|a| a.contains(&format!("{subnet}.2"))), "{addrs:?}");
     let body = json!({ "model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0 }).to_string();
     let out = Command::new("ip")
-        .args(["netns", "exec", &na.0, "curl", "-sf", "--max-time", "120", "-H", "content-type: application/json", "-d", &body, &format!("{}/v1/completions", entry.http)])
+        .args([
+            "netns",
+            "exec",
+            &na.0,
+            "curl",
+            "-sf",
+            "--max-time",
+            "120",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &body,
+            &format!("{}/v1/completions", entry.http),
+        ])
         .output()
         .expect("curl");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);

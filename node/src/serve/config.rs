@@ -139,7 +139,8 @@ pub struct MeshSettings {
 
 impl PartialEq for MeshSettings {
     fn eq(&self, o: &Self) -> bool {
-        (&self.listen, &self.peers, self.role, &self.allow, self.mdns, &self.identity) == (&o.listen, &o.peers, o.role, &o.allow, o.mdns, &o.identity)
+        (&self.listen, &self.peers, self.role, &self.allow, self.mdns, &self.identity)
+            == (&o.listen, &o.peers, o.role, &o.allow, o.mdns, &o.identity)
             && self.secret.map(|s| s.fingerprint()) == o.secret.map(|s| s.fingerprint())
     }
 }
@@ -162,14 +163,17 @@ pub enum ConfigError {
 }
 
 fn multiaddrs(setting: &'static str, values: Vec<String>) -> Result<Vec<Multiaddr>, ConfigError> {
-    values.into_iter().map(|v| v.parse().map_err(|e: tandem_mesh::MultiaddrError| ConfigError::Mesh { setting, value: v, message: e.to_string() })).collect()
+    values
+        .into_iter()
+        .map(|v| v.parse().map_err(|e: tandem_mesh::MultiaddrError| ConfigError::Mesh { setting, value: v, message: e.to_string() }))
+        .collect()
 }
 
 /// Where the identity key lives unless told: `$XDG_CONFIG_HOME/tandem` or `~/.config/tandem`.
 fn default_identity() -> PathBuf {
-    let base = std::env::var_os("XDG_CONFIG_HOME").map(PathBuf::from).unwrap_or_else(|| {
-        std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from).join(".config")
-    });
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from).join(".config"));
     base.join("tandem").join("identity.key")
 }
 
@@ -216,7 +220,13 @@ impl ServeArgs {
                 },
                 allow: (if self.allow_peer.is_empty() { file.allow_peer.unwrap_or_default() } else { self.allow_peer })
                     .into_iter()
-                    .map(|v| v.parse().map_err(|e: tandem_mesh::PeerIdError| ConfigError::Mesh { setting: "allow-peer", value: v, message: e.to_string() }))
+                    .map(|v| {
+                        v.parse().map_err(|e: tandem_mesh::PeerIdError| ConfigError::Mesh {
+                            setting: "allow-peer",
+                            value: v,
+                            message: e.to_string(),
+                        })
+                    })
                     .collect::<Result<_, _>>()?,
                 mdns: !self.no_mdns && file.mdns.unwrap_or(true),
                 identity: self.identity.or(file.identity).unwrap_or_else(default_identity),

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use futures_util::StreamExt;
 use tandem_mesh::{
-    AdapterAd, CapabilityAd, FramedStream, HEARTBEAT, INFER_LIMITS, INFER_PROTOCOL, InferReply, InferRequest, LoadReport, MeshEventKind, MeshHandle,
-    ModelAd, PROTOCOL_VERSION, PeerId, Placement, PlacementRequest, Role, RoleBalancer, RoleInput, StreamGate,
+    AdapterAd, CapabilityAd, FramedStream, HEARTBEAT, INFER_LIMITS, INFER_PROTOCOL, InferReply, InferRequest, LoadReport, MeshEventKind,
+    MeshHandle, ModelAd, PROTOCOL_VERSION, PeerId, Placement, PlacementRequest, Role, RoleBalancer, RoleInput, StreamGate,
 };
 use tokio::sync::mpsc;
 
@@ -83,10 +83,10 @@ impl NodeMesh {
         let (map, order) = &mut *a;
         if map.insert(key, peer).is_none() {
             order.push_back(key);
-            if order.len() > AFFINITY_ENTRIES {
-                if let Some(old) = order.pop_front() {
-                    map.remove(&old);
-                }
+            if order.len() > AFFINITY_ENTRIES
+                && let Some(old) = order.pop_front()
+            {
+                map.remove(&old);
             }
         }
     }
@@ -132,7 +132,14 @@ pub fn capability(app: &App) -> CapabilityAd {
 /// This node's load now.
 pub fn load_report(app: &App) -> LoadReport {
     let (ttft50, ttft99, tpot50, tpot99) = app.metrics.recent_percentiles();
-    let mut report = LoadReport { draining: app.mesh.draining(), ttft_p50_ms: ttft50, ttft_p99_ms: ttft99, tpot_p50_ms: tpot50, tpot_p99_ms: tpot99, ..Default::default() };
+    let mut report = LoadReport {
+        draining: app.mesh.draining(),
+        ttft_p50_ms: ttft50,
+        ttft_p99_ms: ttft99,
+        tpot_p50_ms: tpot50,
+        tpot_p99_ms: tpot99,
+        ..Default::default()
+    };
     if let Ok(l) = app.loaded() {
         let s = l.worker.stats();
         report.running = s.running as u64;
@@ -247,15 +254,14 @@ pub async fn set_role(app: &App, setting: Role) -> Result<serde_json::Value, Api
     if let Ok(mut s) = app.mesh.setting.write() {
         *s = setting;
     }
-    let target = if setting == Role::Auto {
-        tandem_mesh::auto_role(&app.mesh.handle.peer_id().to_string(), &role_inputs(app), 0)
-    } else {
-        setting
-    };
+    let target =
+        if setting == Role::Auto { tandem_mesh::auto_role(&app.mesh.handle.peer_id().to_string(), &role_inputs(app), 0) } else { setting };
     let start = Instant::now();
     flip_role(app, target).await;
     let _ = app.mesh.handle.set_capability(capability(app)).await;
-    Ok(serde_json::json!({ "role": app.mesh.role(), "setting": setting, "previous": previous, "drained_ms": start.elapsed().as_millis() as u64 }))
+    Ok(
+        serde_json::json!({ "role": app.mesh.role(), "setting": setting, "previous": previous, "drained_ms": start.elapsed().as_millis() as u64 }),
+    )
 }
 
 /// What placement needs of a request, read from its body without a tokenizer.
@@ -317,9 +323,8 @@ fn finish_name(s: &str) -> &'static str {
 
 fn failed(status: u16, message: String, code: Option<String>, param: Option<String>) -> ApiError {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
-    // OpenAI codes and params are a small fixed set; keep the static-str shape of ApiError.
-    let known = |s: Option<String>, set: &[&'static str]| s.and_then(|s| set.iter().copied().find(|k| *k == s).or_else(|| (s.len() < 32).then(|| leak(s))));
+    // OpenAI's codes and params are a small fixed set; anything else a peer says is dropped.
+    let known = |s: Option<String>, set: &[&'static str]| s.and_then(|s| set.iter().copied().find(|k| *k == s));
     ApiError {
         code: known(code, &["overloaded", "context_length_exceeded", "model_not_found", "fingerprint_mismatch"]),
         param: known(param, &["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "stop", "n", "logprobs"]),
@@ -329,7 +334,14 @@ fn failed(status: u16, message: String, code: Option<String>, param: Option<Stri
 
 /// Runs the request on the first of `candidates` that takes it: here, or on a peer through a
 /// direct stream. Pieces of output go to `out`.
-pub async fn dispatch(app: Arc<App>, endpoint: Endpoint, body: serde_json::Value, shape: RequestShape, candidates: Vec<Placement>, out: mpsc::Sender<Piece>) {
+pub async fn dispatch(
+    app: Arc<App>,
+    endpoint: Endpoint,
+    body: serde_json::Value,
+    shape: RequestShape,
+    candidates: Vec<Placement>,
+    out: mpsc::Sender<Piece>,
+) {
     let mut last = String::from("no node serves it");
     for cand in candidates.into_iter().take(MAX_ATTEMPTS) {
         if cand.is_self {
@@ -341,7 +353,13 @@ pub async fn dispatch(app: Arc<App>, endpoint: Endpoint, body: serde_json::Value
             }
             return;
         }
-        let req = InferRequest { v: PROTOCOL_VERSION, endpoint: endpoint.into(), model: shape.model.clone(), fingerprint: cand.fingerprint.clone(), body: body.clone() };
+        let req = InferRequest {
+            v: PROTOCOL_VERSION,
+            endpoint: endpoint.into(),
+            model: shape.model.clone(),
+            fingerprint: cand.fingerprint.clone(),
+            body: body.clone(),
+        };
         match forward(&app, &cand, &req, &out).await {
             Attempt::Final => {
                 app.mesh.remember(shape.affinity_key, cand.peer);
@@ -354,7 +372,8 @@ pub async fn dispatch(app: Arc<App>, endpoint: Endpoint, body: serde_json::Value
             }
         }
     }
-    let _ = out.send(Piece::Failed(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("no node could take the request: {last}")))).await;
+    let _ =
+        out.send(Piece::Failed(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("no node could take the request: {last}")))).await;
 }
 
 async fn forward(app: &App, cand: &Placement, req: &InferRequest, out: &mpsc::Sender<Piece>) -> Attempt {
@@ -384,7 +403,9 @@ async fn forward(app: &App, cand: &Placement, req: &InferRequest, out: &mpsc::Se
             app.mesh.handle.update_view(|v| v.distrust(peer, &req.model, &why));
             return Attempt::Retry(why);
         }
-        Ok(Some(InferReply::Failed { status, message, .. })) if status == 429 || status == 503 => return Attempt::Retry(format!("{status}: {message}")),
+        Ok(Some(InferReply::Failed { status, message, .. })) if status == 429 || status == 503 => {
+            return Attempt::Retry(format!("{status}: {message}"));
+        }
         Ok(Some(InferReply::Failed { status, message, code, param })) => {
             let _ = out.send(Piece::Failed(failed(status, message, code, param))).await;
             return Attempt::Final;
@@ -407,24 +428,33 @@ async fn forward(app: &App, cand: &Placement, req: &InferRequest, out: &mpsc::Se
             Ok(Some(InferReply::Heartbeat)) => {}
             Ok(Some(InferReply::Done { finish_reason, prompt_tokens, completion_tokens })) if result.is_none() => {
                 let (p, c) = (prompt_tokens as usize, completion_tokens as usize);
-                result = Some(Piece::Done { finish: finish_name(&finish_reason), usage: Usage { prompt_tokens: p, completion_tokens: c, total_tokens: p + c } });
+                result = Some(Piece::Done {
+                    finish: finish_name(&finish_reason),
+                    usage: Usage { prompt_tokens: p, completion_tokens: c, total_tokens: p + c },
+                });
             }
             Ok(Some(InferReply::Failed { status, message, code, param })) if result.is_none() => {
                 result = Some(Piece::Failed(failed(status, message, code, param)));
             }
             // Only a verified trailer makes the result count.
             Ok(None) => {
-                let piece = result.unwrap_or_else(|| Piece::Failed(ApiError::new(StatusCode::BAD_GATEWAY, format!("node {peer} ended the stream without a result"))));
+                let piece = result.unwrap_or_else(|| {
+                    Piece::Failed(ApiError::new(StatusCode::BAD_GATEWAY, format!("node {peer} ended the stream without a result")))
+                });
                 let _ = out.send(piece).await;
                 return Attempt::Final;
             }
             Ok(Some(other)) => {
-                let _ = out.send(Piece::Failed(ApiError::new(StatusCode::BAD_GATEWAY, format!("node {peer} broke the protocol: {other:?}")))).await;
+                let _ = out
+                    .send(Piece::Failed(ApiError::new(StatusCode::BAD_GATEWAY, format!("node {peer} broke the protocol: {other:?}"))))
+                    .await;
                 return Attempt::Final;
             }
             Err(e) if !sent_text => return Attempt::Retry(format!("node {peer} failed before the first token: {e}")),
             Err(e) => {
-                let _ = out.send(Piece::Failed(ApiError::new(StatusCode::BAD_GATEWAY, format!("node {peer} failed mid-generation: {e}")))).await;
+                let _ = out
+                    .send(Piece::Failed(ApiError::new(StatusCode::BAD_GATEWAY, format!("node {peer} failed mid-generation: {e}"))))
+                    .await;
                 return Attempt::Final;
             }
         }
@@ -467,7 +497,9 @@ async fn serve_stream(app: &Arc<App>, peer: PeerId, stream: tandem_mesh::Stream)
             return;
         }
     };
-    if let Err(e) = s.recv().await.and_then(|f| f.map_or(Ok(()), |_| Err(tandem_mesh::FrameError::Malformed("a second request frame".into())))) {
+    if let Err(e) =
+        s.recv().await.and_then(|f| f.map_or(Ok(()), |_| Err(tandem_mesh::FrameError::Malformed("a second request frame".into()))))
+    {
         tracing::warn!(%peer, error = %e, "request stream without a proper end");
         return;
     }
@@ -477,12 +509,18 @@ async fn serve_stream(app: &Arc<App>, peer: PeerId, stream: tandem_mesh::Stream)
         }
         let loaded = app.loaded()?;
         if req.model != loaded.model_id {
-            return Err(ApiError { code: Some("model_not_found"), ..ApiError::new(StatusCode::NOT_FOUND, format!("this node serves `{}`", loaded.model_id)) });
+            return Err(ApiError {
+                code: Some("model_not_found"),
+                ..ApiError::new(StatusCode::NOT_FOUND, format!("this node serves `{}`", loaded.model_id))
+            });
         }
         if req.fingerprint != loaded.fingerprint {
             return Err(ApiError {
                 code: Some("fingerprint_mismatch"),
-                ..ApiError::new(StatusCode::CONFLICT, format!("expected model fingerprint {}, this node has {}", req.fingerprint, loaded.fingerprint))
+                ..ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("expected model fingerprint {}, this node has {}", req.fingerprint, loaded.fingerprint),
+                )
             });
         }
         if app.mesh.draining() || !app.mesh.role().serves() {

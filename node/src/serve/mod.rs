@@ -186,7 +186,12 @@ async fn health(State(app): State<Arc<App>>) -> Response {
         return axum::Json(json!({ "status": "ok", "role": "observer", "peer_id": peer_id })).into_response();
     }
     match app.loaded() {
-        Ok(l) => (StatusCode::OK, axum::Json(json!({ "status": "ok", "model": l.model_id, "adapter": l.gpu.to_string(), "role": app.mesh.role(), "peer_id": peer_id })))
+        Ok(l) => (
+            StatusCode::OK,
+            axum::Json(
+                json!({ "status": "ok", "model": l.model_id, "adapter": l.gpu.to_string(), "role": app.mesh.role(), "peer_id": peer_id }),
+            ),
+        )
             .into_response(),
         Err(e) => (e.status, axum::Json(json!({ "status": "unavailable", "reason": e.message }))).into_response(),
     }
@@ -377,7 +382,9 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             }
         });
     };
-    axum::serve(listener, router(app.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>()).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, router(app.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await?;
     if let Some(w) = app.worker() {
         w.request_stop(false);
         tokio::task::spawn_blocking(move || w.join()).await?;

@@ -261,7 +261,9 @@ fn chat_messages(messages: Vec<ChatRequestMessage>) -> Vec<ChatMessage> {
             let content = match m.content {
                 None => String::new(),
                 Some(MessageContent::Text(t)) => t,
-                Some(MessageContent::Parts(parts)) => parts.into_iter().filter(|p| p.kind == "text").filter_map(|p| p.text).collect::<Vec<_>>().join(""),
+                Some(MessageContent::Parts(parts)) => {
+                    parts.into_iter().filter(|p| p.kind == "text").filter_map(|p| p.text).collect::<Vec<_>>().join("")
+                }
             };
             ChatMessage { role: m.role, content }
         })
@@ -310,7 +312,9 @@ fn shape(endpoint: Endpoint, body: &serde_json::Value) -> Result<Shape, ApiError
             let req: CompletionRequest = serde_json::from_value(body.clone()).map_err(invalid)?;
             let (chars, opening) = match &req.prompt {
                 PromptInput::Text(t) => (t.len(), t.chars().take(512).collect::<String>()),
-                PromptInput::Texts(v) => (v.iter().map(String::len).sum(), v.first().map(|t| t.chars().take(512).collect()).unwrap_or_default()),
+                PromptInput::Texts(v) => {
+                    (v.iter().map(String::len).sum(), v.first().map(|t| t.chars().take(512).collect()).unwrap_or_default())
+                }
                 PromptInput::Tokens(ids) => (ids.len() * 4, format!("{:?}", &ids[..ids.len().min(128)])),
             };
             (req.fields, chars, opening)
@@ -320,14 +324,19 @@ fn shape(endpoint: Endpoint, body: &serde_json::Value) -> Result<Shape, ApiError
             let messages = chat_messages(req.messages);
             let chars = messages.iter().map(|m| m.content.len() + 8).sum();
             // A conversation is known by its system prompt and first user turn.
-            let opening: String = messages.iter().take_while(|m| m.role != "assistant").map(|m| format!("{}:{}\n", m.role, m.content)).collect();
+            let opening: String =
+                messages.iter().take_while(|m| m.role != "assistant").map(|m| format!("{}:{}\n", m.role, m.content)).collect();
             (req.fields, chars, opening)
         }
     };
     Ok(Shape {
         stream: fields.stream,
         include_usage: fields.stream_options.as_ref().is_some_and(|o| o.include_usage),
-        request: RequestShape { affinity_key: hash(&format!("{}\n{opening}", fields.model)), model: fields.model, prompt_tokens: chars / 4 + 1 },
+        request: RequestShape {
+            affinity_key: hash(&format!("{}\n{opening}", fields.model)),
+            model: fields.model,
+            prompt_tokens: chars / 4 + 1,
+        },
     })
 }
 
@@ -365,13 +374,19 @@ fn nobody_serves(app: &App, model: &str) -> ApiError {
         if let Err(e) = app.loaded() {
             return e;
         }
-        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "this node is not taking requests now (role change or shutdown) and no other node serves the model");
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node is not taking requests now (role change or shutdown) and no other node serves the model",
+        );
     }
     let models = super::mesh::mesh_models(app);
     ApiError {
         code: Some("model_not_found"),
         param: Some("model"),
-        ..ApiError::new(StatusCode::NOT_FOUND, format!("the model `{model}` does not exist: no node in the mesh serves it (served: {models:?})"))
+        ..ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("the model `{model}` does not exist: no node in the mesh serves it (served: {models:?})"),
+        )
     }
 }
 
