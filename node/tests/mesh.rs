@@ -400,3 +400,20 @@ async fn nodes_in_separate_network_namespaces_find_each_other_by_mdns_and_serve_
     assert!(v["choices"][0]["text"].as_str().is_some_and(|t| t.contains("Paris")), "served across the link: {v}");
     drop((entry, server));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_node_is_dropped_by_ping_and_welcomed_back_when_it_resumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let obs = ["--role", "observer"];
+    let a = Node::start(&obs, dir.path(), "a");
+    let b = Node::start(&[&obs[..], &["--peer", &a.addr()]].concat(), dir.path(), "b");
+    a.wait_until_sees(&[&a, &b], Duration::from_secs(30)).await;
+    // SIGSTOP keeps b's sockets open: only missed pings and silence can tell.
+    let signal = |sig: &str| assert!(Command::new("kill").args([sig, &b.child.id().to_string()]).status().expect("kill").success());
+    signal("-STOP");
+    let stopped = Instant::now();
+    a.wait_until_sees(&[&a], Duration::from_secs(10)).await;
+    eprintln!("a dropped the stalled b after {:?}", stopped.elapsed());
+    signal("-CONT");
+    a.wait_until_sees(&[&a, &b], Duration::from_secs(30)).await;
+}
