@@ -43,8 +43,6 @@ pub struct NodeState {
     pub load: Option<LoadReport>,
     pub connected: bool,
     pub last_heard: Instant,
-    /// Models whose advertised fingerprint a request proved false.
-    pub distrusted: BTreeSet<String>,
 }
 
 /// The view of the cluster.
@@ -55,7 +53,12 @@ pub struct ClusterView {
     events: VecDeque<MeshEvent>,
     /// A node not heard from for this long is gone.
     timeout: Duration,
+    /// Models whose advertised fingerprint a request proved false, per peer.
+    distrusted: HashMap<PeerId, BTreeSet<String>>,
 }
+
+/// Peers (and models per peer) remembered as having lied; beyond it no more are recorded.
+const DISTRUSTED_PEERS: usize = 1024;
 
 /// A node as `/v1/cluster` shows it.
 #[derive(Serialize, Clone, Debug)]
@@ -100,9 +103,8 @@ fn now_ms() -> u64 {
 
 impl ClusterView {
     pub fn new(self_id: PeerId, timeout: Duration) -> Self {
-        let mut view = ClusterView { self_id, nodes: HashMap::new(), events: VecDeque::new(), timeout };
-        view.nodes
-            .insert(self_id, NodeState { ad: None, load: None, connected: true, last_heard: Instant::now(), distrusted: BTreeSet::new() });
+        let mut view = ClusterView { self_id, nodes: HashMap::new(), events: VecDeque::new(), timeout, distrusted: HashMap::new() };
+        view.nodes.insert(self_id, NodeState { ad: None, load: None, connected: true, last_heard: Instant::now() });
         view
     }
 
@@ -126,13 +128,7 @@ impl ClusterView {
     }
 
     fn entry(&mut self, peer: PeerId, now: Instant) -> &mut NodeState {
-        self.nodes.entry(peer).or_insert_with(|| NodeState {
-            ad: None,
-            load: None,
-            connected: false,
-            last_heard: now,
-            distrusted: BTreeSet::new(),
-        })
+        self.nodes.entry(peer).or_insert_with(|| NodeState { ad: None, load: None, connected: false, last_heard: now })
     }
 
     /// Takes a checked gossip message from `from` (the gossipsub source, which signed it).
@@ -220,12 +216,20 @@ impl ClusterView {
     }
 
     /// Stops routing `model` to `peer`: a request showed its ad's fingerprint to be false.
+    /// Kept apart from the node's entry, so that a reconnect does not restore trust.
     pub fn distrust(&mut self, peer: PeerId, model: &str, detail: &str) {
-        if let Some(n) = self.nodes.get_mut(&peer)
-            && n.distrusted.insert(model.to_string())
-        {
+        if self.distrusted.len() >= DISTRUSTED_PEERS && !self.distrusted.contains_key(&peer) {
+            return;
+        }
+        let models = self.distrusted.entry(peer).or_default();
+        if models.len() < DISTRUSTED_PEERS && models.insert(model.to_string()) {
             self.log(MeshEventKind::Distrusted, peer, format!("{model}: {detail}"));
         }
+    }
+
+    /// Whether a request proved `peer`'s ad for `model` false.
+    pub fn is_distrusted(&self, peer: &PeerId, model: &str) -> bool {
+        self.distrusted.get(peer).is_some_and(|m| m.contains(model))
     }
 
     /// Every node, this one included.
@@ -264,7 +268,7 @@ impl ClusterView {
                     http: ad.and_then(|a| a.http.clone()),
                     addresses: ad.map(|a| a.addresses.clone()).unwrap_or_default(),
                     load: n.load.clone(),
-                    distrusted_models: n.distrusted.iter().cloned().collect(),
+                    distrusted_models: self.distrusted.get(p).map(|m| m.iter().cloned().collect()).unwrap_or_default(),
                 }
             })
             .collect();

@@ -556,8 +556,11 @@ impl SwarmTask {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
-                for addr in info.listen_addrs.into_iter().filter(|a| !is_unspecified(a)) {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                // Replace, never append: identify pushes come as often as a peer likes.
+                let kad = &mut self.swarm.behaviour_mut().kad;
+                kad.remove_peer(&peer_id);
+                for addr in info.listen_addrs.into_iter().filter(|a| !is_unspecified(a)).take(8) {
+                    kad.add_address(&peer_id, addr);
                 }
             }
             BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, addresses, .. })
@@ -622,8 +625,11 @@ impl StreamGate {
     pub fn try_enter(&self, peer: PeerId) -> Option<StreamPermit> {
         let mut c = self.counts.lock().ok()?;
         let (per, total) = &mut *c;
+        if *total >= self.total {
+            return None;
+        }
         let n = per.entry(peer).or_insert(0);
-        if *n >= self.per_peer || *total >= self.total {
+        if *n >= self.per_peer {
             return None;
         }
         *n += 1;

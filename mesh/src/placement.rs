@@ -56,7 +56,7 @@ pub fn place(view: &ClusterView, req: &PlacementRequest) -> Vec<Placement> {
             let usable = ad.role.serves()
                 && !load.draining
                 && (is_self || node.connected)
-                && !node.distrusted.contains(req.model)
+                && !view.is_distrusted(peer, req.model)
                 && !req.exclude.contains(peer);
             if !usable {
                 return None;
@@ -154,6 +154,10 @@ mod tests {
         // Draining nodes, distrusted models and excluded peers are out.
         add(&mut v, fast, Role::Both, 10_000.0, LoadReport { draining: true, ..idle() });
         v.distrust(slow, "m", "fingerprint mismatch");
+        assert_eq!(order(&v, &req), [me]);
+        // A reconnect does not restore trust.
+        v.disconnected(slow, "blip");
+        add(&mut v, slow, Role::Both, 10.0, idle());
         assert_eq!(order(&v, &req), [me]);
         assert_eq!(order(&v, &PlacementRequest { exclude: &[me], ..req.clone() }), Vec::<PeerId>::new());
         assert!(order(&v, &PlacementRequest { model: "other", ..req }).is_empty(), "nobody serves it");

@@ -20,12 +20,14 @@ use super::openai::{ApiError, Endpoint, Piece, Usage};
 use super::{App, Loaded};
 
 /// Concurrent request streams one peer may hold open to this node, and all peers together.
-const STREAMS_PER_PEER: usize = 256;
+const STREAMS_PER_PEER: usize = 64;
 const STREAMS_TOTAL: usize = 1024;
 /// Remembered conversations (for prefix affinity).
 const AFFINITY_ENTRIES: usize = 4096;
 /// Nodes tried for one request before giving up.
 const MAX_ATTEMPTS: usize = 3;
+/// Text one forwarded request may bring back (far beyond any context of tokens).
+const MAX_FORWARDED_TEXT: usize = 16 << 20;
 
 /// The node's mesh state, shared by the HTTP handlers and the background tasks.
 pub struct NodeMesh {
@@ -34,6 +36,7 @@ pub struct NodeMesh {
     setting: RwLock<Role>,
     role: RwLock<Role>,
     draining: AtomicBool,
+    stopping: AtomicBool,
     gate: StreamGate,
     affinity: Mutex<(HashMap<u64, PeerId>, VecDeque<u64>)>,
     flip: tokio::sync::Mutex<()>,
@@ -50,6 +53,7 @@ impl NodeMesh {
             setting: RwLock::new(setting),
             role: RwLock::new(role),
             draining: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             gate: StreamGate::new(STREAMS_PER_PEER, STREAMS_TOTAL),
             affinity: Mutex::default(),
             flip: tokio::sync::Mutex::new(()),
@@ -69,8 +73,9 @@ impl NodeMesh {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// Stops taking new work (shutdown).
+    /// Stops taking new work for good (shutdown).
     pub fn begin_draining(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
         self.draining.store(true, Ordering::SeqCst);
     }
 
@@ -129,8 +134,9 @@ pub fn capability(app: &App) -> CapabilityAd {
     }
 }
 
-/// This node's load now.
-pub fn load_report(app: &App) -> LoadReport {
+/// This node's load now; `rate` also measures tokens/s since the last call that did (the
+/// once-a-second publication, not every request's refresh).
+pub fn load_report(app: &App, rate: bool) -> LoadReport {
     let (ttft50, ttft99, tpot50, tpot99) = app.metrics.recent_percentiles();
     let mut report = LoadReport {
         draining: app.mesh.draining(),
@@ -147,7 +153,7 @@ pub fn load_report(app: &App) -> LoadReport {
         report.queued_prefill_tokens = s.queued_prefill_tokens as u64;
         report.kv_blocks_total = s.kv_blocks_total as u64;
         report.kv_blocks_free = s.kv_blocks_total.saturating_sub(s.kv_blocks_used) as u64;
-        if let Ok(mut last) = app.mesh.last_generated.lock() {
+        if let Some(mut last) = app.mesh.last_generated.lock().ok().filter(|_| rate) {
             let (t, n) = *last;
             let dt = t.elapsed().as_secs_f64();
             if dt >= 0.5 {
@@ -174,7 +180,7 @@ pub async fn publish_loop(app: Arc<App>) {
             }
             advertised = Some(ad);
         }
-        if app.mesh.handle.publish_load(load_report(&app)).await.is_err() {
+        if app.mesh.handle.publish_load(load_report(&app, true)).await.is_err() {
             return;
         }
         if app.mesh.setting() == Role::Auto && !app.mesh.draining() && app.loaded().is_ok() {
@@ -218,11 +224,13 @@ fn role_inputs(app: &App) -> Vec<RoleInput> {
 pub async fn flip_role(app: &App, target: Role) {
     let _one_at_a_time = app.mesh.flip.lock().await;
     let from = app.mesh.role();
-    if from == target {
+    let setting = app.mesh.setting();
+    // A balancer flip that lost the race to an operator's pin, or any flip during shutdown.
+    if from == target || (setting != Role::Auto && target != setting) || app.mesh.stopping.load(Ordering::SeqCst) {
         return;
     }
     app.mesh.draining.store(true, Ordering::SeqCst);
-    let _ = app.mesh.handle.publish_load(load_report(app)).await;
+    let _ = app.mesh.handle.publish_load(load_report(app, false)).await;
     let start = Instant::now();
     let grace = Duration::from_secs(app.cfg.shutdown_grace);
     while let Ok(l) = app.loaded() {
@@ -239,14 +247,24 @@ pub async fn flip_role(app: &App, target: Role) {
     if let Ok(mut r) = app.mesh.role.write() {
         *r = target;
     }
-    app.mesh.draining.store(false, Ordering::SeqCst);
+    if !app.mesh.stopping.load(Ordering::SeqCst) {
+        app.mesh.draining.store(false, Ordering::SeqCst);
+    }
     tracing::info!(%from, to = %target, drained_ms = start.elapsed().as_millis() as u64, "role changed");
     let _ = app.mesh.handle.set_capability(capability(app)).await;
-    let _ = app.mesh.handle.publish_load(load_report(app)).await;
+    let _ = app.mesh.handle.publish_load(load_report(app, false)).await;
 }
 
-/// An operator's role command: pin a role, or hand the choice back to `auto`.
-pub async fn set_role(app: &App, setting: Role) -> Result<serde_json::Value, ApiError> {
+/// An operator's role command: pin a role, or hand the choice back to `auto`. The flip runs in
+/// its own task, so a client that hangs up mid-drain cannot leave the node draining.
+pub async fn set_role(app: &Arc<App>, setting: Role) -> Result<serde_json::Value, ApiError> {
+    let task = app.clone();
+    tokio::spawn(async move { set_role_now(&task, setting).await })
+        .await
+        .unwrap_or_else(|e| Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("role change failed: {e}"))))
+}
+
+async fn set_role_now(app: &App, setting: Role) -> Result<serde_json::Value, ApiError> {
     if setting.serves() && app.loaded().is_err() {
         return Err(ApiError::new(StatusCode::CONFLICT, "this node runs no model, so it can only be an observer"));
     }
@@ -254,6 +272,7 @@ pub async fn set_role(app: &App, setting: Role) -> Result<serde_json::Value, Api
     if let Ok(mut s) = app.mesh.setting.write() {
         *s = setting;
     }
+    refresh_own(app);
     let target =
         if setting == Role::Auto { tandem_mesh::auto_role(&app.mesh.handle.peer_id().to_string(), &role_inputs(app), 0) } else { setting };
     let start = Instant::now();
@@ -275,7 +294,7 @@ pub struct RequestShape {
 /// Brings this node's own entry in the view up to date (the published one may be a second old,
 /// e.g. from before the model loaded); the addresses stay those the mesh filled in.
 pub fn refresh_own(app: &App) {
-    let (mut ad, load) = (capability(app), load_report(app));
+    let (mut ad, load) = (capability(app), load_report(app, false));
     let me = app.mesh.handle.peer_id();
     app.mesh.handle.update_view(|v| {
         if let Some(old) = v.node(&me).and_then(|n| n.ad.as_ref()) {
@@ -322,7 +341,8 @@ fn finish_name(s: &str) -> &'static str {
 }
 
 fn failed(status: u16, message: String, code: Option<String>, param: Option<String>) -> ApiError {
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let status =
+        StatusCode::from_u16(status).ok().filter(|s| s.is_client_error() || s.is_server_error()).unwrap_or(StatusCode::BAD_GATEWAY);
     // OpenAI's codes and params are a small fixed set; anything else a peer says is dropped.
     let known = |s: Option<String>, set: &[&'static str]| s.and_then(|s| set.iter().copied().find(|k| *k == s));
     ApiError {
@@ -343,8 +363,19 @@ pub async fn dispatch(
     out: mpsc::Sender<Piece>,
 ) {
     let mut last = String::from("no node serves it");
-    for cand in candidates.into_iter().take(MAX_ATTEMPTS) {
+    let tries = candidates.len().min(MAX_ATTEMPTS);
+    for (i, cand) in candidates.into_iter().take(MAX_ATTEMPTS).enumerate() {
+        let more_candidates = i + 1 < tries;
+        if out.is_closed() {
+            return;
+        }
         if cand.is_self {
+            // A full local queue would answer 429; another node may still have room.
+            let full = app.loaded().is_ok_and(|l| l.worker.stats().waiting >= l.worker.limits().max_waiting);
+            if full && more_candidates {
+                last = "this node's queue is full".into();
+                continue;
+            }
             match app.loaded().and_then(|l| super::openai::generation(&l, endpoint, body.clone()).map(|g| (l, g))) {
                 Ok((loaded, g)) => super::openai::drive(loaded, app.clone(), g, out).await,
                 Err(e) => {
@@ -398,7 +429,9 @@ async fn forward(app: &App, cand: &Placement, req: &InferRequest, out: &mpsc::Se
             app.mesh.handle.update_view(|v| v.distrust(peer, &req.model, &why));
             return Attempt::Retry(why);
         }
-        Ok(Some(InferReply::Failed { status, message, code, .. })) if code.as_deref() == Some("fingerprint_mismatch") => {
+        Ok(Some(InferReply::Failed { status, message, code, .. }))
+            if matches!(code.as_deref(), Some("fingerprint_mismatch" | "model_not_found")) =>
+        {
             let why = format!("{status}: {message}");
             app.mesh.handle.update_view(|v| v.distrust(peer, &req.model, &why));
             return Attempt::Retry(why);
@@ -414,12 +447,26 @@ async fn forward(app: &App, cand: &Placement, req: &InferRequest, out: &mpsc::Se
         Err(e) => return Attempt::Retry(e.to_string()),
     }
     app.metrics.forwarded();
-    let mut sent_text = false;
+    let mut sent_text = 0usize;
     let mut result: Option<Piece> = None;
     loop {
-        match s.recv_msg::<InferReply>().await {
+        let reply = tokio::select! {
+            r = s.recv_msg::<InferReply>() => r,
+            // The client left: dropping the stream resets it, and the serving node cancels.
+            () = out.closed() => return Attempt::Final,
+        };
+        match reply {
             Ok(Some(InferReply::Text { text })) if result.is_none() => {
-                sent_text = true;
+                sent_text += text.len();
+                if sent_text > MAX_FORWARDED_TEXT {
+                    let _ = out
+                        .send(Piece::Failed(ApiError::new(
+                            StatusCode::BAD_GATEWAY,
+                            format!("node {peer} sent more than {MAX_FORWARDED_TEXT} bytes of text"),
+                        )))
+                        .await;
+                    return Attempt::Final;
+                }
                 if out.send(Piece::Text(text)).await.is_err() {
                     // The client left; dropping the stream resets it, and the serving node cancels.
                     return Attempt::Final;
@@ -430,7 +477,7 @@ async fn forward(app: &App, cand: &Placement, req: &InferRequest, out: &mpsc::Se
                 let (p, c) = (prompt_tokens as usize, completion_tokens as usize);
                 result = Some(Piece::Done {
                     finish: finish_name(&finish_reason),
-                    usage: Usage { prompt_tokens: p, completion_tokens: c, total_tokens: p + c },
+                    usage: Usage { prompt_tokens: p, completion_tokens: c, total_tokens: p.saturating_add(c) },
                 });
             }
             Ok(Some(InferReply::Failed { status, message, code, param })) if result.is_none() => {
@@ -450,7 +497,7 @@ async fn forward(app: &App, cand: &Placement, req: &InferRequest, out: &mpsc::Se
                     .await;
                 return Attempt::Final;
             }
-            Err(e) if !sent_text => return Attempt::Retry(format!("node {peer} failed before the first token: {e}")),
+            Err(e) if sent_text == 0 => return Attempt::Retry(format!("node {peer} failed before the first token: {e}")),
             Err(e) => {
                 let _ = out
                     .send(Piece::Failed(ApiError::new(StatusCode::BAD_GATEWAY, format!("node {peer} failed mid-generation: {e}"))))

@@ -474,7 +474,14 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
     let mut text = tok.decode_stream(true);
     let mut stops = StopMatcher { stops: g.stops, pending: String::new() };
     let mut generated = 0;
-    while let Some(event) = rx.recv().await {
+    loop {
+        let event = tokio::select! {
+            e = rx.recv() => e,
+            // The client (or the entry node's stream) is gone: the guard cancels the request even
+            // while it is queued or in prefill, when no piece would be sent to notice.
+            () = out.closed() => return,
+        };
+        let Some(event) = event else { break };
         match event {
             Event::Token(id) => {
                 generated += 1;
