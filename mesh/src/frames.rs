@@ -259,7 +259,7 @@ mod tests {
         assert!(matches!(s.recv_msg::<serde_json::Value>().await, Err(FrameError::Malformed(_))));
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_stalled_sender_times_out() {
         let (client, _server) = tokio::io::duplex(64);
         let mut s = FramedStream::new(tokio_util::compat::TokioAsyncReadCompatExt::compat(client), LIMITS);
