@@ -17,8 +17,6 @@ pub enum Error {
     Stopped,
     #[error("cannot open a stream to {peer}: {message}")]
     OpenStream { peer: String, message: String },
-    #[error("malformed message from {from}: {message}")]
-    Malformed { from: String, message: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

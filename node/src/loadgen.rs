@@ -81,7 +81,7 @@ fn prompt(rng: &mut impl Rng, words: usize) -> String {
     s
 }
 
-fn percentiles(mut v: Vec<f64>) -> Percentiles {
+pub(crate) fn percentiles(mut v: Vec<f64>) -> Percentiles {
     if v.is_empty() {
         return Percentiles::default();
     }

@@ -28,15 +28,6 @@ pub struct Metrics {
 /// Finished requests the load report's percentiles are taken over.
 const RECENT: usize = 256;
 
-fn percentile(mut v: Vec<f64>, p: f64) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let i = ((v.len() - 1) as f64 * p).round() as usize;
-    v.get(i).copied()
-}
-
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Metrics")
@@ -135,7 +126,9 @@ impl Metrics {
         let Ok(r) = self.recent.lock() else { return (None, None, None, None) };
         let ttft: Vec<f64> = r.iter().filter_map(|x| x.0).collect();
         let tpot: Vec<f64> = r.iter().filter_map(|x| x.1).collect();
-        (percentile(ttft.clone(), 0.5), percentile(ttft, 0.99), percentile(tpot.clone(), 0.5), percentile(tpot, 0.99))
+        let pick = |v: Vec<f64>| (!v.is_empty()).then(|| crate::loadgen::percentiles(v));
+        let (ttft, tpot) = (pick(ttft), pick(tpot));
+        (ttft.as_ref().map(|p| p.p50), ttft.map(|p| p.p99), tpot.as_ref().map(|p| p.p50), tpot.map(|p| p.p99))
     }
 
     /// The text exposition.
