@@ -482,7 +482,90 @@ impl Engine {
 
     /// Runs one step, handing each layer's new K/V to `sink` as soon as the GPU has written it.
     pub fn step_with_sink(&mut self, inputs: &[StepInput], sink: &mut dyn KvSink) -> Result<Vec<Option<u32>>> {
-        Ok(self.run_step(inputs, false, Some(sink))?.tokens)
+        let all: Vec<SeqId> = inputs.iter().map(|i| i.seq).collect();
+        Ok(self.run_step(inputs, false, Some((&all, sink)))?.tokens)
+    }
+
+    /// Like `step_with_sink`, but only the sequences in `export` are read back (a prefill node's
+    /// step may carry requests that are not leaving it).
+    pub fn step_exporting(&mut self, inputs: &[StepInput], export: &[SeqId], sink: &mut dyn KvSink) -> Result<Vec<Option<u32>>> {
+        Ok(self.run_step(inputs, false, Some((export, sink)))?.tokens)
+    }
+
+    /// Reads the K/V of positions `start..end` of `seq` from the cache, every layer (to send a
+    /// cached prefix, or a running sequence to another node).
+    pub fn export_kv(&mut self, seq: SeqId, start: usize, end: usize) -> Result<Vec<KvLayer>> {
+        let state = self.seqs.get(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+        if start > end || end > state.len {
+            return Err(Error::KvImport(format!("cannot export positions {start}..{end} of a sequence holding {}", state.len)));
+        }
+        let kv_dim = self.config.kv_dim();
+        let kv_row = (kv_dim * 4) as u64;
+        let bytes = (end - start) as u64 * kv_row;
+        let mut enc = self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("export_kv") });
+        let mut stages = Vec::with_capacity(self.layers.len());
+        for (l, layer) in self.layers.iter().enumerate() {
+            let k_stage = self.ctx.readback(&format!("k_export_cache.{l}"), bytes);
+            let v_stage = self.ctx.readback(&format!("v_export_cache.{l}"), bytes);
+            let mut pos = start;
+            let mut dst = 0;
+            while pos < end {
+                let run = (BLOCK_TOKENS - pos % BLOCK_TOKENS).min(end - pos);
+                let src = u64::from(state.slot(pos)) * kv_row;
+                enc.copy_buffer_to_buffer(&layer.k_cache, src, &k_stage, dst, run as u64 * kv_row);
+                enc.copy_buffer_to_buffer(&layer.v_cache, src, &v_stage, dst, run as u64 * kv_row);
+                dst += run as u64 * kv_row;
+                pos += run;
+            }
+            stages.push((k_stage, v_stage));
+        }
+        let done = self.ctx.queue.submit([enc.finish()]);
+        let mut out = Vec::with_capacity(stages.len());
+        for (l, (k_stage, v_stage)) in stages.into_iter().enumerate() {
+            let k: Vec<f32> = bytemuck::cast_slice(&self.ctx.read_mapped(&k_stage, bytes, done.clone())?).to_vec();
+            let v: Vec<f32> = bytemuck::cast_slice(&self.ctx.read_mapped(&v_stage, bytes, done.clone())?).to_vec();
+            out.push(KvLayer { layer: l, start, tokens: end - start, k, v });
+        }
+        self.ctx.check_errors("export_kv")?;
+        Ok(out)
+    }
+
+    /// Makes `seq` hold blocks for `len` positions, or fails taking none (a decode node reserves a
+    /// prompt's blocks before its KV is sent).
+    pub fn reserve_sequence(&mut self, seq: SeqId, len: usize) -> Result<()> {
+        if len > self.context_length {
+            return Err(Error::ContextOverflow { tokens: len, max_new: 0, context: self.context_length });
+        }
+        let state = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+        self.pool.reserve(state, len)
+    }
+
+    /// Names the tokens behind a sequence's imported positions, so its full blocks join the prefix
+    /// cache like computed ones. `tokens` must cover exactly the positions held and extend the
+    /// tokens already known.
+    pub fn adopt_tokens(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
+        let state = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+        if tokens.len() != state.len || !tokens.starts_with(&state.tokens) {
+            return Err(Error::KvImport(format!("{} tokens do not name a sequence of {} positions", tokens.len(), state.len)));
+        }
+        state.tokens = tokens.to_vec();
+        Self::register_full_blocks(&mut self.pool, state);
+        Ok(())
+    }
+
+    fn register_full_blocks(pool: &mut BlockPool, s: &mut SeqState) {
+        // Full blocks computed from known tokens become reusable prefixes.
+        while (s.hashes.len() + 1) * BLOCK_TOKENS <= s.tokens.len() {
+            let b = s.hashes.len();
+            let h = block_hash(s.hashes.last().copied(), &s.tokens[b * BLOCK_TOKENS..(b + 1) * BLOCK_TOKENS]);
+            pool.register(s.blocks[b], h);
+            s.hashes.push(h);
+        }
+    }
+
+    /// The tokens a sequence's cached positions were computed from (empty for imported KV).
+    pub fn sequence_tokens(&self, seq: SeqId) -> Result<&[u32]> {
+        self.seqs.get(&seq).map(|s| s.tokens.as_slice()).ok_or(Error::UnknownSequence(seq.0))
     }
 
     /// Appends `tokens` to `seq` and returns the logits after every one of them, `[tokens][vocab]`
@@ -538,7 +621,11 @@ impl Engine {
         Ok(())
     }
 
-    fn run_step(&mut self, inputs: &[StepInput], all_logits: bool, mut sink: Option<&mut dyn KvSink>) -> Result<StepOutput> {
+    fn run_step(&mut self, inputs: &[StepInput], all_logits: bool, sink: Option<(&[SeqId], &mut dyn KvSink)>) -> Result<StepOutput> {
+        let (export_only, mut sink) = match sink {
+            Some((only, sink)) => (only, Some(sink)),
+            None => (&[][..], None),
+        };
         let c = &self.config;
         let n_tokens: usize = inputs.iter().map(|i| i.tokens.len()).sum();
         if n_tokens == 0 {
@@ -618,7 +705,7 @@ impl Engine {
                     ..Default::default()
                 });
             }
-            if sink.is_some() {
+            if sink.is_some() && export_only.contains(&input.seq) {
                 exports.push((input.seq, start, end, state.clone()));
             }
         }
@@ -688,7 +775,7 @@ impl Engine {
                 pass.dispatch_workgroups(wg(c.ffn_size, 64), n_tokens as u32, 1);
                 layer.down.record(&mut pass, n_tokens, split);
             }
-            if sink.is_some() {
+            if sink.is_some() && !exports.is_empty() {
                 // Copy this layer's new K/V out and submit, so the host can take layer l while the
                 // GPU computes layer l + 1.
                 let bytes = export_tokens as u64 * kv_row;
@@ -774,13 +861,7 @@ impl Engine {
                 }
                 s.len += input.tokens.len();
                 s.ready.iter_mut().for_each(|r| *r = s.len);
-                // Full blocks computed from known tokens become reusable prefixes.
-                while (s.hashes.len() + 1) * BLOCK_TOKENS <= s.tokens.len() {
-                    let b = s.hashes.len();
-                    let h = block_hash(s.hashes.last().copied(), &s.tokens[b * BLOCK_TOKENS..(b + 1) * BLOCK_TOKENS]);
-                    self.pool.register(s.blocks[b], h);
-                    s.hashes.push(h);
-                }
+                Self::register_full_blocks(&mut self.pool, s);
             }
         }
         Ok(out)

@@ -12,9 +12,11 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+
 use crate::engine::{Engine, SamplingParams, StepInput};
 use crate::error::{Error, Result};
-use crate::kv::{BLOCK_TOKENS, SeqId};
+use crate::kv::{BLOCK_TOKENS, KvLayer, SeqId};
 
 /// The order in which work claims a step's budget.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -67,6 +69,27 @@ pub struct Request {
     pub sampling: SamplingParams,
     /// Generation ends after any of these tokens (which is delivered).
     pub stop_ids: Vec<u32>,
+    /// Tokens this request already generated elsewhere (a resumed or migrated request): they
+    /// follow the prompt, count toward `max_tokens` and are not delivered again.
+    pub resumed: Vec<u32>,
+}
+
+/// How a request's KV comes to be.
+pub enum Start {
+    /// Computed here (after whatever prefix is cached).
+    Compute,
+    /// Computed here, and every layer's K/V of positions from `from` on is handed to `sink` as
+    /// it is written: a prefill node's request for a decode node that holds the first `from`.
+    Export { sink: Box<dyn KvExport>, from: usize },
+    /// Imported already into the parked sequence `ticket` (every position but the last token's);
+    /// a ticket that is gone or incomplete falls back to computing.
+    Parked(u64),
+}
+
+/// Where an exported request's layers go, in layer order per step.
+pub trait KvExport: Send {
+    /// False when the receiver is gone (the request is then cancelled).
+    fn layer(&mut self, kv: KvLayer) -> bool;
 }
 
 /// Why a request ended.
@@ -110,6 +133,10 @@ pub enum Event {
     },
     /// The engine failed while running it.
     Failed(String),
+    /// Taken off this scheduler to continue elsewhere (a draining node): every token so far
+    /// (prompt, then generated) and the K/V of all but the last, every layer (empty when the
+    /// request had not started).
+    Detached { tokens: Vec<u32>, kv: Vec<KvLayer> },
 }
 
 /// Where a request's events go.
@@ -150,6 +177,9 @@ impl Limits {
         if let Some(&id) = req.prompt.iter().find(|&&id| id as usize >= self.vocab_size) {
             return Err(Error::TokenOutOfRange { id, vocab: self.vocab_size });
         }
+        if req.resumed.len() >= req.max_tokens {
+            return Err(Error::InvalidRequest(format!("{} tokens resumed of at most {}", req.resumed.len(), req.max_tokens)));
+        }
         let positions = req.prompt.len() + req.max_tokens;
         if positions > self.context_length {
             return Err(Error::ContextOverflow { tokens: req.prompt.len(), max_new: req.max_tokens, context: self.context_length });
@@ -183,7 +213,27 @@ struct Active {
     first_token: Option<Instant>,
     cached_tokens: usize,
     preemptions: usize,
+    export: Option<Export>,
 }
+
+struct Export {
+    sink: Box<dyn KvExport>,
+    /// Positions before this one are not sent (the receiver has them, or they went already).
+    from: usize,
+    /// The receiver went away.
+    lost: bool,
+}
+
+/// A sequence whose K/V arrives from another node before its request does.
+struct Parked {
+    seq: SeqId,
+    /// The tokens behind the positions being imported.
+    tokens: Vec<u32>,
+    since: Instant,
+}
+
+/// How long imported K/V waits for its request.
+pub const PARK_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Active {
     fn generated(&self) -> usize {
@@ -210,6 +260,13 @@ pub struct SchedulerStats {
     pub generated_tokens: u64,
     pub preemptions: u64,
     pub finished: u64,
+    /// Positions whose K/V came from another node instead of being computed here.
+    pub imported_tokens: u64,
+    /// Positions whose K/V was computed here and sent to another node.
+    pub exported_tokens: u64,
+    /// Requests handed to another node (drain).
+    pub detached: u64,
+    pub parked: usize,
 }
 
 /// Continuous batching over one engine.
@@ -219,12 +276,22 @@ pub struct Scheduler {
     waiting: VecDeque<Active>,
     /// Admitted requests, oldest first.
     running: Vec<Active>,
+    parked: HashMap<u64, Parked>,
+    next_ticket: u64,
     stats: SchedulerStats,
 }
 
 impl Scheduler {
     pub fn new(engine: Engine, cfg: SchedulerConfig) -> Self {
-        let mut s = Scheduler { engine, cfg, waiting: VecDeque::new(), running: Vec::new(), stats: SchedulerStats::default() };
+        let mut s = Scheduler {
+            engine,
+            cfg,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            parked: HashMap::new(),
+            next_ticket: 1,
+            stats: SchedulerStats::default(),
+        };
         s.refresh_gauges();
         s
     }
@@ -254,7 +321,12 @@ impl Scheduler {
 
     /// Queues a request; its events go to `sink`. Ids must increase with arrival (they order
     /// the queue); a refused request is told why through `sink` as well.
-    pub fn submit(&mut self, id: RequestId, req: Request, mut sink: Box<dyn EventSink>) -> Result<RequestId> {
+    pub fn submit(&mut self, id: RequestId, req: Request, sink: Box<dyn EventSink>) -> Result<RequestId> {
+        self.submit_with(id, req, sink, Start::Compute)
+    }
+
+    /// `submit`, with the request's K/V exported as it is computed or imported already.
+    pub fn submit_with(&mut self, id: RequestId, req: Request, mut sink: Box<dyn EventSink>, start: Start) -> Result<RequestId> {
         let checked = match self.limits().check(&req) {
             Ok(()) if self.waiting.len() >= self.cfg.max_waiting => Err(Error::Overloaded { waiting: self.waiting.len() }),
             other => other,
@@ -264,22 +336,147 @@ impl Scheduler {
             return Err(e);
         }
         self.stats.prompt_tokens += req.prompt.len() as u64;
-        let tokens = req.prompt.clone();
-        self.waiting.push_back(Active {
+        let mut tokens = req.prompt.clone();
+        tokens.extend_from_slice(&req.resumed);
+        let now = Instant::now();
+        let mut a = Active {
             id,
             req,
             sink,
             tokens,
             computed: 0,
             seq: None,
-            arrival: Instant::now(),
+            arrival: now,
             admitted: None,
+            // A resumed request's first token came long ago; its TPOT counts from here.
             first_token: None,
             cached_tokens: 0,
             preemptions: 0,
-        });
+            export: None,
+        };
+        if !a.req.resumed.is_empty() {
+            a.first_token = Some(now);
+        }
+        match start {
+            Start::Compute => {}
+            Start::Export { sink, from } => a.export = Some(Export { sink, from, lost: false }),
+            Start::Parked(ticket) => {
+                if let Some(seq) = self.unpark(ticket, &a.tokens) {
+                    a.seq = Some(seq);
+                    a.computed = a.tokens.len() - 1;
+                    a.admitted = Some(now);
+                    a.cached_tokens = a.computed;
+                    self.stats.imported_tokens += a.computed as u64;
+                    let at = self.running.partition_point(|r| r.id < a.id);
+                    self.running.insert(at, a);
+                    self.refresh_gauges();
+                    return Ok(id);
+                }
+            }
+        }
+        self.waiting.push_back(a);
         self.refresh_gauges();
         Ok(id)
+    }
+
+    /// A new parked sequence for the K/V of `tokens` (to arrive through `import`), holding its
+    /// longest cached prefix and blocks for every position plus one: its ticket and the positions
+    /// it already holds (the sender may skip them).
+    pub fn park(&mut self, tokens: Vec<u32>) -> Result<(u64, usize)> {
+        self.expire_parked();
+        if tokens.is_empty() {
+            return Err(Error::InvalidRequest("nothing to park".into()));
+        }
+        let (seq, cached) = self.engine.create_sequence_with_prefix(&tokens);
+        if let Err(e) = self.engine.reserve_sequence(seq, tokens.len() + 1) {
+            self.engine.free_sequence(seq);
+            return Err(e);
+        }
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.parked.insert(ticket, Parked { seq, tokens, since: Instant::now() });
+        self.refresh_gauges();
+        Ok((ticket, cached))
+    }
+
+    /// Writes one layer's K/V into a parked sequence. A bad layer frees the sequence at once
+    /// (nothing of it stays in the cache) and fails every later import and the request.
+    pub fn import(&mut self, ticket: u64, kv: &KvLayer) -> Result<()> {
+        let Some(p) = self.parked.get_mut(&ticket) else {
+            return Err(Error::KvImport(format!("no parked sequence {ticket} (expired or failed)")));
+        };
+        if kv.start + kv.tokens > p.tokens.len() {
+            let e = Error::KvImport(format!("positions {}..{} beyond the {} parked", kv.start, kv.start + kv.tokens, p.tokens.len()));
+            self.discard(ticket);
+            return Err(e);
+        }
+        let r = self.engine.import_kv(p.seq, kv);
+        if r.is_err() {
+            self.discard(ticket);
+        }
+        r
+    }
+
+    /// Frees a parked sequence.
+    pub fn discard(&mut self, ticket: u64) {
+        if let Some(p) = self.parked.remove(&ticket) {
+            self.engine.free_sequence(p.seq);
+        }
+        self.refresh_gauges();
+    }
+
+    /// Frees parked sequences nobody claimed in time.
+    pub fn expire_parked(&mut self) -> usize {
+        let old: Vec<u64> = self.parked.iter().filter(|(_, p)| p.since.elapsed() > PARK_TIMEOUT).map(|(&t, _)| t).collect();
+        for &t in &old {
+            tracing::warn!(ticket = t, "imported KV not claimed in time: freed");
+            self.discard(t);
+        }
+        old.len()
+    }
+
+    /// Parked sequences waiting for their request.
+    pub fn parked(&self) -> usize {
+        self.parked.len()
+    }
+
+    /// The parked sequence of `ticket` if it holds exactly the K/V of `tokens` but the last.
+    fn unpark(&mut self, ticket: u64, tokens: &[u32]) -> Option<SeqId> {
+        let p = self.parked.remove(&ticket)?;
+        let want = tokens.len() - 1;
+        let complete = self.engine.sequence_len(p.seq).is_ok_and(|l| l == want) && p.tokens == tokens[..want];
+        if !complete || self.engine.adopt_tokens(p.seq, &tokens[..want]).is_err() {
+            tracing::warn!(ticket, "imported KV incomplete or for other tokens: computing instead");
+            self.engine.free_sequence(p.seq);
+            return None;
+        }
+        Some(p.seq)
+    }
+
+    /// Takes every request off this scheduler: each is told `Detached` with its tokens and, when
+    /// it had started, its K/V, to continue on another node.
+    pub fn detach_all(&mut self) {
+        for mut a in std::mem::take(&mut self.running) {
+            // Only a decoding request's K/V is worth moving: mid-prefill it is recomputed.
+            let kv = match a.seq {
+                Some(seq) if a.computed + 1 == a.tokens.len() => self.engine.export_kv(seq, 0, a.computed).unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot read a detached request's KV: it will be recomputed");
+                    Vec::new()
+                }),
+                _ => Vec::new(),
+            };
+            let tokens = a.tokens.clone();
+            self.release(&mut a);
+            self.stats.detached += 1;
+            a.sink.send(Event::Detached { tokens, kv });
+        }
+        for mut a in std::mem::take(&mut self.waiting) {
+            self.release(&mut a);
+            self.stats.detached += 1;
+            let tokens = std::mem::take(&mut a.tokens);
+            a.sink.send(Event::Detached { tokens, kv: Vec::new() });
+        }
+        self.refresh_gauges();
     }
 
     /// Cancels every request.
@@ -321,7 +518,37 @@ impl Scheduler {
                 StepInput { seq, tokens: a.tokens[a.computed..a.computed + n].to_vec(), sample }
             })
             .collect();
-        let sampled = match self.engine.step(&inputs) {
+        let exporting: Vec<SeqId> =
+            plan.iter().filter(|&&(i, _)| self.running[i].export.is_some()).filter_map(|&(i, _)| self.running[i].seq).collect();
+        if !exporting.is_empty() {
+            self.send_cached_prefixes(&plan);
+        }
+        let result = if exporting.is_empty() {
+            self.engine.step(&inputs)
+        } else {
+            let Scheduler { engine, running, .. } = self;
+            let mut route = |seq: SeqId, kv: KvLayer| -> Result<()> {
+                let Some(a) = running.iter_mut().find(|a| a.seq == Some(seq)) else { return Ok(()) };
+                let Some(x) = a.export.as_mut() else { return Ok(()) };
+                if let Some(kv) = trim_front(kv, x.from) {
+                    // A receiver that is gone ends the request before the next step (`drop_closed`).
+                    x.lost = x.lost || !x.sink.layer(kv);
+                }
+                Ok(())
+            };
+            engine.step_exporting(&inputs, &exporting, &mut route)
+        };
+        for &(i, n) in &plan {
+            let a = &mut self.running[i];
+            if let Some(x) = a.export.as_mut() {
+                let end = a.computed + n;
+                if end > x.from {
+                    self.stats.exported_tokens += (end - x.from) as u64;
+                    x.from = end;
+                }
+            }
+        }
+        let sampled = match result {
             Ok(s) => s,
             Err(e) => {
                 // A step that fails fails its requests, not the server.
@@ -370,8 +597,34 @@ impl Scheduler {
         Ok(true)
     }
 
+    /// Sends an exporting request's cached positions the receiver lacks, before its first step
+    /// computes the rest.
+    fn send_cached_prefixes(&mut self, plan: &[(usize, usize)]) {
+        for &(i, _) in plan {
+            let a = &mut self.running[i];
+            let (Some(seq), Some(x)) = (a.seq, a.export.as_mut()) else { continue };
+            if a.computed <= x.from {
+                continue;
+            }
+            match self.engine.export_kv(seq, x.from, a.computed) {
+                Ok(layers) => {
+                    self.stats.exported_tokens += (a.computed - x.from) as u64;
+                    x.from = a.computed;
+                    x.lost = !layers.into_iter().all(|kv| x.sink.layer(kv));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read a cached prefix for export");
+                    x.lost = true;
+                }
+            }
+        }
+    }
+
     fn drop_closed(&mut self) {
-        let closed: Vec<RequestId> = self.running.iter().chain(self.waiting.iter()).filter(|a| a.sink.is_closed()).map(|a| a.id).collect();
+        // An exporting request whose receiver left has nothing left to do.
+        let lost_export = |a: &Active| a.export.as_ref().is_some_and(|x| x.lost);
+        let closed: Vec<RequestId> =
+            self.running.iter().chain(self.waiting.iter()).filter(|a| a.sink.is_closed() || lost_export(a)).map(|a| a.id).collect();
         for id in closed {
             self.cancel(id);
         }
@@ -543,5 +796,20 @@ impl Scheduler {
         self.stats.kv_blocks_used = u.used;
         self.stats.kv_blocks_cached = u.cached;
         self.stats.kv_blocks_total = u.total;
+        self.stats.parked = self.parked.len();
     }
+}
+
+/// The part of `kv` at positions `from` and later.
+fn trim_front(kv: KvLayer, from: usize) -> Option<KvLayer> {
+    let end = kv.start + kv.tokens;
+    if end <= from {
+        return None;
+    }
+    if kv.start >= from {
+        return Some(kv);
+    }
+    let skip = from - kv.start;
+    let dim = kv.k.len() / kv.tokens.max(1);
+    Some(KvLayer { layer: kv.layer, start: from, tokens: end - from, k: kv.k[skip * dim..].to_vec(), v: kv.v[skip * dim..].to_vec() })
 }

@@ -7,11 +7,20 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::error::{Error, Result};
-use crate::scheduler::{Event, EventSink, Limits, Request, RequestId, Scheduler, SchedulerStats};
+use crate::kv::KvLayer;
+use crate::scheduler::{Event, EventSink, Limits, Request, RequestId, Scheduler, SchedulerStats, Start};
+
+/// Where the answer to `park` goes (called on the GPU thread).
+pub type ParkReply = Box<dyn FnOnce(Result<(u64, usize)>) + Send>;
 
 enum Command {
-    Submit(RequestId, Request, Box<dyn EventSink>),
+    Submit(RequestId, Request, Box<dyn EventSink>, Start),
     Cancel(RequestId),
+    Park(Vec<u32>, ParkReply),
+    Import(u64, KvLayer),
+    Discard(u64),
+    /// Hand every request to its receiver to continue elsewhere.
+    DetachAll,
     /// Stop taking requests; finish the running ones (`drain`) or cancel everything.
     Shutdown {
         drain: bool,
@@ -62,17 +71,48 @@ impl WorkerHandle {
 
     /// Checks and queues a request; its events go to `sink`.
     pub fn submit(&self, req: Request, sink: Box<dyn EventSink>) -> Result<RequestId> {
+        self.submit_with(req, sink, Start::Compute)
+    }
+
+    /// `submit`, exporting the request's K/V as it is computed, or starting from imported K/V.
+    pub fn submit_with(&self, req: Request, sink: Box<dyn EventSink>, start: Start) -> Result<RequestId> {
         self.limits.check(&req)?;
         let waiting = self.stats().waiting;
         if waiting >= self.limits.max_waiting {
             return Err(Error::Overloaded { waiting });
         }
         let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        match self.tx.try_send(Command::Submit(id, req, sink)) {
-            Ok(()) => Ok(id),
-            Err(TrySendError::Full(_)) => Err(Error::Overloaded { waiting }),
+        self.send(Command::Submit(id, req, sink, start)).map(|()| id)
+    }
+
+    fn send(&self, cmd: Command) -> Result<()> {
+        match self.tx.try_send(cmd) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(Error::Overloaded { waiting: self.stats().waiting }),
             Err(TrySendError::Disconnected(_)) => Err(Error::InvalidRequest("the GPU worker has stopped".into())),
         }
+    }
+
+    /// Reserves a parked sequence for the K/V of `tokens`; `reply` gets its ticket and how many
+    /// leading positions it holds already (from the prefix cache).
+    pub fn park(&self, tokens: Vec<u32>, reply: ParkReply) -> Result<()> {
+        self.send(Command::Park(tokens, reply))
+    }
+
+    /// Writes one received layer into a parked sequence (in order per layer). Waits for room in
+    /// the worker's queue rather than drop a layer: call it from a blocking context.
+    pub fn import(&self, ticket: u64, kv: KvLayer) -> Result<()> {
+        self.tx.send(Command::Import(ticket, kv)).map_err(|_| Error::InvalidRequest("the GPU worker has stopped".into()))
+    }
+
+    /// Frees a parked sequence (its transfer failed or its request went elsewhere).
+    pub fn discard(&self, ticket: u64) {
+        let _ = self.tx.try_send(Command::Discard(ticket));
+    }
+
+    /// Takes every request off this node: each receiver gets `Event::Detached`.
+    pub fn detach_all(&self) -> Result<()> {
+        self.send(Command::DetachAll)
     }
 
     /// Ends a request early (its blocks are freed before the next step).
@@ -100,23 +140,47 @@ fn run(mut sched: Scheduler, rx: Receiver<Command>, stats: Arc<Mutex<SchedulerSt
     loop {
         let mut cmds: Vec<Command> = pending.take().into_iter().collect();
         if cmds.is_empty() && !sched.has_work() && !stopping {
-            match rx.recv() {
-                Ok(c) => cmds.push(c),
-                // Every handle is gone.
-                Err(_) => break,
+            if sched.parked() > 0 {
+                // Parked K/V must expire even when nothing else happens.
+                match rx.recv_timeout(std::time::Duration::from_secs(1)) {
+                    Ok(c) => cmds.push(c),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+                sched.expire_parked();
+            } else {
+                match rx.recv() {
+                    Ok(c) => cmds.push(c),
+                    // Every handle is gone.
+                    Err(_) => break,
+                }
             }
         }
         cmds.extend(std::iter::from_fn(|| rx.try_recv().ok()));
         for cmd in cmds {
             match cmd {
-                Command::Submit(id, req, mut sink) => {
+                Command::Submit(id, req, mut sink, start) => {
                     if stopping {
+                        if let Start::Parked(ticket) = start {
+                            sched.discard(ticket);
+                        }
                         sink.send(Event::Refused { overloaded: true, reason: "the server is shutting down".into() });
-                    } else if let Err(e) = sched.submit(id, req, sink) {
+                    } else if let Err(e) = sched.submit_with(id, req, sink, start) {
                         tracing::debug!(request = id.0, error = %e, "request refused by the scheduler");
                     }
                 }
                 Command::Cancel(id) => sched.cancel(id),
+                Command::Park(tokens, reply) => {
+                    let r = if stopping { Err(Error::Overloaded { waiting: 0 }) } else { sched.park(tokens) };
+                    reply(r);
+                }
+                Command::Import(ticket, kv) => {
+                    if let Err(e) = sched.import(ticket, &kv) {
+                        tracing::warn!(ticket, layer = kv.layer, error = %e, "KV import rejected; the sequence is freed");
+                    }
+                }
+                Command::Discard(ticket) => sched.discard(ticket),
+                Command::DetachAll => sched.detach_all(),
                 Command::Shutdown { drain } => {
                     stopping = true;
                     if !drain {
@@ -127,6 +191,9 @@ fn run(mut sched: Scheduler, rx: Receiver<Command>, stats: Arc<Mutex<SchedulerSt
         }
         if stopping && !sched.has_work() {
             break;
+        }
+        if sched.parked() > 0 {
+            sched.expire_parked();
         }
         if !step(&mut sched, &stats) && sched.has_work() {
             // Work that cannot run yet; wait for a command rather than spin.

@@ -8,6 +8,7 @@ mod error;
 mod frames;
 mod identity;
 mod infer;
+mod kv;
 mod messages;
 mod network;
 mod placement;
@@ -19,6 +20,10 @@ pub use error::{Error, Result};
 pub use frames::{FrameError, FramedStream, Limits as FrameLimits};
 pub use identity::load_or_create_identity;
 pub use infer::{HEARTBEAT, INFER_LIMITS, INFER_PROTOCOL, InferEndpoint, InferReply, InferRequest};
+pub use kv::{
+    KV_LIMITS, KV_PROTOCOL, KvChunk, KvError, KvOpen, KvProgress, KvReply, KvSampling, KvShape, MAX_CHUNK_TOKENS, fingerprint_number,
+    hidden_share, is_chunk,
+};
 pub use messages::{AdapterAd, CapabilityAd, GossipMessage, LoadReport, MAX_GOSSIP_BYTES, ModelAd, PROTOCOL_VERSION, Speed};
 pub use network::{Mesh, MeshConfig, MeshHandle, StreamGate, StreamPermit};
 pub use placement::{Placement, PlacementRequest, place, prefill_tokens_per_s};

@@ -34,7 +34,7 @@ fn other_prompts(n: usize) -> Vec<Vec<u32>> {
 }
 
 fn request(prompt: Vec<u32>) -> Request {
-    Request { prompt, max_tokens: NEW_TOKENS, sampling: SamplingParams::greedy(), stop_ids: Vec::new() }
+    Request { prompt, max_tokens: NEW_TOKENS, sampling: SamplingParams::greedy(), stop_ids: Vec::new(), resumed: Vec::new() }
 }
 
 struct Outcome {
@@ -70,6 +70,7 @@ fn collect(rx: mpsc::Receiver<Event>) -> Outcome {
             Event::Token(t) => tokens.push(t),
             Event::Finished(reason, timings) => return Outcome { tokens, reason, timings },
             Event::Failed(e) | Event::Refused { reason: e, .. } => panic!("request failed: {e}"),
+            Event::Detached { .. } => panic!("request detached"),
         }
     }
     panic!("request did not finish")

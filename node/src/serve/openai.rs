@@ -240,7 +240,7 @@ fn check_fields(f: &GenerationFields, loaded: &Loaded, prompt_len: usize, endpoi
     // Without a seed, sampling still needs one; temperature 0 ignores it.
     let seed = f.seed.unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0));
     let sampling = SamplingParams { temperature, top_k, top_p, seed };
-    Ok((Request { prompt: Vec::new(), max_tokens, sampling, stop_ids }, stops))
+    Ok((Request { prompt: Vec::new(), max_tokens, sampling, stop_ids, resumed: Vec::new() }, stops))
 }
 
 fn prepare(loaded: &Loaded, fields: &GenerationFields, prompt: Vec<u32>, endpoint: Endpoint) -> Result<Generation, ApiError> {
@@ -526,6 +526,11 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
                 let status = if overloaded { StatusCode::TOO_MANY_REQUESTS } else { StatusCode::BAD_REQUEST };
                 let code = overloaded.then_some("overloaded");
                 let _ = out.send(Piece::Failed(ApiError { code, ..ApiError::new(status, reason) })).await;
+                return;
+            }
+            Event::Detached { .. } => {
+                guard.finished = true;
+                let _ = out.send(Piece::Failed(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the node is draining"))).await;
                 return;
             }
             Event::Failed(msg) => {
