@@ -9,6 +9,7 @@ mod frames;
 mod identity;
 mod infer;
 mod kv;
+mod length;
 mod messages;
 mod network;
 mod placement;
@@ -24,9 +25,10 @@ pub use kv::{
     KV_LIMITS, KV_PROTOCOL, KvChunk, KvError, KvOpen, KvProgress, KvReply, KvSampling, KvShape, MAX_CHUNK_TOKENS, fingerprint_number,
     hidden_share, is_chunk,
 };
-pub use messages::{AdapterAd, CapabilityAd, GossipMessage, LoadReport, MAX_GOSSIP_BYTES, ModelAd, PROTOCOL_VERSION, Speed};
+pub use length::LengthPredictor;
+pub use messages::{AdapterAd, CapabilityAd, GossipMessage, KvLinkRate, LoadReport, MAX_GOSSIP_BYTES, ModelAd, PROTOCOL_VERSION, Speed};
 pub use network::{Mesh, MeshConfig, MeshHandle, StreamGate, StreamPermit};
-pub use placement::{Placement, PlacementRequest, place, prefill_tokens_per_s};
+pub use placement::{DEFAULT_LINK_BYTES_PER_S, Placement, PlacementMode, PlacementRequest, PrefillNode, place, prefill_tokens_per_s};
 pub use roles::{Role, RoleBalancer, RoleInput, RoleSetting, auto_role};
 pub use secret::{MeshSecret, generate_secret};
 

@@ -53,6 +53,9 @@ pub struct ModelAd {
     pub context: u64,
     /// Bytes of KV cache one token takes (all layers, K and V).
     pub kv_bytes_per_token: u64,
+    /// Transformer layers (K/V streams one layer at a time).
+    #[serde(default)]
+    pub layers: u32,
 }
 
 /// What a node is and can do.
@@ -92,6 +95,29 @@ pub struct LoadReport {
     pub draining: bool,
     /// Peers it has a direct connection to: the cluster's links.
     pub peers: Vec<String>,
+    /// K/V bytes sent to and received from other nodes, in all.
+    #[serde(default)]
+    pub kv_sent_bytes: u64,
+    #[serde(default)]
+    pub kv_received_bytes: u64,
+    /// Measured K/V transfer rates from other nodes to this one (bytes/s, recent average).
+    #[serde(default)]
+    pub kv_links: Vec<KvLinkRate>,
+    /// Share of the last K/V transfers' time hidden behind the prefill's compute (0..1).
+    #[serde(default)]
+    pub kv_overlap: Option<f64>,
+    /// Requests split across nodes (prefill elsewhere, decode here) and moved here live.
+    #[serde(default)]
+    pub split_requests: u64,
+    #[serde(default)]
+    pub migrated_in: u64,
+}
+
+/// A measured K/V rate from one node to the reporting one.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct KvLinkRate {
+    pub from: String,
+    pub bytes_per_s: f64,
 }
 
 /// One gossip message.
@@ -209,6 +235,14 @@ impl GossipMessage {
                 for p in &l.peers {
                     text("peer", p)?;
                 }
+                list("kv_links", l.kv_links.len(), MAX_PEERS_LISTED)?;
+                for k in &l.kv_links {
+                    text("kv link", &k.from)?;
+                    number("kv link bytes_per_s", k.bytes_per_s, 1e13)?;
+                }
+                if let Some(o) = l.kv_overlap {
+                    number("kv_overlap", o, 1.0)?;
+                }
             }
             GossipMessage::Leaving { reason, .. } => text("reason", reason)?,
         }
@@ -241,6 +275,7 @@ mod tests {
                 weight_bytes: 1,
                 context: 8192,
                 kv_bytes_per_token: 1,
+                layers: 30,
             }],
             http: Some("127.0.0.1:8080".into()),
             addresses: vec!["/ip4/127.0.0.1/tcp/4001".into()],
