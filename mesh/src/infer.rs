@@ -42,6 +42,22 @@ pub struct InferRequest {
     pub fingerprint: String,
     /// The OpenAI request body.
     pub body: serde_json::Value,
+    /// Continue a request another node started (it failed, or moved the request here).
+    #[serde(default)]
+    pub resume: Option<InferResume>,
+    /// Prefill on this peer (its peer id) and stream the K/V here: a split request.
+    #[serde(default)]
+    pub prefill: Option<String>,
+}
+
+/// Where a resumed request stands: the client has every token in `tokens` and the first
+/// `text_bytes` bytes of their text.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct InferResume {
+    pub tokens: Vec<u32>,
+    pub text_bytes: u64,
+    /// The ticket of the K/V parked on the serving node for these tokens, if it was moved there.
+    pub ticket: Option<u64>,
 }
 
 /// What the serving node streams back.
@@ -57,6 +73,17 @@ pub enum InferReply {
         text: String,
     },
     Heartbeat,
+    /// Ids of generated tokens (before their text), so the entry node can resume the request
+    /// elsewhere if this node fails.
+    Tokens {
+        ids: Vec<u32>,
+    },
+    /// The request left this node (it is draining) and continues on `peer`, whose parked K/V
+    /// has `ticket`; without them, anywhere from the tokens so far.
+    Moved {
+        peer: Option<String>,
+        ticket: Option<u64>,
+    },
     Done {
         finish_reason: String,
         prompt_tokens: u64,
@@ -83,12 +110,16 @@ mod tests {
             model: "m".into(),
             fingerprint: "f".into(),
             body: serde_json::json!({"model": "m", "messages": []}),
+            resume: Some(InferResume { tokens: vec![1, 2], text_bytes: 5, ticket: Some(3) }),
+            prefill: Some("peer".into()),
         };
         assert_eq!(serde_json::from_slice::<InferRequest>(&serde_json::to_vec(&req).expect("enc")).expect("dec"), req);
         for r in [
             InferReply::Accepted { fingerprint: "f".into() },
             InferReply::Text { text: "é".into() },
             InferReply::Heartbeat,
+            InferReply::Tokens { ids: vec![7] },
+            InferReply::Moved { peer: Some("p".into()), ticket: Some(1) },
             InferReply::Done { finish_reason: "stop".into(), prompt_tokens: 3, completion_tokens: 4 },
             InferReply::Failed { status: 404, message: "x".into(), code: Some("model_not_found".into()), param: None },
         ] {

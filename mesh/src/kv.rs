@@ -289,8 +289,10 @@ pub enum KvOpen {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum KvReply {
-    /// The prefill node's first token, sent after the last layer's K/V, with its timings.
-    First { token: u32, prefill_ms: f64, layers_sent_ms: Vec<f64>, layers_ready_ms: Vec<f64> },
+    /// The prefill node's first token, sent after the last layer's K/V, with its timings (ms
+    /// from the request's arrival there): when the first chunk's send began, and per layer when
+    /// its last chunk was computed and when it was sent.
+    First { token: u32, prefill_ms: f64, first_send_ms: f64, layers_ready_ms: Vec<f64>, layers_sent_ms: Vec<f64> },
     /// The receiving decode node's ticket for the parked K/V.
     Parked { ticket: u64 },
     Failed { message: String },
@@ -393,7 +395,7 @@ mod tests {
         ] {
             assert_eq!(serde_json::from_slice::<KvOpen>(&serde_json::to_vec(&m).expect("enc")).expect("dec"), m);
         }
-        let r = KvReply::First { token: 5, prefill_ms: 1.5, layers_sent_ms: vec![1.0], layers_ready_ms: vec![0.5] };
+        let r = KvReply::First { token: 5, prefill_ms: 1.5, first_send_ms: 0.2, layers_ready_ms: vec![0.5], layers_sent_ms: vec![1.0] };
         assert_eq!(serde_json::from_slice::<KvReply>(&serde_json::to_vec(&r).expect("enc")).expect("dec"), r);
         assert_eq!(fingerprint_number("00000000000000ff"), Some(255));
         assert_eq!(fingerprint_number("ff"), None);

@@ -20,7 +20,7 @@ pub use cluster::{ClusterSnapshot, ClusterView, Link, MeshEvent, MeshEventKind, 
 pub use error::{Error, Result};
 pub use frames::{FrameError, FramedStream, Limits as FrameLimits};
 pub use identity::load_or_create_identity;
-pub use infer::{HEARTBEAT, INFER_LIMITS, INFER_PROTOCOL, InferEndpoint, InferReply, InferRequest};
+pub use infer::{HEARTBEAT, INFER_LIMITS, INFER_PROTOCOL, InferEndpoint, InferReply, InferRequest, InferResume};
 pub use kv::{
     KV_LIMITS, KV_PROTOCOL, KvChunk, KvError, KvOpen, KvProgress, KvReply, KvSampling, KvShape, MAX_CHUNK_TOKENS, fingerprint_number,
     hidden_share, is_chunk,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use tandem_core::scheduler::Policy;
-use tandem_mesh::{MeshSecret, Multiaddr, PeerId, Role};
+use tandem_mesh::{MeshSecret, Multiaddr, PeerId, PlacementMode, Role};
 
 /// Flags of `tandem serve`. Every one can also be set in the config file (same name, with `_`
 /// for `-`) or in the environment variable shown.
@@ -45,6 +45,11 @@ pub struct ServeArgs {
     /// Fuse prompt chunks with decode tokens (true) or run prefills alone and whole (false).
     #[arg(long, env = "TANDEM_CHUNKED_PREFILL")]
     pub chunked_prefill: Option<bool>,
+    /// How requests entering here are placed: auto (split across a prefill and a decode node
+    /// when that is expected to be faster), colocated (one node does both) or split (always,
+    /// where a pair exists). The last two are for measurements.
+    #[arg(long, env = "TANDEM_PLACEMENT")]
+    pub placement: Option<PlacementMode>,
     /// Largest accepted request body, e.g. `1MiB`.
     #[arg(long, env = "TANDEM_MAX_BODY")]
     pub max_body: Option<String>,
@@ -94,6 +99,7 @@ struct FileConfig {
     max_waiting: Option<usize>,
     policy: Option<Policy>,
     chunked_prefill: Option<bool>,
+    placement: Option<PlacementMode>,
     max_body: Option<String>,
     shutdown_grace: Option<u64>,
     log_json: Option<bool>,
@@ -119,6 +125,7 @@ pub struct ServeConfig {
     pub max_waiting: usize,
     pub policy: Policy,
     pub chunked_prefill: bool,
+    pub placement: PlacementMode,
     pub max_body: usize,
     pub shutdown_grace: u64,
     pub log_json: bool,
@@ -205,6 +212,7 @@ impl ServeArgs {
             context: self.context.or(file.context),
             max_waiting: self.max_waiting.or(file.max_waiting).unwrap_or(256),
             policy: self.policy.or(file.policy).unwrap_or_default(),
+            placement: self.placement.or(file.placement).unwrap_or_default(),
             chunked_prefill: self.chunked_prefill.or(file.chunked_prefill).unwrap_or(true),
             max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
             shutdown_grace: self.shutdown_grace.or(file.shutdown_grace).unwrap_or(30),

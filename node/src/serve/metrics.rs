@@ -21,6 +21,7 @@ pub struct Metrics {
     stats: Arc<Mutex<Option<tandem_core::worker::WorkerHandle>>>,
     forwarded: prometheus_client::metrics::counter::Counter,
     served_for_peers: prometheus_client::metrics::counter::Counter,
+    pub kv: KvMetrics,
     /// (TTFT, TPOT) in ms of the last requests, for the load report's percentiles.
     recent: Mutex<std::collections::VecDeque<(Option<f64>, Option<f64>)>>,
 }
@@ -65,6 +66,10 @@ impl Collector for SchedulerCollector {
         counter(&mut enc, "tandem_preemptions", "Requests preempted for lack of KV blocks", s.preemptions)?;
         counter(&mut enc, "tandem_engine_steps", "Engine steps run", s.steps)?;
         counter(&mut enc, "tandem_requests_finished", "Requests that ended, for any reason", s.finished)?;
+        counter(&mut enc, "tandem_kv_imported_tokens", "Positions whose K/V was imported from another node, not computed", s.imported_tokens)?;
+        counter(&mut enc, "tandem_kv_exported_tokens", "Positions whose K/V was computed here and sent to another node", s.exported_tokens)?;
+        counter(&mut enc, "tandem_requests_detached", "Requests handed to another node while draining", s.detached)?;
+        gauge(&mut enc, "tandem_kv_parked_sequences", "Imported K/V waiting for its request", s.parked as f64)?;
         Ok(())
     }
 }
@@ -85,7 +90,8 @@ impl Metrics {
         let served_for_peers = prometheus_client::metrics::counter::Counter::default();
         registry.register("tandem_mesh_forwarded_requests", "Requests this node placed on another node", forwarded.clone());
         registry.register("tandem_mesh_served_requests", "Requests this node ran for another node", served_for_peers.clone());
-        Metrics { registry, ttft, tpot, e2e, queue, stats, forwarded, served_for_peers, recent: Mutex::default() }
+        let kv = KvMetrics::register(&mut registry);
+        Metrics { registry, ttft, tpot, e2e, queue, stats, forwarded, served_for_peers, kv, recent: Mutex::default() }
     }
 
     /// Reads the scheduler's numbers from `worker` from now on.
@@ -138,6 +144,74 @@ impl Metrics {
             tracing::error!(error = %e, "encoding metrics");
         }
         out
+    }
+}
+
+type Counter = prometheus_client::metrics::counter::Counter;
+type Gauge = prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// The disaggregated path's numbers: K/V moved, how long it took, how much compute hid it,
+/// requests split, resumed and migrated, and the length predictor's error.
+pub struct KvMetrics {
+    pub sent_bytes: Counter,
+    pub received_bytes: Counter,
+    /// Seconds from the first K/V chunk's arrival to the last one's (decode side).
+    pub transfer: Histogram,
+    /// Seconds of a split request's prefill on the prefill node.
+    pub prefill: Histogram,
+    /// Share of the transfer hidden behind the prefill's compute.
+    pub overlap: Histogram,
+    pub split_requests: Counter,
+    pub split_fallbacks: Counter,
+    pub prefills_served: Counter,
+    pub resumed_requests: Counter,
+    pub migrated_out: Counter,
+    pub migrated_in: Counter,
+    pub rejected_transfers: Counter,
+    pub length_error: Gauge,
+    /// The overlap of the last transfers (mean of the last few), for the load report.
+    pub recent_overlap: Mutex<Option<f64>>,
+}
+
+impl KvMetrics {
+    fn register(r: &mut Registry) -> Self {
+        let m = KvMetrics {
+            transfer: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
+            prefill: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            overlap: Histogram::new([0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0].into_iter()),
+            sent_bytes: Counter::default(),
+            received_bytes: Counter::default(),
+            split_requests: Counter::default(),
+            split_fallbacks: Counter::default(),
+            prefills_served: Counter::default(),
+            resumed_requests: Counter::default(),
+            migrated_out: Counter::default(),
+            migrated_in: Counter::default(),
+            rejected_transfers: Counter::default(),
+            length_error: Gauge::default(),
+            recent_overlap: Mutex::default(),
+        };
+        r.register("tandem_kv_sent_bytes", "K/V bytes sent to other nodes", m.sent_bytes.clone());
+        r.register("tandem_kv_received_bytes", "K/V bytes received from other nodes", m.received_bytes.clone());
+        r.register("tandem_kv_transfer_seconds", "First to last K/V chunk of a split request, at the decode node", m.transfer.clone());
+        r.register("tandem_kv_prefill_seconds", "Prefill time of a split request on its prefill node", m.prefill.clone());
+        r.register("tandem_kv_overlap_ratio", "Share of a K/V transfer hidden behind the prefill's compute", m.overlap.clone());
+        r.register("tandem_split_requests", "Requests prefilled on another node and decoded here", m.split_requests.clone());
+        r.register("tandem_split_fallbacks", "Split requests whose remote prefill failed and ran here instead", m.split_fallbacks.clone());
+        r.register("tandem_kv_prefills_served", "Prefills run here for another node's decode", m.prefills_served.clone());
+        r.register("tandem_resumed_requests", "Requests continued here after their node failed or moved them", m.resumed_requests.clone());
+        r.register("tandem_migrated_out_requests", "Running requests moved to another node with their K/V", m.migrated_out.clone());
+        r.register("tandem_migrated_in_requests", "Running requests taken over from another node with their K/V", m.migrated_in.clone());
+        r.register("tandem_kv_rejected_transfers", "K/V transfers rejected (malformed, out of order, foreign, cut off)", m.rejected_transfers.clone());
+        r.register("tandem_length_predictor_mean_abs_error_tokens", "Mean absolute error of predicted output lengths", m.length_error.clone());
+        m
+    }
+
+    pub fn record_overlap(&self, share: f64) {
+        self.overlap.observe(share);
+        if let Ok(mut o) = self.recent_overlap.lock() {
+            *o = Some(o.map_or(share, |x| 0.8 * x + 0.2 * share));
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! the model on a GPU worker thread behind the continuous-batching scheduler.
 
 pub mod config;
+pub mod kv;
 pub mod mesh;
 pub mod metrics;
 pub mod openai;
@@ -36,6 +37,10 @@ pub struct Loaded {
     pub parameters: u64,
     pub weight_bytes: u64,
     pub kv_bytes_per_token: u64,
+    /// Layers, K/V heads and head size: the shape of K/V on the wire.
+    pub layers: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
 }
 
 enum Phase {
@@ -154,6 +159,7 @@ fn load(app: &App) -> anyhow::Result<Arc<Loaded>> {
     tracing::info!(gflops = speed.gflops, gbps = speed.gbps, %fingerprint, ms = started.elapsed().as_millis() as u64, "measured the adapter; fingerprinted the model");
     let (parameters, weight_bytes) = (model.parameter_count(), model.weight_bytes());
     let kv_bytes_per_token = (2 * model.config.n_layers * model.config.kv_dim() * 4) as u64;
+    let (layers, kv_heads, head_dim) = (model.config.n_layers as u32, model.config.n_kv_heads as u32, model.config.head_dim as u32);
     let engine = Engine::new(&gpu, &model, &ecfg)?;
     let usage = engine.kv_usage();
     tracing::info!(
@@ -177,6 +183,9 @@ fn load(app: &App) -> anyhow::Result<Arc<Loaded>> {
         parameters,
         weight_bytes,
         kv_bytes_per_token,
+        layers,
+        kv_heads,
+        head_dim,
     }))
 }
 
@@ -244,6 +253,34 @@ async fn post_role(
     }
 }
 
+#[derive(serde::Deserialize)]
+struct DrainBody {
+    #[serde(default = "yes")]
+    drain: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /v1/drain` (`{"drain": false}` undoes it): stop taking requests and move the running
+/// ones, K/V and all, to other decode nodes. Operators only, so only from this machine.
+async fn post_drain(
+    State(app): State<Arc<App>>,
+    axum::extract::ConnectInfo(from): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    body: Result<axum::Json<DrainBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if !from.ip().is_loopback() {
+        return ApiError::new(StatusCode::FORBIDDEN, "a node can be drained only from its own machine").into_response();
+    }
+    let drain = match body {
+        Ok(axum::Json(b)) => b.drain,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let moved = mesh::drain(&app, drain).await;
+    axum::Json(json!({ "draining": app.mesh.draining(), "moving": moved })).into_response()
+}
+
 async fn prometheus(State(app): State<Arc<App>>) -> Response {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], app.metrics.render()).into_response()
 }
@@ -261,6 +298,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/cluster", get(cluster))
         .route("/v1/role", get(get_role).post(post_role))
+        .route("/v1/drain", post(post_drain))
         .route("/health", get(health))
         .route("/metrics", get(prometheus))
         .fallback(not_found)
@@ -346,6 +384,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     print_mesh_addresses(&handle);
     tokio::spawn(mesh::publish_loop(app.clone()));
     tokio::spawn(mesh::accept_loop(app.clone()));
+    tokio::spawn(kv::accept_loop(app.clone()));
     tracing::info!(%addr, model = %app.model_id, role = %app.mesh.setting(), "listening");
 
     let loader = app.clone();
@@ -369,6 +408,8 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         signal().await;
         tracing::info!(grace_s = grace.as_secs(), "shutting down: leaving the mesh, finishing in-flight requests");
         stopper.mesh.begin_draining();
+        // Running requests continue on other decode nodes, where there are any.
+        mesh::move_running(&stopper);
         let _ = stopper.mesh.handle.leave("shutting down").await;
         if let Some(w) = stopper.begin_stopping() {
             w.request_stop(true);
@@ -388,6 +429,11 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     if let Some(w) = app.worker() {
         w.request_stop(false);
         tokio::task::spawn_blocking(move || w.join()).await?;
+    }
+    // Streams for other nodes still under way (a moved request's last reply, a K/V transfer).
+    let deadline = std::time::Instant::now() + grace;
+    while app.mesh.busy() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tracing::info!("stopped");
     Ok(())

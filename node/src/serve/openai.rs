@@ -13,7 +13,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tandem_core::scheduler::{Event, FinishReason, Request};
+use tandem_core::scheduler::{Event, FinishReason, Request, Start};
 use tandem_core::{ChatMessage, SamplingParams};
 use tokio::sync::mpsc;
 
@@ -334,6 +334,11 @@ fn shape(endpoint: Endpoint, body: &serde_json::Value) -> Result<Shape, ApiError
         include_usage: fields.stream_options.as_ref().is_some_and(|o| o.include_usage),
         request: RequestShape {
             affinity_key: hash(&format!("{}\n{opening}", fields.model)),
+            max_tokens: fields
+                .max_completion_tokens
+                .or(fields.max_tokens)
+                .and_then(|n| usize::try_from(n).ok())
+                .or((endpoint == Endpoint::Completions).then_some(16)),
             model: fields.model,
             prompt_tokens: chars / 4 + 1,
         },
@@ -392,7 +397,7 @@ fn nobody_serves(app: &App, model: &str) -> ApiError {
 
 /// Delivers scheduler events to the request's task. Unbounded, yet bounded in practice: a
 /// request produces at most `max_tokens` + 1 events.
-struct ChannelSink(mpsc::UnboundedSender<Event>);
+pub(super) struct ChannelSink(pub(super) mpsc::UnboundedSender<Event>);
 
 impl tandem_core::scheduler::EventSink for ChannelSink {
     fn send(&mut self, event: Event) -> bool {
@@ -404,10 +409,10 @@ impl tandem_core::scheduler::EventSink for ChannelSink {
 }
 
 /// Cancels the request in the scheduler when dropped before it finished (client gone).
-struct CancelGuard {
-    worker: tandem_core::worker::WorkerHandle,
-    id: tandem_core::scheduler::RequestId,
-    finished: bool,
+pub(super) struct CancelGuard {
+    pub(super) worker: tandem_core::worker::WorkerHandle,
+    pub(super) id: tandem_core::scheduler::RequestId,
+    pub(super) finished: bool,
 }
 
 impl Drop for CancelGuard {
@@ -452,17 +457,137 @@ impl StopMatcher {
 
 /// One piece of output of a generation.
 pub enum Piece {
+    /// A generated token's id, before its text (the entry node keeps them to resume elsewhere).
+    Token(u32),
     Text(String),
     Done { finish: &'static str, usage: Usage },
     Failed(ApiError),
+    /// The request left its node (draining) and continues on `peer` from the K/V parked there
+    /// under `ticket`, or, without them, anywhere from the tokens so far.
+    Moved { peer: Option<tandem_mesh::PeerId>, ticket: Option<u64> },
+}
+
+/// How a generation starts beyond its request.
+#[derive(Default)]
+pub struct Continue {
+    /// It continues a request another node started: the client has these tokens and this much
+    /// of their text, and K/V for them may be parked here.
+    pub resume: Option<tandem_mesh::InferResume>,
+    /// Prefill on this node and stream the K/V here (a split request).
+    pub prefill: Option<tandem_mesh::PeerId>,
+}
+
+/// Tokens to text: the detokenizer and stop strings, holding back text a client already has.
+struct TextOut<'a> {
+    text: tandem_core::tokenizer::TokenTextStream<'a>,
+    stops: StopMatcher,
+    stop_ids: Vec<u32>,
+    /// Bytes of text produced so far, and how many of them the client has already.
+    produced: usize,
+    skip: usize,
+}
+
+impl TextOut<'_> {
+    /// The text to send for one more token, and whether a stop string ended the generation.
+    fn push(&mut self, id: u32) -> Result<(String, bool), ApiError> {
+        if self.stop_ids.contains(&id) {
+            return Ok((String::new(), false));
+        }
+        let piece = self.text.push(id).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?.unwrap_or_default();
+        let (safe, stopped) = self.stops.push(&piece);
+        Ok((self.unsent(safe), stopped))
+    }
+
+    fn flush(&mut self) -> String {
+        let rest = self.stops.flush();
+        self.unsent(rest)
+    }
+
+    fn unsent(&mut self, text: String) -> String {
+        let before = self.produced;
+        self.produced += text.len();
+        if self.produced <= self.skip {
+            return String::new();
+        }
+        text.get(self.skip.saturating_sub(before)..).unwrap_or_default().to_string()
+    }
 }
 
 /// Submits the request and turns its events into text pieces on `out`.
-pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc::Sender<Piece>) {
-    let prompt_tokens = g.request.prompt.len();
-    let stop_ids = g.request.stop_ids.clone();
+pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc::Sender<Piece>, cont: Continue) {
+    let mut request = g.request;
+    let prompt_tokens = request.prompt.len();
+    let tok = loaded.tokenizer.clone();
+    let mut text = TextOut { text: tok.decode_stream(true), stops: StopMatcher { stops: g.stops, pending: String::new() }, stop_ids: request.stop_ids.clone(), produced: 0, skip: 0 };
+    let mut start = Start::Compute;
+    // Tokens generated before this node took over: replayed silently, or announced (the first
+    // token of a split request, which the client has not seen).
+    let (mut replay, mut announce) = (Vec::new(), Vec::new());
+    if let Some(r) = cont.resume {
+        app.metrics.kv.resumed_requests.inc();
+        text.skip = usize::try_from(r.text_bytes).unwrap_or(usize::MAX);
+        replay = r.tokens;
+        start = r.ticket.map_or(Start::Compute, Start::Parked);
+    } else if let Some(p) = cont.prefill {
+        match super::kv::prefill_remote(&app, &loaded, p, &request).await {
+            Ok(r) => {
+                app.metrics.kv.split_requests.inc();
+                announce.push(r.first);
+                start = Start::Parked(r.ticket);
+            }
+            Err(e) => {
+                // The prefill node failed or vanished: this node prefills instead.
+                app.metrics.kv.split_fallbacks.inc();
+                tracing::warn!(peer = %p, error = %e, "remote prefill failed: prefilling here");
+                app.mesh.handle.update_view(|v| v.record(tandem_mesh::MeshEventKind::Rerouted, p, format!("prefill failed, done by the decode node: {e}")));
+            }
+        }
+    }
+    let mut generated = 0;
+    let done = |finish: &'static str, generated: usize| Piece::Done {
+        finish,
+        usage: Usage { prompt_tokens, completion_tokens: generated, total_tokens: prompt_tokens + generated },
+    };
+    let mut ended = None;
+    for (i, &id) in replay.iter().chain(&announce).enumerate() {
+        generated += 1;
+        if i >= replay.len() && out.send(Piece::Token(id)).await.is_err() {
+            return;
+        }
+        let (safe, stopped) = match text.push(id) {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = out.send(Piece::Failed(e)).await;
+                return;
+            }
+        };
+        if !safe.is_empty() && out.send(Piece::Text(safe)).await.is_err() {
+            return;
+        }
+        if stopped || request.stop_ids.contains(&id) {
+            ended = Some("stop");
+        } else if generated >= request.max_tokens {
+            ended = Some("length");
+        }
+        if ended.is_some() {
+            break;
+        }
+    }
+    if let Some(finish) = ended {
+        // Finished already (the first token was the last): nothing for the scheduler.
+        if let Start::Parked(ticket) = start {
+            loaded.worker.discard(ticket);
+        }
+        let rest = text.flush();
+        if !rest.is_empty() {
+            let _ = out.send(Piece::Text(rest)).await;
+        }
+        let _ = out.send(done(finish, generated)).await;
+        return;
+    }
+    request.resumed = replay.into_iter().chain(announce).collect();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let id = match loaded.worker.submit(g.request, Box::new(ChannelSink(tx))) {
+    let id = match loaded.worker.submit_with(request, Box::new(ChannelSink(tx)), start) {
         Ok(id) => id,
         Err(e) => {
             let _ = out.send(Piece::Failed(refused(e))).await;
@@ -470,45 +595,37 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
         }
     };
     let mut guard = CancelGuard { worker: loaded.worker.clone(), id, finished: false };
-    let tok = loaded.tokenizer.clone();
-    let mut text = tok.decode_stream(true);
-    let mut stops = StopMatcher { stops: g.stops, pending: String::new() };
-    let mut generated = 0;
     loop {
         let event = tokio::select! {
             e = rx.recv() => e,
-            // The client (or the entry node's stream) is gone: the guard cancels the request even
-            // while it is queued or in prefill, when no piece would be sent to notice.
             () = out.closed() => return,
         };
         let Some(event) = event else { break };
         match event {
             Event::Token(id) => {
                 generated += 1;
-                if stop_ids.contains(&id) {
-                    continue;
+                if out.send(Piece::Token(id)).await.is_err() {
+                    return;
                 }
-                let piece = match text.push(id) {
-                    Ok(p) => p.unwrap_or_default(),
+                let (safe, stopped) = match text.push(id) {
+                    Ok(x) => x,
                     Err(e) => {
-                        let _ = out.send(Piece::Failed(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))).await;
+                        let _ = out.send(Piece::Failed(e)).await;
                         return;
                     }
                 };
-                let (safe, stopped) = stops.push(&piece);
                 if !safe.is_empty() && out.send(Piece::Text(safe)).await.is_err() {
                     return;
                 }
                 if stopped {
-                    let usage = Usage { prompt_tokens, completion_tokens: generated, total_tokens: prompt_tokens + generated };
-                    let _ = out.send(Piece::Done { finish: "stop", usage }).await;
+                    let _ = out.send(done("stop", generated)).await;
                     return;
                 }
             }
             Event::Finished(reason, timings) => {
                 guard.finished = true;
                 app.metrics.observe(&timings);
-                let rest = stops.flush();
+                let rest = text.flush();
                 if !rest.is_empty() {
                     let _ = out.send(Piece::Text(rest)).await;
                 }
@@ -517,8 +634,7 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
                     FinishReason::Stop => "stop",
                     FinishReason::Cancelled => "cancelled",
                 };
-                let usage = Usage { prompt_tokens, completion_tokens: generated, total_tokens: prompt_tokens + generated };
-                let _ = out.send(Piece::Done { finish, usage }).await;
+                let _ = out.send(done(finish, generated)).await;
                 return;
             }
             Event::Refused { overloaded, reason } => {
@@ -528,9 +644,13 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
                 let _ = out.send(Piece::Failed(ApiError { code, ..ApiError::new(status, reason) })).await;
                 return;
             }
-            Event::Detached { .. } => {
+            Event::Detached { tokens, kv } => {
+                // This node is draining: move the K/V to another decode node and tell the entry
+                // node where the request continues.
                 guard.finished = true;
-                let _ = out.send(Piece::Failed(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the node is draining"))).await;
+                let moved = super::kv::migrate(&app, &loaded, &tokens, kv).await;
+                let (peer, ticket) = moved.map_or((None, None), |(p, t)| (Some(p), Some(t)));
+                let _ = out.send(Piece::Moved { peer, ticket }).await;
                 return;
             }
             Event::Failed(msg) => {
@@ -563,6 +683,8 @@ async fn respond(endpoint: Endpoint, model: String, stream: bool, include_usage:
         while let Some(piece) = rx.recv().await {
             match piece {
                 Piece::Text(t) => text.push_str(&t),
+                // The entry node's dispatch consumes these; they never reach a client.
+                Piece::Token(_) | Piece::Moved { .. } => {}
                 Piece::Failed(e) => return e.into_response(),
                 Piece::Done { finish, usage } => {
                     let body = match endpoint {
@@ -615,6 +737,10 @@ async fn respond(endpoint: Endpoint, model: String, stream: bool, include_usage:
         let mut next = first;
         while let Some(piece) = next {
             let event = match piece {
+                Piece::Token(_) | Piece::Moved { .. } => {
+                    next = rx.recv().await;
+                    continue;
+                }
                 Piece::Text(t) => {
                     let e = send(chunk(Some(&t), None, first_chunk));
                     first_chunk = false;

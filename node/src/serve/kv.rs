@@ -1,0 +1,443 @@
+//! K/V between nodes over `/tandem/kv/1` (see `tandem_mesh::kv` for the protocol):
+//! - a decode node asks a prefill node to prefill a prompt and receives its K/V layer by layer
+//!   into a parked sequence while the later layers are still computing (`prefill_remote`);
+//! - a prefill node runs such a prefill, streaming each layer as the GPU writes it, with a
+//!   bounded number of layers in flight (`serve_prefill`);
+//! - a draining decode node moves a running request's K/V to another decode node
+//!   (`migrate`), which parks it until the request arrives (`receive_park`).
+//!
+//! Whatever goes wrong (a malformed, out-of-order, foreign or cut-off transfer; a peer that
+//! vanishes), the parked sequence is freed at once: nothing of a failed transfer stays.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use tandem_core::KvLayer;
+use tandem_core::scheduler::{Event, KvExport, Request, Start};
+use tandem_mesh::{
+    FramedStream, KV_LIMITS, KV_PROTOCOL, KvChunk, KvOpen, KvProgress, KvReply, KvSampling, KvShape, MAX_CHUNK_TOKENS, MeshEventKind,
+    PROTOCOL_VERSION, PeerId, Role, fingerprint_number, hidden_share, is_chunk,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{App, Loaded};
+
+/// Layers a prefill node may have computed but not yet sent: beyond this the GPU thread waits.
+const LAYERS_IN_FLIGHT: usize = 8;
+
+type Stream = FramedStream<tandem_mesh::Stream>;
+
+fn shape(loaded: &Loaded, session: u64) -> Result<KvShape, String> {
+    let fingerprint =
+        fingerprint_number(&loaded.fingerprint).ok_or_else(|| format!("fingerprint {} is not 16 hex digits", loaded.fingerprint))?;
+    Ok(KvShape { session, fingerprint, layers: loaded.layers, heads: loaded.kv_heads, head_dim: loaded.head_dim })
+}
+
+/// One layer's K/V as frames of at most `MAX_CHUNK_TOKENS` positions.
+fn chunks(kv: &KvLayer, shape: &KvShape) -> Vec<Vec<u8>> {
+    let dim = (shape.heads * shape.head_dim) as usize;
+    (0..kv.tokens)
+        .step_by(MAX_CHUNK_TOKENS)
+        .map(|from| {
+            let n = MAX_CHUNK_TOKENS.min(kv.tokens - from);
+            KvChunk {
+                session: shape.session,
+                fingerprint: shape.fingerprint,
+                layer: kv.layer as u32,
+                start: (kv.start + from) as u32,
+                tokens: n as u32,
+                heads: shape.heads,
+                head_dim: shape.head_dim,
+                k: kv.k[from * dim..(from + n) * dim].to_vec(),
+                v: kv.v[from * dim..(from + n) * dim].to_vec(),
+            }
+            .encode()
+        })
+        .collect()
+}
+
+/// The part of a chunk at positions `from` and later, as a layer to import.
+fn layer_from(c: KvChunk, from: usize) -> Option<KvLayer> {
+    let (start, end) = (c.start as usize, (c.start + c.tokens) as usize);
+    if end <= from {
+        return None;
+    }
+    let skip = from.saturating_sub(start);
+    let dim = (c.heads * c.head_dim) as usize;
+    Some(KvLayer { layer: c.layer as usize, start: start + skip, tokens: end - start - skip, k: c.k[skip * dim..].to_vec(), v: c.v[skip * dim..].to_vec() })
+}
+
+async fn park(loaded: &Loaded, tokens: Vec<u32>) -> Result<(u64, usize), String> {
+    let (tx, rx) = oneshot::channel();
+    loaded
+        .worker
+        .park(
+            tokens,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )
+        .map_err(|e| e.to_string())?;
+    rx.await.map_err(|_| "the GPU worker stopped".to_string())?.map_err(|e| format!("no room for the K/V here: {e}"))
+}
+
+fn session_id() -> u64 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    xxhash_rust::xxh3::xxh3_64(&t.to_le_bytes()) ^ u64::from(std::process::id())
+}
+
+/// Receives one chunk into a parked sequence, checking it against the transfer.
+fn receive_chunk(loaded: &Loaded, ticket: u64, frame: &[u8], shape: &KvShape, progress: &mut KvProgress, held: usize) -> Result<(), String> {
+    let chunk = KvChunk::decode(frame, shape).map_err(|e| e.to_string())?;
+    progress.accept(&chunk).map_err(|e| e.to_string())?;
+    if let Some(layer) = layer_from(chunk, held) {
+        loaded.worker.import(ticket, layer).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// What a split request's prefill node sent back.
+pub struct RemotePrefill {
+    pub ticket: u64,
+    pub first: u32,
+}
+
+/// Has `peer` prefill `req.prompt` and streams its K/V into a parked sequence here, skipping what
+/// this node's prefix cache holds. On failure the parked sequence is freed.
+pub async fn prefill_remote(app: &App, loaded: &Loaded, peer: PeerId, req: &Request) -> Result<RemotePrefill, String> {
+    let session = session_id();
+    let shape = shape(loaded, session)?;
+    let started = Instant::now();
+    let (ticket, held) = park(loaded, req.prompt.clone()).await?;
+    let result = async {
+        let stream = app.mesh.handle.open_stream(peer, KV_PROTOCOL).await.map_err(|e| e.to_string())?;
+        let mut s = FramedStream::new(stream, KV_LIMITS);
+        let sp = req.sampling;
+        let open = KvOpen::Prefill {
+            v: PROTOCOL_VERSION,
+            session,
+            model: loaded.model_id.clone(),
+            fingerprint: loaded.fingerprint.clone(),
+            tokens: req.prompt.clone(),
+            skip: held,
+            sampling: KvSampling { temperature: sp.temperature, top_k: sp.top_k, top_p: sp.top_p, seed: sp.seed },
+        };
+        s.send_msg(&open).await.map_err(|e| e.to_string())?;
+        s.finish().await.map_err(|e| e.to_string())?;
+        let mut progress = KvProgress::new(loaded.layers as usize, held, req.prompt.len());
+        let (mut first_chunk, mut last_chunk) = (None, None);
+        let mut first = None;
+        while let Some(frame) = s.recv().await.map_err(|e| e.to_string())? {
+            if first.is_some() {
+                return Err("data after the first token".into());
+            }
+            if is_chunk(&frame) {
+                let now = Instant::now();
+                first_chunk.get_or_insert(now);
+                last_chunk = Some(now);
+                receive_chunk(loaded, ticket, &frame, &shape, &mut progress, held)?;
+                continue;
+            }
+            match serde_json::from_slice::<KvReply>(&frame).map_err(|e| format!("malformed reply: {e}"))? {
+                KvReply::First { token, prefill_ms, first_send_ms, layers_ready_ms, layers_sent_ms } => {
+                    progress.check_complete().map_err(|e| e.to_string())?;
+                    if token as usize >= loaded.worker.limits().vocab_size {
+                        return Err(format!("first token {token} outside the vocabulary"));
+                    }
+                    app.metrics.kv.prefill.observe(prefill_ms / 1e3);
+                    let compute_end = layers_ready_ms.iter().copied().fold(0.0, f64::max);
+                    let last_sent = layers_sent_ms.iter().copied().fold(0.0, f64::max);
+                    if progress.bytes > 0 {
+                        app.metrics.kv.record_overlap(hidden_share(first_send_ms, last_sent, compute_end));
+                    }
+                    first = Some(token);
+                }
+                KvReply::Failed { message } => return Err(format!("the prefill node failed: {message}")),
+                KvReply::Parked { .. } => return Err("unexpected reply `parked`".into()),
+            }
+        }
+        let first = first.ok_or("the stream ended without the first token")?;
+        app.metrics.kv.received_bytes.inc_by(progress.bytes);
+        if let (Some(a), Some(b)) = (first_chunk, last_chunk) {
+            let secs = (b - a).as_secs_f64();
+            app.metrics.kv.transfer.observe(secs);
+            app.mesh.record_link(peer, progress.bytes, secs);
+        }
+        tracing::info!(%peer, session, tokens = req.prompt.len(), held, bytes = progress.bytes, ms = started.elapsed().as_secs_f64() * 1e3, "split prefill: K/V received");
+        Ok(first)
+    }
+    .await;
+    match result {
+        Ok(first) => Ok(RemotePrefill { ticket, first }),
+        Err(e) => {
+            loaded.worker.discard(ticket);
+            app.metrics.kv.rejected_transfers.inc();
+            Err(e)
+        }
+    }
+}
+
+/// Moves a detached request's K/V (`tokens` but the last) to another decode node; its peer id
+/// and the ticket there, or None when no node could take it (the request is then recomputed).
+pub async fn migrate(app: &App, loaded: &Loaded, tokens: &[u32], kv: Vec<KvLayer>) -> Option<(PeerId, u64)> {
+    if kv.is_empty() || tokens.len() < 2 {
+        return None;
+    }
+    let targets = super::mesh::decode_targets(app, loaded, tokens.len());
+    for target in targets.into_iter().take(2) {
+        let started = Instant::now();
+        match push(app, loaded, target.peer, &tokens[..tokens.len() - 1], &kv).await {
+            Ok((ticket, bytes)) => {
+                app.metrics.kv.migrated_out.inc();
+                app.metrics.kv.sent_bytes.inc_by(bytes);
+                tracing::info!(peer = %target.peer, ticket, tokens = tokens.len(), bytes, ms = started.elapsed().as_secs_f64() * 1e3, "migrated a running request's K/V");
+                return Some((target.peer, ticket));
+            }
+            Err(e) => {
+                tracing::warn!(peer = %target.peer, error = %e, "moving a request's K/V failed");
+                app.mesh.handle.update_view(|v| v.record(MeshEventKind::Rerouted, target.peer, format!("migration failed: {e}")));
+            }
+        }
+    }
+    None
+}
+
+async fn push(app: &App, loaded: &Loaded, peer: PeerId, tokens: &[u32], kv: &[KvLayer]) -> Result<(u64, u64), String> {
+    let session = session_id();
+    let shape = shape(loaded, session)?;
+    let stream = app.mesh.handle.open_stream(peer, KV_PROTOCOL).await.map_err(|e| e.to_string())?;
+    let mut s = FramedStream::new(stream, KV_LIMITS);
+    let open = KvOpen::Park {
+        v: PROTOCOL_VERSION,
+        session,
+        model: loaded.model_id.clone(),
+        fingerprint: loaded.fingerprint.clone(),
+        tokens: tokens.to_vec(),
+    };
+    s.send_msg(&open).await.map_err(|e| e.to_string())?;
+    let mut bytes = 0;
+    for layer in kv {
+        for frame in chunks(layer, &shape) {
+            bytes += (frame.len() - 64) as u64;
+            s.send(&frame).await.map_err(|e| e.to_string())?;
+        }
+    }
+    s.finish().await.map_err(|e| e.to_string())?;
+    let reply = s.recv_msg::<KvReply>().await.map_err(|e| e.to_string())?;
+    let end = s.recv().await.map_err(|e| e.to_string())?;
+    match (reply, end) {
+        (Some(KvReply::Parked { ticket }), None) => Ok((ticket, bytes)),
+        (Some(KvReply::Failed { message }), _) => Err(message),
+        (other, _) => Err(format!("unexpected reply {other:?}")),
+    }
+}
+
+/// Takes the K/V streams other nodes open to this one.
+pub async fn accept_loop(app: Arc<App>) {
+    let mut incoming = match app.mesh.handle.accept(KV_PROTOCOL) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot accept K/V streams");
+            return;
+        }
+    };
+    while let Some((peer, stream)) = incoming.next().await {
+        let Some(permit) = app.mesh.gate.try_enter(peer) else {
+            tracing::warn!(%peer, "too many streams from this peer: refusing a K/V stream");
+            continue;
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            serve_kv(&app, peer, stream).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn fail(s: &mut Stream, message: String) {
+    let _ = s.send_msg(&KvReply::Failed { message }).await;
+    let _ = s.finish().await;
+}
+
+async fn serve_kv(app: &Arc<App>, peer: PeerId, stream: tandem_mesh::Stream) {
+    let _busy = app.mesh.busy_guard();
+    let mut s = FramedStream::new(stream, KV_LIMITS);
+    let open = match s.recv_msg::<KvOpen>().await {
+        Ok(Some(o)) => o,
+        Ok(None) => return,
+        Err(e) => {
+            // Chunks nobody asked for land here too: they are not an opening message.
+            tracing::warn!(%peer, error = %e, "K/V stream without a valid opening: ignored");
+            app.metrics.kv.rejected_transfers.inc();
+            return;
+        }
+    };
+    let (v, model, fingerprint, tokens) = match &open {
+        KvOpen::Prefill { v, model, fingerprint, tokens, .. } | KvOpen::Park { v, model, fingerprint, tokens, .. } => {
+            (*v, model, fingerprint, tokens)
+        }
+    };
+    let loaded = match app.loaded() {
+        Ok(l) => l,
+        Err(e) => return fail(&mut s, e.message).await,
+    };
+    let problem = if v != PROTOCOL_VERSION {
+        Some(format!("protocol version {v}, this node speaks {PROTOCOL_VERSION}"))
+    } else if *model != loaded.model_id || *fingerprint != loaded.fingerprint {
+        Some(format!("this node serves `{}` with fingerprint {}", loaded.model_id, loaded.fingerprint))
+    } else if tokens.is_empty() || tokens.len() >= loaded.worker.limits().context_length {
+        Some(format!("{} tokens do not fit a context of {}", tokens.len(), loaded.worker.limits().context_length))
+    } else if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= loaded.worker.limits().vocab_size) {
+        Some(format!("token {bad} outside the vocabulary"))
+    } else if app.mesh.draining() {
+        Some("this node is draining".into())
+    } else {
+        None
+    };
+    if let Some(p) = problem {
+        tracing::warn!(%peer, problem = %p, "K/V stream refused");
+        return fail(&mut s, p).await;
+    }
+    match open {
+        KvOpen::Prefill { session, tokens, skip, sampling, .. } => {
+            if !matches!(app.mesh.role(), Role::Prefill | Role::Both) {
+                return fail(&mut s, format!("this node's role is {}", app.mesh.role())).await;
+            }
+            if skip >= tokens.len() {
+                return fail(&mut s, format!("skip {skip} leaves nothing of {} tokens to prefill", tokens.len())).await;
+            }
+            serve_prefill(app, &loaded, peer, s, session, tokens, skip, sampling).await
+        }
+        KvOpen::Park { session, tokens, .. } => {
+            if !matches!(app.mesh.role(), Role::Decode | Role::Both) {
+                return fail(&mut s, format!("this node's role is {}", app.mesh.role())).await;
+            }
+            receive_park(app, &loaded, peer, s, session, tokens).await
+        }
+    }
+}
+
+struct LayerChannel(mpsc::Sender<(Instant, KvLayer)>);
+
+impl KvExport for LayerChannel {
+    fn layer(&mut self, kv: KvLayer) -> bool {
+        // On the GPU thread: waiting here is the backpressure that bounds layers in flight.
+        self.0.blocking_send((Instant::now(), kv)).is_ok()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_prefill(
+    app: &App,
+    loaded: &Loaded,
+    peer: PeerId,
+    mut s: Stream,
+    session: u64,
+    tokens: Vec<u32>,
+    skip: usize,
+    sampling: KvSampling,
+) {
+    let shape = match shape(loaded, session) {
+        Ok(x) => x,
+        Err(e) => return fail(&mut s, e).await,
+    };
+    let (ltx, mut lrx) = mpsc::channel(LAYERS_IN_FLIGHT);
+    let (etx, mut erx) = mpsc::unbounded_channel();
+    let sampling = tandem_core::SamplingParams { temperature: sampling.temperature, top_k: sampling.top_k, top_p: sampling.top_p, seed: sampling.seed };
+    let n_tokens = tokens.len();
+    let req = Request { prompt: tokens, max_tokens: 1, sampling, stop_ids: Vec::new(), resumed: Vec::new() };
+    let t0 = Instant::now();
+    let start = Start::Export { sink: Box::new(LayerChannel(ltx)), from: skip };
+    let id = match loaded.worker.submit_with(req, Box::new(super::openai::ChannelSink(etx)), start) {
+        Ok(id) => id,
+        Err(e) => return fail(&mut s, e.to_string()).await,
+    };
+    // Dropped on any early return: the request is cancelled and its blocks freed.
+    let mut guard = super::openai::CancelGuard { worker: loaded.worker.clone(), id, finished: false };
+    app.metrics.kv.prefills_served.inc();
+    let layers = loaded.layers as usize;
+    let (mut ready_ms, mut sent_ms, mut first_send_ms) = (vec![0.0; layers], vec![0.0; layers], None);
+    let ms = |t: Instant| (t - t0).as_secs_f64() * 1e3;
+    let mut bytes = 0u64;
+    while let Some((ready, kv)) = lrx.recv().await {
+        let (layer, start, n) = (kv.layer, kv.start, kv.tokens);
+        let send_start = Instant::now();
+        first_send_ms.get_or_insert(ms(send_start));
+        for frame in chunks(&kv, &shape) {
+            bytes += (frame.len() - 64) as u64;
+            if let Err(e) = s.send(&frame).await {
+                tracing::warn!(%peer, session, error = %e, "the decode node went away mid-transfer: cancelling the prefill");
+                return;
+            }
+        }
+        let sent = Instant::now();
+        if let (Some(r), Some(x)) = (ready_ms.get_mut(layer), sent_ms.get_mut(layer)) {
+            *r = ms(ready);
+            *x = ms(sent);
+        }
+        tracing::info!(session, layer, start, tokens = n, ready_ms = ms(ready), send_start_ms = ms(send_start), sent_ms = ms(sent), "kv chunk sent");
+    }
+    let mut first = None;
+    while let Some(ev) = erx.recv().await {
+        match ev {
+            Event::Token(t) => first = Some(t),
+            Event::Finished(..) => break,
+            Event::Refused { reason, .. } | Event::Failed(reason) => {
+                guard.finished = true;
+                return fail(&mut s, reason).await;
+            }
+            Event::Detached { .. } => {
+                guard.finished = true;
+                return fail(&mut s, "this node is draining".into()).await;
+            }
+        }
+    }
+    guard.finished = true;
+    let Some(token) = first else { return fail(&mut s, "the prefill produced no token".into()).await };
+    app.metrics.kv.sent_bytes.inc_by(bytes);
+    let prefill_ms = ms(Instant::now());
+    let first_send_ms = first_send_ms.unwrap_or(prefill_ms);
+    let reply = KvReply::First { token, prefill_ms, first_send_ms, layers_ready_ms: ready_ms, layers_sent_ms: sent_ms };
+    if s.send_msg(&reply).await.is_ok() && s.finish().await.is_ok() {
+        tracing::info!(%peer, session, tokens = n_tokens, skip, bytes, prefill_ms, "prefill for a decode node done");
+    }
+}
+
+async fn receive_park(app: &App, loaded: &Loaded, peer: PeerId, mut s: Stream, session: u64, tokens: Vec<u32>) {
+    let shape = match shape(loaded, session) {
+        Ok(x) => x,
+        Err(e) => return fail(&mut s, e).await,
+    };
+    let n = tokens.len();
+    let (ticket, held) = match park(loaded, tokens).await {
+        Ok(x) => x,
+        Err(e) => return fail(&mut s, e).await,
+    };
+    let mut progress = KvProgress::new(loaded.layers as usize, 0, n);
+    let result = async {
+        while let Some(frame) = s.recv().await.map_err(|e| e.to_string())? {
+            if !is_chunk(&frame) {
+                return Err("a message where K/V was expected".to_string());
+            }
+            receive_chunk(loaded, ticket, &frame, &shape, &mut progress, held)?;
+        }
+        progress.check_complete().map_err(|e| e.to_string())
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            app.metrics.kv.received_bytes.inc_by(progress.bytes);
+            app.metrics.kv.migrated_in.inc();
+            tracing::info!(%peer, ticket, tokens = n, held, bytes = progress.bytes, "parked a moved request's K/V");
+            let _ = s.send_msg(&KvReply::Parked { ticket }).await;
+            let _ = s.finish().await;
+        }
+        Err(e) => {
+            loaded.worker.discard(ticket);
+            app.metrics.kv.rejected_transfers.inc();
+            tracing::warn!(%peer, error = %e, "K/V transfer rejected; nothing of it is kept");
+            fail(&mut s, e).await;
+        }
+    }
+}
