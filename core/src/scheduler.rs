@@ -232,7 +232,7 @@ struct Parked {
     since: Instant,
 }
 
-/// How long imported K/V waits for its request.
+/// How long imported K/V waits for its next layer, or for its request once complete.
 pub const PARK_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Active {
@@ -410,6 +410,8 @@ impl Scheduler {
             self.discard(ticket);
             return Err(e);
         }
+        // The timeout counts from the last layer received: a long prefill keeps its sequence.
+        p.since = Instant::now();
         let r = self.engine.import_kv(p.seq, kv);
         if r.is_err() {
             self.discard(ticket);

@@ -12,7 +12,7 @@ use crate::tensor::{HostTensor, TensorBytes, WeightFormat};
 use crate::tokenizer::TextTokenizer;
 
 /// Names of the shapes [`synthetic_config`] knows.
-/// `tiny` is no real model: four small layers, for tests of the machinery around the model
+/// `tiny` is no real model: two small layers, for tests of the machinery around the model
 /// (K/V transfer of long prompts, failures) where lavapipe's speed on a real shape would dominate.
 pub const SYNTHETIC_MODELS: [&str; 5] = ["smollm2-135m", "smollm2-1.7b", "llama-3.2-1b", "llama-3-8b", "tiny"];
 
@@ -23,7 +23,7 @@ pub fn synthetic_config(name: &str) -> Result<ModelConfig> {
         "smollm2-1.7b" => (49152, 2048, 24, 32, 32, 8192, 130000.0, true),
         "llama-3.2-1b" => (128256, 2048, 16, 32, 8, 8192, 500000.0, true),
         "llama-3-8b" => (128256, 4096, 32, 32, 8, 14336, 500000.0, false),
-        "tiny" => (512, 128, 4, 2, 1, 256, 10000.0, true),
+        "tiny" => (512, 128, 2, 2, 1, 256, 10000.0, true),
         other => return Err(Error::InvalidRequest(format!("unknown synthetic model `{other}` (known: {})", SYNTHETIC_MODELS.join(", ")))),
     };
     Ok(ModelConfig {

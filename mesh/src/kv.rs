@@ -110,14 +110,32 @@ pub fn is_chunk(payload: &[u8]) -> bool {
     payload.len() >= 4 && payload[..4] == MAGIC
 }
 
-fn transpose(src: &[f32], outer: usize, inner: usize, dim: usize) -> Vec<f32> {
-    // [outer][inner][dim] -> [inner][outer][dim]
-    let mut out = vec![0.0; src.len()];
-    for o in 0..outer {
-        for i in 0..inner {
-            let from = (o * inner + i) * dim;
-            let to = (i * outer + o) * dim;
-            out[to..to + dim].copy_from_slice(&src[from..from + dim]);
+/// Appends `src` (`[tokens][heads][dim]` f32) to `out` as `[heads][tokens][dim]` little-endian.
+fn put_heads_first(out: &mut Vec<u8>, src: &[f32], tokens: usize, heads: usize, dim: usize) {
+    for h in 0..heads {
+        for t in 0..tokens {
+            let row = &src[(t * heads + h) * dim..(t * heads + h + 1) * dim];
+            if cfg!(target_endian = "little") {
+                out.extend_from_slice(bytemuck::cast_slice(row));
+            } else {
+                row.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+            }
+        }
+    }
+}
+
+/// Reads `[heads][tokens][dim]` little-endian f32 bytes back into `[tokens][heads][dim]`.
+fn take_tokens_first(bytes: &[u8], tokens: usize, heads: usize, dim: usize) -> Vec<f32> {
+    let mut out = vec![0f32; tokens * heads * dim];
+    for h in 0..heads {
+        for t in 0..tokens {
+            let from = (h * tokens + t) * dim * 4;
+            let to = (t * heads + h) * dim;
+            let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out[to..to + dim]);
+            dst.copy_from_slice(&bytes[from..from + dim * 4]);
+            if cfg!(target_endian = "big") {
+                out[to..to + dim].iter_mut().for_each(|x| *x = f32::from_bits(x.to_bits().swap_bytes()));
+            }
         }
     }
     out
@@ -130,27 +148,7 @@ impl KvChunk {
 
     /// The chunk's frame: header, then K and V in the wire layout, little-endian f32.
     pub fn encode(&self) -> Vec<u8> {
-        let (t, h, d) = (self.tokens as usize, self.heads as usize, self.head_dim as usize);
-        let mut payload = Vec::with_capacity(self.values() * 8);
-        for m in [&self.k, &self.v] {
-            for x in transpose(m, t, h, d) {
-                payload.extend_from_slice(&x.to_le_bytes());
-            }
-        }
-        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.push(DTYPE_F32);
-        out.push(LAYOUT_HEADS_TOKENS_DIM);
-        out.extend_from_slice(&self.session.to_le_bytes());
-        out.extend_from_slice(&self.fingerprint.to_le_bytes());
-        for x in [self.layer, self.start, self.tokens, self.heads, self.head_dim, payload.len() as u32] {
-            out.extend_from_slice(&x.to_le_bytes());
-        }
-        out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&payload).to_le_bytes());
-        out.resize(HEADER_LEN, 0);
-        out.extend_from_slice(&payload);
-        out
+        encode_chunk(self.session, self.fingerprint, self.layer, self.start, self.heads, self.head_dim, &self.k, &self.v)
     }
 
     /// Parses and checks a chunk frame against `want`; nothing is returned from a frame that
@@ -202,9 +200,8 @@ impl KvChunk {
         if sum != u64_at(48) {
             return Err(KvError::Checksum { want: u64_at(48), got: sum });
         }
-        let floats: Vec<f32> = payload.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         let (t, h, d) = (tokens as usize, heads as usize, head_dim as usize);
-        let half = floats.len() / 2;
+        let half = payload.len() / 2;
         Ok(KvChunk {
             session,
             fingerprint,
@@ -213,10 +210,35 @@ impl KvChunk {
             tokens,
             heads,
             head_dim,
-            k: transpose(&floats[..half], h, t, d),
-            v: transpose(&floats[half..], h, t, d),
+            k: take_tokens_first(&payload[..half], t, h, d),
+            v: take_tokens_first(&payload[half..], t, h, d),
         })
     }
+}
+
+/// A chunk's frame straight from slices of a layer's K and V (`[tokens][heads][head_dim]`), so
+/// a sender copies each value once.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_chunk(session: u64, fingerprint: u64, layer: u32, start: u32, heads: u32, head_dim: u32, k: &[f32], v: &[f32]) -> Vec<u8> {
+    let (h, d) = (heads as usize, head_dim as usize);
+    let tokens = k.len() / (h * d).max(1);
+    let payload_len = tokens * h * d * 8;
+    let mut out = Vec::with_capacity(HEADER_LEN + payload_len);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.push(DTYPE_F32);
+    out.push(LAYOUT_HEADS_TOKENS_DIM);
+    out.extend_from_slice(&session.to_le_bytes());
+    out.extend_from_slice(&fingerprint.to_le_bytes());
+    for x in [layer, start, tokens as u32, heads, head_dim, payload_len as u32] {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.resize(HEADER_LEN, 0);
+    put_heads_first(&mut out, k, tokens, h, d);
+    put_heads_first(&mut out, v, tokens, h, d);
+    let sum = xxhash_rust::xxh3::xxh3_64(&out[HEADER_LEN..]);
+    out[48..56].copy_from_slice(&sum.to_le_bytes());
+    out
 }
 
 /// A receiver's account of one transfer: every layer's positions must arrive in order, without
@@ -292,7 +314,8 @@ pub enum KvReply {
     /// The prefill node's first token, sent after the last layer's K/V, with its timings (ms
     /// from the request's arrival there): when the first chunk's send began, and per layer when
     /// its last chunk was computed and when it was sent.
-    First { token: u32, prefill_ms: f64, first_send_ms: f64, layers_ready_ms: Vec<f64>, layers_sent_ms: Vec<f64> },
+    /// `send_busy_ms` is the time spent inside sends: the link's speed is bytes over it.
+    First { token: u32, prefill_ms: f64, first_send_ms: f64, send_busy_ms: f64, layers_ready_ms: Vec<f64>, layers_sent_ms: Vec<f64> },
     /// The receiving decode node's ticket for the parked K/V.
     Parked { ticket: u64 },
     Failed { message: String },
@@ -395,7 +418,7 @@ mod tests {
         ] {
             assert_eq!(serde_json::from_slice::<KvOpen>(&serde_json::to_vec(&m).expect("enc")).expect("dec"), m);
         }
-        let r = KvReply::First { token: 5, prefill_ms: 1.5, first_send_ms: 0.2, layers_ready_ms: vec![0.5], layers_sent_ms: vec![1.0] };
+        let r = KvReply::First { token: 5, prefill_ms: 1.5, first_send_ms: 0.2, send_busy_ms: 0.1, layers_ready_ms: vec![0.5], layers_sent_ms: vec![1.0] };
         assert_eq!(serde_json::from_slice::<KvReply>(&serde_json::to_vec(&r).expect("enc")).expect("dec"), r);
         assert_eq!(fingerprint_number("00000000000000ff"), Some(255));
         assert_eq!(fingerprint_number("ff"), None);

@@ -211,26 +211,30 @@ async fn long_prompts_killed_nodes_drains_and_a_vanished_entry_node() {
     let imported = d1.metric("tandem_kv_imported_tokens_total").await + d2.metric("tandem_kv_imported_tokens_total").await;
     assert_eq!(imported, 1500.0, "all 1,500 positions were imported");
     let bytes = d1.metric("tandem_kv_received_bytes_total").await + d2.metric("tandem_kv_received_bytes_total").await;
-    assert_eq!(bytes, 1500.0 * 2.0 * 4.0 * 64.0 * 4.0);
+    assert_eq!(bytes, 1500.0 * 2.0 * 2.0 * 64.0 * 4.0);
 
     // The uninterrupted run of a long generation.
     let prompt: Vec<u32> = (0..40u32).map(|i| (i * 13 + 5) % 500).collect();
-    let (want, _) = stream(&p, tiny(&prompt, 600), usize::MAX, || async {}).await;
+    let (want, _) = stream(&p, tiny(&prompt, 1500), usize::MAX, || async {}).await;
 
     // kill -9 of the decode node mid-generation: the client still gets every token, once.
     let mut killed = None;
     let killed_ref = &mut killed;
     let (d1r, d2r) = (&d1, &d2);
-    let (got, n) = stream(&e, tiny(&prompt, 600), 50, move || async move {
+    let (got, n) = stream(&e, tiny(&prompt, 1500), 20, move || async move {
         let victim = running_on(&[d1r, d2r]).await.expect("a decode node is running it");
         *killed_ref = Some(victim.peer_id.clone());
         let _ = std::process::Command::new("kill").args(["-9", &victim.child.id().to_string()]).status();
     })
     .await;
-    assert_eq!(n, 600);
+    assert_eq!(n, 1500);
     assert!(got == want, "after kill -9 of the decode node the text equals an uninterrupted run");
     let survivor = if killed.as_deref() == Some(d1.peer_id.as_str()) { &d2 } else { &d1 };
-    assert!(survivor.metric("tandem_resumed_requests_total").await >= 1.0, "the other decode node resumed it");
+    assert!(
+        survivor.metric("tandem_resumed_requests_total").await >= 1.0,
+        "the other decode node resumed it\n{}",
+        e.log(path, "e").lines().filter(|l| l.contains("WARN") || l.contains("contin")).collect::<Vec<_>>().join("\n")
+    );
 
     // Drain the decode node mid-generation: its request moves, K/V and all, to the other decode
     // node, which continues it without prefilling again.
@@ -241,14 +245,14 @@ async fn long_prompts_killed_nodes_drains_and_a_vanished_entry_node() {
     let mut drained = None;
     let drained_ref = &mut drained;
     let d3r = &d3;
-    let (got, n) = stream(&e, tiny(&prompt, 600), 50, move || async move {
+    let (got, n) = stream(&e, tiny(&prompt, 1500), 20, move || async move {
         let on = running_on(&[survivor, d3r]).await.expect("a decode node is running it");
         let r = on.post("/v1/drain", json!({})).await;
         assert_eq!(r["moving"], true, "{r}");
         *drained_ref = Some(on);
     })
     .await;
-    assert_eq!(n, 600);
+    assert_eq!(n, 1500);
     assert!(got == want, "after a drain mid-generation the text equals an uninterrupted run");
     let from = drained.expect("drained a node");
     let to = if from.peer_id == d3.peer_id { survivor } else { &d3 };
@@ -260,9 +264,11 @@ async fn long_prompts_killed_nodes_drains_and_a_vanished_entry_node() {
 
     // The prefill node stalls (SIGSTOP) as a request arrives: the decode node gives up on it and
     // prefills itself.
+    let short = &long[..300];
+    let (want_short, _) = stream(&p, tiny(short, 16), usize::MAX, || async {}).await;
     let _ = std::process::Command::new("kill").args(["-STOP", &p.child.id().to_string()]).status();
-    let (got, _) = stream(&e, tiny(&long, 16), usize::MAX, || async {}).await;
-    assert_eq!(got, single_text, "with the prefill node gone, a decode node serves the request alone");
+    let (got, _) = stream(&e, tiny(short, 16), usize::MAX, || async {}).await;
+    assert_eq!(got, want_short, "with the prefill node gone, a decode node serves the request alone");
     let fallbacks = survivor.metric("tandem_split_fallbacks_total").await + d3.metric("tandem_split_fallbacks_total").await;
     println!("split fallbacks after the prefill node stalled: {fallbacks}");
 

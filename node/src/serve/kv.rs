@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use tandem_core::KvLayer;
 use tandem_core::scheduler::{Event, KvExport, Request, Start};
 use tandem_mesh::{
-    FramedStream, KV_LIMITS, KV_PROTOCOL, KvChunk, KvOpen, KvProgress, KvReply, KvSampling, KvShape, MAX_CHUNK_TOKENS, MeshEventKind,
+    FramedStream, KV_LIMITS, KV_PROTOCOL, KvChunk, KvOpen, KvProgress, KvReply, KvSampling, KvShape, MAX_CHUNK_TOKENS, MeshEventKind, encode_chunk,
     PROTOCOL_VERSION, PeerId, Role, fingerprint_number, hidden_share, is_chunk,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -35,26 +35,13 @@ fn shape(loaded: &Loaded, session: u64) -> Result<KvShape, String> {
 }
 
 /// One layer's K/V as frames of at most `MAX_CHUNK_TOKENS` positions.
-fn chunks(kv: &KvLayer, shape: &KvShape) -> Vec<Vec<u8>> {
+fn chunks(kv: &KvLayer, shape: &KvShape) -> impl Iterator<Item = Vec<u8>> {
     let dim = (shape.heads * shape.head_dim) as usize;
-    (0..kv.tokens)
-        .step_by(MAX_CHUNK_TOKENS)
-        .map(|from| {
-            let n = MAX_CHUNK_TOKENS.min(kv.tokens - from);
-            KvChunk {
-                session: shape.session,
-                fingerprint: shape.fingerprint,
-                layer: kv.layer as u32,
-                start: (kv.start + from) as u32,
-                tokens: n as u32,
-                heads: shape.heads,
-                head_dim: shape.head_dim,
-                k: kv.k[from * dim..(from + n) * dim].to_vec(),
-                v: kv.v[from * dim..(from + n) * dim].to_vec(),
-            }
-            .encode()
-        })
-        .collect()
+    (0..kv.tokens).step_by(MAX_CHUNK_TOKENS).map(move |from| {
+        let rows = from * dim..(from + MAX_CHUNK_TOKENS.min(kv.tokens - from)) * dim;
+        let start = (kv.start + from) as u32;
+        encode_chunk(shape.session, shape.fingerprint, kv.layer as u32, start, shape.heads, shape.head_dim, &kv.k[rows.clone()], &kv.v[rows])
+    })
 }
 
 /// The part of a chunk at positions `from` and later, as a layer to import.
@@ -65,7 +52,12 @@ fn layer_from(c: KvChunk, from: usize) -> Option<KvLayer> {
     }
     let skip = from.saturating_sub(start);
     let dim = (c.heads * c.head_dim) as usize;
-    Some(KvLayer { layer: c.layer as usize, start: start + skip, tokens: end - start - skip, k: c.k[skip * dim..].to_vec(), v: c.v[skip * dim..].to_vec() })
+    let (mut k, mut v) = (c.k, c.v);
+    if skip > 0 {
+        k.drain(..skip * dim);
+        v.drain(..skip * dim);
+    }
+    Some(KvLayer { layer: c.layer as usize, start: start + skip, tokens: end - start - skip, k, v })
 }
 
 async fn park(loaded: &Loaded, tokens: Vec<u32>) -> Result<(u64, usize), String> {
@@ -128,6 +120,7 @@ pub async fn prefill_remote(app: &App, loaded: &Loaded, peer: PeerId, req: &Requ
         let mut progress = KvProgress::new(loaded.layers as usize, held, req.prompt.len());
         let (mut first_chunk, mut last_chunk) = (None, None);
         let mut first = None;
+        let mut busy_s = 0.0;
         while let Some(frame) = s.recv().await.map_err(|e| e.to_string())? {
             if first.is_some() {
                 return Err("data after the first token".into());
@@ -140,7 +133,8 @@ pub async fn prefill_remote(app: &App, loaded: &Loaded, peer: PeerId, req: &Requ
                 continue;
             }
             match serde_json::from_slice::<KvReply>(&frame).map_err(|e| format!("malformed reply: {e}"))? {
-                KvReply::First { token, prefill_ms, first_send_ms, layers_ready_ms, layers_sent_ms } => {
+                KvReply::First { token, prefill_ms, first_send_ms, send_busy_ms, layers_ready_ms, layers_sent_ms } => {
+                    busy_s = send_busy_ms / 1e3;
                     progress.check_complete().map_err(|e| e.to_string())?;
                     if token as usize >= loaded.worker.limits().vocab_size {
                         return Err(format!("first token {token} outside the vocabulary"));
@@ -162,7 +156,9 @@ pub async fn prefill_remote(app: &App, loaded: &Loaded, peer: PeerId, req: &Requ
         if let (Some(a), Some(b)) = (first_chunk, last_chunk) {
             let secs = (b - a).as_secs_f64();
             app.metrics.kv.transfer.observe(secs);
-            app.mesh.record_link(peer, progress.bytes, secs);
+            // The stream is paced by the prefill; the link's own speed shows in the sender's
+            // time inside sends.
+            app.mesh.record_link(peer, progress.bytes, if busy_s > 0.0 { busy_s } else { secs });
         }
         tracing::info!(%peer, session, tokens = req.prompt.len(), held, bytes = progress.bytes, ms = started.elapsed().as_secs_f64() * 1e3, "split prefill: K/V received");
         Ok(first)
@@ -360,6 +356,7 @@ async fn serve_prefill(
     let (mut ready_ms, mut sent_ms, mut first_send_ms) = (vec![0.0; layers], vec![0.0; layers], None);
     let ms = |t: Instant| (t - t0).as_secs_f64() * 1e3;
     let mut bytes = 0u64;
+    let mut busy = std::time::Duration::ZERO;
     while let Some((ready, kv)) = lrx.recv().await {
         let (layer, start, n) = (kv.layer, kv.start, kv.tokens);
         let send_start = Instant::now();
@@ -372,6 +369,7 @@ async fn serve_prefill(
             }
         }
         let sent = Instant::now();
+        busy += sent - send_start;
         if let (Some(r), Some(x)) = (ready_ms.get_mut(layer), sent_ms.get_mut(layer)) {
             *r = ms(ready);
             *x = ms(sent);
@@ -398,7 +396,8 @@ async fn serve_prefill(
     app.metrics.kv.sent_bytes.inc_by(bytes);
     let prefill_ms = ms(Instant::now());
     let first_send_ms = first_send_ms.unwrap_or(prefill_ms);
-    let reply = KvReply::First { token, prefill_ms, first_send_ms, layers_ready_ms: ready_ms, layers_sent_ms: sent_ms };
+    let send_busy_ms = busy.as_secs_f64() * 1e3;
+    let reply = KvReply::First { token, prefill_ms, first_send_ms, send_busy_ms, layers_ready_ms: ready_ms, layers_sent_ms: sent_ms };
     if s.send_msg(&reply).await.is_ok() && s.finish().await.is_ok() {
         tracing::info!(%peer, session, tokens = n_tokens, skip, bytes, prefill_ms, "prefill for a decode node done");
     }
