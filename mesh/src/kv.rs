@@ -318,6 +318,8 @@ pub enum KvReply {
     First { token: u32, prefill_ms: f64, first_send_ms: f64, send_busy_ms: f64, layers_ready_ms: Vec<f64>, layers_sent_ms: Vec<f64> },
     /// The receiving decode node's ticket for the parked K/V.
     Parked { ticket: u64 },
+    /// Sent while a layer takes long to compute, so a slow prefill is not taken for a dead one.
+    Heartbeat,
     Failed { message: String },
 }
 

@@ -147,6 +147,7 @@ pub async fn prefill_remote(app: &App, loaded: &Loaded, peer: PeerId, req: &Requ
                     }
                     first = Some(token);
                 }
+                KvReply::Heartbeat => {}
                 KvReply::Failed { message } => return Err(format!("the prefill node failed: {message}")),
                 KvReply::Parked { .. } => return Err("unexpected reply `parked`".into()),
             }
@@ -357,7 +358,19 @@ async fn serve_prefill(
     let ms = |t: Instant| (t - t0).as_secs_f64() * 1e3;
     let mut bytes = 0u64;
     let mut busy = std::time::Duration::ZERO;
-    while let Some((ready, kv)) = lrx.recv().await {
+    loop {
+        let (ready, kv) = match tokio::time::timeout(tandem_mesh::HEARTBEAT, lrx.recv()).await {
+            Ok(Some(x)) => x,
+            Ok(None) => break,
+            Err(_) => {
+                // A long step (a slow adapter, a long prompt chunk): tell D this node is alive.
+                if let Err(e) = s.send_msg(&KvReply::Heartbeat).await {
+                    tracing::warn!(%peer, session, error = %e, "the decode node went away during the prefill: cancelling it");
+                    return;
+                }
+                continue;
+            }
+        };
         let (layer, start, n) = (kv.layer, kv.start, kv.tokens);
         let send_start = Instant::now();
         first_send_ms.get_or_insert(ms(send_start));
@@ -399,7 +412,7 @@ async fn serve_prefill(
     let send_busy_ms = busy.as_secs_f64() * 1e3;
     let reply = KvReply::First { token, prefill_ms, first_send_ms, send_busy_ms, layers_ready_ms: ready_ms, layers_sent_ms: sent_ms };
     if s.send_msg(&reply).await.is_ok() && s.finish().await.is_ok() {
-        tracing::info!(%peer, session, tokens = n_tokens, skip, bytes, prefill_ms, "prefill for a decode node done");
+        tracing::info!(%peer, session, tokens = n_tokens, skip, bytes, prefill_ms, send_busy_ms, "prefill for a decode node done");
     }
 }
 
