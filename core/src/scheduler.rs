@@ -174,7 +174,7 @@ impl Limits {
         if req.prompt.is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
         }
-        if let Some(&id) = req.prompt.iter().find(|&&id| id as usize >= self.vocab_size) {
+        if let Some(&id) = req.prompt.iter().chain(&req.resumed).find(|&&id| id as usize >= self.vocab_size) {
             return Err(Error::TokenOutOfRange { id, vocab: self.vocab_size });
         }
         if req.resumed.len() >= req.max_tokens {
@@ -229,6 +229,8 @@ struct Parked {
     seq: SeqId,
     /// The tokens behind the positions being imported.
     tokens: Vec<u32>,
+    /// Positions found in this node's prefix cache (not imported).
+    held: usize,
     since: Instant,
 }
 
@@ -332,6 +334,9 @@ impl Scheduler {
             other => other,
         };
         if let Err(e) = checked {
+            if let Start::Parked(ticket) = start {
+                self.discard(ticket);
+            }
             sink.send(Event::Refused { overloaded: matches!(e, Error::Overloaded { .. }), reason: e.to_string() });
             return Err(e);
         }
@@ -355,18 +360,20 @@ impl Scheduler {
             export: None,
         };
         if !a.req.resumed.is_empty() {
+            // Its first token came before (elsewhere): its TPOT counts from here, and its TTFT
+            // is not this scheduler's to measure.
             a.first_token = Some(now);
         }
         match start {
             Start::Compute => {}
             Start::Export { sink, from } => a.export = Some(Export { sink, from, lost: false }),
             Start::Parked(ticket) => {
-                if let Some(seq) = self.unpark(ticket, &a.tokens) {
+                if let Some((seq, held)) = self.unpark(ticket, &a.tokens) {
                     a.seq = Some(seq);
                     a.computed = a.tokens.len() - 1;
                     a.admitted = Some(now);
-                    a.cached_tokens = a.computed;
-                    self.stats.imported_tokens += a.computed as u64;
+                    a.cached_tokens = held;
+                    self.stats.imported_tokens += (a.computed - held) as u64;
                     let at = self.running.partition_point(|r| r.id < a.id);
                     self.running.insert(at, a);
                     self.refresh_gauges();
@@ -394,7 +401,7 @@ impl Scheduler {
         }
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        self.parked.insert(ticket, Parked { seq, tokens, since: Instant::now() });
+        self.parked.insert(ticket, Parked { seq, tokens, held: cached, since: Instant::now() });
         self.refresh_gauges();
         Ok((ticket, cached))
     }
@@ -442,23 +449,53 @@ impl Scheduler {
         self.parked.len()
     }
 
-    /// The parked sequence of `ticket` if it holds exactly the K/V of `tokens` but the last.
-    fn unpark(&mut self, ticket: u64, tokens: &[u32]) -> Option<SeqId> {
-        let p = self.parked.remove(&ticket)?;
+    /// The parked sequence of `ticket` (and the positions it held before the import) if it holds
+    /// exactly the K/V of `tokens` but the last. A ticket for other tokens is left alone: it may
+    /// be another request's.
+    fn unpark(&mut self, ticket: u64, tokens: &[u32]) -> Option<(SeqId, usize)> {
         let want = tokens.len() - 1;
-        let complete = self.engine.sequence_len(p.seq).is_ok_and(|l| l == want) && p.tokens == tokens[..want];
+        let p = self.parked.get(&ticket)?;
+        if p.tokens != tokens[..want] {
+            tracing::warn!(ticket, "a resumed request named K/V parked for other tokens: computing instead");
+            return None;
+        }
+        let p = self.parked.remove(&ticket)?;
+        let complete = self.engine.sequence_len(p.seq).is_ok_and(|l| l == want);
         if !complete || self.engine.adopt_tokens(p.seq, &tokens[..want]).is_err() {
-            tracing::warn!(ticket, "imported KV incomplete or for other tokens: computing instead");
+            tracing::warn!(ticket, "imported KV incomplete: computing instead");
             self.engine.free_sequence(p.seq);
             return None;
         }
-        Some(p.seq)
+        Some((p.seq, p.held))
+    }
+
+    /// Whether a parked sequence holds every position it was parked for; keeps it alive.
+    pub fn seal(&mut self, ticket: u64) -> Result<()> {
+        let p = self.parked.get_mut(&ticket).ok_or_else(|| Error::KvImport(format!("no parked sequence {ticket} (expired or failed)")))?;
+        p.since = Instant::now();
+        let len = self.engine.sequence_len(p.seq)?;
+        if len != p.tokens.len() {
+            return Err(Error::KvImport(format!("{len} of {} positions arrived", p.tokens.len())));
+        }
+        Ok(())
+    }
+
+    /// Keeps a parked sequence from expiring (its sender is alive but slow).
+    pub fn touch(&mut self, ticket: u64) {
+        if let Some(p) = self.parked.get_mut(&ticket) {
+            p.since = Instant::now();
+        }
     }
 
     /// Takes every request off this scheduler: each is told `Detached` with its tokens and, when
     /// it had started, its K/V, to continue on another node.
     pub fn detach_all(&mut self) {
-        for mut a in std::mem::take(&mut self.running) {
+        // A prefill for another node's decode stays: it is this node's work whatever its role.
+        let (keep, running): (Vec<Active>, Vec<Active>) = std::mem::take(&mut self.running).into_iter().partition(|a| a.export.is_some());
+        self.running = keep;
+        let (keep, waiting): (VecDeque<Active>, VecDeque<Active>) = std::mem::take(&mut self.waiting).into_iter().partition(|a| a.export.is_some());
+        self.waiting = keep;
+        for mut a in running {
             // Only a decoding request's K/V is worth moving: mid-prefill it is recomputed.
             let kv = match a.seq {
                 Some(seq) if a.computed + 1 == a.tokens.len() => self.engine.export_kv(seq, 0, a.computed).unwrap_or_else(|e| {
@@ -472,7 +509,7 @@ impl Scheduler {
             self.stats.detached += 1;
             a.sink.send(Event::Detached { tokens, kv });
         }
-        for mut a in std::mem::take(&mut self.waiting) {
+        for mut a in waiting {
             self.release(&mut a);
             self.stats.detached += 1;
             let tokens = std::mem::take(&mut a.tokens);
@@ -780,9 +817,13 @@ impl Scheduler {
             cached_tokens: a.cached_tokens,
             generated_tokens: generated,
             queued: a.admitted.unwrap_or(now) - a.arrival,
-            ttft: a.first_token.map(|t| t - a.arrival),
+            ttft: a.first_token.filter(|_| a.req.resumed.is_empty()).map(|t| t - a.arrival),
             e2e: now - a.arrival,
-            tpot: a.first_token.filter(|_| generated > 1).map(|t| (now - t) / (generated as u32 - 1)),
+            tpot: {
+                // Tokens made here after the first one timed here.
+                let here = if a.req.resumed.is_empty() { generated.saturating_sub(1) } else { generated - a.req.resumed.len() };
+                a.first_token.filter(|_| here > 0).map(|t| (now - t) / here as u32)
+            },
             preemptions: a.preemptions,
         };
         self.stats.finished += 1;

@@ -12,13 +12,26 @@ use crate::scheduler::{Event, EventSink, Limits, Request, RequestId, Scheduler, 
 
 /// Where the answer to `park` goes (called on the GPU thread).
 pub type ParkReply = Box<dyn FnOnce(Result<(u64, usize)>) + Send>;
+/// Where the answer to `seal` goes (called on the GPU thread).
+pub type SealReply = Box<dyn FnOnce(Result<()>) + Send>;
+
+/// Work on parked sequences. It has its own channel, which never blocks its sender: K/V is
+/// received on async tasks, and a GPU thread waiting for one of them (a prefill streaming
+/// layers out) must never wait behind them. What it holds is bounded by the blocks reserved for
+/// it: a transfer may not send more than it parked.
+enum KvCommand {
+    Import(u64, KvLayer),
+    Seal(u64, SealReply),
+    Touch(u64),
+    Discard(u64),
+}
 
 enum Command {
     Submit(RequestId, Request, Box<dyn EventSink>, Start),
     Cancel(RequestId),
     Park(Vec<u32>, ParkReply),
-    Import(u64, KvLayer),
-    Discard(u64),
+    /// Wakes the worker for K/V commands.
+    Wake,
     /// Hand every request to its receiver to continue elsewhere.
     DetachAll,
     /// Stop taking requests; finish the running ones (`drain`) or cancel everything.
@@ -31,6 +44,7 @@ enum Command {
 #[derive(Clone)]
 pub struct WorkerHandle {
     tx: SyncSender<Command>,
+    kv: std::sync::mpsc::Sender<KvCommand>,
     stats: Arc<Mutex<SchedulerStats>>,
     next_id: Arc<AtomicU64>,
     limits: Limits,
@@ -52,12 +66,13 @@ impl WorkerHandle {
         let limits = scheduler.limits();
         let stats = Arc::new(Mutex::new(scheduler.stats()));
         let (tx, rx) = std::sync::mpsc::sync_channel(CHANNEL_BOUND);
+        let (kv, kv_rx) = std::sync::mpsc::channel();
         let shared = stats.clone();
         let thread = std::thread::Builder::new()
             .name("tandem-gpu".into())
-            .spawn(move || run(scheduler, rx, shared))
+            .spawn(move || run(scheduler, rx, kv_rx, shared))
             .map_err(|e| Error::InvalidRequest(format!("cannot start the GPU worker thread: {e}")))?;
-        Ok(WorkerHandle { tx, stats, next_id: Arc::default(), limits, thread: Arc::new(Mutex::new(Some(thread))) })
+        Ok(WorkerHandle { tx, kv, stats, next_id: Arc::default(), limits, thread: Arc::new(Mutex::new(Some(thread))) })
     }
 
     pub fn limits(&self) -> Limits {
@@ -76,13 +91,20 @@ impl WorkerHandle {
 
     /// `submit`, exporting the request's K/V as it is computed, or starting from imported K/V.
     pub fn submit_with(&self, req: Request, sink: Box<dyn EventSink>, start: Start) -> Result<RequestId> {
-        self.limits.check(&req)?;
-        let waiting = self.stats().waiting;
-        if waiting >= self.limits.max_waiting {
-            return Err(Error::Overloaded { waiting });
+        let ticket = if let Start::Parked(t) = start { Some(t) } else { None };
+        let r = self.limits.check(&req).and_then(|()| {
+            let waiting = self.stats().waiting;
+            if waiting >= self.limits.max_waiting {
+                return Err(Error::Overloaded { waiting });
+            }
+            let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
+            self.send(Command::Submit(id, req, sink, start)).map(|()| id)
+        });
+        if let (Err(_), Some(t)) = (&r, ticket) {
+            // Refused here: its parked K/V would otherwise wait out the timeout.
+            self.discard(t);
         }
-        let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        self.send(Command::Submit(id, req, sink, start)).map(|()| id)
+        r
     }
 
     fn send(&self, cmd: Command) -> Result<()> {
@@ -99,15 +121,32 @@ impl WorkerHandle {
         self.send(Command::Park(tokens, reply))
     }
 
-    /// Writes one received layer into a parked sequence (in order per layer). Waits for room in
-    /// the worker's queue rather than drop a layer: call it from a blocking context.
+    fn kv_command(&self, cmd: KvCommand) -> Result<()> {
+        self.kv.send(cmd).map_err(|_| Error::InvalidRequest("the GPU worker has stopped".into()))?;
+        // Wakes an idle worker; a full queue means it is busy and will look anyway.
+        let _ = self.tx.try_send(Command::Wake);
+        Ok(())
+    }
+
+    /// Writes one received layer into a parked sequence (in order per layer). Never blocks.
     pub fn import(&self, ticket: u64, kv: KvLayer) -> Result<()> {
-        self.tx.send(Command::Import(ticket, kv)).map_err(|_| Error::InvalidRequest("the GPU worker has stopped".into()))
+        self.kv_command(KvCommand::Import(ticket, kv))
+    }
+
+    /// Asks whether a parked sequence holds every position it was parked for (after every
+    /// import sent before), and keeps it alive.
+    pub fn seal(&self, ticket: u64, reply: SealReply) -> Result<()> {
+        self.kv_command(KvCommand::Seal(ticket, reply))
+    }
+
+    /// Keeps a parked sequence from expiring while its sender is slow.
+    pub fn touch(&self, ticket: u64) {
+        let _ = self.kv_command(KvCommand::Touch(ticket));
     }
 
     /// Frees a parked sequence (its transfer failed or its request went elsewhere).
     pub fn discard(&self, ticket: u64) {
-        let _ = self.tx.try_send(Command::Discard(ticket));
+        let _ = self.kv_command(KvCommand::Discard(ticket));
     }
 
     /// Takes every request off this node: each receiver gets `Event::Detached`.
@@ -134,10 +173,11 @@ impl WorkerHandle {
     }
 }
 
-fn run(mut sched: Scheduler, rx: Receiver<Command>, stats: Arc<Mutex<SchedulerStats>>) {
+fn run(mut sched: Scheduler, rx: Receiver<Command>, kv: Receiver<KvCommand>, stats: Arc<Mutex<SchedulerStats>>) {
     let mut stopping = false;
     let mut pending: Option<Command> = None;
     loop {
+        kv_work(&mut sched, &kv);
         let mut cmds: Vec<Command> = pending.take().into_iter().collect();
         if cmds.is_empty() && !sched.has_work() && !stopping {
             if sched.parked() > 0 {
@@ -157,6 +197,8 @@ fn run(mut sched: Scheduler, rx: Receiver<Command>, stats: Arc<Mutex<SchedulerSt
             }
         }
         cmds.extend(std::iter::from_fn(|| rx.try_recv().ok()));
+        // Imports sent before a request that uses them are in before it is submitted.
+        kv_work(&mut sched, &kv);
         for cmd in cmds {
             match cmd {
                 Command::Submit(id, req, mut sink, start) => {
@@ -174,12 +216,7 @@ fn run(mut sched: Scheduler, rx: Receiver<Command>, stats: Arc<Mutex<SchedulerSt
                     let r = if stopping { Err(Error::Overloaded { waiting: 0 }) } else { sched.park(tokens) };
                     reply(r);
                 }
-                Command::Import(ticket, kv) => {
-                    if let Err(e) = sched.import(ticket, &kv) {
-                        tracing::warn!(ticket, layer = kv.layer, error = %e, "KV import rejected; the sequence is freed");
-                    }
-                }
-                Command::Discard(ticket) => sched.discard(ticket),
+                Command::Wake => {}
                 Command::DetachAll => sched.detach_all(),
                 Command::Shutdown { drain } => {
                     stopping = true;
@@ -206,6 +243,21 @@ fn run(mut sched: Scheduler, rx: Receiver<Command>, stats: Arc<Mutex<SchedulerSt
         *s = sched.stats();
     }
     tracing::info!("GPU worker stopped");
+}
+
+fn kv_work(sched: &mut Scheduler, kv: &Receiver<KvCommand>) {
+    for cmd in std::iter::from_fn(|| kv.try_recv().ok()) {
+        match cmd {
+            KvCommand::Import(ticket, layer) => {
+                if let Err(e) = sched.import(ticket, &layer) {
+                    tracing::debug!(ticket, layer = layer.layer, error = %e, "KV import rejected; the sequence is freed");
+                }
+            }
+            KvCommand::Seal(ticket, reply) => reply(sched.seal(ticket)),
+            KvCommand::Touch(ticket) => sched.touch(ticket),
+            KvCommand::Discard(ticket) => sched.discard(ticket),
+        }
+    }
 }
 
 /// Runs a step if one can run; returns whether it did.

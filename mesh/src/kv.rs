@@ -257,7 +257,7 @@ impl KvProgress {
 
     /// Accepts the next chunk or says why not.
     pub fn accept(&mut self, c: &KvChunk) -> Result<(), KvError> {
-        let (l, start, end) = (c.layer as usize, c.start as usize, (c.start + c.tokens) as usize);
+        let (l, start, end) = (c.layer as usize, c.start as usize, c.start as usize + c.tokens as usize);
         let Some(&next) = self.next.get(l) else {
             return Err(KvError::Layer { layer: c.layer, layers: self.next.len() as u32 });
         };

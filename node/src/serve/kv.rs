@@ -60,7 +60,46 @@ fn layer_from(c: KvChunk, from: usize) -> Option<KvLayer> {
     Some(KvLayer { layer: c.layer as usize, start: start + skip, tokens: end - start - skip, k, v })
 }
 
-async fn park(loaded: &Loaded, tokens: Vec<u32>) -> Result<(u64, usize), String> {
+/// A parked sequence this node holds for a transfer or a request: freed when dropped, unless
+/// handed on (to the scheduler with its request, or to the peer that will send the request).
+pub struct Ticket {
+    worker: tandem_core::worker::WorkerHandle,
+    pub id: u64,
+    kept: bool,
+}
+
+impl Ticket {
+    /// The ticket is someone else's to use or let expire now.
+    pub fn keep(mut self) -> u64 {
+        self.kept = true;
+        self.id
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.worker.discard(self.id);
+        }
+    }
+}
+
+/// Checks that every position parked under `ticket` has arrived (imports are applied in order).
+async fn seal(loaded: &Loaded, ticket: u64) -> Result<(), String> {
+    let (tx, rx) = oneshot::channel();
+    loaded
+        .worker
+        .seal(
+            ticket,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )
+        .map_err(|e| e.to_string())?;
+    rx.await.map_err(|_| "the GPU worker stopped".to_string())?.map_err(|e| e.to_string())
+}
+
+async fn park(loaded: &Loaded, tokens: Vec<u32>) -> Result<(Ticket, usize), String> {
     let (tx, rx) = oneshot::channel();
     loaded
         .worker
@@ -71,7 +110,8 @@ async fn park(loaded: &Loaded, tokens: Vec<u32>) -> Result<(u64, usize), String>
             }),
         )
         .map_err(|e| e.to_string())?;
-    rx.await.map_err(|_| "the GPU worker stopped".to_string())?.map_err(|e| format!("no room for the K/V here: {e}"))
+    let (id, held) = rx.await.map_err(|_| "the GPU worker stopped".to_string())?.map_err(|e| format!("no room for the K/V here: {e}"))?;
+    Ok((Ticket { worker: loaded.worker.clone(), id, kept: false }, held))
 }
 
 fn session_id() -> u64 {
@@ -91,7 +131,7 @@ fn receive_chunk(loaded: &Loaded, ticket: u64, frame: &[u8], shape: &KvShape, pr
 
 /// What a split request's prefill node sent back.
 pub struct RemotePrefill {
-    pub ticket: u64,
+    pub ticket: Ticket,
     pub first: u32,
 }
 
@@ -129,7 +169,7 @@ pub async fn prefill_remote(app: &App, loaded: &Loaded, peer: PeerId, req: &Requ
                 let now = Instant::now();
                 first_chunk.get_or_insert(now);
                 last_chunk = Some(now);
-                receive_chunk(loaded, ticket, &frame, &shape, &mut progress, held)?;
+                receive_chunk(loaded, ticket.id, &frame, &shape, &mut progress, held)?;
                 continue;
             }
             match serde_json::from_slice::<KvReply>(&frame).map_err(|e| format!("malformed reply: {e}"))? {
@@ -147,12 +187,13 @@ pub async fn prefill_remote(app: &App, loaded: &Loaded, peer: PeerId, req: &Requ
                     }
                     first = Some(token);
                 }
-                KvReply::Heartbeat => {}
+                KvReply::Heartbeat => loaded.worker.touch(ticket.id),
                 KvReply::Failed { message } => return Err(format!("the prefill node failed: {message}")),
                 KvReply::Parked { .. } => return Err("unexpected reply `parked`".into()),
             }
         }
         let first = first.ok_or("the stream ended without the first token")?;
+        seal(loaded, ticket.id).await?;
         app.metrics.kv.received_bytes.inc_by(progress.bytes);
         if let (Some(a), Some(b)) = (first_chunk, last_chunk) {
             let secs = (b - a).as_secs_f64();
@@ -168,7 +209,7 @@ pub async fn prefill_remote(app: &App, loaded: &Loaded, peer: PeerId, req: &Requ
     match result {
         Ok(first) => Ok(RemotePrefill { ticket, first }),
         Err(e) => {
-            loaded.worker.discard(ticket);
+            // Dropping the ticket frees what arrived.
             app.metrics.kv.rejected_transfers.inc();
             Err(e)
         }
@@ -317,10 +358,29 @@ async fn serve_kv(app: &Arc<App>, peer: PeerId, stream: tandem_mesh::Stream) {
 
 struct LayerChannel(mpsc::Sender<(Instant, KvLayer)>);
 
+/// The longest a prefill node's GPU thread waits for room to queue a layer: beyond it the
+/// decode node is taken for stalled and its request is dropped, rather than stall the batch.
+const EXPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl KvExport for LayerChannel {
     fn layer(&mut self, kv: KvLayer) -> bool {
         // On the GPU thread: waiting here is the backpressure that bounds layers in flight.
-        self.0.blocking_send((Instant::now(), kv)).is_ok()
+        let since = Instant::now();
+        let mut item = (since, kv);
+        loop {
+            match self.0.try_send(item) {
+                Ok(()) => return true,
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                Err(mpsc::error::TrySendError::Full(back)) if since.elapsed() < EXPORT_WAIT => {
+                    item = back;
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!("a decode node takes no K/V for {EXPORT_WAIT:?}: dropping its prefill");
+                    return false;
+                }
+            }
+        }
     }
 }
 
@@ -432,21 +492,24 @@ async fn receive_park(app: &App, loaded: &Loaded, peer: PeerId, mut s: Stream, s
             if !is_chunk(&frame) {
                 return Err("a message where K/V was expected".to_string());
             }
-            receive_chunk(loaded, ticket, &frame, &shape, &mut progress, held)?;
+            receive_chunk(loaded, ticket.id, &frame, &shape, &mut progress, held)?;
         }
-        progress.check_complete().map_err(|e| e.to_string())
+        progress.check_complete().map_err(|e| e.to_string())?;
+        seal(loaded, ticket.id).await
     }
     .await;
     match result {
         Ok(()) => {
             app.metrics.kv.received_bytes.inc_by(progress.bytes);
             app.metrics.kv.migrated_in.inc();
+            // The request comes through the entry node; unclaimed, the K/V expires.
+            let ticket = ticket.keep();
             tracing::info!(%peer, ticket, tokens = n, held, bytes = progress.bytes, "parked a moved request's K/V");
             let _ = s.send_msg(&KvReply::Parked { ticket }).await;
             let _ = s.finish().await;
         }
         Err(e) => {
-            loaded.worker.discard(ticket);
+            drop(ticket);
             app.metrics.kv.rejected_transfers.inc();
             tracing::warn!(%peer, error = %e, "K/V transfer rejected; nothing of it is kept");
             fail(&mut s, e).await;

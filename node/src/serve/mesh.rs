@@ -578,7 +578,16 @@ pub async fn dispatch(
         let (tx, mut rx) = mpsc::channel(64);
         let task = tokio::spawn(attempt(app.clone(), endpoint, body.clone(), shape.model.clone(), cand.clone(), resume, tx));
         let mut moved = None;
-        while let Some(piece) = rx.recv().await {
+        loop {
+            let piece = tokio::select! {
+                p = rx.recv() => p,
+                () = out.closed() => {
+                    // The client left: dropping the attempt cancels it here or on its node.
+                    task.abort();
+                    return;
+                }
+            };
+            let Some(piece) = piece else { break };
             match piece {
                 Piece::Token(id) => {
                     if progress.tokens.len() < MAX_FORWARDED_TOKENS {

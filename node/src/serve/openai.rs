@@ -509,7 +509,15 @@ impl TextOut<'_> {
         if self.produced <= self.skip {
             return String::new();
         }
-        text.get(self.skip.saturating_sub(before)..).unwrap_or_default().to_string()
+        let from = self.skip.saturating_sub(before);
+        match text.get(from..) {
+            Some(rest) => rest.to_string(),
+            None => {
+                // Cannot happen when the text is regenerated from the same tokens.
+                tracing::warn!(from, "resumed text does not split at a character: sending from the next one");
+                text.char_indices().find(|&(i, _)| i >= from).map(|(i, _)| text[i..].to_string()).unwrap_or_default()
+            }
+        }
     }
 }
 
@@ -519,7 +527,10 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
     let prompt_tokens = request.prompt.len();
     let tok = loaded.tokenizer.clone();
     let mut text = TextOut { text: tok.decode_stream(true), stops: StopMatcher { stops: g.stops, pending: String::new() }, stop_ids: request.stop_ids.clone(), produced: 0, skip: 0 };
+    let arrival = std::time::Instant::now();
     let mut start = Start::Compute;
+    // The K/V a remote prefill parked here, freed if this task ends before the request is in.
+    let mut parked = None;
     // Tokens generated before this node took over: replayed silently, or announced (the first
     // token of a split request, which the client has not seen).
     let (mut replay, mut announce) = (Vec::new(), Vec::new());
@@ -529,11 +540,17 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
         replay = r.tokens;
         start = r.ticket.map_or(Start::Compute, Start::Parked);
     } else if let Some(p) = cont.prefill {
-        match super::kv::prefill_remote(&app, &loaded, p, &request).await {
+        let remote = tokio::select! {
+            r = super::kv::prefill_remote(&app, &loaded, p, &request) => r,
+            // The client left: dropping the transfer ends it on the prefill node too.
+            () = out.closed() => return,
+        };
+        match remote {
             Ok(r) => {
                 app.metrics.kv.split_requests.inc();
                 announce.push(r.first);
-                start = Start::Parked(r.ticket);
+                start = Start::Parked(r.ticket.id);
+                parked = Some(r.ticket);
             }
             Err(e) => {
                 // The prefill node failed or vanished: this node prefills instead.
@@ -573,10 +590,13 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
             break;
         }
     }
+    // The time to a split request's first token is measured here, not by the scheduler.
+    let split_ttft = (!announce.is_empty()).then(|| arrival.elapsed());
     if let Some(finish) = ended {
-        // Finished already (the first token was the last): nothing for the scheduler.
-        if let Start::Parked(ticket) = start {
-            loaded.worker.discard(ticket);
+        // Finished already (the first token was the last): nothing for the scheduler; a
+        // remote prefill's parked K/V is freed with `parked`.
+        if let (Start::Parked(ticket), None) = (&start, &parked) {
+            loaded.worker.discard(*ticket);
         }
         let rest = text.flush();
         if !rest.is_empty() {
@@ -586,9 +606,20 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
         return;
     }
     request.resumed = replay.into_iter().chain(announce).collect();
+    let resumed = !request.resumed.is_empty();
     let (tx, mut rx) = mpsc::unbounded_channel();
+    // From here the scheduler owns the parked K/V (and frees it if it refuses the request).
+    if let Some(t) = parked {
+        t.keep();
+    }
     let id = match loaded.worker.submit_with(request, Box::new(ChannelSink(tx)), start) {
         Ok(id) => id,
+        Err(e) if resumed && app.mesh.draining() => {
+            // Caught by a drain between its prefill and its start: it continues elsewhere.
+            tracing::info!(error = %e, "refused while draining: handing the request back");
+            let _ = out.send(Piece::Moved { peer: None, ticket: None }).await;
+            return;
+        }
         Err(e) => {
             let _ = out.send(Piece::Failed(refused(e))).await;
             return;
@@ -622,8 +653,9 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
                     return;
                 }
             }
-            Event::Finished(reason, timings) => {
+            Event::Finished(reason, mut timings) => {
                 guard.finished = true;
+                timings.ttft = timings.ttft.or(split_ttft);
                 app.metrics.observe(&timings);
                 let rest = text.flush();
                 if !rest.is_empty() {
@@ -635,6 +667,11 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
                     FinishReason::Cancelled => "cancelled",
                 };
                 let _ = out.send(done(finish, generated)).await;
+                return;
+            }
+            Event::Refused { overloaded: true, .. } if resumed && app.mesh.draining() => {
+                guard.finished = true;
+                let _ = out.send(Piece::Moved { peer: None, ticket: None }).await;
                 return;
             }
             Event::Refused { overloaded, reason } => {
