@@ -262,6 +262,8 @@ pub struct SchedulerStats {
     pub generated_tokens: u64,
     pub preemptions: u64,
     pub finished: u64,
+    /// Prompt positions (and a resumed request's tokens) computed here in prefill chunks.
+    pub prefill_computed_tokens: u64,
     /// Positions whose K/V came from another node instead of being computed here.
     pub imported_tokens: u64,
     /// Positions whose K/V was computed here and sent to another node.
@@ -374,6 +376,7 @@ impl Scheduler {
                     a.admitted = Some(now);
                     a.cached_tokens = held;
                     self.stats.imported_tokens += (a.computed - held) as u64;
+                    self.stats.prefix_cache_hit_tokens += held as u64;
                     let at = self.running.partition_point(|r| r.id < a.id);
                     self.running.insert(at, a);
                     self.refresh_gauges();
@@ -579,6 +582,10 @@ impl Scheduler {
         };
         for &(i, n) in &plan {
             let a = &mut self.running[i];
+            let decode = n == 1 && a.computed + 1 == a.tokens.len();
+            if !decode && result.is_ok() {
+                self.stats.prefill_computed_tokens += n as u64;
+            }
             if let Some(x) = a.export.as_mut() {
                 let end = a.computed + n;
                 if end > x.from {

@@ -66,6 +66,7 @@ impl Collector for SchedulerCollector {
         counter(&mut enc, "tandem_preemptions", "Requests preempted for lack of KV blocks", s.preemptions)?;
         counter(&mut enc, "tandem_engine_steps", "Engine steps run", s.steps)?;
         counter(&mut enc, "tandem_requests_finished", "Requests that ended, for any reason", s.finished)?;
+        counter(&mut enc, "tandem_prefill_computed_tokens", "Positions computed here in prefill chunks", s.prefill_computed_tokens)?;
         counter(&mut enc, "tandem_kv_imported_tokens", "Positions whose K/V was imported from another node, not computed", s.imported_tokens)?;
         counter(&mut enc, "tandem_kv_exported_tokens", "Positions whose K/V was computed here and sent to another node", s.exported_tokens)?;
         counter(&mut enc, "tandem_requests_detached", "Requests handed to another node while draining", s.detached)?;
