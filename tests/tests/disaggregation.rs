@@ -93,13 +93,15 @@ fn exported_prefill_imported_and_decoded_elsewhere_gives_the_same_tokens() {
         decode.import(ticket, kv).expect("import");
     }
     let (tx, rx) = mpsc::channel();
+    let computed_before = decode.stats().prefill_computed_tokens;
     decode.submit_with(RequestId(1), request(prompt.clone(), NEW_TOKENS, first.clone()), Box::new(tx), Start::Parked(ticket)).expect("submit");
     assert_eq!(decode.parked(), 0);
     run(&mut decode);
     let mut got = first.clone();
     got.extend(tokens_of(&rx));
     assert_eq!(got, want, "split tokens equal the single node's");
-    assert_eq!(decode.stats().imported_tokens, prompt.len() as u64, "decoded from imported K/V, nothing recomputed");
+    assert_eq!(decode.stats().imported_tokens, (prompt.len() - held) as u64, "every position it lacked was imported");
+    assert_eq!(decode.stats().prefill_computed_tokens, computed_before, "decoded from imported K/V, nothing recomputed");
 }
 
 #[test]
@@ -139,6 +141,7 @@ fn a_detached_request_continues_from_its_moved_kv() {
     got.extend(tokens_of(&rx));
     assert_eq!(got, want, "no gap, no repeat, the same tokens");
     assert_eq!(b.stats().imported_tokens, (tokens.len() - 1) as u64);
+    assert_eq!(b.stats().prefill_computed_tokens, 0, "continued without prefilling");
 
     // Without the K/V (a lost node), resuming recomputes and still agrees.
     let mut c = scheduler(64);
