@@ -179,7 +179,7 @@ impl KvMetrics {
         let m = KvMetrics {
             transfer: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
             prefill: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
-            overlap: Histogram::new([0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0].into_iter()),
+            overlap: Histogram::new([0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0]),
             sent_bytes: Counter::default(),
             received_bytes: Counter::default(),
             split_requests: Counter::default(),
