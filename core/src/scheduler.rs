@@ -136,7 +136,10 @@ pub enum Event {
     /// Taken off this scheduler to continue elsewhere (a draining node): every token so far
     /// (prompt, then generated) and the K/V of all but the last, every layer (empty when the
     /// request had not started).
-    Detached { tokens: Vec<u32>, kv: Vec<KvLayer> },
+    Detached {
+        tokens: Vec<u32>,
+        kv: Vec<KvLayer>,
+    },
 }
 
 /// Where a request's events go.
@@ -496,7 +499,8 @@ impl Scheduler {
         // A prefill for another node's decode stays: it is this node's work whatever its role.
         let (keep, running): (Vec<Active>, Vec<Active>) = std::mem::take(&mut self.running).into_iter().partition(|a| a.export.is_some());
         self.running = keep;
-        let (keep, waiting): (VecDeque<Active>, VecDeque<Active>) = std::mem::take(&mut self.waiting).into_iter().partition(|a| a.export.is_some());
+        let (keep, waiting): (VecDeque<Active>, VecDeque<Active>) =
+            std::mem::take(&mut self.waiting).into_iter().partition(|a| a.export.is_some());
         self.waiting = keep;
         for mut a in running {
             // Only a decoding request's K/V is worth moving: mid-prefill it is recomputed.

@@ -27,8 +27,7 @@ pub const MAX_CHUNK_TOKENS: usize = 512;
 
 /// Bounds of a K/V stream. The read timeout also bounds how long a prefill may go without
 /// finishing a layer.
-pub const KV_LIMITS: Limits =
-    Limits { max_frame: 24 << 20, read_timeout: Duration::from_secs(20), write_timeout: Duration::from_secs(20) };
+pub const KV_LIMITS: Limits = Limits { max_frame: 24 << 20, read_timeout: Duration::from_secs(20), write_timeout: Duration::from_secs(20) };
 
 const MAGIC: [u8; 4] = *b"TKV\x01";
 const VERSION: u16 = 1;
@@ -315,12 +314,23 @@ pub enum KvReply {
     /// from the request's arrival there): when the first chunk's send began, and per layer when
     /// its last chunk was computed and when it was sent.
     /// `send_busy_ms` is the time spent inside sends: the link's speed is bytes over it.
-    First { token: u32, prefill_ms: f64, first_send_ms: f64, send_busy_ms: f64, layers_ready_ms: Vec<f64>, layers_sent_ms: Vec<f64> },
+    First {
+        token: u32,
+        prefill_ms: f64,
+        first_send_ms: f64,
+        send_busy_ms: f64,
+        layers_ready_ms: Vec<f64>,
+        layers_sent_ms: Vec<f64>,
+    },
     /// The receiving decode node's ticket for the parked K/V.
-    Parked { ticket: u64 },
+    Parked {
+        ticket: u64,
+    },
     /// Sent while a layer takes long to compute, so a slow prefill is not taken for a dead one.
     Heartbeat,
-    Failed { message: String },
+    Failed {
+        message: String,
+    },
 }
 
 /// The share of a transfer hidden behind compute: of the time from the first chunk's send to
@@ -420,7 +430,14 @@ mod tests {
         ] {
             assert_eq!(serde_json::from_slice::<KvOpen>(&serde_json::to_vec(&m).expect("enc")).expect("dec"), m);
         }
-        let r = KvReply::First { token: 5, prefill_ms: 1.5, first_send_ms: 0.2, send_busy_ms: 0.1, layers_ready_ms: vec![0.5], layers_sent_ms: vec![1.0] };
+        let r = KvReply::First {
+            token: 5,
+            prefill_ms: 1.5,
+            first_send_ms: 0.2,
+            send_busy_ms: 0.1,
+            layers_ready_ms: vec![0.5],
+            layers_sent_ms: vec![1.0],
+        };
         assert_eq!(serde_json::from_slice::<KvReply>(&serde_json::to_vec(&r).expect("enc")).expect("dec"), r);
         assert_eq!(fingerprint_number("00000000000000ff"), Some(255));
         assert_eq!(fingerprint_number("ff"), None);

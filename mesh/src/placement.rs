@@ -123,7 +123,8 @@ impl Node<'_> {
     fn tpot_s(&self, output_tokens: usize) -> f64 {
         // Decoding shares each step with the batch, and with the node's queued prefill spread
         // over this request's tokens.
-        self.step_s * (1.0 + self.load.running as f64 / 8.0) + self.load.queued_prefill_tokens as f64 / self.rate / output_tokens.max(1) as f64
+        self.step_s * (1.0 + self.load.running as f64 / 8.0)
+            + self.load.queued_prefill_tokens as f64 / self.rate / output_tokens.max(1) as f64
     }
     fn hop_s(&self) -> f64 {
         if self.is_self { 0.0 } else { FORWARD_COST_S }
@@ -291,7 +292,14 @@ mod tests {
         add(&mut v, fast, Role::Both, 10_000.0, idle());
         add(&mut v, slow, Role::Both, 10.0, idle());
         add(&mut v, obs, Role::Observer, 1e6, idle());
-        let req = PlacementRequest { model: "m", prompt_tokens: 500, output_tokens: 100, affinity: None, exclude: &[], mode: PlacementMode::Colocated };
+        let req = PlacementRequest {
+            model: "m",
+            prompt_tokens: 500,
+            output_tokens: 100,
+            affinity: None,
+            exclude: &[],
+            mode: PlacementMode::Colocated,
+        };
         assert_eq!(order(&v, &req), [fast, me, slow], "observers never serve");
         // The fast node gets a long queue; this node, idle, now wins.
         add(&mut v, fast, Role::Both, 10_000.0, LoadReport { queued_prefill_tokens: 2_000_000, ..idle() });
@@ -319,7 +327,14 @@ mod tests {
         let mut v = ClusterView::new(me, Duration::from_secs(5));
         add(&mut v, a, Role::Both, 1000.0, idle());
         add(&mut v, b, Role::Both, 900.0, idle());
-        let req = PlacementRequest { model: "m", prompt_tokens: 500, output_tokens: 100, affinity: Some(b), exclude: &[], mode: PlacementMode::Colocated };
+        let req = PlacementRequest {
+            model: "m",
+            prompt_tokens: 500,
+            output_tokens: 100,
+            affinity: Some(b),
+            exclude: &[],
+            mode: PlacementMode::Colocated,
+        };
         assert_eq!(order(&v, &req)[0], b, "within the slack");
         add(&mut v, b, Role::Both, 100.0, idle());
         assert_eq!(order(&v, &req)[0], a, "ten times slower: affinity yields");

@@ -32,7 +32,12 @@ fn reference_prompts() -> Vec<(String, Vec<u32>)> {
 
 /// A streamed completion: its text, and its token count from the usage chunk. `during` runs
 /// once, after `after` text chunks have arrived.
-async fn stream<F: std::future::Future<Output = ()>>(node: &Node, mut body: Value, after: usize, during: impl FnOnce() -> F) -> (String, u64) {
+async fn stream<F: std::future::Future<Output = ()>>(
+    node: &Node,
+    mut body: Value,
+    after: usize,
+    during: impl FnOnce() -> F,
+) -> (String, u64) {
     body["stream"] = json!(true);
     body["stream_options"] = json!({ "include_usage": true });
     let resp = reqwest::Client::new().post(format!("{}/v1/completions", node.http)).json(&body).send().await.expect("request");
@@ -256,7 +261,8 @@ async fn long_prompts_killed_nodes_drains_and_a_vanished_entry_node() {
     d3.wait_ready().await;
     wait_for("e sees d3", Duration::from_secs(30), async || e.sees().await.contains(&d3.peer_id)).await;
     wait_for("the survivor sees d3", Duration::from_secs(30), async || survivor.sees().await.contains(&d3.peer_id)).await;
-    let computed_before = [survivor.metric("tandem_prefill_computed_tokens_total").await, d3.metric("tandem_prefill_computed_tokens_total").await];
+    let computed_before =
+        [survivor.metric("tandem_prefill_computed_tokens_total").await, d3.metric("tandem_prefill_computed_tokens_total").await];
     let have_before = [
         survivor.metric("tandem_kv_imported_tokens_total").await + survivor.metric("tandem_prefix_cache_hit_tokens_total").await,
         d3.metric("tandem_kv_imported_tokens_total").await + d3.metric("tandem_prefix_cache_hit_tokens_total").await,
@@ -278,7 +284,8 @@ async fn long_prompts_killed_nodes_drains_and_a_vanished_entry_node() {
     assert_eq!(to.metric("tandem_migrated_in_requests_total").await, 1.0);
     let computed = to.metric("tandem_prefill_computed_tokens_total").await - computed_before[k];
     assert_eq!(computed, 0.0, "the new node prefilled nothing: it continued from the moved K/V");
-    let have = to.metric("tandem_kv_imported_tokens_total").await + to.metric("tandem_prefix_cache_hit_tokens_total").await - have_before[k];
+    let have =
+        to.metric("tandem_kv_imported_tokens_total").await + to.metric("tandem_prefix_cache_hit_tokens_total").await - have_before[k];
     assert!(have > prompt.len() as f64 + 20.0, "the new node took the prompt's and the generated tokens' K/V ({have})");
     assert_eq!(from.metric("tandem_migrated_out_requests_total").await, 1.0);
     from.post("/v1/drain", json!({ "drain": false })).await;

@@ -94,7 +94,9 @@ fn exported_prefill_imported_and_decoded_elsewhere_gives_the_same_tokens() {
     }
     let (tx, rx) = mpsc::channel();
     let computed_before = decode.stats().prefill_computed_tokens;
-    decode.submit_with(RequestId(1), request(prompt.clone(), NEW_TOKENS, first.clone()), Box::new(tx), Start::Parked(ticket)).expect("submit");
+    decode
+        .submit_with(RequestId(1), request(prompt.clone(), NEW_TOKENS, first.clone()), Box::new(tx), Start::Parked(ticket))
+        .expect("submit");
     assert_eq!(decode.parked(), 0);
     run(&mut decode);
     let mut got = first.clone();
@@ -135,7 +137,8 @@ fn a_detached_request_continues_from_its_moved_kv() {
         b.import(ticket, l).expect("import");
     }
     let (tx, rx) = mpsc::channel();
-    b.submit_with(RequestId(0), request(prompt.clone(), NEW_TOKENS, delivered.clone()), Box::new(tx), Start::Parked(ticket)).expect("submit");
+    b.submit_with(RequestId(0), request(prompt.clone(), NEW_TOKENS, delivered.clone()), Box::new(tx), Start::Parked(ticket))
+        .expect("submit");
     run(&mut b);
     let mut got = delivered;
     got.extend(tokens_of(&rx));

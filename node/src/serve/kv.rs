@@ -16,8 +16,8 @@ use futures_util::StreamExt;
 use tandem_core::KvLayer;
 use tandem_core::scheduler::{Event, KvExport, Request, Start};
 use tandem_mesh::{
-    FramedStream, KV_LIMITS, KV_PROTOCOL, KvChunk, KvOpen, KvProgress, KvReply, KvSampling, KvShape, MAX_CHUNK_TOKENS, MeshEventKind, encode_chunk,
-    PROTOCOL_VERSION, PeerId, Role, fingerprint_number, hidden_share, is_chunk,
+    FramedStream, KV_LIMITS, KV_PROTOCOL, KvChunk, KvOpen, KvProgress, KvReply, KvSampling, KvShape, MAX_CHUNK_TOKENS, MeshEventKind,
+    PROTOCOL_VERSION, PeerId, Role, encode_chunk, fingerprint_number, hidden_share, is_chunk,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -40,7 +40,16 @@ fn chunks(kv: &KvLayer, shape: &KvShape) -> impl Iterator<Item = Vec<u8>> {
     (0..kv.tokens).step_by(MAX_CHUNK_TOKENS).map(move |from| {
         let rows = from * dim..(from + MAX_CHUNK_TOKENS.min(kv.tokens - from)) * dim;
         let start = (kv.start + from) as u32;
-        encode_chunk(shape.session, shape.fingerprint, kv.layer as u32, start, shape.heads, shape.head_dim, &kv.k[rows.clone()], &kv.v[rows])
+        encode_chunk(
+            shape.session,
+            shape.fingerprint,
+            kv.layer as u32,
+            start,
+            shape.heads,
+            shape.head_dim,
+            &kv.k[rows.clone()],
+            &kv.v[rows],
+        )
     })
 }
 
@@ -120,7 +129,14 @@ fn session_id() -> u64 {
 }
 
 /// Receives one chunk into a parked sequence, checking it against the transfer.
-fn receive_chunk(loaded: &Loaded, ticket: u64, frame: &[u8], shape: &KvShape, progress: &mut KvProgress, held: usize) -> Result<(), String> {
+fn receive_chunk(
+    loaded: &Loaded,
+    ticket: u64,
+    frame: &[u8],
+    shape: &KvShape,
+    progress: &mut KvProgress,
+    held: usize,
+) -> Result<(), String> {
     let chunk = KvChunk::decode(frame, shape).map_err(|e| e.to_string())?;
     progress.accept(&chunk).map_err(|e| e.to_string())?;
     if let Some(layer) = layer_from(chunk, held) {
@@ -401,7 +417,12 @@ async fn serve_prefill(
     };
     let (ltx, mut lrx) = mpsc::channel(LAYERS_IN_FLIGHT);
     let (etx, mut erx) = mpsc::unbounded_channel();
-    let sampling = tandem_core::SamplingParams { temperature: sampling.temperature, top_k: sampling.top_k, top_p: sampling.top_p, seed: sampling.seed };
+    let sampling = tandem_core::SamplingParams {
+        temperature: sampling.temperature,
+        top_k: sampling.top_k,
+        top_p: sampling.top_p,
+        seed: sampling.seed,
+    };
     let n_tokens = tokens.len();
     let req = Request { prompt: tokens, max_tokens: 1, sampling, stop_ids: Vec::new(), resumed: Vec::new() };
     let t0 = Instant::now();
@@ -447,7 +468,16 @@ async fn serve_prefill(
             *r = ms(ready);
             *x = ms(sent);
         }
-        tracing::info!(session, layer, start, tokens = n, ready_ms = ms(ready), send_start_ms = ms(send_start), sent_ms = ms(sent), "kv chunk sent");
+        tracing::info!(
+            session,
+            layer,
+            start,
+            tokens = n,
+            ready_ms = ms(ready),
+            send_start_ms = ms(send_start),
+            sent_ms = ms(sent),
+            "kv chunk sent"
+        );
     }
     let mut first = None;
     while let Some(ev) = erx.recv().await {

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use futures_util::StreamExt;
 use tandem_mesh::{
-    AdapterAd, CapabilityAd, FramedStream, HEARTBEAT, INFER_LIMITS, INFER_PROTOCOL, InferReply, InferRequest, LoadReport, MeshEventKind,
-    InferResume, MeshHandle, ModelAd, PROTOCOL_VERSION, PeerId, Placement, PlacementMode, PlacementRequest, Role, RoleBalancer, RoleInput,
-    StreamGate,
+    AdapterAd, CapabilityAd, FramedStream, HEARTBEAT, INFER_LIMITS, INFER_PROTOCOL, InferReply, InferRequest, InferResume, LoadReport,
+    MeshEventKind, MeshHandle, ModelAd, PROTOCOL_VERSION, PeerId, Placement, PlacementMode, PlacementRequest, Role, RoleBalancer,
+    RoleInput, StreamGate,
 };
 use tokio::sync::mpsc;
 
@@ -271,11 +271,8 @@ pub fn load_report(app: &App, rate: bool) -> LoadReport {
         report.split_requests = kv.split_requests.get();
         report.migrated_in = kv.migrated_in.get();
         if let Ok(links) = app.mesh.kv_links.lock() {
-            report.kv_links = links
-                .iter()
-                .take(64)
-                .map(|(p, &r)| tandem_mesh::KvLinkRate { from: p.to_string(), bytes_per_s: r.min(1e12) })
-                .collect();
+            report.kv_links =
+                links.iter().take(64).map(|(p, &r)| tandem_mesh::KvLinkRate { from: p.to_string(), bytes_per_s: r.min(1e12) }).collect();
         }
         if let Some(mut last) = app.mesh.last_generated.lock().ok().filter(|_| rate) {
             let (t, n) = *last;
@@ -640,7 +637,9 @@ pub async fn dispatch(
                 Attempt::Lost(why) => {
                     resumes += 1;
                     tracing::warn!(peer = %cand.peer, reason = %why, tokens = progress.tokens.len(), "node lost mid-request: continuing elsewhere");
-                    app.mesh.handle.update_view(|v| v.record(MeshEventKind::Rerouted, cand.peer, format!("lost mid-request, resumed elsewhere: {why}")));
+                    app.mesh.handle.update_view(|v| {
+                        v.record(MeshEventKind::Rerouted, cand.peer, format!("lost mid-request, resumed elsewhere: {why}"))
+                    });
                     exclude.push(cand.peer);
                     last = why;
                 }

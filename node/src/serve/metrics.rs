@@ -67,8 +67,18 @@ impl Collector for SchedulerCollector {
         counter(&mut enc, "tandem_engine_steps", "Engine steps run", s.steps)?;
         counter(&mut enc, "tandem_requests_finished", "Requests that ended, for any reason", s.finished)?;
         counter(&mut enc, "tandem_prefill_computed_tokens", "Positions computed here in prefill chunks", s.prefill_computed_tokens)?;
-        counter(&mut enc, "tandem_kv_imported_tokens", "Positions whose K/V was imported from another node, not computed", s.imported_tokens)?;
-        counter(&mut enc, "tandem_kv_exported_tokens", "Positions whose K/V was computed here and sent to another node", s.exported_tokens)?;
+        counter(
+            &mut enc,
+            "tandem_kv_imported_tokens",
+            "Positions whose K/V was imported from another node, not computed",
+            s.imported_tokens,
+        )?;
+        counter(
+            &mut enc,
+            "tandem_kv_exported_tokens",
+            "Positions whose K/V was computed here and sent to another node",
+            s.exported_tokens,
+        )?;
         counter(&mut enc, "tandem_requests_detached", "Requests handed to another node while draining", s.detached)?;
         gauge(&mut enc, "tandem_kv_parked_sequences", "Imported K/V waiting for its request", s.parked as f64)?;
         Ok(())
@@ -203,8 +213,16 @@ impl KvMetrics {
         r.register("tandem_resumed_requests", "Requests continued here after their node failed or moved them", m.resumed_requests.clone());
         r.register("tandem_migrated_out_requests", "Running requests moved to another node with their K/V", m.migrated_out.clone());
         r.register("tandem_migrated_in_requests", "Running requests taken over from another node with their K/V", m.migrated_in.clone());
-        r.register("tandem_kv_rejected_transfers", "K/V transfers rejected (malformed, out of order, foreign, cut off)", m.rejected_transfers.clone());
-        r.register("tandem_length_predictor_mean_abs_error_tokens", "Mean absolute error of predicted output lengths", m.length_error.clone());
+        r.register(
+            "tandem_kv_rejected_transfers",
+            "K/V transfers rejected (malformed, out of order, foreign, cut off)",
+            m.rejected_transfers.clone(),
+        );
+        r.register(
+            "tandem_length_predictor_mean_abs_error_tokens",
+            "Mean absolute error of predicted output lengths",
+            m.length_error.clone(),
+        );
         m
     }
 

@@ -460,11 +460,17 @@ pub enum Piece {
     /// A generated token's id, before its text (the entry node keeps them to resume elsewhere).
     Token(u32),
     Text(String),
-    Done { finish: &'static str, usage: Usage },
+    Done {
+        finish: &'static str,
+        usage: Usage,
+    },
     Failed(ApiError),
     /// The request left its node (draining) and continues on `peer` from the K/V parked there
     /// under `ticket`, or, without them, anywhere from the tokens so far.
-    Moved { peer: Option<tandem_mesh::PeerId>, ticket: Option<u64> },
+    Moved {
+        peer: Option<tandem_mesh::PeerId>,
+        ticket: Option<u64>,
+    },
 }
 
 /// How a generation starts beyond its request.
@@ -526,7 +532,13 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
     let mut request = g.request;
     let prompt_tokens = request.prompt.len();
     let tok = loaded.tokenizer.clone();
-    let mut text = TextOut { text: tok.decode_stream(true), stops: StopMatcher { stops: g.stops, pending: String::new() }, stop_ids: request.stop_ids.clone(), produced: 0, skip: 0 };
+    let mut text = TextOut {
+        text: tok.decode_stream(true),
+        stops: StopMatcher { stops: g.stops, pending: String::new() },
+        stop_ids: request.stop_ids.clone(),
+        produced: 0,
+        skip: 0,
+    };
     let arrival = std::time::Instant::now();
     let mut start = Start::Compute;
     // The K/V a remote prefill parked here, freed if this task ends before the request is in.
@@ -556,7 +568,9 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
                 // The prefill node failed or vanished: this node prefills instead.
                 app.metrics.kv.split_fallbacks.inc();
                 tracing::warn!(peer = %p, error = %e, "remote prefill failed: prefilling here");
-                app.mesh.handle.update_view(|v| v.record(tandem_mesh::MeshEventKind::Rerouted, p, format!("prefill failed, done by the decode node: {e}")));
+                app.mesh.handle.update_view(|v| {
+                    v.record(tandem_mesh::MeshEventKind::Rerouted, p, format!("prefill failed, done by the decode node: {e}"))
+                });
             }
         }
     }

@@ -174,4 +174,3 @@ pub async fn complete(node: &Node, prompt: &str) -> Result<String, (u16, String)
     assert!(done, "the stream ends with [DONE]");
     Ok(out)
 }
-
