@@ -116,7 +116,12 @@ impl GpuContext {
         let index = all.iter().position(|a| std::ptr::eq(a, adapter)).unwrap_or(0);
         let summary = summarize(index, adapter);
         let limits = adapter.limits();
-        let features = adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY);
+        let mut features = adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY);
+        // A driver whose f16 shaders misbehave can be run on the f16-free kernels (as llama.cpp's
+        // GGML_VK_DISABLE_F16); it also makes an f16-capable adapter a different adapter type.
+        if std::env::var("TANDEM_DISABLE_F16").is_ok_and(|v| !v.is_empty() && v != "0") {
+            features.remove(wgpu::Features::SHADER_F16);
+        }
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("tandem"),
             required_features: features,

@@ -22,6 +22,11 @@ impl Node {
     /// Starts `tandem serve` (wrapped in `prefix`, e.g. `ip netns exec NS`) and waits for its
     /// HTTP address, peer id and first mesh address.
     pub fn spawn(prefix: &[&str], args: &[&str], dir: &std::path::Path, name: &str) -> Node {
+        Node::spawn_env(prefix, args, &[], dir, name)
+    }
+
+    /// `spawn` with extra environment variables for the child.
+    pub fn spawn_env(prefix: &[&str], args: &[&str], env: &[(&str, &str)], dir: &std::path::Path, name: &str) -> Node {
         let bin = env!("CARGO_BIN_EXE_tandem");
         let identity = dir.join(format!("{name}.key"));
         let mut cmd = match prefix.split_first() {
@@ -39,6 +44,7 @@ impl Node {
             .args(["--identity", identity.to_str().expect("utf-8 path")])
             .args(args)
             .env("TANDEM_LOG", "info,libp2p=warn,wgpu_core=warn,wgpu_hal=warn,naga=warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file"))
             .spawn()
@@ -71,9 +77,34 @@ impl Node {
     }
 
     pub fn start(args: &[&str], dir: &std::path::Path, name: &str) -> Node {
+        Node::start_env(args, &[], dir, name)
+    }
+
+    /// `start` with extra environment variables for the child.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)], dir: &std::path::Path, name: &str) -> Node {
         let mut all = vec!["--http", "127.0.0.1:0", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"];
         all.extend_from_slice(args);
-        Node::spawn(&[], &all, dir, name)
+        Node::spawn_env(&[], &all, env, dir, name)
+    }
+
+    /// Its log so far, without terminal colours.
+    pub fn plain_log(&self, dir: &std::path::Path, name: &str) -> String {
+        let raw = self.log(dir, name);
+        let mut out = String::with_capacity(raw.len());
+        let mut chars = raw.chars();
+        while let Some(c) = chars.next() {
+            if c == '\x1b' {
+                // An escape sequence runs to its final letter.
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
     }
 
     pub fn addr(&self) -> String {
