@@ -507,16 +507,7 @@ impl Engine {
         for (l, layer) in self.layers.iter().enumerate() {
             let k_stage = self.ctx.readback(&format!("k_export_cache.{l}"), bytes);
             let v_stage = self.ctx.readback(&format!("v_export_cache.{l}"), bytes);
-            let mut pos = start;
-            let mut dst = 0;
-            while pos < end {
-                let run = (BLOCK_TOKENS - pos % BLOCK_TOKENS).min(end - pos);
-                let src = u64::from(state.slot(pos)) * kv_row;
-                enc.copy_buffer_to_buffer(&layer.k_cache, src, &k_stage, dst, run as u64 * kv_row);
-                enc.copy_buffer_to_buffer(&layer.v_cache, src, &v_stage, dst, run as u64 * kv_row);
-                dst += run as u64 * kv_row;
-                pos += run;
-            }
+            copy_kv_rows(&mut enc, layer, state, start..end, (&k_stage, &v_stage), 0, kv_row);
             stages.push((k_stage, v_stage));
         }
         let done = self.ctx.queue.submit([enc.finish()]);
@@ -783,15 +774,7 @@ impl Engine {
                 let v_stage = self.ctx.readback(&format!("v_export.{l}"), bytes);
                 let mut dst = 0;
                 for (_, start, end, state) in &exports {
-                    let mut pos = *start;
-                    while pos < *end {
-                        let run = (BLOCK_TOKENS - pos % BLOCK_TOKENS).min(end - pos);
-                        let src = u64::from(state.slot(pos)) * kv_row;
-                        enc.copy_buffer_to_buffer(&layer.k_cache, src, &k_stage, dst, run as u64 * kv_row);
-                        enc.copy_buffer_to_buffer(&layer.v_cache, src, &v_stage, dst, run as u64 * kv_row);
-                        dst += run as u64 * kv_row;
-                        pos += run;
-                    }
+                    dst = copy_kv_rows(&mut enc, layer, state, *start..*end, (&k_stage, &v_stage), dst, kv_row);
                 }
                 let done = q.submit([enc.finish()]);
                 staged.push((k_stage, v_stage, done));
@@ -866,6 +849,29 @@ impl Engine {
         }
         Ok(out)
     }
+}
+
+/// Records copies of a sequence's cached K and V rows for `positions` (block by block: the
+/// cache is paged) into `stages` from byte `dst`; returns where the next rows go.
+fn copy_kv_rows(
+    enc: &mut wgpu::CommandEncoder,
+    layer: &LayerOps,
+    state: &SeqState,
+    positions: std::ops::Range<usize>,
+    stages: (&wgpu::Buffer, &wgpu::Buffer),
+    mut dst: u64,
+    kv_row: u64,
+) -> u64 {
+    let mut pos = positions.start;
+    while pos < positions.end {
+        let run = (BLOCK_TOKENS - pos % BLOCK_TOKENS).min(positions.end - pos);
+        let src = u64::from(state.slot(pos)) * kv_row;
+        enc.copy_buffer_to_buffer(&layer.k_cache, src, stages.0, dst, run as u64 * kv_row);
+        enc.copy_buffer_to_buffer(&layer.v_cache, src, stages.1, dst, run as u64 * kv_row);
+        dst += run as u64 * kv_row;
+        pos += run;
+    }
+    dst
 }
 
 #[cfg(test)]

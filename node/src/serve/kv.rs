@@ -12,7 +12,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures_util::StreamExt;
 use tandem_core::KvLayer;
 use tandem_core::scheduler::{Event, KvExport, Request, Start};
 use tandem_mesh::{
@@ -93,32 +92,27 @@ impl Drop for Ticket {
     }
 }
 
+/// A callback for a GPU worker's answer, and where the answer arrives.
+fn answer<T: Send + 'static>() -> (Box<dyn FnOnce(T) + Send>, oneshot::Receiver<T>) {
+    let (tx, rx) = oneshot::channel();
+    (
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+        rx,
+    )
+}
+
 /// Checks that every position parked under `ticket` has arrived (imports are applied in order).
 async fn seal(loaded: &Loaded, ticket: u64) -> Result<(), String> {
-    let (tx, rx) = oneshot::channel();
-    loaded
-        .worker
-        .seal(
-            ticket,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        )
-        .map_err(|e| e.to_string())?;
+    let (reply, rx) = answer();
+    loaded.worker.seal(ticket, reply).map_err(|e| e.to_string())?;
     rx.await.map_err(|_| "the GPU worker stopped".to_string())?.map_err(|e| e.to_string())
 }
 
 async fn park(loaded: &Loaded, tokens: Vec<u32>) -> Result<(Ticket, usize), String> {
-    let (tx, rx) = oneshot::channel();
-    loaded
-        .worker
-        .park(
-            tokens,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        )
-        .map_err(|e| e.to_string())?;
+    let (reply, rx) = answer();
+    loaded.worker.park(tokens, reply).map_err(|e| e.to_string())?;
     let (id, held) = rx.await.map_err(|_| "the GPU worker stopped".to_string())?.map_err(|e| format!("no room for the K/V here: {e}"))?;
     Ok((Ticket { worker: loaded.worker.clone(), id, kept: false }, held))
 }
@@ -289,24 +283,7 @@ async fn push(app: &App, loaded: &Loaded, peer: PeerId, tokens: &[u32], kv: &[Kv
 
 /// Takes the K/V streams other nodes open to this one.
 pub async fn accept_loop(app: Arc<App>) {
-    let mut incoming = match app.mesh.handle.accept(KV_PROTOCOL) {
-        Ok(i) => i,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot accept K/V streams");
-            return;
-        }
-    };
-    while let Some((peer, stream)) = incoming.next().await {
-        let Some(permit) = app.mesh.gate.try_enter(peer) else {
-            tracing::warn!(%peer, "too many streams from this peer: refusing a K/V stream");
-            continue;
-        };
-        let app = app.clone();
-        tokio::spawn(async move {
-            serve_kv(&app, peer, stream).await;
-            drop(permit);
-        });
-    }
+    super::mesh::accept_streams(app, KV_PROTOCOL, |app, peer, stream| async move { serve_kv(&app, peer, stream).await }).await;
 }
 
 async fn fail(s: &mut Stream, message: String) {
@@ -468,7 +445,7 @@ async fn serve_prefill(
             *r = ms(ready);
             *x = ms(sent);
         }
-        tracing::info!(
+        tracing::debug!(
             session,
             layer,
             start,

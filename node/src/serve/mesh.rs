@@ -758,21 +758,31 @@ async fn forward(app: &App, cand: &Placement, req: &InferRequest, out: &mpsc::Se
 
 /// Takes the request streams other nodes open to this one.
 pub async fn accept_loop(app: Arc<App>) {
-    let mut incoming = match app.mesh.handle.accept(INFER_PROTOCOL) {
+    accept_streams(app, INFER_PROTOCOL, |app, peer, stream| async move { serve_stream(&app, peer, stream).await }).await;
+}
+
+/// Takes the streams of `protocol` that other nodes open, each served by `serve` in its own
+/// task, within the stream gate's bounds.
+pub async fn accept_streams<F, Fut>(app: Arc<App>, protocol: tandem_mesh::StreamProtocol, serve: F)
+where
+    F: Fn(Arc<App>, PeerId, tandem_mesh::Stream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut incoming = match app.mesh.handle.accept(protocol.clone()) {
         Ok(i) => i,
         Err(e) => {
-            tracing::error!(error = %e, "cannot accept request streams");
+            tracing::error!(%protocol, error = %e, "cannot accept streams");
             return;
         }
     };
     while let Some((peer, stream)) = incoming.next().await {
         let Some(permit) = app.mesh.gate.try_enter(peer) else {
-            tracing::warn!(%peer, "too many request streams from this peer: refusing one");
+            tracing::warn!(%peer, %protocol, "too many streams from this peer: refusing one");
             continue;
         };
-        let app = app.clone();
+        let work = serve(app.clone(), peer, stream);
         tokio::spawn(async move {
-            serve_stream(&app, peer, stream).await;
+            work.await;
             drop(permit);
         });
     }

@@ -527,6 +527,26 @@ impl TextOut<'_> {
     }
 }
 
+/// Sends one token's id (when the entry node has not seen it) and text. Some(whether a stop
+/// string ended the generation), or None when the generation is over (receiver gone, or the
+/// text failed and was reported).
+async fn deliver(out: &mpsc::Sender<Piece>, text: &mut TextOut<'_>, id: u32, send_id: bool) -> Option<bool> {
+    if send_id && out.send(Piece::Token(id)).await.is_err() {
+        return None;
+    }
+    let (safe, stopped) = match text.push(id) {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = out.send(Piece::Failed(e)).await;
+            return None;
+        }
+    };
+    if !safe.is_empty() && out.send(Piece::Text(safe)).await.is_err() {
+        return None;
+    }
+    Some(stopped)
+}
+
 /// Submits the request and turns its events into text pieces on `out`.
 pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc::Sender<Piece>, cont: Continue) {
     let mut request = g.request;
@@ -582,19 +602,7 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
     let mut ended = None;
     for (i, &id) in replay.iter().chain(&announce).enumerate() {
         generated += 1;
-        if i >= replay.len() && out.send(Piece::Token(id)).await.is_err() {
-            return;
-        }
-        let (safe, stopped) = match text.push(id) {
-            Ok(x) => x,
-            Err(e) => {
-                let _ = out.send(Piece::Failed(e)).await;
-                return;
-            }
-        };
-        if !safe.is_empty() && out.send(Piece::Text(safe)).await.is_err() {
-            return;
-        }
+        let Some(stopped) = deliver(&out, &mut text, id, i >= replay.len()).await else { return };
         if stopped || request.stop_ids.contains(&id) {
             ended = Some("stop");
         } else if generated >= request.max_tokens {
@@ -649,19 +657,7 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
         match event {
             Event::Token(id) => {
                 generated += 1;
-                if out.send(Piece::Token(id)).await.is_err() {
-                    return;
-                }
-                let (safe, stopped) = match text.push(id) {
-                    Ok(x) => x,
-                    Err(e) => {
-                        let _ = out.send(Piece::Failed(e)).await;
-                        return;
-                    }
-                };
-                if !safe.is_empty() && out.send(Piece::Text(safe)).await.is_err() {
-                    return;
-                }
+                let Some(stopped) = deliver(&out, &mut text, id, true).await else { return };
                 if stopped {
                     let _ = out.send(done("stop", generated)).await;
                     return;

@@ -43,7 +43,7 @@ impl Node {
             .args(if args.contains(&"--kv-memory") { &[][..] } else { &["--kv-memory", "64MiB"][..] })
             .args(["--identity", identity.to_str().expect("utf-8 path")])
             .args(args)
-            .env("TANDEM_LOG", "info,libp2p=warn,wgpu_core=warn,wgpu_hal=warn,naga=warn")
+            .env("TANDEM_LOG", "info,tandem_node::serve::kv=debug,libp2p=warn,wgpu_core=warn,wgpu_hal=warn,naga=warn")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file"))
