@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use libp2p::PeerId;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::messages::{CapabilityAd, GossipMessage, LoadReport};
 
@@ -14,7 +14,7 @@ use crate::messages::{CapabilityAd, GossipMessage, LoadReport};
 const EVENT_LOG: usize = 256;
 
 /// What happened in the mesh.
-#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum MeshEventKind {
     Joined,
@@ -24,10 +24,12 @@ pub enum MeshEventKind {
     Refused,
     Distrusted,
     Rerouted,
+    /// An operator's command (role, drain) was carried out.
+    Control,
 }
 
 /// One entry of the event log.
-#[derive(Serialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct MeshEvent {
     /// Unix time in milliseconds.
     pub at_ms: u64,
@@ -55,13 +57,15 @@ pub struct ClusterView {
     timeout: Duration,
     /// Models whose advertised fingerprint a request proved false, per peer.
     distrusted: HashMap<PeerId, BTreeSet<String>>,
+    /// What this node recorded itself (failures, re-placements) since its last load report.
+    outbox: VecDeque<MeshEvent>,
 }
 
 /// Peers (and models per peer) remembered as having lied; beyond it no more are recorded.
 const DISTRUSTED_PEERS: usize = 1024;
 
 /// A node as `/v1/cluster` shows it.
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct NodeSnapshot {
     pub peer_id: String,
     #[serde(rename = "self")]
@@ -81,14 +85,14 @@ pub struct NodeSnapshot {
 }
 
 /// A link between two nodes (a direct connection one of them reports).
-#[derive(Serialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Link {
     pub a: String,
     pub b: String,
 }
 
 /// The whole view, as `/v1/cluster` returns it.
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct ClusterSnapshot {
     #[serde(rename = "self")]
     pub self_id: String,
@@ -97,13 +101,25 @@ pub struct ClusterSnapshot {
     pub events: Vec<MeshEvent>,
 }
 
+/// The end of a peer id, as people tell them apart.
+pub fn short(peer: &str) -> &str {
+    peer.get(peer.len().saturating_sub(6)..).unwrap_or(peer)
+}
+
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl ClusterView {
     pub fn new(self_id: PeerId, timeout: Duration) -> Self {
-        let mut view = ClusterView { self_id, nodes: HashMap::new(), events: VecDeque::new(), timeout, distrusted: HashMap::new() };
+        let mut view = ClusterView {
+            self_id,
+            nodes: HashMap::new(),
+            events: VecDeque::new(),
+            timeout,
+            distrusted: HashMap::new(),
+            outbox: VecDeque::new(),
+        };
         view.nodes.insert(self_id, NodeState { ad: None, load: None, connected: true, last_heard: Instant::now() });
         view
     }
@@ -125,6 +141,17 @@ impl ClusterView {
     /// request); `peer` is a peer id or, before one is known, an address.
     pub fn record(&mut self, kind: MeshEventKind, peer: impl ToString, detail: impl Into<String>) {
         self.log(kind, peer, detail);
+        if self.outbox.len() == crate::messages::MAX_REPORTED_EVENTS {
+            self.outbox.pop_front();
+        }
+        self.outbox.extend(self.events.back().cloned());
+    }
+
+    /// The events this node recorded itself since the last call, for its load report: other
+    /// nodes and the console see the mesh's joins and leaves themselves, but not a failure on a
+    /// stream they were not part of.
+    pub fn take_reported(&mut self) -> Vec<MeshEvent> {
+        self.outbox.drain(..).collect()
     }
 
     fn entry(&mut self, peer: PeerId, now: Instant) -> &mut NodeState {
@@ -161,6 +188,13 @@ impl ClusterView {
                 node.last_heard = now;
             }
             GossipMessage::Load(load) => {
+                for e in &load.events {
+                    let detail = format!("{} (reported by {})", e.detail, short(&from.to_string()));
+                    if self.events.len() == EVENT_LOG {
+                        self.events.pop_front();
+                    }
+                    self.events.push_back(MeshEvent { detail, ..e.clone() });
+                }
                 let node = self.entry(from, now);
                 node.load = Some(load);
                 node.last_heard = now;

@@ -4,6 +4,7 @@
 //! requests. Knows nothing of GPUs or models beyond what the ads say: payloads are opaque.
 
 mod cluster;
+mod control;
 mod error;
 mod frames;
 mod identity;
@@ -16,7 +17,8 @@ mod placement;
 mod roles;
 mod secret;
 
-pub use cluster::{ClusterSnapshot, ClusterView, Link, MeshEvent, MeshEventKind, NodeSnapshot, NodeState};
+pub use cluster::{ClusterSnapshot, ClusterView, Link, MeshEvent, MeshEventKind, NodeSnapshot, NodeState, short};
+pub use control::{CONTROL_LIMITS, CONTROL_PROTOCOL, ControlCommand, ControlError, ControlGate, ControlReply, ControlRequest};
 pub use error::{Error, Result};
 pub use frames::{FrameError, FramedStream, Limits as FrameLimits};
 pub use identity::load_or_create_identity;
@@ -26,7 +28,10 @@ pub use kv::{
     fingerprint_number, hidden_share, is_chunk,
 };
 pub use length::LengthPredictor;
-pub use messages::{AdapterAd, CapabilityAd, GossipMessage, KvLinkRate, LoadReport, MAX_GOSSIP_BYTES, ModelAd, PROTOCOL_VERSION, Speed};
+pub use messages::{
+    AdapterAd, CapabilityAd, GossipMessage, KvLinkRate, LoadReport, MAX_GOSSIP_BYTES, MAX_TRACES, ModelAd, PROTOCOL_VERSION, RequestTrace,
+    Speed,
+};
 pub use network::{Mesh, MeshConfig, MeshHandle, StreamGate, StreamPermit};
 pub use placement::{DEFAULT_LINK_BYTES_PER_S, Placement, PlacementMode, PlacementRequest, PrefillNode, place, prefill_tokens_per_s};
 pub use roles::{Role, RoleBalancer, RoleInput, RoleSetting, auto_role};

@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::MeshEvent;
 use crate::roles::Role;
 
 /// Version of the gossip and stream messages; a peer with another version is ignored.
@@ -111,6 +112,57 @@ pub struct LoadReport {
     pub split_requests: u64,
     #[serde(default)]
     pub migrated_in: u64,
+    /// Requests this node finished since its last report, for the console's timeline.
+    #[serde(default)]
+    pub recent: Vec<RequestTrace>,
+    /// Failures and re-placements this node saw since its last report (the mesh's own joins and
+    /// leaves every node sees by itself).
+    #[serde(default)]
+    pub events: Vec<MeshEvent>,
+}
+
+/// Traces one load report carries at most.
+pub const MAX_TRACES: usize = 32;
+/// Events one load report carries at most.
+pub const MAX_REPORTED_EVENTS: usize = 32;
+
+/// Where a request served by a node spent its time, in ms from its arrival there.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct RequestTrace {
+    /// Unique per node, in order of arrival.
+    pub id: u64,
+    /// Unix time in milliseconds when it arrived at this node.
+    pub arrived_ms: u64,
+    pub model: String,
+    pub prompt_tokens: u64,
+    pub output_tokens: u64,
+    /// Waiting for the scheduler (or for a prefill node).
+    pub queue_ms: f64,
+    /// The prefill node, when another node computed the prompt's K/V.
+    #[serde(default)]
+    pub prefill_peer: Option<String>,
+    /// The prompt's compute, here or on the prefill node: [start, end].
+    pub prefill: [f64; 2],
+    /// The first and last K/V layer arriving from the prefill node.
+    #[serde(default)]
+    pub kv: Option<[f64; 2]>,
+    /// The first token to the last.
+    pub decode: [f64; 2],
+    /// done, stop, length, cancelled, moved or failed.
+    pub outcome: String,
+}
+
+impl RequestTrace {
+    fn check(&self) -> Result<(), String> {
+        let spans = [Some(self.prefill), self.kv, Some(self.decode)];
+        let ok = self.queue_ms.is_finite()
+            && (0.0..=1e9).contains(&self.queue_ms)
+            && spans.iter().flatten().all(|[a, b]| a.is_finite() && b.is_finite() && 0.0 <= *a && a <= b && *b <= 1e9);
+        if !ok {
+            return Err(format!("request trace {} has implausible times", self.id));
+        }
+        Ok(())
+    }
 }
 
 /// A measured K/V rate from one node to the reporting one.
@@ -118,6 +170,9 @@ pub struct LoadReport {
 pub struct KvLinkRate {
     pub from: String,
     pub bytes_per_s: f64,
+    /// K/V bytes received from that node, in all (the console draws live flows from its growth).
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// One gossip message.
@@ -242,6 +297,18 @@ impl GossipMessage {
                 }
                 if let Some(o) = l.kv_overlap {
                     number("kv_overlap", o, 1.0)?;
+                }
+                list("request traces", l.recent.len(), MAX_TRACES)?;
+                for t in &l.recent {
+                    text("trace model", &t.model)?;
+                    text("trace outcome", &t.outcome)?;
+                    text("trace prefill peer", t.prefill_peer.as_deref().unwrap_or_default())?;
+                    t.check()?;
+                }
+                list("events", l.events.len(), MAX_REPORTED_EVENTS)?;
+                for e in &l.events {
+                    text("event peer", &e.peer_id)?;
+                    text("event detail", &e.detail)?;
                 }
             }
             GossipMessage::Leaving { reason, .. } => text("reason", reason)?,

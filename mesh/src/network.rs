@@ -159,7 +159,7 @@ fn build_swarm(cfg: &MeshConfig) -> Result<Swarm<Behaviour>> {
     let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(60));
     let builder = libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone()).with_tokio();
     let swarm = match cfg.secret {
-        Some(MeshSecret(psk)) => builder
+        Some(MeshSecret { psk, .. }) => builder
             .with_other_transport(|key| {
                 let noise = noise::Config::new(key)?;
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(

@@ -132,7 +132,8 @@ impl Node<'_> {
     /// The K/V rate from `from` to this node: measured, or assumed.
     fn link_from(&self, from: &PeerId) -> f64 {
         let from = from.to_string();
-        self.load.kv_links.iter().find(|l| l.from == from).map_or(DEFAULT_LINK_BYTES_PER_S, |l| l.bytes_per_s.max(1.0))
+        // A link whose transfers were all too small to time has no rate yet (0).
+        self.load.kv_links.iter().find(|l| l.from == from && l.bytes_per_s > 0.0).map_or(DEFAULT_LINK_BYTES_PER_S, |l| l.bytes_per_s)
     }
 }
 
@@ -362,7 +363,7 @@ mod tests {
         assert!(plans(&v, 2000, PlacementMode::Auto).iter().filter(|x| x.1.is_some()).all(|&(dec, pre)| dec == d && pre == Some(p)));
 
         // D measured 1 MB/s from P: moving 60 MB of K/V would take a minute.
-        let slow = LoadReport { kv_links: vec![crate::messages::KvLinkRate { from: p.to_string(), bytes_per_s: 1e6 }], ..idle() };
+        let slow = LoadReport { kv_links: vec![crate::messages::KvLinkRate { from: p.to_string(), bytes_per_s: 1e6, bytes: 0 }], ..idle() };
         add(&mut v, d, Role::Decode, 1000.0, slow);
         assert_eq!(plans(&v, 2000, PlacementMode::Auto)[0].1, None, "slow link: colocated");
         assert_eq!(plans(&v, 2000, PlacementMode::Split)[0], (d, Some(p)), "unless the operator forces a split");

@@ -10,7 +10,12 @@ use crate::error::{Error, Result};
 
 /// A 256-bit pre-shared key.
 #[derive(Clone, Copy)]
-pub struct MeshSecret(pub(crate) PreSharedKey);
+pub struct MeshSecret {
+    pub(crate) psk: PreSharedKey,
+    /// The key itself: pnet does not hand it back, and control messages are signed with a key
+    /// derived from it.
+    key: [u8; 32],
+}
 
 impl std::fmt::Debug for MeshSecret {
     // Never print the key itself.
@@ -26,14 +31,31 @@ impl MeshSecret {
     pub fn parse(text: &str, source_name: &str) -> Result<Self> {
         let text = text.trim();
         let err = |message: &str| Error::Secret { source_name: source_name.into(), message: message.into() };
-        if text.starts_with("/key/") {
+        let hex = if text.starts_with("/key/") {
             let normalized = text.lines().map(str::trim).collect::<Vec<_>>().join("\n");
-            return PreSharedKey::from_str(&normalized).map(MeshSecret).map_err(|e| err(&format!("not a valid swarm.key: {e}")));
-        }
-        if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            PreSharedKey::from_str(&normalized).map_err(|e| err(&format!("not a valid swarm.key: {e}")))?;
+            normalized.rsplit('\n').next().unwrap_or_default().to_string()
+        } else {
+            text.to_string()
+        };
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(err("expected 64 hex characters (or a swarm.key file); `tandem mesh keygen` writes one"));
         }
-        PreSharedKey::from_str(&format!("{SWARM_KEY_HEADER}{text}")).map(MeshSecret).map_err(|e| err(&e.to_string()))
+        let mut key = [0u8; 32];
+        for (i, byte) in key.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|e| err(&e.to_string()))?;
+        }
+        Ok(MeshSecret { psk: PreSharedKey::new(key), key })
+    }
+
+    /// The key control messages are signed with: derived from the mesh secret, so that holding
+    /// the secret is what lets an operator command nodes, and distinct from the pnet key.
+    pub fn control_key(&self) -> [u8; 32] {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"tandem control key v1");
+        h.update(self.key);
+        h.finalize().into()
     }
 
     /// Reads the key from a file.
@@ -46,7 +68,7 @@ impl MeshSecret {
     /// A short, non-secret name for the key, safe to log: nodes whose fingerprints differ cannot
     /// connect.
     pub fn fingerprint(&self) -> String {
-        self.0.fingerprint().to_string()
+        self.psk.fingerprint().to_string()
     }
 }
 
@@ -57,7 +79,7 @@ pub fn generate_secret(path: &Path) -> Result<MeshSecret> {
     let text = format!("{SWARM_KEY_HEADER}{hex}\n");
     crate::identity::write_private(path, text.as_bytes())
         .map_err(|e| Error::Secret { source_name: path.display().to_string(), message: format!("cannot write: {e}") })?;
-    Ok(MeshSecret(PreSharedKey::new(key)))
+    Ok(MeshSecret { psk: PreSharedKey::new(key), key })
 }
 
 #[cfg(test)]
@@ -70,6 +92,8 @@ mod tests {
         let a = MeshSecret::parse(&hex, "test").expect("hex");
         let b = MeshSecret::parse(&format!("/key/swarm/psk/1.0.0/\r\n/base16/\r\n{hex}\r\n"), "test").expect("swarm.key");
         assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.control_key(), b.control_key());
+        assert_ne!(a.control_key(), MeshSecret::parse(&"cd".repeat(32), "test").expect("hex").control_key());
         assert!(!format!("{a:?}").contains(&hex), "the key is never printed");
         for bad in ["", "abc", &"zz".repeat(32), &"ab".repeat(33), "/key/swarm/psk/1.0.0/\n/base64/\nAAAA"] {
             assert!(MeshSecret::parse(bad, "test").is_err(), "{bad:?}");

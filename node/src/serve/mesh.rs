@@ -46,8 +46,9 @@ pub struct NodeMesh {
     stopping: AtomicBool,
     pub(super) gate: StreamGate,
     affinity: Mutex<(HashMap<u64, PeerId>, VecDeque<u64>)>,
-    /// Measured K/V rates from other nodes to this one (bytes/s, moving average).
-    kv_links: Mutex<HashMap<PeerId, f64>>,
+    /// Measured K/V rates from other nodes to this one (bytes/s, moving average), and the bytes
+    /// received from each.
+    kv_links: Mutex<HashMap<PeerId, (f64, u64)>>,
     /// Output lengths of requests that entered here, to predict the next ones'.
     lengths: Mutex<tandem_mesh::LengthPredictor>,
     flip: tokio::sync::Mutex<()>,
@@ -97,14 +98,14 @@ impl NodeMesh {
 
     /// Records a K/V transfer from `peer` of `bytes` in `secs`.
     pub fn record_link(&self, peer: PeerId, bytes: u64, secs: f64) {
-        // Transfers too small to time say nothing about the link.
-        if bytes < (1 << 16) || secs <= 0.0 {
-            return;
-        }
+        let Ok(mut l) = self.kv_links.lock() else { return };
         let rate = bytes as f64 / secs;
-        if let Ok(mut l) = self.kv_links.lock() {
-            let e = l.entry(peer).or_insert(rate);
-            *e = 0.7 * *e + 0.3 * rate;
+        // Transfers too small to time say nothing about the link.
+        let timed = bytes >= (1 << 16) && secs > 0.0;
+        let e = l.entry(peer).or_insert((if timed { rate } else { 0.0 }, 0));
+        e.1 += bytes;
+        if timed {
+            e.0 = if e.0 > 0.0 { 0.7 * e.0 + 0.3 * rate } else { rate };
         }
     }
 
@@ -257,6 +258,9 @@ pub fn load_report(app: &App, rate: bool) -> LoadReport {
         tpot_p99_ms: tpot99,
         ..Default::default()
     };
+    if rate {
+        report.events = app.mesh.handle.update_view(|v| v.take_reported());
+    }
     if let Ok(l) = app.loaded() {
         let s = l.worker.stats();
         report.running = s.running as u64;
@@ -271,8 +275,14 @@ pub fn load_report(app: &App, rate: bool) -> LoadReport {
         report.split_requests = kv.split_requests.get();
         report.migrated_in = kv.migrated_in.get();
         if let Ok(links) = app.mesh.kv_links.lock() {
-            report.kv_links =
-                links.iter().take(64).map(|(p, &r)| tandem_mesh::KvLinkRate { from: p.to_string(), bytes_per_s: r.min(1e12) }).collect();
+            report.kv_links = links
+                .iter()
+                .take(64)
+                .map(|(p, &(r, bytes))| tandem_mesh::KvLinkRate { from: p.to_string(), bytes_per_s: r.min(1e12), bytes })
+                .collect();
+        }
+        if rate {
+            report.recent = app.metrics.take_traces();
         }
         if let Some(mut last) = app.mesh.last_generated.lock().ok().filter(|_| rate) {
             let (t, n) = *last;
@@ -420,12 +430,16 @@ pub struct RequestShape {
 /// Brings this node's own entry in the view up to date (the published one may be a second old,
 /// e.g. from before the model loaded); the addresses stay those the mesh filled in.
 pub fn refresh_own(app: &App) {
-    let (mut ad, load) = (capability(app), load_report(app, false));
+    let (mut ad, mut load) = (capability(app), load_report(app, false));
     let me = app.mesh.handle.peer_id();
     app.mesh.handle.update_view(|v| {
         if let Some(old) = v.node(&me).and_then(|n| n.ad.as_ref()) {
             ad.peer_id = old.peer_id.clone();
             ad.addresses = old.addresses.clone();
+        }
+        // The last published traces stay visible (readers tell them apart by id).
+        if let Some(old) = v.node(&me).and_then(|n| n.load.as_ref()) {
+            load.recent = old.recent.clone();
         }
         v.set_own(Some(ad), Some(load));
     });

@@ -24,6 +24,9 @@ pub struct Metrics {
     pub kv: KvMetrics,
     /// (TTFT, TPOT) in ms of the last requests, for the load report's percentiles.
     recent: Mutex<std::collections::VecDeque<(Option<f64>, Option<f64>)>>,
+    /// Requests finished since the last load report, for the console's timeline.
+    traces: Mutex<std::collections::VecDeque<tandem_mesh::RequestTrace>>,
+    next_trace: std::sync::atomic::AtomicU64,
 }
 
 /// Finished requests the load report's percentiles are taken over.
@@ -102,7 +105,20 @@ impl Metrics {
         registry.register("tandem_mesh_forwarded_requests", "Requests this node placed on another node", forwarded.clone());
         registry.register("tandem_mesh_served_requests", "Requests this node ran for another node", served_for_peers.clone());
         let kv = KvMetrics::register(&mut registry);
-        Metrics { registry, ttft, tpot, e2e, queue, stats, forwarded, served_for_peers, kv, recent: Mutex::default() }
+        Metrics {
+            registry,
+            ttft,
+            tpot,
+            e2e,
+            queue,
+            stats,
+            forwarded,
+            served_for_peers,
+            kv,
+            recent: Mutex::default(),
+            traces: Mutex::default(),
+            next_trace: Default::default(),
+        }
     }
 
     /// Reads the scheduler's numbers from `worker` from now on.
@@ -128,6 +144,23 @@ impl Metrics {
             }
             r.push_back((t.ttft.map(|d| d.as_secs_f64() * 1e3), t.tpot.map(|d| d.as_secs_f64() * 1e3)));
         }
+    }
+
+    /// Keeps a finished request's trace for the next load report (the newest ones, if more
+    /// finish than a report carries).
+    pub fn trace(&self, mut t: tandem_mesh::RequestTrace) {
+        t.id = self.next_trace.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut q) = self.traces.lock() {
+            if q.len() == tandem_mesh::MAX_TRACES {
+                q.pop_front();
+            }
+            q.push_back(t);
+        }
+    }
+
+    /// The traces kept since the last call.
+    pub fn take_traces(&self) -> Vec<tandem_mesh::RequestTrace> {
+        self.traces.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default()
     }
 
     pub fn forwarded(&self) {

@@ -2,6 +2,7 @@
 //! the model on a GPU worker thread behind the continuous-batching scheduler.
 
 pub mod config;
+pub mod control;
 pub mod kv;
 pub mod mesh;
 pub mod metrics;
@@ -365,6 +366,12 @@ async fn signal() {
 /// Serves until SIGINT or SIGTERM, then lets in-flight requests finish (for up to the grace
 /// period, after which they are cancelled) and stops.
 pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    serve_until(cfg, signal()).await
+}
+
+/// Serves until `stop` completes (a signal, or the desktop app's Stop button), then shuts down as
+/// [`serve`] does.
+pub async fn serve_until(cfg: ServeConfig, stop: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.http).await.with_context(|| format!("binding {}", cfg.http))?;
     let addr = listener.local_addr()?;
     let grace = Duration::from_secs(cfg.shutdown_grace);
@@ -385,6 +392,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     tokio::spawn(mesh::publish_loop(app.clone()));
     tokio::spawn(mesh::accept_loop(app.clone()));
     tokio::spawn(kv::accept_loop(app.clone()));
+    tokio::spawn(control::accept_loop(app.clone()));
     tracing::info!(%addr, model = %app.model_id, role = %app.mesh.setting(), "listening");
 
     let loader = app.clone();
@@ -405,7 +413,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
 
     let stopper = app.clone();
     let shutdown = async move {
-        signal().await;
+        stop.await;
         tracing::info!(grace_s = grace.as_secs(), "shutting down: leaving the mesh, finishing in-flight requests");
         stopper.mesh.begin_draining();
         // Running requests continue on other decode nodes, where there are any.

@@ -345,21 +345,49 @@ fn shape(endpoint: Endpoint, body: &serde_json::Value) -> Result<Shape, ApiError
     })
 }
 
-pub async fn completions(State(app): State<Arc<App>>, body: Result<Json<serde_json::Value>, JsonRejection>) -> Response {
-    handle(app, Endpoint::Completions, body).await
+pub async fn completions(
+    State(app): State<Arc<App>>,
+    headers: axum::http::HeaderMap,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Response {
+    handle(app, Endpoint::Completions, &headers, body).await
 }
 
-pub async fn chat_completions(State(app): State<Arc<App>>, body: Result<Json<serde_json::Value>, JsonRejection>) -> Response {
-    handle(app, Endpoint::Chat, body).await
+pub async fn chat_completions(
+    State(app): State<Arc<App>>,
+    headers: axum::http::HeaderMap,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Response {
+    handle(app, Endpoint::Chat, &headers, body).await
 }
+
+/// The header that pins a request to the node it was sent to (`X-Tandem-Placement: local`): to
+/// try this node's own GPU, as the desktop app's chat does.
+pub const PLACEMENT_HEADER: &str = "x-tandem-placement";
 
 /// Places the request on the best node of the mesh (this one or a peer) and answers with its
 /// output.
-async fn handle(app: Arc<App>, endpoint: Endpoint, body: Result<Json<serde_json::Value>, JsonRejection>) -> Response {
+async fn handle(
+    app: Arc<App>,
+    endpoint: Endpoint,
+    headers: &axum::http::HeaderMap,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Response {
+    let local = match headers.get(PLACEMENT_HEADER).map(|v| v.to_str().unwrap_or_default()) {
+        None | Some("mesh") => false,
+        Some("local") => true,
+        Some(other) => {
+            return ApiError::new(StatusCode::BAD_REQUEST, format!("{PLACEMENT_HEADER}: `{other}` is neither `local` nor `mesh`"))
+                .into_response();
+        }
+    };
     let result = async {
         let Json(body) = body?;
         let shape = shape(endpoint, &body)?;
-        let candidates = super::mesh::plan(&app, &shape.request, &[]);
+        let mut candidates = super::mesh::plan(&app, &shape.request, &[]);
+        if local {
+            candidates.retain(|p| p.is_self && p.prefill.is_none());
+        }
         if candidates.is_empty() {
             return Err(nobody_serves(&app, &shape.request.model));
         }
@@ -566,12 +594,19 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
     // Tokens generated before this node took over: replayed silently, or announced (the first
     // token of a split request, which the client has not seen).
     let (mut replay, mut announce) = (Vec::new(), Vec::new());
+    let mut trace = tandem_mesh::RequestTrace {
+        arrived_ms: unix_ms(),
+        model: loaded.model_id.clone(),
+        prompt_tokens: prompt_tokens as u64,
+        ..Default::default()
+    };
     if let Some(r) = cont.resume {
         app.metrics.kv.resumed_requests.inc();
         text.skip = usize::try_from(r.text_bytes).unwrap_or(usize::MAX);
         replay = r.tokens;
         start = r.ticket.map_or(Start::Compute, Start::Parked);
     } else if let Some(p) = cont.prefill {
+        let asked = ms_since(arrival);
         let remote = tokio::select! {
             r = super::kv::prefill_remote(&app, &loaded, p, &request) => r,
             // The client left: dropping the transfer ends it on the prefill node too.
@@ -579,6 +614,9 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
         };
         match remote {
             Ok(r) => {
+                trace.prefill_peer = Some(p.to_string());
+                trace.prefill = r.prefill.map(|t| t + asked);
+                trace.kv = r.kv.map(|s| s.map(|t| t + asked));
                 app.metrics.kv.split_requests.inc();
                 announce.push(r.first);
                 start = Start::Parked(r.ticket.id);
@@ -667,6 +705,14 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
                 guard.finished = true;
                 timings.ttft = timings.ttft.or(split_ttft);
                 app.metrics.observe(&timings);
+                let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+                let first = timings.ttft.map_or(ms(timings.queued), ms);
+                if trace.prefill_peer.is_none() {
+                    trace.queue_ms = ms(timings.queued);
+                    trace.prefill = [trace.queue_ms, first.max(trace.queue_ms)];
+                }
+                trace.decode = [first, ms(timings.e2e).max(first)];
+                trace.output_tokens = generated as u64;
                 let rest = text.flush();
                 if !rest.is_empty() {
                     let _ = out.send(Piece::Text(rest)).await;
@@ -676,6 +722,8 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
                     FinishReason::Stop => "stop",
                     FinishReason::Cancelled => "cancelled",
                 };
+                trace.outcome = finish.into();
+                app.metrics.trace(trace);
                 let _ = out.send(done(finish, generated)).await;
                 return;
             }
@@ -695,6 +743,11 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
                 // This node is draining: move the K/V to another decode node and tell the entry
                 // node where the request continues.
                 guard.finished = true;
+                let now = ms_since(arrival);
+                trace.decode = [trace.prefill[1].min(now), now];
+                trace.output_tokens = generated as u64;
+                trace.outcome = "moved".into();
+                app.metrics.trace(trace);
                 let moved = super::kv::migrate(&app, &loaded, &tokens, kv).await;
                 let (peer, ticket) = moved.map_or((None, None), |(p, t)| (Some(p), Some(t)));
                 let _ = out.send(Piece::Moved { peer, ticket }).await;
@@ -707,6 +760,14 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
             }
         }
     }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn ms_since(t: std::time::Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }
 
 fn now_secs() -> u64 {
