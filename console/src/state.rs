@@ -343,7 +343,7 @@ impl ClusterState {
         let serving = || self.nodes.values().filter(|n| n.role != Some(Role::Observer));
         self.history.push_back(Sample {
             t: now,
-            tokens_per_s: serving().map(|n| n.tokens_per_s).sum(),
+            tokens_per_s: serving().map(|n| n.tokens_per_s).fold(0.0, |a, b| a + b),
             ttft_p50_ms: percentile(&ttft, 0.5),
             ttft_p99_ms: percentile(&ttft, 0.99),
             tpot_p50_ms: percentile(&tpot, 0.5),

@@ -150,7 +150,7 @@ pub fn graph(ui: &mut Ui, s: &mut ClusterState) {
         resp.clone().on_hover_ui_at_pointer(|ui| {
             ui.strong(&n.peer_id);
             ui.label(format!("{} · {} · {}", super::role_label(n), n.adapter, n.backend));
-            ui.label(format!("{:.0} GFLOP/s · {:.0} GB/s", n.gflops, n.gbps));
+            ui.label(format!("{} GFLOP/s · {} GB/s", super::speed(n.gflops), super::speed(n.gbps)));
             ui.label(format!(
                 "{} running · {} waiting · K/V {:.0}% · {:.1} tok/s",
                 n.running,

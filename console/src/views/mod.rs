@@ -59,6 +59,11 @@ pub fn bytes_per_s(b: f64) -> String {
     }
 }
 
+/// A measured speed: whole numbers, but small ones (CPU adapters) with a decimal.
+pub fn speed(v: f64) -> String {
+    if v < 10.0 { format!("{v:.1}") } else { format!("{v:.0}") }
+}
+
 pub fn duration(ms: f64) -> String {
     if ms >= 1000.0 { format!("{:.1} s", ms / 1e3) } else { format!("{ms:.0} ms") }
 }
@@ -110,7 +115,7 @@ fn summary(ui: &mut Ui, s: &ClusterState) {
         let last = s.history.back().copied().unwrap_or_default();
         ui.label(format!("{:.1} tok/s", last.tokens_per_s));
         ui.label(format!("{} running · {} waiting", last.running, last.waiting));
-        let streams: f64 = s.flows.iter().map(|f| f.bytes_per_s).sum();
+        let streams = s.flows.iter().map(|f| f.bytes_per_s).fold(0.0, |a, b| a + b);
         ui.colored_label(graph::FLOW_COLOR, format!("K/V {} over {} streams", bytes_per_s(streams), s.flows.len()));
         ui.separator();
         ui.weak(&s.source.label);
@@ -143,7 +148,7 @@ fn details(ui: &mut Ui, s: &mut ClusterState) {
         row("Role", role_label(&n));
         row("Adapter", format!("{} ({}, {})", n.adapter, n.backend, n.device_type));
         row("Memory", n.memory_bytes.map_or("–".into(), bytes));
-        row("Speed", format!("{:.0} GFLOP/s · {:.0} GB/s", n.gflops, n.gbps));
+        row("Speed", format!("{} GFLOP/s · {} GB/s", speed(n.gflops), speed(n.gbps)));
         row("Models", n.models.join(", "));
         row("Sequences", format!("{} running · {} waiting", n.running, n.waiting));
         row("K/V cache", format!("{:.0}% of {} blocks", n.kv_used() * 100.0, n.kv_blocks_total));

@@ -43,7 +43,7 @@ pub fn table(ui: &mut Ui, s: &mut ClusterState) {
         .column(Column::exact(70.0))
         .columns(Column::exact(70.0), 2)
         .column(Column::initial(120.0).clip(true))
-        .columns(Column::exact(60.0), 2)
+        .columns(Column::exact(74.0), 2)
         .column(Column::exact(110.0))
         .column(Column::exact(60.0))
         .column(Column::remainder().at_least(60.0))
@@ -84,10 +84,10 @@ pub fn table(ui: &mut Ui, s: &mut ClusterState) {
                     ui.label(n.memory_bytes.map_or("–".into(), bytes));
                 });
                 row.col(|ui| {
-                    ui.label(format!("{:.0}", n.gflops));
+                    ui.label(super::speed(n.gflops));
                 });
                 row.col(|ui| {
-                    ui.label(format!("{:.0}", n.gbps));
+                    ui.label(super::speed(n.gbps));
                 });
                 row.col(|ui| {
                     ui.label(n.models.join(", "));

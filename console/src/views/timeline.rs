@@ -65,13 +65,12 @@ pub fn timeline<'a>(ui: &mut Ui, traces: impl Iterator<Item = &'a Trace>) {
         painter.line_segment([pos2(area.min.x, base), pos2(area.max.x, base)], Stroke::new(1.0, ui.visuals().weak_text_color()));
         for k in 0..=4 {
             let ms = span * k as f64 / 4.0;
-            painter.text(
-                pos2(x(ms), base + 2.0),
-                Align2::CENTER_TOP,
-                super::duration(ms),
-                FontId::proportional(10.0),
-                ui.visuals().weak_text_color(),
-            );
+            let align = match k {
+                0 => Align2::LEFT_TOP,
+                4 => Align2::RIGHT_TOP,
+                _ => Align2::CENTER_TOP,
+            };
+            painter.text(pos2(x(ms), base + 2.0), align, super::duration(ms), FontId::proportional(10.0), ui.visuals().weak_text_color());
         }
     });
 }

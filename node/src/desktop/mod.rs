@@ -224,19 +224,21 @@ fn setup(ui: &mut Ui, s: &mut DesktopState, files: &mut Option<egui_file::FileDi
             }
         });
         ui.add_space(6.0);
-        ui.label("Mesh secret file (empty: open mesh)");
-        ui.add(egui::TextEdit::singleline(&mut s.settings.mesh_secret_file).desired_width(320.0).hint_text("~/.config/tandem/swarm.key"));
-        ui.label("Peers to join through, one per line");
+        let label = ui.label("Mesh secret file (empty: open mesh)");
+        ui.add(egui::TextEdit::singleline(&mut s.settings.mesh_secret_file).desired_width(320.0).hint_text("~/.config/tandem/swarm.key"))
+            .labelled_by(label.id);
+        let label = ui.label("Peers to join through, one per line");
         ui.add(
             egui::TextEdit::multiline(&mut s.settings.peers)
                 .desired_rows(3)
                 .desired_width(320.0)
                 .hint_text("/ip4/10.0.0.2/tcp/4001/p2p/12D3KooW…"),
-        );
-        ui.label("HTTP API address");
-        ui.add(egui::TextEdit::singleline(&mut s.settings.http).desired_width(320.0));
-        ui.label("GPU (index or name; empty: the best)");
-        ui.add(egui::TextEdit::singleline(&mut s.settings.adapter).desired_width(320.0));
+        )
+        .labelled_by(label.id);
+        let label = ui.label("HTTP API address");
+        ui.add(egui::TextEdit::singleline(&mut s.settings.http).desired_width(320.0)).labelled_by(label.id);
+        let label = ui.label("GPU (index or name; empty: the best)");
+        ui.add(egui::TextEdit::singleline(&mut s.settings.adapter).desired_width(320.0)).labelled_by(label.id);
     });
     ui.add_space(10.0);
     ui.horizontal(|ui| {
@@ -276,7 +278,7 @@ fn node(ui: &mut Ui, s: &mut DesktopState) {
         };
         row("Adapter", format!("{} ({}, {})", n.adapter, n.backend, n.device_type));
         row("Memory", n.memory_bytes.map_or("not reported".into(), bytes));
-        row("Measured", format!("{:.0} GFLOP/s · {:.0} GB/s", n.gflops, n.gbps));
+        row("Measured", format!("{} GFLOP/s · {} GB/s", tandem_console::views::speed(n.gflops), tandem_console::views::speed(n.gbps)));
         row("Model", n.models.join(", "));
         row("Role", role_label(&n));
         row("Load", format!("{} running · {} waiting · {:.1} tok/s", n.running, n.waiting, n.tokens_per_s));

@@ -192,7 +192,7 @@ async fn chat(
         "model": model,
         "stream": true,
         "max_tokens": 256,
-        "temperature": 0.7,
+        "temperature": 0,
         "messages": messages.iter().filter(|m| !m.text.is_empty()).map(|m| serde_json::json!({
             "role": if m.user { "user" } else { "assistant" },
             "content": m.text,
