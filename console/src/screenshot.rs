@@ -26,8 +26,10 @@ impl Screenshot {
         if self.requested {
             return;
         }
-        ctx.request_repaint_after(Duration::from_millis(200));
-        if !ready || self.started.elapsed() < self.after {
+        let left = self.after.saturating_sub(self.started.elapsed());
+        if !ready || !left.is_zero() {
+            // Wake when it is due (readiness arrives with updates, which wake the app anyway).
+            ctx.request_repaint_after(left.max(Duration::from_millis(500)));
             return;
         }
         self.requested = true;

@@ -107,7 +107,7 @@ async fn mesh_loop(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if n % 2 == 0 && mesh.publish_load(LoadReport::default()).await.is_err() {
+                if n.is_multiple_of(2) && mesh.publish_load(LoadReport::default()).await.is_err() {
                     let _ = tx.send(Update::Status("the mesh stopped".into()));
                     return;
                 }

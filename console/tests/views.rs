@@ -86,3 +86,22 @@ fn the_table_sorts_by_a_clicked_header_and_the_other_tabs_show_requests_and_even
     h.run_steps(2);
     h.get_by_label("role prefill");
 }
+
+#[test]
+fn the_graph_keeps_1_to_200_nodes_apart_inside_its_area() {
+    let area = egui::Rect::from_min_size(egui::pos2(10.0, 20.0), egui::vec2(760.0, 460.0));
+    for n in [1, 3, 40, 200] {
+        let s = cluster(n, false);
+        let rows: Vec<_> = s.nodes.values().collect();
+        let (pos, r) = tandem_console::views::graph::layout(&rows, area);
+        assert_eq!(pos.len(), n, "every node has a place");
+        assert!(r >= 2.5, "{n} nodes: radius {r}");
+        let points: Vec<egui::Pos2> = pos.values().copied().collect();
+        for (i, a) in points.iter().enumerate() {
+            assert!(area.shrink(r).contains(*a), "{n} nodes: {a:?} outside {area:?}");
+            for b in &points[i + 1..] {
+                assert!(a.distance(*b) >= 2.0 * r, "{n} nodes overlap: {a:?} {b:?} (radius {r})");
+            }
+        }
+    }
+}

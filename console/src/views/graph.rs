@@ -90,16 +90,25 @@ pub fn graph(ui: &mut Ui, s: &mut ClusterState) {
         let (Some(&a), Some(&b)) = (pos.get(&f.from), pos.get(&f.to)) else { continue };
         let dir = (b - a).normalized();
         let (a, b) = (a + dir * r_max, b - dir * r_max);
+        // A gentle arc, so a stream passes beside the nodes between its ends.
+        let bend = a + (b - a) * 0.5 + vec2(dir.y, -dir.x) * (b - a).length() * 0.12;
+        let path: Vec<Pos2> = (0..=24)
+            .map(|i| {
+                let t = i as f32 / 24.0;
+                let u = 1.0 - t;
+                pos2(u * u * a.x + 2.0 * u * t * bend.x + t * t * b.x, u * u * a.y + 2.0 * u * t * bend.y + t * t * b.y)
+            })
+            .collect();
         let width = 1.5 + 4.5 * (f.bytes_per_s / max_rate).sqrt() as f32;
         // Dashes move toward the decode node, faster for faster streams.
         let speed = 20.0 + 60.0 * (f.bytes_per_s / max_rate) as f32;
         let offset = (time * speed) % 16.0;
-        painter.extend(Shape::dashed_line_with_offset(&[a, b], Stroke::new(width, FLOW_COLOR), &[10.0], &[6.0], 16.0 - offset));
-        painter.add(arrow_head(b, dir, width + 5.0, FLOW_COLOR));
+        painter.extend(Shape::dashed_line_with_offset(&path, Stroke::new(width, FLOW_COLOR), &[10.0], &[6.0], 16.0 - offset));
+        let end_dir = (path[24] - path[23]).normalized();
+        painter.add(arrow_head(b, end_dir, width + 5.0, FLOW_COLOR));
         if s.flows.len() <= 12 {
-            let mid = a + (b - a) * 0.5;
             painter.text(
-                mid - vec2(0.0, width + 2.0),
+                path[12] - vec2(0.0, width + 2.0),
                 Align2::CENTER_BOTTOM,
                 bytes_per_s(f.bytes_per_s),
                 FontId::proportional(12.0),
@@ -108,7 +117,7 @@ pub fn graph(ui: &mut Ui, s: &mut ClusterState) {
         }
     }
     if !s.flows.is_empty() {
-        ui.ctx().request_repaint_after(Duration::from_millis(33));
+        ui.ctx().request_repaint_after(Duration::from_millis(16));
     }
     let hover = resp.hover_pos();
     let mut hovered = None;

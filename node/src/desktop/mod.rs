@@ -294,6 +294,7 @@ fn node(ui: &mut Ui, s: &mut DesktopState) {
             tandem_console::views::swatch(ui, role_color(role), format!("{count} {}", tandem_console::state::role_name(role)));
         }
     });
+    ui.allocate_ui(egui::vec2(ui.available_width(), 260.0), |ui| tandem_console::views::graph::graph(ui, &mut s.cluster));
     ui.separator();
     ui.strong("Requests this node served");
     tandem_console::views::timeline::timeline(ui, s.cluster.traces.iter().filter(|t| Some(&t.node) == s.peer_id.as_ref()));

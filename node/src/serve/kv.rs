@@ -183,7 +183,9 @@ pub async fn prefill_remote(app: &App, loaded: &Loaded, peer: PeerId, req: &Requ
                 let now = Instant::now();
                 first_chunk.get_or_insert(now);
                 last_chunk = Some(now);
+                let before = progress.bytes;
                 receive_chunk(loaded, ticket.id, &frame, &shape, &mut progress, held)?;
+                app.mesh.count_link_bytes(peer, progress.bytes - before);
                 continue;
             }
             match serde_json::from_slice::<KvReply>(&frame).map_err(|e| format!("malformed reply: {e}"))? {
@@ -507,7 +509,9 @@ async fn receive_park(app: &App, loaded: &Loaded, peer: PeerId, mut s: Stream, s
             if !is_chunk(&frame) {
                 return Err("a message where K/V was expected".to_string());
             }
+            let before = progress.bytes;
             receive_chunk(loaded, ticket.id, &frame, &shape, &mut progress, held)?;
+            app.mesh.count_link_bytes(peer, progress.bytes - before);
         }
         progress.check_complete().map_err(|e| e.to_string())?;
         seal(loaded, ticket.id).await

@@ -98,14 +98,22 @@ impl NodeMesh {
 
     /// Records a K/V transfer from `peer` of `bytes` in `secs`.
     pub fn record_link(&self, peer: PeerId, bytes: u64, secs: f64) {
-        let Ok(mut l) = self.kv_links.lock() else { return };
-        let rate = bytes as f64 / secs;
         // Transfers too small to time say nothing about the link.
-        let timed = bytes >= (1 << 16) && secs > 0.0;
-        let e = l.entry(peer).or_insert((if timed { rate } else { 0.0 }, 0));
-        e.1 += bytes;
-        if timed {
+        if bytes < (1 << 16) || secs <= 0.0 {
+            return;
+        }
+        let rate = bytes as f64 / secs;
+        if let Ok(mut l) = self.kv_links.lock() {
+            let e = l.entry(peer).or_insert((rate, 0));
             e.0 = if e.0 > 0.0 { 0.7 * e.0 + 0.3 * rate } else { rate };
+        }
+    }
+
+    /// Counts K/V bytes received from `peer` as they arrive (the console draws live streams from
+    /// their growth).
+    pub fn count_link_bytes(&self, peer: PeerId, bytes: u64) {
+        if let Ok(mut l) = self.kv_links.lock() {
+            l.entry(peer).or_insert((0.0, 0)).1 += bytes;
         }
     }
 

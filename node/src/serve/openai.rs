@@ -594,6 +594,8 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
     // Tokens generated before this node took over: replayed silently, or announced (the first
     // token of a split request, which the client has not seen).
     let (mut replay, mut announce) = (Vec::new(), Vec::new());
+    // When this node delivered its first new token, in ms from `arrival`.
+    let mut first_at = None;
     let mut trace = tandem_mesh::RequestTrace {
         arrived_ms: unix_ms(),
         model: loaded.model_id.clone(),
@@ -641,6 +643,9 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
     for (i, &id) in replay.iter().chain(&announce).enumerate() {
         generated += 1;
         let Some(stopped) = deliver(&out, &mut text, id, i >= replay.len()).await else { return };
+        if i >= replay.len() {
+            first_at.get_or_insert_with(|| ms_since(arrival));
+        }
         if stopped || request.stop_ids.contains(&id) {
             ended = Some("stop");
         } else if generated >= request.max_tokens {
@@ -695,6 +700,7 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
         match event {
             Event::Token(id) => {
                 generated += 1;
+                first_at.get_or_insert_with(|| ms_since(arrival));
                 let Some(stopped) = deliver(&out, &mut text, id, true).await else { return };
                 if stopped {
                     let _ = out.send(done("stop", generated)).await;
@@ -705,13 +711,15 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
                 guard.finished = true;
                 timings.ttft = timings.ttft.or(split_ttft);
                 app.metrics.observe(&timings);
-                let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-                let first = timings.ttft.map_or(ms(timings.queued), ms);
+                // All in this node's time from `arrival`: the scheduler's own clock starts only
+                // when a split request's K/V has arrived.
+                let now = ms_since(arrival);
+                let first = first_at.unwrap_or(now);
                 if trace.prefill_peer.is_none() {
-                    trace.queue_ms = ms(timings.queued);
-                    trace.prefill = [trace.queue_ms, first.max(trace.queue_ms)];
+                    trace.queue_ms = (timings.queued.as_secs_f64() * 1e3).min(first);
+                    trace.prefill = [trace.queue_ms, first];
                 }
-                trace.decode = [first, ms(timings.e2e).max(first)];
+                trace.decode = [first, now];
                 trace.output_tokens = generated as u64;
                 let rest = text.flush();
                 if !rest.is_empty() {
@@ -744,7 +752,7 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
                 // node where the request continues.
                 guard.finished = true;
                 let now = ms_since(arrival);
-                trace.decode = [trace.prefill[1].min(now), now];
+                trace.decode = [first_at.unwrap_or(now).min(now), now];
                 trace.output_tokens = generated as u64;
                 trace.outcome = "moved".into();
                 app.metrics.trace(trace);
