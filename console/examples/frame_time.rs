@@ -32,7 +32,9 @@ fn main() {
                 time: Some(frame as f64 / 60.0),
                 ..Default::default()
             };
-            let out = ctx.run_ui(input, |ui| tandem_console::views::console(ui, &mut s));
+            let mut out = ctx.run_ui(input, |ui| tandem_console::views::console(ui, &mut s));
+            // A renderer would upload the font atlas; there is none here.
+            out.textures_delta.clear();
             let meshes = ctx.tessellate(out.shapes, out.pixels_per_point);
             vertices = meshes
                 .iter()

@@ -50,6 +50,9 @@ struct Args {
     screenshot_after: f64,
     #[arg(long, default_value_t = 1)]
     screenshot_nodes: usize,
+    /// Take the screenshot only while a K/V stream is under way.
+    #[arg(long)]
+    screenshot_streaming: bool,
     /// Select this node (peer id or its end) at start, showing its details.
     #[arg(long)]
     select: Option<String>,
@@ -102,7 +105,9 @@ fn main() -> anyhow::Result<()> {
                 .screenshot
                 .clone()
                 .map(|p| (Screenshot::new(p, Duration::from_secs_f64(args.screenshot_after)), args.screenshot_nodes));
-            Ok(Box::new(ConsoleApp::new(state, feed, shot)))
+            let mut app = ConsoleApp::new(state, feed, shot);
+            app.shot_streaming = args.screenshot_streaming;
+            Ok(Box::new(app))
         }),
     )
     .map_err(|e| anyhow::anyhow!("the window failed: {e}"))

@@ -80,7 +80,7 @@ pub fn console(ui: &mut Ui, s: &mut ClusterState) {
     if s.selected.is_some() {
         egui::Panel::right("details").resizable(true).default_size(300.0).show(ui, |ui| details(ui, s));
     }
-    egui::Panel::bottom("tabs").resizable(true).default_size(380.0).show(ui, |ui| {
+    egui::Panel::bottom("tabs").resizable(true).default_size(380.0).min_size(240.0).show(ui, |ui| {
         ui.horizontal(|ui| {
             for (tab, name) in [(Tab::Nodes, "Nodes"), (Tab::Requests, "Requests"), (Tab::Events, "Events")] {
                 ui.selectable_value(&mut s.tab, tab, RichText::new(name).strong());
