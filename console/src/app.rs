@@ -35,7 +35,7 @@ impl eframe::App for ConsoleApp {
             match update {
                 Update::Snapshot(s) => self.state.apply(&s, now),
                 Update::Reply(order, result) => self.state.reply(&order, &result),
-                Update::Status(s) => self.state.replies.push_back(s),
+                Update::Status(s) => self.state.tell(s),
             }
         }
         crate::views::console(ui, &mut self.state);

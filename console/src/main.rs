@@ -58,14 +58,6 @@ struct Args {
     select: Option<String>,
 }
 
-fn secret(path: Option<&PathBuf>) -> anyhow::Result<Option<MeshSecret>> {
-    Ok(match (path, std::env::var("TANDEM_MESH_SECRET")) {
-        (Some(p), _) => Some(MeshSecret::from_file(p)?),
-        (None, Ok(text)) if !text.is_empty() => Some(MeshSecret::parse(&text, "TANDEM_MESH_SECRET")?),
-        _ => None,
-    })
-}
-
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,tandem_console=info".into()))
@@ -77,7 +69,7 @@ fn main() -> anyhow::Result<()> {
         None => SourceConfig::Mesh {
             listen: args.listen.iter().map(|a| a.parse()).collect::<Result<_, _>>()?,
             peers: args.peer.iter().map(|a| a.parse()).collect::<Result<_, _>>()?,
-            secret: secret(args.mesh_secret_file.as_ref())?,
+            secret: MeshSecret::from_file_or_env(args.mesh_secret_file.as_deref())?,
             mdns: !args.no_mdns,
         },
     };

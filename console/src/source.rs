@@ -4,7 +4,7 @@
 //! a tokio runtime and hands results to the UI through a channel.
 
 use std::sync::mpsc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tandem_mesh::{
     CONTROL_LIMITS, CONTROL_PROTOCOL, CapabilityAd, ClusterSnapshot, ControlReply, ControlRequest, FramedStream, LoadReport, MeshConfig,
@@ -44,10 +44,6 @@ impl Feed {
 
 /// How often the UI gets a snapshot.
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(500);
-
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
 
 /// Starts the feed; `wake` is called after each update (the UI repaints).
 pub fn start(cfg: SourceConfig, wake: impl Fn() + Send + Sync + 'static) -> anyhow::Result<(Feed, SourceInfo)> {
@@ -137,7 +133,7 @@ pub async fn send_order(mesh: &tandem_mesh::MeshHandle, secret: &MeshSecret, ord
     let peer: PeerId = order.target.parse().map_err(|e| format!("bad peer id: {e}"))?;
     let stream = mesh.open_stream(peer, CONTROL_PROTOCOL).await.map_err(|e| e.to_string())?;
     let mut s = FramedStream::new(stream, CONTROL_LIMITS);
-    let req = ControlRequest::sign(secret, &order.target, order.command, unix_ms());
+    let req = ControlRequest::sign(secret, &order.target, order.command, tandem_mesh::unix_ms());
     s.send_msg(&req).await.map_err(|e| e.to_string())?;
     s.finish().await.map_err(|e| e.to_string())?;
     s.recv_msg::<ControlReply>().await.map_err(|e| e.to_string())?.ok_or_else(|| "the node closed the stream without an answer".into())

@@ -408,6 +408,15 @@ impl ClusterState {
         self.pending = None;
     }
 
+    /// A line for the operator under the summary (an answer, or the source's state); the last
+    /// few are kept.
+    pub fn tell(&mut self, line: String) {
+        self.replies.push_back(line);
+        while self.replies.len() > 8 {
+            self.replies.pop_front();
+        }
+    }
+
     /// A node answered an order (or it could not be delivered).
     pub fn reply(&mut self, order: &ControlOrder, result: &Result<ControlReply, String>) {
         let who = short(&order.target);
@@ -418,10 +427,7 @@ impl ClusterState {
             Ok(ControlReply::Refused { message }) => format!("{who}: {} refused: {message}", order.command),
             Err(e) => format!("{who}: {} not delivered: {e}", order.command),
         };
-        self.replies.push_back(line);
-        while self.replies.len() > 8 {
-            self.replies.pop_front();
-        }
+        self.tell(line);
     }
 
     /// Nodes per role, in the order the summary lists them.

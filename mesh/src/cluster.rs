@@ -106,7 +106,8 @@ pub fn short(peer: &str) -> &str {
     peer.get(peer.len().saturating_sub(6)..).unwrap_or(peer)
 }
 
-fn now_ms() -> u64 {
+/// Unix time in milliseconds (0 on a clock before 1970).
+pub fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
@@ -131,10 +132,14 @@ impl ClusterView {
     fn log(&mut self, kind: MeshEventKind, peer: impl ToString, detail: impl Into<String>) {
         let (peer, detail) = (peer.to_string(), detail.into());
         tracing::info!(%peer, ?kind, %detail, "mesh event");
+        self.push_event(MeshEvent { at_ms: unix_ms(), kind, peer_id: peer, detail });
+    }
+
+    fn push_event(&mut self, e: MeshEvent) {
         if self.events.len() == EVENT_LOG {
             self.events.pop_front();
         }
-        self.events.push_back(MeshEvent { at_ms: now_ms(), kind, peer_id: peer, detail });
+        self.events.push_back(e);
     }
 
     /// Records something outside the view's own bookkeeping (a refused connection, a re-placed
@@ -190,10 +195,7 @@ impl ClusterView {
             GossipMessage::Load(load) => {
                 for e in &load.events {
                     let detail = format!("{} (reported by {})", e.detail, short(&from.to_string()));
-                    if self.events.len() == EVENT_LOG {
-                        self.events.pop_front();
-                    }
-                    self.events.push_back(MeshEvent { detail, ..e.clone() });
+                    self.push_event(MeshEvent { detail, ..e.clone() });
                 }
                 let node = self.entry(from, now);
                 node.load = Some(load);

@@ -109,15 +109,11 @@ fn signature(key: &[u8; 32], target: &str, command: &ControlCommand, issued_ms: 
     mac
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 impl ControlRequest {
     /// Signs `command` for `target` with the mesh secret.
     pub fn sign(secret: &MeshSecret, target: &str, command: ControlCommand, issued_ms: u64) -> Self {
         let nonce = rand::random();
-        let mac = hex(&signature(&secret.control_key(), target, &command, issued_ms, nonce).finalize().into_bytes());
+        let mac = hex::encode(signature(&secret.control_key(), target, &command, issued_ms, nonce).finalize().into_bytes());
         ControlRequest { v: crate::PROTOCOL_VERSION, target: target.into(), command, issued_ms, nonce, mac }
     }
 }
@@ -146,11 +142,7 @@ impl ControlGate {
         if req.target != self.me {
             return Err(ControlError::WrongTarget(req.target.clone()));
         }
-        let mac = (0..req.mac.len() / 2)
-            .map(|i| req.mac.get(2 * i..2 * i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
-            .collect::<Option<Vec<u8>>>()
-            .filter(|m| m.len() * 2 == req.mac.len())
-            .ok_or(ControlError::BadSignature)?;
+        let mac = hex::decode(&req.mac).map_err(|_| ControlError::BadSignature)?;
         signature(key, &req.target, &req.command, req.issued_ms, req.nonce).verify_slice(&mac).map_err(|_| ControlError::BadSignature)?;
         let skew = now_ms.abs_diff(req.issued_ms);
         if skew > CONTROL_MAX_SKEW_MS {

@@ -17,7 +17,7 @@ mod placement;
 mod roles;
 mod secret;
 
-pub use cluster::{ClusterSnapshot, ClusterView, Link, MeshEvent, MeshEventKind, NodeSnapshot, NodeState, short};
+pub use cluster::{ClusterSnapshot, ClusterView, Link, MeshEvent, MeshEventKind, NodeSnapshot, NodeState, short, unix_ms};
 pub use control::{CONTROL_LIMITS, CONTROL_PROTOCOL, ControlCommand, ControlError, ControlGate, ControlReply, ControlRequest};
 pub use error::{Error, Result};
 pub use frames::{FrameError, FramedStream, Limits as FrameLimits};

@@ -38,14 +38,20 @@ impl MeshSecret {
         } else {
             text.to_string()
         };
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(err("expected 64 hex characters (or a swarm.key file); `tandem mesh keygen` writes one"));
-        }
         let mut key = [0u8; 32];
-        for (i, byte) in key.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|e| err(&e.to_string()))?;
-        }
+        hex::decode_to_slice(&hex, &mut key)
+            .map_err(|_| err("expected 64 hex characters (or a swarm.key file); `tandem mesh keygen` writes one"))?;
         Ok(MeshSecret { psk: PreSharedKey::new(key), key })
+    }
+
+    /// The secret an operator gave: the file, or else the `TANDEM_MESH_SECRET` variable (never a
+    /// flag: command lines are visible to every user); None for an open mesh.
+    pub fn from_file_or_env(path: Option<&Path>) -> Result<Option<Self>> {
+        match (path, std::env::var("TANDEM_MESH_SECRET")) {
+            (Some(p), _) => Self::from_file(p).map(Some),
+            (None, Ok(text)) if !text.is_empty() => Self::parse(&text, "TANDEM_MESH_SECRET").map(Some),
+            _ => Ok(None),
+        }
     }
 
     /// The key control messages are signed with: derived from the mesh secret, so that holding
@@ -75,8 +81,7 @@ impl MeshSecret {
 /// Writes a new random key in swarm.key format (mode 0600); refuses to overwrite.
 pub fn generate_secret(path: &Path) -> Result<MeshSecret> {
     let key: [u8; 32] = rand::random();
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-    let text = format!("{SWARM_KEY_HEADER}{hex}\n");
+    let text = format!("{SWARM_KEY_HEADER}{}\n", hex::encode(key));
     crate::identity::write_private(path, text.as_bytes())
         .map_err(|e| Error::Secret { source_name: path.display().to_string(), message: format!("cannot write: {e}") })?;
     Ok(MeshSecret { psk: PreSharedKey::new(key), key })

@@ -47,11 +47,12 @@ struct DesktopApp {
     files: Option<egui_file::FileDialog>,
     chat: Option<String>,
     screenshot: Option<Screenshot>,
+    /// The clock the mesh view's samples are timed by.
+    started: std::time::Instant,
 }
 
 impl eframe::App for DesktopApp {
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
-        let started = std::time::Instant::now();
         while let Ok(u) = self.runner.updates.try_recv() {
             match u {
                 Update::Status(s) => {
@@ -64,7 +65,7 @@ impl eframe::App for DesktopApp {
                     self.state.http = Some(http);
                     self.state.peer_id = Some(peer_id);
                 }
-                Update::Snapshot(s) => self.state.cluster.apply(&s, started.elapsed().as_secs_f64()),
+                Update::Snapshot(s) => self.state.cluster.apply(&s, self.started.elapsed().as_secs_f64()),
                 Update::ChatPiece(p) => self.state.answer_piece(&p),
                 Update::ChatDone(e) => self.state.answer_done(e),
             }
@@ -142,7 +143,7 @@ fn main() -> anyhow::Result<()> {
                 runner.order(Order::Start(state.settings.clone()));
             }
             let screenshot = args.screenshot.map(|p| Screenshot::new(p, Duration::from_secs_f64(args.screenshot_after)));
-            Ok(Box::new(DesktopApp { state, runner, files: None, chat: args.chat, screenshot }))
+            Ok(Box::new(DesktopApp { state, runner, files: None, chat: args.chat, screenshot, started: std::time::Instant::now() }))
         }),
     )
     .map_err(|e| anyhow::anyhow!("the window failed: {e}"))

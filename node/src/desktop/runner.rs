@@ -156,7 +156,7 @@ async fn fetch_default(send: &(impl Fn(Update) + Send + Sync + 'static + Clone))
 /// Polls the node until it answers, then reports its view of the mesh every second.
 async fn watch(http: String, send: impl Fn(Update) + Send + Sync + 'static) {
     let Ok(client) = reqwest::Client::builder().timeout(Duration::from_secs(3)).build() else { return };
-    let mut started = false;
+    let (mut started, mut announced) = (false, false);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tick.tick().await;
@@ -170,7 +170,10 @@ async fn watch(http: String, send: impl Fn(Update) + Send + Sync + 'static) {
         }
         let snap = async { client.get(format!("{http}/v1/cluster")).send().await.ok()?.json::<ClusterSnapshot>().await.ok() }.await;
         if let Some(s) = snap {
-            send(Update::Started { http: http.clone(), peer_id: s.self_id.clone() });
+            if !announced {
+                announced = true;
+                send(Update::Started { http: http.clone(), peer_id: s.self_id.clone() });
+            }
             send(Update::Snapshot(Box::new(s)));
         }
     }

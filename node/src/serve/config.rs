@@ -221,11 +221,7 @@ impl ServeArgs {
                 listen: multiaddrs("listen", if self.listen.is_empty() { file.listen.unwrap_or_default() } else { self.listen })?,
                 peers: multiaddrs("peer", if self.peer.is_empty() { file.peer.unwrap_or_default() } else { self.peer })?,
                 role: self.role.or(file.role).unwrap_or_default(),
-                secret: match (self.mesh_secret_file.or(file.mesh_secret_file), std::env::var("TANDEM_MESH_SECRET")) {
-                    (Some(path), _) => Some(MeshSecret::from_file(&path)?),
-                    (None, Ok(text)) if !text.is_empty() => Some(MeshSecret::parse(&text, "TANDEM_MESH_SECRET")?),
-                    _ => None,
-                },
+                secret: MeshSecret::from_file_or_env(self.mesh_secret_file.or(file.mesh_secret_file).as_deref())?,
                 allow: (if self.allow_peer.is_empty() { file.allow_peer.unwrap_or_default() } else { self.allow_peer })
                     .into_iter()
                     .map(|v| {

@@ -4,7 +4,6 @@
 //! refuses them all.
 
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tandem_mesh::{CONTROL_LIMITS, CONTROL_PROTOCOL, ControlCommand, ControlGate, ControlReply, ControlRequest, FramedStream, PeerId};
 
@@ -21,10 +20,6 @@ pub async fn accept_loop(app: Arc<App>) {
     .await;
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 async fn serve_control(app: &Arc<App>, gate: &Mutex<ControlGate>, peer: PeerId, stream: tandem_mesh::Stream) {
     let mut s = FramedStream::new(stream, CONTROL_LIMITS);
     let req = match s.recv_msg::<ControlRequest>().await {
@@ -39,8 +34,10 @@ async fn serve_control(app: &Arc<App>, gate: &Mutex<ControlGate>, peer: PeerId, 
         tracing::warn!(%peer, error = %e, "control stream without a proper end");
         return;
     }
-    let checked =
-        gate.lock().map_err(|_| "control gate poisoned".to_string()).and_then(|mut g| g.check(&req, unix_ms()).map_err(|e| e.to_string()));
+    let checked = gate
+        .lock()
+        .map_err(|_| "control gate poisoned".to_string())
+        .and_then(|mut g| g.check(&req, tandem_mesh::unix_ms()).map_err(|e| e.to_string()));
     let reply = match checked {
         Err(message) => {
             tracing::warn!(%peer, command = %req.command, %message, "control command refused");

@@ -122,8 +122,12 @@ fn session_id() -> u64 {
     xxhash_rust::xxh3::xxh3_64(&t.to_le_bytes()) ^ u64::from(std::process::id())
 }
 
-/// Receives one chunk into a parked sequence, checking it against the transfer.
+/// Receives one chunk from `peer` into a parked sequence, checking it against the transfer, and
+/// counts its bytes on the link as they arrive (the console draws live streams from them).
+#[allow(clippy::too_many_arguments)]
 fn receive_chunk(
+    app: &App,
+    peer: PeerId,
     loaded: &Loaded,
     ticket: u64,
     frame: &[u8],
@@ -132,7 +136,9 @@ fn receive_chunk(
     held: usize,
 ) -> Result<(), String> {
     let chunk = KvChunk::decode(frame, shape).map_err(|e| e.to_string())?;
+    let before = progress.bytes;
     progress.accept(&chunk).map_err(|e| e.to_string())?;
+    app.mesh.count_link_bytes(peer, progress.bytes - before);
     if let Some(layer) = layer_from(chunk, held) {
         loaded.worker.import(ticket, layer).map_err(|e| e.to_string())?;
     }
@@ -183,9 +189,7 @@ pub async fn prefill_remote(app: &App, loaded: &Loaded, peer: PeerId, req: &Requ
                 let now = Instant::now();
                 first_chunk.get_or_insert(now);
                 last_chunk = Some(now);
-                let before = progress.bytes;
-                receive_chunk(loaded, ticket.id, &frame, &shape, &mut progress, held)?;
-                app.mesh.count_link_bytes(peer, progress.bytes - before);
+                receive_chunk(app, peer, loaded, ticket.id, &frame, &shape, &mut progress, held)?;
                 continue;
             }
             match serde_json::from_slice::<KvReply>(&frame).map_err(|e| format!("malformed reply: {e}"))? {
@@ -509,9 +513,7 @@ async fn receive_park(app: &App, loaded: &Loaded, peer: PeerId, mut s: Stream, s
             if !is_chunk(&frame) {
                 return Err("a message where K/V was expected".to_string());
             }
-            let before = progress.bytes;
-            receive_chunk(loaded, ticket.id, &frame, &shape, &mut progress, held)?;
-            app.mesh.count_link_bytes(peer, progress.bytes - before);
+            receive_chunk(app, peer, loaded, ticket.id, &frame, &shape, &mut progress, held)?;
         }
         progress.check_complete().map_err(|e| e.to_string())?;
         seal(loaded, ticket.id).await

@@ -597,7 +597,7 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
     // When this node delivered its first new token, in ms from `arrival`.
     let mut first_at = None;
     let mut trace = tandem_mesh::RequestTrace {
-        arrived_ms: unix_ms(),
+        arrived_ms: tandem_mesh::unix_ms(),
         model: loaded.model_id.clone(),
         prompt_tokens: prompt_tokens as u64,
         ..Default::default()
@@ -655,8 +655,6 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
             break;
         }
     }
-    // The time to a split request's first token is measured here, not by the scheduler.
-    let split_ttft = (!announce.is_empty()).then(|| arrival.elapsed());
     if let Some(finish) = ended {
         // Finished already (the first token was the last): nothing for the scheduler; a
         // remote prefill's parked K/V is freed with `parked`.
@@ -709,7 +707,11 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
             }
             Event::Finished(reason, mut timings) => {
                 guard.finished = true;
-                timings.ttft = timings.ttft.or(split_ttft);
+                if trace.prefill_peer.is_some() {
+                    // A split request's first token came from the prefill node: its TTFT is
+                    // measured here, not by the scheduler (which counts it as resumed).
+                    timings.ttft = first_at.map(|ms| std::time::Duration::from_secs_f64(ms / 1e3));
+                }
                 app.metrics.observe(&timings);
                 // All in this node's time from `arrival`: the scheduler's own clock starts only
                 // when a split request's K/V has arrived.
@@ -752,7 +754,7 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
                 // node where the request continues.
                 guard.finished = true;
                 let now = ms_since(arrival);
-                trace.decode = [first_at.unwrap_or(now).min(now), now];
+                trace.decode = [first_at.unwrap_or(now), now];
                 trace.output_tokens = generated as u64;
                 trace.outcome = "moved".into();
                 app.metrics.trace(trace);
@@ -768,10 +770,6 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
             }
         }
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 fn ms_since(t: std::time::Instant) -> f64 {
