@@ -64,6 +64,25 @@ impl ModelConfig {
         if self.context_length == 0 {
             return err("context length is zero".into());
         }
+        // Far above any real model; keeps every product of two dimensions well inside a u64.
+        const MAX_DIM: usize = 1 << 24;
+        for (field, v) in [
+            ("hidden size", self.hidden_size),
+            ("feed-forward size", self.ffn_size),
+            ("vocabulary size", self.vocab_size),
+            ("attention heads", self.n_heads),
+            ("layers", self.n_layers),
+        ] {
+            if v > MAX_DIM {
+                return err(format!("{field} {v} is implausible (more than {MAX_DIM})"));
+            }
+        }
+        if !(self.rms_eps.is_finite() && self.rms_eps > 0.0 && self.rms_eps < 1.0) {
+            return err(format!("RMS norm epsilon {} is not a small positive number", self.rms_eps));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return err(format!("RoPE base {} is not a positive number", self.rope_theta));
+        }
         Ok(())
     }
 

@@ -14,6 +14,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path} is {kind}: models are read from regular files only")]
+    NotRegularFile { path: PathBuf, kind: &'static str },
+    #[error("{path} holds {size} bytes, more than the {max} such a file may hold")]
+    FileTooLarge { path: PathBuf, size: u64, max: u64 },
     #[error("{path}: not a valid GGUF file: {reason}")]
     Gguf { path: PathBuf, reason: String },
     #[error("{path}: tensor `{tensor}`: {reason}")]

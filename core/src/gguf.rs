@@ -30,7 +30,104 @@ pub enum MetaValue {
     F64(f64),
     Bool(bool),
     Str(String),
-    Array(Vec<MetaValue>),
+    Array(MetaArray),
+}
+
+/// A metadata array, kept in its element type: a large array costs about what the file does
+/// (one enum per element would cost 32 bytes for each byte of a `u8` array).
+#[derive(Clone, Debug, PartialEq)]
+pub enum MetaArray {
+    U8(Vec<u8>),
+    I8(Vec<i8>),
+    U16(Vec<u16>),
+    I16(Vec<i16>),
+    U32(Vec<u32>),
+    I32(Vec<i32>),
+    U64(Vec<u64>),
+    I64(Vec<i64>),
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    Bool(Vec<bool>),
+    Str(Vec<String>),
+    Array(Vec<MetaArray>),
+}
+
+impl MetaArray {
+    pub fn len(&self) -> usize {
+        match self {
+            MetaArray::U8(v) => v.len(),
+            MetaArray::I8(v) => v.len(),
+            MetaArray::U16(v) => v.len(),
+            MetaArray::I16(v) => v.len(),
+            MetaArray::U32(v) => v.len(),
+            MetaArray::I32(v) => v.len(),
+            MetaArray::U64(v) => v.len(),
+            MetaArray::I64(v) => v.len(),
+            MetaArray::F32(v) => v.len(),
+            MetaArray::F64(v) => v.len(),
+            MetaArray::Bool(v) => v.len(),
+            MetaArray::Str(v) => v.len(),
+            MetaArray::Array(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The elements, if this is an array of strings.
+    pub fn strings(&self) -> Option<&[String]> {
+        match self {
+            MetaArray::Str(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The elements as signed integers, if this is an array of integers that all fit.
+    pub fn integers(&self) -> Option<Vec<i64>> {
+        fn all<T: Copy>(v: &[T], f: impl Fn(T) -> Option<i64>) -> Option<Vec<i64>> {
+            v.iter().map(|&x| f(x)).collect()
+        }
+        match self {
+            MetaArray::U8(v) => all(v, |x| Some(x.into())),
+            MetaArray::I8(v) => all(v, |x| Some(x.into())),
+            MetaArray::U16(v) => all(v, |x| Some(x.into())),
+            MetaArray::I16(v) => all(v, |x| Some(x.into())),
+            MetaArray::U32(v) => all(v, |x| Some(x.into())),
+            MetaArray::I32(v) => all(v, |x| Some(x.into())),
+            MetaArray::U64(v) => all(v, |x| i64::try_from(x).ok()),
+            MetaArray::I64(v) => Some(v.clone()),
+            _ => None,
+        }
+    }
+
+    /// The elements as floats, if this is a numeric array.
+    pub fn floats(&self) -> Option<Vec<f64>> {
+        match self {
+            MetaArray::F32(v) => Some(v.iter().map(|&x| x.into()).collect()),
+            MetaArray::F64(v) => Some(v.clone()),
+            other => other.integers().map(|v| v.into_iter().map(|x| x as f64).collect()),
+        }
+    }
+
+    /// GGUF's type id of the elements.
+    fn element_type(&self) -> u32 {
+        match self {
+            MetaArray::U8(_) => 0,
+            MetaArray::I8(_) => 1,
+            MetaArray::U16(_) => 2,
+            MetaArray::I16(_) => 3,
+            MetaArray::U32(_) => 4,
+            MetaArray::I32(_) => 5,
+            MetaArray::F32(_) => 6,
+            MetaArray::Bool(_) => 7,
+            MetaArray::Str(_) => 8,
+            MetaArray::Array(_) => 9,
+            MetaArray::U64(_) => 10,
+            MetaArray::I64(_) => 11,
+            MetaArray::F64(_) => 12,
+        }
+    }
 }
 
 impl MetaValue {
@@ -67,7 +164,7 @@ impl MetaValue {
     }
 
     /// The value as an array.
-    pub fn as_array(&self) -> Option<&[MetaValue]> {
+    pub fn as_array(&self) -> Option<&MetaArray> {
         match self {
             MetaValue::Array(a) => Some(a),
             _ => None,
@@ -120,12 +217,19 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(self.array(what)?))
     }
 
-    fn count(&mut self, what: &str) -> Result<u64> {
+    fn remaining(&self) -> usize {
+        self.data.len() - self.pos
+    }
+
+    /// A count read from the file, checked before anything is allocated for it: each item takes
+    /// at least `min_bytes` of what is left of the file.
+    fn count(&mut self, what: &str, min_bytes: usize) -> Result<usize> {
         let n = self.u64(what)?;
-        if n > MAX_ITEMS {
-            return Err(self.err(format!("implausible {what} {n}")));
-        }
-        Ok(n)
+        let left = self.remaining();
+        usize::try_from(n)
+            .ok()
+            .filter(|&c| c as u64 <= MAX_ITEMS && c.checked_mul(min_bytes).is_some_and(|b| b <= left))
+            .ok_or_else(|| self.err(format!("{what} {n} is implausible: the {left} bytes left in the file cannot hold that many")))
     }
 
     fn string(&mut self, what: &str) -> Result<String> {
@@ -135,7 +239,7 @@ impl<'a> Reader<'a> {
         String::from_utf8(b.to_vec()).map_err(|_| self.err(format!("{what} is not valid UTF-8")))
     }
 
-    fn value(&mut self, ty: u32, key: &str, depth: u32) -> Result<MetaValue> {
+    fn value(&mut self, ty: u32, key: &str) -> Result<MetaValue> {
         Ok(match ty {
             0 => MetaValue::U8(self.array::<1>(key)?[0]),
             1 => MetaValue::I8(self.array::<1>(key)?[0] as i8),
@@ -146,22 +250,53 @@ impl<'a> Reader<'a> {
             6 => MetaValue::F32(f32::from_le_bytes(self.array(key)?)),
             7 => MetaValue::Bool(self.array::<1>(key)?[0] != 0),
             8 => MetaValue::Str(self.string(key)?),
-            9 => {
-                if depth > 2 {
-                    return Err(self.err(format!("metadata `{key}`: arrays nested too deep")));
-                }
-                let elem_ty = self.u32(key)?;
-                let n = self.count(key)?;
-                let mut items = Vec::with_capacity(n.min(1 << 16) as usize);
-                for _ in 0..n {
-                    items.push(self.value(elem_ty, key, depth + 1)?);
-                }
-                MetaValue::Array(items)
-            }
+            9 => MetaValue::Array(self.meta_array(key, 0)?),
             10 => MetaValue::U64(self.u64(key)?),
             11 => MetaValue::I64(i64::from_le_bytes(self.array(key)?)),
             12 => MetaValue::F64(f64::from_le_bytes(self.array(key)?)),
             other => return Err(self.err(format!("metadata `{key}` has unknown value type {other}"))),
+        })
+    }
+
+    fn meta_array(&mut self, key: &str, depth: u32) -> Result<MetaArray> {
+        if depth > 2 {
+            return Err(self.err(format!("metadata `{key}`: arrays nested too deep")));
+        }
+        let elem_ty = self.u32(key)?;
+        // The least each element takes in the file: strings their length, arrays their header.
+        let size = match elem_ty {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            8 | 10..=12 => 8,
+            9 => 12,
+            other => return Err(self.err(format!("metadata `{key}` is an array of unknown type {other}"))),
+        };
+        let n = self.count(&format!("metadata `{key}` array length"), size)?;
+        if elem_ty == 8 {
+            return (0..n).map(|_| self.string(key)).collect::<Result<_>>().map(MetaArray::Str);
+        }
+        if elem_ty == 9 {
+            return (0..n).map(|_| self.meta_array(key, depth + 1)).collect::<Result<_>>().map(MetaArray::Array);
+        }
+        let b = self.bytes(n * size, key)?;
+        fn le<const N: usize>(c: &[u8]) -> [u8; N] {
+            let mut a = [0u8; N];
+            a.copy_from_slice(c);
+            a
+        }
+        Ok(match elem_ty {
+            0 => MetaArray::U8(b.to_vec()),
+            1 => MetaArray::I8(b.iter().map(|&x| x as i8).collect()),
+            2 => MetaArray::U16(b.chunks_exact(2).map(|c| u16::from_le_bytes(le(c))).collect()),
+            3 => MetaArray::I16(b.chunks_exact(2).map(|c| i16::from_le_bytes(le(c))).collect()),
+            4 => MetaArray::U32(b.chunks_exact(4).map(|c| u32::from_le_bytes(le(c))).collect()),
+            5 => MetaArray::I32(b.chunks_exact(4).map(|c| i32::from_le_bytes(le(c))).collect()),
+            6 => MetaArray::F32(b.chunks_exact(4).map(|c| f32::from_le_bytes(le(c))).collect()),
+            7 => MetaArray::Bool(b.iter().map(|&x| x != 0).collect()),
+            10 => MetaArray::U64(b.chunks_exact(8).map(|c| u64::from_le_bytes(le(c))).collect()),
+            11 => MetaArray::I64(b.chunks_exact(8).map(|c| i64::from_le_bytes(le(c))).collect()),
+            _ => MetaArray::F64(b.chunks_exact(8).map(|c| f64::from_le_bytes(le(c))).collect()),
         })
     }
 }
@@ -169,7 +304,7 @@ impl<'a> Reader<'a> {
 impl GgufFile {
     /// Memory-maps and parses `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = crate::files::open_regular(path)?;
         // SAFETY-free: memmap2's map is `unsafe` because another process may change the file; we
         // only read, and a model file changing under a running server is outside our contract.
         let map = crate::tensor::map_file(&file, path)?;
@@ -187,13 +322,15 @@ impl GgufFile {
         if !(2..=3).contains(&version) {
             return Err(r.err(format!("unsupported GGUF version {version} (tandem reads 2 and 3)")));
         }
-        let n_tensors = r.count("tensor count")?;
-        let n_kv = r.count("metadata count")?;
+        // A tensor entry takes at least 32 bytes (name length, one dimension, type, offset), a
+        // metadata entry 13 (key length, type, one byte of value).
+        let n_tensors = r.count("tensor count", 32)?;
+        let n_kv = r.count("metadata count", 13)?;
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
             let key = r.string("metadata key")?;
             let ty = r.u32(&key)?;
-            let v = r.value(ty, &key, 0)?;
+            let v = r.value(ty, &key)?;
             metadata.insert(key, v);
         }
         let alignment = match metadata.get("general.alignment") {
@@ -206,7 +343,7 @@ impl GgufFile {
             ty: u32,
             offset: u64,
         }
-        let mut infos = Vec::with_capacity(n_tensors as usize);
+        let mut infos = Vec::with_capacity(n_tensors);
         for _ in 0..n_tensors {
             let name = r.string("tensor name")?;
             let n_dims = r.u32(&name)?;
@@ -279,12 +416,30 @@ fn write_value(out: &mut Vec<u8>, v: &MetaValue) {
             out.extend_from_slice(&(s.len() as u64).to_le_bytes());
             out.extend_from_slice(s.as_bytes());
         }
-        MetaValue::Array(items) => {
-            let elem = items.first().map_or(4, value_type);
-            out.extend_from_slice(&elem.to_le_bytes());
-            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
-            items.iter().for_each(|i| write_value(out, i));
-        }
+        MetaValue::Array(items) => write_array(out, items),
+    }
+}
+
+fn write_array(out: &mut Vec<u8>, items: &MetaArray) {
+    out.extend_from_slice(&items.element_type().to_le_bytes());
+    out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+    fn each<T: Copy>(out: &mut Vec<u8>, v: &[T], le: impl Fn(T) -> Vec<u8>) {
+        v.iter().for_each(|&x| out.extend_from_slice(&le(x)));
+    }
+    match items {
+        MetaArray::U8(v) => out.extend_from_slice(v),
+        MetaArray::I8(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
+        MetaArray::U16(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
+        MetaArray::I16(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
+        MetaArray::U32(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
+        MetaArray::I32(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
+        MetaArray::U64(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
+        MetaArray::I64(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
+        MetaArray::F32(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
+        MetaArray::F64(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
+        MetaArray::Bool(v) => each(out, v, |x| vec![u8::from(x)]),
+        MetaArray::Str(v) => v.iter().for_each(|s| write_value(out, &MetaValue::Str(s.clone()))),
+        MetaArray::Array(v) => v.iter().for_each(|a| write_array(out, a)),
     }
 }
 

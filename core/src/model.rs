@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::files::{MAX_JSON_BYTES, open_regular, read_text};
 use crate::gguf::GgufFile;
 use crate::tensor::{Backing, HostTensor, TensorBytes, WeightFormat, map_file};
 use crate::tokenizer::TextTokenizer;
@@ -33,24 +34,23 @@ impl HostModel {
 
     /// Loads a GGUF file.
     pub fn load_gguf(path: &Path) -> Result<Self> {
-        let file = GgufFile::open(path)?;
+        let mut file = GgufFile::open(path)?;
         let config = ModelConfig::from_gguf(&file)?;
+        let tensors: HashMap<String, HostTensor> = std::mem::take(&mut file.tensors).into_iter().map(|t| (t.name.clone(), t)).collect();
+        check_tensors(path, &config, &tensors)?;
         let tokenizer = TextTokenizer::from_gguf(&file)?;
-        let tensors = file.tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
-        let model = HostModel { path: path.into(), config, tensors, tokenizer };
-        model.check_tensors()?;
-        Ok(model)
+        Ok(HostModel { path: path.into(), config, tensors, tokenizer })
     }
 
     /// Loads `config.json`, `model.safetensors` (or shards listed in
     /// `model.safetensors.index.json`) and `tokenizer.json` from `dir`.
     pub fn load_hf_dir(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let text = read_text(&cfg_path, MAX_JSON_BYTES)?;
         let config = ModelConfig::from_hf_json(&cfg_path, &text)?;
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let text = read_text(&index, MAX_JSON_BYTES)?;
             let v: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| Error::Safetensors { path: index.clone(), reason: e.to_string() })?;
             let map =
@@ -75,10 +75,9 @@ impl HostModel {
                 }
             }
         }
+        check_tensors(dir, &config, &tensors)?;
         let tokenizer = TextTokenizer::from_hf_dir(dir)?;
-        let model = HostModel { path: dir.into(), config, tensors, tokenizer };
-        model.check_tensors()?;
-        Ok(model)
+        Ok(HostModel { path: dir.into(), config, tensors, tokenizer })
     }
 
     /// A tensor by canonical name.
@@ -89,48 +88,6 @@ impl HostModel {
     /// The output head (the embedding table when tied).
     pub fn output_head(&self) -> Result<&HostTensor> {
         if self.config.tied_embeddings { self.tensor("token_embd.weight") } else { self.tensor("output.weight") }
-    }
-
-    /// Every tensor the forward pass reads exists with the shape the configuration implies.
-    fn check_tensors(&self) -> Result<()> {
-        let c = &self.config;
-        let (d, f, q, kv) = (c.hidden_size, c.ffn_size, c.n_heads * c.head_dim, c.kv_dim());
-        let mut expected: Vec<(String, Vec<usize>)> =
-            vec![("token_embd.weight".into(), vec![d, c.vocab_size]), ("output_norm.weight".into(), vec![d])];
-        if !c.tied_embeddings {
-            expected.push(("output.weight".into(), vec![d, c.vocab_size]));
-        }
-        for l in 0..c.n_layers {
-            for (what, shape) in [
-                ("attn_norm", vec![d]),
-                ("attn_q", vec![d, q]),
-                ("attn_k", vec![d, kv]),
-                ("attn_v", vec![d, kv]),
-                ("attn_output", vec![q, d]),
-                ("ffn_norm", vec![d]),
-                ("ffn_gate", vec![d, f]),
-                ("ffn_up", vec![d, f]),
-                ("ffn_down", vec![f, d]),
-            ] {
-                expected.push((layer_tensor(l, what), shape));
-            }
-        }
-        for (name, shape) in expected {
-            let t = self.tensor(&name)?;
-            let got: Vec<usize> = t.shape.iter().copied().filter(|&s| s != 1 || shape.len() > 1).collect();
-            let got = if got.is_empty() { vec![1] } else { got };
-            if got != shape {
-                return Err(Error::ShapeMismatch { path: self.path.clone(), tensor: name, got: t.shape.clone(), expected: shape });
-            }
-            if shape.len() > 1 && t.format.row_bytes(t.cols()).is_none() {
-                return Err(Error::Tensor {
-                    path: self.path.clone(),
-                    tensor: name,
-                    reason: format!("{} columns do not fit {} blocks", t.cols(), t.format),
-                });
-            }
-        }
-        Ok(())
     }
 
     /// Weight bytes in the file's formats.
@@ -172,6 +129,55 @@ impl HostModel {
         field(&json_bytes(&(tok.bos_id, tok.eos_id, &tok.stop_ids, &tok.chat_template)));
         format!("{:016x}", hasher.digest())
     }
+}
+
+/// Every tensor the forward pass reads exists with the shape the configuration implies.
+fn check_tensors(path: &Path, c: &ModelConfig, tensors: &HashMap<String, HostTensor>) -> Result<()> {
+    // A layer is nine tensors: a file cannot hold more layers than that allows, whatever its
+    // metadata claims (checked before anything is built per layer).
+    if c.n_layers > tensors.len() / 9 {
+        return Err(Error::Config {
+            path: path.into(),
+            reason: format!("the model claims {} layers but holds only {} tensors", c.n_layers, tensors.len()),
+        });
+    }
+    let (d, f, q, kv) = (c.hidden_size, c.ffn_size, c.n_heads * c.head_dim, c.kv_dim());
+    let mut fixed: Vec<(String, Vec<usize>)> =
+        vec![("token_embd.weight".into(), vec![d, c.vocab_size]), ("output_norm.weight".into(), vec![d])];
+    if !c.tied_embeddings {
+        fixed.push(("output.weight".into(), vec![d, c.vocab_size]));
+    }
+    let layers = (0..c.n_layers).flat_map(|l| {
+        [
+            ("attn_norm", vec![d]),
+            ("attn_q", vec![d, q]),
+            ("attn_k", vec![d, kv]),
+            ("attn_v", vec![d, kv]),
+            ("attn_output", vec![q, d]),
+            ("ffn_norm", vec![d]),
+            ("ffn_gate", vec![d, f]),
+            ("ffn_up", vec![d, f]),
+            ("ffn_down", vec![f, d]),
+        ]
+        .into_iter()
+        .map(move |(what, shape)| (layer_tensor(l, what), shape))
+    });
+    for (name, shape) in fixed.into_iter().chain(layers) {
+        let t = tensors.get(&name).ok_or_else(|| Error::MissingTensor { path: path.into(), tensor: name.clone() })?;
+        let got: Vec<usize> = t.shape.iter().copied().filter(|&s| s != 1 || shape.len() > 1).collect();
+        let got = if got.is_empty() { vec![1] } else { got };
+        if got != shape {
+            return Err(Error::ShapeMismatch { path: path.into(), tensor: name, got: t.shape.clone(), expected: shape });
+        }
+        if shape.len() > 1 && t.format.row_bytes(t.cols()).is_none() {
+            return Err(Error::Tensor {
+                path: path.into(),
+                tensor: name,
+                reason: format!("{} columns do not fit {} blocks", t.cols(), t.format),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The JSON of `value`. The types fingerprinted here report no serialization errors of their own
@@ -240,7 +246,7 @@ pub fn hf_name(canonical: &str) -> Option<String> {
 
 /// Memory-maps a safetensors file and lists its tensors (HF names, GGUF-order shapes).
 fn read_safetensors(path: &Path) -> Result<Vec<HostTensor>> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = open_regular(path)?;
     let backing = Arc::new(Backing::Mapped(map_file(&file, path)?));
     let bytes = backing.bytes();
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors { path: path.into(), reason: e.to_string() })?;

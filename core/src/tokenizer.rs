@@ -74,21 +74,38 @@ impl TextTokenizer {
                  use a Hugging Face directory with tokenizer.json instead"
             )));
         }
-        let strings = |k: &str| -> Result<Vec<String>> {
+        let strings = |k: &str| -> Result<&[String]> {
             file.get(k)
                 .and_then(|v| v.as_array())
-                .ok_or_else(|| tok_err(format!("GGUF has no {k}")))?
-                .iter()
-                .map(|v| v.as_str().map(str::to_string).ok_or_else(|| tok_err(format!("{k} holds a non-string"))))
-                .collect()
+                .ok_or_else(|| tok_err(format!("{}: GGUF has no {k}", file.path.display())))?
+                .strings()
+                .ok_or_else(|| tok_err(format!("{}: {k} is not an array of strings", file.path.display())))
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges = strings("tokenizer.ggml.merges")?;
-        let types: Vec<u64> = file
-            .get("tokenizer.ggml.token_type")
-            .and_then(|v| v.as_array())
-            .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
-            .unwrap_or_default();
+        let types: Vec<i64> = match file.get("tokenizer.ggml.token_type") {
+            None => Vec::new(),
+            Some(v) => v
+                .as_array()
+                .and_then(|a| a.integers())
+                .ok_or_else(|| tok_err(format!("{}: tokenizer.ggml.token_type is not an array of integers", file.path.display())))?,
+        };
+        if !types.is_empty() && types.len() != tokens.len() {
+            return Err(tok_err(format!(
+                "{}: tokenizer.ggml.token_type has {} entries for {} tokens",
+                file.path.display(),
+                types.len(),
+                tokens.len()
+            )));
+        }
+        let id = |k: &str| -> Result<Option<u32>> {
+            let Some(v) = file.get(k) else { return Ok(None) };
+            match v.as_u64().and_then(|i| u32::try_from(i).ok()).filter(|&i| (i as usize) < tokens.len()) {
+                Some(i) => Ok(Some(i)),
+                None => Err(tok_err(format!("{}: {k} is {v:?}, not a token id below {}", file.path.display(), tokens.len()))),
+            }
+        };
+        let (bos, eos) = (id("tokenizer.ggml.bos_token_id")?, id("tokenizer.ggml.eos_token_id")?);
         let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let merges: Vec<(String, String)> = merges
             .iter()
@@ -123,24 +140,21 @@ impl TextTokenizer {
         let specials =
             types.iter().enumerate().filter(|&(_, &ty)| ty == 3 || ty == 4).map(|(i, &ty)| AddedToken::from(tokens[i].clone(), ty == 3));
         tok.add_special_tokens(specials).map_err(tok_err)?;
-        let id = |k: &str| file.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
-        Ok(Self::new(
-            tok,
-            id("tokenizer.ggml.bos_token_id"),
-            id("tokenizer.ggml.eos_token_id"),
-            get_str("tokenizer.chat_template").map(str::to_string),
-        ))
+        Ok(Self::new(tok, bos, eos, get_str("tokenizer.chat_template").map(str::to_string)))
     }
 
     /// Loads `tokenizer.json` (and, beside it, `tokenizer_config.json` for the chat template and
     /// the BOS/EOS tokens).
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| tok_err(format!("{}: {e}", path.display())))?;
+        let bytes = crate::files::read_bounded(&path, crate::files::MAX_TOKENIZER_BYTES)?;
+        let tok = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| tok_err(format!("{}: {e}", path.display())))?;
         let cfg_path = dir.join("tokenizer_config.json");
-        let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| tok_err(format!("{}: {e}", cfg_path.display())))?,
-            Err(_) => serde_json::Value::Null,
+        let cfg: serde_json::Value = if cfg_path.exists() {
+            let text = crate::files::read_text(&cfg_path, crate::files::MAX_JSON_BYTES)?;
+            serde_json::from_str(&text).map_err(|e| tok_err(format!("{}: {e}", cfg_path.display())))?
+        } else {
+            serde_json::Value::Null
         };
         let token_id = |key: &str| {
             let v = &cfg[key];
