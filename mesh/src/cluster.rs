@@ -12,6 +12,9 @@ use crate::messages::{CapabilityAd, GossipMessage, LoadReport};
 
 /// Mesh events kept for the cluster view.
 const EVENT_LOG: usize = 256;
+/// At most this many of them are refusals, which strangers can cause at will: the rest of the
+/// log (joins, leaves, failures) is never pushed out by them.
+const REFUSED_EVENTS: usize = 64;
 
 /// What happened in the mesh.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -136,16 +139,25 @@ impl ClusterView {
     }
 
     fn push_event(&mut self, e: MeshEvent) {
-        if self.events.len() == EVENT_LOG {
+        let refused = |x: &MeshEvent| x.kind == MeshEventKind::Refused;
+        if refused(&e) && self.events.iter().filter(|x| refused(x)).count() >= REFUSED_EVENTS {
+            if let Some(i) = self.events.iter().position(refused) {
+                self.events.remove(i);
+            }
+        } else if self.events.len() == EVENT_LOG {
             self.events.pop_front();
         }
         self.events.push_back(e);
     }
 
     /// Records something outside the view's own bookkeeping (a refused connection, a re-placed
-    /// request); `peer` is a peer id or, before one is known, an address.
+    /// request); `peer` is a peer id or, before one is known, an address. Refusals stay in this
+    /// node's log; the rest goes out with the next load report.
     pub fn record(&mut self, kind: MeshEventKind, peer: impl ToString, detail: impl Into<String>) {
         self.log(kind, peer, detail);
+        if kind == MeshEventKind::Refused {
+            return;
+        }
         if self.outbox.len() == crate::messages::MAX_REPORTED_EVENTS {
             self.outbox.pop_front();
         }
@@ -193,7 +205,9 @@ impl ClusterView {
                 node.last_heard = now;
             }
             GossipMessage::Load(load) => {
-                for e in &load.events {
+                // Refusals are the reporting node's own business (and a flood of them must not
+                // reach every node's log).
+                for e in load.events.iter().filter(|e| e.kind != MeshEventKind::Refused) {
                     let detail = format!("{} (reported by {})", e.detail, short(&from.to_string()));
                     self.push_event(MeshEvent { detail, ..e.clone() });
                 }
@@ -367,5 +381,30 @@ mod tests {
         use MeshEventKind::*;
         assert_eq!(kinds, [Joined, Joined, RoleChanged, Lost, Left]);
         assert_eq!(v.snapshot().nodes.len(), 1, "only this node is left");
+    }
+
+    #[test]
+    fn refusals_stay_local_and_never_push_other_events_out() {
+        let me = PeerId::random();
+        let b = PeerId::random();
+        let mut v = ClusterView::new(me, Duration::from_secs(5));
+        v.apply(b, ad(b, Role::Both), Instant::now()).expect("ad");
+        for i in 0..1000 {
+            v.record(MeshEventKind::Refused, format!("/ip4/10.0.{}.{}/tcp/1", i / 256, i % 256), "garbage");
+        }
+        v.record(MeshEventKind::Rerouted, b, "a failure to report");
+        let events = v.snapshot().events;
+        let refused = events.iter().filter(|e| e.kind == MeshEventKind::Refused).count();
+        assert_eq!(refused, REFUSED_EVENTS, "refusals are capped");
+        assert!(events.iter().any(|e| e.kind == MeshEventKind::Joined), "the join survived: {events:?}");
+        let reported = v.take_reported();
+        assert_eq!(reported.len(), 1, "only the failure goes out with the load report: {reported:?}");
+
+        // A load report carrying refusals (an older node's, or a forged one) adds none here.
+        let mut other = ClusterView::new(PeerId::random(), Duration::from_secs(5));
+        let forged = MeshEvent { at_ms: 0, kind: MeshEventKind::Refused, peer_id: "x".into(), detail: "y".into() };
+        let load = LoadReport { peer_id: b.to_string(), events: vec![forged.clone(), forged], ..Default::default() };
+        other.apply(b, GossipMessage::Load(load), Instant::now()).expect("load");
+        assert!(other.snapshot().events.iter().all(|e| e.kind != MeshEventKind::Refused));
     }
 }

@@ -5,6 +5,11 @@ use std::path::PathBuf;
 pub enum Error {
     #[error("identity key file {path}: {message}")]
     Identity { path: PathBuf, message: String },
+    #[error(
+        "identity key file {path} (peer id {peer_id}) is in use by another tandem process on this machine; \
+         two nodes cannot share one identity: give this one its own with --identity PATH (or TANDEM_IDENTITY)"
+    )]
+    IdentityInUse { path: PathBuf, peer_id: String },
     #[error("mesh secret {source_name}: {message}")]
     Secret { source_name: String, message: String },
     #[error("cannot listen on {addr}: {message}")]

@@ -36,6 +36,29 @@ pub fn load_or_create_identity(path: &Path) -> Result<Keypair> {
     }
 }
 
+/// A node's hold on its identity file, released when dropped (or when the process ends, however
+/// it ends: the operating system drops the lock with the file).
+#[derive(Debug)]
+pub struct IdentityLock {
+    _file: std::fs::File,
+}
+
+/// Reads or creates the key at `path`, as [`load_or_create_identity`] does, and locks the file so
+/// that no other process on this machine runs a node with the same identity (two nodes with one
+/// peer id fail later, and confusingly, when they dial each other).
+pub fn claim_identity(path: &Path) -> Result<(Keypair, IdentityLock)> {
+    let err = |message: String| Error::Identity { path: path.to_path_buf(), message };
+    let key = load_or_create_identity(path)?;
+    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    match file.try_lock() {
+        Ok(()) => Ok((key, IdentityLock { _file: file })),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(Error::IdentityInUse { path: path.to_path_buf(), peer_id: key.public().to_peer_id().to_string() })
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(err(format!("cannot lock it: {e}"))),
+    }
+}
+
 #[cfg(unix)]
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
@@ -63,5 +86,19 @@ mod tests {
         std::fs::write(&path, b"not a key").expect("write");
         let e = load_or_create_identity(&path).expect_err("garbage");
         assert!(e.to_string().contains("identity.key"), "{e}");
+    }
+
+    #[test]
+    fn a_claimed_identity_cannot_be_claimed_again_until_released() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("identity.key");
+        let (key, lock) = claim_identity(&path).expect("claimed");
+        let e = claim_identity(&path).expect_err("in use");
+        let text = e.to_string();
+        assert!(text.contains("identity.key") && text.contains("--identity"), "{text}");
+        assert!(text.contains(&key.public().to_peer_id().to_string()), "{text}");
+        drop(lock);
+        let (again, _lock) = claim_identity(&path).expect("released");
+        assert_eq!(again.public().to_peer_id(), key.public().to_peer_id());
     }
 }

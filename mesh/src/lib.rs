@@ -14,6 +14,7 @@ mod length;
 mod messages;
 mod network;
 mod placement;
+mod refusals;
 mod roles;
 mod secret;
 
@@ -21,7 +22,7 @@ pub use cluster::{ClusterSnapshot, ClusterView, Link, MeshEvent, MeshEventKind, 
 pub use control::{CONTROL_LIMITS, CONTROL_PROTOCOL, ControlCommand, ControlError, ControlGate, ControlReply, ControlRequest};
 pub use error::{Error, Result};
 pub use frames::{FrameError, FramedStream, Limits as FrameLimits};
-pub use identity::load_or_create_identity;
+pub use identity::{IdentityLock, claim_identity, load_or_create_identity};
 pub use infer::{HEARTBEAT, INFER_LIMITS, INFER_PROTOCOL, InferEndpoint, InferReply, InferRequest, InferResume};
 pub use kv::{
     KV_LIMITS, KV_PROTOCOL, KvChunk, KvError, KvOpen, KvProgress, KvReply, KvSampling, KvShape, MAX_CHUNK_TOKENS, encode_chunk,

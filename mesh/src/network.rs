@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::cluster::{ClusterSnapshot, ClusterView, MeshEventKind};
 use crate::error::{Error, Result};
 use crate::messages::{CapabilityAd, GossipMessage, LoadReport, MAX_GOSSIP_BYTES};
+use crate::refusals::{REPORT_EVERY, Refusals, Report};
 use crate::secret::MeshSecret;
 
 const ID_PROTOCOL: &str = "/tandem/id/1";
@@ -32,6 +33,14 @@ const AD_REFRESH: Duration = Duration::from_secs(10);
 const REDIAL: Duration = Duration::from_secs(3);
 const KAD_BOOTSTRAP: Duration = Duration::from_secs(30);
 const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+/// mDNS queries start every 0.5 s and back off by doubling to this (libp2p's default, 5 min, lets
+/// two nodes whose first packets cross at start-up miss each other for minutes). A query is also
+/// an announcement: every node answers it, the asker included, and answers go to the whole group.
+const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(20);
+/// How long others keep our mDNS record: a node that vanished is forgotten within it.
+const MDNS_TTL: Duration = Duration::from_secs(60);
+/// Peers found by mDNS that are remembered (and redialled) at once; a LAN is small.
+const MDNS_PEERS: usize = 256;
 
 /// How a node joins the mesh.
 #[derive(Clone, Debug)]
@@ -126,7 +135,8 @@ fn behaviour(key: &identity::Keypair, cfg: &MeshConfig) -> std::result::Result<B
     // Without AutoNAT nothing confirms an external address, and kad would stay a client that no
     // one adds to their routing table.
     kad.set_mode(Some(kad::Mode::Server));
-    let mdns = if cfg.mdns { Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?) } else { None };
+    let mdns_cfg = mdns::Config { query_interval: MDNS_QUERY_INTERVAL, ttl: MDNS_TTL, ..Default::default() };
+    let mdns = if cfg.mdns { Some(mdns::tokio::Behaviour::new(mdns_cfg, peer_id)?) } else { None };
     let allow = (!cfg.allow.is_empty()).then(|| {
         let mut b = allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
         for p in &cfg.allow {
@@ -236,6 +246,8 @@ impl Mesh {
             last_ad: Instant::now(),
             left: false,
             allow: cfg.allow.clone(),
+            refusals: Refusals::default(),
+            mdns_peers: HashMap::new(),
         };
         tokio::spawn(task.run());
         Ok(MeshHandle { peer_id, commands: tx, view, control, listening })
@@ -320,6 +332,10 @@ struct SwarmTask {
     last_ad: Instant,
     left: bool,
     allow: Vec<PeerId>,
+    refusals: Refusals,
+    /// Peers mDNS found and has not yet expired, redialled while unconnected: mDNS reports a
+    /// peer once, and one failed dial (a busy machine, a handshake cut short) must not lose it.
+    mdns_peers: HashMap<PeerId, Vec<Multiaddr>>,
 }
 
 fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
@@ -372,6 +388,7 @@ impl SwarmTask {
                         last_redial = now;
                         self.dial_bootstrap();
                         self.dial_known_nodes();
+                        self.dial_mdns_peers();
                     }
                     if now.duration_since(last_kad) >= KAD_BOOTSTRAP && self.swarm.connected_peers().next().is_some() {
                         last_kad = now;
@@ -380,10 +397,26 @@ impl SwarmTask {
                     if self.ad_due || now.duration_since(self.last_ad) >= AD_REFRESH {
                         self.publish_ad();
                     }
+                    for report in self.refusals.due(now) {
+                        self.report_refusal(report);
+                    }
                 }
             }
         }
         tracing::debug!("mesh task stopped");
+    }
+
+    /// One log line and one (local) event for a source's refusals: its first, then one per window.
+    fn report_refusal(&mut self, r: Report) {
+        let detail = if r.count == 1 {
+            tracing::warn!(from = %r.source, "incoming connection failed: {}", r.detail);
+            r.detail
+        } else {
+            let window = REPORT_EVERY.as_secs();
+            tracing::warn!(from = %r.source, count = r.count, "{} more incoming connections failed in the last {window} s; the latest: {}", r.count, r.detail);
+            format!("{} connections in the last {window} s; the latest: {}", r.count, r.detail)
+        };
+        self.with_view(|v| v.record(MeshEventKind::Refused, r.source, detail));
     }
 
     fn dial_bootstrap(&mut self) {
@@ -400,6 +433,15 @@ impl SwarmTask {
             if let Err(e) = self.swarm.dial(opts) {
                 tracing::debug!(%addr, error = %e, "cannot dial a bootstrap peer");
             }
+        }
+    }
+
+    fn dial_mdns_peers(&mut self) {
+        let targets: Vec<(PeerId, Vec<Multiaddr>)> =
+            self.mdns_peers.iter().filter(|(p, _)| !self.swarm.is_connected(p)).map(|(p, a)| (*p, a.clone())).collect();
+        for (peer, addrs) in targets {
+            tracing::debug!(%peer, "redialling a peer found by mDNS");
+            let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(addrs).build());
         }
     }
 
@@ -503,11 +545,16 @@ impl SwarmTask {
             }
             SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
                 let detail = match &error {
+                    libp2p::swarm::ListenError::Denied { cause } if cause.downcast_ref::<connection_limits::Exceeded>().is_some() => {
+                        format!("refused: {cause}")
+                    }
                     libp2p::swarm::ListenError::Denied { .. } => "refused: not on the allow-list".to_string(),
                     e => format!("{e}; a peer with another mesh secret (or none) fails this way"),
                 };
-                tracing::warn!(from = %send_back_addr, "incoming connection failed: {detail}");
-                self.with_view(|v| v.record(MeshEventKind::Refused, &send_back_addr, detail));
+                tracing::debug!(from = %send_back_addr, "incoming connection failed: {detail}");
+                if let Some(report) = self.refusals.refused(&send_back_addr, detail, Instant::now()) {
+                    self.report_refusal(report);
+                }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 let detail = match &error {
@@ -587,8 +634,26 @@ impl SwarmTask {
                     for a in &addrs {
                         self.swarm.behaviour_mut().kad.add_address(&peer, a.clone());
                     }
+                    if self.mdns_peers.len() < MDNS_PEERS || self.mdns_peers.contains_key(&peer) {
+                        let known = self.mdns_peers.entry(peer).or_default();
+                        for a in &addrs {
+                            if !known.contains(a) && known.len() < 8 {
+                                known.push(a.clone());
+                            }
+                        }
+                    }
                     if !self.swarm.is_connected(&peer) {
                         let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(addrs).build());
+                    }
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Expired(gone)) => {
+                for (peer, addr) in gone {
+                    if let Some(known) = self.mdns_peers.get_mut(&peer) {
+                        known.retain(|a| *a != addr);
+                        if known.is_empty() {
+                            self.mdns_peers.remove(&peer);
+                        }
                     }
                 }
             }
