@@ -313,7 +313,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = args.resolve()?;
             init_logs("info,wgpu_core=warn,wgpu_hal=warn,naga=warn,libp2p_kad=error", cfg.log_json);
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            runtime.block_on(tandem_node::serve::serve(cfg))
+            let result = runtime.block_on(tandem_node::serve::serve(cfg));
+            // A model still loading on a blocking thread must not hold the exit.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            result
         }
         Command::Bench(args) => bench(args),
         Command::Mesh { command: MeshCommand::Keygen { path } } => {

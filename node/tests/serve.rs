@@ -161,6 +161,8 @@ async fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
         ("too long for the context", json!({ "model": MODEL, "prompt": "hi", "max_tokens": 100000 }).to_string(), 400, "context"),
         ("temperature out of range", json!({ "model": MODEL, "prompt": "hi", "temperature": 7 }).to_string(), 400, "temperature"),
         ("oversized body", json!({ "model": MODEL, "prompt": "a".repeat(100_000) }).to_string(), 413, "limit"),
+        ("an empty list of prompts", json!({ "model": MODEL, "prompt": [] }).to_string(), 400, "empty"),
+        ("an empty prompt", json!({ "model": MODEL, "prompt": "" }).to_string(), 400, "empty"),
     ];
     for (what, body, status, needle) in cases {
         let (got, v) = post(&server, "/v1/completions", body.into()).await;
@@ -173,6 +175,15 @@ async fn bad_requests_get_clear_errors_and_the_server_keeps_serving() {
     assert_eq!(got, 400, "empty messages: {v}");
     let resp = reqwest::get(server.url("/v1/nothing")).await.expect("request");
     assert_eq!(resp.status(), 404);
+    // Every client error is the request's fault in OpenAI's terms, whatever its status.
+    let resp = reqwest::Client::new().post(server.url("/v1/completions")).body("{}").send().await.expect("request");
+    assert_eq!(resp.status(), 415, "no JSON content type");
+    let v: Value = resp.json().await.expect("JSON");
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    let resp = reqwest::get(server.url("/v1/completions")).await.expect("request");
+    assert_eq!(resp.status(), 405, "GET on a POST route");
+    let v: Value = resp.json().await.expect("an OpenAI-shaped body");
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
 
     // Still serving.
     let body = json!({ "model": MODEL, "messages": [{ "role": "user", "content": "What is the capital of France?" }], "max_tokens": 3, "temperature": 0 });

@@ -53,9 +53,21 @@ pub struct ServeArgs {
     /// Largest accepted request body, e.g. `1MiB`.
     #[arg(long, env = "TANDEM_MAX_BODY")]
     pub max_body: Option<String>,
-    /// Seconds in-flight requests get to finish after SIGINT/SIGTERM before they are cancelled.
+    /// Seconds in-flight requests get to finish after SIGINT/SIGTERM; then the node exits
+    /// whatever is left.
     #[arg(long, env = "TANDEM_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<u64>,
+    /// Seconds a client may take to send a request's headers (from its first byte), and again
+    /// its body.
+    #[arg(long, env = "TANDEM_HTTP_READ_TIMEOUT")]
+    pub http_read_timeout: Option<u64>,
+    /// Seconds an HTTP connection may stay open with no request in flight.
+    #[arg(long, env = "TANDEM_HTTP_IDLE_TIMEOUT")]
+    pub http_idle_timeout: Option<u64>,
+    /// Most open HTTP connections; beyond it a new one closes the longest idle one, or is turned
+    /// away when every one has a request in flight.
+    #[arg(long, env = "TANDEM_HTTP_MAX_CONNECTIONS")]
+    pub http_max_connections: Option<usize>,
     /// Logs as JSON lines instead of text.
     #[arg(long, env = "TANDEM_LOG_JSON")]
     pub log_json: Option<bool>,
@@ -102,6 +114,9 @@ struct FileConfig {
     placement: Option<PlacementMode>,
     max_body: Option<String>,
     shutdown_grace: Option<u64>,
+    http_read_timeout: Option<u64>,
+    http_idle_timeout: Option<u64>,
+    http_max_connections: Option<usize>,
     log_json: Option<bool>,
     listen: Option<Vec<String>>,
     peer: Option<Vec<String>>,
@@ -128,6 +143,9 @@ pub struct ServeConfig {
     pub placement: PlacementMode,
     pub max_body: usize,
     pub shutdown_grace: u64,
+    pub http_read_timeout: u64,
+    pub http_idle_timeout: u64,
+    pub http_max_connections: usize,
     pub log_json: bool,
     pub mesh: MeshSettings,
 }
@@ -216,6 +234,9 @@ impl ServeArgs {
             chunked_prefill: self.chunked_prefill.or(file.chunked_prefill).unwrap_or(true),
             max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
             shutdown_grace: self.shutdown_grace.or(file.shutdown_grace).unwrap_or(30),
+            http_read_timeout: self.http_read_timeout.or(file.http_read_timeout).unwrap_or(10),
+            http_idle_timeout: self.http_idle_timeout.or(file.http_idle_timeout).unwrap_or(60),
+            http_max_connections: self.http_max_connections.or(file.http_max_connections).unwrap_or(1024),
             log_json: self.log_json.or(file.log_json).unwrap_or(false),
             mesh: MeshSettings {
                 listen: multiaddrs("listen", if self.listen.is_empty() { file.listen.unwrap_or_default() } else { self.listen })?,
@@ -238,6 +259,15 @@ impl ServeArgs {
         };
         if cfg.max_batch_tokens < 16 {
             return Err(ConfigError::TooSmall { setting: "max-batch-tokens", min: 16 });
+        }
+        for (setting, value) in [
+            ("http-read-timeout", cfg.http_read_timeout as usize),
+            ("http-idle-timeout", cfg.http_idle_timeout as usize),
+            ("http-max-connections", cfg.http_max_connections),
+        ] {
+            if value < 1 {
+                return Err(ConfigError::TooSmall { setting, min: 1 });
+            }
         }
         Ok(cfg)
     }

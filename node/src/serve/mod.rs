@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod control;
+pub mod http;
 pub mod kv;
 pub mod mesh;
 pub mod metrics;
@@ -290,6 +291,10 @@ async fn not_found() -> Response {
     ApiError::new(StatusCode::NOT_FOUND, "no such endpoint").into_response()
 }
 
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{uri} does not take {method}")).into_response()
+}
+
 /// The HTTP routes.
 pub fn router(app: Arc<App>) -> Router {
     let limit = app.cfg.max_body;
@@ -303,6 +308,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(prometheus))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(app)
 }
@@ -314,9 +320,8 @@ fn announce(line: &str) {
     let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
-fn start_mesh(cfg: &ServeConfig) -> anyhow::Result<tandem_mesh::MeshHandle> {
+fn start_mesh(cfg: &ServeConfig, keypair: tandem_mesh::Keypair) -> anyhow::Result<tandem_mesh::MeshHandle> {
     let m = &cfg.mesh;
-    let keypair = tandem_mesh::load_or_create_identity(&m.identity)?;
     let mut mc = tandem_mesh::MeshConfig::new(keypair);
     mc.listen = m.listen.clone();
     mc.bootstrap = m.peers.clone();
@@ -363,19 +368,35 @@ async fn signal() {
     tokio::select! { () = ctrl_c => {}, () = term => {} }
 }
 
+/// How long past the grace period a stopping process may take before it is ended regardless.
+const HARD_EXIT_MARGIN: Duration = Duration::from_secs(3);
+
 /// Serves until SIGINT or SIGTERM, then lets in-flight requests finish (for up to the grace
-/// period, after which they are cancelled) and stops.
+/// period, after which they are cancelled) and stops. Whatever hangs (a client, a GPU step, a
+/// model still loading), the process exits shortly after the grace period.
 pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
-    serve_until(cfg, signal()).await
+    let grace = Duration::from_secs(cfg.shutdown_grace);
+    let stop = async move {
+        signal().await;
+        std::thread::spawn(move || {
+            std::thread::sleep(grace + HARD_EXIT_MARGIN);
+            tracing::error!(grace_s = grace.as_secs(), "still not stopped after the grace period: exiting");
+            std::process::exit(1);
+        });
+    };
+    serve_until(cfg, stop).await
 }
 
 /// Serves until `stop` completes (a signal, or the desktop app's Stop button), then shuts down as
 /// [`serve`] does.
 pub async fn serve_until(cfg: ServeConfig, stop: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    // Held until this function returns: no other process runs a node on this identity meanwhile.
+    // Claimed first, so that a second node on one machine hears why before anything else fails.
+    let (keypair, _identity) = tandem_mesh::claim_identity(&cfg.mesh.identity)?;
     let listener = tokio::net::TcpListener::bind(cfg.http).await.with_context(|| format!("binding {}", cfg.http))?;
     let addr = listener.local_addr()?;
     let grace = Duration::from_secs(cfg.shutdown_grace);
-    let handle = start_mesh(&cfg)?;
+    let handle = start_mesh(&cfg, keypair)?;
     let observer = cfg.mesh.role == tandem_mesh::Role::Observer;
     let app = Arc::new(App {
         model_id: if observer { String::new() } else { model_id(&cfg.model) },
@@ -412,35 +433,38 @@ pub async fn serve_until(cfg: ServeConfig, stop: impl std::future::Future<Output
     });
 
     let stopper = app.clone();
+    let stopped_at = Arc::new(std::sync::OnceLock::new());
+    let stop_time = stopped_at.clone();
     let shutdown = async move {
         stop.await;
+        let _ = stop_time.set(std::time::Instant::now());
         tracing::info!(grace_s = grace.as_secs(), "shutting down: leaving the mesh, finishing in-flight requests");
         stopper.mesh.begin_draining();
         // Running requests continue on other decode nodes, where there are any.
         mesh::move_running(&stopper);
-        let _ = stopper.mesh.handle.leave("shutting down").await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), stopper.mesh.handle.leave("shutting down")).await;
         if let Some(w) = stopper.begin_stopping() {
             w.request_stop(true);
         }
-        let late = stopper.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            if let Some(w) = late.worker() {
-                tracing::warn!("grace period over: cancelling what is left");
-                w.request_stop(false);
-            }
-        });
     };
-    axum::serve(listener, router(app.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let limits = http::HttpLimits {
+        read_timeout: Duration::from_secs(app.cfg.http_read_timeout),
+        idle_timeout: Duration::from_secs(app.cfg.http_idle_timeout),
+        max_connections: app.cfg.http_max_connections,
+        max_body: app.cfg.max_body,
+    };
+    // Every wait from here on shares one deadline: the grace period after the stop.
+    http::serve(listener, router(app.clone()), limits, shutdown, grace).await?;
+    let deadline = *stopped_at.get_or_init(std::time::Instant::now) + grace;
+    let left = || deadline.saturating_duration_since(std::time::Instant::now());
     if let Some(w) = app.worker() {
         w.request_stop(false);
-        tokio::task::spawn_blocking(move || w.join()).await?;
+        if tokio::time::timeout(left(), tokio::task::spawn_blocking(move || w.join())).await.is_err() {
+            tracing::warn!("grace period over: the GPU worker has not stopped; leaving it");
+        }
     }
     // Streams for other nodes still under way (a moved request's last reply, a K/V transfer).
-    let deadline = std::time::Instant::now() + grace;
-    while app.mesh.busy() > 0 && std::time::Instant::now() < deadline {
+    while app.mesh.busy() > 0 && !left().is_zero() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tracing::info!("stopped");

@@ -40,10 +40,11 @@ impl ApiError {
     }
 
     fn body(&self) -> serde_json::Value {
+        // OpenAI's types: every client error but the rate limit is the request's fault.
         let kind = match self.status.as_u16() {
-            400 | 404 | 413 | 422 => "invalid_request_error",
             429 => "rate_limit_error",
             503 => "service_unavailable",
+            400..=499 => "invalid_request_error",
             _ => "server_error",
         };
         json!({ "error": { "message": self.message, "type": kind, "param": self.param, "code": self.code } })
@@ -280,6 +281,7 @@ pub fn generation(loaded: &Loaded, endpoint: Endpoint, body: serde_json::Value) 
             let prompt = match req.prompt {
                 PromptInput::Text(t) => tok.encode(&t, true),
                 PromptInput::Texts(v) if v.len() == 1 => tok.encode(&v[0], true),
+                PromptInput::Texts(v) if v.is_empty() => return Err(ApiError::bad("prompt must not be empty", "prompt")),
                 PromptInput::Texts(_) => return Err(ApiError::bad("only one prompt per request is supported", "prompt")),
                 PromptInput::Tokens(ids) => Ok(ids),
             }

@@ -1,0 +1,356 @@
+//! The HTTP listener under the API. Every connection is bounded in time and in number, so idle,
+//! half-open or slow clients cannot hold the node's file descriptors and starve real ones:
+//!
+//! - a connection with no request in flight closes after `idle_timeout`;
+//! - a request's headers must arrive within `read_timeout` of its first byte, and its body within
+//!   `read_timeout` of its headers (a slowloris gets 408 or a closed socket);
+//! - at `max_connections`, or when the process runs out of file descriptors, a new connection
+//!   closes the connection that has been idle longest; only if every one has a request in flight
+//!   is the newcomer turned away;
+//! - at shutdown, idle connections close at once and the others get the grace period, after
+//!   which they are closed whatever they are doing.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{Request, Response, StatusCode};
+use axum::response::IntoResponse;
+use http_body_util::{BodyExt, Limited};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+use tower_service::Service;
+
+use super::openai::ApiError;
+
+/// How long connections may take and how many there may be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpLimits {
+    pub read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_body: usize,
+}
+
+/// One connection's state, shared by its task, its requests and the registry.
+struct Conn {
+    /// Requests whose responses have not been sent whole.
+    in_flight: AtomicUsize,
+    /// When the connection last became idle (opened, or its last response ended), in ms since the
+    /// server's epoch.
+    idle_since: AtomicU64,
+    /// When the first byte of the next request arrived while idle (0: none yet).
+    head_started: AtomicU64,
+    close: Notify,
+}
+
+/// Milliseconds since `epoch`, never 0 (0 means "not set").
+fn ms_since(epoch: Instant) -> u64 {
+    epoch.elapsed().as_millis() as u64 + 1
+}
+
+impl Conn {
+    fn new(now: u64) -> Self {
+        Conn { in_flight: AtomicUsize::new(0), idle_since: AtomicU64::new(now), head_started: AtomicU64::new(0), close: Notify::new() }
+    }
+
+    fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+    }
+
+    /// Why the connection should close now, if it should.
+    fn expired(&self, now: u64, limits: &HttpLimits) -> Option<&'static str> {
+        if !self.idle() {
+            return None;
+        }
+        let head = self.head_started.load(Ordering::Acquire);
+        if head != 0 {
+            (now.saturating_sub(head) > limits.read_timeout.as_millis() as u64).then_some("request headers too slow")
+        } else {
+            (now.saturating_sub(self.idle_since.load(Ordering::Acquire)) > limits.idle_timeout.as_millis() as u64).then_some("idle")
+        }
+    }
+}
+
+/// A request in flight on a connection: the connection is not idle until this is dropped, which
+/// happens when the response body has been sent whole (or abandoned).
+struct InFlight {
+    conn: Arc<Conn>,
+    epoch: Instant,
+}
+
+impl InFlight {
+    fn begin(conn: Arc<Conn>, epoch: Instant) -> Self {
+        conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        conn.head_started.store(0, Ordering::Release);
+        InFlight { conn, epoch }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.conn.idle_since.store(ms_since(self.epoch), Ordering::Release);
+        self.conn.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The TCP stream, noting when a request's first byte arrives on an idle connection.
+struct Watched {
+    inner: TcpStream,
+    conn: Arc<Conn>,
+    epoch: Instant,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before && self.conn.idle() {
+            let now = ms_since(self.epoch);
+            let _ = self.conn.head_started.compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// The open connections.
+#[derive(Default)]
+struct Registry {
+    conns: Mutex<HashMap<u64, Arc<Conn>>>,
+}
+
+impl Registry {
+    fn len(&self) -> usize {
+        self.conns.lock().map(|c| c.len()).unwrap_or(0)
+    }
+
+    fn insert(&self, id: u64, conn: Arc<Conn>) {
+        if let Ok(mut c) = self.conns.lock() {
+            c.insert(id, conn);
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        if let Ok(mut c) = self.conns.lock() {
+            c.remove(&id);
+        }
+    }
+
+    /// Closes the connection idle the longest; false if every connection has a request in flight.
+    fn evict_idlest(&self) -> bool {
+        let Ok(mut conns) = self.conns.lock() else { return false };
+        let victim = conns
+            .iter()
+            .filter(|(_, c)| c.idle())
+            .min_by_key(|(_, c)| match c.head_started.load(Ordering::Acquire) {
+                // A connection that started a request long ago and still has not finished its
+                // headers is the likeliest slowloris.
+                0 => c.idle_since.load(Ordering::Acquire),
+                head => head,
+            })
+            .map(|(id, _)| *id);
+        match victim.and_then(|id| conns.remove(&id)) {
+            Some(c) => {
+                c.close.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn close_all(&self) {
+        if let Ok(conns) = self.conns.lock() {
+            conns.values().for_each(|c| c.close.notify_one());
+        }
+    }
+}
+
+/// Whether an accept error means the process (or the machine) is out of file descriptors.
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    // EMFILE (24) and ENFILE (23) on Linux and the BSDs.
+    matches!(e.raw_os_error(), Some(23 | 24))
+}
+
+/// Serves `router` on `listener` until `stop` completes, then closes idle connections, gives the
+/// others `grace` to finish, and closes what is left.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: HttpLimits,
+    stop: impl Future<Output = ()> + Send,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let epoch = Instant::now();
+    let registry = Arc::new(Registry::default());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut next_id = 0u64;
+    let (mut refused, mut starved) = (0u64, 0u64);
+    tokio::pin!(stop);
+    loop {
+        let (stream, remote) = tokio::select! {
+            () = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) if out_of_descriptors(&e) => {
+                    // Free a descriptor for the next real client, if any connection is idle.
+                    if !registry.evict_idlest() {
+                        starved += 1;
+                        if starved.is_power_of_two() {
+                            tracing::warn!(error = %e, times = starved, "out of file descriptors with every connection busy");
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        if registry.len() >= limits.max_connections && !registry.evict_idlest() {
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(%remote, refused, max = limits.max_connections, "connection refused: every connection has a request in flight");
+            }
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        next_id += 1;
+        let id = next_id;
+        let conn = Arc::new(Conn::new(ms_since(epoch)));
+        registry.insert(id, conn.clone());
+        let (router, registry, shutdown) = (router.clone(), registry.clone(), shutdown_rx.clone());
+        tokio::spawn(async move {
+            serve_connection(stream, remote, conn, router, limits, epoch, shutdown).await;
+            registry.remove(id);
+        });
+    }
+    drop(listener);
+    let _ = shutdown_tx.send(true);
+    let deadline = tokio::time::Instant::now() + grace;
+    while registry.len() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = registry.len();
+    if left > 0 {
+        tracing::warn!(connections = left, "grace period over: closing the connections that are left");
+        registry.close_all();
+    }
+    Ok(())
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    remote: SocketAddr,
+    conn: Arc<Conn>,
+    router: Router,
+    limits: HttpLimits,
+    epoch: Instant,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let io = TokioIo::new(Watched { inner: stream, conn: conn.clone(), epoch });
+    let requests = conn.clone();
+    let service =
+        hyper::service::service_fn(move |req| handle(req, remote, InFlight::begin(requests.clone(), epoch), router.clone(), limits));
+    let http = hyper::server::conn::http1::Builder::new().max_buf_size(64 << 10).serve_connection(io, service);
+    tokio::pin!(http);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closing = *shutdown.borrow();
+    if closing {
+        http.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            result = http.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(%remote, error = %e, "HTTP connection ended with an error");
+                }
+                return;
+            }
+            () = conn.close.notified() => return,
+            _ = tick.tick() => {
+                if let Some(why) = conn.expired(ms_since(epoch), &limits) {
+                    tracing::debug!(%remote, why, "closing an HTTP connection");
+                    return;
+                }
+            }
+            changed = shutdown.changed(), if !closing => {
+                closing = true;
+                if changed.is_ok() {
+                    // Idle connections close now; one with a request in flight after its response.
+                    http.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+/// Reads the whole body (within the read timeout and the size limit), then runs the router; the
+/// response carries the in-flight guard until it has been sent whole.
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    remote: SocketAddr,
+    in_flight: InFlight,
+    mut router: Router,
+    limits: HttpLimits,
+) -> Result<Response<Body>, Infallible> {
+    let (mut parts, body) = req.into_parts();
+    parts.extensions.insert(ConnectInfo(remote));
+    let body = match tokio::time::timeout(limits.read_timeout, Limited::new(body, limits.max_body).collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            let message = format!("the request body is larger than the limit of {} bytes", limits.max_body);
+            return Ok(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, message).into_response());
+        }
+        Ok(Err(e)) => return Ok(ApiError::new(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")).into_response()),
+        Err(_) => {
+            let message = format!("the request body did not arrive within {} s", limits.read_timeout.as_secs_f32());
+            return Ok(ApiError::new(StatusCode::REQUEST_TIMEOUT, message).into_response());
+        }
+    };
+    let response = match router.call(Request::from_parts(parts, Body::from(body))).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    };
+    let (parts, body) = response.into_parts();
+    let body = body.map_frame(move |frame| {
+        let _ = &in_flight;
+        frame
+    });
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
