@@ -30,13 +30,23 @@ fn file_kind(meta: &std::fs::Metadata) -> &'static str {
     if ty.is_dir() { "a directory" } else { "not a regular file" }
 }
 
-/// Opens `path` for reading if it is a regular file (symbolic links to one included).
+/// Opens `path` for reading if it is a regular file (symbolic links to one included). The open
+/// itself does not block (a FIFO swapped in after a check would), and the check is made on what
+/// was opened.
 pub fn open_regular(path: &Path) -> Result<File> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32);
+    }
+    let file = options.open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
     if !meta.is_file() {
         return Err(Error::NotRegularFile { path: path.into(), kind: file_kind(&meta) });
     }
-    File::open(path).map_err(|e| Error::io(path, e))
+    Ok(file)
 }
 
 /// The bytes of the regular file `path`, if it holds at most `max` of them.

@@ -14,6 +14,9 @@ const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
 /// Far above any real model; stops a corrupt count from allocating the machine away.
 const MAX_ITEMS: u64 = 1 << 24;
+/// Tensors and metadata keys: real models have a few thousand at most, and each costs several
+/// times its bytes in the file once parsed.
+const MAX_ENTRIES: usize = 1 << 16;
 
 /// A metadata value.
 #[derive(Clone, Debug, PartialEq)]
@@ -326,6 +329,9 @@ impl GgufFile {
         // metadata entry 13 (key length, type, one byte of value).
         let n_tensors = r.count("tensor count", 32)?;
         let n_kv = r.count("metadata count", 13)?;
+        if n_tensors > MAX_ENTRIES || n_kv > MAX_ENTRIES {
+            return Err(r.err(format!("{n_tensors} tensors and {n_kv} metadata keys: more than {MAX_ENTRIES} is implausible")));
+        }
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
             let key = r.string("metadata key")?;

@@ -67,10 +67,11 @@ impl TextTokenizer {
     /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let get_str = |k: &str| file.get(k).and_then(|v| v.as_str());
-        let model = get_str("tokenizer.ggml.model").ok_or_else(|| tok_err("GGUF has no tokenizer.ggml.model"))?;
+        let file_name = file.path.display();
+        let model = get_str("tokenizer.ggml.model").ok_or_else(|| tok_err(format!("{file_name}: GGUF has no tokenizer.ggml.model")))?;
         if model != "gpt2" {
             return Err(tok_err(format!(
-                "GGUF tokenizer kind `{model}` is not supported yet (tandem builds `gpt2` byte-level BPE tokenizers); \
+                "{file_name}: GGUF tokenizer kind `{model}` is not supported yet (tandem builds `gpt2` byte-level BPE tokenizers); \
                  use a Hugging Face directory with tokenizer.json instead"
             )));
         }
@@ -109,7 +110,11 @@ impl TextTokenizer {
         let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let merges: Vec<(String, String)> = merges
             .iter()
-            .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| tok_err(format!("bad merge `{m}`"))))
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| tok_err(format!("{file_name}: bad merge `{m}`")))
+            })
             .collect::<Result<_>>()?;
         let pre = get_str("tokenizer.ggml.pre").unwrap_or("default");
         let (pre_tok, ignore_merges) = match pre {
@@ -130,7 +135,11 @@ impl TextTokenizer {
                 true,
             ),
             "default" | "gpt2" | "gpt-2" => (Sequence::new(vec![PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true))]), false),
-            other => return Err(tok_err(format!("GGUF pre-tokenizer `{other}` is not supported (known: smollm, llama-bpe, gpt2)"))),
+            other => {
+                return Err(tok_err(format!(
+                    "{file_name}: GGUF pre-tokenizer `{other}` is not supported (known: smollm, llama-bpe, gpt2)"
+                )));
+            }
         };
         let bpe = BPE::builder().vocab_and_merges(vocab, merges).ignore_merges(ignore_merges).build().map_err(tok_err)?;
         let mut tok = tokenizers::Tokenizer::new(bpe);

@@ -12,8 +12,8 @@ use crate::messages::{CapabilityAd, GossipMessage, LoadReport};
 
 /// Mesh events kept for the cluster view.
 const EVENT_LOG: usize = 256;
-/// At most this many of them are refusals, which strangers can cause at will: the rest of the
-/// log (joins, leaves, failures) is never pushed out by them.
+/// Refusals kept beside them: strangers can cause refusals at will, so they have a log of their
+/// own and never push the rest (joins, leaves, failures) out.
 const REFUSED_EVENTS: usize = 64;
 
 /// What happened in the mesh.
@@ -56,6 +56,8 @@ pub struct ClusterView {
     self_id: PeerId,
     nodes: HashMap<PeerId, NodeState>,
     events: VecDeque<MeshEvent>,
+    /// Refusals, kept apart so that however many there are, they push no other event out.
+    refusals: VecDeque<MeshEvent>,
     /// A node not heard from for this long is gone.
     timeout: Duration,
     /// Models whose advertised fingerprint a request proved false, per peer.
@@ -120,6 +122,7 @@ impl ClusterView {
             self_id,
             nodes: HashMap::new(),
             events: VecDeque::new(),
+            refusals: VecDeque::new(),
             timeout,
             distrusted: HashMap::new(),
             outbox: VecDeque::new(),
@@ -139,15 +142,12 @@ impl ClusterView {
     }
 
     fn push_event(&mut self, e: MeshEvent) {
-        let refused = |x: &MeshEvent| x.kind == MeshEventKind::Refused;
-        if refused(&e) && self.events.iter().filter(|x| refused(x)).count() >= REFUSED_EVENTS {
-            if let Some(i) = self.events.iter().position(refused) {
-                self.events.remove(i);
-            }
-        } else if self.events.len() == EVENT_LOG {
-            self.events.pop_front();
+        let (log, bound) =
+            if e.kind == MeshEventKind::Refused { (&mut self.refusals, REFUSED_EVENTS) } else { (&mut self.events, EVENT_LOG) };
+        if log.len() == bound {
+            log.pop_front();
         }
-        self.events.push_back(e);
+        log.push_back(e);
     }
 
     /// Records something outside the view's own bookkeeping (a refused connection, a re-placed
@@ -340,7 +340,11 @@ impl ClusterView {
             self_id: self.self_id.to_string(),
             nodes,
             links: links.into_iter().collect(),
-            events: self.events.iter().cloned().collect(),
+            events: {
+                let mut all: Vec<MeshEvent> = self.events.iter().chain(&self.refusals).cloned().collect();
+                all.sort_by_key(|e| e.at_ms);
+                all
+            },
         }
     }
 }

@@ -36,24 +36,38 @@ pub fn load_or_create_identity(path: &Path) -> Result<Keypair> {
     }
 }
 
-/// A node's hold on its identity file, released when dropped (or when the process ends, however
-/// it ends: the operating system drops the lock with the file).
+/// A node's hold on its identity, released when dropped (or when the process ends, however it
+/// ends: the operating system drops the lock with the file).
 #[derive(Debug)]
 pub struct IdentityLock {
     _file: std::fs::File,
 }
 
-/// Reads or creates the key at `path`, as [`load_or_create_identity`] does, and locks the file so
-/// that no other process on this machine runs a node with the same identity (two nodes with one
-/// peer id fail later, and confusingly, when they dial each other).
+/// Locks the identity at `path` for this process, then reads or creates its key as
+/// [`load_or_create_identity`] does, so that no other process on this machine runs a node with
+/// the same peer id (two such nodes fail later, and confusingly, when they dial each other).
+/// The lock is a sibling file (`identity.key.lock`): locking the key itself would keep `tandem
+/// mesh id` from reading it where locks are mandatory (Windows), and taking the lock first makes
+/// creating the key race-free.
 pub fn claim_identity(path: &Path) -> Result<(Keypair, IdentityLock)> {
     let err = |message: String| Error::Identity { path: path.to_path_buf(), message };
-    let key = load_or_create_identity(path)?;
-    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create its folder: {e}")))?;
+    }
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(|e| err(format!("cannot open its lock file: {e}")))?;
     match file.try_lock() {
-        Ok(()) => Ok((key, IdentityLock { _file: file })),
+        Ok(()) => Ok((load_or_create_identity(path)?, IdentityLock { _file: file })),
         Err(std::fs::TryLockError::WouldBlock) => {
-            Err(Error::IdentityInUse { path: path.to_path_buf(), peer_id: key.public().to_peer_id().to_string() })
+            let peer_id = load_or_create_identity(path).map_or_else(|_| "unknown".to_string(), |k| k.public().to_peer_id().to_string());
+            Err(Error::IdentityInUse { path: path.to_path_buf(), peer_id })
         }
         Err(std::fs::TryLockError::Error(e)) => Err(err(format!("cannot lock it: {e}"))),
     }

@@ -20,6 +20,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::cluster::{ClusterSnapshot, ClusterView, MeshEventKind};
 use crate::error::{Error, Result};
+use crate::handshakes::{HandshakeLimit, TooManyHandshakes};
+use crate::lan::LanPeers;
 use crate::messages::{CapabilityAd, GossipMessage, LoadReport, MAX_GOSSIP_BYTES};
 use crate::refusals::{REPORT_EVERY, Refusals, Report};
 use crate::secret::MeshSecret;
@@ -39,8 +41,6 @@ const OPEN_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
 const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(20);
 /// How long others keep our mDNS record: a node that vanished is forgotten within it.
 const MDNS_TTL: Duration = Duration::from_secs(60);
-/// Peers found by mDNS that are remembered (and redialled) at once; a LAN is small.
-const MDNS_PEERS: usize = 256;
 
 /// How a node joins the mesh.
 #[derive(Clone, Debug)]
@@ -81,6 +81,7 @@ impl MeshConfig {
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     allow: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
+    handshakes: HandshakeLimit,
     limits: connection_limits::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -150,6 +151,7 @@ fn behaviour(key: &identity::Keypair, cfg: &MeshConfig) -> std::result::Result<B
         .with_max_established(Some(1024));
     Ok(Behaviour {
         allow: allow.into(),
+        handshakes: HandshakeLimit::default(),
         limits: connection_limits::Behaviour::new(limits),
         identify: identify::Behaviour::new(
             identify::Config::new(ID_PROTOCOL.into(), key.public())
@@ -247,7 +249,7 @@ impl Mesh {
             left: false,
             allow: cfg.allow.clone(),
             refusals: Refusals::default(),
-            mdns_peers: HashMap::new(),
+            lan: LanPeers::default(),
         };
         tokio::spawn(task.run());
         Ok(MeshHandle { peer_id, commands: tx, view, control, listening })
@@ -333,9 +335,18 @@ struct SwarmTask {
     left: bool,
     allow: Vec<PeerId>,
     refusals: Refusals,
-    /// Peers mDNS found and has not yet expired, redialled while unconnected: mDNS reports a
-    /// peer once, and one failed dial (a busy machine, a handshake cut short) must not lose it.
-    mdns_peers: HashMap<PeerId, Vec<Multiaddr>>,
+    lan: LanPeers,
+}
+
+/// Why one of our behaviours turned a connection away.
+fn denial(cause: &libp2p::swarm::ConnectionDenied) -> String {
+    if let Some(e) = cause.downcast_ref::<connection_limits::Exceeded>() {
+        return format!("refused: {e}");
+    }
+    if let Some(e) = cause.downcast_ref::<TooManyHandshakes>() {
+        return format!("refused: {e}");
+    }
+    "refused: not on the allow-list".into()
 }
 
 fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
@@ -437,9 +448,8 @@ impl SwarmTask {
     }
 
     fn dial_mdns_peers(&mut self) {
-        let targets: Vec<(PeerId, Vec<Multiaddr>)> =
-            self.mdns_peers.iter().filter(|(p, _)| !self.swarm.is_connected(p)).map(|(p, a)| (*p, a.clone())).collect();
-        for (peer, addrs) in targets {
+        let swarm = &self.swarm;
+        for (peer, addrs) in self.lan.due(Instant::now(), |p| swarm.is_connected(p)) {
             tracing::debug!(%peer, "redialling a peer found by mDNS");
             let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(addrs).build());
         }
@@ -536,6 +546,7 @@ impl SwarmTask {
                     tracing::info!(peer = %peer_id, address = %endpoint.get_remote_address(), "peer connected");
                 }
                 let now = Instant::now();
+                self.lan.connected(&peer_id, now);
                 self.with_view(|v| v.connected(peer_id, now));
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause, .. } => {
@@ -545,10 +556,7 @@ impl SwarmTask {
             }
             SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
                 let detail = match &error {
-                    libp2p::swarm::ListenError::Denied { cause } if cause.downcast_ref::<connection_limits::Exceeded>().is_some() => {
-                        format!("refused: {cause}")
-                    }
-                    libp2p::swarm::ListenError::Denied { .. } => "refused: not on the allow-list".to_string(),
+                    libp2p::swarm::ListenError::Denied { cause } => denial(cause),
                     e => format!("{e}; a peer with another mesh secret (or none) fails this way"),
                 };
                 tracing::debug!(from = %send_back_addr, "incoming connection failed: {detail}");
@@ -558,7 +566,7 @@ impl SwarmTask {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 let detail = match &error {
-                    libp2p::swarm::DialError::Denied { .. } => "refused: not on the allow-list".to_string(),
+                    libp2p::swarm::DialError::Denied { cause } => denial(cause),
                     e => e.to_string(),
                 };
                 tracing::warn!(peer = ?peer_id, "cannot connect: {detail}");
@@ -630,18 +638,16 @@ impl SwarmTask {
                     by_peer.entry(peer).or_default().push(addr);
                 }
                 for (peer, addrs) in by_peer {
+                    // A node off our allow-list would only be refused, again and again.
+                    if !self.allow.is_empty() && !self.allow.contains(&peer) {
+                        tracing::debug!(%peer, "found a peer by mDNS that is not on the allow-list");
+                        continue;
+                    }
                     tracing::info!(%peer, ?addrs, "found a peer by mDNS");
                     for a in &addrs {
                         self.swarm.behaviour_mut().kad.add_address(&peer, a.clone());
                     }
-                    if self.mdns_peers.len() < MDNS_PEERS || self.mdns_peers.contains_key(&peer) {
-                        let known = self.mdns_peers.entry(peer).or_default();
-                        for a in &addrs {
-                            if !known.contains(a) && known.len() < 8 {
-                                known.push(a.clone());
-                            }
-                        }
-                    }
+                    self.lan.found(peer, &addrs, Instant::now());
                     if !self.swarm.is_connected(&peer) {
                         let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(addrs).build());
                     }
@@ -649,12 +655,7 @@ impl SwarmTask {
             }
             BehaviourEvent::Mdns(mdns::Event::Expired(gone)) => {
                 for (peer, addr) in gone {
-                    if let Some(known) = self.mdns_peers.get_mut(&peer) {
-                        known.retain(|a| *a != addr);
-                        if known.is_empty() {
-                            self.mdns_peers.remove(&peer);
-                        }
-                    }
+                    self.lan.expired(&peer, &addr);
                 }
             }
             BehaviourEvent::Ping(ping::Event { peer, connection, result: Err(e) }) => {

@@ -16,7 +16,8 @@ pub const REPORT_EVERY: Duration = Duration::from_secs(60);
 /// Sources tracked one by one; beyond it they share one entry.
 const MAX_SOURCES: usize = 1024;
 
-/// Where a refused connection came from: its IP address (the port changes with every attempt).
+/// Where a refused connection came from: its IP address, or IPv6 /64 (the port changes with every
+/// attempt).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Source {
     Ip(IpAddr),
@@ -57,10 +58,12 @@ pub struct Refusals {
     sources: HashMap<Source, Entry>,
 }
 
+/// The source of `addr`: its IPv4 address, or its IPv6 /64 (one host may hold a whole /64 and
+/// pick a new address for every connection).
 fn source_of(addr: &Multiaddr) -> Option<IpAddr> {
     addr.iter().find_map(|p| match p {
         Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
-        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(std::net::Ipv6Addr::from(u128::from(ip) & !(u64::MAX as u128)))),
         _ => None,
     })
 }
@@ -131,6 +134,16 @@ mod tests {
         assert!(r.due(t0 + 2 * REPORT_EVERY).is_empty(), "a quiet window reports nothing");
         assert!(r.sources.is_empty(), "and forgets the source");
         assert!(r.refused(&addr("10.0.0.9", 1), "again".into(), t0 + 2 * REPORT_EVERY).is_some(), "reported afresh");
+    }
+
+    #[test]
+    fn an_ipv6_host_rotating_addresses_within_its_64_is_one_source() {
+        let mut r = Refusals::default();
+        let t0 = Instant::now();
+        let v6 = |last: u16| -> Multiaddr { format!("/ip6/2001:db8:1:2:{last:x}::1/tcp/9").parse().expect("multiaddr") };
+        let reports = (0..500).filter(|i| r.refused(&v6(*i), "x".into(), t0).is_some()).count();
+        assert_eq!(reports, 1);
+        assert_eq!(r.due(t0 + REPORT_EVERY)[0].source.to_string(), "2001:db8:1:2::");
     }
 
     #[test]

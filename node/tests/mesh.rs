@@ -230,7 +230,7 @@ async fn nodes_in_separate_network_namespaces_find_each_other_by_mdns_and_serve_
     };
     let dir = tempfile::tempdir().expect("tempdir");
     // Every core busy while the nodes start and look for each other, as in a full CI run.
-    let load = CpuLoad::start(4);
+    let load = CpuLoad::start(2);
     // No bootstrap addresses: only mDNS on the veth link can introduce them.
     let server = Node::spawn(
         &["ip", "netns", "exec", &nb.0],

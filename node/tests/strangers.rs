@@ -1,6 +1,7 @@
 //! What strangers can do to a node without the mesh secret, against real `tandem serve`
 //! processes: a flood of garbage connections to the mesh port yields a bounded log and events that
-//! stay local; hundreds of idle or slow HTTP connections on a node short of file descriptors are
+//! stay local; silent handshakes from one address do not keep real peers out; hundreds of idle or
+//! slow HTTP connections on a node short of file descriptors are
 //! closed while `/health` keeps answering; SIGTERM ends the process within the grace period with
 //! connections still open; a second node on the same identity is refused at start.
 
@@ -16,6 +17,9 @@ mod common;
 use common::Node;
 
 const OBSERVER: [&str; 2] = ["--role", "observer"];
+
+/// One at a time: each test loads the machine (floods, hundreds of sockets) or times a process.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The TCP address of a node's first mesh multiaddr (`/ip4/A/tcp/P/p2p/ID`).
 fn mesh_socket(node: &Node) -> SocketAddr {
@@ -38,6 +42,7 @@ fn refused_events(cluster: &Value) -> usize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_of_garbage_connections_yields_a_bounded_log_and_events_that_stay_local() {
+    let _one = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let victim = Node::start(&OBSERVER, dir.path(), "victim");
     let friend = Node::start(&[&OBSERVER[..], &["--peer", &victim.addr()]].concat(), dir.path(), "friend");
@@ -65,12 +70,13 @@ async fn a_flood_of_garbage_connections_yields_a_bounded_log_and_events_that_sta
         workers.into_iter().map(|w| w.join().expect("flood thread")).sum()
     });
     eprintln!("{attempts} garbage connections in {:?}", started.elapsed());
-    assert!(attempts >= 1000, "the flood reached the node: {attempts}");
+    assert!(attempts >= 500, "the flood reached the node: {attempts}");
 
     // Failed handshakes end asynchronously: give the last ones time to be counted.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let log = victim.plain_log(dir.path(), "victim");
     let grown = log.lines().count() - before;
+    eprintln!("the flood added {grown} lines to the victim's log");
     assert!(
         grown <= 10,
         "{attempts} refusals wrote {grown} log lines:\n{}",
@@ -85,6 +91,42 @@ async fn a_flood_of_garbage_connections_yields_a_bounded_log_and_events_that_sta
     let cluster = friend.get("/v1/cluster").await;
     assert_eq!(refused_events(&cluster), 0, "refusals are not relayed: {}", cluster["events"]);
     assert_eq!(lines_with(&friend.plain_log(dir.path(), "friend"), "incoming connection failed"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_handshakes_from_one_address_do_not_keep_peers_out() {
+    let _one = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let victim = Node::start(&OBSERVER, dir.path(), "victim");
+    let target = mesh_socket(&victim);
+    // A stranger on 127.0.0.2 keeps opening connections that never say a word, far more than the
+    // 64 handshakes the node admits at once.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stranger = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut held = std::collections::VecDeque::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+                socket.bind("127.0.0.2:0".parse().expect("addr")).expect("bind 127.0.0.2");
+                if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(1), socket.connect(target)).await {
+                    held.push_back(c);
+                }
+                if held.len() > 200 {
+                    held.pop_front();
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            held.len()
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let friend = Node::start(&[&OBSERVER[..], &["--peer", &victim.addr()]].concat(), dir.path(), "friend");
+    friend.wait_until_sees(&[&victim, &friend], Duration::from_secs(15)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    eprintln!("the stranger held {} silent connections", stranger.await.expect("stranger"));
+    let log = victim.plain_log(dir.path(), "victim");
+    assert!(log.contains("127.0.0.2 already has 16 connections mid-handshake"), "the refusal names the source and why:\n{log}");
 }
 
 /// Opens `n` connections to `addr`, each sending `first` (possibly nothing).
@@ -120,6 +162,7 @@ async fn health(node: &Node) -> Result<u16, String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_and_slow_http_connections_are_closed_and_health_still_answers_with_few_descriptors() {
+    let _one = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
     // 128 file descriptors in all: the mesh, the runtime and the log take some of them, so 400
     // idle connections exhaust the process long before the connection cap (1024).
@@ -169,6 +212,7 @@ async fn idle_and_slow_http_connections_are_closed_and_health_still_answers_with
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_ends_the_process_within_the_grace_period_with_connections_open() {
+    let _one = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = Node::start(&[&OBSERVER[..], &["--shutdown-grace", "2", "--http-read-timeout", "60"]].concat(), dir.path(), "node");
     assert_eq!(health(&node).await, Ok(200));
@@ -197,12 +241,23 @@ fn a_second_node_on_the_same_identity_is_refused_at_start() {
     let dir = tempfile::tempdir().expect("tempdir");
     let first = Node::start(&OBSERVER, dir.path(), "same");
     let identity = dir.path().join("same.key");
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+    let mut second = Command::new(env!("CARGO_BIN_EXE_tandem"))
         .args(["serve", "--role", "observer", "--http", "127.0.0.1:0", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0", "--identity"])
         .arg(&identity)
         .env("TANDEM_LOG", "warn")
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("runs");
+    let start = Instant::now();
+    while second.try_wait().expect("wait").is_none() {
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = second.kill();
+            panic!("the second node was not refused at start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = second.wait_with_output().expect("output");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "refused: {err}");
     assert!(err.contains("same.key") && err.contains("in use") && err.contains("--identity"), "{err}");

@@ -181,6 +181,8 @@ pub enum ConfigError {
     Size { setting: &'static str, value: String },
     #[error("{setting} must be at least {min}")]
     TooSmall { setting: &'static str, min: usize },
+    #[error("{setting} must be at most {max}")]
+    TooLarge { setting: &'static str, max: u64 },
     #[error("{setting}: `{value}`: {message}")]
     Mesh { setting: &'static str, value: String, message: String },
     #[error(transparent)]
@@ -260,14 +262,22 @@ impl ServeArgs {
         if cfg.max_batch_tokens < 16 {
             return Err(ConfigError::TooSmall { setting: "max-batch-tokens", min: 16 });
         }
-        for (setting, value) in [
-            ("http-read-timeout", cfg.http_read_timeout as usize),
-            ("http-idle-timeout", cfg.http_idle_timeout as usize),
-            ("http-max-connections", cfg.http_max_connections),
+        // Seconds are added to clocks: a day is more than any of them needs.
+        const DAY: u64 = 86_400;
+        for (setting, value, min) in [
+            ("http-read-timeout", cfg.http_read_timeout, 1),
+            ("http-idle-timeout", cfg.http_idle_timeout, 1),
+            ("shutdown-grace", cfg.shutdown_grace, 0),
         ] {
-            if value < 1 {
-                return Err(ConfigError::TooSmall { setting, min: 1 });
+            if value < min {
+                return Err(ConfigError::TooSmall { setting, min: min as usize });
             }
+            if value > DAY {
+                return Err(ConfigError::TooLarge { setting, max: DAY });
+            }
+        }
+        if cfg.http_max_connections < 1 {
+            return Err(ConfigError::TooSmall { setting: "http-max-connections", min: 1 });
         }
         Ok(cfg)
     }

@@ -49,8 +49,12 @@ struct Conn {
     /// When the connection last became idle (opened, or its last response ended), in ms since the
     /// server's epoch.
     idle_since: AtomicU64,
-    /// When the first byte of the next request arrived while idle (0: none yet).
+    /// When the first byte of the next request arrived while idle (0: none yet); it stays set
+    /// until the request's body has arrived too.
     head_started: AtomicU64,
+    /// Since when writing to the client has been blocked (0: it is not): a client that stops
+    /// reading its response.
+    write_blocked: AtomicU64,
     close: Notify,
 }
 
@@ -61,7 +65,13 @@ fn ms_since(epoch: Instant) -> u64 {
 
 impl Conn {
     fn new(now: u64) -> Self {
-        Conn { in_flight: AtomicUsize::new(0), idle_since: AtomicU64::new(now), head_started: AtomicU64::new(0), close: Notify::new() }
+        Conn {
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(now),
+            head_started: AtomicU64::new(0),
+            write_blocked: AtomicU64::new(0),
+            close: Notify::new(),
+        }
     }
 
     fn idle(&self) -> bool {
@@ -70,14 +80,37 @@ impl Conn {
 
     /// Why the connection should close now, if it should.
     fn expired(&self, now: u64, limits: &HttpLimits) -> Option<&'static str> {
+        let since = |t: u64| now.saturating_sub(t);
+        let ms = |d: Duration| d.as_millis() as u64;
         if !self.idle() {
-            return None;
+            let blocked = self.write_blocked.load(Ordering::Acquire);
+            return (blocked != 0 && since(blocked) > ms(limits.idle_timeout)).then_some("the client stopped reading its response");
         }
         let head = self.head_started.load(Ordering::Acquire);
         if head != 0 {
-            (now.saturating_sub(head) > limits.read_timeout.as_millis() as u64).then_some("request headers too slow")
+            // A second past the read timeout: the request's own 408 goes first where it can.
+            (since(head) > ms(limits.read_timeout) + 1000).then_some("the request did not arrive within the read timeout")
         } else {
-            (now.saturating_sub(self.idle_since.load(Ordering::Acquire)) > limits.idle_timeout.as_millis() as u64).then_some("idle")
+            (since(self.idle_since.load(Ordering::Acquire)) > ms(limits.idle_timeout)).then_some("idle")
+        }
+    }
+
+    /// When the request now being read began (its first byte), marking it begun now if its bytes
+    /// came before the connection was idle (pipelined behind the previous request).
+    fn request_started(&self, now: u64) -> u64 {
+        match self.head_started.compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => now,
+            Err(started) => started,
+        }
+    }
+
+    fn wrote(&self, result: &Poll<std::io::Result<usize>>, epoch: Instant) {
+        match result {
+            Poll::Pending => {
+                let _ = self.write_blocked.compare_exchange(0, ms_since(epoch), Ordering::AcqRel, Ordering::Acquire);
+            }
+            Poll::Ready(Ok(n)) if *n > 0 => self.write_blocked.store(0, Ordering::Release),
+            Poll::Ready(_) => {}
         }
     }
 }
@@ -125,7 +158,9 @@ impl AsyncRead for Watched {
 
 impl AsyncWrite for Watched {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.conn.wrote(&r, self.epoch);
+        r
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -137,7 +172,9 @@ impl AsyncWrite for Watched {
     }
 
     fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.conn.wrote(&r, self.epoch);
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -197,10 +234,44 @@ impl Registry {
     }
 }
 
+/// A connection's place in the registry, given back when its task ends.
+struct Registered {
+    registry: Arc<Registry>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.registry.remove(self.id);
+    }
+}
+
 /// Whether an accept error means the process (or the machine) is out of file descriptors.
 fn out_of_descriptors(e: &std::io::Error) -> bool {
     // EMFILE (24) and ENFILE (23) on Linux and the BSDs.
     matches!(e.raw_os_error(), Some(23 | 24))
+}
+
+/// Raises this process's soft limit on open files to its hard limit (a server needs many; the
+/// soft limit is often 1,024) and returns the soft limit now in force, if there is one.
+#[cfg(unix)]
+fn descriptor_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    if let (Some(current), Some(max)) = (lim.current, lim.maximum)
+        && current < max
+    {
+        let raised = rustix::process::Rlimit { current: Some(max.min(1 << 20)), maximum: lim.maximum };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::debug!(error = %e, "cannot raise the open-file limit");
+        }
+    }
+    getrlimit(Resource::Nofile).current
+}
+
+#[cfg(not(unix))]
+fn descriptor_limit() -> Option<u64> {
+    None
 }
 
 /// Serves `router` on `listener` until `stop` completes, then closes idle connections, gives the
@@ -213,6 +284,16 @@ pub async fn serve(
     grace: Duration,
 ) -> std::io::Result<()> {
     let epoch = Instant::now();
+    // Half the process's file descriptors at most: the rest are the mesh's, the model's and the
+    // log's, which strangers holding connections must not starve.
+    let mut limits = limits;
+    if let Some(fds) = descriptor_limit() {
+        let cap = usize::try_from(fds / 2).unwrap_or(usize::MAX).max(1);
+        if cap < limits.max_connections {
+            tracing::info!(open_file_limit = fds, max_connections = cap, "fewer HTTP connections than asked: half the open-file limit");
+            limits.max_connections = cap;
+        }
+    }
     let registry = Arc::new(Registry::default());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut next_id = 0u64;
@@ -236,6 +317,7 @@ pub async fn serve(
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
             },
@@ -255,8 +337,9 @@ pub async fn serve(
         registry.insert(id, conn.clone());
         let (router, registry, shutdown) = (router.clone(), registry.clone(), shutdown_rx.clone());
         tokio::spawn(async move {
+            // Removed however the task ends (a handler's panic included).
+            let _registered = Registered { registry, id };
             serve_connection(stream, remote, conn, router, limits, epoch, shutdown).await;
-            registry.remove(id);
         });
     }
     drop(listener);
@@ -284,8 +367,7 @@ async fn serve_connection(
 ) {
     let io = TokioIo::new(Watched { inner: stream, conn: conn.clone(), epoch });
     let requests = conn.clone();
-    let service =
-        hyper::service::service_fn(move |req| handle(req, remote, InFlight::begin(requests.clone(), epoch), router.clone(), limits));
+    let service = hyper::service::service_fn(move |req| handle(req, remote, requests.clone(), epoch, router.clone(), limits));
     let http = hyper::server::conn::http1::Builder::new().max_buf_size(64 << 10).serve_connection(io, service);
     tokio::pin!(http);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -296,6 +378,8 @@ async fn serve_connection(
     }
     loop {
         tokio::select! {
+            // The connection first: a request that arrived with the tick is served, not cut off.
+            biased;
             result = http.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(%remote, error = %e, "HTTP connection ended with an error");
@@ -320,18 +404,22 @@ async fn serve_connection(
     }
 }
 
-/// Reads the whole body (within the read timeout and the size limit), then runs the router; the
-/// response carries the in-flight guard until it has been sent whole.
+/// Reads the whole body (the request within the read timeout of its first byte, and within the
+/// size limit), then runs the router; the response carries the in-flight guard until it has been
+/// sent whole. Until the body is in, the connection counts as idle: a slow body can be evicted.
 async fn handle(
     req: Request<hyper::body::Incoming>,
     remote: SocketAddr,
-    in_flight: InFlight,
+    conn: Arc<Conn>,
+    epoch: Instant,
     mut router: Router,
     limits: HttpLimits,
 ) -> Result<Response<Body>, Infallible> {
     let (mut parts, body) = req.into_parts();
     parts.extensions.insert(ConnectInfo(remote));
-    let body = match tokio::time::timeout(limits.read_timeout, Limited::new(body, limits.max_body).collect()).await {
+    let now = ms_since(epoch);
+    let left = (conn.request_started(now) + limits.read_timeout.as_millis() as u64).saturating_sub(now);
+    let body = match tokio::time::timeout(Duration::from_millis(left), Limited::new(body, limits.max_body).collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             let message = format!("the request body is larger than the limit of {} bytes", limits.max_body);
@@ -339,10 +427,11 @@ async fn handle(
         }
         Ok(Err(e)) => return Ok(ApiError::new(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")).into_response()),
         Err(_) => {
-            let message = format!("the request body did not arrive within {} s", limits.read_timeout.as_secs_f32());
+            let message = format!("the request did not arrive within {} s", limits.read_timeout.as_secs_f32());
             return Ok(ApiError::new(StatusCode::REQUEST_TIMEOUT, message).into_response());
         }
     };
+    let in_flight = InFlight::begin(conn, epoch);
     let response = match router.call(Request::from_parts(parts, Body::from(body))).await {
         Ok(r) => r,
         Err(never) => match never {},
@@ -353,4 +442,61 @@ async fn handle(
         frame
     });
     Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_expires_when_idle_slow_to_send_or_not_reading() {
+        let limits = HttpLimits {
+            read_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(10),
+            max_connections: 8,
+            max_body: 1 << 20,
+        };
+        let epoch = Instant::now();
+        let conn = Arc::new(Conn::new(1));
+        assert_eq!(conn.expired(10_000, &limits), None, "idle for 10 s: not yet");
+        assert_eq!(conn.expired(10_002, &limits), Some("idle"));
+
+        // A request's first byte at 5 s: the read timeout (plus a second for its 408) counts from it.
+        conn.head_started.store(5_000, Ordering::Release);
+        assert_eq!(conn.expired(8_000, &limits), None);
+        assert!(conn.expired(8_001, &limits).is_some_and(|why| why.contains("read timeout")));
+        assert_eq!(conn.request_started(9_000), 5_000, "a request keeps its first byte's time");
+
+        // In flight, a request is never idle; only a client that stops reading ends it.
+        let guard = InFlight::begin(conn.clone(), epoch);
+        assert_eq!(conn.head_started.load(Ordering::Acquire), 0);
+        assert_eq!(conn.expired(1_000_000, &limits), None);
+        conn.wrote(&Poll::Pending, epoch);
+        let blocked = conn.write_blocked.load(Ordering::Acquire);
+        assert!(blocked > 0);
+        assert_eq!(conn.expired(blocked + 10_000, &limits), None);
+        assert!(conn.expired(blocked + 10_001, &limits).is_some_and(|why| why.contains("stopped reading")));
+        conn.wrote(&Poll::Ready(Ok(100)), epoch);
+        assert_eq!(conn.expired(blocked + 10_001, &limits), None, "reading again");
+        drop(guard);
+        assert!(conn.idle());
+    }
+
+    #[test]
+    fn the_idlest_connection_makes_room_and_busy_ones_never_do() {
+        let registry = Registry::default();
+        let conns: Vec<Arc<Conn>> = (0..3).map(|i| Arc::new(Conn::new(100 + i))).collect();
+        for (i, c) in conns.iter().enumerate() {
+            registry.insert(i as u64, c.clone());
+        }
+        // The slowloris (a request begun at 50 ms) goes before the idle ones.
+        conns[2].head_started.store(50, Ordering::Release);
+        let _busy = InFlight::begin(conns[0].clone(), Instant::now());
+        assert!(registry.evict_idlest());
+        assert_eq!(registry.len(), 2);
+        assert!(registry.conns.lock().expect("lock").contains_key(&1), "the slowloris went first");
+        assert!(registry.evict_idlest());
+        assert!(!registry.evict_idlest(), "the busy connection stays");
+        assert_eq!(registry.len(), 1);
+    }
 }

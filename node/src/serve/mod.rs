@@ -369,7 +369,8 @@ async fn signal() {
 }
 
 /// How long past the grace period a stopping process may take before it is ended regardless.
-const HARD_EXIT_MARGIN: Duration = Duration::from_secs(3);
+/// (Above the 2 s the leave message may take and the runtime's 1 s to shut down.)
+const HARD_EXIT_MARGIN: Duration = Duration::from_secs(5);
 
 /// Serves until SIGINT or SIGTERM, then lets in-flight requests finish (for up to the grace
 /// period, after which they are cancelled) and stops. Whatever hangs (a client, a GPU step, a
@@ -435,6 +436,8 @@ pub async fn serve_until(cfg: ServeConfig, stop: impl std::future::Future<Output
     let stopper = app.clone();
     let stopped_at = Arc::new(std::sync::OnceLock::new());
     let stop_time = stopped_at.clone();
+    let (left_tx, left_rx) = tokio::sync::oneshot::channel();
+    // Returns at the stop itself, so that the HTTP side's grace period starts with it.
     let shutdown = async move {
         stop.await;
         let _ = stop_time.set(std::time::Instant::now());
@@ -442,7 +445,11 @@ pub async fn serve_until(cfg: ServeConfig, stop: impl std::future::Future<Output
         stopper.mesh.begin_draining();
         // Running requests continue on other decode nodes, where there are any.
         mesh::move_running(&stopper);
-        let _ = tokio::time::timeout(Duration::from_secs(2), stopper.mesh.handle.leave("shutting down")).await;
+        let leaver = stopper.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(2), leaver.mesh.handle.leave("shutting down")).await;
+            let _ = left_tx.send(());
+        });
         if let Some(w) = stopper.begin_stopping() {
             w.request_stop(true);
         }
@@ -453,8 +460,8 @@ pub async fn serve_until(cfg: ServeConfig, stop: impl std::future::Future<Output
         max_connections: app.cfg.http_max_connections,
         max_body: app.cfg.max_body,
     };
-    // Every wait from here on shares one deadline: the grace period after the stop.
     http::serve(listener, router(app.clone()), limits, shutdown, grace).await?;
+    // What is left shares the one deadline: the grace period after the stop.
     let deadline = *stopped_at.get_or_init(std::time::Instant::now) + grace;
     let left = || deadline.saturating_duration_since(std::time::Instant::now());
     if let Some(w) = app.worker() {
@@ -467,6 +474,8 @@ pub async fn serve_until(cfg: ServeConfig, stop: impl std::future::Future<Output
     while app.mesh.busy() > 0 && !left().is_zero() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The leave message goes out even with no grace period at all.
+    let _ = tokio::time::timeout(Duration::from_secs(2), left_rx).await;
     tracing::info!("stopped");
     Ok(())
 }
