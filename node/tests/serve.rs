@@ -15,13 +15,18 @@ const MODEL: &str = "smollm2-135m";
 struct Server {
     child: Child,
     base: String,
+    /// Holds the server's own identity: nodes on one machine may not share one.
+    _dir: tempfile::TempDir,
 }
 
 impl Server {
     /// Starts `tandem serve` on a free port and waits until the model is loaded.
     async fn start(extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
         let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
             .args(["serve", "--http", "127.0.0.1:0", "--context", "512", "--kv-memory", "64MiB", "--max-body", "64KiB"])
+            .arg("--identity")
+            .arg(dir.path().join("identity.key"))
             .args(["--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
             .args(extra)
             .env("TANDEM_LOG", "warn")
@@ -33,7 +38,7 @@ impl Server {
         BufReader::new(stdout).read_line(&mut line).expect("the listening line");
         let base =
             line.trim().strip_prefix("tandem: listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
-        let server = Server { child, base };
+        let server = Server { child, base, _dir: dir };
         let client = reqwest::Client::new();
         let start = Instant::now();
         loop {
