@@ -30,10 +30,10 @@ fn file_kind(meta: &std::fs::Metadata) -> &'static str {
     if ty.is_dir() { "a directory" } else { "not a regular file" }
 }
 
-/// Opens `path` for reading if it is a regular file (symbolic links to one included). The open
-/// itself does not block (a FIFO swapped in after a check would), and the check is made on what
-/// was opened.
-pub fn open_regular(path: &Path) -> Result<File> {
+/// Opens `path` for reading if it is a regular file (symbolic links to one included); returns
+/// it with its size. The open itself does not block (a FIFO swapped in after a check would), and
+/// the check is made on what was opened.
+fn open_checked(path: &Path) -> Result<(File, u64)> {
     let mut options = std::fs::OpenOptions::new();
     options.read(true);
     #[cfg(unix)]
@@ -46,14 +46,18 @@ pub fn open_regular(path: &Path) -> Result<File> {
     if !meta.is_file() {
         return Err(Error::NotRegularFile { path: path.into(), kind: file_kind(&meta) });
     }
-    Ok(file)
+    Ok((file, meta.len()))
+}
+
+/// Opens `path` for reading if it is a regular file (symbolic links to one included).
+pub fn open_regular(path: &Path) -> Result<File> {
+    open_checked(path).map(|(file, _)| file)
 }
 
 /// The bytes of the regular file `path`, if it holds at most `max` of them.
 pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
     use std::io::Read;
-    let file = open_regular(path)?;
-    let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let (file, size) = open_checked(path)?;
     if size > max {
         return Err(Error::FileTooLarge { path: path.into(), size, max });
     }

@@ -104,15 +104,6 @@ impl MetaArray {
         }
     }
 
-    /// The elements as floats, if this is a numeric array.
-    pub fn floats(&self) -> Option<Vec<f64>> {
-        match self {
-            MetaArray::F32(v) => Some(v.iter().map(|&x| x.into()).collect()),
-            MetaArray::F64(v) => Some(v.clone()),
-            other => other.integers().map(|v| v.into_iter().map(|x| x as f64).collect()),
-        }
-    }
-
     /// GGUF's type id of the elements.
     fn element_type(&self) -> u32 {
         match self {
@@ -283,23 +274,24 @@ impl<'a> Reader<'a> {
             return (0..n).map(|_| self.meta_array(key, depth + 1)).collect::<Result<_>>().map(MetaArray::Array);
         }
         let b = self.bytes(n * size, key)?;
-        fn le<const N: usize>(c: &[u8]) -> [u8; N] {
-            let mut a = [0u8; N];
-            a.copy_from_slice(c);
-            a
+        // Each element of a fixed-size type, from its little-endian bytes.
+        macro_rules! each {
+            ($t:ty) => {
+                b.chunks_exact(std::mem::size_of::<$t>()).map(|c| <$t>::from_le_bytes(c.try_into().unwrap_or_default())).collect()
+            };
         }
         Ok(match elem_ty {
             0 => MetaArray::U8(b.to_vec()),
-            1 => MetaArray::I8(b.iter().map(|&x| x as i8).collect()),
-            2 => MetaArray::U16(b.chunks_exact(2).map(|c| u16::from_le_bytes(le(c))).collect()),
-            3 => MetaArray::I16(b.chunks_exact(2).map(|c| i16::from_le_bytes(le(c))).collect()),
-            4 => MetaArray::U32(b.chunks_exact(4).map(|c| u32::from_le_bytes(le(c))).collect()),
-            5 => MetaArray::I32(b.chunks_exact(4).map(|c| i32::from_le_bytes(le(c))).collect()),
-            6 => MetaArray::F32(b.chunks_exact(4).map(|c| f32::from_le_bytes(le(c))).collect()),
+            1 => MetaArray::I8(each!(i8)),
+            2 => MetaArray::U16(each!(u16)),
+            3 => MetaArray::I16(each!(i16)),
+            4 => MetaArray::U32(each!(u32)),
+            5 => MetaArray::I32(each!(i32)),
+            6 => MetaArray::F32(each!(f32)),
             7 => MetaArray::Bool(b.iter().map(|&x| x != 0).collect()),
-            10 => MetaArray::U64(b.chunks_exact(8).map(|c| u64::from_le_bytes(le(c))).collect()),
-            11 => MetaArray::I64(b.chunks_exact(8).map(|c| i64::from_le_bytes(le(c))).collect()),
-            _ => MetaArray::F64(b.chunks_exact(8).map(|c| f64::from_le_bytes(le(c))).collect()),
+            10 => MetaArray::U64(each!(u64)),
+            11 => MetaArray::I64(each!(i64)),
+            _ => MetaArray::F64(each!(f64)),
         })
     }
 }
@@ -418,33 +410,37 @@ fn write_value(out: &mut Vec<u8>, v: &MetaValue) {
         MetaValue::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
         MetaValue::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
         MetaValue::Bool(x) => out.push(u8::from(*x)),
-        MetaValue::Str(s) => {
-            out.extend_from_slice(&(s.len() as u64).to_le_bytes());
-            out.extend_from_slice(s.as_bytes());
-        }
+        MetaValue::Str(s) => write_str(out, s),
         MetaValue::Array(items) => write_array(out, items),
     }
+}
+
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
 }
 
 fn write_array(out: &mut Vec<u8>, items: &MetaArray) {
     out.extend_from_slice(&items.element_type().to_le_bytes());
     out.extend_from_slice(&(items.len() as u64).to_le_bytes());
-    fn each<T: Copy>(out: &mut Vec<u8>, v: &[T], le: impl Fn(T) -> Vec<u8>) {
-        v.iter().for_each(|&x| out.extend_from_slice(&le(x)));
+    macro_rules! each {
+        ($v:expr) => {
+            $v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()))
+        };
     }
     match items {
         MetaArray::U8(v) => out.extend_from_slice(v),
-        MetaArray::I8(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
-        MetaArray::U16(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
-        MetaArray::I16(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
-        MetaArray::U32(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
-        MetaArray::I32(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
-        MetaArray::U64(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
-        MetaArray::I64(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
-        MetaArray::F32(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
-        MetaArray::F64(v) => each(out, v, |x| x.to_le_bytes().to_vec()),
-        MetaArray::Bool(v) => each(out, v, |x| vec![u8::from(x)]),
-        MetaArray::Str(v) => v.iter().for_each(|s| write_value(out, &MetaValue::Str(s.clone()))),
+        MetaArray::I8(v) => each!(v),
+        MetaArray::U16(v) => each!(v),
+        MetaArray::I16(v) => each!(v),
+        MetaArray::U32(v) => each!(v),
+        MetaArray::I32(v) => each!(v),
+        MetaArray::U64(v) => each!(v),
+        MetaArray::I64(v) => each!(v),
+        MetaArray::F32(v) => each!(v),
+        MetaArray::F64(v) => each!(v),
+        MetaArray::Bool(v) => out.extend(v.iter().map(|&x| u8::from(x))),
+        MetaArray::Str(v) => v.iter().for_each(|s| write_str(out, s)),
         MetaArray::Array(v) => v.iter().for_each(|a| write_array(out, a)),
     }
 }

@@ -78,9 +78,9 @@ impl TextTokenizer {
         let strings = |k: &str| -> Result<&[String]> {
             file.get(k)
                 .and_then(|v| v.as_array())
-                .ok_or_else(|| tok_err(format!("{}: GGUF has no {k}", file.path.display())))?
+                .ok_or_else(|| tok_err(format!("{file_name}: GGUF has no {k}")))?
                 .strings()
-                .ok_or_else(|| tok_err(format!("{}: {k} is not an array of strings", file.path.display())))
+                .ok_or_else(|| tok_err(format!("{file_name}: {k} is not an array of strings")))
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges = strings("tokenizer.ggml.merges")?;
@@ -89,21 +89,16 @@ impl TextTokenizer {
             Some(v) => v
                 .as_array()
                 .and_then(|a| a.integers())
-                .ok_or_else(|| tok_err(format!("{}: tokenizer.ggml.token_type is not an array of integers", file.path.display())))?,
+                .ok_or_else(|| tok_err(format!("{file_name}: tokenizer.ggml.token_type is not an array of integers")))?,
         };
         if !types.is_empty() && types.len() != tokens.len() {
-            return Err(tok_err(format!(
-                "{}: tokenizer.ggml.token_type has {} entries for {} tokens",
-                file.path.display(),
-                types.len(),
-                tokens.len()
-            )));
+            return Err(tok_err(format!("{file_name}: tokenizer.ggml.token_type has {} entries for {} tokens", types.len(), tokens.len())));
         }
         let id = |k: &str| -> Result<Option<u32>> {
             let Some(v) = file.get(k) else { return Ok(None) };
             match v.as_u64().and_then(|i| u32::try_from(i).ok()).filter(|&i| (i as usize) < tokens.len()) {
                 Some(i) => Ok(Some(i)),
-                None => Err(tok_err(format!("{}: {k} is {v:?}, not a token id below {}", file.path.display(), tokens.len()))),
+                None => Err(tok_err(format!("{file_name}: {k} is {v:?}, not a token id below {}", tokens.len()))),
             }
         };
         let (bos, eos) = (id("tokenizer.ggml.bos_token_id")?, id("tokenizer.ggml.eos_token_id")?);

@@ -32,7 +32,8 @@ pub struct HandshakeLimit {
     by_connection: HashMap<ConnectionId, IpAddr>,
 }
 
-fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+/// The IP address in `addr`, if it has one.
+pub(crate) fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
     addr.iter().find_map(|p| match p {
         Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
         Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::cluster::{ClusterSnapshot, ClusterView, MeshEventKind};
 use crate::error::{Error, Result};
-use crate::handshakes::{HandshakeLimit, TooManyHandshakes};
+use crate::handshakes::{HandshakeLimit, TooManyHandshakes, ip_of};
 use crate::lan::LanPeers;
 use crate::messages::{CapabilityAd, GossipMessage, LoadReport, MAX_GOSSIP_BYTES};
 use crate::refusals::{REPORT_EVERY, Refusals, Report};
@@ -354,19 +354,11 @@ fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
 }
 
 fn is_loopback(addr: &Multiaddr) -> bool {
-    addr.iter().any(|p| match p {
-        Protocol::Ip4(ip) => ip.is_loopback(),
-        Protocol::Ip6(ip) => ip.is_loopback(),
-        _ => false,
-    })
+    ip_of(addr).is_some_and(|ip| ip.is_loopback())
 }
 
 fn is_unspecified(addr: &Multiaddr) -> bool {
-    addr.iter().any(|p| match p {
-        Protocol::Ip4(ip) => ip.is_unspecified(),
-        Protocol::Ip6(ip) => ip.is_unspecified(),
-        _ => false,
-    })
+    ip_of(addr).is_some_and(|ip| ip.is_unspecified())
 }
 
 impl SwarmTask {
@@ -417,15 +409,13 @@ impl SwarmTask {
         tracing::debug!("mesh task stopped");
     }
 
-    /// One log line and one (local) event for a source's refusals: its first, then one per window.
+    /// One (local) event, which is also the one log line, for a source's refusals: its first,
+    /// then one per window.
     fn report_refusal(&mut self, r: Report) {
         let detail = if r.count == 1 {
-            tracing::warn!(from = %r.source, "incoming connection failed: {}", r.detail);
-            r.detail
+            format!("incoming connection failed: {}", r.detail)
         } else {
-            let window = REPORT_EVERY.as_secs();
-            tracing::warn!(from = %r.source, count = r.count, "{} more incoming connections failed in the last {window} s; the latest: {}", r.count, r.detail);
-            format!("{} connections in the last {window} s; the latest: {}", r.count, r.detail)
+            format!("{} incoming connections failed in the last {} s; the latest: {}", r.count, REPORT_EVERY.as_secs(), r.detail)
         };
         self.with_view(|v| v.record(MeshEventKind::Refused, r.source, detail));
     }

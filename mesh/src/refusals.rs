@@ -9,7 +9,8 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use libp2p::Multiaddr;
-use libp2p::multiaddr::Protocol;
+
+use crate::handshakes::ip_of;
 
 /// How often a source that keeps failing is reported.
 pub const REPORT_EVERY: Duration = Duration::from_secs(60);
@@ -61,10 +62,9 @@ pub struct Refusals {
 /// The source of `addr`: its IPv4 address, or its IPv6 /64 (one host may hold a whole /64 and
 /// pick a new address for every connection).
 fn source_of(addr: &Multiaddr) -> Option<IpAddr> {
-    addr.iter().find_map(|p| match p {
-        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
-        Protocol::Ip6(ip) => Some(IpAddr::V6(std::net::Ipv6Addr::from(u128::from(ip) & !(u64::MAX as u128)))),
-        _ => None,
+    ip_of(addr).map(|ip| match ip {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !(u64::MAX as u128))),
+        v4 => v4,
     })
 }
 

@@ -5,16 +5,18 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tandem_core::{GgufTensorOut, MetaArray, MetaValue, write_gguf};
+
+mod common;
 
 /// A real model's worth of address space for a process that only reads a small file's header.
 const ADDRESS_SPACE_KIB: u64 = 1 << 20;
 
 /// `tandem model inspect PATH` with bounded memory and time: (success, stdout + stderr).
 fn inspect(path: &Path) -> (bool, String) {
-    let mut child = Command::new("bash")
+    let child = Command::new("bash")
         .args(["-c", &format!("ulimit -v {ADDRESS_SPACE_KIB} && exec \"$0\" model inspect \"$1\"")])
         .arg(env!("CARGO_BIN_EXE_tandem"))
         .arg(path)
@@ -23,15 +25,7 @@ fn inspect(path: &Path) -> (bool, String) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("runs");
-    let start = Instant::now();
-    while child.try_wait().expect("wait").is_none() {
-        if start.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            panic!("inspecting {} hangs", path.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("output");
+    let out = common::output_within(child, Duration::from_secs(30), &format!("inspecting {}", path.display()));
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!text.contains("panicked") && !text.contains("memory allocation"), "{}: {text}", path.display());
     assert!(out.status.code().is_some(), "{}: killed by a signal ({:?}): {text}", path.display(), out.status);

@@ -241,7 +241,7 @@ fn a_second_node_on_the_same_identity_is_refused_at_start() {
     let dir = tempfile::tempdir().expect("tempdir");
     let first = Node::start(&OBSERVER, dir.path(), "same");
     let identity = dir.path().join("same.key");
-    let mut second = Command::new(env!("CARGO_BIN_EXE_tandem"))
+    let second = Command::new(env!("CARGO_BIN_EXE_tandem"))
         .args(["serve", "--role", "observer", "--http", "127.0.0.1:0", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0", "--identity"])
         .arg(&identity)
         .env("TANDEM_LOG", "warn")
@@ -249,15 +249,7 @@ fn a_second_node_on_the_same_identity_is_refused_at_start() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("runs");
-    let start = Instant::now();
-    while second.try_wait().expect("wait").is_none() {
-        if start.elapsed() > Duration::from_secs(30) {
-            let _ = second.kill();
-            panic!("the second node was not refused at start");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = second.wait_with_output().expect("output");
+    let out = common::output_within(second, Duration::from_secs(30), "the second node on the same identity");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "refused: {err}");
     assert!(err.contains("same.key") && err.contains("in use") && err.contains("--identity"), "{err}");

@@ -57,8 +57,7 @@ pub struct ServeArgs {
     /// whatever is left.
     #[arg(long, env = "TANDEM_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<u64>,
-    /// Seconds a client may take to send a request's headers (from its first byte), and again
-    /// its body.
+    /// Seconds a client may take to send a whole request, headers and body, from its first byte.
     #[arg(long, env = "TANDEM_HTTP_READ_TIMEOUT")]
     pub http_read_timeout: Option<u64>,
     /// Seconds an HTTP connection may stay open with no request in flight.

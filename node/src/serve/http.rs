@@ -2,8 +2,9 @@
 //! half-open or slow clients cannot hold the node's file descriptors and starve real ones:
 //!
 //! - a connection with no request in flight closes after `idle_timeout`;
-//! - a request's headers must arrive within `read_timeout` of its first byte, and its body within
-//!   `read_timeout` of its headers (a slowloris gets 408 or a closed socket);
+//! - a request, headers and body, must arrive within `read_timeout` of its first byte (a slowloris
+//!   gets 408 or a closed socket), and until it has, its connection counts as idle;
+//! - a response the client stops reading for `idle_timeout` is abandoned;
 //! - at `max_connections`, or when the process runs out of file descriptors, a new connection
 //!   closes the connection that has been idle longest; only if every one has a request in flight
 //!   is the newcomer turned away;
@@ -42,12 +43,13 @@ pub struct HttpLimits {
     pub max_body: usize,
 }
 
-/// One connection's state, shared by its task, its requests and the registry.
+/// One connection's state, shared by its task, its requests and the registry. Times are in
+/// milliseconds since the server's epoch, never 0 (0 means "not set").
 struct Conn {
+    epoch: Instant,
     /// Requests whose responses have not been sent whole.
     in_flight: AtomicUsize,
-    /// When the connection last became idle (opened, or its last response ended), in ms since the
-    /// server's epoch.
+    /// When the connection last became idle (opened, or its last response ended).
     idle_since: AtomicU64,
     /// When the first byte of the next request arrived while idle (0: none yet); it stays set
     /// until the request's body has arrived too.
@@ -58,20 +60,22 @@ struct Conn {
     close: Notify,
 }
 
-/// Milliseconds since `epoch`, never 0 (0 means "not set").
-fn ms_since(epoch: Instant) -> u64 {
-    epoch.elapsed().as_millis() as u64 + 1
-}
-
 impl Conn {
-    fn new(now: u64) -> Self {
-        Conn {
+    fn new(epoch: Instant) -> Self {
+        let conn = Conn {
+            epoch,
             in_flight: AtomicUsize::new(0),
-            idle_since: AtomicU64::new(now),
+            idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(0),
             write_blocked: AtomicU64::new(0),
             close: Notify::new(),
-        }
+        };
+        conn.idle_since.store(conn.now(), Ordering::Release);
+        conn
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
     }
 
     fn idle(&self) -> bool {
@@ -104,10 +108,10 @@ impl Conn {
         }
     }
 
-    fn wrote(&self, result: &Poll<std::io::Result<usize>>, epoch: Instant) {
+    fn wrote(&self, result: &Poll<std::io::Result<usize>>) {
         match result {
             Poll::Pending => {
-                let _ = self.write_blocked.compare_exchange(0, ms_since(epoch), Ordering::AcqRel, Ordering::Acquire);
+                let _ = self.write_blocked.compare_exchange(0, self.now(), Ordering::AcqRel, Ordering::Acquire);
             }
             Poll::Ready(Ok(n)) if *n > 0 => self.write_blocked.store(0, Ordering::Release),
             Poll::Ready(_) => {}
@@ -117,23 +121,21 @@ impl Conn {
 
 /// A request in flight on a connection: the connection is not idle until this is dropped, which
 /// happens when the response body has been sent whole (or abandoned).
-struct InFlight {
-    conn: Arc<Conn>,
-    epoch: Instant,
-}
+struct InFlight(Arc<Conn>);
 
 impl InFlight {
-    fn begin(conn: Arc<Conn>, epoch: Instant) -> Self {
+    fn begin(conn: Arc<Conn>) -> Self {
         conn.in_flight.fetch_add(1, Ordering::AcqRel);
         conn.head_started.store(0, Ordering::Release);
-        InFlight { conn, epoch }
+        InFlight(conn)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.conn.idle_since.store(ms_since(self.epoch), Ordering::Release);
-        self.conn.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let conn = &self.0;
+        conn.idle_since.store(conn.now(), Ordering::Release);
+        conn.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -141,7 +143,6 @@ impl Drop for InFlight {
 struct Watched {
     inner: TcpStream,
     conn: Arc<Conn>,
-    epoch: Instant,
 }
 
 impl AsyncRead for Watched {
@@ -149,8 +150,7 @@ impl AsyncRead for Watched {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before && self.conn.idle() {
-            let now = ms_since(self.epoch);
-            let _ = self.conn.head_started.compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
+            self.conn.request_started(self.conn.now());
         }
         r
     }
@@ -159,7 +159,7 @@ impl AsyncRead for Watched {
 impl AsyncWrite for Watched {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.conn.wrote(&r, self.epoch);
+        self.conn.wrote(&r);
         r
     }
 
@@ -173,7 +173,7 @@ impl AsyncWrite for Watched {
 
     fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.conn.wrote(&r, self.epoch);
+        self.conn.wrote(&r);
         r
     }
 
@@ -275,14 +275,14 @@ fn descriptor_limit() -> Option<u64> {
 }
 
 /// Serves `router` on `listener` until `stop` completes, then closes idle connections, gives the
-/// others `grace` to finish, and closes what is left.
+/// others `grace` to finish, and closes what is left. Returns when `stop` completed.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: HttpLimits,
     stop: impl Future<Output = ()> + Send,
     grace: Duration,
-) -> std::io::Result<()> {
+) -> Instant {
     let epoch = Instant::now();
     // Half the process's file descriptors at most: the rest are the mesh's, the model's and the
     // log's, which strangers holding connections must not starve.
@@ -333,15 +333,16 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         next_id += 1;
         let id = next_id;
-        let conn = Arc::new(Conn::new(ms_since(epoch)));
+        let conn = Arc::new(Conn::new(epoch));
         registry.insert(id, conn.clone());
         let (router, registry, shutdown) = (router.clone(), registry.clone(), shutdown_rx.clone());
         tokio::spawn(async move {
             // Removed however the task ends (a handler's panic included).
             let _registered = Registered { registry, id };
-            serve_connection(stream, remote, conn, router, limits, epoch, shutdown).await;
+            serve_connection(stream, remote, conn, router, limits, shutdown).await;
         });
     }
+    let stopped = Instant::now();
     drop(listener);
     let _ = shutdown_tx.send(true);
     let deadline = tokio::time::Instant::now() + grace;
@@ -353,7 +354,7 @@ pub async fn serve(
         tracing::warn!(connections = left, "grace period over: closing the connections that are left");
         registry.close_all();
     }
-    Ok(())
+    stopped
 }
 
 async fn serve_connection(
@@ -362,12 +363,11 @@ async fn serve_connection(
     conn: Arc<Conn>,
     router: Router,
     limits: HttpLimits,
-    epoch: Instant,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let io = TokioIo::new(Watched { inner: stream, conn: conn.clone(), epoch });
+    let io = TokioIo::new(Watched { inner: stream, conn: conn.clone() });
     let requests = conn.clone();
-    let service = hyper::service::service_fn(move |req| handle(req, remote, requests.clone(), epoch, router.clone(), limits));
+    let service = hyper::service::service_fn(move |req| handle(req, remote, requests.clone(), router.clone(), limits));
     let http = hyper::server::conn::http1::Builder::new().max_buf_size(64 << 10).serve_connection(io, service);
     tokio::pin!(http);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -388,7 +388,7 @@ async fn serve_connection(
             }
             () = conn.close.notified() => return,
             _ = tick.tick() => {
-                if let Some(why) = conn.expired(ms_since(epoch), &limits) {
+                if let Some(why) = conn.expired(conn.now(), &limits) {
                     tracing::debug!(%remote, why, "closing an HTTP connection");
                     return;
                 }
@@ -411,13 +411,12 @@ async fn handle(
     req: Request<hyper::body::Incoming>,
     remote: SocketAddr,
     conn: Arc<Conn>,
-    epoch: Instant,
     mut router: Router,
     limits: HttpLimits,
 ) -> Result<Response<Body>, Infallible> {
     let (mut parts, body) = req.into_parts();
     parts.extensions.insert(ConnectInfo(remote));
-    let now = ms_since(epoch);
+    let now = conn.now();
     let left = (conn.request_started(now) + limits.read_timeout.as_millis() as u64).saturating_sub(now);
     let body = match tokio::time::timeout(Duration::from_millis(left), Limited::new(body, limits.max_body).collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
@@ -431,7 +430,7 @@ async fn handle(
             return Ok(ApiError::new(StatusCode::REQUEST_TIMEOUT, message).into_response());
         }
     };
-    let in_flight = InFlight::begin(conn, epoch);
+    let in_flight = InFlight::begin(conn);
     let response = match router.call(Request::from_parts(parts, Body::from(body))).await {
         Ok(r) => r,
         Err(never) => match never {},
@@ -456,8 +455,8 @@ mod tests {
             max_connections: 8,
             max_body: 1 << 20,
         };
-        let epoch = Instant::now();
-        let conn = Arc::new(Conn::new(1));
+        let conn = Arc::new(Conn::new(Instant::now()));
+        conn.idle_since.store(1, Ordering::Release);
         assert_eq!(conn.expired(10_000, &limits), None, "idle for 10 s: not yet");
         assert_eq!(conn.expired(10_002, &limits), Some("idle"));
 
@@ -468,15 +467,15 @@ mod tests {
         assert_eq!(conn.request_started(9_000), 5_000, "a request keeps its first byte's time");
 
         // In flight, a request is never idle; only a client that stops reading ends it.
-        let guard = InFlight::begin(conn.clone(), epoch);
+        let guard = InFlight::begin(conn.clone());
         assert_eq!(conn.head_started.load(Ordering::Acquire), 0);
         assert_eq!(conn.expired(1_000_000, &limits), None);
-        conn.wrote(&Poll::Pending, epoch);
+        conn.wrote(&Poll::Pending);
         let blocked = conn.write_blocked.load(Ordering::Acquire);
         assert!(blocked > 0);
         assert_eq!(conn.expired(blocked + 10_000, &limits), None);
         assert!(conn.expired(blocked + 10_001, &limits).is_some_and(|why| why.contains("stopped reading")));
-        conn.wrote(&Poll::Ready(Ok(100)), epoch);
+        conn.wrote(&Poll::Ready(Ok(100)));
         assert_eq!(conn.expired(blocked + 10_001, &limits), None, "reading again");
         drop(guard);
         assert!(conn.idle());
@@ -485,13 +484,19 @@ mod tests {
     #[test]
     fn the_idlest_connection_makes_room_and_busy_ones_never_do() {
         let registry = Registry::default();
-        let conns: Vec<Arc<Conn>> = (0..3).map(|i| Arc::new(Conn::new(100 + i))).collect();
+        let conns: Vec<Arc<Conn>> = (0..3)
+            .map(|i| {
+                let c = Arc::new(Conn::new(Instant::now()));
+                c.idle_since.store(100 + i, Ordering::Release);
+                c
+            })
+            .collect();
         for (i, c) in conns.iter().enumerate() {
             registry.insert(i as u64, c.clone());
         }
         // The slowloris (a request begun at 50 ms) goes before the idle ones.
         conns[2].head_started.store(50, Ordering::Release);
-        let _busy = InFlight::begin(conns[0].clone(), Instant::now());
+        let _busy = InFlight::begin(conns[0].clone());
         assert!(registry.evict_idlest());
         assert_eq!(registry.len(), 2);
         assert!(registry.conns.lock().expect("lock").contains_key(&1), "the slowloris went first");

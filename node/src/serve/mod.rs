@@ -434,13 +434,10 @@ pub async fn serve_until(cfg: ServeConfig, stop: impl std::future::Future<Output
     });
 
     let stopper = app.clone();
-    let stopped_at = Arc::new(std::sync::OnceLock::new());
-    let stop_time = stopped_at.clone();
     let (left_tx, left_rx) = tokio::sync::oneshot::channel();
     // Returns at the stop itself, so that the HTTP side's grace period starts with it.
     let shutdown = async move {
         stop.await;
-        let _ = stop_time.set(std::time::Instant::now());
         tracing::info!(grace_s = grace.as_secs(), "shutting down: leaving the mesh, finishing in-flight requests");
         stopper.mesh.begin_draining();
         // Running requests continue on other decode nodes, where there are any.
@@ -460,9 +457,9 @@ pub async fn serve_until(cfg: ServeConfig, stop: impl std::future::Future<Output
         max_connections: app.cfg.http_max_connections,
         max_body: app.cfg.max_body,
     };
-    http::serve(listener, router(app.clone()), limits, shutdown, grace).await?;
+    let stopped = http::serve(listener, router(app.clone()), limits, shutdown, grace).await;
     // What is left shares the one deadline: the grace period after the stop.
-    let deadline = *stopped_at.get_or_init(std::time::Instant::now) + grace;
+    let deadline = stopped + grace;
     let left = || deadline.saturating_duration_since(std::time::Instant::now());
     if let Some(w) = app.worker() {
         w.request_stop(false);

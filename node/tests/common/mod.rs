@@ -180,6 +180,20 @@ impl Drop for Node {
     }
 }
 
+/// The output of `child` once it exits; after `limit` it is killed and the test fails, naming
+/// `what` was expected to end.
+pub fn output_within(mut child: Child, limit: Duration, what: &str) -> std::process::Output {
+    let start = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("{what} did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
 /// A greedy streamed completion through `node`: its text, or the error status and body.
 pub async fn complete(node: &Node, prompt: &str) -> Result<String, (u16, String)> {
     let body = json!({ "model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0, "stream": true });
