@@ -244,7 +244,11 @@ impl ClusterState {
                     memory_bytes: adapter.memory_bytes,
                     gflops: n.speed.map_or(0.0, |s| s.gflops),
                     gbps: n.speed.map_or(0.0, |s| s.gbps),
-                    models: n.models.iter().map(|m| m.id.clone()).collect(),
+                    models: n
+                        .models
+                        .iter()
+                        .map(|m| if m.deterministic { format!("{} (deterministic)", m.id) } else { m.id.clone() })
+                        .collect(),
                     running: load.running,
                     waiting: load.waiting,
                     kv_blocks_used: load.kv_blocks_total.saturating_sub(load.kv_blocks_free),

@@ -12,9 +12,10 @@ use crate::cpu_ref::rope_table;
 use crate::device_weights::{DeviceMatrix, upload_vector};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::kernels::{Kernels, MATMUL_TILE};
+use crate::kernels::{GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_SPLIT, MATVEC_TOKENS, MATVEC_WG};
 use crate::kv::{BLOCK_TOKENS, BlockPool, KvLayer, KvSink, PoolUsage, SeqId, SeqState, block_hash, prefix_hashes};
 use crate::model::{HostModel, layer_tensor};
+use crate::recorder::{KernelTime, Profiler, Recorder, Work};
 
 /// How to choose the next token.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -46,11 +47,14 @@ pub struct EngineConfig {
     pub context_length: usize,
     /// Sequences the default block count is sized for.
     pub max_sequences: usize,
+    /// Batch-invariant kernels only: a request's tokens then do not depend on what shares its
+    /// steps, how its prompt was chunked or where its K/V was computed. Slower.
+    pub deterministic: bool,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { max_batch_tokens: 256, kv_blocks: 0, context_length: 0, max_sequences: 1 }
+        EngineConfig { max_batch_tokens: 256, kv_blocks: 0, context_length: 0, max_sequences: 1, deterministic: false }
     }
 }
 
@@ -64,24 +68,35 @@ pub struct StepInput {
     pub sample: Option<SamplingParams>,
 }
 
-/// A matmul over one weight: a bind group and row count per part.
+/// A matmul over one weight: a bind group and row count per part, and the kernels that may run it.
 struct MatmulOp {
-    pipeline: wgpu::ComputePipeline,
-    parts: Vec<(wgpu::BindGroup, u32)>,
+    exact: wgpu::ComputePipeline,
+    fast: Option<FastMatmul>,
+    /// Per part: its bind group, rows and bytes on the GPU.
+    parts: Vec<(wgpu::BindGroup, u32, u64)>,
+    name: &'static str,
+    cols: u64,
+}
+
+/// The kernels of the default (not batch-invariant) mode: a matvec per token count and the GEMM.
+struct FastMatmul {
+    /// (tokens, rows per lane group, pipeline), by increasing tokens.
+    matvec: Vec<(u32, u32, wgpu::ComputePipeline)>,
+    gemm: wgpu::ComputePipeline,
+    fast_name: [&'static str; 2],
 }
 
 struct LayerOps {
     norm_attn: wgpu::BindGroup,
-    q: MatmulOp,
-    k: MatmulOp,
-    v: MatmulOp,
+    /// Q, K and V into one buffer: a single matmul where the three share a format.
+    qkv: Vec<MatmulOp>,
     rope: wgpu::BindGroup,
     attention: wgpu::BindGroup,
     attention_merge: wgpu::BindGroup,
     o: MatmulOp,
     norm_ffn: wgpu::BindGroup,
-    gate: MatmulOp,
-    up: MatmulOp,
+    /// Gate and up side by side in one buffer, likewise.
+    gate_up: Vec<MatmulOp>,
     silu: wgpu::BindGroup,
     down: MatmulOp,
     k_cache: wgpu::Buffer,
@@ -141,6 +156,8 @@ pub struct Engine {
     seqs: HashMap<SeqId, SeqState>,
     next_seq: u64,
     last_timing: StepTiming,
+    deterministic: bool,
+    profiler: Option<Profiler>,
 }
 
 /// Where the last step's time went: recording and submitting on the CPU, then waiting for the GPU.
@@ -148,6 +165,8 @@ pub struct Engine {
 pub struct StepTiming {
     pub record: std::time::Duration,
     pub wait: std::time::Duration,
+    /// Compute dispatches the step recorded.
+    pub dispatches: usize,
 }
 
 impl std::fmt::Debug for Engine {
@@ -177,6 +196,12 @@ fn wg(n: usize, per: usize) -> u32 {
     n.div_ceil(per) as u32
 }
 
+/// Weight rows one lane group of the matvec walks at once: more rows share each activation load,
+/// fewer keep small matrices spread over the GPU.
+fn matvec_rows(rows: usize, tokens: u32) -> u32 {
+    if tokens == 1 && rows >= 8192 { 2 } else { 1 }
+}
+
 impl MatmulOp {
     // The buffers and flags are all distinct roles of one dispatch; a struct would only rename them.
     #[allow(clippy::too_many_arguments)]
@@ -189,6 +214,7 @@ impl MatmulOp {
         (x_stride, y_stride, y_offset): (usize, usize, usize),
         accumulate: bool,
         sample_rows: bool,
+        deterministic: bool,
     ) -> Result<Self> {
         let ctx = kernels.ctx();
         let params = m.part_params(ctx, x_stride, y_stride, y_offset);
@@ -196,7 +222,10 @@ impl MatmulOp {
             .parts
             .iter()
             .zip(&params)
-            .map(|(p, u)| (kernels.bind_group(Kernel::Matmul, &m.name, &[step, u, x, &p.quants, &p.scales, y, x]), p.rows as u32))
+            .map(|(p, u)| {
+                let bg = kernels.bind_group(Kernel::Matmul, &m.name, &[step, u, x, &p.quants, &p.scales, y, x]);
+                (bg, p.rows as u32, p.quants.size() + p.scales.size())
+            })
             .collect();
         let rows_per_wg = 64 / kernels.matmul_split() as usize;
         let groups = m.parts.iter().map(|p| wg(p.rows, rows_per_wg)).max().unwrap_or(0);
@@ -207,17 +236,77 @@ impl MatmulOp {
                 limit: ctx.limits.max_compute_workgroups_per_dimension.into(),
             });
         }
-        Ok(MatmulOp { pipeline: kernels.matmul(m.format, accumulate, sample_rows)?, parts })
+        let fast = if deterministic {
+            None
+        } else {
+            let max_rows = m.parts.iter().map(|p| p.rows).max().unwrap_or(0);
+            // The matvec walks whole blocks; other shapes take the GEMM at every token count.
+            let whole_blocks = if m.cols.is_multiple_of(32) { MATVEC_TOKENS.as_slice() } else { &[] };
+            let matvec = whole_blocks
+                .iter()
+                .copied()
+                .map(|t| {
+                    let r = matvec_rows(max_rows, t);
+                    Ok((t, r, kernels.matvec(m.format, t, r, accumulate, sample_rows)?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let fast_name = [kernel_label(Kernel::Matvec, m.format), kernel_label(Kernel::Gemm, m.format)];
+            Some(FastMatmul { matvec, gemm: kernels.gemm(m.format, accumulate, sample_rows)?, fast_name })
+        };
+        Ok(MatmulOp {
+            exact: kernels.matmul(m.format, accumulate, sample_rows)?,
+            fast,
+            parts,
+            name: kernel_label(Kernel::Matmul, m.format),
+            cols: m.cols as u64,
+        })
     }
 
-    fn record(&self, pass: &mut wgpu::ComputePass<'_>, tokens: usize, split: u32) {
-        pass.set_pipeline(&self.pipeline);
-        let rows_per_wg = 64 / split as usize;
-        for (bg, rows) in &self.parts {
-            pass.set_bind_group(0, bg, &[]);
-            pass.dispatch_workgroups(wg(*rows as usize, rows_per_wg), wg(tokens, MATMUL_TILE), 1);
+    fn record(&self, rec: &mut Recorder<'_>, tokens: usize, split: u32) {
+        let t = tokens as u64;
+        let work = |name, rows: u32, bytes: u64| {
+            let rows = u64::from(rows);
+            Work { name, bytes: bytes + t * (self.cols + rows) * 4, flops: 2 * t * rows * self.cols }
+        };
+        for (bg, rows, bytes) in &self.parts {
+            let (name, pipeline, groups) = match &self.fast {
+                None => (self.name, &self.exact, [wg(*rows as usize, 64 / split as usize), wg(tokens, MATMUL_TILE), 1]),
+                Some(f) => match f.matvec.iter().find(|(n, _, _)| *n as usize >= tokens) {
+                    Some((n, per_group, pipeline)) => {
+                        let per_wg = MATVEC_WG / MATVEC_SPLIT * *per_group as usize;
+                        (f.fast_name[0], pipeline, [wg(*rows as usize, per_wg), wg(tokens, *n as usize), 1])
+                    }
+                    None => (f.fast_name[1], &f.gemm, [wg(*rows as usize, GEMM_TILE), wg(tokens, GEMM_TILE), 1]),
+                },
+            };
+            rec.dispatch(work(name, *rows, *bytes), pipeline, bg, groups);
         }
     }
+}
+
+/// `tensors` stacked by rows into one matrix, where they share a format and a width.
+fn stack_rows(tensors: &[&crate::tensor::HostTensor]) -> Option<crate::tensor::HostTensor> {
+    let first = tensors.first()?;
+    if tensors.iter().any(|t| t.format != first.format || t.cols() != first.cols()) {
+        return None;
+    }
+    let rows = tensors.iter().map(|t| t.rows()).sum();
+    let bytes = tensors.iter().flat_map(|t| t.bytes.as_slice()).copied().collect();
+    let name = tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join("+");
+    Some(crate::tensor::HostTensor {
+        name,
+        format: first.format,
+        shape: vec![first.cols(), rows],
+        bytes: crate::tensor::TensorBytes::owned(bytes),
+    })
+}
+
+/// `kernel.format`, as a static label for the profile.
+fn kernel_label(kernel: Kernel, format: tandem_shaders::WeightFormat) -> &'static str {
+    static LABELS: std::sync::OnceLock<std::sync::Mutex<HashMap<String, &'static str>>> = std::sync::OnceLock::new();
+    let name = format!("{}.{}", kernel.name(), format.name());
+    let mut labels = LABELS.get_or_init(Default::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    labels.entry(name.clone()).or_insert_with(|| Box::leak(name.into_boxed_str()))
 }
 
 impl Engine {
@@ -247,8 +336,7 @@ impl Engine {
         let xn = act("xn", d);
         let qkv = act("qkv", qkv_dim);
         let attn_out = act("attn_out", q_dim);
-        let gate = act("gate", f);
-        let up = act("up", f);
+        let gate_up = act("gate_up", 2 * f);
         let hs = ctx.storage("hidden_sampled", max_sample as u64 * d as u64 * f4);
         // Attention partials are packed per step, one record per (chunk, head). Enough for every
         // cached position decoding at once plus, within a fixed memory share, prefill chunks
@@ -333,16 +421,28 @@ impl Engine {
             let (k_cache, v_cache) = (cache("k"), cache("v"));
             let (g_attn, g_ffn) = (vec("attn_norm")?, vec("ffn_norm")?);
             let mm = |m: &DeviceMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, strides, acc| {
-                MatmulOp::new(&kernels, m, &bufs.step, x, y, strides, acc, false)
+                MatmulOp::new(&kernels, m, &bufs.step, x, y, strides, acc, false, cfg.deterministic)
             };
-            let (wq, wk, wv, wo) = (mat("attn_q")?, mat("attn_k")?, mat("attn_v")?, mat("attn_output")?);
-            let (wg_, wu, wd) = (mat("ffn_gate")?, mat("ffn_up")?, mat("ffn_down")?);
-            let kv = c.kv_dim();
+            // Matrices that read the same input and write side by side: one stacked matrix (one
+            // dispatch) where they share a format, else one op each.
+            let side_by_side = |names: &[&str], x: &wgpu::Buffer, y: &wgpu::Buffer, y_stride: usize| -> Result<Vec<MatmulOp>> {
+                let ts = names.iter().map(|n| model.tensor(&layer_tensor(l, n))).collect::<Result<Vec<_>>>()?;
+                let x_stride = ts[0].cols();
+                if let Some(t) = stack_rows(&ts) {
+                    return Ok(vec![mm(&DeviceMatrix::upload(ctx, &t)?, x, y, (x_stride, y_stride, 0), false)?]);
+                }
+                let mut offset = 0;
+                let mut ops = Vec::with_capacity(ts.len());
+                for t in ts {
+                    ops.push(mm(&DeviceMatrix::upload(ctx, t)?, x, y, (x_stride, y_stride, offset), false)?);
+                    offset += t.rows();
+                }
+                Ok(ops)
+            };
+            let (wo, wd) = (mat("attn_output")?, mat("ffn_down")?);
             layers.push(LayerOps {
                 norm_attn: kernels.bind_group(Kernel::RmsNorm, "norm_attn", &[&bufs.step, &x, &g_attn, &bufs.sample_rows, &xn]),
-                q: mm(&wq, &xn, &qkv, (d, qkv_dim, 0), false)?,
-                k: mm(&wk, &xn, &qkv, (d, qkv_dim, q_dim), false)?,
-                v: mm(&wv, &xn, &qkv, (d, qkv_dim, q_dim + kv), false)?,
+                qkv: side_by_side(&["attn_q", "attn_k", "attn_v"], &xn, &qkv, qkv_dim)?,
                 rope: kernels.bind_group(Kernel::RopeKv, "rope_kv", &[&bufs.step, &qkv, &bufs.tokens, &rope_buf, &k_cache, &v_cache]),
                 attention: kernels.bind_group(
                     Kernel::Attention,
@@ -356,10 +456,9 @@ impl Engine {
                 ),
                 o: mm(&wo, &attn_out, &x, (q_dim, d, 0), true)?,
                 norm_ffn: kernels.bind_group(Kernel::RmsNorm, "norm_ffn", &[&bufs.step, &x, &g_ffn, &bufs.sample_rows, &xn]),
-                gate: mm(&wg_, &xn, &gate, (d, f, 0), false)?,
-                up: mm(&wu, &xn, &up, (d, f, 0), false)?,
-                silu: kernels.bind_group(Kernel::SiluMul, "silu_mul", &[&bufs.step, &gate, &up]),
-                down: mm(&wd, &gate, &x, (f, d, 0), true)?,
+                gate_up: side_by_side(&["ffn_gate", "ffn_up"], &xn, &gate_up, 2 * f)?,
+                silu: kernels.bind_group(Kernel::SiluMul, "silu_mul", &[&bufs.step, &gate_up]),
+                down: mm(&wd, &gate_up, &x, (2 * f, d, 0), true)?,
                 k_cache,
                 v_cache,
             });
@@ -367,7 +466,7 @@ impl Engine {
         let g_out = upload_vector(ctx, model.tensor("output_norm.weight")?);
         let norm_out = kernels.bind_group(Kernel::RmsNorm, "norm_out", &[&bufs.step, &x, &g_out, &bufs.sample_rows, &hs]);
         let head_t = if c.tied_embeddings { embed_t } else { DeviceMatrix::upload(ctx, model.output_head()?)? };
-        let head = MatmulOp::new(&kernels, &head_t, &bufs.step, &hs, &bufs.logits, (d, c.vocab_size, 0), false, true)?;
+        let head = MatmulOp::new(&kernels, &head_t, &bufs.step, &hs, &bufs.logits, (d, c.vocab_size, 0), false, true, cfg.deterministic)?;
         let sample = kernels.bind_group(Kernel::Sample, "sample", &[&bufs.step, &bufs.logits, &bufs.sample_params, &bufs.chosen]);
         ctx.check_errors("engine setup")?;
         Ok(Engine {
@@ -390,7 +489,26 @@ impl Engine {
             seqs: HashMap::new(),
             next_seq: 0,
             last_timing: StepTiming::default(),
+            deterministic: cfg.deterministic,
+            profiler: None,
         })
+    }
+
+    /// Whether the engine runs only batch-invariant kernels (`EngineConfig::deterministic`).
+    pub fn deterministic(&self) -> bool {
+        self.deterministic
+    }
+
+    /// Times every dispatch of the following steps on the GPU (each in its own compute pass,
+    /// so steps run a little slower), or stops.
+    pub fn set_profiling(&mut self, on: bool) -> Result<()> {
+        self.profiler = if on { Some(Profiler::new(&self.ctx)?) } else { None };
+        Ok(())
+    }
+
+    /// GPU time per kernel over the steps since profiling started or was last taken.
+    pub fn take_profile(&mut self) -> Vec<KernelTime> {
+        self.profiler.as_mut().map(Profiler::take).unwrap_or_default()
     }
 
     /// The GPU this engine runs on.
@@ -724,48 +842,36 @@ impl Engine {
         let attention_chunks = (last_pos + 1).div_ceil(ATTENTION_CHUNK);
         let kv_row = (c.kv_dim() * 4) as u64;
         let export_tokens: usize = exports.iter().map(|(_, s, e, _)| e - s).sum();
+        // Positions attended over by the step's tokens, for the profile's figures.
+        let attended: u64 = infos.iter().map(|i| u64::from(i.pos) + 1).sum();
+        let t = n_tokens as u64;
         let mut staged = Vec::new();
-        let device = &self.ctx.device;
-        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("embed"), timestamp_writes: None });
-            pass.set_pipeline(&self.pipelines.embed);
-            for bg in &self.embed {
-                pass.set_bind_group(0, bg, &[]);
-                pass.dispatch_workgroups(wg(c.hidden_size, 64), n_tokens as u32, 1);
-            }
+        let mut rec = Recorder::new(&self.ctx, self.profiler.as_mut());
+        for bg in &self.embed {
+            let work = Work { name: "embed", bytes: t * c.hidden_size as u64 * 4, flops: 0 };
+            rec.dispatch(work, &self.pipelines.embed, bg, [wg(c.hidden_size, 64), n_tokens as u32, 1]);
         }
+        let p = &self.pipelines;
+        let (d, heads, kv_dim) = (c.hidden_size as u64, c.n_heads as u64, c.kv_dim() as u64);
+        let norm = Work { name: "rmsnorm", bytes: t * d * 8, flops: 3 * t * d };
+        let rope_items = (c.n_heads + c.n_kv_heads) * c.head_dim / 2 + c.kv_dim();
+        let rope = Work { name: "rope_kv", bytes: t * (c.qkv_dim() as u64 + kv_dim) * 8, flops: 6 * t * rope_items as u64 };
+        let hd = c.head_dim as u64;
+        let attention = Work { name: "attention", bytes: attended * kv_dim * 8 + t * heads * hd * 8, flops: 4 * attended * heads * hd };
+        let merge = Work { name: "attention_merge", bytes: t * heads * hd * 4 * 2, flops: 0 };
+        let ffn = c.ffn_size as u64;
+        let silu = Work { name: "silu_mul", bytes: t * ffn * 12, flops: 5 * t * ffn };
         for (l, layer) in self.layers.iter().enumerate() {
-            {
-                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("layer"), timestamp_writes: None });
-                let p = &self.pipelines;
-                pass.set_pipeline(&p.norm);
-                pass.set_bind_group(0, &layer.norm_attn, &[]);
-                pass.dispatch_workgroups(n_tokens as u32, 1, 1);
-                layer.q.record(&mut pass, n_tokens, split);
-                layer.k.record(&mut pass, n_tokens, split);
-                layer.v.record(&mut pass, n_tokens, split);
-                pass.set_pipeline(&p.rope);
-                pass.set_bind_group(0, &layer.rope, &[]);
-                let rope_items = (c.n_heads + c.n_kv_heads) * c.head_dim / 2 + c.kv_dim();
-                pass.dispatch_workgroups(wg(rope_items, 64), n_tokens as u32, 1);
-                pass.set_pipeline(&p.attention);
-                pass.set_bind_group(0, &layer.attention, &[]);
-                pass.dispatch_workgroups(c.n_heads as u32, n_tokens as u32, attention_chunks);
-                pass.set_pipeline(&p.attention_merge);
-                pass.set_bind_group(0, &layer.attention_merge, &[]);
-                pass.dispatch_workgroups(c.n_heads as u32, n_tokens as u32, 1);
-                layer.o.record(&mut pass, n_tokens, split);
-                pass.set_pipeline(&p.norm);
-                pass.set_bind_group(0, &layer.norm_ffn, &[]);
-                pass.dispatch_workgroups(n_tokens as u32, 1, 1);
-                layer.gate.record(&mut pass, n_tokens, split);
-                layer.up.record(&mut pass, n_tokens, split);
-                pass.set_pipeline(&p.silu);
-                pass.set_bind_group(0, &layer.silu, &[]);
-                pass.dispatch_workgroups(wg(c.ffn_size, 64), n_tokens as u32, 1);
-                layer.down.record(&mut pass, n_tokens, split);
-            }
+            rec.dispatch(norm, &p.norm, &layer.norm_attn, [n_tokens as u32, 1, 1]);
+            layer.qkv.iter().for_each(|op| op.record(&mut rec, n_tokens, split));
+            rec.dispatch(rope, &p.rope, &layer.rope, [wg(rope_items, 64), n_tokens as u32, 1]);
+            rec.dispatch(attention, &p.attention, &layer.attention, [c.n_heads as u32, n_tokens as u32, attention_chunks]);
+            rec.dispatch(merge, &p.attention_merge, &layer.attention_merge, [c.n_heads as u32, n_tokens as u32, 1]);
+            layer.o.record(&mut rec, n_tokens, split);
+            rec.dispatch(norm, &p.norm, &layer.norm_ffn, [n_tokens as u32, 1, 1]);
+            layer.gate_up.iter().for_each(|op| op.record(&mut rec, n_tokens, split));
+            rec.dispatch(silu, &p.silu, &layer.silu, [wg(c.ffn_size, 64), n_tokens as u32, 1]);
+            layer.down.record(&mut rec, n_tokens, split);
             if sink.is_some() && !exports.is_empty() {
                 // Copy this layer's new K/V out and submit, so the host can take layer l while the
                 // GPU computes layer l + 1.
@@ -774,33 +880,29 @@ impl Engine {
                 let v_stage = self.ctx.readback(&format!("v_export.{l}"), bytes);
                 let mut dst = 0;
                 for (_, start, end, state) in &exports {
-                    dst = copy_kv_rows(&mut enc, layer, state, *start..*end, (&k_stage, &v_stage), dst, kv_row);
+                    dst = copy_kv_rows(rec.encoder(), layer, state, *start..*end, (&k_stage, &v_stage), dst, kv_row);
                 }
-                let done = q.submit([enc.finish()]);
+                let done = rec.submit(q);
                 staged.push((k_stage, v_stage, done));
-                enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
             }
         }
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("head"), timestamp_writes: None });
-            pass.set_pipeline(&self.pipelines.norm_gather);
-            pass.set_bind_group(0, &self.norm_out, &[]);
-            pass.dispatch_workgroups(n_sample as u32, 1, 1);
-            self.head.record(&mut pass, n_sample, split);
-            if !all_logits && n_sample > 0 {
-                pass.set_pipeline(&self.pipelines.sample);
-                pass.set_bind_group(0, &self.sample, &[]);
-                pass.dispatch_workgroups(n_sample as u32, 1, 1);
-            }
+        let s = n_sample as u64;
+        rec.dispatch(Work { name: "rmsnorm", bytes: s * d * 8, flops: 3 * s * d }, &p.norm_gather, &self.norm_out, [n_sample as u32, 1, 1]);
+        self.head.record(&mut rec, n_sample, split);
+        if !all_logits && n_sample > 0 {
+            let work = Work { name: "sample", bytes: s * c.vocab_size as u64 * 4, flops: 0 };
+            rec.dispatch(work, &p.sample, &self.sample, [n_sample as u32, 1, 1]);
         }
         let result_bytes = if all_logits { (n_sample * c.vocab_size * 4) as u64 } else { (n_sample * 4) as u64 };
         let logits_read = all_logits.then(|| self.ctx.readback("logits_read", result_bytes));
         match &logits_read {
-            Some(buf) => enc.copy_buffer_to_buffer(&self.bufs.logits, 0, buf, 0, result_bytes),
-            None if n_sample > 0 => enc.copy_buffer_to_buffer(&self.bufs.chosen, 0, &self.bufs.chosen_read, 0, result_bytes),
+            Some(buf) => rec.encoder().copy_buffer_to_buffer(&self.bufs.logits, 0, buf, 0, result_bytes),
+            None if n_sample > 0 => rec.encoder().copy_buffer_to_buffer(&self.bufs.chosen, 0, &self.bufs.chosen_read, 0, result_bytes),
             None => {}
         }
-        let done = q.submit([enc.finish()]);
+        let dispatches = rec.dispatches();
+        let done = q.submit([rec.finish()]);
+        let done_profile = done.clone();
         let wait_start = std::time::Instant::now();
 
         if let Some(sink) = sink.as_mut() {
@@ -835,7 +937,10 @@ impl Engine {
                 .map_err(|e| Error::Gpu { op: "step".into(), reason: e.to_string() })?;
             out.tokens = vec![None; inputs.len()];
         }
-        self.last_timing = StepTiming { record: wait_start - record_start, wait: wait_start.elapsed() };
+        if let Some(profiler) = self.profiler.as_mut() {
+            profiler.collect(&self.ctx, done_profile)?;
+        }
+        self.last_timing = StepTiming { record: wait_start - record_start, wait: wait_start.elapsed(), dispatches };
         self.ctx.check_errors("step")?;
         for input in inputs {
             if let Some(s) = self.seqs.get_mut(&input.seq) {

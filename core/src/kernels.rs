@@ -4,31 +4,10 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use tandem_shaders::{Kernel, WeightFormat};
+use tandem_shaders::{Binding, Kernel, WeightFormat};
 
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-
-#[derive(Clone, Copy)]
-enum Slot {
-    Uniform,
-    Read,
-    Write,
-}
-
-fn slots(kernel: Kernel) -> &'static [Slot] {
-    use Slot::{Read as R, Uniform as U, Write as W};
-    match kernel {
-        Kernel::Embed => &[U, U, R, R, R, W],
-        Kernel::RmsNorm => &[U, R, R, R, W],
-        Kernel::Matmul => &[U, U, R, R, R, W, R],
-        Kernel::RopeKv => &[U, W, R, R, W, W],
-        Kernel::Attention => &[U, R, R, R, R, R, W],
-        Kernel::AttentionMerge => &[U, R, R, W],
-        Kernel::SiluMul => &[U, W, R],
-        Kernel::Sample => &[U, R, R, W],
-    }
-}
 
 /// Pipelines and layouts of one device.
 pub struct Kernels {
@@ -48,8 +27,10 @@ impl Kernels {
     pub fn new(ctx: &GpuContext) -> Self {
         let layouts = Kernel::ALL
             .into_iter()
+            .filter(|k| k.layout_owner() == *k)
             .map(|k| {
-                let entries: Vec<wgpu::BindGroupLayoutEntry> = slots(k)
+                let entries: Vec<wgpu::BindGroupLayoutEntry> = k
+                    .bindings()
                     .iter()
                     .enumerate()
                     .map(|(i, s)| wgpu::BindGroupLayoutEntry {
@@ -57,9 +38,9 @@ impl Kernels {
                         visibility: wgpu::ShaderStages::COMPUTE,
                         ty: wgpu::BindingType::Buffer {
                             ty: match s {
-                                Slot::Uniform => wgpu::BufferBindingType::Uniform,
-                                Slot::Read => wgpu::BufferBindingType::Storage { read_only: true },
-                                Slot::Write => wgpu::BufferBindingType::Storage { read_only: false },
+                                Binding::Uniform => wgpu::BufferBindingType::Uniform,
+                                Binding::Read => wgpu::BufferBindingType::Storage { read_only: true },
+                                Binding::Write => wgpu::BufferBindingType::Storage { read_only: false },
                             },
                             has_dynamic_offset: false,
                             min_binding_size: None,
@@ -104,7 +85,7 @@ impl Kernels {
             .create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(&label), source: wgpu::ShaderSource::Wgsl(source.into()) });
         let pipeline = self.ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&label),
-            layout: Some(&self.layouts[&kernel].1),
+            layout: Some(&self.layouts[&kernel.layout_owner()].1),
             module: &module,
             entry_point: Some("main"),
             compilation_options: wgpu::PipelineCompilationOptions { constants, zero_initialize_workgroup_memory: false },
@@ -123,7 +104,7 @@ impl Kernels {
             buffers.iter().enumerate().map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() }).collect();
         self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(label),
-            layout: &self.layouts[&kernel].0,
+            layout: &self.layouts[&kernel.layout_owner()].0,
             entries: &entries,
         })
     }
@@ -133,7 +114,7 @@ impl Kernels {
         if self.ctx.is_cpu { 1 } else { 32 }
     }
 
-    /// The matmul pipeline for `format`.
+    /// The batch-invariant matmul pipeline for `format`.
     pub fn matmul(&self, format: WeightFormat, accumulate: bool, sample_rows: bool) -> Result<wgpu::ComputePipeline> {
         self.pipeline(
             Kernel::Matmul,
@@ -145,7 +126,48 @@ impl Kernels {
             ],
         )
     }
+
+    /// The decode matvec for up to `tokens` tokens, `rows` weight rows per 32 lanes.
+    pub fn matvec(
+        &self,
+        format: WeightFormat,
+        tokens: u32,
+        rows: u32,
+        accumulate: bool,
+        sample_rows: bool,
+    ) -> Result<wgpu::ComputePipeline> {
+        self.pipeline(
+            Kernel::Matvec,
+            Some(format),
+            &[
+                ("TOKENS", f64::from(tokens)),
+                ("ROWS", f64::from(rows)),
+                ("ACCUMULATE", f64::from(u8::from(accumulate))),
+                ("SAMPLE_ROWS", f64::from(u8::from(sample_rows))),
+            ],
+        )
+    }
+
+    /// The tiled GEMM for steps of many tokens.
+    pub fn gemm(&self, format: WeightFormat, accumulate: bool, sample_rows: bool) -> Result<wgpu::ComputePipeline> {
+        self.pipeline(
+            Kernel::Gemm,
+            Some(format),
+            &[("ACCUMULATE", f64::from(u8::from(accumulate))), ("SAMPLE_ROWS", f64::from(u8::from(sample_rows)))],
+        )
+    }
 }
 
 /// Tokens one matmul invocation serves (`TILE_T` in matmul.wgsl).
 pub const MATMUL_TILE: usize = 8;
+
+/// Token counts the decode matvec is built for (`TOKENS` in matvec.wgsl); steps of more tokens
+/// take the GEMM.
+pub const MATVEC_TOKENS: [u32; 4] = [1, 2, 4, 8];
+
+/// Lanes that walk one row in matvec.wgsl, and lanes per workgroup.
+pub const MATVEC_SPLIT: usize = 32;
+pub const MATVEC_WG: usize = 64;
+
+/// Weight rows and tokens of one GEMM workgroup's tile (`TILE` in gemm.wgsl).
+pub const GEMM_TILE: usize = 64;

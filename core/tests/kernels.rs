@@ -5,7 +5,7 @@
 use rand::{Rng, SeedableRng};
 use tandem_core::cpu_ref;
 use tandem_core::device_weights::DeviceMatrix;
-use tandem_core::kernels::{Kernels, MATMUL_TILE};
+use tandem_core::kernels::{GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_SPLIT, MATVEC_TOKENS, MATVEC_WG};
 use tandem_core::tensor::{HostTensor, TensorBytes};
 use tandem_core::{GpuContext, WeightFormat};
 use tandem_shaders::{Kernel, SampleParams, ShaderCaps, Step, TokenInfo};
@@ -131,6 +131,66 @@ fn matmul_matches_cpu_for_every_format_and_odd_shapes() {
     }
 }
 
+/// The fast kernels: the decode matvec built for `tile` tokens with `rows` rows per lane group,
+/// or (tile 0) the tiled GEMM.
+fn run_fast(ctx: &GpuContext, kernels: &Kernels, m: &DeviceMatrix, x: &[f32], tokens: usize, tile: u32, rows: u32) -> Vec<f32> {
+    let (n, cols) = (m.rows, m.cols);
+    let step = step_buf(ctx, tokens, 0);
+    let xb = ctx.storage_init("x", bytemuck::cast_slice(x));
+    let y = ctx.storage("y", (tokens * n * 4) as u64);
+    // Poisoned, so an output the kernel never writes shows.
+    ctx.queue.write_buffer(&y, 0, bytemuck::cast_slice(&vec![f32::NAN; tokens * n]));
+    let params = m.part_params(ctx, cols, n, 0);
+    let groups: Vec<(wgpu::BindGroup, [u32; 3])> = m
+        .parts
+        .iter()
+        .zip(&params)
+        .map(|(p, u)| {
+            let bg = kernels.bind_group(Kernel::Matvec, "mm", &[&step, u, &xb, &p.quants, &p.scales, &y, &xb]);
+            let size = match tile {
+                0 => [p.rows.div_ceil(GEMM_TILE) as u32, tokens.div_ceil(GEMM_TILE) as u32, 1],
+                t => [p.rows.div_ceil(MATVEC_WG / MATVEC_SPLIT * rows as usize) as u32, tokens.div_ceil(t as usize) as u32, 1],
+            };
+            (bg, size)
+        })
+        .collect();
+    let pipeline = match tile {
+        0 => kernels.gemm(m.format, false, false),
+        t => kernels.matvec(m.format, t, rows, false, false),
+    }
+    .expect("pipeline");
+    let refs: Vec<(&wgpu::BindGroup, [u32; 3])> = groups.iter().map(|(b, d)| (b, *d)).collect();
+    read_f32(ctx, &y, (tokens * n * 4) as u64, dispatch(ctx, &pipeline, &refs))
+}
+
+#[test]
+fn fast_matmuls_match_cpu_for_every_format_and_odd_shapes() {
+    for ctx in gpu_variants() {
+        let kernels = Kernels::new(&ctx);
+        let mut rng = rng();
+        for format in WeightFormat::ALL {
+            let mut shapes = vec![(70, 64, 1), (130, 96, 3), (33, 160, 9), (65, 64, 17), (131, 96, 70)];
+            if format.block_elems() == 1 {
+                shapes.extend([(7, 37, 2), (66, 45, 8), (67, 45, 65)]);
+            }
+            for (n, cols, tokens) in shapes {
+                let t = host_matrix(format, &random(&mut rng, n * cols), n, cols);
+                let x = random(&mut rng, tokens * cols);
+                let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
+                let (want, scale) = matmul_reference(format, &t, &x, tokens);
+                // The matvec takes rows of whole blocks only.
+                let matvecs = if cols % 32 == 0 { MATVEC_TOKENS.as_slice() } else { &[] };
+                let variants = matvecs.iter().flat_map(|&t| [(t, 1), (t, 2), (t, 4)]).filter(|(t, r)| t * r <= 8).chain([(0, 0)]);
+                for (tile, rows) in variants {
+                    let got = run_fast(&ctx, &kernels, &m, &x, tokens, tile, rows);
+                    let what = format!("fast matmul (tile {tile}, rows {rows}) {format} {n}x{cols} x{tokens} {:?}", ctx.caps);
+                    assert_close(&got, &want, MATMUL_TOLERANCE, &scale, &what);
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn matmul_is_identical_for_a_token_alone_and_in_a_batch() {
     for ctx in gpu_variants() {
@@ -239,11 +299,14 @@ fn silu_mul_matches_cpu() {
     let (ffn, tokens) = (100, 3);
     let (g, u) = (random(&mut rng, ffn * tokens), random(&mut rng, ffn * tokens));
     let step = step_buf(&ctx, tokens, 0);
-    let (gb, ub) = (ctx.storage_init("g", bytemuck::cast_slice(&g)), ctx.storage_init("u", bytemuck::cast_slice(&u)));
-    let bg = kernels.bind_group(Kernel::SiluMul, "silu", &[&step, &gb, &ub]);
+    // [gate | up] per token, as the stacked gate/up matmul writes them.
+    let gate_up: Vec<f32> = g.chunks(ffn).zip(u.chunks(ffn)).flat_map(|(g, u)| g.iter().chain(u).copied()).collect();
+    let gub = ctx.storage_init("gate_up", bytemuck::cast_slice(&gate_up));
+    let bg = kernels.bind_group(Kernel::SiluMul, "silu", &[&step, &gub]);
     let pipeline = kernels.pipeline(Kernel::SiluMul, None, &[("FFN_DIM", ffn as f64)]).expect("pipeline");
-    let got =
-        read_f32(&ctx, &gb, (ffn * tokens * 4) as u64, dispatch(&ctx, &pipeline, &[(&bg, [ffn.div_ceil(64) as u32, tokens as u32, 1])]));
+    let bytes = (2 * ffn * tokens * 4) as u64;
+    let out = read_f32(&ctx, &gub, bytes, dispatch(&ctx, &pipeline, &[(&bg, [ffn.div_ceil(64) as u32, tokens as u32, 1])]));
+    let got: Vec<f32> = out.chunks(2 * ffn).flat_map(|row| row[..ffn].to_vec()).collect();
     assert_close(&got, &cpu_ref::silu_mul(&g, &u), ELEMENTWISE_TOLERANCE, &vec![1.0; g.len()], "silu_mul");
 }
 

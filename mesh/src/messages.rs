@@ -57,6 +57,10 @@ pub struct ModelAd {
     /// Transformer layers (K/V streams one layer at a time).
     #[serde(default)]
     pub layers: u32,
+    /// Whether the node runs batch-invariant kernels only, so its tokens at temperature 0 do not
+    /// depend on batching (`--deterministic`).
+    #[serde(default)]
+    pub deterministic: bool,
 }
 
 /// What a node is and can do.
@@ -343,6 +347,7 @@ mod tests {
                 context: 8192,
                 kv_bytes_per_token: 1,
                 layers: 30,
+                deterministic: true,
             }],
             http: Some("127.0.0.1:8080".into()),
             addresses: vec!["/ip4/127.0.0.1/tcp/4001".into()],

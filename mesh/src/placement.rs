@@ -251,6 +251,7 @@ mod tests {
             context: 8192,
             kv_bytes_per_token: 30_000,
             layers: 30,
+            deterministic: false,
         }
     }
 

@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use serde::Serialize;
-use tandem_core::{Engine, SamplingParams, StepInput};
+use tandem_core::{Engine, KernelTime, SamplingParams, StepInput};
 
 /// One benchmark's figures.
 #[derive(Debug, Serialize)]
@@ -19,6 +19,45 @@ pub struct BenchReport {
     pub decode_split_ms: (f64, f64),
     /// An empty submission plus a 4-byte readback: the floor under every step.
     pub round_trip_ms: f64,
+    /// Compute dispatches of one decode step of one sequence.
+    pub dispatches_per_token: usize,
+    /// Batch-invariant kernels only.
+    pub deterministic: bool,
+    /// Per-kernel GPU time, when asked for.
+    pub profile: Option<Profile>,
+}
+
+/// GPU time per kernel of a 512-token prefill and of one decode step at context 128.
+#[derive(Debug, Serialize)]
+pub struct Profile {
+    pub prefill_512: Vec<KernelTime>,
+    pub decode_128: Vec<KernelTime>,
+}
+
+/// Times every kernel of a 512-token prefill and of a decode step at context 128 (the median
+/// of several steps is not taken: each kernel's time is summed over 16 decode steps and divided).
+pub fn profile(engine: &mut Engine) -> tandem_core::Result<Profile> {
+    let vocab = engine.config.vocab_size;
+    engine.set_profiling(true)?;
+    let (_, seq) = prefill_once(engine, &prompt(512, vocab))?;
+    engine.free_sequence(seq);
+    let prefill_512 = engine.take_profile();
+    let (_, seq) = prefill_once(engine, &prompt(128, vocab))?;
+    engine.take_profile();
+    const STEPS: u64 = 16;
+    for _ in 0..STEPS {
+        engine.step(&[StepInput { seq, tokens: vec![1], sample: Some(SamplingParams::greedy()) }])?;
+    }
+    engine.free_sequence(seq);
+    let mut decode_128 = engine.take_profile();
+    for k in &mut decode_128 {
+        k.calls /= STEPS;
+        k.gpu_ns /= STEPS;
+        k.bytes /= STEPS;
+        k.flops /= STEPS;
+    }
+    engine.set_profiling(false)?;
+    Ok(Profile { prefill_512, decode_128 })
 }
 
 /// Median time of submitting nothing and reading 4 bytes back.
@@ -66,6 +105,9 @@ pub fn run(engine: &mut Engine, model: String, weight_bytes: u64, decode_steps: 
         decode: Vec::new(),
         decode_split_ms: (0.0, 0.0),
         round_trip_ms,
+        dispatches_per_token: 0,
+        deterministic: engine.deterministic(),
+        profile: None,
     };
     // Warm-up: pipelines compile lazily in some drivers.
     let (_, seq) = prefill_once(engine, &prompt(16, vocab))?;
@@ -87,6 +129,7 @@ pub fn run(engine: &mut Engine, model: String, weight_bytes: u64, decode_steps: 
         for _ in 0..decode_steps {
             token = engine.step(&[StepInput { seq, tokens: vec![token], sample: Some(SamplingParams::greedy()) }])?[0].unwrap_or(1);
             let t = engine.last_step_timing();
+            report.dispatches_per_token = t.dispatches;
             record += t.record.as_secs_f64() * 1000.0;
             wait += t.wait.as_secs_f64() * 1000.0;
         }
@@ -119,5 +162,29 @@ pub fn table(r: &BenchReport) -> String {
         "decode step at context 128: {:.3} ms recording, {:.3} ms waiting for the GPU\n",
         r.decode_split_ms.0, r.decode_split_ms.1
     );
+    s += &format!(
+        "dispatches per decode token: {}{}\n",
+        r.dispatches_per_token,
+        if r.deterministic { " (deterministic kernels)" } else { "" }
+    );
+    if let Some(p) = &r.profile {
+        for (what, kernels) in [("prefill of 512 tokens", &p.prefill_512), ("decode step at context 128", &p.decode_128)] {
+            let total = tandem_core::recorder::Profiler::total(kernels).as_secs_f64() * 1e3;
+            s += &format!("GPU time of a {what}: {total:.3} ms\n");
+            s += &format!("  {:<18} {:>6} {:>10} {:>6} {:>9} {:>9}\n", "kernel", "calls", "ms", "%", "GB/s", "TFLOP/s");
+            for k in kernels.iter() {
+                let ms = k.gpu_ns as f64 / 1e6;
+                s += &format!(
+                    "  {:<18} {:>6} {:>10.3} {:>6.1} {:>9.1} {:>9.2}\n",
+                    k.name,
+                    k.calls,
+                    ms,
+                    100.0 * ms / total.max(1e-9),
+                    k.gb_per_s(),
+                    k.tflop_per_s()
+                );
+            }
+        }
+    }
     s
 }

@@ -138,6 +138,9 @@ struct GenerateArgs {
     /// Context length (0: the model's, capped at 8192).
     #[arg(long, default_value_t = 0)]
     context: usize,
+    /// Batch-invariant kernels only (slower; see the README).
+    #[arg(long)]
+    deterministic: bool,
 }
 
 #[derive(Subcommand)]
@@ -183,6 +186,13 @@ struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Batch-invariant kernels only (slower; see the README).
+    #[arg(long)]
+    deterministic: bool,
+    /// Also time every kernel on the GPU (timestamp queries) for a 512-token prefill and a
+    /// decode step at context 128, with the GB/s and TFLOP/s each reaches.
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Subcommand)]
@@ -370,7 +380,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         tok.encode(&text, args.special)?
     };
     let gpu = GpuContext::new(args.adapter.as_deref())?;
-    let cfg = EngineConfig { context_length: args.context, ..Default::default() };
+    let cfg = EngineConfig { context_length: args.context, deterministic: args.deterministic, ..Default::default() };
     let mut engine = Engine::new(&gpu, &model, &cfg)?;
     let sampling = SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
     let mut stream = tok.decode_stream(true);
@@ -450,9 +460,12 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         (None, None) => HostModel::load(&resolve_model(DEFAULT_MODEL.id)?)?,
     };
     let gpu = GpuContext::new(args.adapter.as_deref())?;
-    let cfg = EngineConfig { max_batch_tokens: 512, context_length: 2048, ..Default::default() };
+    let cfg = EngineConfig { max_batch_tokens: 512, context_length: 2048, deterministic: args.deterministic, ..Default::default() };
     let mut engine = Engine::new(&gpu, &model, &cfg)?;
-    let report = tandem_node::bench::run(&mut engine, model.path.display().to_string(), model.weight_bytes(), args.steps)?;
+    let mut report = tandem_node::bench::run(&mut engine, model.path.display().to_string(), model.weight_bytes(), args.steps)?;
+    if args.profile {
+        report.profile = Some(tandem_node::bench::profile(&mut engine)?);
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

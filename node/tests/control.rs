@@ -57,7 +57,8 @@ async fn the_console_sees_the_mesh_and_commands_nodes_only_with_the_secret() {
         }
         _ => None,
     });
-    assert_eq!(state.nodes[&a.peer_id].models, vec!["tiny".to_string()]);
+    // The test nodes run --deterministic, which the console shows beside the model.
+    assert_eq!(state.nodes[&a.peer_id].models, vec!["tiny (deterministic)".to_string()]);
     assert!(state.nodes[&a.peer_id].kv_blocks_total > 0 && state.nodes[&a.peer_id].gflops > 0.0);
 
     // A request served by b shows up in the console's timeline with its timings.

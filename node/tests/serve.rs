@@ -28,6 +28,8 @@ impl Server {
             .arg("--identity")
             .arg(dir.path().join("identity.key"))
             .args(["--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
+            // Streams are compared alone and among 32: the deterministic mode's promise.
+            .arg("--deterministic")
             .args(extra)
             .env("TANDEM_LOG", "warn")
             .stdout(Stdio::piped())

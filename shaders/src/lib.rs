@@ -114,6 +114,8 @@ pub enum Kernel {
     Embed,
     RmsNorm,
     Matmul,
+    Matvec,
+    Gemm,
     RopeKv,
     Attention,
     AttentionMerge,
@@ -123,10 +125,12 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 8] = [
+    pub const ALL: [Kernel; 10] = [
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::Matmul,
+        Kernel::Matvec,
+        Kernel::Gemm,
         Kernel::RopeKv,
         Kernel::Attention,
         Kernel::AttentionMerge,
@@ -140,6 +144,8 @@ impl Kernel {
             Kernel::Embed => "embed",
             Kernel::RmsNorm => "rmsnorm",
             Kernel::Matmul => "matmul",
+            Kernel::Matvec => "matvec",
+            Kernel::Gemm => "gemm",
             Kernel::RopeKv => "rope_kv",
             Kernel::Attention => "attention",
             Kernel::AttentionMerge => "attention_merge",
@@ -148,9 +154,35 @@ impl Kernel {
         }
     }
 
+    /// How the kernel uses each binding of group 0, in binding order: what its bind-group
+    /// layout declares. `tests/validate.rs` checks these against the WGSL.
+    pub fn bindings(self) -> &'static [Binding] {
+        use Binding::{Read as R, Uniform as U, Write as W};
+        match self {
+            Kernel::Embed => &[U, U, R, R, R, W],
+            Kernel::RmsNorm => &[U, R, R, R, W],
+            // step, params, x, weight words, scales, y, x again as vec4s.
+            Kernel::Matmul | Kernel::Matvec | Kernel::Gemm => &[U, U, R, R, R, W, R],
+            Kernel::RopeKv => &[U, W, R, R, W, W],
+            Kernel::Attention => &[U, R, R, R, R, R, W],
+            Kernel::AttentionMerge => &[U, R, R, W],
+            Kernel::SiluMul => &[U, W],
+            Kernel::Sample => &[U, R, R, W],
+        }
+    }
+
+    /// The kernel whose bind-group layout this one shares: the three matmul kernels bind the
+    /// same buffers, so one bind group serves whichever the engine picks for a step.
+    pub fn layout_owner(self) -> Kernel {
+        match self {
+            Kernel::Matvec | Kernel::Gemm => Kernel::Matmul,
+            k => k,
+        }
+    }
+
     /// Whether the kernel reads a weight tensor and so exists once per weight format.
     pub fn reads_weights(self) -> bool {
-        matches!(self, Kernel::Embed | Kernel::Matmul)
+        matches!(self, Kernel::Embed | Kernel::Matmul | Kernel::Matvec | Kernel::Gemm)
     }
 
     fn body(self) -> &'static str {
@@ -158,6 +190,8 @@ impl Kernel {
             Kernel::Embed => include_str!("../wgsl/embed.wgsl"),
             Kernel::RmsNorm => include_str!("../wgsl/rmsnorm.wgsl"),
             Kernel::Matmul => include_str!("../wgsl/matmul.wgsl"),
+            Kernel::Matvec => include_str!("../wgsl/matvec.wgsl"),
+            Kernel::Gemm => include_str!("../wgsl/gemm.wgsl"),
             Kernel::RopeKv => include_str!("../wgsl/rope_kv.wgsl"),
             Kernel::Attention => include_str!("../wgsl/attention.wgsl"),
             Kernel::AttentionMerge => include_str!("../wgsl/attention_merge.wgsl"),
@@ -169,8 +203,8 @@ impl Kernel {
     /// The module that exchanges values between a kernel's lanes, where the kernel has one.
     fn lanes_source(self, caps: ShaderCaps) -> Option<&'static str> {
         match (self, caps.subgroups) {
-            (Kernel::Matmul, true) => Some(include_str!("../wgsl/matmul_lanes_subgroup.wgsl")),
-            (Kernel::Matmul, false) => Some(include_str!("../wgsl/matmul_lanes_workgroup.wgsl")),
+            (Kernel::Matmul | Kernel::Matvec, true) => Some(include_str!("../wgsl/matmul_lanes_subgroup.wgsl")),
+            (Kernel::Matmul | Kernel::Matvec, false) => Some(include_str!("../wgsl/matmul_lanes_workgroup.wgsl")),
             (Kernel::Attention, true) => Some(include_str!("../wgsl/attention_lanes_subgroup.wgsl")),
             (Kernel::Attention, false) => Some(include_str!("../wgsl/attention_lanes_workgroup.wgsl")),
             _ => None,
@@ -220,6 +254,16 @@ impl Kernel {
         }
         out.into_iter()
     }
+}
+
+/// How a kernel uses one of its buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binding {
+    Uniform,
+    /// A read-only storage buffer.
+    Read,
+    /// A read-write storage buffer.
+    Write,
 }
 
 /// What the adapter offers the kernels beyond core WGSL. Each capability has a fallback, so

@@ -2,7 +2,7 @@
 //! naga's layout of their WGSL declarations.
 
 use naga::valid::{Capabilities, ValidationFlags, Validator};
-use tandem_shaders::{EmbedParams, Kernel, MatmulParams, SampleParams, ShaderCaps, Step, TokenInfo};
+use tandem_shaders::{Binding, EmbedParams, Kernel, MatmulParams, SampleParams, ShaderCaps, Step, TokenInfo};
 
 /// What naga may assume for a variant: only the extensions the adapter was said to have, so a
 /// fallback that slips into subgroups or f16 fails here.
@@ -37,9 +37,36 @@ fn every_variant_validates() {
         parse(kernel, caps, &source, &label);
         count += 1;
     }
-    // 5 plain kernels, attention with and without subgroups, embed in 6 formats plus native f16,
-    // matmul in 6 formats plus native f16, each with and without subgroups.
-    assert_eq!(count, 5 + 2 + 7 + 7 * 2);
+    // 5 plain kernels, attention with and without subgroups, embed and gemm in 6 formats plus
+    // native f16, matmul and matvec likewise, each with and without subgroups.
+    assert_eq!(count, 5 + 2 + 7 + 7 + 2 * 7 * 2);
+}
+
+/// What each kernel says it binds (its layout in core) is what its WGSL declares.
+#[test]
+fn declared_bindings_match_the_wgsl() {
+    for (kernel, format, caps) in Kernel::variants() {
+        let source = kernel.source(format, caps).expect("variant renders");
+        let module = parse(kernel, caps, &source, kernel.name());
+        let mut found: Vec<(u32, Binding)> = module
+            .global_variables
+            .iter()
+            .filter_map(|(_, g)| {
+                let b = g.binding.as_ref()?;
+                assert_eq!(b.group, 0, "{kernel:?}: every binding is in group 0");
+                let kind = match g.space {
+                    naga::AddressSpace::Uniform => Binding::Uniform,
+                    naga::AddressSpace::Storage { access } if access.contains(naga::StorageAccess::STORE) => Binding::Write,
+                    naga::AddressSpace::Storage { .. } => Binding::Read,
+                    other => panic!("{kernel:?}: binding {} in {other:?}", b.binding),
+                };
+                Some((b.binding, kind))
+            })
+            .collect();
+        found.sort_by_key(|(i, _)| *i);
+        let declared: Vec<(u32, Binding)> = kernel.bindings().iter().enumerate().map(|(i, b)| (i as u32, *b)).collect();
+        assert_eq!(found, declared, "{kernel:?} {format:?} {caps:?}");
+    }
 }
 
 #[test]

@@ -20,3 +20,19 @@ fn block_dot(row: u32, b: u32, k: u32, xo: u32) -> f32 {
     }
     return sum;
 }
+
+// The matvec's quarter q of a block, elements 8q..8q+7 (rows a whole number of blocks long).
+fn quarter_cols(q: u32) -> vec2<u32> {
+    return vec2<u32>(8u * q, 8u * q + 4u);
+}
+
+fn bf16_4(e: u32) -> vec4<f32> {
+    let a = w[e >> 1u];
+    let b = w[(e >> 1u) + 1u];
+    return bitcast<vec4<f32>>(vec4<u32>(a << 16u, a & 0xffff0000u, b << 16u, b & 0xffff0000u));
+}
+
+fn quarter_dot(row: u32, b: u32, k: u32, q: u32, xa: vec4<f32>, xb: vec4<f32>) -> f32 {
+    let e = row * k + b * BLOCK + 8u * q;
+    return dot(bf16_4(e), xa) + dot(bf16_4(e + 4u), xb);
+}

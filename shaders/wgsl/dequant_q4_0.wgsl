@@ -30,3 +30,16 @@ fn block_dot(row: u32, b: u32, k: u32, xo: u32) -> f32 {
     }
     return q4_0_scale(blk) * (qx - 8.0 * sx);
 }
+
+// The matvec's quarter q of a block: word q, elements 4q..4q+3 (low nibbles) and 16+4q..16+4q+3
+// (high nibbles), dotted with their activations `xa` and `xb`.
+fn quarter_cols(q: u32) -> vec2<u32> {
+    return vec2<u32>(4u * q, 16u + 4u * q);
+}
+
+fn quarter_dot(row: u32, b: u32, k: u32, q: u32, xa: vec4<f32>, xb: vec4<f32>) -> f32 {
+    let blk = row * (k / BLOCK) + b;
+    let word = vec4<u32>(w[blk * 4u + q]) >> vec4<u32>(0u, 8u, 16u, 24u);
+    let qx = dot(vec4<f32>(word & vec4<u32>(0xfu)), xa) + dot(vec4<f32>((word >> vec4<u32>(4u)) & vec4<u32>(0xfu)), xb);
+    return q4_0_scale(blk) * (qx - 8.0 * dot(xa + xb, vec4<f32>(1.0)));
+}

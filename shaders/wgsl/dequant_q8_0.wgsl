@@ -25,3 +25,16 @@ fn block_dot(row: u32, b: u32, k: u32, xo: u32) -> f32 {
     }
     return q8_scale(blk) * qx;
 }
+
+// The matvec's quarter q of a block: words 2q and 2q + 1, elements 8q..8q+7.
+fn quarter_cols(q: u32) -> vec2<u32> {
+    return vec2<u32>(8u * q, 8u * q + 4u);
+}
+
+fn quarter_dot(row: u32, b: u32, k: u32, q: u32, xa: vec4<f32>, xb: vec4<f32>) -> f32 {
+    let blk = row * (k / BLOCK) + b;
+    let shifts = vec4<u32>(24u, 16u, 8u, 0u);
+    let qa = (vec4<i32>(bitcast<i32>(w[blk * 8u + 2u * q])) << shifts) >> vec4<u32>(24u);
+    let qb = (vec4<i32>(bitcast<i32>(w[blk * 8u + 2u * q + 1u])) << shifts) >> vec4<u32>(24u);
+    return q8_scale(blk) * (dot(vec4<f32>(qa), xa) + dot(vec4<f32>(qb), xb));
+}

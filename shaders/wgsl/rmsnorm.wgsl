@@ -6,7 +6,8 @@ override DIM: u32;
 override EPS: f32;
 override GATHER: bool = false;
 
-const WG: u32 = 64u;
+// Wide enough that one row is a few loads per lane: a decode step has one row per sequence.
+const WG: u32 = 256u;
 
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<storage, read> x: array<f32>;

@@ -9,7 +9,7 @@ const PROMPT: &str = "Once upon a time, in a small village by the sea,";
 const NEW_TOKENS: usize = 8;
 
 fn engine() -> Engine {
-    let cfg = EngineConfig { max_batch_tokens: 64, context_length: 256, max_sequences: 4, ..Default::default() };
+    let cfg = EngineConfig { max_batch_tokens: 64, context_length: 256, max_sequences: 4, deterministic: true, ..Default::default() };
     Engine::new(gpu(), default_model(), &cfg).expect("engine")
 }
 

@@ -32,8 +32,14 @@ fn chat_template_renders_the_reference_chat_prompt() {
 
 #[test]
 fn logits_and_greedy_match_the_f64_reference() {
+    for deterministic in [false, true] {
+        logits_and_greedy_match_the_f64_reference_in(deterministic);
+    }
+}
+
+fn logits_and_greedy_match_the_f64_reference_in(deterministic: bool) {
     let model = default_model();
-    let cfg = EngineConfig { max_batch_tokens: 256, context_length: 512, ..Default::default() };
+    let cfg = EngineConfig { max_batch_tokens: 256, context_length: 512, deterministic, ..Default::default() };
     let mut engine = Engine::new(gpu(), model, &cfg).expect("engine");
     for p in reference("f64") {
         let seq = engine.create_sequence();
@@ -43,13 +49,13 @@ fn logits_and_greedy_match_the_f64_reference() {
             let margin = want.top_logits[0] - want.top_logits[1];
             let our_top = tandem_core::cpu_ref::argmax(ours);
             if margin > TOP1_MARGIN {
-                assert_eq!(our_top, want.top_ids[0], "`{}` position {i}: top-1 (margin {margin})", p.name);
+                assert_eq!(our_top, want.top_ids[0], "`{}` position {i}: top-1 (margin {margin}, deterministic {deterministic})", p.name);
             }
             for (id, want_logit) in want.top_ids.iter().zip(&want.top_logits).take(5) {
                 let got = ours[*id as usize];
                 assert!(
                     (got - want_logit).abs() <= LOGIT_TOLERANCE,
-                    "`{}` position {i} token {id}: logit {got} vs reference {want_logit} (tolerance {LOGIT_TOLERANCE})",
+                    "`{}` position {i} token {id}: logit {got} vs reference {want_logit} (tolerance {LOGIT_TOLERANCE}, deterministic {deterministic})",
                     p.name
                 );
             }
@@ -65,6 +71,6 @@ fn logits_and_greedy_match_the_f64_reference() {
             next = engine.step(&[input]).expect("decode step")[0].expect("sampled");
         }
         engine.free_sequence(seq);
-        assert_eq!(got, want, "`{}`: greedy continuation", p.name);
+        assert_eq!(got, want, "`{}`: greedy continuation (deterministic {deterministic})", p.name);
     }
 }

@@ -36,6 +36,10 @@ pub struct ServeArgs {
     /// Positions per request (prompt plus output). Default: the model's context, at most 8192.
     #[arg(long, env = "TANDEM_CONTEXT")]
     pub context: Option<usize>,
+    /// Batch-invariant kernels only: a request's tokens at temperature 0 do not depend on what
+    /// shares its steps, chunking, cache hits or which node computed its K/V. Slower.
+    #[arg(long, env = "TANDEM_DETERMINISTIC", num_args = 0..=1, default_missing_value = "true")]
+    pub deterministic: Option<bool>,
     /// Requests that may wait for a slot; beyond it new requests get 429.
     #[arg(long, env = "TANDEM_MAX_WAITING")]
     pub max_waiting: Option<usize>,
@@ -107,6 +111,7 @@ struct FileConfig {
     kv_memory: Option<String>,
     max_batch_tokens: Option<usize>,
     context: Option<usize>,
+    deterministic: Option<bool>,
     max_waiting: Option<usize>,
     policy: Option<Policy>,
     chunked_prefill: Option<bool>,
@@ -136,6 +141,7 @@ pub struct ServeConfig {
     pub kv_memory: Option<u64>,
     pub max_batch_tokens: usize,
     pub context: Option<usize>,
+    pub deterministic: bool,
     pub max_waiting: usize,
     pub policy: Policy,
     pub chunked_prefill: bool,
@@ -229,6 +235,7 @@ impl ServeArgs {
             kv_memory,
             max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens).unwrap_or(512),
             context: self.context.or(file.context),
+            deterministic: self.deterministic.or(file.deterministic).unwrap_or(false),
             max_waiting: self.max_waiting.or(file.max_waiting).unwrap_or(256),
             policy: self.policy.or(file.policy).unwrap_or_default(),
             placement: self.placement.or(file.placement).unwrap_or_default(),

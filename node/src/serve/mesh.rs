@@ -239,6 +239,7 @@ pub fn capability(app: &App) -> CapabilityAd {
             context: l.worker.limits().context_length as u64,
             kv_bytes_per_token: l.kv_bytes_per_token,
             layers: l.layers,
+            deterministic: app.cfg.deterministic,
         })
         .collect();
     CapabilityAd {

@@ -154,6 +154,7 @@ fn load(app: &App) -> anyhow::Result<Arc<Loaded>> {
         kv_blocks: kv_blocks(&gpu, &model, cfg.kv_memory),
         context_length: cfg.context.unwrap_or(0),
         max_sequences: 1,
+        deterministic: cfg.deterministic,
     };
     let started = std::time::Instant::now();
     let speed = tandem_core::probe::measure_speed(&gpu)?;

@@ -42,6 +42,9 @@ impl Node {
             .args(if args.contains(&"--context") { &[][..] } else { &["--context", "512"][..] })
             .args(if args.contains(&"--kv-memory") { &[][..] } else { &["--kv-memory", "64MiB"][..] })
             .args(["--identity", identity.to_str().expect("utf-8 path")])
+            // These tests hold nodes to the deterministic mode's promises: split == colocated, a
+            // failover continues the very same tokens.
+            .arg("--deterministic")
             .args(args)
             .env("TANDEM_LOG", "info,tandem_node::serve::kv=debug,libp2p=warn,wgpu_core=warn,wgpu_hal=warn,naga=warn")
             .envs(env.iter().copied())

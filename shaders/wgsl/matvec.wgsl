@@ -1,0 +1,94 @@
+// y[t, off + n] (+)= sum_k x[t, k] * W[n, k] for the few tokens of a decode step: the fast path
+// for TOKENS or fewer tokens, where a matmul is one pass over the weights.
+//
+// A group of 32 lanes walks ROWS rows at once over blocks of 32 columns, 8 blocks at a time:
+// lane i takes quarter i % 4 of block i / 4 (the format's `quarter_cols`/`quarter_dot`), so the
+// warp's weight loads are contiguous and each activation run is loaded once for all ROWS rows.
+// The ROWS x TOKENS sums stay in registers (every loop bound is a pipeline constant, so the
+// driver unrolls them) and are combined across the lanes by `sum_row_lanes` (subgroupAdd where
+// subgroups are exactly 32 lanes, workgroup memory elsewhere). Rows must be a whole number of
+// blocks long. Unlike matmul.wgsl this is not batch-invariant: a token's sums depend on TOKENS,
+// which the engine picks from the step's token count. Deterministic mode never uses it.
+
+struct MatmulParams {
+    n: u32,
+    k: u32,
+    y_stride: u32,
+    x_stride: u32,
+    y_offset: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+// Tokens per weight load and rows per lane group; ROWS * TOKENS <= MAX_TILE.
+override TOKENS: u32 = 1u;
+override ROWS: u32 = 1u;
+override ACCUMULATE: bool = false;
+override SAMPLE_ROWS: bool = false;
+override SPLIT: u32 = 32u;
+
+const WG: u32 = 64u;
+const MAX_TILE: u32 = 8u;
+
+@group(0) @binding(0) var<uniform> step: Step;
+@group(0) @binding(1) var<uniform> p: MatmulParams;
+@group(0) @binding(2) var<storage, read> x: array<f32>;
+@group(0) @binding(4) var<storage, read> s: array<u32>;
+@group(0) @binding(5) var<storage, read_write> y: array<f32>;
+@group(0) @binding(6) var<storage, read> x_vec: array<vec4<f32>>;
+
+fn x4(o: u32) -> vec4<f32> {
+    return x_vec[o >> 2u];
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    let lane = li % SPLIT;
+    let row0 = (wg.x * (WG / SPLIT) + li / SPLIT) * ROWS;
+    var n_tok = step.n_tokens;
+    if (SAMPLE_ROWS) {
+        n_tok = step.n_sample;
+    }
+    let t0 = wg.y * TOKENS;
+    // Tokens past the step's count read the buffer's stale rows (always allocated) and are never
+    // written, so the loops keep constant bounds.
+    let last_row = p.n - 1u;
+
+    var acc: array<f32, MAX_TILE>;
+    var xa: array<vec4<f32>, MAX_TILE>;
+    var xb: array<vec4<f32>, MAX_TILE>;
+    let quarter = lane % 4u;
+    let cols = quarter_cols(quarter);
+    let nb = p.k / BLOCK;
+    for (var b = lane / 4u; b < nb; b += SPLIT / 4u) {
+        for (var t = 0u; t < TOKENS; t++) {
+            let xo = (t0 + t) * p.x_stride + b * BLOCK;
+            xa[t] = x4(xo + cols.x);
+            xb[t] = x4(xo + cols.y);
+        }
+        for (var r = 0u; r < ROWS; r++) {
+            let row = min(row0 + r, last_row);
+            for (var t = 0u; t < TOKENS; t++) {
+                acc[r * TOKENS + t] += quarter_dot(row, b, p.k, quarter, xa[t], xb[t]);
+            }
+        }
+    }
+
+    sum_row_lanes(&acc, li, lane, ROWS * TOKENS);
+
+    if (lane == 0u) {
+        for (var r = 0u; r < ROWS; r++) {
+            for (var t = 0u; t < TOKENS; t++) {
+                if (row0 + r < p.n && t0 + t < n_tok) {
+                    let o = (t0 + t) * p.y_stride + p.y_offset + row0 + r;
+                    if (ACCUMULATE) {
+                        y[o] += acc[r * TOKENS + t];
+                    } else {
+                        y[o] = acc[r * TOKENS + t];
+                    }
+                }
+            }
+        }
+    }
+}
