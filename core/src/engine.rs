@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use tandem_shaders::{ATTENTION_CHUNK, EmbedParams, Kernel, SampleParams, Step, TokenInfo};
+use tandem_shaders::{ATTENTION_CHUNK, EmbedParams, FROM_SAMPLED, Kernel, SampleParams, Step, TokenInfo};
 
 use crate::config::{ModelConfig, RopeLayout};
 use crate::cpu_ref::rope_table;
@@ -122,6 +122,8 @@ struct StepBuffers {
     sample_params: wgpu::Buffer,
     chosen: wgpu::Buffer,
     chosen_read: wgpu::Buffer,
+    /// One 4-byte readback per step in flight during a `decode_run`.
+    run_reads: [wgpu::Buffer; 2],
     logits: wgpu::Buffer,
 }
 
@@ -362,6 +364,7 @@ impl Engine {
             sample_params: ctx.storage("sample_params", t * size_of::<SampleParams>() as u64),
             chosen: ctx.storage("chosen", t * f4),
             chosen_read: ctx.readback("chosen_read", t * f4),
+            run_reads: [ctx.readback("run_read.0", f4), ctx.readback("run_read.1", f4)],
             logits: ctx.storage("logits", max_sample as u64 * logits_row),
         };
         let freq_factors =
@@ -408,7 +411,7 @@ impl Engine {
             .map(|p| {
                 let params = EmbedParams { row_start: p.row_start as u32, row_count: p.rows as u32, dim: d as u32, _pad: 0 };
                 let u = ctx.uniform_init("embed.params", bytemuck::bytes_of(&params));
-                kernels.bind_group(Kernel::Embed, "embed", &[&bufs.step, &u, &bufs.tokens, &p.quants, &p.scales, &x])
+                kernels.bind_group(Kernel::Embed, "embed", &[&bufs.step, &u, &bufs.tokens, &p.quants, &p.scales, &x, &bufs.chosen])
             })
             .collect();
 
@@ -677,6 +680,122 @@ impl Engine {
         self.seqs.get(&seq).map(|s| s.tokens.as_slice()).ok_or(Error::UnknownSequence(seq.0))
     }
 
+    /// Decodes `seq` from `token` for up to `steps` steps, each step's input the token the step
+    /// before sampled, which stays on the GPU: steps are submitted back to back, so the CPU
+    /// records step i + 1 while the GPU runs step i and the GPU never waits for it. `on_token`
+    /// gets each sampled token in order and ends the run by returning false; the step already
+    /// in flight then is undone. Returns how many tokens `on_token` got. Sampling is the same as
+    /// `step`'s, so the tokens are too. While profiling, the steps run one at a time.
+    pub fn decode_run(
+        &mut self,
+        seq: SeqId,
+        token: u32,
+        steps: usize,
+        sampling: SamplingParams,
+        mut on_token: impl FnMut(u32) -> Result<bool>,
+    ) -> Result<usize> {
+        if self.profiler.is_some() {
+            let mut next = token;
+            for i in 0..steps {
+                next = self.step(&[StepInput { seq, tokens: vec![next], sample: Some(sampling) }])?[0]
+                    .ok_or_else(|| Error::InvalidRequest("decode produced no token".into()))?;
+                if !on_token(next)? {
+                    return Ok(i + 1);
+                }
+            }
+            return Ok(steps);
+        }
+        if token as usize >= self.config.vocab_size {
+            return Err(Error::TokenOutOfRange { id: token, vocab: self.config.vocab_size });
+        }
+        let state = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+        if state.ready.iter().any(|&r| r != state.len) {
+            return Err(Error::KvImport(format!("sequence {} has an incomplete KV import", seq.0)));
+        }
+        let start = state.len;
+        if start + steps > self.context_length {
+            return Err(Error::ContextOverflow { tokens: start + steps, max_new: 0, context: self.context_length });
+        }
+        if attention_chunks(start + steps.saturating_sub(1), 1) > self.attention_budget {
+            return Err(Error::InvalidRequest("the run's last step exceeds the attention budget".into()));
+        }
+        self.pool.reserve(state, start + steps)?;
+        let q = self.ctx.queue.clone();
+        let mut in_flight: Option<(wgpu::SubmissionIndex, usize)> = None;
+        let mut delivered = 0;
+        for i in 0..steps {
+            let pos = start + i;
+            let state = self.seqs.get(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+            let id = if i == 0 { token } else { FROM_SAMPLED };
+            let infos = [TokenInfo { id, pos: pos as u32, slot: state.slot(pos), table_off: 0, chunk_off: 0 }];
+            let params = SampleParams {
+                temperature: sampling.temperature,
+                top_k: sampling.top_k,
+                top_p: sampling.top_p,
+                seed: (sampling.seed ^ (sampling.seed >> 32)) as u32,
+                counter: pos as u32 + 1,
+                ..Default::default()
+            };
+            q.write_buffer(&self.bufs.step, 0, bytemuck::bytes_of(&Step { n_tokens: 1, n_sample: 1, ..Default::default() }));
+            q.write_buffer(&self.bufs.tokens, 0, bytemuck::cast_slice(&infos));
+            q.write_buffer(&self.bufs.tables, 0, bytemuck::cast_slice(&state.blocks));
+            q.write_buffer(&self.bufs.sample_rows, 0, bytemuck::bytes_of(&0u32));
+            q.write_buffer(&self.bufs.sample_params, 0, bytemuck::bytes_of(&params));
+            let mut rec = Recorder::new(&self.ctx, None);
+            self.record_forward(&mut rec, &infos, 1, false, |_, _, _| {});
+            let read = &self.bufs.run_reads[i % 2];
+            rec.encoder().copy_buffer_to_buffer(&self.bufs.chosen, 0, read, 0, 4);
+            let done = q.submit([rec.finish()]);
+            let state = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+            state.len = pos + 1;
+            state.ready.iter_mut().for_each(|r| *r = pos + 1);
+            if i == 0 && state.tokens.len() == pos {
+                state.tokens.push(token);
+                Self::register_full_blocks(&mut self.pool, state);
+            }
+            if let Some((prev, slot)) = in_flight.replace((done.clone(), i % 2)) {
+                // Step i - 1's token is step i's input, already read by the GPU.
+                let sampled = self.read_run_token(slot, prev)?;
+                delivered += 1;
+                if !on_token(sampled)? {
+                    self.undo_last_position(seq, pos, done)?;
+                    return Ok(delivered);
+                }
+                let state = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+                if state.tokens.len() == pos {
+                    state.tokens.push(sampled);
+                    Self::register_full_blocks(&mut self.pool, state);
+                }
+            }
+        }
+        if let Some((last, slot)) = in_flight {
+            let sampled = self.read_run_token(slot, last)?;
+            delivered += 1;
+            on_token(sampled)?;
+        }
+        self.ctx.check_errors("decode run")?;
+        Ok(delivered)
+    }
+
+    /// The token a `decode_run` step sampled, once the step is done.
+    fn read_run_token(&self, slot: usize, done: wgpu::SubmissionIndex) -> Result<u32> {
+        let bytes = self.ctx.read_mapped(&self.bufs.run_reads[slot], 4, done)?;
+        Ok(bytemuck::pod_read_unaligned(&bytes[..4]))
+    }
+
+    /// Drops position `pos` (the last) of `seq` once the step computing it is done.
+    fn undo_last_position(&mut self, seq: SeqId, pos: usize, done: wgpu::SubmissionIndex) -> Result<()> {
+        self.ctx
+            .device
+            .poll(wgpu::PollType::Wait { submission_index: Some(done), timeout: None })
+            .map_err(|e| Error::Gpu { op: "decode run".into(), reason: e.to_string() })?;
+        let state = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+        state.len = pos;
+        state.ready.iter_mut().for_each(|r| *r = pos);
+        state.tokens.truncate(pos);
+        self.ctx.check_errors("decode run")
+    }
+
     /// Appends `tokens` to `seq` and returns the logits after every one of them, `[tokens][vocab]`
     /// (for tests and evaluation; serving samples on the GPU instead).
     pub fn forward_logits(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
@@ -728,6 +847,61 @@ impl Engine {
         state.ready[kv.layer] = end;
         state.len = state.ready.iter().copied().min().unwrap_or(0);
         Ok(())
+    }
+
+    /// Records a step's forward pass into `rec` once its buffers are written: embed, every
+    /// layer, the final norm, the head and, unless `all_logits`, sampling. `after_layer` may add
+    /// commands after each layer (the K/V export).
+    fn record_forward(
+        &self,
+        rec: &mut Recorder<'_>,
+        infos: &[TokenInfo],
+        n_sample: usize,
+        all_logits: bool,
+        mut after_layer: impl FnMut(&mut Recorder<'_>, usize, &LayerOps),
+    ) {
+        let c = &self.config;
+        let n_tokens = infos.len();
+        let split = self.kernels.matmul_split();
+        let last_pos = infos.iter().map(|i| i.pos).max().unwrap_or(0);
+        let attention_chunks = (last_pos + 1).div_ceil(ATTENTION_CHUNK);
+        // Positions attended over by the step's tokens, for the profile's figures.
+        let attended: u64 = infos.iter().map(|i| u64::from(i.pos) + 1).sum();
+        let t = n_tokens as u64;
+        for bg in &self.embed {
+            let work = Work { name: "embed", bytes: t * c.hidden_size as u64 * 4, flops: 0 };
+            rec.dispatch(work, &self.pipelines.embed, bg, [wg(c.hidden_size, 64), n_tokens as u32, 1]);
+        }
+        let p = &self.pipelines;
+        let (d, heads, kv_dim) = (c.hidden_size as u64, c.n_heads as u64, c.kv_dim() as u64);
+        let norm = Work { name: "rmsnorm", bytes: t * d * 8, flops: 3 * t * d };
+        let rope_items = (c.n_heads + c.n_kv_heads) * c.head_dim / 2 + c.kv_dim();
+        let rope = Work { name: "rope_kv", bytes: t * (c.qkv_dim() as u64 + kv_dim) * 8, flops: 6 * t * rope_items as u64 };
+        let hd = c.head_dim as u64;
+        let attention = Work { name: "attention", bytes: attended * kv_dim * 8 + t * heads * hd * 8, flops: 4 * attended * heads * hd };
+        let merge = Work { name: "attention_merge", bytes: t * heads * hd * 4 * 2, flops: 0 };
+        let ffn = c.ffn_size as u64;
+        let silu = Work { name: "silu_mul", bytes: t * ffn * 12, flops: 5 * t * ffn };
+        for (l, layer) in self.layers.iter().enumerate() {
+            rec.dispatch(norm, &p.norm, &layer.norm_attn, [n_tokens as u32, 1, 1]);
+            layer.qkv.iter().for_each(|op| op.record(rec, n_tokens, split));
+            rec.dispatch(rope, &p.rope, &layer.rope, [wg(rope_items, 64), n_tokens as u32, 1]);
+            rec.dispatch(attention, &p.attention, &layer.attention, [c.n_heads as u32, n_tokens as u32, attention_chunks]);
+            rec.dispatch(merge, &p.attention_merge, &layer.attention_merge, [c.n_heads as u32, n_tokens as u32, 1]);
+            layer.o.record(rec, n_tokens, split);
+            rec.dispatch(norm, &p.norm, &layer.norm_ffn, [n_tokens as u32, 1, 1]);
+            layer.gate_up.iter().for_each(|op| op.record(rec, n_tokens, split));
+            rec.dispatch(silu, &p.silu, &layer.silu, [wg(c.ffn_size, 64), n_tokens as u32, 1]);
+            layer.down.record(rec, n_tokens, split);
+            after_layer(rec, l, layer);
+        }
+        let s = n_sample as u64;
+        rec.dispatch(Work { name: "rmsnorm", bytes: s * d * 8, flops: 3 * s * d }, &p.norm_gather, &self.norm_out, [n_sample as u32, 1, 1]);
+        self.head.record(rec, n_sample, split);
+        if !all_logits && n_sample > 0 {
+            let work = Work { name: "sample", bytes: s * c.vocab_size as u64 * 4, flops: 0 };
+            rec.dispatch(work, &p.sample, &self.sample, [n_sample as u32, 1, 1]);
+        }
     }
 
     fn run_step(&mut self, inputs: &[StepInput], all_logits: bool, sink: Option<(&[SeqId], &mut dyn KvSink)>) -> Result<StepOutput> {
@@ -837,42 +1011,14 @@ impl Engine {
         }
 
         let record_start = std::time::Instant::now();
-        let split = self.kernels.matmul_split();
-        let last_pos = infos.iter().map(|i| i.pos).max().unwrap_or(0);
-        let attention_chunks = (last_pos + 1).div_ceil(ATTENTION_CHUNK);
         let kv_row = (c.kv_dim() * 4) as u64;
         let export_tokens: usize = exports.iter().map(|(_, s, e, _)| e - s).sum();
-        // Positions attended over by the step's tokens, for the profile's figures.
-        let attended: u64 = infos.iter().map(|i| u64::from(i.pos) + 1).sum();
-        let t = n_tokens as u64;
+        let exporting = sink.is_some() && !exports.is_empty();
         let mut staged = Vec::new();
-        let mut rec = Recorder::new(&self.ctx, self.profiler.as_mut());
-        for bg in &self.embed {
-            let work = Work { name: "embed", bytes: t * c.hidden_size as u64 * 4, flops: 0 };
-            rec.dispatch(work, &self.pipelines.embed, bg, [wg(c.hidden_size, 64), n_tokens as u32, 1]);
-        }
-        let p = &self.pipelines;
-        let (d, heads, kv_dim) = (c.hidden_size as u64, c.n_heads as u64, c.kv_dim() as u64);
-        let norm = Work { name: "rmsnorm", bytes: t * d * 8, flops: 3 * t * d };
-        let rope_items = (c.n_heads + c.n_kv_heads) * c.head_dim / 2 + c.kv_dim();
-        let rope = Work { name: "rope_kv", bytes: t * (c.qkv_dim() as u64 + kv_dim) * 8, flops: 6 * t * rope_items as u64 };
-        let hd = c.head_dim as u64;
-        let attention = Work { name: "attention", bytes: attended * kv_dim * 8 + t * heads * hd * 8, flops: 4 * attended * heads * hd };
-        let merge = Work { name: "attention_merge", bytes: t * heads * hd * 4 * 2, flops: 0 };
-        let ffn = c.ffn_size as u64;
-        let silu = Work { name: "silu_mul", bytes: t * ffn * 12, flops: 5 * t * ffn };
-        for (l, layer) in self.layers.iter().enumerate() {
-            rec.dispatch(norm, &p.norm, &layer.norm_attn, [n_tokens as u32, 1, 1]);
-            layer.qkv.iter().for_each(|op| op.record(&mut rec, n_tokens, split));
-            rec.dispatch(rope, &p.rope, &layer.rope, [wg(rope_items, 64), n_tokens as u32, 1]);
-            rec.dispatch(attention, &p.attention, &layer.attention, [c.n_heads as u32, n_tokens as u32, attention_chunks]);
-            rec.dispatch(merge, &p.attention_merge, &layer.attention_merge, [c.n_heads as u32, n_tokens as u32, 1]);
-            layer.o.record(&mut rec, n_tokens, split);
-            rec.dispatch(norm, &p.norm, &layer.norm_ffn, [n_tokens as u32, 1, 1]);
-            layer.gate_up.iter().for_each(|op| op.record(&mut rec, n_tokens, split));
-            rec.dispatch(silu, &p.silu, &layer.silu, [wg(c.ffn_size, 64), n_tokens as u32, 1]);
-            layer.down.record(&mut rec, n_tokens, split);
-            if sink.is_some() && !exports.is_empty() {
+        let mut profiler = self.profiler.take();
+        let mut rec = Recorder::new(&self.ctx, profiler.as_mut());
+        self.record_forward(&mut rec, &infos, n_sample, all_logits, |rec, l, layer| {
+            if exporting {
                 // Copy this layer's new K/V out and submit, so the host can take layer l while the
                 // GPU computes layer l + 1.
                 let bytes = export_tokens as u64 * kv_row;
@@ -885,14 +1031,7 @@ impl Engine {
                 let done = rec.submit(q);
                 staged.push((k_stage, v_stage, done));
             }
-        }
-        let s = n_sample as u64;
-        rec.dispatch(Work { name: "rmsnorm", bytes: s * d * 8, flops: 3 * s * d }, &p.norm_gather, &self.norm_out, [n_sample as u32, 1, 1]);
-        self.head.record(&mut rec, n_sample, split);
-        if !all_logits && n_sample > 0 {
-            let work = Work { name: "sample", bytes: s * c.vocab_size as u64 * 4, flops: 0 };
-            rec.dispatch(work, &p.sample, &self.sample, [n_sample as u32, 1, 1]);
-        }
+        });
         let result_bytes = if all_logits { (n_sample * c.vocab_size * 4) as u64 } else { (n_sample * 4) as u64 };
         let logits_read = all_logits.then(|| self.ctx.readback("logits_read", result_bytes));
         match &logits_read {
@@ -902,6 +1041,7 @@ impl Engine {
         }
         let dispatches = rec.dispatches();
         let done = q.submit([rec.finish()]);
+        self.profiler = profiler;
         let done_profile = done.clone();
         let wait_start = std::time::Instant::now();
 

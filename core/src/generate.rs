@@ -84,15 +84,14 @@ fn run(
     let next = prefill(engine, seq, prompt, sampling)?;
     stats.prefill_time = start.elapsed();
     let decode_start = Instant::now();
-    let mut token = next.ok_or_else(|| Error::InvalidRequest("prefill produced no token".into()))?;
-    loop {
-        stats.generated_tokens += 1;
-        let go_on = on_token(token)?;
-        if !go_on || stop_ids.contains(&token) || stats.generated_tokens >= max_new {
-            break;
-        }
-        let input = StepInput { seq, tokens: vec![token], sample: Some(sampling) };
-        token = engine.step(&[input])?[0].ok_or_else(|| Error::InvalidRequest("decode produced no token".into()))?;
+    let token = next.ok_or_else(|| Error::InvalidRequest("prefill produced no token".into()))?;
+    stats.generated_tokens += 1;
+    if on_token(token)? && !stop_ids.contains(&token) && stats.generated_tokens < max_new {
+        // The rest back to back, each step's token staying on the GPU.
+        engine.decode_run(seq, token, max_new - stats.generated_tokens, sampling, |id| {
+            stats.generated_tokens += 1;
+            Ok(on_token(id)? && !stop_ids.contains(&id) && stats.generated_tokens < max_new)
+        })?;
     }
     stats.decode_time = decode_start.elapsed();
     Ok(stats)

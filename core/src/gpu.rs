@@ -18,6 +18,8 @@ pub struct AdapterSummary {
     pub f16: bool,
     /// Subgroup widths (min, max), when the adapter offers subgroup operations.
     pub subgroups: Option<(u32, u32)>,
+    /// Whether it offers the cooperative matrices the prefill GEMM uses (16x16x16, f16 in, f32 sums).
+    pub coop_matrix: bool,
 }
 
 impl std::fmt::Display for AdapterSummary {
@@ -34,6 +36,9 @@ impl std::fmt::Display for AdapterSummary {
             Some((lo, hi)) => write!(f, ", subgroups of {lo}-{hi}")?,
             None => {}
         }
+        if self.coop_matrix {
+            f.write_str(", cooperative matrices")?;
+        }
         f.write_str(")")
     }
 }
@@ -48,7 +53,27 @@ fn summarize(index: usize, a: &wgpu::Adapter) -> AdapterSummary {
         driver: [info.driver, info.driver_info].into_iter().filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" "),
         f16: a.features().contains(wgpu::Features::SHADER_F16),
         subgroups: a.features().contains(wgpu::Features::SUBGROUP).then_some((info.subgroup_min_size, info.subgroup_max_size)),
+        coop_matrix: has_coop_matrix(a),
     }
+}
+
+#[allow(unsafe_code)]
+fn experimental_features_for_coop_matrix() -> wgpu::ExperimentalFeatures {
+    // SAFETY: wgpu marks cooperative matrices experimental (its implementation may still have
+    // bugs); only gemm_coop.wgsl uses them, in the one configuration the adapter lists, and its
+    // results are tested against the CPU on such adapters (scripts/test-gpu).
+    unsafe { wgpu::ExperimentalFeatures::enabled() }
+}
+
+/// Whether the adapter multiplies 16x16x16 matrices of f16 into f32 sums, per subgroup.
+fn has_coop_matrix(a: &wgpu::Adapter) -> bool {
+    let wanted = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16;
+    a.features().contains(wanted)
+        && a.cooperative_matrix_properties().iter().any(|p| {
+            (p.m_size, p.n_size, p.k_size) == (16, 16, 16)
+                && p.ab_type == wgpu::CooperativeScalarType::F16
+                && p.cr_type == wgpu::CooperativeScalarType::F32
+        })
 }
 
 fn instance() -> wgpu::Instance {
@@ -122,11 +147,19 @@ impl GpuContext {
         if std::env::var("TANDEM_DISABLE_F16").is_ok_and(|v| !v.is_empty() && v != "0") {
             features.remove(wgpu::Features::SHADER_F16);
         }
+        let coop_matrix = summary.coop_matrix && features.contains(wgpu::Features::SHADER_F16);
+        let experimental_features = if coop_matrix {
+            features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+            experimental_features_for_coop_matrix()
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("tandem"),
             required_features: features,
             required_limits: limits.clone(),
             memory_hints: wgpu::MemoryHints::Performance,
+            experimental_features,
             ..Default::default()
         }))
         .map_err(|e| Error::Device { adapter: summary.to_string(), reason: e.to_string() })?;
@@ -145,6 +178,8 @@ impl GpuContext {
             // width varies (Intel) or differs (AMD wave64, lavapipe) use the workgroup fallback.
             subgroups: features.contains(wgpu::Features::SUBGROUP) && info.subgroup_min_size == 32 && info.subgroup_max_size == 32,
             f16: features.contains(wgpu::Features::SHADER_F16),
+            // The coop-matrix GEMM splits its workgroup into 32-lane subgroups.
+            coop_matrix: coop_matrix && info.subgroup_min_size == 32 && info.subgroup_max_size == 32,
         };
         tracing::info!(adapter = %summary, subgroups = caps.subgroups, f16 = caps.f16, subgroup_sizes = ?(info.subgroup_min_size, info.subgroup_max_size), "GPU device opened");
         Ok(GpuContext { device, queue, adapter: summary, limits, features, caps, is_cpu, errors })

@@ -142,6 +142,8 @@ impl Kernels {
             &[
                 ("TOKENS", f64::from(tokens)),
                 ("ROWS", f64::from(rows)),
+                // Registers bound the unrolling: each token adds its own activation loads.
+                ("UNROLL", f64::from((4 / tokens).max(1))),
                 ("ACCUMULATE", f64::from(u8::from(accumulate))),
                 ("SAMPLE_ROWS", f64::from(u8::from(sample_rows))),
             ],
@@ -152,6 +154,18 @@ impl Kernels {
     pub fn gemm(&self, format: WeightFormat, accumulate: bool, sample_rows: bool) -> Result<wgpu::ComputePipeline> {
         self.pipeline(
             Kernel::Gemm,
+            Some(format),
+            &[("ACCUMULATE", f64::from(u8::from(accumulate))), ("SAMPLE_ROWS", f64::from(u8::from(sample_rows)))],
+        )
+    }
+
+    /// The GEMM on the adapter's matrix units (adapters with `ShaderCaps::coop_matrix`). Correct
+    /// (scripts/test-gpu) but not yet faster than `gemm` on the H200 (11.9 against 14.2 TFLOP/s
+    /// on the 8B shape: its per-element dequantizing loader, not the matrix units, is the
+    /// bottleneck), so the engine does not pick it yet.
+    pub fn gemm_coop(&self, format: WeightFormat, accumulate: bool, sample_rows: bool) -> Result<wgpu::ComputePipeline> {
+        self.pipeline(
+            Kernel::GemmCoop,
             Some(format),
             &[("ACCUMULATE", f64::from(u8::from(accumulate))), ("SAMPLE_ROWS", f64::from(u8::from(sample_rows)))],
         )

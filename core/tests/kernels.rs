@@ -13,6 +13,8 @@ use tandem_shaders::{Kernel, SampleParams, ShaderCaps, Step, TokenInfo};
 /// Matmul results may differ from the f64-accumulated reference by this much (relative to the
 /// magnitude of the dot product's terms).
 const MATMUL_TOLERANCE: f32 = 2e-5;
+/// The cooperative-matrix GEMM rounds weights and activations to f16.
+const COOP_MATMUL_TOLERANCE: f32 = 2e-3;
 const ELEMENTWISE_TOLERANCE: f32 = 1e-5;
 
 fn gpu() -> GpuContext {
@@ -25,7 +27,7 @@ fn gpu_variants() -> Vec<GpuContext> {
     let ctx = gpu();
     ShaderCaps::ALL
         .into_iter()
-        .filter(|c| (!c.subgroups || ctx.caps.subgroups) && (!c.f16 || ctx.caps.f16))
+        .filter(|c| (!c.subgroups || ctx.caps.subgroups) && (!c.f16 || ctx.caps.f16) && (!c.coop_matrix || ctx.caps.coop_matrix))
         .map(|caps| {
             let mut c = ctx.clone();
             c.caps = caps;
@@ -155,6 +157,7 @@ fn run_fast(ctx: &GpuContext, kernels: &Kernels, m: &DeviceMatrix, x: &[f32], to
         })
         .collect();
     let pipeline = match tile {
+        0 if ctx.caps.coop_matrix => kernels.gemm_coop(m.format, false, false),
         0 => kernels.gemm(m.format, false, false),
         t => kernels.matvec(m.format, t, rows, false, false),
     }
@@ -184,7 +187,8 @@ fn fast_matmuls_match_cpu_for_every_format_and_odd_shapes() {
                 for (tile, rows) in variants {
                     let got = run_fast(&ctx, &kernels, &m, &x, tokens, tile, rows);
                     let what = format!("fast matmul (tile {tile}, rows {rows}) {format} {n}x{cols} x{tokens} {:?}", ctx.caps);
-                    assert_close(&got, &want, MATMUL_TOLERANCE, &scale, &what);
+                    let tolerance = if tile == 0 && ctx.caps.coop_matrix { COOP_MATMUL_TOLERANCE } else { MATMUL_TOLERANCE };
+                    assert_close(&got, &want, tolerance, &scale, &what);
                 }
             }
         }
@@ -231,7 +235,7 @@ fn tensors_larger_than_a_binding_are_split_and_still_correct() {
 }
 
 #[test]
-fn embed_gathers_dequantized_rows() {
+fn embed_gathers_dequantized_rows_of_given_and_sampled_ids() {
     for ctx in gpu_variants() {
         let kernels = Kernels::new(&ctx);
         let mut rng = rng();
@@ -239,15 +243,21 @@ fn embed_gathers_dequantized_rows() {
             let (rows, cols) = (50, 96);
             let t = host_matrix(format, &random(&mut rng, rows * cols), rows, cols);
             let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
-            let ids = [3u32, 49, 0, 17, 17];
-            let infos: Vec<TokenInfo> = ids.iter().map(|&id| TokenInfo { id, ..Default::default() }).collect();
+            let ids = [3u32, 49, 0, 17, 17, 42];
+            // The last token's id is the one the step before sampled into row 1.
+            let sampled = ctx.storage_init("sampled", bytemuck::cast_slice(&[7u32, 42]));
+            let infos: Vec<TokenInfo> = ids
+                .iter()
+                .enumerate()
+                .map(|(i, &id)| TokenInfo { id: if i == 5 { tandem_shaders::FROM_SAMPLED | 1 } else { id }, ..Default::default() })
+                .collect();
             let step = step_buf(&ctx, ids.len(), 0);
             let tokens = ctx.storage_init("tokens", bytemuck::cast_slice(&infos));
             let out = ctx.storage("x", (ids.len() * cols * 4) as u64);
             let p = &m.parts[0];
             let params = tandem_shaders::EmbedParams { row_start: 0, row_count: rows as u32, dim: cols as u32, _pad: 0 };
             let u = ctx.uniform_init("embed", bytemuck::bytes_of(&params));
-            let bg = kernels.bind_group(Kernel::Embed, "embed", &[&step, &u, &tokens, &p.quants, &p.scales, &out]);
+            let bg = kernels.bind_group(Kernel::Embed, "embed", &[&step, &u, &tokens, &p.quants, &p.scales, &out, &sampled]);
             let pipeline = kernels.pipeline(Kernel::Embed, Some(format), &[]).expect("pipeline");
             let got = read_f32(
                 &ctx,

@@ -15,6 +15,10 @@ pub use layout::{EmbedParams, MatmulParams, SampleParams, Step, TokenInfo};
 
 use std::fmt;
 
+/// Set in `TokenInfo::id` for a token whose id is the one sampled into row `id & !FROM_SAMPLED`
+/// of the step before (`FROM_SAMPLED` in embed.wgsl).
+pub const FROM_SAMPLED: u32 = 0x8000_0000;
+
 /// Key positions per attention chunk (`CHUNK` in attention.wgsl). Fixed for every adapter and
 /// engine so attention sums in the same order wherever a sequence's KV was computed.
 pub const ATTENTION_CHUNK: u32 = 32;
@@ -116,6 +120,7 @@ pub enum Kernel {
     Matmul,
     Matvec,
     Gemm,
+    GemmCoop,
     RopeKv,
     Attention,
     AttentionMerge,
@@ -125,12 +130,13 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 10] = [
+    pub const ALL: [Kernel; 11] = [
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::Matmul,
         Kernel::Matvec,
         Kernel::Gemm,
+        Kernel::GemmCoop,
         Kernel::RopeKv,
         Kernel::Attention,
         Kernel::AttentionMerge,
@@ -146,6 +152,7 @@ impl Kernel {
             Kernel::Matmul => "matmul",
             Kernel::Matvec => "matvec",
             Kernel::Gemm => "gemm",
+            Kernel::GemmCoop => "gemm_coop",
             Kernel::RopeKv => "rope_kv",
             Kernel::Attention => "attention",
             Kernel::AttentionMerge => "attention_merge",
@@ -159,10 +166,10 @@ impl Kernel {
     pub fn bindings(self) -> &'static [Binding] {
         use Binding::{Read as R, Uniform as U, Write as W};
         match self {
-            Kernel::Embed => &[U, U, R, R, R, W],
+            Kernel::Embed => &[U, U, R, R, R, W, R],
             Kernel::RmsNorm => &[U, R, R, R, W],
             // step, params, x, weight words, scales, y, x again as vec4s.
-            Kernel::Matmul | Kernel::Matvec | Kernel::Gemm => &[U, U, R, R, R, W, R],
+            Kernel::Matmul | Kernel::Matvec | Kernel::Gemm | Kernel::GemmCoop => &[U, U, R, R, R, W, R],
             Kernel::RopeKv => &[U, W, R, R, W, W],
             Kernel::Attention => &[U, R, R, R, R, R, W],
             Kernel::AttentionMerge => &[U, R, R, W],
@@ -171,18 +178,18 @@ impl Kernel {
         }
     }
 
-    /// The kernel whose bind-group layout this one shares: the three matmul kernels bind the
-    /// same buffers, so one bind group serves whichever the engine picks for a step.
+    /// The kernel whose bind-group layout this one shares: the matmul kernels bind the same
+    /// buffers, so one bind group serves whichever the engine picks for a step.
     pub fn layout_owner(self) -> Kernel {
         match self {
-            Kernel::Matvec | Kernel::Gemm => Kernel::Matmul,
+            Kernel::Matvec | Kernel::Gemm | Kernel::GemmCoop => Kernel::Matmul,
             k => k,
         }
     }
 
     /// Whether the kernel reads a weight tensor and so exists once per weight format.
     pub fn reads_weights(self) -> bool {
-        matches!(self, Kernel::Embed | Kernel::Matmul | Kernel::Matvec | Kernel::Gemm)
+        matches!(self, Kernel::Embed | Kernel::Matmul | Kernel::Matvec | Kernel::Gemm | Kernel::GemmCoop)
     }
 
     fn body(self) -> &'static str {
@@ -192,6 +199,7 @@ impl Kernel {
             Kernel::Matmul => include_str!("../wgsl/matmul.wgsl"),
             Kernel::Matvec => include_str!("../wgsl/matvec.wgsl"),
             Kernel::Gemm => include_str!("../wgsl/gemm.wgsl"),
+            Kernel::GemmCoop => include_str!("../wgsl/gemm_coop.wgsl"),
             Kernel::RopeKv => include_str!("../wgsl/rope_kv.wgsl"),
             Kernel::Attention => include_str!("../wgsl/attention.wgsl"),
             Kernel::AttentionMerge => include_str!("../wgsl/attention_merge.wgsl"),
@@ -219,12 +227,19 @@ impl Kernel {
             (true, None) => return Err(RenderError::MissingFormat(self)),
             (false, Some(f)) => return Err(RenderError::UnexpectedFormat(self, f)),
         };
+        let coop = self == Kernel::GemmCoop;
+        if coop && !(caps.coop_matrix && caps.f16 && caps.subgroups) {
+            return Err(RenderError::MissingCapability(self));
+        }
         let lanes = self.lanes_source(caps);
         let mut out = String::new();
         // An `enable` directive must precede every declaration. Naga (30) takes subgroup builtins
-        // without one and refuses `enable subgroups`, so only f16 gets a directive.
-        if caps.f16 && format == Some(WeightFormat::F16) {
+        // without one and refuses `enable subgroups`.
+        if caps.f16 && (format == Some(WeightFormat::F16) || coop) {
             out.push_str("enable f16;\n");
+        }
+        if coop {
+            out.push_str("enable wgpu_cooperative_matrix;\n");
         }
         let access = format.and_then(|f| f.weight_access_source(caps));
         for part in [Some(include_str!("../wgsl/common.wgsl")), Some(self.body()), access, dequant, lanes].into_iter().flatten() {
@@ -275,15 +290,19 @@ pub struct ShaderCaps {
     pub subgroups: bool,
     /// The WGSL `f16` type in storage buffers (wgpu's SHADER_F16).
     pub f16: bool,
+    /// Cooperative matrices of 16 x 16 x 16 with f16 inputs and f32 sums (wgpu's
+    /// EXPERIMENTAL_COOPERATIVE_MATRIX: tensor cores through VK_KHR_cooperative_matrix).
+    pub coop_matrix: bool,
 }
 
 impl ShaderCaps {
     /// Every combination, for tests and variant enumeration.
-    pub const ALL: [ShaderCaps; 4] = [
-        ShaderCaps { subgroups: false, f16: false },
-        ShaderCaps { subgroups: true, f16: false },
-        ShaderCaps { subgroups: false, f16: true },
-        ShaderCaps { subgroups: true, f16: true },
+    pub const ALL: [ShaderCaps; 5] = [
+        ShaderCaps { subgroups: false, f16: false, coop_matrix: false },
+        ShaderCaps { subgroups: true, f16: false, coop_matrix: false },
+        ShaderCaps { subgroups: false, f16: true, coop_matrix: false },
+        ShaderCaps { subgroups: true, f16: true, coop_matrix: false },
+        ShaderCaps { subgroups: true, f16: true, coop_matrix: true },
     ];
 }
 
@@ -292,6 +311,8 @@ impl ShaderCaps {
 pub enum RenderError {
     MissingFormat(Kernel),
     UnexpectedFormat(Kernel, WeightFormat),
+    /// The kernel needs a capability the adapter lacks (cooperative matrices).
+    MissingCapability(Kernel),
 }
 
 impl fmt::Display for RenderError {
@@ -300,6 +321,9 @@ impl fmt::Display for RenderError {
             RenderError::MissingFormat(k) => write!(f, "kernel `{}` needs a weight format", k.name()),
             RenderError::UnexpectedFormat(k, w) => {
                 write!(f, "kernel `{}` reads no weights, yet format {w} was given", k.name())
+            }
+            RenderError::MissingCapability(k) => {
+                write!(f, "kernel `{}` needs 32-lane subgroups, f16 and cooperative matrices", k.name())
             }
         }
     }

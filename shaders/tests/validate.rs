@@ -7,12 +7,15 @@ use tandem_shaders::{Binding, EmbedParams, Kernel, MatmulParams, SampleParams, S
 /// What naga may assume for a variant: only the extensions the adapter was said to have, so a
 /// fallback that slips into subgroups or f16 fails here.
 fn capabilities(caps: ShaderCaps) -> Capabilities {
-    let mut c = Capabilities::all() - Capabilities::SUBGROUP - Capabilities::SHADER_FLOAT16;
+    let mut c = Capabilities::all() - Capabilities::SUBGROUP - Capabilities::SHADER_FLOAT16 - Capabilities::COOPERATIVE_MATRIX;
     if caps.subgroups {
         c |= Capabilities::SUBGROUP;
     }
     if caps.f16 {
         c |= Capabilities::SHADER_FLOAT16;
+    }
+    if caps.coop_matrix {
+        c |= Capabilities::COOPERATIVE_MATRIX;
     }
     c
 }
@@ -38,8 +41,9 @@ fn every_variant_validates() {
         count += 1;
     }
     // 5 plain kernels, attention with and without subgroups, embed and gemm in 6 formats plus
-    // native f16, matmul and matvec likewise, each with and without subgroups.
-    assert_eq!(count, 5 + 2 + 7 + 7 + 2 * 7 * 2);
+    // native f16, matmul and matvec likewise, each with and without subgroups, and gemm_coop in
+    // 6 formats (it needs f16, so F16 weights are read natively).
+    assert_eq!(count, 5 + 2 + 7 + 7 + 2 * 7 * 2 + 6);
 }
 
 /// What each kernel says it binds (its layout in core) is what its WGSL declares.
@@ -72,6 +76,8 @@ fn declared_bindings_match_the_wgsl() {
 #[test]
 fn impossible_variants_are_refused() {
     assert!(Kernel::Matmul.source(None, ShaderCaps::default()).is_err());
+    let no_coop = ShaderCaps { subgroups: true, f16: true, coop_matrix: false };
+    assert!(Kernel::GemmCoop.source(Some(tandem_shaders::WeightFormat::Q4_0), no_coop).is_err());
     assert!(Kernel::RmsNorm.source(Some(tandem_shaders::WeightFormat::F16), ShaderCaps::default()).is_err());
 }
 

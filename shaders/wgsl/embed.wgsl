@@ -14,6 +14,11 @@ struct EmbedParams {
 // Binding 3, the weight words `w`, is declared by the format's dequantization module.
 @group(0) @binding(4) var<storage, read> s: array<u32>;
 @group(0) @binding(5) var<storage, read_write> x: array<f32>;
+// The ids sampled by the step before, for tokens whose id has FROM_SAMPLED set: decoding
+// several steps back to back keeps each next id on the GPU.
+@group(0) @binding(6) var<storage, read> sampled: array<u32>;
+
+const FROM_SAMPLED: u32 = 0x80000000u;
 
 // The dequantization modules also define dot products over activations; the gather has none.
 fn x4(o: u32) -> vec4<f32> {
@@ -27,7 +32,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (t >= step.n_tokens || col >= p.dim) {
         return;
     }
-    let id = tokens[t].id;
+    var id = tokens[t].id;
+    if ((id & FROM_SAMPLED) != 0u) {
+        id = sampled[id & ~FROM_SAMPLED];
+    }
     if (id < p.row_start || id >= p.row_start + p.row_count) {
         return;
     }

@@ -24,6 +24,8 @@ struct MatmulParams {
 // Tokens per weight load and rows per lane group; ROWS * TOKENS <= MAX_TILE.
 override TOKENS: u32 = 1u;
 override ROWS: u32 = 1u;
+// Groups of 8 blocks each lane loads before computing (see the loop).
+override UNROLL: u32 = 4u;
 override ACCUMULATE: bool = false;
 override SAMPLE_ROWS: bool = false;
 override SPLIT: u32 = 32u;
@@ -56,21 +58,24 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
     let last_row = p.n - 1u;
 
     var acc: array<f32, MAX_TILE>;
-    var xa: array<vec4<f32>, MAX_TILE>;
-    var xb: array<vec4<f32>, MAX_TILE>;
     let quarter = lane % 4u;
     let cols = quarter_cols(quarter);
     let nb = p.k / BLOCK;
-    for (var b = lane / 4u; b < nb; b += SPLIT / 4u) {
-        for (var t = 0u; t < TOKENS; t++) {
-            let xo = (t0 + t) * p.x_stride + b * BLOCK;
-            xa[t] = x4(xo + cols.x);
-            xb[t] = x4(xo + cols.y);
-        }
-        for (var r = 0u; r < ROWS; r++) {
-            let row = min(row0 + r, last_row);
+    // UNROLL groups of 8 blocks per trip, every load of a trip issued before its arithmetic: a
+    // warp then has UNROLL x 128 bytes of weights in flight instead of 128, which is what
+    // bandwidth needs (Little's law). Blocks past the row read the last block and count 0.
+    for (var b0 = lane / 4u; b0 < nb; b0 += UNROLL * SPLIT / 4u) {
+        for (var u = 0u; u < UNROLL; u++) {
+            let b = b0 + u * SPLIT / 4u;
+            let bb = min(b, nb - 1u);
             for (var t = 0u; t < TOKENS; t++) {
-                acc[r * TOKENS + t] += quarter_dot(row, b, p.k, quarter, xa[t], xb[t]);
+                let xo = (t0 + t) * p.x_stride + bb * BLOCK;
+                let xa = x4(xo + cols.x);
+                let xb = x4(xo + cols.y);
+                for (var r = 0u; r < ROWS; r++) {
+                    let row = min(row0 + r, last_row);
+                    acc[r * TOKENS + t] += select(0.0, quarter_dot(row, bb, p.k, quarter, xa, xb), b < nb);
+                }
             }
         }
     }
