@@ -242,6 +242,14 @@ impl MatmulOp {
             None
         } else {
             let max_rows = m.parts.iter().map(|p| p.rows).max().unwrap_or(0);
+            let matvec_groups = wg(max_rows, MATVEC_WG / MATVEC_SPLIT);
+            if matvec_groups > ctx.limits.max_compute_workgroups_per_dimension {
+                return Err(Error::AdapterLimit {
+                    what: "workgroups per dimension for a weight part (matvec)",
+                    needed: matvec_groups.into(),
+                    limit: ctx.limits.max_compute_workgroups_per_dimension.into(),
+                });
+            }
             // The matvec walks whole blocks; other shapes take the GEMM at every token count.
             let whole_blocks = if m.cols.is_multiple_of(32) { MATVEC_TOKENS.as_slice() } else { &[] };
             let matvec = whole_blocks
@@ -713,18 +721,22 @@ impl Engine {
             return Err(Error::KvImport(format!("sequence {} has an incomplete KV import", seq.0)));
         }
         let start = state.len;
-        if start + steps > self.context_length {
-            return Err(Error::ContextOverflow { tokens: start + steps, max_new: 0, context: self.context_length });
-        }
-        if attention_chunks(start + steps.saturating_sub(1), 1) > self.attention_budget {
+        let end = start.checked_add(steps).filter(|&e| e <= self.context_length);
+        let Some(end) = end else {
+            return Err(Error::ContextOverflow { tokens: start.saturating_add(steps), max_new: 0, context: self.context_length });
+        };
+        if attention_chunks(end.saturating_sub(1), 1) > self.attention_budget {
             return Err(Error::InvalidRequest("the run's last step exceeds the attention budget".into()));
         }
-        self.pool.reserve(state, start + steps)?;
         let q = self.ctx.queue.clone();
         let mut in_flight: Option<(wgpu::SubmissionIndex, usize)> = None;
         let mut delivered = 0;
         for i in 0..steps {
             let pos = start + i;
+            // Blocks as the run goes, as single steps take them: a run that stops early holds no
+            // more. Failing here leaves the sequence as it is (the step in flight is dropped).
+            let state = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+            self.pool.reserve(state, pos + 1)?;
             let state = self.seqs.get(&seq).ok_or(Error::UnknownSequence(seq.0))?;
             let id = if i == 0 { token } else { FROM_SAMPLED };
             let infos = [TokenInfo { id, pos: pos as u32, slot: state.slot(pos), table_off: 0, chunk_off: 0 }];
@@ -754,12 +766,26 @@ impl Engine {
                 Self::register_full_blocks(&mut self.pool, state);
             }
             if let Some((prev, slot)) = in_flight.replace((done.clone(), i % 2)) {
-                // Step i - 1's token is step i's input, already read by the GPU.
-                let sampled = self.read_run_token(slot, prev)?;
+                // Step i - 1's token is step i's input, already read by the GPU. Whatever ends
+                // the run here undoes step i.
+                let sampled = match self.read_run_token(slot, prev) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let _ = self.undo_last_position(seq, pos, done);
+                        return Err(e);
+                    }
+                };
                 delivered += 1;
-                if !on_token(sampled)? {
-                    self.undo_last_position(seq, pos, done)?;
-                    return Ok(delivered);
+                match on_token(sampled) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.undo_last_position(seq, pos, done)?;
+                        return Ok(delivered);
+                    }
+                    Err(e) => {
+                        self.undo_last_position(seq, pos, done)?;
+                        return Err(e);
+                    }
                 }
                 let state = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
                 if state.tokens.len() == pos {

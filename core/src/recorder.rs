@@ -131,7 +131,12 @@ pub struct Recorder<'p> {
 }
 
 impl<'p> Recorder<'p> {
-    pub fn new(ctx: &GpuContext, profiler: Option<&'p mut Profiler>) -> Self {
+    pub fn new(ctx: &GpuContext, mut profiler: Option<&'p mut Profiler>) -> Self {
+        // Timings of a step that failed before they were collected are dropped, not resolved
+        // as this step's.
+        if let Some(p) = profiler.as_deref_mut() {
+            p.pending.clear();
+        }
         let enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
         Recorder { device: ctx.device.clone(), enc, pass: None, profiler, dispatches: 0 }
     }

@@ -62,6 +62,8 @@ fn a_run_gives_the_tokens_of_single_steps_and_stops_cleanly() {
             .expect("run");
             assert_eq!(got, want[..6], "stopped run");
             assert_eq!(e.sequence_len(seq).expect("len"), prompt().len() + 5);
+            let held = e.sequence_blocks(seq).expect("blocks");
+            assert!(held <= (prompt().len() + 6).div_ceil(tandem_core::BLOCK_TOKENS), "a stopped run holds {held} blocks");
             let next = e.step(&[StepInput { seq, tokens: vec![got[5]], sample: Some(sampling) }]).expect("step")[0].expect("token");
             assert_eq!(next, want[6], "continued after a stop");
             e.free_sequence(seq);

@@ -48,20 +48,29 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_
     }
     let r0 = wg.x * TILE;
     let t0 = wg.y * TILE;
-    // The loader's element: a row (or token) of the tile and 8 consecutive columns.
-    let ld = li / 4u;
-    let lc = (li % 4u) * 8u;
-    let w_row = min(r0 + ld, p.n - 1u);
-    let x_tok = min(t0 + ld, max(n_tok, 1u) - 1u);
+    // The loader's share: 4 consecutive rows (or tokens) 4g..4g+3 of the tile at columns c
+    // and c + 1, written as whole vec4s (writes to components of one vector by different lanes
+    // would race).
+    let g = li % 16u;
+    let c0 = (li / 16u) * 2u;
+    let last_tok = max(n_tok, 1u) - 1u;
 
     var acc: array<vec4<f32>, 4>;
     for (var kb = 0u; kb < p.k; kb += BK) {
-        for (var c = 0u; c < 8u; c++) {
-            let col = kb + lc + c;
+        for (var c = c0; c < c0 + 2u; c++) {
+            let col = kb + c;
             let inside = col < p.k;
             let safe = min(col, p.k - 1u);
-            w_tile[(lc + c) * 16u + ld / 4u][ld % 4u] = select(0.0, dq_elem(w_row, safe, p.k), inside);
-            x_tile[(lc + c) * 16u + ld / 4u][ld % 4u] = select(0.0, x[x_tok * p.x_stride + safe], inside);
+            var wv = vec4<f32>(0.0);
+            var xv = vec4<f32>(0.0);
+            for (var i = 0u; i < 4u; i++) {
+                let row = min(r0 + 4u * g + i, p.n - 1u);
+                let tok = min(t0 + 4u * g + i, last_tok);
+                wv[i] = select(0.0, dq_elem(row, safe, p.k), inside);
+                xv[i] = select(0.0, x[tok * p.x_stride + safe], inside);
+            }
+            w_tile[c * 16u + g] = wv;
+            x_tile[c * 16u + g] = xv;
         }
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk++) {

@@ -7,7 +7,8 @@
 // dequantized once into workgroup memory as f16 (each element through the format's `dq_elem`)
 // and the activations are converted beside it; then each subgroup does 2 x 4 multiply-adds. The
 // sums leave through workgroup memory, so tile edges and accumulation are plain bounded writes.
-// Not batch-invariant, and its f16 inputs round (about 1e-3 relative to the sum of |w x|).
+// Not batch-invariant, and its f16 inputs round (about 1e-3 relative to the sum of |w x|) and
+// overflow beyond 65504: one reason it is not picked by the engine yet.
 
 struct MatmulParams {
     n: u32,
