@@ -48,11 +48,13 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_
     }
     let r0 = wg.x * TILE;
     let t0 = wg.y * TILE;
-    // The loader's share: 4 consecutive rows (or tokens) 4g..4g+3 of the tile at columns c
-    // and c + 1, written as whole vec4s (writes to components of one vector by different lanes
-    // would race).
-    let g = li % 16u;
-    let c0 = (li / 16u) * 2u;
+    // The loader's share: 4 consecutive rows (or tokens) 4g..4g+3 of the tile at columns c0
+    // and c0 + 1, written as whole vec4s (lanes writing components of one vector would race).
+    // The 16 lanes of a row quad take the 32 columns side by side, so each row is read
+    // contiguously (lanes on the same columns of different rows made the loads scattered and the
+    // kernel 6x slower).
+    let g = li / 16u;
+    let c0 = (li % 16u) * 2u;
     let last_tok = max(n_tok, 1u) - 1u;
 
     var acc: array<vec4<f32>, 4>;
