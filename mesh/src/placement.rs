@@ -213,8 +213,9 @@ pub fn place(view: &ClusterView, req: &PlacementRequest) -> Vec<Placement> {
     if req.mode != PlacementMode::Colocated {
         for p in nodes.iter().filter(|n| matches!(n.role, Role::Prefill | Role::Both)) {
             for d in nodes.iter().filter(|n| matches!(n.role, Role::Decode | Role::Both)) {
-                // K/V moves only between nodes that compute the same tokens from it.
-                if p.peer != d.peer && p.model.fingerprint == d.model.fingerprint {
+                // K/V moves only between nodes that compute the same tokens from it: the same
+                // model, and the same kernels (a deterministic node pairs only with another).
+                if p.peer != d.peer && p.model.fingerprint == d.model.fingerprint && p.model.deterministic == d.model.deterministic {
                     out.push(split(p, d, req));
                 }
             }
@@ -376,7 +377,7 @@ mod tests {
     }
 
     #[test]
-    fn k_v_moves_only_between_nodes_with_the_same_fingerprint() {
+    fn k_v_moves_only_between_nodes_with_the_same_fingerprint_and_kernel_mode() {
         let me = PeerId::random();
         let (p, d) = (PeerId::random(), PeerId::random());
         let mut v = ClusterView::new(me, Duration::from_secs(5));
@@ -385,6 +386,11 @@ mod tests {
         assert!(plans(&v, 2000, PlacementMode::Auto).iter().all(|x| x.1.is_none()));
         // A forced split with nobody to split with still serves the request on one node.
         assert!(!plans(&v, 2000, PlacementMode::Split).is_empty());
+        // The same model in the other kernel mode is no partner either.
+        add_model(&mut v, d, Role::Decode, 1000.0, idle(), ModelAd { deterministic: true, ..model() });
+        assert!(plans(&v, 2000, PlacementMode::Auto).iter().all(|x| x.1.is_none()));
+        add_model(&mut v, d, Role::Decode, 1000.0, idle(), model());
+        assert!(plans(&v, 2000, PlacementMode::Split).iter().any(|x| x.1 == Some(p)));
     }
 
     #[test]
