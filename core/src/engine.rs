@@ -74,7 +74,7 @@ struct MatmulOp {
     fast: Option<FastMatmul>,
     /// Per part: its bind group, rows and bytes on the GPU.
     parts: Vec<(wgpu::BindGroup, u32, u64)>,
-    name: &'static str,
+    format: tandem_shaders::WeightFormat,
     cols: u64,
 }
 
@@ -83,7 +83,6 @@ struct FastMatmul {
     /// (tokens, rows per lane group, pipeline), by increasing tokens.
     matvec: Vec<(u32, u32, wgpu::ComputePipeline)>,
     gemm: wgpu::ComputePipeline,
-    fast_name: [&'static str; 2],
 }
 
 struct LayerOps {
@@ -260,33 +259,26 @@ impl MatmulOp {
                     Ok((t, r, kernels.matvec(m.format, t, r, accumulate, sample_rows)?))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let fast_name = [kernel_label(Kernel::Matvec, m.format), kernel_label(Kernel::Gemm, m.format)];
-            Some(FastMatmul { matvec, gemm: kernels.gemm(m.format, accumulate, sample_rows)?, fast_name })
+            Some(FastMatmul { matvec, gemm: kernels.gemm(m.format, accumulate, sample_rows)? })
         };
-        Ok(MatmulOp {
-            exact: kernels.matmul(m.format, accumulate, sample_rows)?,
-            fast,
-            parts,
-            name: kernel_label(Kernel::Matmul, m.format),
-            cols: m.cols as u64,
-        })
+        Ok(MatmulOp { exact: kernels.matmul(m.format, accumulate, sample_rows)?, fast, parts, format: m.format, cols: m.cols as u64 })
     }
 
     fn record(&self, rec: &mut Recorder<'_>, tokens: usize, split: u32) {
         let t = tokens as u64;
-        let work = |name, rows: u32, bytes: u64| {
+        let work = |kernel, rows: u32, bytes: u64| {
             let rows = u64::from(rows);
-            Work { name, bytes: bytes + t * (self.cols + rows) * 4, flops: 2 * t * rows * self.cols }
+            Work { kernel, format: Some(self.format), bytes: bytes + t * (self.cols + rows) * 4, flops: 2 * t * rows * self.cols }
         };
         for (bg, rows, bytes) in &self.parts {
             let (name, pipeline, groups) = match &self.fast {
-                None => (self.name, &self.exact, [wg(*rows as usize, 64 / split as usize), wg(tokens, MATMUL_TILE), 1]),
+                None => (Kernel::Matmul, &self.exact, [wg(*rows as usize, 64 / split as usize), wg(tokens, MATMUL_TILE), 1]),
                 Some(f) => match f.matvec.iter().find(|(n, _, _)| *n as usize >= tokens) {
                     Some((n, per_group, pipeline)) => {
                         let per_wg = MATVEC_WG / MATVEC_SPLIT * *per_group as usize;
-                        (f.fast_name[0], pipeline, [wg(*rows as usize, per_wg), wg(tokens, *n as usize), 1])
+                        (Kernel::Matvec, pipeline, [wg(*rows as usize, per_wg), wg(tokens, *n as usize), 1])
                     }
-                    None => (f.fast_name[1], &f.gemm, [wg(*rows as usize, GEMM_TILE), wg(tokens, GEMM_TILE), 1]),
+                    None => (Kernel::Gemm, &f.gemm, [wg(*rows as usize, GEMM_TILE), wg(tokens, GEMM_TILE), 1]),
                 },
             };
             rec.dispatch(work(name, *rows, *bytes), pipeline, bg, groups);
@@ -309,14 +301,6 @@ fn stack_rows(tensors: &[&crate::tensor::HostTensor]) -> Option<crate::tensor::H
         shape: vec![first.cols(), rows],
         bytes: crate::tensor::TensorBytes::owned(bytes),
     })
-}
-
-/// `kernel.format`, as a static label for the profile.
-fn kernel_label(kernel: Kernel, format: tandem_shaders::WeightFormat) -> &'static str {
-    static LABELS: std::sync::OnceLock<std::sync::Mutex<HashMap<String, &'static str>>> = std::sync::OnceLock::new();
-    let name = format!("{}.{}", kernel.name(), format.name());
-    let mut labels = LABELS.get_or_init(Default::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    labels.entry(name.clone()).or_insert_with(|| Box::leak(name.into_boxed_str()))
 }
 
 impl Engine {
@@ -895,19 +879,19 @@ impl Engine {
         let attended: u64 = infos.iter().map(|i| u64::from(i.pos) + 1).sum();
         let t = n_tokens as u64;
         for bg in &self.embed {
-            let work = Work { name: "embed", bytes: t * c.hidden_size as u64 * 4, flops: 0 };
+            let work = Work::of(Kernel::Embed, t * c.hidden_size as u64 * 4, 0);
             rec.dispatch(work, &self.pipelines.embed, bg, [wg(c.hidden_size, 64), n_tokens as u32, 1]);
         }
         let p = &self.pipelines;
         let (d, heads, kv_dim) = (c.hidden_size as u64, c.n_heads as u64, c.kv_dim() as u64);
-        let norm = Work { name: "rmsnorm", bytes: t * d * 8, flops: 3 * t * d };
+        let norm = Work::of(Kernel::RmsNorm, t * d * 8, 3 * t * d);
         let rope_items = (c.n_heads + c.n_kv_heads) * c.head_dim / 2 + c.kv_dim();
-        let rope = Work { name: "rope_kv", bytes: t * (c.qkv_dim() as u64 + kv_dim) * 8, flops: 6 * t * rope_items as u64 };
+        let rope = Work::of(Kernel::RopeKv, t * (c.qkv_dim() as u64 + kv_dim) * 8, 6 * t * rope_items as u64);
         let hd = c.head_dim as u64;
-        let attention = Work { name: "attention", bytes: attended * kv_dim * 8 + t * heads * hd * 8, flops: 4 * attended * heads * hd };
-        let merge = Work { name: "attention_merge", bytes: t * heads * hd * 4 * 2, flops: 0 };
+        let attention = Work::of(Kernel::Attention, attended * kv_dim * 8 + t * heads * hd * 8, 4 * attended * heads * hd);
+        let merge = Work::of(Kernel::AttentionMerge, t * heads * hd * 4 * 2, 0);
         let ffn = c.ffn_size as u64;
-        let silu = Work { name: "silu_mul", bytes: t * ffn * 12, flops: 5 * t * ffn };
+        let silu = Work::of(Kernel::SiluMul, t * ffn * 12, 5 * t * ffn);
         for (l, layer) in self.layers.iter().enumerate() {
             rec.dispatch(norm, &p.norm, &layer.norm_attn, [n_tokens as u32, 1, 1]);
             layer.qkv.iter().for_each(|op| op.record(rec, n_tokens, split));
@@ -922,10 +906,10 @@ impl Engine {
             after_layer(rec, l, layer);
         }
         let s = n_sample as u64;
-        rec.dispatch(Work { name: "rmsnorm", bytes: s * d * 8, flops: 3 * s * d }, &p.norm_gather, &self.norm_out, [n_sample as u32, 1, 1]);
+        rec.dispatch(Work::of(Kernel::RmsNorm, s * d * 8, 3 * s * d), &p.norm_gather, &self.norm_out, [n_sample as u32, 1, 1]);
         self.head.record(rec, n_sample, split);
         if !all_logits && n_sample > 0 {
-            let work = Work { name: "sample", bytes: s * c.vocab_size as u64 * 4, flops: 0 };
+            let work = Work::of(Kernel::Sample, s * c.vocab_size as u64 * 4, 0);
             rec.dispatch(work, &p.sample, &self.sample, [n_sample as u32, 1, 1]);
         }
     }

@@ -4,8 +4,10 @@
 //! pass of its own whose start and end write GPU timestamps; the step resolves them and the
 //! profile sums the time per kernel with the bytes and operations each dispatch was said to do.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::time::Duration;
+
+use tandem_shaders::{Kernel, WeightFormat};
 
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
@@ -13,8 +15,9 @@ use crate::gpu::GpuContext;
 /// What one dispatch does, for the profile.
 #[derive(Clone, Copy, Debug)]
 pub struct Work {
-    /// The kernel (and variant), e.g. `matvec.q4_0`.
-    pub name: &'static str,
+    pub kernel: Kernel,
+    /// The weight format, for kernels that read weights.
+    pub format: Option<WeightFormat>,
     /// Bytes it must read and write at least.
     pub bytes: u64,
     /// Floating-point operations.
@@ -22,14 +25,16 @@ pub struct Work {
 }
 
 impl Work {
-    pub fn named(name: &'static str) -> Self {
-        Work { name, bytes: 0, flops: 0 }
+    /// A kernel that reads no weights.
+    pub fn of(kernel: Kernel, bytes: u64, flops: u64) -> Self {
+        Work { kernel, format: None, bytes, flops }
     }
 }
 
 /// Per-kernel totals over the profiled steps.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct KernelTime {
+    /// The kernel, and its weight format where it has one: `matvec.q4_0`.
     pub name: String,
     pub calls: u64,
     pub gpu_ns: u64,
@@ -58,7 +63,7 @@ pub struct Profiler {
     resolved: wgpu::Buffer,
     read: wgpu::Buffer,
     pending: Vec<Work>,
-    totals: BTreeMap<&'static str, KernelTime>,
+    totals: HashMap<(Kernel, Option<WeightFormat>), KernelTime>,
     period_ns: f64,
 }
 
@@ -86,7 +91,7 @@ impl Profiler {
             resolved,
             read,
             pending: Vec::new(),
-            totals: BTreeMap::new(),
+            totals: HashMap::new(),
             period_ns: f64::from(ctx.queue.get_timestamp_period()),
         })
     }
@@ -99,7 +104,13 @@ impl Profiler {
         let bytes = self.pending.len() as u64 * 16;
         let stamps: Vec<u64> = bytemuck::cast_slice(&ctx.read_mapped(&self.read, bytes, done)?).to_vec();
         for (work, pair) in self.pending.drain(..).zip(stamps.chunks_exact(2)) {
-            let t = self.totals.entry(work.name).or_insert_with(|| KernelTime { name: work.name.to_string(), ..Default::default() });
+            let t = self.totals.entry((work.kernel, work.format)).or_insert_with(|| {
+                let name = match work.format {
+                    Some(f) => format!("{}.{}", work.kernel.name(), f.name()),
+                    None => work.kernel.name().to_string(),
+                };
+                KernelTime { name, ..Default::default() }
+            });
             t.calls += 1;
             t.gpu_ns += (pair[1].saturating_sub(pair[0]) as f64 * self.period_ns) as u64;
             t.bytes += work.bytes;
@@ -155,7 +166,7 @@ impl<'p> Recorder<'p> {
         if let Some((i, queries)) = timed {
             self.pass = None;
             let mut pass = self.enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some(work.name),
+                label: Some(work.kernel.name()),
                 timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
                     query_set: queries,
                     beginning_of_pass_write_index: Some(2 * i),

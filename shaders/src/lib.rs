@@ -1,6 +1,7 @@
 //! Every WGSL kernel of tandem, rendered per weight format.
 //!
-//! Each kernel lives in its own `.wgsl` file under `wgsl/`. A kernel that reads weights is rendered
+//! Each kernel lives in its own `.wgsl` file under `wgsl/`; the matmul kernels share their
+//! parameters, bindings and result store in `matmul_io.wgsl`. A kernel that reads weights is rendered
 //! with the dequantization module of the weight's storage format (`dequant_*.wgsl`, which declares
 //! the weight binding and defines `BLOCK`, `block_dot` and `dq_elem`; F16 reads its halves through
 //! `f16_words.wgsl` or, on SHADER_F16 adapters, `f16_native.wgsl`); a kernel whose lanes
@@ -242,7 +243,8 @@ impl Kernel {
             out.push_str("enable wgpu_cooperative_matrix;\n");
         }
         let access = format.and_then(|f| f.weight_access_source(caps));
-        for part in [Some(include_str!("../wgsl/common.wgsl")), Some(self.body()), access, dequant, lanes].into_iter().flatten() {
+        let io = (self.layout_owner() == Kernel::Matmul).then_some(include_str!("../wgsl/matmul_io.wgsl"));
+        for part in [Some(include_str!("../wgsl/common.wgsl")), io, Some(self.body()), access, dequant, lanes].into_iter().flatten() {
             out.push_str(part);
             out.push('\n');
         }

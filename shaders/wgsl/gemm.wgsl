@@ -8,33 +8,9 @@
 // memory once per 64 tokens instead of once per 8 (matmul.wgsl). Not batch-invariant: the
 // engine uses it only outside deterministic mode.
 
-struct MatmulParams {
-    n: u32,
-    k: u32,
-    y_stride: u32,
-    x_stride: u32,
-    y_offset: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
-override ACCUMULATE: bool = false;
-override SAMPLE_ROWS: bool = false;
 
 const TILE: u32 = 64u;
 const BK: u32 = 32u;
-
-@group(0) @binding(0) var<uniform> step: Step;
-@group(0) @binding(1) var<uniform> p: MatmulParams;
-@group(0) @binding(2) var<storage, read> x: array<f32>;
-@group(0) @binding(4) var<storage, read> s: array<u32>;
-@group(0) @binding(5) var<storage, read_write> y: array<f32>;
-@group(0) @binding(6) var<storage, read> x_vec: array<vec4<f32>>;
-
-fn x4(o: u32) -> vec4<f32> {
-    return x_vec[o >> 2u];
-}
 
 // [column][row / 4] of the tile, four rows (or tokens) per vec4.
 var<workgroup> w_tile: array<vec4<f32>, 512>;
@@ -42,10 +18,7 @@ var<workgroup> x_tile: array<vec4<f32>, 512>;
 
 @compute @workgroup_size(16, 16)
 fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec3<u32>) {
-    var n_tok = step.n_tokens;
-    if (SAMPLE_ROWS) {
-        n_tok = step.n_sample;
-    }
+    let n_tok = step_rows();
     let r0 = wg.x * TILE;
     let t0 = wg.y * TILE;
     // The loader's share: 4 consecutive rows (or tokens) 4g..4g+3 of the tile at columns c0
@@ -91,12 +64,7 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_
         for (var j = 0u; j < 4u; j++) {
             let t = t0 + lid.x * 4u + j;
             if (row < p.n && t < n_tok) {
-                let o = t * p.y_stride + p.y_offset + row;
-                if (ACCUMULATE) {
-                    y[o] += acc[i][j];
-                } else {
-                    y[o] = acc[i][j];
-                }
+                store_y(t, row, acc[i][j]);
             }
         }
     }

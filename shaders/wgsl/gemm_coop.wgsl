@@ -10,34 +10,10 @@
 // Not batch-invariant, and its f16 inputs round (about 1e-3 relative to the sum of |w x|) and
 // overflow beyond 65504: one reason it is not picked by the engine yet.
 
-struct MatmulParams {
-    n: u32,
-    k: u32,
-    y_stride: u32,
-    x_stride: u32,
-    y_offset: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
-override ACCUMULATE: bool = false;
-override SAMPLE_ROWS: bool = false;
 
 const TILE: u32 = 64u;
 const BK: u32 = 32u;
 const WG: u32 = 128u;
-
-@group(0) @binding(0) var<uniform> step: Step;
-@group(0) @binding(1) var<uniform> p: MatmulParams;
-@group(0) @binding(2) var<storage, read> x: array<f32>;
-@group(0) @binding(4) var<storage, read> s: array<u32>;
-@group(0) @binding(5) var<storage, read_write> y: array<f32>;
-@group(0) @binding(6) var<storage, read> x_vec: array<vec4<f32>>;
-
-fn x4(o: u32) -> vec4<f32> {
-    return x_vec[o >> 2u];
-}
 
 // [row][column] of the weight tile and [token][column] of the activations, 32 columns each.
 var<workgroup> w_tile: array<f16, 2048>;
@@ -47,10 +23,7 @@ var<workgroup> out_tile: array<f32, 4096>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec3<u32>) {
-    var n_tok = step.n_tokens;
-    if (SAMPLE_ROWS) {
-        n_tok = step.n_sample;
-    }
+    let n_tok = step_rows();
     let r0 = wg.x * TILE;
     let t0 = wg.y * TILE;
     let sg = li / 32u;
@@ -100,12 +73,7 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
         let t = t0 + i / TILE;
         let row = r0 + i % TILE;
         if (row < p.n && t < n_tok) {
-            let o = t * p.y_stride + p.y_offset + row;
-            if (ACCUMULATE) {
-                y[o] += out_tile[i];
-            } else {
-                y[o] = out_tile[i];
-            }
+            store_y(t, row, out_tile[i]);
         }
     }
 }

@@ -10,48 +10,21 @@
 // blocks long. Unlike matmul.wgsl this is not batch-invariant: a token's sums depend on TOKENS,
 // which the engine picks from the step's token count. Deterministic mode never uses it.
 
-struct MatmulParams {
-    n: u32,
-    k: u32,
-    y_stride: u32,
-    x_stride: u32,
-    y_offset: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
 // Tokens per weight load and rows per lane group; ROWS * TOKENS <= MAX_TILE.
 override TOKENS: u32 = 1u;
 override ROWS: u32 = 1u;
 // Groups of 8 blocks each lane loads before computing (see the loop).
 override UNROLL: u32 = 4u;
-override ACCUMULATE: bool = false;
-override SAMPLE_ROWS: bool = false;
 override SPLIT: u32 = 32u;
 
 const WG: u32 = 64u;
 const MAX_TILE: u32 = 8u;
 
-@group(0) @binding(0) var<uniform> step: Step;
-@group(0) @binding(1) var<uniform> p: MatmulParams;
-@group(0) @binding(2) var<storage, read> x: array<f32>;
-@group(0) @binding(4) var<storage, read> s: array<u32>;
-@group(0) @binding(5) var<storage, read_write> y: array<f32>;
-@group(0) @binding(6) var<storage, read> x_vec: array<vec4<f32>>;
-
-fn x4(o: u32) -> vec4<f32> {
-    return x_vec[o >> 2u];
-}
-
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec3<u32>) {
     let lane = li % SPLIT;
     let row0 = (wg.x * (WG / SPLIT) + li / SPLIT) * ROWS;
-    var n_tok = step.n_tokens;
-    if (SAMPLE_ROWS) {
-        n_tok = step.n_sample;
-    }
+    let n_tok = step_rows();
     let t0 = wg.y * TOKENS;
     // Tokens past the step's count read the buffer's stale rows (always allocated) and are never
     // written, so the loops keep constant bounds.
@@ -86,12 +59,7 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
         for (var r = 0u; r < ROWS; r++) {
             for (var t = 0u; t < TOKENS; t++) {
                 if (row0 + r < p.n && t0 + t < n_tok) {
-                    let o = (t0 + t) * p.y_stride + p.y_offset + row0 + r;
-                    if (ACCUMULATE) {
-                        y[o] += acc[r * TOKENS + t];
-                    } else {
-                        y[o] = acc[r * TOKENS + t];
-                    }
+                    store_y(t0 + t, row0 + r, acc[r * TOKENS + t]);
                 }
             }
         }
