@@ -12,7 +12,7 @@ use crate::cpu_ref::rope_table;
 use crate::device_weights::{DeviceMatrix, upload_vector};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::kernels::{GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_SPLIT, MATVEC_TOKENS, MATVEC_WG};
+use crate::kernels::{GEMM_COOP_TILE, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape};
 use crate::kv::{BLOCK_TOKENS, BlockPool, KvLayer, KvSink, PoolUsage, SeqId, SeqState, block_hash, prefix_hashes};
 use crate::model::{HostModel, layer_tensor};
 use crate::recorder::{KernelTime, Profiler, Recorder, Work};
@@ -80,9 +80,10 @@ struct MatmulOp {
 
 /// The kernels of the default (not batch-invariant) mode: a matvec per token count and the GEMM.
 struct FastMatmul {
-    /// (tokens, rows per lane group, pipeline), by increasing tokens.
-    matvec: Vec<(u32, u32, wgpu::ComputePipeline)>,
-    gemm: wgpu::ComputePipeline,
+    /// By increasing tokens.
+    matvec: Vec<(MatvecShape, wgpu::ComputePipeline)>,
+    /// The GEMM for larger steps (the matrix units' where the adapter has them) and its tile.
+    gemm: (Kernel, wgpu::ComputePipeline, usize),
 }
 
 struct LayerOps {
@@ -197,12 +198,6 @@ fn wg(n: usize, per: usize) -> u32 {
     n.div_ceil(per) as u32
 }
 
-/// Weight rows one lane group of the matvec walks at once: more rows share each activation load,
-/// fewer keep small matrices spread over the GPU.
-fn matvec_rows(rows: usize, tokens: u32) -> u32 {
-    if tokens == 1 && rows >= 8192 { 2 } else { 1 }
-}
-
 impl MatmulOp {
     // The buffers and flags are all distinct roles of one dispatch; a struct would only rename them.
     #[allow(clippy::too_many_arguments)]
@@ -241,25 +236,29 @@ impl MatmulOp {
             None
         } else {
             let max_rows = m.parts.iter().map(|p| p.rows).max().unwrap_or(0);
-            let matvec_groups = wg(max_rows, MATVEC_WG / MATVEC_SPLIT);
-            if matvec_groups > ctx.limits.max_compute_workgroups_per_dimension {
-                return Err(Error::AdapterLimit {
-                    what: "workgroups per dimension for a weight part (matvec)",
-                    needed: matvec_groups.into(),
-                    limit: ctx.limits.max_compute_workgroups_per_dimension.into(),
-                });
-            }
             // The matvec walks whole blocks; other shapes take the GEMM at every token count.
             let whole_blocks = if m.cols.is_multiple_of(32) { MATVEC_TOKENS.as_slice() } else { &[] };
             let matvec = whole_blocks
                 .iter()
-                .copied()
-                .map(|t| {
-                    let r = matvec_rows(max_rows, t);
-                    Ok((t, r, kernels.matvec(m.format, t, r, accumulate, sample_rows)?))
+                .map(|&t| {
+                    let shape = MatvecShape::for_matrix(m.cols, t);
+                    let groups = wg(max_rows, shape.rows_per_workgroup());
+                    if groups > ctx.limits.max_compute_workgroups_per_dimension {
+                        return Err(Error::AdapterLimit {
+                            what: "workgroups per dimension for a weight part (matvec)",
+                            needed: groups.into(),
+                            limit: ctx.limits.max_compute_workgroups_per_dimension.into(),
+                        });
+                    }
+                    Ok((shape, kernels.matvec(m.format, shape, accumulate, sample_rows)?))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            Some(FastMatmul { matvec, gemm: kernels.gemm(m.format, accumulate, sample_rows)? })
+            let gemm = if ctx.caps.coop_matrix && m.cols.is_multiple_of(32) {
+                (Kernel::GemmCoop, kernels.gemm_coop(m.format, accumulate, sample_rows)?, GEMM_COOP_TILE)
+            } else {
+                (Kernel::Gemm, kernels.gemm(m.format, accumulate, sample_rows)?, GEMM_TILE)
+            };
+            Some(FastMatmul { matvec, gemm })
         };
         Ok(MatmulOp { exact: kernels.matmul(m.format, accumulate, sample_rows)?, fast, parts, format: m.format, cols: m.cols as u64 })
     }
@@ -273,12 +272,14 @@ impl MatmulOp {
         for (bg, rows, bytes) in &self.parts {
             let (name, pipeline, groups) = match &self.fast {
                 None => (Kernel::Matmul, &self.exact, [wg(*rows as usize, 64 / split as usize), wg(tokens, MATMUL_TILE), 1]),
-                Some(f) => match f.matvec.iter().find(|(n, _, _)| *n as usize >= tokens) {
-                    Some((n, per_group, pipeline)) => {
-                        let per_wg = MATVEC_WG / MATVEC_SPLIT * *per_group as usize;
-                        (Kernel::Matvec, pipeline, [wg(*rows as usize, per_wg), wg(tokens, *n as usize), 1])
+                Some(f) => match f.matvec.iter().find(|(shape, _)| shape.tokens as usize >= tokens) {
+                    Some((shape, pipeline)) => {
+                        (Kernel::Matvec, pipeline, [wg(*rows as usize, shape.rows_per_workgroup()), wg(tokens, shape.tokens as usize), 1])
                     }
-                    None => (Kernel::Gemm, &f.gemm, [wg(*rows as usize, GEMM_TILE), wg(tokens, GEMM_TILE), 1]),
+                    None => {
+                        let (kernel, pipeline, tile) = &f.gemm;
+                        (*kernel, pipeline, [wg(*rows as usize, *tile), wg(tokens, *tile), 1])
+                    }
                 },
             };
             rec.dispatch(work(name, *rows, *bytes), pipeline, bg, groups);

@@ -78,13 +78,27 @@ impl Kernels {
             Some(f) => format!("{}.{}", kernel.name(), f.name()),
             None => kernel.name().to_string(),
         };
+        let pipeline = self.pipeline_from_source(kernel, &label, &source, constants)?;
+        cache.insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+
+    /// A pipeline from WGSL `source` with `kernel`'s bindings, uncached: for benchmarks of
+    /// variants that are not (yet) kernels.
+    pub fn pipeline_from_source(
+        &self,
+        kernel: Kernel,
+        label: &str,
+        source: &str,
+        constants: &[(&str, f64)],
+    ) -> Result<wgpu::ComputePipeline> {
         let scope = self.ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self
             .ctx
             .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(&label), source: wgpu::ShaderSource::Wgsl(source.into()) });
+            .create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(label), source: wgpu::ShaderSource::Wgsl(source.into()) });
         let pipeline = self.ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(&label),
+            label: Some(label),
             layout: Some(&self.layouts[&kernel.layout_owner()].1),
             module: &module,
             entry_point: Some("main"),
@@ -94,7 +108,6 @@ impl Kernels {
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(Error::Gpu { op: format!("building pipeline {label}"), reason: err.to_string() });
         }
-        cache.insert(key, pipeline.clone());
         Ok(pipeline)
     }
 
@@ -127,23 +140,17 @@ impl Kernels {
         )
     }
 
-    /// The decode matvec for up to `tokens` tokens, `rows` weight rows per 32 lanes.
-    pub fn matvec(
-        &self,
-        format: WeightFormat,
-        tokens: u32,
-        rows: u32,
-        accumulate: bool,
-        sample_rows: bool,
-    ) -> Result<wgpu::ComputePipeline> {
+    /// The decode matvec of `shape`.
+    pub fn matvec(&self, format: WeightFormat, shape: MatvecShape, accumulate: bool, sample_rows: bool) -> Result<wgpu::ComputePipeline> {
         self.pipeline(
             Kernel::Matvec,
             Some(format),
             &[
-                ("TOKENS", f64::from(tokens)),
-                ("ROWS", f64::from(rows)),
-                // Registers bound the unrolling: each token adds its own activation loads.
-                ("UNROLL", f64::from((4 / tokens).max(1))),
+                ("TOKENS", f64::from(shape.tokens)),
+                ("ROWS", f64::from(shape.rows)),
+                ("UNROLL", f64::from(shape.unroll)),
+                ("KSPLIT", f64::from(shape.ksplit)),
+                ("WG", f64::from(shape.lanes)),
                 ("ACCUMULATE", f64::from(u8::from(accumulate))),
                 ("SAMPLE_ROWS", f64::from(u8::from(sample_rows))),
             ],
@@ -159,10 +166,8 @@ impl Kernels {
         )
     }
 
-    /// The GEMM on the adapter's matrix units (adapters with `ShaderCaps::coop_matrix`). Correct
-    /// (scripts/test-gpu) but not yet faster than `gemm` on the H200 (11.9 against 14.2 TFLOP/s
-    /// on the 8B shape: its per-element dequantizing loader, not the matrix units, is the
-    /// bottleneck), so the engine does not pick it yet.
+    /// The GEMM on the adapter's matrix units (adapters with `ShaderCaps::coop_matrix`), for
+    /// rows of whole blocks; tested on such adapters by scripts/test-gpu.
     pub fn gemm_coop(&self, format: WeightFormat, accumulate: bool, sample_rows: bool) -> Result<wgpu::ComputePipeline> {
         self.pipeline(
             Kernel::GemmCoop,
@@ -179,9 +184,48 @@ pub const MATMUL_TILE: usize = 8;
 /// take the GEMM.
 pub const MATVEC_TOKENS: [u32; 4] = [1, 2, 4, 8];
 
-/// Lanes that walk one row in matvec.wgsl, and lanes per workgroup.
-pub const MATVEC_SPLIT: usize = 32;
-pub const MATVEC_WG: usize = 64;
+/// Lanes that walk one row in matvec.wgsl.
+pub const MATVEC_SPLIT: u32 = 32;
+
+/// How the decode matvec (matvec.wgsl) covers a matrix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatvecShape {
+    /// Tokens per weight load (steps of up to this many tokens).
+    pub tokens: u32,
+    /// Rows each group of 32 lanes walks at once.
+    pub rows: u32,
+    /// Runs of 8 blocks each lane loads before computing.
+    pub unroll: u32,
+    /// Lane groups that split one set of rows' blocks.
+    pub ksplit: u32,
+    /// Lanes per workgroup.
+    pub lanes: u32,
+}
+
+impl MatvecShape {
+    /// The shape for steps of up to `tokens` tokens through a matrix `cols` wide, from the sweeps
+    /// on the H200 (docs/kernel-notes.md, `cargo bench --bench kernels -- matvec`): one row per
+    /// lane group (two lost 5-10% on every shape), and long rows split over 4 lane groups
+    /// (+8-45% on the down projections, a loss on shorter rows).
+    pub fn for_matrix(cols: usize, tokens: u32) -> Self {
+        // Registers bound the unrolling: each token adds its own activation loads.
+        let unroll = (4 / tokens).max(1);
+        if tokens == 1 && cols >= 8192 {
+            MatvecShape { tokens, rows: 1, unroll: 2, ksplit: 4, lanes: 128 }
+        } else {
+            MatvecShape { tokens, rows: 1, unroll, ksplit: 1, lanes: 64 }
+        }
+    }
+
+    /// Weight rows one workgroup covers.
+    pub fn rows_per_workgroup(&self) -> usize {
+        (self.lanes / MATVEC_SPLIT / self.ksplit * self.rows) as usize
+    }
+}
 
 /// Weight rows and tokens of one GEMM workgroup's tile (`TILE` in gemm.wgsl).
 pub const GEMM_TILE: usize = 64;
+
+/// Weight rows and tokens of one cooperative-matrix GEMM workgroup's tile (`TILE` in
+/// gemm_coop.wgsl).
+pub const GEMM_COOP_TILE: usize = 128;

@@ -5,7 +5,7 @@
 use rand::{Rng, SeedableRng};
 use tandem_core::cpu_ref;
 use tandem_core::device_weights::DeviceMatrix;
-use tandem_core::kernels::{GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_SPLIT, MATVEC_TOKENS, MATVEC_WG};
+use tandem_core::kernels::{GEMM_COOP_TILE, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape};
 use tandem_core::tensor::{HostTensor, TensorBytes};
 use tandem_core::{GpuContext, WeightFormat};
 use tandem_shaders::{Kernel, SampleParams, ShaderCaps, Step, TokenInfo};
@@ -133,9 +133,18 @@ fn matmul_matches_cpu_for_every_format_and_odd_shapes() {
     }
 }
 
-/// The fast kernels: the decode matvec built for `tile` tokens with `rows` rows per lane group,
-/// or (tile 0) the tiled GEMM.
-fn run_fast(ctx: &GpuContext, kernels: &Kernels, m: &DeviceMatrix, x: &[f32], tokens: usize, tile: u32, rows: u32) -> Vec<f32> {
+/// One of the fast kernels.
+#[derive(Clone, Copy, Debug)]
+enum Fast {
+    /// The decode matvec.
+    Matvec(MatvecShape),
+    /// The workgroup-tiled GEMM.
+    Gemm,
+    /// The GEMM on matrix units (rows of whole blocks, adapters that have them).
+    GemmCoop,
+}
+
+fn run_fast(ctx: &GpuContext, kernels: &Kernels, m: &DeviceMatrix, x: &[f32], tokens: usize, fast: Fast) -> Vec<f32> {
     let (n, cols) = (m.rows, m.cols);
     let step = step_buf(ctx, tokens, 0);
     let xb = ctx.storage_init("x", bytemuck::cast_slice(x));
@@ -149,17 +158,20 @@ fn run_fast(ctx: &GpuContext, kernels: &Kernels, m: &DeviceMatrix, x: &[f32], to
         .zip(&params)
         .map(|(p, u)| {
             let bg = kernels.bind_group(Kernel::Matvec, "mm", &[&step, u, &xb, &p.quants, &p.scales, &y, &xb]);
-            let size = match tile {
-                0 => [p.rows.div_ceil(GEMM_TILE) as u32, tokens.div_ceil(GEMM_TILE) as u32, 1],
-                t => [p.rows.div_ceil(MATVEC_WG / MATVEC_SPLIT * rows as usize) as u32, tokens.div_ceil(t as usize) as u32, 1],
+            let size = match fast {
+                Fast::Gemm => [p.rows.div_ceil(GEMM_TILE) as u32, tokens.div_ceil(GEMM_TILE) as u32, 1],
+                Fast::GemmCoop => [p.rows.div_ceil(GEMM_COOP_TILE) as u32, tokens.div_ceil(GEMM_COOP_TILE) as u32, 1],
+                Fast::Matvec(shape) => {
+                    [p.rows.div_ceil(shape.rows_per_workgroup()) as u32, tokens.div_ceil(shape.tokens as usize) as u32, 1]
+                }
             };
             (bg, size)
         })
         .collect();
-    let pipeline = match tile {
-        0 if ctx.caps.coop_matrix => kernels.gemm_coop(m.format, false, false),
-        0 => kernels.gemm(m.format, false, false),
-        t => kernels.matvec(m.format, t, rows, false, false),
+    let pipeline = match fast {
+        Fast::Gemm => kernels.gemm(m.format, false, false),
+        Fast::GemmCoop => kernels.gemm_coop(m.format, false, false),
+        Fast::Matvec(shape) => kernels.matvec(m.format, shape, false, false),
     }
     .expect("pipeline");
     let refs: Vec<(&wgpu::BindGroup, [u32; 3])> = groups.iter().map(|(b, d)| (b, *d)).collect();
@@ -172,7 +184,7 @@ fn fast_matmuls_match_cpu_for_every_format_and_odd_shapes() {
         let kernels = Kernels::new(&ctx);
         let mut rng = rng();
         for format in WeightFormat::ALL {
-            let mut shapes = vec![(70, 64, 1), (130, 96, 3), (33, 160, 9), (65, 64, 17), (131, 96, 70)];
+            let mut shapes = vec![(70, 64, 1), (130, 96, 3), (33, 160, 9), (65, 64, 17), (131, 96, 70), (259, 64, 131)];
             if format.block_elems() == 1 {
                 shapes.extend([(7, 37, 2), (66, 45, 8), (67, 45, 65)]);
             }
@@ -181,13 +193,28 @@ fn fast_matmuls_match_cpu_for_every_format_and_odd_shapes() {
                 let x = random(&mut rng, tokens * cols);
                 let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
                 let (want, scale) = matmul_reference(format, &t, &x, tokens);
-                // The matvec takes rows of whole blocks only.
-                let matvecs = if cols % 32 == 0 { MATVEC_TOKENS.as_slice() } else { &[] };
-                let variants = matvecs.iter().flat_map(|&t| [(t, 1), (t, 2), (t, 4)]).filter(|(t, r)| t * r <= 8).chain([(0, 0)]);
-                for (tile, rows) in variants {
-                    let got = run_fast(&ctx, &kernels, &m, &x, tokens, tile, rows);
-                    let what = format!("fast matmul (tile {tile}, rows {rows}) {format} {n}x{cols} x{tokens} {:?}", ctx.caps);
-                    let tolerance = if tile == 0 && ctx.caps.coop_matrix { COOP_MATMUL_TOLERANCE } else { MATMUL_TOLERANCE };
+                // The matvec and the matrix units' GEMM take rows of whole blocks only.
+                let whole = cols % 32 == 0;
+                let matvecs = if whole { MATVEC_TOKENS.as_slice() } else { &[] };
+                // The engine's shapes for short and long rows, and more rows per lane group.
+                let mut variants: Vec<Fast> = matvecs
+                    .iter()
+                    .flat_map(|&t| {
+                        let short = MatvecShape::for_matrix(32, t);
+                        let long = MatvecShape::for_matrix(1 << 20, t);
+                        [short, long, MatvecShape { rows: 2, ..short }, MatvecShape { rows: 4, ..short }]
+                    })
+                    .filter(|s| s.tokens * s.rows <= 8)
+                    .map(Fast::Matvec)
+                    .chain([Fast::Gemm])
+                    .collect();
+                if whole && ctx.caps.coop_matrix {
+                    variants.push(Fast::GemmCoop);
+                }
+                for fast in variants {
+                    let got = run_fast(&ctx, &kernels, &m, &x, tokens, fast);
+                    let what = format!("fast matmul ({fast:?}) {format} {n}x{cols} x{tokens} {:?}", ctx.caps);
+                    let tolerance = if matches!(fast, Fast::GemmCoop) { COOP_MATMUL_TOLERANCE } else { MATMUL_TOLERANCE };
                     assert_close(&got, &want, tolerance, &scale, &what);
                 }
             }

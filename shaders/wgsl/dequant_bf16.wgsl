@@ -36,3 +36,9 @@ fn quarter_dot(row: u32, b: u32, k: u32, q: u32, xa: vec4<f32>, xb: vec4<f32>) -
     let e = row * k + b * BLOCK + 8u * q;
     return dot(bf16_4(e), xa) + dot(bf16_4(e + 4u), xb);
 }
+
+// Quarter q of a block as weights (the columns of `quarter_cols`), for the tiled GEMMs' loaders.
+fn quarter_weights(row: u32, b: u32, k: u32, q: u32) -> mat2x4<f32> {
+    let e = row * k + b * BLOCK + 8u * q;
+    return mat2x4<f32>(bf16_4(e), bf16_4(e + 4u));
+}

@@ -34,3 +34,9 @@ fn quarter_dot(row: u32, b: u32, k: u32, q: u32, xa: vec4<f32>, xb: vec4<f32>) -
     let e = row * k + b * BLOCK + 8u * q;
     return dot(half4_at(e), xa) + dot(half4_at(e + 4u), xb);
 }
+
+// Quarter q of a block as weights (the columns of `quarter_cols`), for the tiled GEMMs' loaders.
+fn quarter_weights(row: u32, b: u32, k: u32, q: u32) -> mat2x4<f32> {
+    let e = row * k + b * BLOCK + 8u * q;
+    return mat2x4<f32>(half4_at(e), half4_at(e + 4u));
+}

@@ -27,3 +27,12 @@ fn quarter_dot(row: u32, b: u32, k: u32, q: u32, xa: vec4<f32>, xb: vec4<f32>) -
     let wb = bitcast<vec4<f32>>(vec4<u32>(w[e + 4u], w[e + 5u], w[e + 6u], w[e + 7u]));
     return dot(wa, xa) + dot(wb, xb);
 }
+
+// Quarter q of a block as weights (the columns of `quarter_cols`), for the tiled GEMMs' loaders.
+fn quarter_weights(row: u32, b: u32, k: u32, q: u32) -> mat2x4<f32> {
+    let e = row * k + b * BLOCK + 8u * q;
+    return mat2x4<f32>(
+        bitcast<vec4<f32>>(vec4<u32>(w[e], w[e + 1u], w[e + 2u], w[e + 3u])),
+        bitcast<vec4<f32>>(vec4<u32>(w[e + 4u], w[e + 5u], w[e + 6u], w[e + 7u])),
+    );
+}

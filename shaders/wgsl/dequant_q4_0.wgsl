@@ -39,7 +39,18 @@ fn quarter_cols(q: u32) -> vec2<u32> {
 
 fn quarter_dot(row: u32, b: u32, k: u32, q: u32, xa: vec4<f32>, xb: vec4<f32>) -> f32 {
     let blk = row * (k / BLOCK) + b;
-    let word = vec4<u32>(w[blk * 4u + q]) >> vec4<u32>(0u, 8u, 16u, 24u);
-    let qx = dot(vec4<f32>(word & vec4<u32>(0xfu)), xa) + dot(vec4<f32>((word >> vec4<u32>(4u)) & vec4<u32>(0xfu)), xb);
-    return q4_0_scale(blk) * (qx - 8.0 * dot(xa + xb, vec4<f32>(1.0)));
+    let word = vec4<u32>(w[blk * 4u + q]);
+    let lo = small_uints_to_f32((word >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(0xfu), 8.0);
+    let hi = small_uints_to_f32((word >> vec4<u32>(4u, 12u, 20u, 28u)) & vec4<u32>(0xfu), 8.0);
+    return q4_0_scale(blk) * (dot(lo, xa) + dot(hi, xb));
+}
+
+// Quarter q of a block as weights (the columns of `quarter_cols`), for the tiled GEMMs' loaders.
+fn quarter_weights(row: u32, b: u32, k: u32, q: u32) -> mat2x4<f32> {
+    let blk = row * (k / BLOCK) + b;
+    let d = q4_0_scale(blk);
+    let word = vec4<u32>(w[blk * 4u + q]);
+    let lo = small_uints_to_f32((word >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(0xfu), 8.0);
+    let hi = small_uints_to_f32((word >> vec4<u32>(4u, 12u, 20u, 28u)) & vec4<u32>(0xfu), 8.0);
+    return mat2x4<f32>(d * lo, d * hi);
 }

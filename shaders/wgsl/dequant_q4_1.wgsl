@@ -38,7 +38,18 @@ fn quarter_cols(q: u32) -> vec2<u32> {
 fn quarter_dot(row: u32, b: u32, k: u32, q: u32, xa: vec4<f32>, xb: vec4<f32>) -> f32 {
     let blk = row * (k / BLOCK) + b;
     let dm = unpack2x16float(s[blk]);
-    let word = vec4<u32>(w[blk * 4u + q]) >> vec4<u32>(0u, 8u, 16u, 24u);
-    let qx = dot(vec4<f32>(word & vec4<u32>(0xfu)), xa) + dot(vec4<f32>((word >> vec4<u32>(4u)) & vec4<u32>(0xfu)), xb);
-    return dm.x * qx + dm.y * dot(xa + xb, vec4<f32>(1.0));
+    let word = vec4<u32>(w[blk * 4u + q]);
+    let lo = small_uints_to_f32((word >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(0xfu), 0.0);
+    let hi = small_uints_to_f32((word >> vec4<u32>(4u, 12u, 20u, 28u)) & vec4<u32>(0xfu), 0.0);
+    return dm.x * (dot(lo, xa) + dot(hi, xb)) + dm.y * dot(xa + xb, vec4<f32>(1.0));
+}
+
+// Quarter q of a block as weights (the columns of `quarter_cols`), for the tiled GEMMs' loaders.
+fn quarter_weights(row: u32, b: u32, k: u32, q: u32) -> mat2x4<f32> {
+    let blk = row * (k / BLOCK) + b;
+    let dm = unpack2x16float(s[blk]);
+    let word = vec4<u32>(w[blk * 4u + q]);
+    let lo = small_uints_to_f32((word >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(0xfu), 0.0);
+    let hi = small_uints_to_f32((word >> vec4<u32>(4u, 12u, 20u, 28u)) & vec4<u32>(0xfu), 0.0);
+    return mat2x4<f32>(dm.x * lo + dm.y, dm.x * hi + dm.y);
 }

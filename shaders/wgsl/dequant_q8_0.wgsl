@@ -33,8 +33,19 @@ fn quarter_cols(q: u32) -> vec2<u32> {
 
 fn quarter_dot(row: u32, b: u32, k: u32, q: u32, xa: vec4<f32>, xb: vec4<f32>) -> f32 {
     let blk = row * (k / BLOCK) + b;
-    let shifts = vec4<u32>(24u, 16u, 8u, 0u);
-    let qa = (vec4<i32>(bitcast<i32>(w[blk * 8u + 2u * q])) << shifts) >> vec4<u32>(24u);
-    let qb = (vec4<i32>(bitcast<i32>(w[blk * 8u + 2u * q + 1u])) << shifts) >> vec4<u32>(24u);
-    return q8_scale(blk) * (dot(vec4<f32>(qa), xa) + dot(vec4<f32>(qb), xb));
+    // Byte v stands for v - 256 when v >= 128: v ^ 0x80 is the value plus 128.
+    let bytes = vec4<u32>(0u, 8u, 16u, 24u);
+    let qa = small_uints_to_f32(((vec4<u32>(w[blk * 8u + 2u * q]) >> bytes) & vec4<u32>(0xffu)) ^ vec4<u32>(0x80u), 128.0);
+    let qb = small_uints_to_f32(((vec4<u32>(w[blk * 8u + 2u * q + 1u]) >> bytes) & vec4<u32>(0xffu)) ^ vec4<u32>(0x80u), 128.0);
+    return q8_scale(blk) * (dot(qa, xa) + dot(qb, xb));
+}
+
+// Quarter q of a block as weights (the columns of `quarter_cols`), for the tiled GEMMs' loaders.
+fn quarter_weights(row: u32, b: u32, k: u32, q: u32) -> mat2x4<f32> {
+    let blk = row * (k / BLOCK) + b;
+    let d = q8_scale(blk);
+    let bytes = vec4<u32>(0u, 8u, 16u, 24u);
+    let qa = small_uints_to_f32(((vec4<u32>(w[blk * 8u + 2u * q]) >> bytes) & vec4<u32>(0xffu)) ^ vec4<u32>(0x80u), 128.0);
+    let qb = small_uints_to_f32(((vec4<u32>(w[blk * 8u + 2u * q + 1u]) >> bytes) & vec4<u32>(0xffu)) ^ vec4<u32>(0x80u), 128.0);
+    return mat2x4<f32>(d * qa, d * qb);
 }

@@ -1,25 +1,43 @@
-// y[t, off + n] (+)= sum_k x[t, k] * W[n, k] on the adapter's matrix units: gemm.wgsl with its
-// 4 x 4 register tiles replaced by cooperative-matrix multiply-adds (16 x 16 x 16, f16 inputs,
-// f32 sums), for adapters whose subgroups are 32 lanes and that offer that configuration.
+// y[t, off + n] (+)= sum_k x[t, k] * W[n, k] on the adapter's matrix units (cooperative-matrix
+// multiply-adds, 16 x 16 x 16, f16 inputs, f32 sums), for adapters whose subgroups are 32 lanes
+// and that offer that configuration. Rows must be a whole number of 32-column blocks long.
 //
-// A workgroup of 4 subgroups owns 64 weight rows by 64 tokens; subgroup s owns rows 16s..16s+15
-// against all 64 tokens, in four accumulators. For each block of 32 columns the weight tile is
-// dequantized once into workgroup memory as f16 (each element through the format's `dq_elem`)
-// and the activations are converted beside it; then each subgroup does 2 x 4 multiply-adds. The
-// sums leave through workgroup memory, so tile edges and accumulation are plain bounded writes.
-// Not batch-invariant, and its f16 inputs round (about 1e-3 relative to the sum of |w x|) and
-// overflow beyond 65504: one reason it is not picked by the engine yet.
+// A workgroup of 8 subgroups owns 128 weight rows by 128 tokens; subgroup s owns rows
+// 32 (s % 4).. + 31 against tokens 64 (s / 4).. + 63, in eight accumulators, so each pair of
+// fragment loads feeds two multiply-adds or more. For each block of 32 columns the loader
+// dequantizes the weight tile once into workgroup memory as f16, a quarter block per call of the
+// format's `quarter_weights` (one word and one scale for 8 weights), and converts the activations
+// beside it. The sums leave through a per-subgroup staging tile, so tile edges and accumulation
+// are plain bounded writes. Not batch-invariant, and its f16 inputs round (about 1e-3 relative
+// to the sum of |w x|) and overflow beyond 65504.
 
 
-const TILE: u32 = 64u;
+const TILE: u32 = 128u;
 const BK: u32 = 32u;
-const WG: u32 = 128u;
+// Row stride of the f16 tiles: 32 columns padded by 8, so fragment loads of consecutive rows
+// fall on different banks.
+const LD: u32 = 40u;
+const WG: u32 = 256u;
 
-// [row][column] of the weight tile and [token][column] of the activations, 32 columns each.
-var<workgroup> w_tile: array<f16, 2048>;
-var<workgroup> x_tile: array<f16, 2048>;
-// [token][row] of the results.
-var<workgroup> out_tile: array<f32, 4096>;
+// [row][column] of the weight tile and [token][column] of the activations.
+var<workgroup> w_tile: array<f16, 5120>;
+var<workgroup> x_tile: array<f16, 5120>;
+// One 16 x 16 result per subgroup on its way out, [token][row].
+var<workgroup> stage: array<f32, 2048>;
+
+/// Writes the subgroup's staged 16 x 16 results for rows r.. and tokens t.. (bounded), then
+/// waits so the stage can be reused. Called by every lane.
+fn flush(sg: u32, lane: u32, r: u32, t: u32, n_tok: u32) {
+    workgroupBarrier();
+    for (var e = lane; e < 256u; e += 32u) {
+        let row = r + e % 16u;
+        let tok = t + e / 16u;
+        if (row < p.n && tok < n_tok) {
+            store_y(tok, row, stage[sg * 256u + e]);
+        }
+    }
+    workgroupBarrier();
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec3<u32>) {
@@ -27,53 +45,87 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
     let r0 = wg.x * TILE;
     let t0 = wg.y * TILE;
     let sg = li / 32u;
-    // The loader's share: a row (or token) of the tile and 16 consecutive columns.
+    let lane = li % 32u;
+    let sr = (sg % 4u) * 32u;
+    let st = (sg / 4u) * 64u;
+    // The loader's share: half a block (two quarters) of one weight row, and 16 columns of one
+    // token's activations.
     let ld = li / 2u;
-    let lc = (li % 2u) * 16u;
+    let half = li % 2u;
     let w_row = min(r0 + ld, p.n - 1u);
     let x_tok = min(t0 + ld, max(n_tok, 1u) - 1u);
+    let nb = p.k / BK;
 
-    var acc0 = coop_mat16x16<f32, C>();
-    var acc1 = coop_mat16x16<f32, C>();
-    var acc2 = coop_mat16x16<f32, C>();
-    var acc3 = coop_mat16x16<f32, C>();
-    for (var kb = 0u; kb < p.k; kb += BK) {
-        for (var c = 0u; c < 16u; c++) {
-            let col = kb + lc + c;
-            let inside = col < p.k;
-            let safe = min(col, p.k - 1u);
-            w_tile[ld * BK + lc + c] = f16(select(0.0, dq_elem(w_row, safe, p.k), inside));
-            x_tile[ld * BK + lc + c] = f16(select(0.0, x[x_tok * p.x_stride + safe], inside));
+    var c00 = coop_mat16x16<f32, C>();
+    var c01 = coop_mat16x16<f32, C>();
+    var c02 = coop_mat16x16<f32, C>();
+    var c03 = coop_mat16x16<f32, C>();
+    var c10 = coop_mat16x16<f32, C>();
+    var c11 = coop_mat16x16<f32, C>();
+    var c12 = coop_mat16x16<f32, C>();
+    var c13 = coop_mat16x16<f32, C>();
+    for (var b = 0u; b < nb; b++) {
+        for (var qq = 0u; qq < 2u; qq++) {
+            let q = half * 2u + qq;
+            let cols = quarter_cols(q);
+            let m = quarter_weights(w_row, b, p.k, q);
+            for (var i = 0u; i < 4u; i++) {
+                w_tile[ld * LD + cols.x + i] = f16(m[0][i]);
+                w_tile[ld * LD + cols.y + i] = f16(m[1][i]);
+            }
+        }
+        let xo = x_tok * p.x_stride + b * BK + half * 16u;
+        for (var j = 0u; j < 4u; j++) {
+            let v = x4(xo + 4u * j);
+            for (var i = 0u; i < 4u; i++) {
+                x_tile[ld * LD + half * 16u + 4u * j + i] = f16(v[i]);
+            }
         }
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk += 16u) {
-            let a = coopLoadT<coop_mat16x16<f16, A>>(&w_tile[sg * 16u * BK + kk], BK);
+            let a0 = coopLoadT<coop_mat16x16<f16, A>>(&w_tile[sr * LD + kk], LD);
+            let a1 = coopLoadT<coop_mat16x16<f16, A>>(&w_tile[(sr + 16u) * LD + kk], LD);
             // B[k][t] = x_tile[t][k]: the activations read column-major.
-            acc0 = coopMultiplyAdd(a, coopLoad<coop_mat16x16<f16, B>>(&x_tile[kk], BK), acc0);
-            acc1 = coopMultiplyAdd(a, coopLoad<coop_mat16x16<f16, B>>(&x_tile[16u * BK + kk], BK), acc1);
-            acc2 = coopMultiplyAdd(a, coopLoad<coop_mat16x16<f16, B>>(&x_tile[32u * BK + kk], BK), acc2);
-            acc3 = coopMultiplyAdd(a, coopLoad<coop_mat16x16<f16, B>>(&x_tile[48u * BK + kk], BK), acc3);
+            let b0 = coopLoad<coop_mat16x16<f16, B>>(&x_tile[st * LD + kk], LD);
+            let b1 = coopLoad<coop_mat16x16<f16, B>>(&x_tile[(st + 16u) * LD + kk], LD);
+            let b2 = coopLoad<coop_mat16x16<f16, B>>(&x_tile[(st + 32u) * LD + kk], LD);
+            let b3 = coopLoad<coop_mat16x16<f16, B>>(&x_tile[(st + 48u) * LD + kk], LD);
+            c00 = coopMultiplyAdd(a0, b0, c00);
+            c01 = coopMultiplyAdd(a0, b1, c01);
+            c02 = coopMultiplyAdd(a0, b2, c02);
+            c03 = coopMultiplyAdd(a0, b3, c03);
+            c10 = coopMultiplyAdd(a1, b0, c10);
+            c11 = coopMultiplyAdd(a1, b1, c11);
+            c12 = coopMultiplyAdd(a1, b2, c12);
+            c13 = coopMultiplyAdd(a1, b3, c13);
         }
         workgroupBarrier();
     }
 
-    // C[row][token] into out_tile[token][row] (column-major). naga 30's SPIR-V writer needs every
+    // C[row][token] into stage[token][row] (column-major). naga 30's SPIR-V writer needs every
     // non-literal argument of coopStore bound to a name first.
-    let stride = TILE;
-    let o0 = sg * 16u;
-    let o1 = o0 + 16u * TILE;
-    let o2 = o0 + 32u * TILE;
-    let o3 = o0 + 48u * TILE;
-    coopStore(acc0, &out_tile[o0], stride);
-    coopStore(acc1, &out_tile[o1], stride);
-    coopStore(acc2, &out_tile[o2], stride);
-    coopStore(acc3, &out_tile[o3], stride);
-    workgroupBarrier();
-    for (var i = li; i < TILE * TILE; i += WG) {
-        let t = t0 + i / TILE;
-        let row = r0 + i % TILE;
-        if (row < p.n && t < n_tok) {
-            store_y(t, row, out_tile[i]);
-        }
-    }
+    let so = sg * 256u;
+    let ss = 16u;
+    let ra = r0 + sr;
+    let rb = ra + 16u;
+    let ta = t0 + st;
+    let tb = ta + 16u;
+    let tc = ta + 32u;
+    let td = ta + 48u;
+    coopStore(c00, &stage[so], ss);
+    flush(sg, lane, ra, ta, n_tok);
+    coopStore(c01, &stage[so], ss);
+    flush(sg, lane, ra, tb, n_tok);
+    coopStore(c02, &stage[so], ss);
+    flush(sg, lane, ra, tc, n_tok);
+    coopStore(c03, &stage[so], ss);
+    flush(sg, lane, ra, td, n_tok);
+    coopStore(c10, &stage[so], ss);
+    flush(sg, lane, rb, ta, n_tok);
+    coopStore(c11, &stage[so], ss);
+    flush(sg, lane, rb, tb, n_tok);
+    coopStore(c12, &stage[so], ss);
+    flush(sg, lane, rb, tc, n_tok);
+    coopStore(c13, &stage[so], ss);
+    flush(sg, lane, rb, td, n_tok);
 }

@@ -4,26 +4,36 @@
 // A group of 32 lanes walks ROWS rows at once over blocks of 32 columns, 8 blocks at a time:
 // lane i takes quarter i % 4 of block i / 4 (the format's `quarter_cols`/`quarter_dot`), so the
 // warp's weight loads are contiguous and each activation run is loaded once for all ROWS rows.
-// The ROWS x TOKENS sums stay in registers (every loop bound is a pipeline constant, so the
-// driver unrolls them) and are combined across the lanes by `sum_row_lanes` (subgroupAdd where
-// subgroups are exactly 32 lanes, workgroup memory elsewhere). Rows must be a whole number of
-// blocks long. Unlike matmul.wgsl this is not batch-invariant: a token's sums depend on TOKENS,
-// which the engine picks from the step's token count. Deterministic mode never uses it.
+// KSPLIT lane groups of a workgroup share one set of rows, each taking every KSPLIT-th run of 8
+// blocks, so matrices of few rows still fill the GPU when ROWS is large. The ROWS x TOKENS sums
+// stay in registers (every loop bound is a pipeline constant, so the driver unrolls them) and are
+// combined across the lanes by `sum_row_lanes` (subgroupAdd where subgroups are exactly 32
+// lanes, workgroup memory elsewhere), then across the KSPLIT groups in workgroup memory. Rows
+// must be a whole number of blocks long. Unlike matmul.wgsl this is not batch-invariant: a
+// token's sums depend on TOKENS, which the engine picks from the step's token count.
+// Deterministic mode never uses it.
 
 // Tokens per weight load and rows per lane group; ROWS * TOKENS <= MAX_TILE.
 override TOKENS: u32 = 1u;
 override ROWS: u32 = 1u;
 // Groups of 8 blocks each lane loads before computing (see the loop).
 override UNROLL: u32 = 4u;
+// Lane groups that split one set of rows' blocks between them; divides WG / SPLIT.
+override KSPLIT: u32 = 1u;
 override SPLIT: u32 = 32u;
+override WG: u32 = 64u;
 
-const WG: u32 = 64u;
 const MAX_TILE: u32 = 8u;
+const MAX_GROUPS: u32 = 8u;
+
+var<workgroup> group_sums: array<f32, MAX_GROUPS * MAX_TILE>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec3<u32>) {
     let lane = li % SPLIT;
-    let row0 = (wg.x * (WG / SPLIT) + li / SPLIT) * ROWS;
+    let group = li / SPLIT;
+    let kpart = group % KSPLIT;
+    let row0 = (wg.x * (WG / SPLIT / KSPLIT) + group / KSPLIT) * ROWS;
     let n_tok = step_rows();
     let t0 = wg.y * TOKENS;
     // Tokens past the step's count read the buffer's stale rows (always allocated) and are never
@@ -34,12 +44,13 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
     let quarter = lane % 4u;
     let cols = quarter_cols(quarter);
     let nb = p.k / BLOCK;
-    // UNROLL groups of 8 blocks per trip, every load of a trip issued before its arithmetic: a
-    // warp then has UNROLL x 128 bytes of weights in flight instead of 128, which is what
+    // UNROLL runs of 8 blocks per trip, every load of a trip issued before its arithmetic: a
+    // warp then has UNROLL x ROWS x 128 bytes of weights in flight instead of 128, which is what
     // bandwidth needs (Little's law). Blocks past the row read the last block and count 0.
-    for (var b0 = lane / 4u; b0 < nb; b0 += UNROLL * SPLIT / 4u) {
+    let run = KSPLIT * SPLIT / 4u;
+    for (var b0 = kpart * (SPLIT / 4u) + lane / 4u; b0 < nb; b0 += UNROLL * run) {
         for (var u = 0u; u < UNROLL; u++) {
-            let b = b0 + u * SPLIT / 4u;
+            let b = b0 + u * run;
             let bb = min(b, nb - 1u);
             for (var t = 0u; t < TOKENS; t++) {
                 let xo = (t0 + t) * p.x_stride + bb * BLOCK;
@@ -55,7 +66,25 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
 
     sum_row_lanes(&acc, li, lane, ROWS * TOKENS);
 
-    if (lane == 0u) {
+    if (KSPLIT > 1u) {
+        if (lane == 0u) {
+            for (var tt = 0u; tt < ROWS * TOKENS; tt++) {
+                group_sums[group * MAX_TILE + tt] = acc[tt];
+            }
+        }
+        workgroupBarrier();
+        if (lane == 0u && kpart == 0u) {
+            for (var tt = 0u; tt < ROWS * TOKENS; tt++) {
+                var total = 0.0;
+                for (var g = 0u; g < KSPLIT; g++) {
+                    total += group_sums[(group + g) * MAX_TILE + tt];
+                }
+                acc[tt] = total;
+            }
+        }
+    }
+
+    if (lane == 0u && kpart == 0u) {
         for (var r = 0u; r < ROWS; r++) {
             for (var t = 0u; t < TOKENS; t++) {
                 if (row0 + r < p.n && t0 + t < n_tok) {

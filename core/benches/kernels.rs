@@ -1,0 +1,366 @@
+//! Times the matmul kernels alone, variant by variant, on the weight shapes of real models, so a
+//! short lease on a GPU machine can compare many variants in one call (docs/kernel-notes.md).
+//! Each measurement cycles through enough copies of the weights to miss the L2 cache, records
+//! many dispatches in one pass and divides the wall time; the first batch is a discarded warm-up.
+//!   cargo bench -p tandem-core --bench kernels -- [copy|read|matvec|ablate|gemm]... [135m|1b|8b]...
+
+use std::time::Instant;
+
+use tandem_core::device_weights::DeviceMatrix;
+use tandem_core::kernels::{GEMM_COOP_TILE, GEMM_TILE, Kernels};
+use tandem_core::tensor::{HostTensor, TensorBytes};
+use tandem_core::{GpuContext, WeightFormat};
+use tandem_shaders::{Kernel, Step};
+
+/// (model, matrix, rows, cols) of the matrices a token passes (Q/K/V and gate/up stacked).
+const SHAPES: [(&str, &str, usize, usize); 13] = [
+    ("tiny", "gate_up", 512, 128),
+    ("135m", "qkv", 960, 576),
+    ("135m", "gate_up", 3072, 576),
+    ("135m", "down", 576, 1536),
+    ("135m", "head", 49152, 576),
+    ("1b", "qkv", 3072, 2048),
+    ("1b", "gate_up", 16384, 2048),
+    ("1b", "down", 2048, 8192),
+    ("8b", "qkv", 6144, 4096),
+    ("8b", "o", 4096, 4096),
+    ("8b", "gate_up", 28672, 4096),
+    ("8b", "down", 4096, 14336),
+    ("8b", "head", 128256, 4096),
+];
+
+/// Bytes of weights the copies of one shape add up to, at least: several times the L2.
+const ROTATION_BYTES: usize = 256 << 20;
+
+/// Q4_0 blocks with random quants and one sane scale (speed does not depend on the values, but
+/// zeros could run faster than real data).
+fn q4_0_bytes(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut bytes = vec![0u8; rows * cols / 32 * 18];
+    let d = half::f16::from_f32(0.5 / (cols as f32).sqrt() / 8.0).to_le_bytes();
+    for b in bytes.chunks_exact_mut(18) {
+        b[..2].copy_from_slice(&d);
+        for q in &mut b[2..] {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *q = state as u8;
+        }
+    }
+    bytes
+}
+
+struct Setup {
+    copies: Vec<DeviceMatrix>,
+    x: wgpu::Buffer,
+    y: wgpu::Buffer,
+    step: wgpu::Buffer,
+    /// Rows and bytes of the first part (the one timed; the 8B head may need several).
+    rows: usize,
+    bytes: u64,
+}
+
+fn setup(ctx: &GpuContext, rows: usize, cols: usize, tokens: usize) -> Setup {
+    let t = HostTensor {
+        name: "w".into(),
+        format: WeightFormat::Q4_0,
+        shape: vec![cols, rows],
+        bytes: TensorBytes::owned(q4_0_bytes(rows, cols, 7)),
+    };
+    let one = t.bytes.as_slice().len();
+    let n = ROTATION_BYTES.div_ceil(one).clamp(2, 16);
+    let copies: Vec<DeviceMatrix> = (0..n).map(|_| DeviceMatrix::upload(ctx, &t).expect("upload")).collect();
+    let part = &copies[0].parts[0];
+    let (rows, bytes) = (part.rows, part.quants.size() + part.scales.size());
+    let x: Vec<f32> = (0..tokens * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+    Setup {
+        copies,
+        x: ctx.storage_init("x", bytemuck::cast_slice(&x)),
+        y: ctx.storage("y", (tokens * rows * 4) as u64),
+        step: ctx.uniform_init("step", bytemuck::bytes_of(&Step { n_tokens: tokens as u32, ..Default::default() })),
+        rows,
+        bytes,
+    }
+}
+
+/// Seconds per dispatch of `pipeline` over `s`'s copies in turn, `groups` workgroups each.
+fn time(ctx: &GpuContext, kernels: &Kernels, s: &Setup, pipeline: &wgpu::ComputePipeline, groups: [u32; 3], reps: usize) -> f64 {
+    let bgs: Vec<wgpu::BindGroup> = s
+        .copies
+        .iter()
+        .map(|m| {
+            let u = m.part_params(ctx, m.cols, s.rows, 0).remove(0);
+            let p = &m.parts[0];
+            kernels.bind_group(Kernel::Matmul, "bench", &[&s.step, &u, &s.x, &p.quants, &p.scales, &s.y, &s.x])
+        })
+        .collect();
+    let mut best = f64::MAX;
+    for round in 0..3 {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(pipeline);
+            for i in 0..reps {
+                pass.set_bind_group(0, &bgs[i % bgs.len()], &[]);
+                pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+            }
+        }
+        let start = Instant::now();
+        ctx.queue.submit([enc.finish()]);
+        ctx.device.poll(wgpu::PollType::wait_indefinitely()).expect("poll");
+        let secs = start.elapsed().as_secs_f64() / reps as f64;
+        if round > 0 {
+            best = best.min(secs);
+        }
+    }
+    best
+}
+
+fn read_y(ctx: &GpuContext, s: &Setup) -> Vec<f32> {
+    let size = s.y.size();
+    let rb = ctx.readback("y", size);
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(&s.y, 0, &rb, 0, size);
+    let idx = ctx.queue.submit([enc.finish()]);
+    bytemuck::cast_slice(&ctx.read_mapped(&rb, size, idx).expect("readback")).to_vec()
+}
+
+fn matvec(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize)]) {
+    println!("matvec, 1 token: GB/s of weights (best of 2 batches); variant rRuUkKwW = ROWS, UNROLL, KSPLIT, WG");
+    let variants: [(u32, u32, u32, u32); 8] =
+        [(1, 4, 1, 64), (1, 4, 2, 64), (1, 2, 2, 64), (1, 4, 4, 128), (1, 2, 4, 128), (1, 1, 4, 128), (1, 4, 8, 256), (1, 2, 8, 256)];
+    println!("(! marks a result that differs from the first variant's)");
+    print!("{:<12}", "shape");
+    for (r, u, k, w) in &variants {
+        print!(" {:>11}", format!("r{r}u{u}k{k}w{w}"));
+    }
+    println!();
+    for &(model, name, rows, cols) in shapes {
+        let s = setup(ctx, rows, cols, 1);
+        let mut baseline: Option<Vec<f32>> = None;
+        print!("{:<12}", format!("{model}.{name}"));
+        for &(r, u, k, w) in &variants {
+            let consts = [
+                ("TOKENS", 1.0),
+                ("ROWS", f64::from(r)),
+                ("UNROLL", f64::from(u)),
+                ("KSPLIT", f64::from(k)),
+                ("WG", f64::from(w)),
+                ("SPLIT", 32.0),
+            ];
+            let pipeline = kernels.pipeline(Kernel::Matvec, Some(WeightFormat::Q4_0), &consts).expect("pipeline");
+            let per_wg = (w / 32 / k * r) as usize;
+            if s.rows.div_ceil(per_wg) > ctx.limits.max_compute_workgroups_per_dimension as usize {
+                print!(" {:>11}", "-");
+                continue;
+            }
+            let secs = time(ctx, kernels, &s, &pipeline, [s.rows.div_ceil(per_wg) as u32, 1, 1], 200);
+            // Every copy holds the same weights, so y is the result whichever ran last.
+            let y = read_y(ctx, &s);
+            let want = baseline.get_or_insert_with(|| y.clone());
+            let worst = y.iter().zip(want.iter()).map(|(a, b)| (a - b).abs() / b.abs().max(1e-3)).fold(0f32, f32::max);
+            let mark = if worst > 1e-3 || y.iter().any(|v| !v.is_finite()) { "!" } else { "" };
+            print!(" {:>11}", format!("{:.0}{mark}", s.bytes as f64 / secs / 1e9));
+        }
+        println!();
+    }
+}
+
+/// The matvec with parts taken out, to see what bounds it: (name, text replaced, replacement).
+const ABLATIONS: [(&str, &[(&str, &str)]); 4] = [
+    ("as is", &[]),
+    ("no scale", &[("return q4_0_scale(blk) * (dot(lo, xa) + dot(hi, xb));", "return dot(lo, xa) + dot(hi, xb);")]),
+    (
+        "no x",
+        &[
+            ("let xa = x4(xo + cols.x);", "let xa = vec4<f32>(f32(xo));"),
+            ("let xb = x4(xo + cols.y);", "let xb = vec4<f32>(f32(xo + 1u));"),
+        ],
+    ),
+    (
+        "loads only",
+        &[
+            ("return q4_0_scale(blk) * (dot(lo, xa) + dot(hi, xb));", "return bitcast<f32>(w[blk * 4u + q]) + xa.x;"),
+            ("let xa = x4(xo + cols.x);", "let xa = vec4<f32>(f32(xo));"),
+            ("let xb = x4(xo + cols.y);", "let xb = vec4<f32>(f32(xo + 1u));"),
+        ],
+    ),
+];
+
+fn matvec_ablations(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize)]) {
+    println!("matvec ablations (rows 1, unroll 4): GB/s of weights");
+    let base = Kernel::Matvec.source(Some(WeightFormat::Q4_0), ctx.caps).expect("source");
+    print!("{:<12}", "shape");
+    for (name, _) in ABLATIONS {
+        print!(" {name:>11}");
+    }
+    println!();
+    for &(model, name, rows, cols) in shapes {
+        let s = setup(ctx, rows, cols, 1);
+        print!("{:<12}", format!("{model}.{name}"));
+        for (what, edits) in ABLATIONS {
+            let mut source = base.clone();
+            for (from, to) in edits {
+                assert!(source.contains(from), "{what}: `{from}` not in the matvec");
+                source = source.replace(from, to);
+            }
+            let consts = [("TOKENS", 1.0), ("ROWS", 1.0), ("UNROLL", 4.0), ("SPLIT", 32.0)];
+            let pipeline = kernels.pipeline_from_source(Kernel::Matvec, what, &source, &consts).expect("pipeline");
+            let secs = time(ctx, kernels, &s, &pipeline, [s.rows.div_ceil(2) as u32, 1, 1], 200);
+            print!(" {:>11.0}", s.bytes as f64 / secs / 1e9);
+        }
+        println!();
+    }
+}
+
+fn gemm(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize)]) {
+    let tokens = 512;
+    println!("gemm, {tokens} tokens: TFLOP/s");
+    for &(model, name, rows, cols) in shapes {
+        let s = setup(ctx, rows, cols, tokens);
+        print!("{:<12}", format!("{model}.{name}"));
+        let flops = 2.0 * (tokens * s.rows * cols) as f64;
+        let groups = [s.rows.div_ceil(GEMM_TILE) as u32, tokens.div_ceil(GEMM_TILE) as u32, 1];
+        let simt = kernels.gemm(WeightFormat::Q4_0, false, false).expect("gemm");
+        print!(" simt {:>7.3}", flops / time(ctx, kernels, &s, &simt, groups, 20) / 1e12);
+        // The SIMT GEMM before its loader was made race-free (lanes wrote components of shared
+        // vectors): the figure the race-free loader has not yet matched on the H200.
+        let old = format!(
+            "{}\n{}\n{}",
+            include_str!("../../shaders/wgsl/common.wgsl"),
+            include_str!("gemm_6d832b2.wgsl"),
+            include_str!("../../shaders/wgsl/dequant_q4_0.wgsl")
+        );
+        let old = kernels.pipeline_from_source(Kernel::Gemm, "gemm 6d832b2", &old, &[]).expect("old gemm");
+        print!(" simt@6d832b2 {:>7.3}", flops / time(ctx, kernels, &s, &old, groups, 20) / 1e12);
+        if ctx.caps.coop_matrix {
+            let coop = kernels.gemm_coop(WeightFormat::Q4_0, false, false).expect("gemm_coop");
+            let groups = [s.rows.div_ceil(GEMM_COOP_TILE) as u32, tokens.div_ceil(GEMM_COOP_TILE) as u32, 1];
+            print!(" coop {:>7.1}", flops / time(ctx, kernels, &s, &coop, groups, 20) / 1e12);
+        }
+        println!();
+    }
+}
+
+/// The plainest read of a large buffer: the bandwidth ceiling kernels can reach through this
+/// adapter's API, to judge the matvec's figures against.
+const READ_WGSL: &str = "
+@group(0) @binding(0) var<storage, read> src: array<VEC>;
+@group(0) @binding(1) var<storage, read_write> dst: array<u32>;
+override WG: u32 = 256u;
+override PER: u32 = 4u;
+@compute @workgroup_size(WG)
+fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    var acc = VEC(0u);
+    let base = wg.x * WG * PER + li;
+    for (var u = 0u; u < PER; u++) {
+        acc ^= src[base + u * WG];
+    }
+    if (dot(vec4<u32>(acc), vec4<u32>(1u)) == 0x9e3779b9u) {
+        dst[0] = 1u;
+    }
+}
+";
+
+fn read(ctx: &GpuContext) {
+    let bytes = (1u64 << 30).min(ctx.max_binding() & !0xfffff);
+    let data: Vec<u8> = q4_0_bytes(1, 32, 3).into_iter().cycle().take(64 << 20).collect();
+    let src = ctx.storage("src", bytes);
+    for off in (0..bytes).step_by(data.len()) {
+        ctx.queue.write_buffer(&src, off, &data);
+    }
+    let dst = ctx.storage("dst", 4);
+    for (vec, width) in [("vec4<u32>", 16u64), ("u32", 4)] {
+        let source = READ_WGSL.replace("VEC", vec);
+        let module = ctx
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor { label: Some("read"), source: wgpu::ShaderSource::Wgsl(source.into()) });
+        let mut line = format!("read {} MiB, {width}-byte loads, GB/s by (lanes, loads per lane):", bytes >> 20);
+        for (wg, per) in [(256u32, 1u32), (256, 4), (256, 8), (64, 4), (64, 8), (256, 16)] {
+            let pipeline = ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some("read"),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &[("WG", f64::from(wg)), ("PER", f64::from(per))],
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
+            let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("read"),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &[
+                    wgpu::BindGroupEntry { binding: 0, resource: src.as_entire_binding() },
+                    wgpu::BindGroupEntry { binding: 1, resource: dst.as_entire_binding() },
+                ],
+            });
+            let groups = (bytes / width / u64::from(wg * per)) as u32;
+            let (x, y) = if groups > 65535 { (65535u32.min(groups), groups.div_ceil(65535)) } else { (groups, 1) };
+            let mut best = f64::MAX;
+            for round in 0..4 {
+                let mut enc = ctx.device.create_command_encoder(&Default::default());
+                {
+                    let mut pass = enc.begin_compute_pass(&Default::default());
+                    pass.set_pipeline(&pipeline);
+                    pass.set_bind_group(0, &bg, &[]);
+                    for _ in 0..10 {
+                        pass.dispatch_workgroups(x, y, 1);
+                    }
+                }
+                let start = Instant::now();
+                ctx.queue.submit([enc.finish()]);
+                ctx.device.poll(wgpu::PollType::wait_indefinitely()).expect("poll");
+                if round > 0 {
+                    best = best.min(start.elapsed().as_secs_f64() / 10.0);
+                }
+            }
+            line += &format!(" ({wg}, {per}) {:.0}", bytes as f64 / best / 1e9);
+        }
+        println!("{line}");
+    }
+    ctx.check_errors("read").expect("read kernel");
+}
+
+fn copy(ctx: &GpuContext) {
+    let bytes = 1u64 << 30;
+    let a = ctx.storage("a", bytes);
+    let b = ctx.storage("b", bytes);
+    let mut best = f64::MAX;
+    for _ in 0..4 {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(&a, 0, &b, 0, bytes);
+        let start = Instant::now();
+        ctx.queue.submit([enc.finish()]);
+        ctx.device.poll(wgpu::PollType::wait_indefinitely()).expect("poll");
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    println!("copy 1 GiB: {:.0} GB/s (read + write)", 2.0 * bytes as f64 / best / 1e9);
+}
+
+fn main() {
+    let ctx = GpuContext::new(std::env::var("TANDEM_ADAPTER").ok().as_deref()).expect("a GPU adapter");
+    println!("{} ({}), caps {:?}", ctx.adapter.name, ctx.adapter.driver, ctx.caps);
+    let kernels = Kernels::new(&ctx);
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let kinds = ["copy", "read", "matvec", "ablate", "gemm"];
+    let want = |what: &str| !args.iter().any(|a| kinds.contains(&a.as_str())) || args.iter().any(|a| a == what);
+    let models: Vec<&String> = args.iter().filter(|a| !kinds.contains(&a.as_str())).collect();
+    let shapes: Vec<_> = SHAPES.into_iter().filter(|s| models.is_empty() || models.iter().any(|m| *m == s.0)).collect();
+    if want("copy") {
+        copy(&ctx);
+    }
+    if want("read") {
+        read(&ctx);
+    }
+    if want("matvec") {
+        matvec(&ctx, &kernels, &shapes);
+    }
+    if want("ablate") {
+        matvec_ablations(&ctx, &kernels, &shapes);
+    }
+    if want("gemm") {
+        gemm(&ctx, &kernels, &shapes);
+    }
+}
