@@ -2,7 +2,7 @@
 //! short lease on a GPU machine can compare many variants in one call (docs/kernel-notes.md).
 //! Each measurement cycles through enough copies of the weights to miss the L2 cache, records
 //! many dispatches in one pass and divides the wall time; the first batch is a discarded warm-up.
-//!   cargo bench -p tandem-core --bench kernels -- [copy|read|matvec|ablate|gemm]... [135m|1b|8b]...
+//!   cargo bench -p tandem-core --bench kernels -- [copy|read|matvec|ablate|q8|gemm]... [135m|1b|8b]...
 
 use std::time::Instant;
 
@@ -213,6 +213,62 @@ fn matvec_ablations(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, 
     }
 }
 
+/// x quantized as the q8 prototype reads it: k bytes, then each block's scale, then its sum.
+fn q8_activations(x: &[f32]) -> Vec<u8> {
+    let nb = x.len() / 32;
+    let (mut quants, mut scales, mut sums) = (Vec::new(), Vec::new(), Vec::new());
+    for block in x.chunks_exact(32) {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+        let q: Vec<i8> = block.iter().map(|v| (v / d).round().clamp(-127.0, 127.0) as i8).collect();
+        quants.extend(q.iter().map(|&v| v as u8));
+        scales.extend(d.to_le_bytes());
+        sums.extend((d * q.iter().map(|&v| f32::from(v)).sum::<f32>()).to_le_bytes());
+    }
+    assert_eq!(scales.len(), nb * 4);
+    [quants, scales, sums].concat()
+}
+
+fn matvec_q8(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize)]) {
+    println!(
+        "matvec on 8-bit activations (prototype): GB/s of weights; uUwW = UNROLL, WG; ! = differs from the f32 matvec by > 2% of its largest"
+    );
+    let variants: [(u32, u32); 5] = [(1, 64), (2, 64), (4, 64), (2, 128), (4, 256)];
+    print!("{:<12} {:>11}", "shape", "f32 matvec");
+    for (u, w) in &variants {
+        print!(" {:>11}", format!("u{u}w{w}"));
+    }
+    println!();
+    let source = format!("{}\n{}", include_str!("../../shaders/wgsl/common.wgsl"), include_str!("matvec_q8.wgsl"));
+    for &(model, name, rows, cols) in shapes {
+        let mut s = setup(ctx, rows, cols, 1);
+        print!("{:<12}", format!("{model}.{name}"));
+        let shape = tandem_core::kernels::MatvecShape::for_matrix(cols, 1);
+        let f32_pipeline = kernels.matvec(WeightFormat::Q4_0, shape, false, false).expect("matvec");
+        let secs = time(ctx, kernels, &s, &f32_pipeline, [s.rows.div_ceil(shape.rows_per_workgroup()) as u32, 1, 1], 200);
+        print!(" {:>11.0}", s.bytes as f64 / secs / 1e9);
+        let want = read_y(ctx, &s);
+        let top = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let x: Vec<f32> = (0..cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+        // The same buffer slot, now holding the quantized activations.
+        s.x = ctx.storage_init("xq", &q8_activations(&x));
+        let q8 = &s;
+        for &(u, w) in &variants {
+            if s.rows.div_ceil((w / 32) as usize) > ctx.limits.max_compute_workgroups_per_dimension as usize {
+                print!(" {:>11}", "-");
+                continue;
+            }
+            let consts = [("UNROLL", f64::from(u)), ("WG", f64::from(w))];
+            let pipeline = kernels.pipeline_from_source(Kernel::Matvec, "matvec q8", &source, &consts).expect("q8 pipeline");
+            let secs = time(ctx, kernels, q8, &pipeline, [s.rows.div_ceil((w / 32) as usize) as u32, 1, 1], 200);
+            let got = read_y(ctx, q8);
+            let close = got.iter().zip(&want).all(|(g, w)| (g - w).abs() <= 2e-2 * top.max(1e-6));
+            print!(" {:>11}", format!("{:.0}{}", s.bytes as f64 / secs / 1e9, if close { "" } else { "!" }));
+        }
+        println!();
+    }
+}
+
 fn gemm(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize)]) {
     let tokens = 512;
     println!("gemm, {tokens} tokens: TFLOP/s");
@@ -344,7 +400,7 @@ fn main() {
     println!("{} ({}), caps {:?}", ctx.adapter.name, ctx.adapter.driver, ctx.caps);
     let kernels = Kernels::new(&ctx);
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let kinds = ["copy", "read", "matvec", "ablate", "gemm"];
+    let kinds = ["copy", "read", "matvec", "ablate", "q8", "gemm"];
     let want = |what: &str| !args.iter().any(|a| kinds.contains(&a.as_str())) || args.iter().any(|a| a == what);
     let models: Vec<&String> = args.iter().filter(|a| !kinds.contains(&a.as_str())).collect();
     let shapes: Vec<_> = SHAPES.into_iter().filter(|s| models.is_empty() || models.iter().any(|m| *m == s.0)).collect();
@@ -359,6 +415,9 @@ fn main() {
     }
     if want("ablate") {
         matvec_ablations(&ctx, &kernels, &shapes);
+    }
+    if want("q8") {
+        matvec_q8(&ctx, &kernels, &shapes);
     }
     if want("gemm") {
         gemm(&ctx, &kernels, &shapes);
