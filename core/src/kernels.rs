@@ -205,7 +205,7 @@ pub struct MatvecShape {
 impl MatvecShape {
     /// The shape for steps of up to `tokens` tokens through a matrix `cols` wide, from the sweeps
     /// on the H200 (docs/kernel-notes.md, `cargo bench --bench kernels -- matvec`): one row per
-    /// lane group (two lost 5-10% on every shape), and long rows split over 4 lane groups
+    /// lane group (two lost 5-35% on every shape), and long rows split over 4 lane groups
     /// (+8-45% on the down projections, a loss on shorter rows).
     pub fn for_matrix(cols: usize, tokens: u32) -> Self {
         // Registers bound the unrolling: each token adds its own activation loads.

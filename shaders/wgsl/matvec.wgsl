@@ -5,7 +5,8 @@
 // lane i takes quarter i % 4 of block i / 4 (the format's `quarter_cols`/`quarter_dot`), so the
 // warp's weight loads are contiguous and each activation run is loaded once for all ROWS rows.
 // KSPLIT lane groups of a workgroup share one set of rows, each taking every KSPLIT-th run of 8
-// blocks, so matrices of few rows still fill the GPU when ROWS is large. The ROWS x TOKENS sums
+// blocks, so a long row takes fewer trips per lane (the engine splits rows of 8192 columns or
+// more, `MatvecShape::for_matrix`). The ROWS x TOKENS sums
 // stay in registers (every loop bound is a pipeline constant, so the driver unrolls them) and are
 // combined across the lanes by `sum_row_lanes` (subgroupAdd where subgroups are exactly 32
 // lanes, workgroup memory elsewhere), then across the KSPLIT groups in workgroup memory. Rows
