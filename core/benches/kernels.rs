@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use tandem_core::device_weights::DeviceMatrix;
-use tandem_core::kernels::{GEMM_COOP_TILE, GEMM_TILE, Kernels};
+use tandem_core::kernels::{GEMM_COOP_TILE, GEMM_TILE, Kernels, MatvecShape};
 use tandem_core::tensor::{HostTensor, TensorBytes};
 use tandem_core::{GpuContext, WeightFormat};
 use tandem_shaders::{Kernel, Step};
@@ -127,34 +127,27 @@ fn read_y(ctx: &GpuContext, s: &Setup) -> Vec<f32> {
 
 fn matvec(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize)]) {
     println!("matvec, 1 token: GB/s of weights (best of 2 batches); variant rRuUkKwW = ROWS, UNROLL, KSPLIT, WG");
-    let variants: [(u32, u32, u32, u32); 8] =
-        [(1, 4, 1, 64), (1, 4, 2, 64), (1, 2, 2, 64), (1, 4, 4, 128), (1, 2, 4, 128), (1, 1, 4, 128), (1, 4, 8, 256), (1, 2, 8, 256)];
+    let variants =
+        [(1, 4, 1, 64), (1, 4, 2, 64), (1, 2, 2, 64), (1, 4, 4, 128), (1, 2, 4, 128), (1, 1, 4, 128), (1, 4, 8, 256), (1, 2, 8, 256)]
+            .map(|(rows, unroll, ksplit, lanes)| MatvecShape { tokens: 1, rows, unroll, ksplit, lanes });
     println!("(! marks a result that differs from the first variant's)");
     print!("{:<12}", "shape");
-    for (r, u, k, w) in &variants {
-        print!(" {:>11}", format!("r{r}u{u}k{k}w{w}"));
+    for v in &variants {
+        print!(" {:>11}", format!("r{}u{}k{}w{}", v.rows, v.unroll, v.ksplit, v.lanes));
     }
     println!();
     for &(model, name, rows, cols) in shapes {
         let s = setup(ctx, rows, cols, 1);
         let mut baseline: Option<Vec<f32>> = None;
         print!("{:<12}", format!("{model}.{name}"));
-        for &(r, u, k, w) in &variants {
-            let consts = [
-                ("TOKENS", 1.0),
-                ("ROWS", f64::from(r)),
-                ("UNROLL", f64::from(u)),
-                ("KSPLIT", f64::from(k)),
-                ("WG", f64::from(w)),
-                ("SPLIT", 32.0),
-            ];
-            let pipeline = kernels.pipeline(Kernel::Matvec, Some(WeightFormat::Q4_0), &consts).expect("pipeline");
-            let per_wg = (w / 32 / k * r) as usize;
-            if s.rows.div_ceil(per_wg) > ctx.limits.max_compute_workgroups_per_dimension as usize {
+        for &shape in &variants {
+            let groups = s.rows.div_ceil(shape.rows_per_workgroup());
+            if groups > ctx.limits.max_compute_workgroups_per_dimension as usize {
                 print!(" {:>11}", "-");
                 continue;
             }
-            let secs = time(ctx, kernels, &s, &pipeline, [s.rows.div_ceil(per_wg) as u32, 1, 1], 200);
+            let pipeline = kernels.matvec(WeightFormat::Q4_0, shape, false, false).expect("pipeline");
+            let secs = time(ctx, kernels, &s, &pipeline, [groups as u32, 1, 1], 200);
             // Every copy holds the same weights, so y is the result whichever ran last.
             let y = read_y(ctx, &s);
             let want = baseline.get_or_insert_with(|| y.clone());
@@ -243,7 +236,7 @@ fn matvec_q8(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, 
     for &(model, name, rows, cols) in shapes {
         let mut s = setup(ctx, rows, cols, 1);
         print!("{:<12}", format!("{model}.{name}"));
-        let shape = tandem_core::kernels::MatvecShape::for_matrix(cols, 1);
+        let shape = MatvecShape::for_matrix(cols, 1);
         let f32_pipeline = kernels.matvec(WeightFormat::Q4_0, shape, false, false).expect("matvec");
         let secs = time(ctx, kernels, &s, &f32_pipeline, [s.rows.div_ceil(shape.rows_per_workgroup()) as u32, 1, 1], 200);
         print!(" {:>11.0}", s.bytes as f64 / secs / 1e9);
