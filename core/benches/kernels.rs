@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use tandem_core::device_weights::DeviceMatrix;
-use tandem_core::kernels::{GEMM_COOP_TILE, GEMM_TILE, Kernels, MatvecShape};
+use tandem_core::kernels::{GEMM_COOP_TILE, GEMM_TILE, Kernels, MatvecShape, q8_activations, q8_ranges};
 use tandem_core::tensor::{HostTensor, TensorBytes};
 use tandem_core::{GpuContext, WeightFormat};
 use tandem_shaders::{Kernel, Step};
@@ -85,13 +85,49 @@ fn setup(ctx: &GpuContext, rows: usize, cols: usize, tokens: usize) -> Setup {
 
 /// Seconds per dispatch of `pipeline` over `s`'s copies in turn, `groups` workgroups each.
 fn time(ctx: &GpuContext, kernels: &Kernels, s: &Setup, pipeline: &wgpu::ComputePipeline, groups: [u32; 3], reps: usize) -> f64 {
+    time_with(ctx, kernels, s, None, pipeline, groups, reps)
+}
+
+/// `time`, with the activations as 8-bit ones from `x_q8` where given.
+fn time_with(
+    ctx: &GpuContext,
+    kernels: &Kernels,
+    s: &Setup,
+    x_q8: Option<&wgpu::Buffer>,
+    pipeline: &wgpu::ComputePipeline,
+    groups: [u32; 3],
+    reps: usize,
+) -> f64 {
     let bgs: Vec<wgpu::BindGroup> = s
         .copies
         .iter()
         .map(|m| {
             let u = m.part_params(ctx, m.cols, s.rows, 0).remove(0);
             let p = &m.parts[0];
-            kernels.bind_group(Kernel::Matmul, "bench", &[&s.step, &u, &s.x, &p.quants, &p.scales, &s.y, &s.x])
+            let (x, x_again) = match x_q8 {
+                None => (s.x.as_entire_binding(), s.x.as_entire_binding()),
+                Some(b) => {
+                    let (quants, scales) = q8_ranges(m.cols);
+                    let range = |r: std::ops::Range<u64>| {
+                        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: b,
+                            offset: r.start,
+                            size: wgpu::BufferSize::new(r.end - r.start),
+                        })
+                    };
+                    (range(quants), range(scales))
+                }
+            };
+            let resources = vec![
+                s.step.as_entire_binding(),
+                u.as_entire_binding(),
+                x,
+                p.quants.as_entire_binding(),
+                p.scales.as_entire_binding(),
+                s.y.as_entire_binding(),
+                x_again,
+            ];
+            kernels.bind_group_resources(Kernel::Matmul, "bench", resources)
         })
         .collect();
     let mut best = f64::MAX;
@@ -206,35 +242,18 @@ fn matvec_ablations(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, 
     }
 }
 
-/// x quantized as the q8 prototype reads it: k bytes, then each block's scale, then its sum.
-fn q8_activations(x: &[f32]) -> Vec<u8> {
-    let nb = x.len() / 32;
-    let (mut quants, mut scales, mut sums) = (Vec::new(), Vec::new(), Vec::new());
-    for block in x.chunks_exact(32) {
-        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = if amax > 0.0 { amax / 127.0 } else { 1.0 };
-        let q: Vec<i8> = block.iter().map(|v| (v / d).round().clamp(-127.0, 127.0) as i8).collect();
-        quants.extend(q.iter().map(|&v| v as u8));
-        scales.extend(d.to_le_bytes());
-        sums.extend((d * q.iter().map(|&v| f32::from(v)).sum::<f32>()).to_le_bytes());
-    }
-    assert_eq!(scales.len(), nb * 4);
-    [quants, scales, sums].concat()
-}
-
 fn matvec_q8(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize)]) {
     println!(
-        "matvec on 8-bit activations (prototype): GB/s of weights; uUwW = UNROLL, WG; ! = differs from the f32 matvec by > 2% of its largest"
+        "matvec_q8 (8-bit activations), one token: GB/s of weights; uUkKwW = UNROLL, KSPLIT, WG; * = the engine's pick; ! = differs from the f32 matvec by > 2% of its largest"
     );
-    let variants: [(u32, u32); 5] = [(1, 64), (2, 64), (4, 64), (2, 128), (4, 256)];
+    let variants: [(u32, u32, u32); 6] = [(1, 1, 64), (2, 1, 64), (4, 1, 64), (2, 2, 128), (1, 4, 128), (2, 4, 256)];
     print!("{:<12} {:>11}", "shape", "f32 matvec");
-    for (u, w) in &variants {
-        print!(" {:>11}", format!("u{u}w{w}"));
+    for (u, k, w) in &variants {
+        print!(" {:>11}", format!("u{u}k{k}w{w}"));
     }
     println!();
-    let source = format!("{}\n{}", include_str!("../../shaders/wgsl/common.wgsl"), include_str!("matvec_q8.wgsl"));
     for &(model, name, rows, cols) in shapes {
-        let mut s = setup(ctx, rows, cols, 1);
+        let s = setup(ctx, rows, cols, 1);
         print!("{:<12}", format!("{model}.{name}"));
         let shape = MatvecShape::for_matrix(cols, 1);
         let f32_pipeline = kernels.matvec(WeightFormat::Q4_0, shape, false, false).expect("matvec");
@@ -242,21 +261,23 @@ fn matvec_q8(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, 
         print!(" {:>11.0}", s.bytes as f64 / secs / 1e9);
         let want = read_y(ctx, &s);
         let top = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let x: Vec<f32> = (0..cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
-        // The same buffer slot, now holding the quantized activations.
-        s.x = ctx.storage_init("xq", &q8_activations(&x));
-        let q8 = &s;
-        for &(u, w) in &variants {
-            if s.rows.div_ceil((w / 32) as usize) > ctx.limits.max_compute_workgroups_per_dimension as usize {
+        let mut x: Vec<f32> = (0..cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+        x.resize(8 * cols, 0.0);
+        let xq = ctx.storage_init("x_q8", &q8_activations(&x, cols));
+        let pick = MatvecShape::for_q8_matrix(cols, 1);
+        for &(unroll, ksplit, lanes) in &variants {
+            let shape = MatvecShape { tokens: 1, rows: 1, unroll, ksplit, lanes };
+            let groups = s.rows.div_ceil(shape.rows_per_workgroup());
+            if groups > ctx.limits.max_compute_workgroups_per_dimension as usize {
                 print!(" {:>11}", "-");
                 continue;
             }
-            let consts = [("UNROLL", f64::from(u)), ("WG", f64::from(w))];
-            let pipeline = kernels.pipeline_from_source(Kernel::Matvec, "matvec q8", &source, &consts).expect("q8 pipeline");
-            let secs = time(ctx, kernels, q8, &pipeline, [s.rows.div_ceil((w / 32) as usize) as u32, 1, 1], 200);
-            let got = read_y(ctx, q8);
+            let pipeline = kernels.matvec_q8(WeightFormat::Q4_0, shape, false, false).expect("q8 pipeline");
+            let secs = time_with(ctx, kernels, &s, Some(&xq), &pipeline, [groups as u32, 1, 1], 200);
+            let got = read_y(ctx, &s);
             let close = got.iter().zip(&want).all(|(g, w)| (g - w).abs() <= 2e-2 * top.max(1e-6));
-            print!(" {:>11}", format!("{:.0}{}", s.bytes as f64 / secs / 1e9, if close { "" } else { "!" }));
+            let marks = format!("{}{}", if shape == pick { "*" } else { "" }, if close { "" } else { "!" });
+            print!(" {:>11}", format!("{:.0}{marks}", s.bytes as f64 / secs / 1e9));
         }
         println!();
     }

@@ -104,6 +104,31 @@ pub fn matmul(x: &[f32], w: &[f32], tokens: usize, n: usize, k: usize) -> Vec<f3
 }
 
 /// RMSNorm of each row of `dim` values.
+/// One block of 32 activations as 8-bit values the way the GPU's producers write them for the
+/// decode matvec (`q8_words` in common.wgsl, llama.cpp's q8_1): the quants, d = max|v| / 127, and
+/// s = d * sum of the quants.
+pub fn quantize_q8_block(v: &[f32]) -> ([i8; 32], f32, f32) {
+    let amax = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let d = amax / 127.0;
+    let inv = if amax > 0.0 { 1.0 / d } else { 0.0 };
+    let mut q = [0i8; 32];
+    for (q, x) in q.iter_mut().zip(v) {
+        *q = (x * inv).round_ties_even() as i8;
+    }
+    let sum: i32 = q.iter().map(|&q| i32::from(q)).sum();
+    (q, d, d * sum as f32)
+}
+
+/// `x` after a round trip through 8-bit activations: what the decode matvec multiplies.
+pub fn q8_round_trip(x: &[f32]) -> Vec<f32> {
+    x.chunks(32)
+        .flat_map(|block| {
+            let (q, d, _) = quantize_q8_block(block);
+            q.into_iter().map(move |q| f32::from(q) * d)
+        })
+        .collect()
+}
+
 pub fn rmsnorm(x: &[f32], g: &[f32], dim: usize, eps: f32) -> Vec<f32> {
     x.chunks(dim)
         .flat_map(|row| {

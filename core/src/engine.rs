@@ -12,7 +12,7 @@ use crate::cpu_ref::rope_table;
 use crate::device_weights::{DeviceMatrix, upload_vector};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::kernels::{GEMM_COOP_TILE, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape};
+use crate::kernels::{GEMM_COOP_TILE, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, q8_ranges};
 use crate::kv::{BLOCK_TOKENS, BlockPool, KvLayer, KvSink, PoolUsage, SeqId, SeqState, block_hash, prefix_hashes};
 use crate::model::{HostModel, layer_tensor};
 use crate::recorder::{KernelTime, Profiler, Recorder, Work};
@@ -82,8 +82,18 @@ struct MatmulOp {
 struct FastMatmul {
     /// By increasing tokens.
     matvec: Vec<(MatvecShape, wgpu::ComputePipeline)>,
+    /// The matvec on 8-bit activations, where the input's producer writes them and the format
+    /// has a packed-byte dot: by increasing tokens, and a bind group per part. Taken before
+    /// `matvec`.
+    matvec_q8: Option<MatvecQ8>,
     /// The GEMM for larger steps (the matrix units' where the adapter has them) and its tile.
     gemm: (Kernel, wgpu::ComputePipeline, usize),
+}
+
+/// The 8-bit activations' matvec of one matmul: pipelines by increasing tokens, a bind group per part.
+struct MatvecQ8 {
+    shapes: Vec<(MatvecShape, wgpu::ComputePipeline)>,
+    groups: Vec<wgpu::BindGroup>,
 }
 
 struct LayerOps {
@@ -208,6 +218,7 @@ impl MatmulOp {
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
         (x_stride, y_stride, y_offset): (usize, usize, usize),
+        x_q8: Option<&wgpu::Buffer>,
         accumulate: bool,
         sample_rows: bool,
         deterministic: bool,
@@ -253,12 +264,50 @@ impl MatmulOp {
                     Ok((shape, kernels.matvec(m.format, shape, accumulate, sample_rows)?))
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let matvec_q8 = match x_q8 {
+                Some(xq) if m.format.has_packed_dot() && m.cols.is_multiple_of(32) => {
+                    let (quants, scales) = q8_ranges(x_stride);
+                    let range = |r: std::ops::Range<u64>| {
+                        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: xq,
+                            offset: r.start,
+                            size: wgpu::BufferSize::new(r.end - r.start),
+                        })
+                    };
+                    let groups = m
+                        .parts
+                        .iter()
+                        .zip(&params)
+                        .map(|(p, u)| {
+                            let resources = vec![
+                                step.as_entire_binding(),
+                                u.as_entire_binding(),
+                                range(quants.clone()),
+                                p.quants.as_entire_binding(),
+                                p.scales.as_entire_binding(),
+                                y.as_entire_binding(),
+                                range(scales.clone()),
+                            ];
+                            kernels.bind_group_resources(Kernel::MatvecQ8, &m.name, resources)
+                        })
+                        .collect();
+                    let shapes = MATVEC_TOKENS
+                        .iter()
+                        .map(|&t| {
+                            let shape = MatvecShape::for_q8_matrix(m.cols, t);
+                            Ok((shape, kernels.matvec_q8(m.format, shape, accumulate, sample_rows)?))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    Some(MatvecQ8 { shapes, groups })
+                }
+                _ => None,
+            };
             let gemm = if ctx.caps.coop_matrix && m.cols.is_multiple_of(32) {
                 (Kernel::GemmCoop, kernels.gemm_coop(m.format, accumulate, sample_rows)?, GEMM_COOP_TILE)
             } else {
                 (Kernel::Gemm, kernels.gemm(m.format, accumulate, sample_rows)?, GEMM_TILE)
             };
-            Some(FastMatmul { matvec, gemm })
+            Some(FastMatmul { matvec, matvec_q8, gemm })
         };
         Ok(MatmulOp { exact: kernels.matmul(m.format, accumulate, sample_rows)?, fast, parts, format: m.format, cols: m.cols as u64 })
     }
@@ -267,20 +316,31 @@ impl MatmulOp {
         let t = tokens as u64;
         let work = |kernel, rows: u32, bytes: u64| {
             let rows = u64::from(rows);
-            Work { kernel, format: Some(self.format), bytes: bytes + t * (self.cols + rows) * 4, flops: 2 * t * rows * self.cols }
+            // 8-bit activations: a byte a value and 8 bytes of (d, s) a block of 32.
+            let x_bytes = if kernel == Kernel::MatvecQ8 { self.cols * 5 / 4 } else { self.cols * 4 };
+            Work { kernel, format: Some(self.format), bytes: bytes + t * (x_bytes + rows * 4), flops: 2 * t * rows * self.cols }
         };
-        for (bg, rows, bytes) in &self.parts {
-            let (name, pipeline, groups) = match &self.fast {
-                None => (Kernel::Matmul, &self.exact, [wg(*rows as usize, 64 / split as usize), wg(tokens, MATMUL_TILE), 1]),
-                Some(f) => match f.matvec.iter().find(|(shape, _)| shape.tokens as usize >= tokens) {
-                    Some((shape, pipeline)) => {
-                        (Kernel::Matvec, pipeline, [wg(*rows as usize, shape.rows_per_workgroup()), wg(tokens, shape.tokens as usize), 1])
-                    }
-                    None => {
+        for (i, (bg, rows, bytes)) in self.parts.iter().enumerate() {
+            let (name, pipeline, bg, groups) = match &self.fast {
+                None => (Kernel::Matmul, &self.exact, bg, [wg(*rows as usize, 64 / split as usize), wg(tokens, MATMUL_TILE), 1]),
+                Some(f) => {
+                    let fits = |(shape, _): &&(MatvecShape, wgpu::ComputePipeline)| shape.tokens as usize >= tokens;
+                    let q8 = f.matvec_q8.as_ref().and_then(|q| Some((q.shapes.iter().find(fits)?, &q.groups[i])));
+                    if let Some(((shape, pipeline), q8_bg)) = q8 {
+                        let groups = [wg(*rows as usize, shape.rows_per_workgroup()), wg(tokens, shape.tokens as usize), 1];
+                        (Kernel::MatvecQ8, pipeline, q8_bg, groups)
+                    } else if let Some((shape, pipeline)) = f.matvec.iter().find(fits) {
+                        (
+                            Kernel::Matvec,
+                            pipeline,
+                            bg,
+                            [wg(*rows as usize, shape.rows_per_workgroup()), wg(tokens, shape.tokens as usize), 1],
+                        )
+                    } else {
                         let (kernel, pipeline, tile) = &f.gemm;
-                        (*kernel, pipeline, [wg(*rows as usize, *tile), wg(tokens, *tile), 1])
+                        (*kernel, pipeline, bg, [wg(*rows as usize, *tile), wg(tokens, *tile), 1])
                     }
-                },
+                }
             };
             rec.dispatch(work(name, *rows, *bytes), pipeline, bg, groups);
         }
@@ -333,6 +393,21 @@ impl Engine {
         let attn_out = act("attn_out", q_dim);
         let gate_up = act("gate_up", 2 * f);
         let hs = ctx.storage("hidden_sampled", max_sample as u64 * d as u64 * f4);
+        // The decode matvecs' inputs again as 8-bit activations, written by the kernels that
+        // produce them (the norms, the attention merge, SiLU·mul) in whole blocks of 32: not in
+        // deterministic mode, which never runs a matvec.
+        let q8 = |label: &str, stride: usize, blocks_whole: bool| {
+            (!cfg.deterministic && blocks_whole).then(|| ctx.storage(label, q8_ranges(stride).1.end))
+        };
+        let xn_q8 = q8("xn_q8", d, d.is_multiple_of(32));
+        let attn_q8 = q8("attn_out_q8", q_dim, c.head_dim.is_multiple_of(32));
+        let ffn_q8 = q8("ffn_q8", 2 * f, f.is_multiple_of(32));
+        let hs_q8 = q8("hidden_sampled_q8", d, d.is_multiple_of(32));
+        // Bound where a producer writes no 8-bit activations.
+        let no_q8 = ctx.storage("no_q8", 16);
+        let q8_or_none = |b: &Option<wgpu::Buffer>| b.as_ref().unwrap_or(&no_q8).clone();
+        let (xn_q8_out, attn_q8_out, ffn_q8_out, hs_q8_out) =
+            (q8_or_none(&xn_q8), q8_or_none(&attn_q8), q8_or_none(&ffn_q8), q8_or_none(&hs_q8));
         // Attention partials are packed per step, one record per (chunk, head). Enough for every
         // cached position decoding at once plus, within a fixed memory share, prefill chunks
         // deep into the context (the scheduler shortens those to fit).
@@ -367,10 +442,11 @@ impl Engine {
 
         let heads = [("N_HEADS", c.n_heads as f64), ("N_KV_HEADS", c.n_kv_heads as f64), ("HEAD_DIM", c.head_dim as f64)];
         let norm_consts = [("DIM", d as f64), ("EPS", f64::from(c.rms_eps))];
+        let q8_flag = |b: &Option<wgpu::Buffer>| ("Q8", f64::from(u8::from(b.is_some())));
         let pipelines = Pipelines {
             embed: kernels.pipeline(Kernel::Embed, Some(model.tensor("token_embd.weight")?.format), &[])?,
-            norm: kernels.pipeline(Kernel::RmsNorm, None, &[norm_consts[0], norm_consts[1], ("GATHER", 0.0)])?,
-            norm_gather: kernels.pipeline(Kernel::RmsNorm, None, &[norm_consts[0], norm_consts[1], ("GATHER", 1.0)])?,
+            norm: kernels.pipeline(Kernel::RmsNorm, None, &[norm_consts[0], norm_consts[1], ("GATHER", 0.0), q8_flag(&xn_q8)])?,
+            norm_gather: kernels.pipeline(Kernel::RmsNorm, None, &[norm_consts[0], norm_consts[1], ("GATHER", 1.0), q8_flag(&hs_q8)])?,
             rope: kernels.pipeline(
                 Kernel::RopeKv,
                 None,
@@ -391,9 +467,9 @@ impl Engine {
             attention_merge: kernels.pipeline(
                 Kernel::AttentionMerge,
                 None,
-                &[heads[0], heads[2], ("CHUNK", f64::from(ATTENTION_CHUNK))],
+                &[heads[0], heads[2], ("CHUNK", f64::from(ATTENTION_CHUNK)), q8_flag(&attn_q8)],
             )?,
-            silu: kernels.pipeline(Kernel::SiluMul, None, &[("FFN_DIM", f as f64)])?,
+            silu: kernels.pipeline(Kernel::SiluMul, None, &[("FFN_DIM", f as f64), q8_flag(&ffn_q8)])?,
             sample: kernels.pipeline(Kernel::Sample, None, &[("VOCAB", c.vocab_size as f64)])?,
         };
 
@@ -416,28 +492,29 @@ impl Engine {
             let cache = |what: &str| ctx.storage(&format!("{what}_cache.{l}"), cache_bytes);
             let (k_cache, v_cache) = (cache("k"), cache("v"));
             let (g_attn, g_ffn) = (vec("attn_norm")?, vec("ffn_norm")?);
-            let mm = |m: &DeviceMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, strides, acc| {
-                MatmulOp::new(&kernels, m, &bufs.step, x, y, strides, acc, false, cfg.deterministic)
+            let mm = |m: &DeviceMatrix, x: &wgpu::Buffer, x_q8: &Option<wgpu::Buffer>, y: &wgpu::Buffer, strides, acc| {
+                MatmulOp::new(&kernels, m, &bufs.step, x, y, strides, x_q8.as_ref(), acc, false, cfg.deterministic)
             };
             // Matrices that read the same input and write side by side: one stacked matrix (one
             // dispatch) where they share a format, else one op each.
             let side_by_side = |names: &[&str], x: &wgpu::Buffer, y: &wgpu::Buffer, y_stride: usize| -> Result<Vec<MatmulOp>> {
+                let x_q8 = &xn_q8;
                 let ts = names.iter().map(|n| model.tensor(&layer_tensor(l, n))).collect::<Result<Vec<_>>>()?;
                 let x_stride = ts[0].cols();
                 if let Some(t) = stack_rows(&ts) {
-                    return Ok(vec![mm(&DeviceMatrix::upload(ctx, &t)?, x, y, (x_stride, y_stride, 0), false)?]);
+                    return Ok(vec![mm(&DeviceMatrix::upload(ctx, &t)?, x, x_q8, y, (x_stride, y_stride, 0), false)?]);
                 }
                 let mut offset = 0;
                 let mut ops = Vec::with_capacity(ts.len());
                 for t in ts {
-                    ops.push(mm(&DeviceMatrix::upload(ctx, t)?, x, y, (x_stride, y_stride, offset), false)?);
+                    ops.push(mm(&DeviceMatrix::upload(ctx, t)?, x, x_q8, y, (x_stride, y_stride, offset), false)?);
                     offset += t.rows();
                 }
                 Ok(ops)
             };
             let (wo, wd) = (mat("attn_output")?, mat("ffn_down")?);
             layers.push(LayerOps {
-                norm_attn: kernels.bind_group(Kernel::RmsNorm, "norm_attn", &[&bufs.step, &x, &g_attn, &bufs.sample_rows, &xn]),
+                norm_attn: kernels.bind_group(Kernel::RmsNorm, "norm_attn", &[&bufs.step, &x, &g_attn, &bufs.sample_rows, &xn, &xn_q8_out]),
                 qkv: side_by_side(&["attn_q", "attn_k", "attn_v"], &xn, &qkv, qkv_dim)?,
                 rope: kernels.bind_group(Kernel::RopeKv, "rope_kv", &[&bufs.step, &qkv, &bufs.tokens, &rope_buf, &k_cache, &v_cache]),
                 attention: kernels.bind_group(
@@ -448,21 +525,32 @@ impl Engine {
                 attention_merge: kernels.bind_group(
                     Kernel::AttentionMerge,
                     "attention_merge",
-                    &[&bufs.step, &bufs.tokens, &partials, &attn_out],
+                    &[&bufs.step, &bufs.tokens, &partials, &attn_out, &attn_q8_out],
                 ),
-                o: mm(&wo, &attn_out, &x, (q_dim, d, 0), true)?,
-                norm_ffn: kernels.bind_group(Kernel::RmsNorm, "norm_ffn", &[&bufs.step, &x, &g_ffn, &bufs.sample_rows, &xn]),
+                o: mm(&wo, &attn_out, &attn_q8, &x, (q_dim, d, 0), true)?,
+                norm_ffn: kernels.bind_group(Kernel::RmsNorm, "norm_ffn", &[&bufs.step, &x, &g_ffn, &bufs.sample_rows, &xn, &xn_q8_out]),
                 gate_up: side_by_side(&["ffn_gate", "ffn_up"], &xn, &gate_up, 2 * f)?,
-                silu: kernels.bind_group(Kernel::SiluMul, "silu_mul", &[&bufs.step, &gate_up]),
-                down: mm(&wd, &gate_up, &x, (2 * f, d, 0), true)?,
+                silu: kernels.bind_group(Kernel::SiluMul, "silu_mul", &[&bufs.step, &gate_up, &ffn_q8_out]),
+                down: mm(&wd, &gate_up, &ffn_q8, &x, (2 * f, d, 0), true)?,
                 k_cache,
                 v_cache,
             });
         }
         let g_out = upload_vector(ctx, model.tensor("output_norm.weight")?);
-        let norm_out = kernels.bind_group(Kernel::RmsNorm, "norm_out", &[&bufs.step, &x, &g_out, &bufs.sample_rows, &hs]);
+        let norm_out = kernels.bind_group(Kernel::RmsNorm, "norm_out", &[&bufs.step, &x, &g_out, &bufs.sample_rows, &hs, &hs_q8_out]);
         let head_t = if c.tied_embeddings { embed_t } else { DeviceMatrix::upload(ctx, model.output_head()?)? };
-        let head = MatmulOp::new(&kernels, &head_t, &bufs.step, &hs, &bufs.logits, (d, c.vocab_size, 0), false, true, cfg.deterministic)?;
+        let head = MatmulOp::new(
+            &kernels,
+            &head_t,
+            &bufs.step,
+            &hs,
+            &bufs.logits,
+            (d, c.vocab_size, 0),
+            hs_q8.as_ref(),
+            false,
+            true,
+            cfg.deterministic,
+        )?;
         let sample = kernels.bind_group(Kernel::Sample, "sample", &[&bufs.step, &bufs.logits, &bufs.sample_params, &bufs.chosen]);
         ctx.check_errors("engine setup")?;
         Ok(Engine {

@@ -113,8 +113,14 @@ impl Kernels {
 
     /// A bind group for `kernel` with `buffers` bound in order.
     pub fn bind_group(&self, kernel: Kernel, label: &str, buffers: &[&wgpu::Buffer]) -> wgpu::BindGroup {
+        let resources: Vec<wgpu::BindingResource> = buffers.iter().map(|b| b.as_entire_binding()).collect();
+        self.bind_group_resources(kernel, label, resources)
+    }
+
+    /// A bind group for `kernel` with `resources` (whole buffers or ranges) bound in order.
+    pub fn bind_group_resources(&self, kernel: Kernel, label: &str, resources: Vec<wgpu::BindingResource>) -> wgpu::BindGroup {
         let entries: Vec<wgpu::BindGroupEntry> =
-            buffers.iter().enumerate().map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() }).collect();
+            resources.into_iter().enumerate().map(|(i, resource)| wgpu::BindGroupEntry { binding: i as u32, resource }).collect();
         self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(label),
             layout: &self.layouts[&kernel.layout_owner()].0,
@@ -157,6 +163,29 @@ impl Kernels {
         )
     }
 
+    /// The decode matvec on 8-bit activations (formats with `has_packed_dot`), of `shape`
+    /// (`rows` is always 1).
+    pub fn matvec_q8(
+        &self,
+        format: WeightFormat,
+        shape: MatvecShape,
+        accumulate: bool,
+        sample_rows: bool,
+    ) -> Result<wgpu::ComputePipeline> {
+        self.pipeline(
+            Kernel::MatvecQ8,
+            Some(format),
+            &[
+                ("TOKENS", f64::from(shape.tokens)),
+                ("UNROLL", f64::from(shape.unroll)),
+                ("KSPLIT", f64::from(shape.ksplit)),
+                ("WG", f64::from(shape.lanes)),
+                ("ACCUMULATE", f64::from(u8::from(accumulate))),
+                ("SAMPLE_ROWS", f64::from(u8::from(sample_rows))),
+            ],
+        )
+    }
+
     /// The tiled GEMM for steps of many tokens.
     pub fn gemm(&self, format: WeightFormat, accumulate: bool, sample_rows: bool) -> Result<wgpu::ComputePipeline> {
         self.pipeline(
@@ -183,6 +212,34 @@ pub const MATMUL_TILE: usize = 8;
 /// Token counts the decode matvec is built for (`TOKENS` in matvec.wgsl); steps of more tokens
 /// take the GEMM.
 pub const MATVEC_TOKENS: [u32; 4] = [1, 2, 4, 8];
+
+/// Token rows of 8-bit activations the producers write (`Q8_TOKENS` in common.wgsl): every step
+/// that takes a matvec.
+pub const Q8_TOKENS: usize = 8;
+const _: () = assert!(MATVEC_TOKENS[MATVEC_TOKENS.len() - 1] as usize == Q8_TOKENS);
+
+/// Where 8-bit activations for inputs `stride` floats wide lie in their buffer (layout in
+/// common.wgsl): the quants' byte range, then the (d, s) pairs'. `stride` is a multiple of 32,
+/// which keeps the second range aligned for a binding offset (256 bytes).
+pub fn q8_ranges(stride: usize) -> (std::ops::Range<u64>, std::ops::Range<u64>) {
+    let quants = (Q8_TOKENS * stride) as u64;
+    (0..quants, quants..quants + quants / 4)
+}
+
+/// `x` (tokens of `stride` floats, at most `Q8_TOKENS`) as the GPU's producers write 8-bit
+/// activations, for tests and benches that feed the matvec directly.
+pub fn q8_activations(x: &[f32], stride: usize) -> Vec<u8> {
+    let (quants, scales) = q8_ranges(stride);
+    let mut out = vec![0u8; scales.end as usize];
+    for (i, block) in x.chunks(32).enumerate() {
+        let (q, d, sum) = crate::cpu_ref::quantize_q8_block(block);
+        out[i * 32..(i + 1) * 32].copy_from_slice(bytemuck::cast_slice(&q));
+        let at = quants.end as usize + i * 8;
+        out[at..at + 4].copy_from_slice(&d.to_le_bytes());
+        out[at + 4..at + 8].copy_from_slice(&sum.to_le_bytes());
+    }
+    out
+}
 
 /// Lanes that walk one row in matvec.wgsl.
 pub const MATVEC_SPLIT: u32 = 32;
@@ -212,6 +269,17 @@ impl MatvecShape {
         let unroll = (4 / tokens).max(1);
         if tokens == 1 && cols >= 8192 {
             MatvecShape { tokens, rows: 1, unroll: 2, ksplit: 4, lanes: 128 }
+        } else {
+            MatvecShape { tokens, rows: 1, unroll, ksplit: 1, lanes: 64 }
+        }
+    }
+
+    /// The shape of the matvec on 8-bit activations (matvec_q8.wgsl, a lane a block) for steps
+    /// of up to `tokens` tokens through a matrix `cols` wide.
+    pub fn for_q8_matrix(cols: usize, tokens: u32) -> Self {
+        let unroll = (4 / tokens).max(1);
+        if tokens == 1 && cols >= 8192 {
+            MatvecShape { tokens, rows: 1, unroll: 2, ksplit: 2, lanes: 128 }
         } else {
             MatvecShape { tokens, rows: 1, unroll, ksplit: 1, lanes: 64 }
         }

@@ -5,7 +5,7 @@
 use rand::{Rng, SeedableRng};
 use tandem_core::cpu_ref;
 use tandem_core::device_weights::DeviceMatrix;
-use tandem_core::kernels::{GEMM_COOP_TILE, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape};
+use tandem_core::kernels::{GEMM_COOP_TILE, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, q8_activations, q8_ranges};
 use tandem_core::tensor::{HostTensor, TensorBytes};
 use tandem_core::{GpuContext, WeightFormat};
 use tandem_shaders::{Kernel, SampleParams, ShaderCaps, Step, TokenInfo};
@@ -16,6 +16,9 @@ const MATMUL_TOLERANCE: f32 = 2e-5;
 /// The cooperative-matrix GEMM rounds weights and activations to f16.
 const COOP_MATMUL_TOLERANCE: f32 = 2e-3;
 const ELEMENTWISE_TOLERANCE: f32 = 1e-5;
+/// Rounding activations to 8 bits moves each by at most half a step (max|x| / 254 of its block);
+/// on random activations the dot products move far less than this, relative to their terms.
+const Q8_ACTIVATION_TOLERANCE: f32 = 5e-3;
 
 fn gpu() -> GpuContext {
     GpuContext::new(std::env::var("TANDEM_ADAPTER").ok().as_deref()).expect("a GPU adapter (install mesa-vulkan-drivers)")
@@ -45,11 +48,40 @@ fn random(rng: &mut impl Rng, n: usize) -> Vec<f32> {
 }
 
 fn read_f32(ctx: &GpuContext, buf: &wgpu::Buffer, bytes: u64, enc: wgpu::CommandEncoder) -> Vec<f32> {
+    bytemuck::cast_slice(&read_bytes(ctx, buf, bytes, enc)).to_vec()
+}
+
+fn read_bytes(ctx: &GpuContext, buf: &wgpu::Buffer, bytes: u64, enc: wgpu::CommandEncoder) -> Vec<u8> {
     let mut enc = enc;
     let rb = ctx.readback("test.read", bytes);
     enc.copy_buffer_to_buffer(buf, 0, &rb, 0, bytes);
     let idx = ctx.queue.submit([enc.finish()]);
-    bytemuck::cast_slice(&ctx.read_mapped(&rb, bytes, idx).expect("readback")).to_vec()
+    ctx.read_mapped(&rb, bytes, idx).expect("readback")
+}
+
+/// A producer's 8-bit activations (`got`, the buffer's bytes) are `values` (tokens of `stride`
+/// floats, the first `width` of each token quantized) quantized as `cpu_ref` does: the same
+/// scale, each quant within one step (the GPU's division may round a near-tie the other way),
+/// and s = d * the sum of the GPU's own quants.
+fn assert_q8_matches(got: &[u8], values: &[f32], stride: usize, width: usize, what: &str) {
+    let (_, scales) = q8_ranges(stride);
+    let want = q8_activations(values, stride);
+    for t in 0..values.len() / stride {
+        for b in 0..width / 32 {
+            let blk = t * stride / 32 + b;
+            let q = |bytes: &[u8]| bytes[blk * 32..(blk + 1) * 32].iter().map(|&v| i32::from(v as i8)).collect::<Vec<_>>();
+            let f = |bytes: &[u8], i: usize| {
+                let at = scales.start as usize + blk * 8 + i * 4;
+                f32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+            };
+            let (gq, wq) = (q(got), q(&want));
+            let (gd, wd) = (f(got, 0), f(&want, 0));
+            assert!((gd - wd).abs() <= 1e-6 * wd.abs(), "{what}: token {t} block {b}: scale {gd}, want {wd}");
+            assert!(gq.iter().zip(&wq).all(|(g, w)| (g - w).abs() <= 1), "{what}: token {t} block {b}: quants {gq:?}, want {wq:?}");
+            let sum = gd * gq.iter().sum::<i32>() as f32;
+            assert!((f(got, 1) - sum).abs() <= 1e-5 * sum.abs().max(gd), "{what}: token {t} block {b}: sum {}, want {sum}", f(got, 1));
+        }
+    }
 }
 
 fn dispatch(ctx: &GpuContext, pipeline: &wgpu::ComputePipeline, groups: &[(&wgpu::BindGroup, [u32; 3])]) -> wgpu::CommandEncoder {
@@ -222,6 +254,76 @@ fn fast_matmuls_match_cpu_for_every_format_and_odd_shapes() {
     }
 }
 
+/// The decode matvec on 8-bit activations (`x_q8`, as the producers write them) for `tokens`.
+fn run_matvec_q8(ctx: &GpuContext, kernels: &Kernels, m: &DeviceMatrix, x: &[f32], tokens: usize, shape: MatvecShape) -> Vec<f32> {
+    let (n, cols) = (m.rows, m.cols);
+    let step = step_buf(ctx, tokens, 0);
+    let mut padded = x.to_vec();
+    padded.resize(8 * cols, 0.5);
+    let xq = ctx.storage_init("x_q8", &q8_activations(&padded, cols));
+    let (quants, scales) = q8_ranges(cols);
+    let range = |r: std::ops::Range<u64>| {
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: &xq, offset: r.start, size: wgpu::BufferSize::new(r.end - r.start) })
+    };
+    let y = ctx.storage("y", (tokens * n * 4) as u64);
+    ctx.queue.write_buffer(&y, 0, bytemuck::cast_slice(&vec![f32::NAN; tokens * n]));
+    let params = m.part_params(ctx, cols, n, 0);
+    let groups: Vec<(wgpu::BindGroup, [u32; 3])> = m
+        .parts
+        .iter()
+        .zip(&params)
+        .map(|(p, u)| {
+            let resources = vec![
+                step.as_entire_binding(),
+                u.as_entire_binding(),
+                range(quants.clone()),
+                p.quants.as_entire_binding(),
+                p.scales.as_entire_binding(),
+                y.as_entire_binding(),
+                range(scales.clone()),
+            ];
+            let bg = kernels.bind_group_resources(Kernel::MatvecQ8, "mv_q8", resources);
+            (bg, [p.rows.div_ceil(shape.rows_per_workgroup()) as u32, 1, 1])
+        })
+        .collect();
+    let pipeline = kernels.matvec_q8(m.format, shape, false, false).expect("pipeline");
+    let refs: Vec<(&wgpu::BindGroup, [u32; 3])> = groups.iter().map(|(b, d)| (b, *d)).collect();
+    read_f32(ctx, &y, (tokens * n * 4) as u64, dispatch(ctx, &pipeline, &refs))
+}
+
+/// The matvec on 8-bit activations against the f64 matmul of the same rounded activations
+/// (`cpu_ref::q8_round_trip`), and within the rounding's own error of the f32 activations'.
+#[test]
+fn matvec_q8_matches_cpu_for_packed_formats_and_odd_shapes() {
+    for ctx in gpu_variants().into_iter().filter(|c| !c.caps.f16) {
+        let kernels = Kernels::new(&ctx);
+        let mut rng = rng();
+        for format in WeightFormat::ALL.into_iter().filter(|f| f.has_packed_dot()) {
+            // Rows that fill no workgroup evenly, rows shorter than a lane group's 32 blocks and
+            // one longer than the KSPLIT threshold.
+            for (n, cols) in [(70, 64), (131, 96), (33, 1120), (5, 8192 + 96)] {
+                let t = host_matrix(format, &random(&mut rng, n * cols), n, cols);
+                let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
+                for tokens in [1, 3, 8] {
+                    let x = random(&mut rng, tokens * cols);
+                    let (want, scale) = matmul_reference(format, &t, &cpu_ref::q8_round_trip(&x), tokens);
+                    let (want_f32, _) = matmul_reference(format, &t, &x, tokens);
+                    let shapes = MATVEC_TOKENS.iter().filter(|&&mt| mt as usize >= tokens).flat_map(|&mt| {
+                        let short = MatvecShape::for_q8_matrix(32, mt);
+                        [short, MatvecShape::for_q8_matrix(1 << 20, mt), MatvecShape { unroll: 1, ksplit: 4, lanes: 256, ..short }]
+                    });
+                    for shape in shapes {
+                        let got = run_matvec_q8(&ctx, &kernels, &m, &x, tokens, shape);
+                        let what = format!("matvec_q8 {shape:?} {format} {n}x{cols} x{tokens} {:?}", ctx.caps);
+                        assert_close(&got, &want, MATMUL_TOLERANCE, &scale, &what);
+                        assert_close(&got, &want_f32, Q8_ACTIVATION_TOLERANCE, &scale, &what);
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn matmul_is_identical_for_a_token_alone_and_in_a_batch() {
     for ctx in gpu_variants() {
@@ -304,27 +406,38 @@ fn rmsnorm_matches_cpu_plain_and_gathering() {
     let ctx = gpu();
     let kernels = Kernels::new(&ctx);
     let mut rng = rng();
-    let (dim, tokens) = (200, 5);
-    let x = random(&mut rng, dim * tokens);
-    let g = random(&mut rng, dim);
-    let want = cpu_ref::rmsnorm(&x, &g, dim, 1e-5);
-    let rows = [4u32, 1];
-    for gather in [false, true] {
-        let n_out = if gather { rows.len() } else { tokens };
-        let step = step_buf(&ctx, tokens, rows.len());
-        let (xb, gb) = (ctx.storage_init("x", bytemuck::cast_slice(&x)), ctx.storage_init("g", bytemuck::cast_slice(&g)));
-        let rb = ctx.storage_init("rows", bytemuck::cast_slice(&rows));
-        let out = ctx.storage("out", (n_out * dim * 4) as u64);
-        let bg = kernels.bind_group(Kernel::RmsNorm, "norm", &[&step, &xb, &gb, &rb, &out]);
-        let consts = [("DIM", dim as f64), ("EPS", 1e-5), ("GATHER", f64::from(u8::from(gather)))];
-        let pipeline = kernels.pipeline(Kernel::RmsNorm, None, &consts).expect("pipeline");
-        let got = read_f32(&ctx, &out, (n_out * dim * 4) as u64, dispatch(&ctx, &pipeline, &[(&bg, [n_out as u32, 1, 1])]));
-        let want: Vec<f32> = if gather {
-            rows.iter().flat_map(|&r| want[r as usize * dim..(r as usize + 1) * dim].to_vec()).collect()
-        } else {
-            want.clone()
-        };
-        assert_close(&got, &want, ELEMENTWISE_TOLERANCE, &vec![1.0; want.len()], &format!("rmsnorm gather={gather}"));
+    // A width of whole blocks also writes 8-bit activations, on steps of up to 8 rows.
+    for (dim, tokens, q8) in [(200, 5, false), (224, 5, true), (96, 9, true)] {
+        let x = random(&mut rng, dim * tokens);
+        let g = random(&mut rng, dim);
+        let want = cpu_ref::rmsnorm(&x, &g, dim, 1e-5);
+        let rows = [4u32, 1];
+        for gather in [false, true] {
+            let n_out = if gather { rows.len() } else { tokens };
+            let step = step_buf(&ctx, tokens, rows.len());
+            let (xb, gb) = (ctx.storage_init("x", bytemuck::cast_slice(&x)), ctx.storage_init("g", bytemuck::cast_slice(&g)));
+            let rb = ctx.storage_init("rows", bytemuck::cast_slice(&rows));
+            let out = ctx.storage("out", (n_out * dim * 4) as u64);
+            let q8_bytes = q8_ranges(dim).1.end;
+            let out_q8 = ctx.storage_init("out_q8", &vec![0u8; q8_bytes as usize]);
+            let bg = kernels.bind_group(Kernel::RmsNorm, "norm", &[&step, &xb, &gb, &rb, &out, &out_q8]);
+            let consts = [("DIM", dim as f64), ("EPS", 1e-5), ("GATHER", f64::from(u8::from(gather))), ("Q8", f64::from(u8::from(q8)))];
+            let pipeline = kernels.pipeline(Kernel::RmsNorm, None, &consts).expect("pipeline");
+            let got = read_f32(&ctx, &out, (n_out * dim * 4) as u64, dispatch(&ctx, &pipeline, &[(&bg, [n_out as u32, 1, 1])]));
+            let want: Vec<f32> = if gather {
+                rows.iter().flat_map(|&r| want[r as usize * dim..(r as usize + 1) * dim].to_vec()).collect()
+            } else {
+                want.clone()
+            };
+            let what = format!("rmsnorm {dim} x{tokens} gather={gather}");
+            assert_close(&got, &want, ELEMENTWISE_TOLERANCE, &vec![1.0; want.len()], &what);
+            let got_q8 = read_bytes(&ctx, &out_q8, q8_bytes, ctx.device.create_command_encoder(&Default::default()));
+            if q8 && n_out <= 8 {
+                assert_q8_matches(&got_q8, &got, dim, dim, &what);
+            } else {
+                assert!(got_q8.iter().all(|&b| b == 0), "{what}: no 8-bit activations for a step of {n_out} rows");
+            }
+        }
     }
 }
 
@@ -333,18 +446,27 @@ fn silu_mul_matches_cpu() {
     let ctx = gpu();
     let kernels = Kernels::new(&ctx);
     let mut rng = rng();
-    let (ffn, tokens) = (100, 3);
-    let (g, u) = (random(&mut rng, ffn * tokens), random(&mut rng, ffn * tokens));
-    let step = step_buf(&ctx, tokens, 0);
-    // [gate | up] per token, as the stacked gate/up matmul writes them.
-    let gate_up: Vec<f32> = g.chunks(ffn).zip(u.chunks(ffn)).flat_map(|(g, u)| g.iter().chain(u).copied()).collect();
-    let gub = ctx.storage_init("gate_up", bytemuck::cast_slice(&gate_up));
-    let bg = kernels.bind_group(Kernel::SiluMul, "silu", &[&step, &gub]);
-    let pipeline = kernels.pipeline(Kernel::SiluMul, None, &[("FFN_DIM", ffn as f64)]).expect("pipeline");
-    let bytes = (2 * ffn * tokens * 4) as u64;
-    let out = read_f32(&ctx, &gub, bytes, dispatch(&ctx, &pipeline, &[(&bg, [ffn.div_ceil(64) as u32, tokens as u32, 1])]));
-    let got: Vec<f32> = out.chunks(2 * ffn).flat_map(|row| row[..ffn].to_vec()).collect();
-    assert_close(&got, &cpu_ref::silu_mul(&g, &u), ELEMENTWISE_TOLERANCE, &vec![1.0; g.len()], "silu_mul");
+    for (ffn, tokens, q8) in [(100, 3, false), (96, 3, true)] {
+        let (g, u) = (random(&mut rng, ffn * tokens), random(&mut rng, ffn * tokens));
+        let step = step_buf(&ctx, tokens, 0);
+        // [gate | up] per token, as the stacked gate/up matmul writes them.
+        let gate_up: Vec<f32> = g.chunks(ffn).zip(u.chunks(ffn)).flat_map(|(g, u)| g.iter().chain(u).copied()).collect();
+        let gub = ctx.storage_init("gate_up", bytemuck::cast_slice(&gate_up));
+        let q8_bytes = q8_ranges(2 * ffn).1.end;
+        let out_q8 = ctx.storage("out_q8", q8_bytes);
+        let bg = kernels.bind_group(Kernel::SiluMul, "silu", &[&step, &gub, &out_q8]);
+        let pipeline =
+            kernels.pipeline(Kernel::SiluMul, None, &[("FFN_DIM", ffn as f64), ("Q8", f64::from(u8::from(q8)))]).expect("pipeline");
+        let bytes = (2 * ffn * tokens * 4) as u64;
+        let out = read_f32(&ctx, &gub, bytes, dispatch(&ctx, &pipeline, &[(&bg, [ffn.div_ceil(64) as u32, tokens as u32, 1])]));
+        let got: Vec<f32> = out.chunks(2 * ffn).flat_map(|row| row[..ffn].to_vec()).collect();
+        assert_close(&got, &cpu_ref::silu_mul(&g, &u), ELEMENTWISE_TOLERANCE, &vec![1.0; g.len()], "silu_mul");
+        if q8 {
+            // Quantized with the down projection's input stride, [silu·mul | up] per token.
+            let got_q8 = read_bytes(&ctx, &out_q8, q8_bytes, ctx.device.create_command_encoder(&Default::default()));
+            assert_q8_matches(&got_q8, &out, 2 * ffn, ffn, "silu_mul q8");
+        }
+    }
 }
 
 /// Sets up a paged cache for one sequence with `len` positions scattered over shuffled blocks.
@@ -449,11 +571,13 @@ fn attention_over_paged_blocks_matches_cpu() {
             let info_b = ctx.storage_init("tokens", bytemuck::cast_slice(&fx.infos));
             let table_b = ctx.storage_init("tables", bytemuck::cast_slice(&fx.blocks));
             let out = ctx.storage("out", (new * q_dim * 4) as u64);
+            let q8_bytes = q8_ranges(q_dim).1.end;
+            let out_q8 = ctx.storage("out_q8", q8_bytes);
             let chunk = tandem_shaders::ATTENTION_CHUNK;
             let n_chunks = tandem_core::engine::attention_chunks(len - new, new);
             let partials = ctx.storage("partials", (n_chunks * nh * (hd + 2) * 4) as u64);
             let bg = kernels.bind_group(Kernel::Attention, "attn", &[&step, &qkv_b, &info_b, &table_b, &kc_b, &vc_b, &partials]);
-            let merge_bg = kernels.bind_group(Kernel::AttentionMerge, "merge", &[&step, &info_b, &partials, &out]);
+            let merge_bg = kernels.bind_group(Kernel::AttentionMerge, "merge", &[&step, &info_b, &partials, &out, &out_q8]);
             let consts = [
                 ("N_HEADS", nh as f64),
                 ("N_KV_HEADS", nkv as f64),
@@ -463,7 +587,7 @@ fn attention_over_paged_blocks_matches_cpu() {
                 ("CHUNK", f64::from(chunk)),
             ];
             let pipeline = kernels.pipeline(Kernel::Attention, None, &consts).expect("pipeline");
-            let merge_consts = [("N_HEADS", nh as f64), ("HEAD_DIM", hd as f64), ("CHUNK", f64::from(chunk))];
+            let merge_consts = [("N_HEADS", nh as f64), ("HEAD_DIM", hd as f64), ("CHUNK", f64::from(chunk)), ("Q8", 1.0)];
             let merge = kernels.pipeline(Kernel::AttentionMerge, None, &merge_consts).expect("pipeline");
             let chunks = (len as u32).div_ceil(chunk);
             let mut enc = dispatch(&ctx, &pipeline, &[(&bg, [nh as u32, new as u32, chunks])]);
@@ -475,7 +599,10 @@ fn attention_over_paged_blocks_matches_cpu() {
             }
             let got = read_f32(&ctx, &out, (new * q_dim * 4) as u64, enc);
             let want = cpu_ref::attention(&q, &k_all, &v_all, len - new, nh, nkv, hd);
-            assert_close(&got, &want, 1e-5, &vec![1.0; want.len()], &format!("attention len {len} new {new} {:?}", ctx.caps));
+            let what = format!("attention len {len} new {new} {:?}", ctx.caps);
+            assert_close(&got, &want, 1e-5, &vec![1.0; want.len()], &what);
+            let got_q8 = read_bytes(&ctx, &out_q8, q8_bytes, ctx.device.create_command_encoder(&Default::default()));
+            assert_q8_matches(&got_q8, &got, q_dim, q_dim, &what);
         }
     }
 }

@@ -1,7 +1,9 @@
 //! Every WGSL kernel of tandem, rendered per weight format.
 //!
 //! Each kernel lives in its own `.wgsl` file under `wgsl/`; the matmul kernels share their
-//! parameters, bindings and result store in `matmul_io.wgsl`. A kernel that reads weights is rendered
+//! parameters, bindings and result store in `matmul_io.wgsl`, and all but `matvec_q8` (which reads
+//! 8-bit activations and each format's packed-byte dot, `q8dot_*.wgsl`) their f32 activations in
+//! `matmul_x.wgsl`. A kernel that reads weights is rendered
 //! with the dequantization module of the weight's storage format (`dequant_*.wgsl`, which declares
 //! the weight binding and defines `BLOCK`, `block_dot` and `dq_elem`; F16 reads its halves through
 //! `f16_words.wgsl` or, on SHADER_F16 adapters, `f16_native.wgsl`); a kernel whose lanes
@@ -95,6 +97,22 @@ impl WeightFormat {
             WeightFormat::Q4_1 => include_str!("../wgsl/dequant_q4_1.wgsl"),
         }
     }
+
+    /// The module that dots a block of these weights with 8-bit activations on packed bytes
+    /// (`q8_weights`, `q8_dot`), for formats whose quants are bytes or nibbles.
+    fn packed_dot_source(self) -> Option<&'static str> {
+        match self {
+            WeightFormat::Q8_0 => Some(include_str!("../wgsl/q8dot_q8_0.wgsl")),
+            WeightFormat::Q4_0 => Some(include_str!("../wgsl/q8dot_q4_0.wgsl")),
+            WeightFormat::Q4_1 => Some(include_str!("../wgsl/q8dot_q4_1.wgsl")),
+            WeightFormat::F32 | WeightFormat::F16 | WeightFormat::Bf16 => None,
+        }
+    }
+
+    /// Whether the decode matvec on 8-bit activations (`Kernel::MatvecQ8`) takes this format.
+    pub fn has_packed_dot(self) -> bool {
+        self.packed_dot_source().is_some()
+    }
 }
 
 impl std::str::FromStr for WeightFormat {
@@ -120,6 +138,7 @@ pub enum Kernel {
     RmsNorm,
     Matmul,
     Matvec,
+    MatvecQ8,
     Gemm,
     GemmCoop,
     RopeKv,
@@ -131,11 +150,12 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 11] = [
+    pub const ALL: [Kernel; 12] = [
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::Matmul,
         Kernel::Matvec,
+        Kernel::MatvecQ8,
         Kernel::Gemm,
         Kernel::GemmCoop,
         Kernel::RopeKv,
@@ -152,6 +172,7 @@ impl Kernel {
             Kernel::RmsNorm => "rmsnorm",
             Kernel::Matmul => "matmul",
             Kernel::Matvec => "matvec",
+            Kernel::MatvecQ8 => "matvec_q8",
             Kernel::Gemm => "gemm",
             Kernel::GemmCoop => "gemm_coop",
             Kernel::RopeKv => "rope_kv",
@@ -168,13 +189,15 @@ impl Kernel {
         use Binding::{Read as R, Uniform as U, Write as W};
         match self {
             Kernel::Embed => &[U, U, R, R, R, W, R],
-            Kernel::RmsNorm => &[U, R, R, R, W],
-            // step, params, x, weight words, scales, y, x again as vec4s.
-            Kernel::Matmul | Kernel::Matvec | Kernel::Gemm | Kernel::GemmCoop => &[U, U, R, R, R, W, R],
+            // step, x, g, rows, out, out as 8-bit activations.
+            Kernel::RmsNorm => &[U, R, R, R, W, W],
+            // step, params, x, weight words, scales, y, x again as vec4s (matvec_q8: the
+            // 8-bit activations' quants and their scales).
+            Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8 | Kernel::Gemm | Kernel::GemmCoop => &[U, U, R, R, R, W, R],
             Kernel::RopeKv => &[U, W, R, R, W, W],
             Kernel::Attention => &[U, R, R, R, R, R, W],
-            Kernel::AttentionMerge => &[U, R, R, W],
-            Kernel::SiluMul => &[U, W],
+            Kernel::AttentionMerge => &[U, R, R, W, W],
+            Kernel::SiluMul => &[U, W, W],
             Kernel::Sample => &[U, R, R, W],
         }
     }
@@ -183,14 +206,14 @@ impl Kernel {
     /// buffers, so one bind group serves whichever the engine picks for a step.
     pub fn layout_owner(self) -> Kernel {
         match self {
-            Kernel::Matvec | Kernel::Gemm | Kernel::GemmCoop => Kernel::Matmul,
+            Kernel::Matvec | Kernel::MatvecQ8 | Kernel::Gemm | Kernel::GemmCoop => Kernel::Matmul,
             k => k,
         }
     }
 
     /// Whether the kernel reads a weight tensor and so exists once per weight format.
     pub fn reads_weights(self) -> bool {
-        matches!(self, Kernel::Embed | Kernel::Matmul | Kernel::Matvec | Kernel::Gemm | Kernel::GemmCoop)
+        matches!(self, Kernel::Embed | Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8 | Kernel::Gemm | Kernel::GemmCoop)
     }
 
     fn body(self) -> &'static str {
@@ -199,6 +222,7 @@ impl Kernel {
             Kernel::RmsNorm => include_str!("../wgsl/rmsnorm.wgsl"),
             Kernel::Matmul => include_str!("../wgsl/matmul.wgsl"),
             Kernel::Matvec => include_str!("../wgsl/matvec.wgsl"),
+            Kernel::MatvecQ8 => include_str!("../wgsl/matvec_q8.wgsl"),
             Kernel::Gemm => include_str!("../wgsl/gemm.wgsl"),
             Kernel::GemmCoop => include_str!("../wgsl/gemm_coop.wgsl"),
             Kernel::RopeKv => include_str!("../wgsl/rope_kv.wgsl"),
@@ -212,8 +236,8 @@ impl Kernel {
     /// The module that exchanges values between a kernel's lanes, where the kernel has one.
     fn lanes_source(self, caps: ShaderCaps) -> Option<&'static str> {
         match (self, caps.subgroups) {
-            (Kernel::Matmul | Kernel::Matvec, true) => Some(include_str!("../wgsl/matmul_lanes_subgroup.wgsl")),
-            (Kernel::Matmul | Kernel::Matvec, false) => Some(include_str!("../wgsl/matmul_lanes_workgroup.wgsl")),
+            (Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8, true) => Some(include_str!("../wgsl/matmul_lanes_subgroup.wgsl")),
+            (Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8, false) => Some(include_str!("../wgsl/matmul_lanes_workgroup.wgsl")),
             (Kernel::Attention, true) => Some(include_str!("../wgsl/attention_lanes_subgroup.wgsl")),
             (Kernel::Attention, false) => Some(include_str!("../wgsl/attention_lanes_workgroup.wgsl")),
             _ => None,
@@ -223,6 +247,7 @@ impl Kernel {
     /// The complete WGSL source of one variant for an adapter with `caps`.
     pub fn source(self, format: Option<WeightFormat>, caps: ShaderCaps) -> Result<String, RenderError> {
         let dequant = match (self.reads_weights(), format) {
+            (true, Some(f)) if self == Kernel::MatvecQ8 => Some(f.packed_dot_source().ok_or(RenderError::UnsupportedFormat(self, f))?),
             (true, Some(f)) => Some(f.dequant_source()),
             (false, None) => None,
             (true, None) => return Err(RenderError::MissingFormat(self)),
@@ -244,7 +269,9 @@ impl Kernel {
         }
         let access = format.and_then(|f| f.weight_access_source(caps));
         let io = (self.layout_owner() == Kernel::Matmul).then_some(include_str!("../wgsl/matmul_io.wgsl"));
-        for part in [Some(include_str!("../wgsl/common.wgsl")), io, Some(self.body()), access, dequant, lanes].into_iter().flatten() {
+        let f32_x = (self.layout_owner() == Kernel::Matmul && self != Kernel::MatvecQ8).then_some(include_str!("../wgsl/matmul_x.wgsl"));
+        for part in [Some(include_str!("../wgsl/common.wgsl")), io, f32_x, Some(self.body()), access, dequant, lanes].into_iter().flatten()
+        {
             out.push_str(part);
             out.push('\n');
         }
@@ -315,6 +342,8 @@ pub enum RenderError {
     UnexpectedFormat(Kernel, WeightFormat),
     /// The kernel needs a capability the adapter lacks (cooperative matrices).
     MissingCapability(Kernel),
+    /// The kernel has no variant for this weight format.
+    UnsupportedFormat(Kernel, WeightFormat),
 }
 
 impl fmt::Display for RenderError {
@@ -324,6 +353,7 @@ impl fmt::Display for RenderError {
             RenderError::UnexpectedFormat(k, w) => {
                 write!(f, "kernel `{}` reads no weights, yet format {w} was given", k.name())
             }
+            RenderError::UnsupportedFormat(k, w) => write!(f, "kernel `{}` has no variant for format {w}", k.name()),
             RenderError::MissingCapability(k) => {
                 write!(f, "kernel `{}` needs 32-lane subgroups, f16 and cooperative matrices", k.name())
             }

@@ -1,9 +1,11 @@
 // Combines attention.wgsl's per-chunk softmax states of each (head, token), in chunk order:
-// out = sum_c exp(m_c - M) acc_c / sum_c exp(m_c - M) l_c.
+// out = sum_c exp(m_c - M) acc_c / sum_c exp(m_c - M) l_c. With Q8 (HEAD_DIM a multiple of 32),
+// decode steps also get `out` as 8-bit activations for matvec_q8.wgsl.
 
 override N_HEADS: u32;
 override HEAD_DIM: u32;
 override CHUNK: u32;
+override Q8: bool = false;
 
 const WG: u32 = 32u;
 
@@ -11,6 +13,9 @@ const WG: u32 = 32u;
 @group(0) @binding(1) var<storage, read> tokens: array<TokenInfo>;
 @group(0) @binding(2) var<storage, read> partials: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out_q8: array<u32>;
+
+var<workgroup> staged: array<f32, WG>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: vec3<u32>) {
@@ -30,11 +35,33 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
     for (var c = 0u; c < chunks; c++) {
         total += partials[base + c * stride + 1u] * exp(partials[base + c * stride] - big);
     }
-    for (var d = lane; d < HEAD_DIM; d += WG) {
-        var sum = 0.0;
-        for (var c = 0u; c < chunks; c++) {
-            sum += partials[base + c * stride + 2u + d] * exp(partials[base + c * stride] - big);
+    let q8 = Q8 && step.n_tokens <= Q8_TOKENS;
+    // Each trip is one block of 32 values (WG lanes), so the block is whole in `staged`.
+    for (var d0 = 0u; d0 < HEAD_DIM; d0 += WG) {
+        let d = d0 + lane;
+        var v = 0.0;
+        if (d < HEAD_DIM) {
+            var sum = 0.0;
+            for (var c = 0u; c < chunks; c++) {
+                sum += partials[base + c * stride + 2u + d] * exp(partials[base + c * stride] - big);
+            }
+            v = sum / total;
+            out[(t * N_HEADS + h) * HEAD_DIM + d] = v;
         }
-        out[(t * N_HEADS + h) * HEAD_DIM + d] = sum / total;
+        if (q8) {
+            staged[lane] = v;
+            workgroupBarrier();
+            if (lane == 0u) {
+                var block: array<f32, 32>;
+                for (var i = 0u; i < 32u; i++) {
+                    block[i] = staged[i];
+                }
+                let words = q8_words(&block);
+                for (var j = 0u; j < 10u; j++) {
+                    out_q8[q8_index(N_HEADS * HEAD_DIM, t, (h * HEAD_DIM + d0) / 32u, j)] = words[j];
+                }
+            }
+            workgroupBarrier();
+        }
     }
 }

@@ -24,17 +24,10 @@ override SAMPLE_ROWS: bool = false;
 
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> p: MatmulParams;
-@group(0) @binding(2) var<storage, read> x: array<f32>;
-// Binding 3, the weight words `w`, is declared by the format's dequantization module.
+// Bindings 2 and 6, the activations, are declared by matmul_x.wgsl (f32) or matvec_q8.wgsl (8-bit);
+// binding 3, the weight words `w`, by the format's dequantization module.
 @group(0) @binding(4) var<storage, read> s: array<u32>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
-// The same buffer as `x`, for the 16-byte loads of block formats (their rows are 32-aligned).
-@group(0) @binding(6) var<storage, read> x_vec: array<vec4<f32>>;
-
-/// x[o..o+4] for o a multiple of 4.
-fn x4(o: u32) -> vec4<f32> {
-    return x_vec[o >> 2u];
-}
 
 /// Tokens (rows of x and y) in this step.
 fn step_rows() -> u32 {

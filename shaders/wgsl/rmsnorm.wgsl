@@ -1,10 +1,12 @@
 // RMSNorm: out[r] = x[src] * g / sqrt(mean(x[src]^2) + eps), one workgroup per row.
 // With GATHER the source row is taken from `rows` (the tokens that get logits), so the final norm
-// also compacts the rows the output head runs on.
+// also compacts the rows the output head runs on. With Q8 (DIM a multiple of 32), decode steps
+// also get the output as 8-bit activations for matvec_q8.wgsl (`q8_words`, common.wgsl).
 
 override DIM: u32;
 override EPS: f32;
 override GATHER: bool = false;
+override Q8: bool = false;
 
 // Wide enough that one row is a few loads per lane: a decode step has one row per sequence.
 const WG: u32 = 256u;
@@ -14,6 +16,7 @@ const WG: u32 = 256u;
 @group(0) @binding(2) var<storage, read> g: array<f32>;
 @group(0) @binding(3) var<storage, read> rows: array<u32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out_q8: array<u32>;
 
 var<workgroup> red: array<f32, WG>;
 
@@ -49,5 +52,18 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
     let inv = inverseSqrt(red[0] / f32(DIM) + EPS);
     for (var i = lane; i < DIM; i += WG) {
         out[r * DIM + i] = x[base + i] * inv * g[i];
+    }
+    if (Q8 && n_rows <= Q8_TOKENS) {
+        // A lane a block, from the same expression as the f32 output.
+        for (var b = lane; b < DIM / 32u; b += WG) {
+            var v: array<f32, 32>;
+            for (var i = 0u; i < 32u; i++) {
+                v[i] = x[base + 32u * b + i] * inv * g[32u * b + i];
+            }
+            let words = q8_words(&v);
+            for (var j = 0u; j < 10u; j++) {
+                out_q8[q8_index(DIM, r, b, j)] = words[j];
+            }
+        }
     }
 }

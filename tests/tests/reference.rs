@@ -4,11 +4,18 @@
 use tandem_core::{Engine, EngineConfig, SamplingParams, StepInput};
 use tandem_tests::{default_model, gpu, reference};
 
-/// Our f32 logits may differ from exact math by this much.
+/// Our f32 logits (deterministic mode) may differ from exact math by this much.
 const LOGIT_TOLERANCE: f32 = 0.05;
+/// The default mode's steps of few tokens multiply 8-bit activations, as llama.cpp does: its
+/// logits may differ from exact math by this much. Measured 0.37 at worst on these prompts;
+/// llama.cpp's own are up to 0.83 from exact math (reference/README.md). Its greedy text then
+/// matches llama.cpp's token for token on `capital` (29 tokens) and `unicode`.
+const FAST_LOGIT_TOLERANCE: f32 = 0.5;
 /// Where the reference's top-1/top-2 margin exceeds this, our top-1 must agree.
 const TOP1_MARGIN: f32 = 0.05;
-/// Greedy continuations are compared up to the first step whose margin is below this.
+/// Greedy continuations are compared up to the first step whose margin is below this (f32
+/// math); in the default mode, below twice its tolerance, since past that no logit within the
+/// tolerance can change the top-1.
 const GREEDY_MARGIN: f32 = 0.01;
 
 #[test]
@@ -41,6 +48,12 @@ fn logits_and_greedy_match_the_f64_reference_in(deterministic: bool) {
     let model = default_model();
     let cfg = EngineConfig { max_batch_tokens: 256, context_length: 512, deterministic, ..Default::default() };
     let mut engine = Engine::new(gpu(), model, &cfg).expect("engine");
+    let (tolerance, greedy_margin, top1_margin) = if deterministic {
+        (LOGIT_TOLERANCE, GREEDY_MARGIN, TOP1_MARGIN)
+    } else {
+        (FAST_LOGIT_TOLERANCE, 2.0 * FAST_LOGIT_TOLERANCE, 2.0 * FAST_LOGIT_TOLERANCE)
+    };
+    let mut worst = 0f32;
     for p in reference("f64") {
         let seq = engine.create_sequence();
         let logits = engine.forward_logits(seq, &p.tokens).expect("forward");
@@ -48,20 +61,21 @@ fn logits_and_greedy_match_the_f64_reference_in(deterministic: bool) {
         for (i, (ours, want)) in logits.iter().zip(&p.positions).enumerate() {
             let margin = want.top_logits[0] - want.top_logits[1];
             let our_top = tandem_core::cpu_ref::argmax(ours);
-            if margin > TOP1_MARGIN {
+            if margin > top1_margin {
                 assert_eq!(our_top, want.top_ids[0], "`{}` position {i}: top-1 (margin {margin}, deterministic {deterministic})", p.name);
             }
             for (id, want_logit) in want.top_ids.iter().zip(&want.top_logits).take(5) {
                 let got = ours[*id as usize];
+                worst = worst.max((got - want_logit).abs());
                 assert!(
-                    (got - want_logit).abs() <= LOGIT_TOLERANCE,
-                    "`{}` position {i} token {id}: logit {got} vs reference {want_logit} (tolerance {LOGIT_TOLERANCE}, deterministic {deterministic})",
+                    (got - want_logit).abs() <= tolerance,
+                    "`{}` position {i} token {id}: logit {got} vs reference {want_logit} (tolerance {tolerance}, deterministic {deterministic})",
                     p.name
                 );
             }
         }
         // Greedy continuation from the prompt's KV, sampled on the GPU.
-        let comparable = p.greedy_margins.iter().position(|&m| m < GREEDY_MARGIN).unwrap_or(p.greedy_tokens.len());
+        let comparable = p.greedy_margins.iter().position(|&m| m < greedy_margin).unwrap_or(p.greedy_tokens.len());
         let want = &p.greedy_tokens[..comparable];
         let mut got = Vec::new();
         let mut next = tandem_core::cpu_ref::argmax(logits.last().expect("logits"));
@@ -73,4 +87,5 @@ fn logits_and_greedy_match_the_f64_reference_in(deterministic: bool) {
         engine.free_sequence(seq);
         assert_eq!(got, want, "`{}`: greedy continuation (deterministic {deterministic})", p.name);
     }
+    eprintln!("largest logit difference from exact math (deterministic {deterministic}): {worst}");
 }
