@@ -12,7 +12,7 @@ use crate::cpu_ref::rope_table;
 use crate::device_weights::{DeviceMatrix, upload_vector};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::kernels::{GEMM_COOP_TILE, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, q8_ranges};
+use crate::kernels::{GEMM_COOP_TILE, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, SILU_MUL_TILE, q8_ranges};
 use crate::kv::{BLOCK_TOKENS, BlockPool, KvLayer, KvSink, PoolUsage, SeqId, SeqState, block_hash, prefix_hashes};
 use crate::model::{HostModel, layer_tensor};
 use crate::recorder::{KernelTime, Profiler, Recorder, Work};
@@ -990,7 +990,7 @@ impl Engine {
             layer.o.record(rec, n_tokens, split);
             rec.dispatch(norm, &p.norm, &layer.norm_ffn, [n_tokens as u32, 1, 1]);
             layer.gate_up.iter().for_each(|op| op.record(rec, n_tokens, split));
-            rec.dispatch(silu, &p.silu, &layer.silu, [wg(c.ffn_size, 64), n_tokens as u32, 1]);
+            rec.dispatch(silu, &p.silu, &layer.silu, [wg(c.ffn_size, SILU_MUL_TILE), n_tokens as u32, 1]);
             layer.down.record(rec, n_tokens, split);
             after_layer(rec, l, layer);
         }

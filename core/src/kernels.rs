@@ -213,6 +213,9 @@ pub const MATMUL_TILE: usize = 8;
 /// take the GEMM.
 pub const MATVEC_TOKENS: [u32; 4] = [1, 2, 4, 8];
 
+/// Values of each token one silu_mul.wgsl workgroup takes (64 lanes, 4 values each).
+pub const SILU_MUL_TILE: usize = 256;
+
 /// Token rows of 8-bit activations the producers write (`Q8_TOKENS` in common.wgsl): every step
 /// that takes a matvec.
 pub const Q8_TOKENS: usize = 8;
@@ -275,13 +278,17 @@ impl MatvecShape {
     }
 
     /// The shape of the matvec on 8-bit activations (matvec_q8.wgsl, a lane a block) for steps
-    /// of up to `tokens` tokens through a matrix `cols` wide.
+    /// of up to `tokens` tokens through a matrix `cols` wide, from the H200 sweep
+    /// (`cargo bench --bench kernels -- q8`): 2 runs of 32 blocks a trip, and rows of 224 blocks
+    /// or more split over 2 lane groups, of 448 or more over 4, so each lane still walks 3-4
+    /// blocks (+10-30% on the down projections; a loss on shorter rows).
     pub fn for_q8_matrix(cols: usize, tokens: u32) -> Self {
-        let unroll = (4 / tokens).max(1);
-        if tokens == 1 && cols >= 8192 {
-            MatvecShape { tokens, rows: 1, unroll: 2, ksplit: 2, lanes: 128 }
-        } else {
-            MatvecShape { tokens, rows: 1, unroll, ksplit: 1, lanes: 64 }
+        let blocks = cols / 32;
+        let unroll = (2 / tokens).max(1);
+        match blocks {
+            448.. if tokens == 1 => MatvecShape { tokens, rows: 1, unroll: 1, ksplit: 4, lanes: 128 },
+            224.. if tokens == 1 => MatvecShape { tokens, rows: 1, unroll, ksplit: 2, lanes: 128 },
+            _ => MatvecShape { tokens, rows: 1, unroll, ksplit: 1, lanes: 64 },
         }
     }
 

@@ -5,7 +5,9 @@
 use rand::{Rng, SeedableRng};
 use tandem_core::cpu_ref;
 use tandem_core::device_weights::DeviceMatrix;
-use tandem_core::kernels::{GEMM_COOP_TILE, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, q8_activations, q8_ranges};
+use tandem_core::kernels::{
+    GEMM_COOP_TILE, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, SILU_MUL_TILE, q8_activations, q8_ranges,
+};
 use tandem_core::tensor::{HostTensor, TensorBytes};
 use tandem_core::{GpuContext, WeightFormat};
 use tandem_shaders::{Kernel, SampleParams, ShaderCaps, Step, TokenInfo};
@@ -310,7 +312,12 @@ fn matvec_q8_matches_cpu_for_packed_formats_and_odd_shapes() {
                     let (want_f32, _) = matmul_reference(format, &t, &x, tokens);
                     let shapes = MATVEC_TOKENS.iter().filter(|&&mt| mt as usize >= tokens).flat_map(|&mt| {
                         let short = MatvecShape::for_q8_matrix(32, mt);
-                        [short, MatvecShape::for_q8_matrix(1 << 20, mt), MatvecShape { unroll: 1, ksplit: 4, lanes: 256, ..short }]
+                        [
+                            short,
+                            MatvecShape::for_q8_matrix(8192, mt),
+                            MatvecShape::for_q8_matrix(1 << 20, mt),
+                            MatvecShape { unroll: 4, ksplit: 4, lanes: 256, ..short },
+                        ]
                     });
                     for shape in shapes {
                         let got = run_matvec_q8(&ctx, &kernels, &m, &x, tokens, shape);
@@ -446,7 +453,7 @@ fn silu_mul_matches_cpu() {
     let ctx = gpu();
     let kernels = Kernels::new(&ctx);
     let mut rng = rng();
-    for (ffn, tokens, q8) in [(100, 3, false), (96, 3, true)] {
+    for (ffn, tokens, q8) in [(100, 3, false), (96, 3, true), (544, 2, true), (301, 9, false)] {
         let (g, u) = (random(&mut rng, ffn * tokens), random(&mut rng, ffn * tokens));
         let step = step_buf(&ctx, tokens, 0);
         // [gate | up] per token, as the stacked gate/up matmul writes them.
@@ -458,7 +465,7 @@ fn silu_mul_matches_cpu() {
         let pipeline =
             kernels.pipeline(Kernel::SiluMul, None, &[("FFN_DIM", ffn as f64), ("Q8", f64::from(u8::from(q8)))]).expect("pipeline");
         let bytes = (2 * ffn * tokens * 4) as u64;
-        let out = read_f32(&ctx, &gub, bytes, dispatch(&ctx, &pipeline, &[(&bg, [ffn.div_ceil(64) as u32, tokens as u32, 1])]));
+        let out = read_f32(&ctx, &gub, bytes, dispatch(&ctx, &pipeline, &[(&bg, [ffn.div_ceil(SILU_MUL_TILE) as u32, tokens as u32, 1])]));
         let got: Vec<f32> = out.chunks(2 * ffn).flat_map(|row| row[..ffn].to_vec()).collect();
         assert_close(&got, &cpu_ref::silu_mul(&g, &u), ELEMENTWISE_TOLERANCE, &vec![1.0; g.len()], "silu_mul");
         if q8 {

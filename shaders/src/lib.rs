@@ -269,8 +269,12 @@ impl Kernel {
         }
         let access = format.and_then(|f| f.weight_access_source(caps));
         let io = (self.layout_owner() == Kernel::Matmul).then_some(include_str!("../wgsl/matmul_io.wgsl"));
+        // The kernels that write a matvec's input also write it as 8-bit activations.
+        let q8_out =
+            matches!(self, Kernel::RmsNorm | Kernel::SiluMul | Kernel::AttentionMerge).then_some(include_str!("../wgsl/q8_lanes.wgsl"));
         let f32_x = (self.layout_owner() == Kernel::Matmul && self != Kernel::MatvecQ8).then_some(include_str!("../wgsl/matmul_x.wgsl"));
-        for part in [Some(include_str!("../wgsl/common.wgsl")), io, f32_x, Some(self.body()), access, dequant, lanes].into_iter().flatten()
+        for part in
+            [Some(include_str!("../wgsl/common.wgsl")), io, f32_x, Some(self.body()), access, dequant, lanes, q8_out].into_iter().flatten()
         {
             out.push_str(part);
             out.push('\n');

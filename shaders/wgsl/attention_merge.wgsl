@@ -15,8 +15,6 @@ const WG: u32 = 32u;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out_q8: array<u32>;
 
-var<workgroup> staged: array<f32, WG>;
-
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: vec3<u32>) {
     let h = wg.x;
@@ -36,32 +34,25 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
         total += partials[base + c * stride + 1u] * exp(partials[base + c * stride] - big);
     }
     let q8 = Q8 && step.n_tokens <= Q8_TOKENS;
-    // Each trip is one block of 32 values (WG lanes), so the block is whole in `staged`.
-    for (var d0 = 0u; d0 < HEAD_DIM; d0 += WG) {
-        let d = d0 + lane;
-        var v = 0.0;
-        if (d < HEAD_DIM) {
-            var sum = 0.0;
-            for (var c = 0u; c < chunks; c++) {
-                sum += partials[base + c * stride + 2u + d] * exp(partials[base + c * stride] - big);
+    // A lane 4 consecutive dimensions, a trip 4 * WG of them.
+    for (var d0 = 0u; d0 < HEAD_DIM; d0 += 4u * WG) {
+        let d = d0 + 4u * lane;
+        var v = vec4<f32>(0.0);
+        for (var i = 0u; i < 4u; i++) {
+            if (d + i < HEAD_DIM) {
+                var sum = 0.0;
+                for (var c = 0u; c < chunks; c++) {
+                    sum += partials[base + c * stride + 2u + d + i] * exp(partials[base + c * stride] - big);
+                }
+                v[i] = sum / total;
+                out[(t * N_HEADS + h) * HEAD_DIM + d + i] = v[i];
             }
-            v = sum / total;
-            out[(t * N_HEADS + h) * HEAD_DIM + d] = v;
         }
         if (q8) {
-            staged[lane] = v;
-            workgroupBarrier();
-            if (lane == 0u) {
-                var block: array<f32, 32>;
-                for (var i = 0u; i < 32u; i++) {
-                    block[i] = staged[i];
-                }
-                let words = q8_words(&block);
-                for (var j = 0u; j < 10u; j++) {
-                    out_q8[q8_index(N_HEADS * HEAD_DIM, t, (h * HEAD_DIM + d0) / 32u, j)] = words[j];
-                }
+            let q = q8_lanes(lane, v);
+            if (d < HEAD_DIM) {
+                q8_store_word(N_HEADS * HEAD_DIM, t, (h * HEAD_DIM + d) / 4u, q);
             }
-            workgroupBarrier();
         }
     }
 }

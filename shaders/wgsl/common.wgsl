@@ -35,32 +35,14 @@ fn small_uints_to_f32(v: vec4<u32>, bias: f32) -> vec4<f32> {
 // 8-bit activations for the decode matvecs (matvec_q8.wgsl), as llama.cpp's q8_1: per block of
 // 32 values, signed bytes q = round(v / d) with d = max|v| / 127, and s = d * sum(q). The kernels
 // that produce a matvec's input (the norms, SiLU·mul, the attention merge) also write it this way
-// on steps of at most Q8_TOKENS rows, the ones that take the matvec. Layout, for inputs of
+// on steps of at most Q8_TOKENS rows, the ones that take the matvec (`q8_lanes`,
+// q8_lanes.wgsl). Layout, for inputs of
 // `stride` floats a token: the quants of token t, block b at bytes (t * stride / 32 + b) * 32,
 // for Q8_TOKENS tokens; then (d, s) as two f32 at byte 8 * stride + (t * stride / 32 + b) * 8.
 const Q8_TOKENS: u32 = 8u;
 
-// The 10 words of one block: 8 of packed quants, then d and s.
-fn q8_words(v: ptr<function, array<f32, 32>>) -> array<u32, 10> {
-    var amax = 0.0;
-    for (var i = 0u; i < 32u; i++) {
-        amax = max(amax, abs((*v)[i]));
-    }
-    let d = amax / 127.0;
-    let inv = select(0.0, 1.0 / d, amax > 0.0);
-    var out: array<u32, 10>;
-    var sum = 0i;
-    for (var j = 0u; j < 8u; j++) {
-        let q = vec4<i32>(round(vec4<f32>((*v)[4u * j], (*v)[4u * j + 1u], (*v)[4u * j + 2u], (*v)[4u * j + 3u]) * inv));
-        sum += q.x + q.y + q.z + q.w;
-        out[j] = pack4xI8(q);
-    }
-    out[8] = bitcast<u32>(d);
-    out[9] = bitcast<u32>(d * f32(sum));
-    return out;
-}
-
-// Where word j (of `q8_words`) of token t's block b goes, for inputs `stride` floats wide.
+// Where word j of token t's block b goes, for inputs `stride` floats wide: j < 8 the quants'
+// words, 8 the scale d, 9 the sum s.
 fn q8_index(stride: u32, t: u32, b: u32, j: u32) -> u32 {
     let blk = t * (stride / 32u) + b;
     if (j < 8u) {

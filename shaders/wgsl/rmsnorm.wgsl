@@ -50,20 +50,27 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
         workgroupBarrier();
     }
     let inv = inverseSqrt(red[0] / f32(DIM) + EPS);
-    for (var i = lane; i < DIM; i += WG) {
-        out[r * DIM + i] = x[base + i] * inv * g[i];
+    if (!(Q8 && n_rows <= Q8_TOKENS)) {
+        for (var i = lane; i < DIM; i += WG) {
+            out[r * DIM + i] = x[base + i] * inv * g[i];
+        }
+        return;
     }
-    if (Q8 && n_rows <= Q8_TOKENS) {
-        // A lane a block, from the same expression as the f32 output.
-        for (var b = lane; b < DIM / 32u; b += WG) {
-            var v: array<f32, 32>;
-            for (var i = 0u; i < 32u; i++) {
-                v[i] = x[base + 32u * b + i] * inv * g[32u * b + i];
+    // A lane 4 consecutive values, quantized together with their neighbours (q8_lanes.wgsl).
+    for (var w0 = 0u; w0 < DIM / 4u; w0 += WG) {
+        let w = w0 + lane;
+        var v = vec4<f32>(0.0);
+        if (w < DIM / 4u) {
+            let c = 4u * w;
+            v = vec4<f32>(x[base + c], x[base + c + 1u], x[base + c + 2u], x[base + c + 3u]) * inv
+                * vec4<f32>(g[c], g[c + 1u], g[c + 2u], g[c + 3u]);
+            for (var i = 0u; i < 4u; i++) {
+                out[r * DIM + c + i] = v[i];
             }
-            let words = q8_words(&v);
-            for (var j = 0u; j < 10u; j++) {
-                out_q8[q8_index(DIM, r, b, j)] = words[j];
-            }
+        }
+        let q = q8_lanes(lane, v);
+        if (w < DIM / 4u) {
+            q8_store_word(DIM, r, w, q);
         }
     }
 }

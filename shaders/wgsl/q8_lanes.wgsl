@@ -1,0 +1,51 @@
+// Quantizes activations to 8 bits (common.wgsl) in parallel: each lane holds 4 consecutive
+// values, one quant word, and lanes 8k..8k+7 of a workgroup hold block k in order. The block's
+// max and sum go through workgroup memory, so the cost is two barriers whatever the width (a
+// lane that quantized a whole block alone cost the small models' decode steps 10-20%). Call
+// from uniform control flow with every lane of a workgroup of at most Q8_LANES lanes; lanes
+// outside the data pass zeros.
+
+const Q8_LANES: u32 = 256u;
+
+var<workgroup> q8_amax: array<f32, Q8_LANES>;
+var<workgroup> q8_qsum: array<i32, Q8_LANES>;
+
+struct Q8Word {
+    // The lane's 4 quants, packed.
+    word: u32,
+    // The block's scale and d * sum of its quants.
+    d: f32,
+    s: f32,
+}
+
+fn q8_lanes(li: u32, v: vec4<f32>) -> Q8Word {
+    let first = li & ~7u;
+    let a = abs(v);
+    q8_amax[li] = max(max(a.x, a.y), max(a.z, a.w));
+    workgroupBarrier();
+    var amax = 0.0;
+    for (var i = 0u; i < 8u; i++) {
+        amax = max(amax, q8_amax[first + i]);
+    }
+    let d = amax / 127.0;
+    let inv = select(0.0, 1.0 / d, amax > 0.0);
+    let q = vec4<i32>(round(v * inv));
+    q8_qsum[li] = q.x + q.y + q.z + q.w;
+    // Also orders this call's reads of q8_amax before the next call's writes.
+    workgroupBarrier();
+    var sum = 0i;
+    for (var i = 0u; i < 8u; i++) {
+        sum += q8_qsum[first + i];
+    }
+    return Q8Word(pack4xI8(q), d, d * f32(sum));
+}
+
+// Writes lane word `w` (4 values from 4w) of token t's activations, `stride` floats wide.
+fn q8_store_word(stride: u32, t: u32, w: u32, q: Q8Word) {
+    let b = w / 8u;
+    out_q8[q8_index(stride, t, b, w % 8u)] = q.word;
+    if (w % 8u == 0u) {
+        out_q8[q8_index(stride, t, b, 8u)] = bitcast<u32>(q.d);
+        out_q8[q8_index(stride, t, b, 9u)] = bitcast<u32>(q.s);
+    }
+}
