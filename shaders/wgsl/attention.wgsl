@@ -22,7 +22,6 @@ override CHUNK: u32;
 
 const WG: u32 = 32u;
 const MAX_HEAD_DIM: u32 = 128u;
-const DIMS_PER_LANE: u32 = MAX_HEAD_DIM / WG;
 const NEG_BIG: f32 = -3.0e38;
 
 @group(0) @binding(0) var<uniform> step: Step;
@@ -31,7 +30,7 @@ const NEG_BIG: f32 = -3.0e38;
 @group(0) @binding(3) var<storage, read> tables: array<u32>;
 // Keys as 16-byte vectors: head_dim is a multiple of 32, so every head starts aligned.
 @group(0) @binding(4) var<storage, read> k_cache: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read> v_cache: array<f32>;
+@group(0) @binding(5) var<storage, read> v_cache: array<vec4<f32>>;
 // Per (chunk of the step, head): [max, sum, HEAD_DIM weighted values].
 @group(0) @binding(6) var<storage, read_write> partials: array<f32>;
 
@@ -64,7 +63,10 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
 
     var m = NEG_BIG;
     var l = 0.0;
-    var acc: array<f32, DIMS_PER_LANE>;
+    // Lane i owns dimensions 4i..4i+3 of the values (lanes past HEAD_DIM / 4 only score): one
+    // 16-byte load a position instead of HEAD_DIM / 32 scalar ones.
+    var acc = vec4<f32>(0.0);
+    let owns = lane < HEAD_DIM / 4u;
     for (var j0 = first; j0 < last; j0 += WG) {
         // Lane i scores position j0 + i; positions past the chunk get probability 0 and a valid
         // row, so the loops below have a fixed trip count and their loads overlap.
@@ -85,15 +87,15 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
         lanes_publish(prob, row * kv_dim + kvh * HEAD_DIM, lane);
         let scale = exp(m - m_new);
         l = l * scale + published_sum();
-        // Lane i owns dimensions i, i + 32, ...
-        for (var e = 0u; e < HEAD_DIM / WG; e++) {
-            let d = lane + e * WG;
-            var sum = 0.0;
-            for (var i = 0u; i < WG; i++) {
-                sum += lane_prob(i) * v_cache[lane_row(i) + d];
+        var sum = vec4<f32>(0.0);
+        for (var i = 0u; i < WG; i++) {
+            let p = lane_prob(i);
+            let v_row = lane_row(i) / 4u;
+            if (owns) {
+                sum += p * v_cache[v_row + lane];
             }
-            acc[e] = acc[e] * scale + sum;
         }
+        acc = acc * scale + sum;
         m = m_new;
         lanes_release();
     }
@@ -102,7 +104,9 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
         partials[base] = m;
         partials[base + 1u] = l;
     }
-    for (var e = 0u; e < HEAD_DIM / WG; e++) {
-        partials[base + 2u + lane + e * WG] = acc[e];
+    if (owns) {
+        for (var k = 0u; k < 4u; k++) {
+            partials[base + 2u + 4u * lane + k] = acc[k];
+        }
     }
 }
