@@ -103,9 +103,8 @@ pub fn matmul(x: &[f32], w: &[f32], tokens: usize, n: usize, k: usize) -> Vec<f3
     y
 }
 
-/// RMSNorm of each row of `dim` values.
 /// One block of 32 activations as 8-bit values the way the GPU's producers write them for the
-/// decode matvec (`q8_words` in common.wgsl, llama.cpp's q8_1): the quants, d = max|v| / 127, and
+/// decode matvec (`q8_lanes` in q8_lanes.wgsl, llama.cpp's q8_1): the quants, d = max|v| / 127, and
 /// s = d * sum of the quants.
 pub fn quantize_q8_block(v: &[f32]) -> ([i8; 32], f32, f32) {
     let amax = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
@@ -129,6 +128,7 @@ pub fn q8_round_trip(x: &[f32]) -> Vec<f32> {
         .collect()
 }
 
+/// RMSNorm of each row of `dim` values.
 pub fn rmsnorm(x: &[f32], g: &[f32], dim: usize, eps: f32) -> Vec<f32> {
     x.chunks(dim)
         .flat_map(|row| {

@@ -414,7 +414,7 @@ fn rmsnorm_matches_cpu_plain_and_gathering() {
     let kernels = Kernels::new(&ctx);
     let mut rng = rng();
     // A width of whole blocks also writes 8-bit activations, on steps of up to 8 rows.
-    for (dim, tokens, q8) in [(200, 5, false), (224, 5, true), (96, 9, true)] {
+    for (dim, tokens, q8) in [(200, 5, false), (224, 5, true), (96, 9, true), (1056, 5, true)] {
         let x = random(&mut rng, dim * tokens);
         let g = random(&mut rng, dim);
         let want = cpu_ref::rmsnorm(&x, &g, dim, 1e-5);

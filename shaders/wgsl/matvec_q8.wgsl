@@ -1,5 +1,5 @@
 // y[t, off + n] (+)= sum_k x[t, k] * W[n, k] for the few tokens of a decode step, with x as 8-bit
-// activations (`q8_words` in common.wgsl, written by the kernel that produced x) and the weights'
+// activations (common.wgsl, written by the kernel that produced x through q8_lanes.wgsl) and the weights'
 // own integers: four multiply-adds an instruction (`dot4I8Packed`), no nibble-to-float work, and a
 // quarter of the activation bytes of matvec.wgsl. What llama.cpp's mmvq does; measured 2-4x the
 // f32 matvec on the H200's large matrices (docs/kernel-notes.md, item 16).

@@ -1,7 +1,9 @@
 // RMSNorm: out[r] = x[src] * g / sqrt(mean(x[src]^2) + eps), one workgroup per row.
 // With GATHER the source row is taken from `rows` (the tokens that get logits), so the final norm
-// also compacts the rows the output head runs on. With Q8 (DIM a multiple of 32), decode steps
-// also get the output as 8-bit activations for matvec_q8.wgsl (`q8_words`, common.wgsl).
+// also compacts the rows the output head runs on. With Q8 (DIM a multiple of 32, at most
+// 4 * WG * MAX_WORDS), decode steps also get the output as 8-bit activations for matvec_q8.wgsl
+// (q8_lanes.wgsl), and the row is read once into registers: a decode step's norm is one
+// workgroup on the critical path, so each round trip to memory shows.
 
 override DIM: u32;
 override EPS: f32;
@@ -10,6 +12,8 @@ override Q8: bool = false;
 
 // Wide enough that one row is a few loads per lane: a decode step has one row per sequence.
 const WG: u32 = 256u;
+// Values a lane holds on the 8-bit path, 4 at a time.
+const MAX_WORDS: u32 = 8u;
 
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -19,6 +23,19 @@ const WG: u32 = 256u;
 @group(0) @binding(5) var<storage, read_write> out_q8: array<u32>;
 
 var<workgroup> red: array<f32, WG>;
+
+// The sum of every lane's `v`, by a fixed tree.
+fn sum_lanes(lane: u32, v: f32) -> f32 {
+    red[lane] = v;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
+        if (lane < stride) {
+            red[lane] += red[lane + stride];
+        }
+        workgroupBarrier();
+    }
+    return workgroupUniformLoad(&red[0]);
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: vec3<u32>) {
@@ -36,40 +53,50 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
         src = rows[r];
     }
     let base = src * DIM;
+    if (Q8 && n_rows <= Q8_TOKENS && DIM <= 4u * WG * MAX_WORDS) {
+        norm_q8(lane, r, base);
+        return;
+    }
     var sum = 0.0;
     for (var i = lane; i < DIM; i += WG) {
         let v = x[base + i];
         sum += v * v;
     }
-    red[lane] = sum;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
-        if (lane < stride) {
-            red[lane] += red[lane + stride];
-        }
-        workgroupBarrier();
+    let inv = inverseSqrt(sum_lanes(lane, sum) / f32(DIM) + EPS);
+    for (var i = lane; i < DIM; i += WG) {
+        out[r * DIM + i] = x[base + i] * inv * g[i];
     }
-    let inv = inverseSqrt(red[0] / f32(DIM) + EPS);
-    if (!(Q8 && n_rows <= Q8_TOKENS)) {
-        for (var i = lane; i < DIM; i += WG) {
-            out[r * DIM + i] = x[base + i] * inv * g[i];
+}
+
+// Lane i holds values 4w..4w+3 for w = i, i + WG, ... (with g), then writes them scaled, as f32
+// and quantized together with their block's 7 other lanes.
+fn norm_q8(lane: u32, r: u32, base: u32) {
+    var xs: array<vec4<f32>, MAX_WORDS>;
+    var gs: array<vec4<f32>, MAX_WORDS>;
+    var sum = 0.0;
+    for (var i = 0u; i < MAX_WORDS; i++) {
+        let c = 4u * (lane + i * WG);
+        if (c < DIM) {
+            xs[i] = vec4<f32>(x[base + c], x[base + c + 1u], x[base + c + 2u], x[base + c + 3u]);
+            gs[i] = vec4<f32>(g[c], g[c + 1u], g[c + 2u], g[c + 3u]);
+            sum += dot(xs[i], xs[i]);
         }
-        return;
     }
-    // A lane 4 consecutive values, quantized together with their neighbours (q8_lanes.wgsl).
-    for (var w0 = 0u; w0 < DIM / 4u; w0 += WG) {
-        let w = w0 + lane;
-        var v = vec4<f32>(0.0);
-        if (w < DIM / 4u) {
-            let c = 4u * w;
-            v = vec4<f32>(x[base + c], x[base + c + 1u], x[base + c + 2u], x[base + c + 3u]) * inv
-                * vec4<f32>(g[c], g[c + 1u], g[c + 2u], g[c + 3u]);
-            for (var i = 0u; i < 4u; i++) {
-                out[r * DIM + c + i] = v[i];
+    let inv = inverseSqrt(sum_lanes(lane, sum) / f32(DIM) + EPS);
+    for (var i = 0u; i < MAX_WORDS; i++) {
+        // Uniform: whole passes past the row are skipped by every lane alike.
+        if (4u * i * WG >= DIM) {
+            break;
+        }
+        let w = lane + i * WG;
+        let v = xs[i] * inv * gs[i];
+        if (4u * w < DIM) {
+            for (var k = 0u; k < 4u; k++) {
+                out[r * DIM + 4u * w + k] = v[k];
             }
         }
         let q = q8_lanes(lane, v);
-        if (w < DIM / 4u) {
+        if (4u * w < DIM) {
             q8_store_word(DIM, r, w, q);
         }
     }
