@@ -2,7 +2,7 @@
 //! short lease on a GPU machine can compare many variants in one call (docs/kernel-notes.md).
 //! Each measurement cycles through enough copies of the weights to miss the L2 cache, records
 //! many dispatches in one pass and divides the wall time; the first batch is a discarded warm-up.
-//!   cargo bench -p tandem-core --bench kernels -- [copy|read|matvec|ablate|q8|gemm]... [135m|1b|8b]...
+//!   cargo bench -p tandem-core --bench kernels -- [copy|read|matvec|ablate|q8|gemm|small]... [135m|1b|8b]...
 
 use std::time::Instant;
 
@@ -10,7 +10,7 @@ use tandem_core::device_weights::DeviceMatrix;
 use tandem_core::kernels::{GEMM_COOP_TILE, GEMM_TILE, Kernels, MatvecShape, q8_activations, q8_ranges};
 use tandem_core::tensor::{HostTensor, TensorBytes};
 use tandem_core::{GpuContext, WeightFormat};
-use tandem_shaders::{Kernel, Step};
+use tandem_shaders::{Kernel, Step, TokenInfo};
 
 /// (model, matrix, rows, cols) of the matrices a token passes (Q/K/V and gate/up stacked).
 const SHAPES: [(&str, &str, usize, usize); 13] = [
@@ -409,12 +409,110 @@ fn copy(ctx: &GpuContext) {
     println!("copy 1 GiB: {:.0} GB/s (read + write)", 2.0 * bytes as f64 / best / 1e9);
 }
 
+/// A kernel that writes what the next dispatch reads, one workgroup: the cost of a dependent
+/// dispatch on this adapter with nothing to compute, the floor under every small kernel.
+const CHAIN_WGSL: &str = "
+@group(0) @binding(0) var<storage, read_write> v: array<u32>;
+@compute @workgroup_size(64)
+fn main(@builtin(local_invocation_index) li: u32) {
+    if (li == 0u) {
+        v[0] = v[0] + 1u;
+    }
+}
+";
+
+/// Seconds per dispatch of `pipeline` with `bg`, `groups` workgroups, each dispatch after the
+/// last (they share a written buffer, so the API orders them).
+fn time_chain(ctx: &GpuContext, pipeline: &wgpu::ComputePipeline, bg: &wgpu::BindGroup, groups: [u32; 3], reps: usize) -> f64 {
+    let mut best = f64::MAX;
+    for round in 0..3 {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(pipeline);
+            pass.set_bind_group(0, bg, &[]);
+            for _ in 0..reps {
+                pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+            }
+        }
+        let start = Instant::now();
+        ctx.queue.submit([enc.finish()]);
+        ctx.device.poll(wgpu::PollType::wait_indefinitely()).expect("poll");
+        if round > 0 {
+            best = best.min(start.elapsed().as_secs_f64() / reps as f64);
+        }
+    }
+    best
+}
+
+/// The decode step's small kernels against the floor of a dependent dispatch: attention (one
+/// token at contexts 128 and 1024, the models' head shapes, fast-mode chunks of 32 positions).
+fn small(ctx: &GpuContext, kernels: &Kernels) {
+    let v = ctx.storage("chain", 4);
+    let module = ctx
+        .device
+        .create_shader_module(wgpu::ShaderModuleDescriptor { label: Some("chain"), source: wgpu::ShaderSource::Wgsl(CHAIN_WGSL.into()) });
+    let pipeline = ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some("chain"),
+        layout: None,
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("chain"),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &[wgpu::BindGroupEntry { binding: 0, resource: v.as_entire_binding() }],
+    });
+    println!("a dependent dispatch, one workgroup: {:.1} µs", time_chain(ctx, &pipeline, &bg, [1, 1, 1], 1000) * 1e6);
+    let bt = tandem_core::BLOCK_TOKENS;
+    // (model, heads, kv heads, head dim)
+    for (model, nh, nkv, hd) in [("135m", 9usize, 3usize, 64usize), ("1b", 32, 8, 64), ("8b", 32, 8, 128)] {
+        for ctx_len in [128usize, 1024] {
+            let (q_dim, kv_dim) = (nh * hd, nkv * hd);
+            let n_blocks = ctx_len.div_ceil(bt);
+            let blocks: Vec<u32> = (0..n_blocks as u32).map(|b| (b * 7 + 3) % n_blocks as u32).collect();
+            let pos = ctx_len - 1;
+            let info =
+                TokenInfo { id: 0, pos: pos as u32, slot: blocks[pos / bt] * bt as u32 + (pos % bt) as u32, table_off: 0, chunk_off: 0 };
+            let fill = |n: usize| -> Vec<f32> { (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect() };
+            let qkv = ctx.storage_init("qkv", bytemuck::cast_slice(&fill(q_dim + 2 * kv_dim)));
+            let kc = ctx.storage_init("k", bytemuck::cast_slice(&fill(n_blocks * bt * kv_dim)));
+            let vc = ctx.storage_init("v", bytemuck::cast_slice(&fill(n_blocks * bt * kv_dim)));
+            let tokens = ctx.storage_init("tokens", bytemuck::bytes_of(&info));
+            let tables = ctx.storage_init("tables", bytemuck::cast_slice(&blocks));
+            let chunks = ctx_len.div_ceil(tandem_shaders::ATTENTION_CHUNK as usize);
+            let partials = ctx.storage("partials", (chunks * nh * (hd + 2) * 4) as u64);
+            let step = ctx.uniform_init("step", bytemuck::bytes_of(&Step { n_tokens: 1, n_sample: 1, ..Default::default() }));
+            let bg = kernels.bind_group(Kernel::Attention, "attention", &[&step, &qkv, &tokens, &tables, &kc, &vc, &partials]);
+            let consts = [
+                ("N_HEADS", nh as f64),
+                ("N_KV_HEADS", nkv as f64),
+                ("HEAD_DIM", hd as f64),
+                ("BLOCK_TOKENS", bt as f64),
+                ("SCALE", 1.0 / (hd as f64).sqrt()),
+                ("CHUNK", f64::from(tandem_shaders::ATTENTION_CHUNK)),
+            ];
+            let pipeline = kernels.pipeline(Kernel::Attention, None, &consts).expect("attention");
+            let secs = time_chain(ctx, &pipeline, &bg, [nh as u32, 1, chunks as u32], 500);
+            let bytes = 2 * ctx_len * kv_dim * 4;
+            println!(
+                "attention {model} (heads {nh}/{nkv} x {hd}), context {ctx_len}: {:.1} µs ({:.0} GB/s of K/V)",
+                secs * 1e6,
+                bytes as f64 / secs / 1e9
+            );
+        }
+    }
+    ctx.check_errors("small kernels").expect("small kernels");
+}
+
 fn main() {
     let ctx = GpuContext::new(std::env::var("TANDEM_ADAPTER").ok().as_deref()).expect("a GPU adapter");
     println!("{} ({}), caps {:?}", ctx.adapter.name, ctx.adapter.driver, ctx.caps);
     let kernels = Kernels::new(&ctx);
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let kinds = ["copy", "read", "matvec", "ablate", "q8", "gemm"];
+    let kinds = ["copy", "read", "matvec", "ablate", "q8", "gemm", "small"];
     let want = |what: &str| !args.iter().any(|a| kinds.contains(&a.as_str())) || args.iter().any(|a| a == what);
     let models: Vec<&String> = args.iter().filter(|a| !kinds.contains(&a.as_str())).collect();
     let shapes: Vec<_> = SHAPES.into_iter().filter(|s| models.is_empty() || models.iter().any(|m| *m == s.0)).collect();
@@ -435,5 +533,8 @@ fn main() {
     }
     if want("gemm") {
         gemm(&ctx, &kernels, &shapes);
+    }
+    if want("small") {
+        small(&ctx, &kernels);
     }
 }

@@ -31,10 +31,14 @@ fn generate_streams_the_greedy_continuation_and_reports_speed() {
 
 #[test]
 fn chat_mode_uses_the_template_and_stops_at_end_of_turn() {
-    let out = run(&["generate", "--chat", "--prompt", "What is the capital of France?", "--max-tokens", "24"]);
+    // The reference chat prompt, whose answer exact math and llama.cpp agree on with wide margins
+    // (../shared/reference). Asked the capital of France, llama.cpp (llama-cpp-python 0.3.36)
+    // answers "L'Étoile, la Marseillaise, la femme, ..." from a first-token margin of 0.35, and so
+    // does the default mode on 8-bit activations: a near-tie tests the rounding, not the template.
+    let out = run(&["generate", "--chat", "--prompt", "What is the boiling point of water in Celsius?", "--max-tokens", "24"]);
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     let answer = text(&out.stdout);
-    assert!(answer.contains("Paris"), "{answer}");
+    assert!(answer.contains("100"), "{answer}");
     assert!(!answer.contains("<|im_end|>"), "special tokens are not printed: {answer}");
 }
 
