@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use tandem_core::device_weights::DeviceMatrix;
-use tandem_core::kernels::{GEMM_COOP_TILE, GEMM_TILE, Kernels, MatvecShape, q8_activations, q8_ranges};
+use tandem_core::kernels::{GEMM_COOP_TILE, GEMM_TILE, Kernels, MatvecShape, q8_activations};
 use tandem_core::tensor::{HostTensor, TensorBytes};
 use tandem_core::{GpuContext, WeightFormat};
 use tandem_shaders::{Kernel, Step, TokenInfo};
@@ -104,30 +104,10 @@ fn time_with(
         .map(|m| {
             let u = m.part_params(ctx, m.cols, s.rows, 0).remove(0);
             let p = &m.parts[0];
-            let (x, x_again) = match x_q8 {
-                None => (s.x.as_entire_binding(), s.x.as_entire_binding()),
-                Some(b) => {
-                    let (quants, scales) = q8_ranges(m.cols);
-                    let range = |r: std::ops::Range<u64>| {
-                        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                            buffer: b,
-                            offset: r.start,
-                            size: wgpu::BufferSize::new(r.end - r.start),
-                        })
-                    };
-                    (range(quants), range(scales))
-                }
-            };
-            let resources = vec![
-                s.step.as_entire_binding(),
-                u.as_entire_binding(),
-                x,
-                p.quants.as_entire_binding(),
-                p.scales.as_entire_binding(),
-                s.y.as_entire_binding(),
-                x_again,
-            ];
-            kernels.bind_group_resources(Kernel::Matmul, "bench", resources)
+            match x_q8 {
+                None => kernels.bind_group(Kernel::Matmul, "bench", &[&s.step, &u, &s.x, &p.quants, &p.scales, &s.y, &s.x]),
+                Some(b) => kernels.matvec_q8_bind_group("bench", [&s.step, &u, &p.quants, &p.scales, &s.y], b, m.cols),
+            }
         })
         .collect();
     let mut best = f64::MAX;

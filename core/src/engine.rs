@@ -266,30 +266,11 @@ impl MatmulOp {
                 .collect::<Result<Vec<_>>>()?;
             let matvec_q8 = match x_q8 {
                 Some(xq) if m.format.has_packed_dot() && m.cols.is_multiple_of(32) => {
-                    let (quants, scales) = q8_ranges(x_stride);
-                    let range = |r: std::ops::Range<u64>| {
-                        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                            buffer: xq,
-                            offset: r.start,
-                            size: wgpu::BufferSize::new(r.end - r.start),
-                        })
-                    };
                     let groups = m
                         .parts
                         .iter()
                         .zip(&params)
-                        .map(|(p, u)| {
-                            let resources = vec![
-                                step.as_entire_binding(),
-                                u.as_entire_binding(),
-                                range(quants.clone()),
-                                p.quants.as_entire_binding(),
-                                p.scales.as_entire_binding(),
-                                y.as_entire_binding(),
-                                range(scales.clone()),
-                            ];
-                            kernels.bind_group_resources(Kernel::MatvecQ8, &m.name, resources)
-                        })
+                        .map(|(p, u)| kernels.matvec_q8_bind_group(&m.name, [step, u, &p.quants, &p.scales, y], xq, x_stride))
                         .collect();
                     let shapes = MATVEC_TOKENS
                         .iter()
@@ -395,14 +376,24 @@ impl Engine {
         let hs = ctx.storage("hidden_sampled", max_sample as u64 * d as u64 * f4);
         // The decode matvecs' inputs again as 8-bit activations, written by the kernels that
         // produce them (the norms, the attention merge, SiLU·mul) in whole blocks of 32: not in
-        // deterministic mode, which never runs a matvec.
-        let q8 = |label: &str, stride: usize, blocks_whole: bool| {
-            (!cfg.deterministic && blocks_whole).then(|| ctx.storage(label, q8_ranges(stride).1.end))
+        // deterministic mode, which never runs a matvec, and only for inputs that some matrix
+        // reads through a packed-byte dot (an F16 model's producers would quantize for nothing).
+        let packed = |read_by: &[&str]| -> Result<bool> {
+            for l in 0..c.n_layers {
+                for name in read_by {
+                    if model.tensor(&layer_tensor(l, name))?.format.has_packed_dot() {
+                        return Ok(true);
+                    }
+                }
+            }
+            Ok(false)
         };
-        let xn_q8 = q8("xn_q8", d, d.is_multiple_of(32));
-        let attn_q8 = q8("attn_out_q8", q_dim, c.head_dim.is_multiple_of(32));
-        let ffn_q8 = q8("ffn_q8", 2 * f, f.is_multiple_of(32));
-        let hs_q8 = q8("hidden_sampled_q8", d, d.is_multiple_of(32));
+        let q8 = |label: &str, stride: usize, used: bool| (!cfg.deterministic && used).then(|| ctx.storage(label, q8_ranges(stride).1.end));
+        let xn_q8 = q8("xn_q8", d, d.is_multiple_of(32) && packed(&["attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"])?);
+        let attn_q8 = q8("attn_out_q8", q_dim, c.head_dim.is_multiple_of(32) && packed(&["attn_output"])?);
+        let ffn_q8 = q8("ffn_q8", 2 * f, f.is_multiple_of(32) && packed(&["ffn_down"])?);
+        let head_format = if c.tied_embeddings { model.tensor("token_embd.weight")?.format } else { model.output_head()?.format };
+        let hs_q8 = q8("hidden_sampled_q8", d, d.is_multiple_of(32) && head_format.has_packed_dot());
         // Bound where a producer writes no 8-bit activations.
         let no_q8 = ctx.storage("no_q8", 16);
         let q8_or_none = |b: &Option<wgpu::Buffer>| b.as_ref().unwrap_or(&no_q8).clone();

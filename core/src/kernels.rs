@@ -128,6 +128,36 @@ impl Kernels {
         })
     }
 
+    /// A bind group for `Kernel::MatvecQ8`: the matmul's buffers in `bind_group`'s order
+    /// (step, params, weight quants, weight scales, y) with the f32 activations replaced by the
+    /// quants and the scales of `x_q8`, 8-bit activations of inputs `x_stride` floats wide.
+    pub fn matvec_q8_bind_group(
+        &self,
+        label: &str,
+        [step, params, quants, scales, y]: [&wgpu::Buffer; 5],
+        x_q8: &wgpu::Buffer,
+        x_stride: usize,
+    ) -> wgpu::BindGroup {
+        let range = |r: std::ops::Range<u64>| {
+            wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: x_q8,
+                offset: r.start,
+                size: wgpu::BufferSize::new(r.end - r.start),
+            })
+        };
+        let (x_quants, x_scales) = q8_ranges(x_stride);
+        let resources = vec![
+            step.as_entire_binding(),
+            params.as_entire_binding(),
+            range(x_quants),
+            quants.as_entire_binding(),
+            scales.as_entire_binding(),
+            y.as_entire_binding(),
+            range(x_scales),
+        ];
+        self.bind_group_resources(Kernel::MatvecQ8, label, resources)
+    }
+
     /// Lanes that cooperate on one matmul row on this adapter.
     pub fn matmul_split(&self) -> u32 {
         if self.ctx.is_cpu { 1 } else { 32 }

@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use tandem_core::cpu_ref;
 use tandem_core::device_weights::DeviceMatrix;
 use tandem_core::kernels::{
-    GEMM_COOP_TILE, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, SILU_MUL_TILE, q8_activations, q8_ranges,
+    GEMM_COOP_TILE, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, Q8_TOKENS, SILU_MUL_TILE, q8_activations, q8_ranges,
 };
 use tandem_core::tensor::{HostTensor, TensorBytes};
 use tandem_core::{GpuContext, WeightFormat};
@@ -172,6 +172,8 @@ fn matmul_matches_cpu_for_every_format_and_odd_shapes() {
 enum Fast {
     /// The decode matvec.
     Matvec(MatvecShape),
+    /// The decode matvec on 8-bit activations (`x` quantized as the producers write it).
+    MatvecQ8(MatvecShape),
     /// The workgroup-tiled GEMM.
     Gemm,
     /// The GEMM on matrix units (rows of whole blocks, adapters that have them).
@@ -182,6 +184,12 @@ fn run_fast(ctx: &GpuContext, kernels: &Kernels, m: &DeviceMatrix, x: &[f32], to
     let (n, cols) = (m.rows, m.cols);
     let step = step_buf(ctx, tokens, 0);
     let xb = ctx.storage_init("x", bytemuck::cast_slice(x));
+    // The 8-bit activations hold Q8_TOKENS rows; those past the step's are never read back.
+    let x_q8 = matches!(fast, Fast::MatvecQ8(_)).then(|| {
+        let mut padded = x.to_vec();
+        padded.resize(Q8_TOKENS * cols, 0.5);
+        ctx.storage_init("x_q8", &q8_activations(&padded, cols))
+    });
     let y = ctx.storage("y", (tokens * n * 4) as u64);
     // Poisoned, so an output the kernel never writes shows.
     ctx.queue.write_buffer(&y, 0, bytemuck::cast_slice(&vec![f32::NAN; tokens * n]));
@@ -191,11 +199,14 @@ fn run_fast(ctx: &GpuContext, kernels: &Kernels, m: &DeviceMatrix, x: &[f32], to
         .iter()
         .zip(&params)
         .map(|(p, u)| {
-            let bg = kernels.bind_group(Kernel::Matvec, "mm", &[&step, u, &xb, &p.quants, &p.scales, &y, &xb]);
+            let bg = match &x_q8 {
+                Some(xq) => kernels.matvec_q8_bind_group("mm", [&step, u, &p.quants, &p.scales, &y], xq, cols),
+                None => kernels.bind_group(Kernel::Matvec, "mm", &[&step, u, &xb, &p.quants, &p.scales, &y, &xb]),
+            };
             let size = match fast {
                 Fast::Gemm => [p.rows.div_ceil(GEMM_TILE) as u32, tokens.div_ceil(GEMM_TILE) as u32, 1],
                 Fast::GemmCoop => [p.rows.div_ceil(GEMM_COOP_TILE) as u32, tokens.div_ceil(GEMM_COOP_TILE) as u32, 1],
-                Fast::Matvec(shape) => {
+                Fast::Matvec(shape) | Fast::MatvecQ8(shape) => {
                     [p.rows.div_ceil(shape.rows_per_workgroup()) as u32, tokens.div_ceil(shape.tokens as usize) as u32, 1]
                 }
             };
@@ -206,6 +217,7 @@ fn run_fast(ctx: &GpuContext, kernels: &Kernels, m: &DeviceMatrix, x: &[f32], to
         Fast::Gemm => kernels.gemm(m.format, false, false),
         Fast::GemmCoop => kernels.gemm_coop(m.format, false, false),
         Fast::Matvec(shape) => kernels.matvec(m.format, shape, false, false),
+        Fast::MatvecQ8(shape) => kernels.matvec_q8(m.format, shape, false, false),
     }
     .expect("pipeline");
     let refs: Vec<(&wgpu::BindGroup, [u32; 3])> = groups.iter().map(|(b, d)| (b, *d)).collect();
@@ -256,43 +268,6 @@ fn fast_matmuls_match_cpu_for_every_format_and_odd_shapes() {
     }
 }
 
-/// The decode matvec on 8-bit activations (`x_q8`, as the producers write them) for `tokens`.
-fn run_matvec_q8(ctx: &GpuContext, kernels: &Kernels, m: &DeviceMatrix, x: &[f32], tokens: usize, shape: MatvecShape) -> Vec<f32> {
-    let (n, cols) = (m.rows, m.cols);
-    let step = step_buf(ctx, tokens, 0);
-    let mut padded = x.to_vec();
-    padded.resize(8 * cols, 0.5);
-    let xq = ctx.storage_init("x_q8", &q8_activations(&padded, cols));
-    let (quants, scales) = q8_ranges(cols);
-    let range = |r: std::ops::Range<u64>| {
-        wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: &xq, offset: r.start, size: wgpu::BufferSize::new(r.end - r.start) })
-    };
-    let y = ctx.storage("y", (tokens * n * 4) as u64);
-    ctx.queue.write_buffer(&y, 0, bytemuck::cast_slice(&vec![f32::NAN; tokens * n]));
-    let params = m.part_params(ctx, cols, n, 0);
-    let groups: Vec<(wgpu::BindGroup, [u32; 3])> = m
-        .parts
-        .iter()
-        .zip(&params)
-        .map(|(p, u)| {
-            let resources = vec![
-                step.as_entire_binding(),
-                u.as_entire_binding(),
-                range(quants.clone()),
-                p.quants.as_entire_binding(),
-                p.scales.as_entire_binding(),
-                y.as_entire_binding(),
-                range(scales.clone()),
-            ];
-            let bg = kernels.bind_group_resources(Kernel::MatvecQ8, "mv_q8", resources);
-            (bg, [p.rows.div_ceil(shape.rows_per_workgroup()) as u32, 1, 1])
-        })
-        .collect();
-    let pipeline = kernels.matvec_q8(m.format, shape, false, false).expect("pipeline");
-    let refs: Vec<(&wgpu::BindGroup, [u32; 3])> = groups.iter().map(|(b, d)| (b, *d)).collect();
-    read_f32(ctx, &y, (tokens * n * 4) as u64, dispatch(ctx, &pipeline, &refs))
-}
-
 /// The matvec on 8-bit activations against the f64 matmul of the same rounded activations
 /// (`cpu_ref::q8_round_trip`), and within the rounding's own error of the f32 activations'.
 #[test]
@@ -320,7 +295,7 @@ fn matvec_q8_matches_cpu_for_packed_formats_and_odd_shapes() {
                         ]
                     });
                     for shape in shapes {
-                        let got = run_matvec_q8(&ctx, &kernels, &m, &x, tokens, shape);
+                        let got = run_fast(&ctx, &kernels, &m, &x, tokens, Fast::MatvecQ8(shape));
                         let what = format!("matvec_q8 {shape:?} {format} {n}x{cols} x{tokens} {:?}", ctx.caps);
                         assert_close(&got, &want, MATMUL_TOLERANCE, &scale, &what);
                         assert_close(&got, &want_f32, Q8_ACTIVATION_TOLERANCE, &scale, &what);
@@ -414,7 +389,7 @@ fn rmsnorm_matches_cpu_plain_and_gathering() {
     let kernels = Kernels::new(&ctx);
     let mut rng = rng();
     // A width of whole blocks also writes 8-bit activations, on steps of up to 8 rows.
-    for (dim, tokens, q8) in [(200, 5, false), (224, 5, true), (96, 9, true), (1056, 5, true)] {
+    for (dim, tokens, q8) in [(200, 5, false), (224, 5, true), (96, 9, true), (1056, 5, true), (8256, 5, true)] {
         let x = random(&mut rng, dim * tokens);
         let g = random(&mut rng, dim);
         let want = cpu_ref::rmsnorm(&x, &g, dim, 1e-5);

@@ -3,7 +3,8 @@
 //! Each kernel lives in its own `.wgsl` file under `wgsl/`; the matmul kernels share their
 //! parameters, bindings and result store in `matmul_io.wgsl`, and all but `matvec_q8` (which reads
 //! 8-bit activations and each format's packed-byte dot, `q8dot_*.wgsl`) their f32 activations in
-//! `matmul_x.wgsl`. A kernel that reads weights is rendered
+//! `matmul_x.wgsl`; the two decode matvecs combine their lane groups' sums in
+//! `matvec_groups.wgsl`. A kernel that reads weights is rendered
 //! with the dequantization module of the weight's storage format (`dequant_*.wgsl`, which declares
 //! the weight binding and defines `BLOCK`, `block_dot` and `dq_elem`; F16 reads its halves through
 //! `f16_words.wgsl` or, on SHADER_F16 adapters, `f16_native.wgsl`); a kernel whose lanes
@@ -273,8 +274,10 @@ impl Kernel {
         let q8_out =
             matches!(self, Kernel::RmsNorm | Kernel::SiluMul | Kernel::AttentionMerge).then_some(include_str!("../wgsl/q8_lanes.wgsl"));
         let f32_x = (self.layout_owner() == Kernel::Matmul && self != Kernel::MatvecQ8).then_some(include_str!("../wgsl/matmul_x.wgsl"));
-        for part in
-            [Some(include_str!("../wgsl/common.wgsl")), io, f32_x, Some(self.body()), access, dequant, lanes, q8_out].into_iter().flatten()
+        let groups = matches!(self, Kernel::Matvec | Kernel::MatvecQ8).then_some(include_str!("../wgsl/matvec_groups.wgsl"));
+        for part in [Some(include_str!("../wgsl/common.wgsl")), io, f32_x, Some(self.body()), access, dequant, lanes, groups, q8_out]
+            .into_iter()
+            .flatten()
         {
             out.push_str(part);
             out.push('\n');

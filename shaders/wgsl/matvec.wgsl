@@ -19,15 +19,7 @@ override TOKENS: u32 = 1u;
 override ROWS: u32 = 1u;
 // Groups of 8 blocks each lane loads before computing (see the loop).
 override UNROLL: u32 = 4u;
-// Lane groups that split one set of rows' blocks between them; divides WG / SPLIT.
-override KSPLIT: u32 = 1u;
-override SPLIT: u32 = 32u;
-override WG: u32 = 64u;
-
-const MAX_TILE: u32 = 8u;
-const MAX_GROUPS: u32 = 8u;
-
-var<workgroup> group_sums: array<f32, MAX_GROUPS * MAX_TILE>;
+// KSPLIT, SPLIT, WG and the sums across lanes and groups: matvec_groups.wgsl.
 
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec3<u32>) {
@@ -65,25 +57,7 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
         }
     }
 
-    sum_row_lanes(&acc, li, lane, ROWS * TOKENS);
-
-    if (KSPLIT > 1u) {
-        if (lane == 0u) {
-            for (var tt = 0u; tt < ROWS * TOKENS; tt++) {
-                group_sums[group * MAX_TILE + tt] = acc[tt];
-            }
-        }
-        workgroupBarrier();
-        if (lane == 0u && kpart == 0u) {
-            for (var tt = 0u; tt < ROWS * TOKENS; tt++) {
-                var total = 0.0;
-                for (var g = 0u; g < KSPLIT; g++) {
-                    total += group_sums[(group + g) * MAX_TILE + tt];
-                }
-                acc[tt] = total;
-            }
-        }
-    }
+    sum_row_groups(&acc, li, ROWS * TOKENS);
 
     if (lane == 0u && kpart == 0u) {
         for (var r = 0u; r < ROWS; r++) {

@@ -6,27 +6,31 @@
 //
 // A group of SPLIT = 32 lanes walks one row, each lane a whole block at a time (the format's
 // `q8_weights` and `q8_dot`): the warp's weight loads are one contiguous run. KSPLIT lane groups
-// of a workgroup share a row, each taking every KSPLIT-th run of 32 blocks. Sums are combined as
-// in matvec.wgsl. Formats with a packed-byte dot only (Q4_0, Q4_1, Q8_0); rows of whole blocks.
+// of a workgroup share a row, each taking every KSPLIT-th run of 32 blocks (matvec_groups.wgsl
+// combines the sums). Formats with a packed-byte dot only (Q4_0, Q4_1, Q8_0); rows of whole blocks.
 // Not batch-invariant (the activations are rounded, and a token's sums depend on TOKENS);
 // deterministic mode never uses it.
 
 override TOKENS: u32 = 1u;
 // Runs of 32 blocks each lane loads before computing.
 override UNROLL: u32 = 4u;
-override KSPLIT: u32 = 1u;
-override SPLIT: u32 = 32u;
-override WG: u32 = 64u;
-
-const MAX_TILE: u32 = 8u;
-const MAX_GROUPS: u32 = 8u;
 
 // Token t's block b: quants at xq[2 * (t * x_stride / 32 + b)] and the next, (d, s) at
 // xd[t * x_stride / 32 + b] (the two ranges of one buffer, bound apart).
 @group(0) @binding(2) var<storage, read> xq: array<vec4<u32>>;
 @group(0) @binding(6) var<storage, read> xd: array<vec2<f32>>;
 
-var<workgroup> group_sums: array<f32, MAX_GROUPS * MAX_TILE>;
+// The dot product of 16 signed bytes with 16 others, four at a time.
+fn dot_i8x16(a: vec4<u32>, b: vec4<u32>) -> i32 {
+    return dot4I8Packed(a.x, b.x) + dot4I8Packed(a.y, b.y) + dot4I8Packed(a.z, b.z) + dot4I8Packed(a.w, b.w);
+}
+
+// A block of 4-bit quants laid out as GGUF's Q4_0 and Q4_1 (byte j: element j in its low nibble,
+// j + 16 in its high one) dotted with a block of 8-bit activations, x0 and x1 its two halves.
+fn dot_nibbles_i8(q: vec4<u32>, x0: vec4<u32>, x1: vec4<u32>) -> i32 {
+    let m = vec4<u32>(0x0f0f0f0fu);
+    return dot_i8x16(q & m, x0) + dot_i8x16((q >> vec4<u32>(4u)) & m, x1);
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec3<u32>) {
@@ -57,25 +61,7 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
         }
     }
 
-    sum_row_lanes(&acc, li, lane, TOKENS);
-
-    if (KSPLIT > 1u) {
-        if (lane == 0u) {
-            for (var t = 0u; t < TOKENS; t++) {
-                group_sums[group * MAX_TILE + t] = acc[t];
-            }
-        }
-        workgroupBarrier();
-        if (lane == 0u && kpart == 0u) {
-            for (var t = 0u; t < TOKENS; t++) {
-                var total = 0.0;
-                for (var g = 0u; g < KSPLIT; g++) {
-                    total += group_sums[(group + g) * MAX_TILE + t];
-                }
-                acc[t] = total;
-            }
-        }
-    }
+    sum_row_groups(&acc, li, TOKENS);
 
     if (lane == 0u && kpart == 0u && row < p.n) {
         for (var t = 0u; t < TOKENS; t++) {

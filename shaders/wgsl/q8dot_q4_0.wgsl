@@ -14,10 +14,5 @@ fn q8_weights(row: u32, b: u32, nb: u32) -> WeightBlock {
 }
 
 fn q8_dot(wb: WeightBlock, x0: vec4<u32>, x1: vec4<u32>, xds: vec2<f32>) -> f32 {
-    let m = vec4<u32>(0x0f0f0f0fu);
-    let lo = wb.q & m;
-    let hi = (wb.q >> vec4<u32>(4u)) & m;
-    let sum = dot4I8Packed(lo.x, x0.x) + dot4I8Packed(lo.y, x0.y) + dot4I8Packed(lo.z, x0.z) + dot4I8Packed(lo.w, x0.w)
-        + dot4I8Packed(hi.x, x1.x) + dot4I8Packed(hi.y, x1.y) + dot4I8Packed(hi.z, x1.z) + dot4I8Packed(hi.w, x1.w);
-    return wb.d * (xds.x * f32(sum) - 8.0 * xds.y);
+    return wb.d * (xds.x * f32(dot_nibbles_i8(wb.q, x0, x1)) - 8.0 * xds.y);
 }

@@ -14,7 +14,5 @@ fn q8_weights(row: u32, b: u32, nb: u32) -> WeightBlock {
 }
 
 fn q8_dot(wb: WeightBlock, x0: vec4<u32>, x1: vec4<u32>, xds: vec2<f32>) -> f32 {
-    let sum = dot4I8Packed(wb.q0.x, x0.x) + dot4I8Packed(wb.q0.y, x0.y) + dot4I8Packed(wb.q0.z, x0.z) + dot4I8Packed(wb.q0.w, x0.w)
-        + dot4I8Packed(wb.q1.x, x1.x) + dot4I8Packed(wb.q1.y, x1.y) + dot4I8Packed(wb.q1.z, x1.z) + dot4I8Packed(wb.q1.w, x1.w);
-    return wb.d * xds.x * f32(sum);
+    return wb.d * xds.x * f32(dot_i8x16(wb.q0, x0) + dot_i8x16(wb.q1, x1));
 }

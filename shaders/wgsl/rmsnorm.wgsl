@@ -1,9 +1,9 @@
 // RMSNorm: out[r] = x[src] * g / sqrt(mean(x[src]^2) + eps), one workgroup per row.
 // With GATHER the source row is taken from `rows` (the tokens that get logits), so the final norm
-// also compacts the rows the output head runs on. With Q8 (DIM a multiple of 32, at most
-// 4 * WG * MAX_WORDS), decode steps also get the output as 8-bit activations for matvec_q8.wgsl
-// (q8_lanes.wgsl), and the row is read once into registers: a decode step's norm is one
-// workgroup on the critical path, so each round trip to memory shows.
+// also compacts the rows the output head runs on. With Q8 (DIM a multiple of 32), decode steps
+// also get the output as 8-bit activations for matvec_q8.wgsl (q8_lanes.wgsl), and the row is
+// read once into registers: a decode step's norm is one workgroup on the critical path, so each
+// round trip to memory shows.
 
 override DIM: u32;
 override EPS: f32;
@@ -12,7 +12,7 @@ override Q8: bool = false;
 
 // Wide enough that one row is a few loads per lane: a decode step has one row per sequence.
 const WG: u32 = 256u;
-// Values a lane holds on the 8-bit path, 4 at a time.
+// Runs of 4 values a lane keeps in registers on the 8-bit path (rows up to 8192 wide).
 const MAX_WORDS: u32 = 8u;
 
 @group(0) @binding(0) var<uniform> step: Step;
@@ -53,7 +53,7 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
         src = rows[r];
     }
     let base = src * DIM;
-    if (Q8 && n_rows <= Q8_TOKENS && DIM <= 4u * WG * MAX_WORDS) {
+    if (Q8 && n_rows <= Q8_TOKENS) {
         norm_q8(lane, r, base);
         return;
     }
@@ -69,35 +69,46 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
 }
 
 // Lane i holds values 4w..4w+3 for w = i, i + WG, ... (with g), then writes them scaled, as f32
-// and quantized together with their block's 7 other lanes.
+// and quantized together with their block's 7 other lanes. Rows longer than 4 * WG * MAX_WORDS
+// read their remaining values again for the second pass.
 fn norm_q8(lane: u32, r: u32, base: u32) {
     var xs: array<vec4<f32>, MAX_WORDS>;
     var gs: array<vec4<f32>, MAX_WORDS>;
     var sum = 0.0;
-    for (var i = 0u; i < MAX_WORDS; i++) {
+    for (var i = 0u; 4u * i * WG < DIM; i++) {
         let c = 4u * (lane + i * WG);
         if (c < DIM) {
-            xs[i] = vec4<f32>(x[base + c], x[base + c + 1u], x[base + c + 2u], x[base + c + 3u]);
-            gs[i] = vec4<f32>(g[c], g[c + 1u], g[c + 2u], g[c + 3u]);
-            sum += dot(xs[i], xs[i]);
+            let v = load4(base, c);
+            sum += dot(v, v);
+            if (i < MAX_WORDS) {
+                xs[i] = v;
+                gs[i] = vec4<f32>(g[c], g[c + 1u], g[c + 2u], g[c + 3u]);
+            }
         }
     }
     let inv = inverseSqrt(sum_lanes(lane, sum) / f32(DIM) + EPS);
-    for (var i = 0u; i < MAX_WORDS; i++) {
-        // Uniform: whole passes past the row are skipped by every lane alike.
-        if (4u * i * WG >= DIM) {
-            break;
-        }
+    // Uniform trip count: whole passes past the row are skipped by every lane alike.
+    for (var i = 0u; 4u * i * WG < DIM; i++) {
         let w = lane + i * WG;
-        let v = xs[i] * inv * gs[i];
-        if (4u * w < DIM) {
+        let c = 4u * w;
+        var v = vec4<f32>(0.0);
+        if (c < DIM) {
+            if (i < MAX_WORDS) {
+                v = xs[i] * inv * gs[i];
+            } else {
+                v = load4(base, c) * inv * vec4<f32>(g[c], g[c + 1u], g[c + 2u], g[c + 3u]);
+            }
             for (var k = 0u; k < 4u; k++) {
-                out[r * DIM + 4u * w + k] = v[k];
+                out[r * DIM + c + k] = v[k];
             }
         }
         let q = q8_lanes(lane, v);
-        if (4u * w < DIM) {
+        if (c < DIM) {
             q8_store_word(DIM, r, w, q);
         }
     }
+}
+
+fn load4(base: u32, c: u32) -> vec4<f32> {
+    return vec4<f32>(x[base + c], x[base + c + 1u], x[base + c + 2u], x[base + c + 3u]);
 }
