@@ -272,21 +272,69 @@ fn gemm(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize
         let flops = 2.0 * (tokens * s.rows * cols) as f64;
         let groups = [s.rows.div_ceil(GEMM_TILE) as u32, tokens.div_ceil(GEMM_TILE) as u32, 1];
         let simt = kernels.gemm(WeightFormat::Q4_0, false, false).expect("gemm");
-        print!(" simt {:>7.3}", flops / time(ctx, kernels, &s, &simt, groups, 20) / 1e12);
-        // The SIMT GEMM before its loader was made race-free (lanes wrote components of shared
-        // vectors): the figure the race-free loader has not yet matched on the H200.
-        let old = format!(
-            "{}\n{}\n{}",
-            include_str!("../../shaders/wgsl/common.wgsl"),
-            include_str!("gemm_6d832b2.wgsl"),
-            include_str!("../../shaders/wgsl/dequant_q4_0.wgsl")
-        );
-        let old = kernels.pipeline_from_source(Kernel::Gemm, "gemm 6d832b2", &old, &[]).expect("old gemm");
-        print!(" simt@6d832b2 {:>7.3}", flops / time(ctx, kernels, &s, &old, groups, 20) / 1e12);
+        // One matrix-unit variant alone (see below) skips the SIMT kernels' timing.
+        let only = std::env::var("COOP_VARIANT").ok();
+        let reps = if only.is_some() { 1 } else { 20 };
+        print!(" simt {:>7.3}", flops / time(ctx, kernels, &s, &simt, groups, reps) / 1e12);
+        // The f32 kernel's result: what every matrix-unit variant is checked against.
+        let reference = read_y(ctx, &s);
+        let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+        if only.is_none() {
+            // The SIMT GEMM before its loader was made race-free (lanes wrote components of
+            // shared vectors): the figure the race-free loader has not yet matched on the H200.
+            let old = format!(
+                "{}\n{}\n{}",
+                include_str!("../../shaders/wgsl/common.wgsl"),
+                include_str!("gemm_6d832b2.wgsl"),
+                include_str!("../../shaders/wgsl/dequant_q4_0.wgsl")
+            );
+            let old = kernels.pipeline_from_source(Kernel::Gemm, "gemm 6d832b2", &old, &[]).expect("old gemm");
+            print!(" simt@6d832b2 {:>7.3}", flops / time(ctx, kernels, &s, &old, groups, 20) / 1e12);
+        }
         if ctx.caps.coop_matrix {
-            let coop = kernels.gemm_coop(WeightFormat::Q4_0, false, false).expect("gemm_coop");
             let groups = [s.rows.div_ceil(GEMM_COOP_TILE) as u32, tokens.div_ceil(GEMM_COOP_TILE) as u32, 1];
-            print!(" coop {:>7.1}", flops / time(ctx, kernels, &s, &coop, groups, 20) / 1e12);
+            let source = Kernel::GemmCoop.source(Some(WeightFormat::Q4_0), ctx.caps).expect("gemm_coop source");
+            let body = include_str!("../../shaders/wgsl/gemm_coop.wgsl");
+            // The engine's kernel, the one before its loader stored runs of 4 halves and loaded
+            // ahead (the reference row), tiles of other elements, and wider steps. A variant the
+            // driver cannot compile loses the device, so `COOP_VARIANT=name` runs one alone.
+            let put = |elem: &str, per: u32, w: &str, x: &str| {
+                source
+                    .replace("alias Elem = vec4<f16>;\nconst PER: u32 = 4u;", &format!("alias Elem = {elem};\nconst PER: u32 = {per}u;"))
+                    .replace("    w_tile[i / 4u] = v;", w)
+                    .replace("    x_tile[i / 4u] = v;", x)
+            };
+            let variants = [
+                ("coop", source.clone()),
+                ("coop@981036a", source.replace(body, include_str!("gemm_coop_981036a.wgsl"))),
+                (
+                    "coop-vec2",
+                    put(
+                        "vec2<f16>",
+                        2,
+                        "    w_tile[i / 2u] = v.xy;\n    w_tile[i / 2u + 1u] = v.zw;",
+                        "    x_tile[i / 2u] = v.xy;\n    x_tile[i / 2u + 1u] = v.zw;",
+                    ),
+                ),
+                (
+                    "coop-scalar",
+                    put(
+                        "f16",
+                        1,
+                        "    for (var j = 0u; j < 4u; j++) {\n        w_tile[i + j] = v[j];\n    }",
+                        "    for (var j = 0u; j < 4u; j++) {\n        x_tile[i + j] = v[j];\n    }",
+                    ),
+                ),
+                ("coop-bk64", source.replace("const BK: u32 = 32u;", "const BK: u32 = 64u;")),
+            ];
+            let variants = variants.into_iter().filter(|(name, _)| only.as_deref().is_none_or(|o| o == *name));
+            for (name, src) in variants {
+                let pipeline = kernels.pipeline_from_source(Kernel::GemmCoop, name, &src, &[]).expect("coop variant");
+                let tflops = flops / time(ctx, kernels, &s, &pipeline, groups, 20) / 1e12;
+                let y = read_y(ctx, &s);
+                let diff = reference.iter().zip(&y).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+                print!(" {name} {tflops:>6.1} (diff {diff:.0e})");
+            }
         }
         println!();
     }

@@ -4,26 +4,46 @@
 //
 // A workgroup of 8 subgroups owns 128 weight rows by 128 tokens; subgroup s owns rows
 // 32 (s % 4).. + 31 against tokens 64 (s / 4).. + 63, in eight accumulators, so each pair of
-// fragment loads feeds two multiply-adds or more. For each block of 32 columns the loader
-// dequantizes the weight tile once into workgroup memory as f16, a quarter block per call of the
-// format's `quarter_weights` (one word and one scale for 8 weights), and converts the activations
-// beside it. The sums leave through a per-subgroup staging tile, so tile edges and accumulation
-// are plain bounded writes. Not batch-invariant, and its f16 inputs round (about 1e-3 relative
-// to the sum of |w x|) and overflow beyond 65504.
+// fragment loads feeds two multiply-adds or more. A step takes BK columns: the loader dequantizes
+// the weight tile once into workgroup memory as f16, a quarter block per call of the format's
+// `quarter_weights` (one word and one scale for 8 weights), and converts the activations beside
+// it. Tiles hold f16 four to an element, so a lane stores a run of 4 values at once (16 scalar
+// f16 stores a block made the loader, not the matrix units, the bound). The next
+// step's weights and activations are loaded into registers while this step's multiply-adds run.
+// The sums leave through a per-subgroup staging tile, so tile edges and accumulation are plain
+// bounded writes. Not batch-invariant, and its f16 inputs round (about 1e-3 relative to the sum
+// of |w x|) and overflow beyond 65504.
 
 
 const TILE: u32 = 128u;
 const BK: u32 = 32u;
-// Row stride of the f16 tiles: 32 columns padded by 8, so fragment loads of consecutive rows
-// fall on different banks.
-const LD: u32 = 40u;
+// Blocks of 32 columns a step.
+const NB: u32 = BK / 32u;
+// Row stride of the tiles in f16: BK padded by 8, so fragment loads of consecutive rows fall on
+// different banks.
+const LD: u32 = BK + 8u;
 const WG: u32 = 256u;
 
+// The tiles' element: PER halves, so a run of 4 is 4 / PER stores. (Fragments load from vectors
+// of f16 on NVIDIA; vectors of u32 failed its compiler.)
+alias Elem = vec4<f16>;
+const PER: u32 = 4u;
+const LDV: u32 = LD / PER;
+
 // [row][column] of the weight tile and [token][column] of the activations.
-var<workgroup> w_tile: array<f16, 5120>;
-var<workgroup> x_tile: array<f16, 5120>;
+var<workgroup> w_tile: array<Elem, 128u * LDV>;
+var<workgroup> x_tile: array<Elem, 128u * LDV>;
 // One 16 x 16 result per subgroup on its way out, [token][row].
 var<workgroup> stage: array<f32, 2048>;
+
+/// Stores a run of 4 halves at half index i (a multiple of 4) of the weight or activation tile.
+fn put_w(i: u32, v: vec4<f16>) {
+    w_tile[i / 4u] = v;
+}
+
+fn put_x(i: u32, v: vec4<f16>) {
+    x_tile[i / 4u] = v;
+}
 
 /// Writes the subgroup's staged 16 x 16 results for rows r.. and tokens t.. (bounded), then
 /// waits so the stage can be reused. Called by every lane.
@@ -39,6 +59,31 @@ fn flush(sg: u32, lane: u32, r: u32, t: u32, n_tok: u32) {
     workgroupBarrier();
 }
 
+/// Step s's share of one lane into registers, as f16 runs of 4: for each of the step's blocks,
+/// two quarters of weight row `w_row` (the format's `quarter_cols`), and 16 activations of token
+/// `x_tok` from column half * 16. Blocks past the row's end load zeros.
+fn load_step(s: u32, nb: u32, w_row: u32, x_tok: u32, half: u32, w_runs: ptr<function, array<vec4<f16>, 4u * NB>>, x_runs: ptr<function, array<vec4<f16>, 4u * NB>>) {
+    for (var bb = 0u; bb < NB; bb++) {
+        let b = s * NB + bb;
+        if (b < nb) {
+            for (var qq = 0u; qq < 2u; qq++) {
+                let m = quarter_weights(w_row, b, p.k, half * 2u + qq);
+                (*w_runs)[bb * 4u + qq * 2u] = vec4<f16>(m[0]);
+                (*w_runs)[bb * 4u + qq * 2u + 1u] = vec4<f16>(m[1]);
+            }
+            let xo = x_tok * p.x_stride + b * 32u + half * 16u;
+            for (var j = 0u; j < 4u; j++) {
+                (*x_runs)[bb * 4u + j] = vec4<f16>(x4(xo + 4u * j));
+            }
+        } else {
+            for (var j = 0u; j < 4u; j++) {
+                (*w_runs)[bb * 4u + j] = vec4<f16>();
+                (*x_runs)[bb * 4u + j] = vec4<f16>();
+            }
+        }
+    }
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec3<u32>) {
     let n_tok = step_rows();
@@ -48,13 +93,26 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
     let lane = li % 32u;
     let sr = (sg % 4u) * 32u;
     let st = (sg / 4u) * 64u;
-    // The loader's share: half a block (two quarters) of one weight row, and 16 columns of one
-    // token's activations.
+    // The loader's share of each block: half a block (two quarters) of one weight row, and 16
+    // columns of one token's activations.
     let ld = li / 2u;
     let half = li % 2u;
     let w_row = min(r0 + ld, p.n - 1u);
     let x_tok = min(t0 + ld, max(n_tok, 1u) - 1u);
-    let nb = p.k / BK;
+    let nb = p.k / 32u;
+    let steps = (nb + NB - 1u) / NB;
+
+    // A step's share in registers (`load_step`), and the tile columns of its weight runs.
+    var w_runs: array<vec4<f16>, 4u * NB>;
+    var w_cols: array<u32, 4u * NB>;
+    var x_runs: array<vec4<f16>, 4u * NB>;
+    for (var bb = 0u; bb < NB; bb++) {
+        for (var qq = 0u; qq < 2u; qq++) {
+            let cols = quarter_cols(half * 2u + qq) + vec2<u32>(bb * 32u);
+            w_cols[bb * 4u + qq * 2u] = cols.x;
+            w_cols[bb * 4u + qq * 2u + 1u] = cols.y;
+        }
+    }
 
     var c00 = coop_mat16x16<f32, C>();
     var c01 = coop_mat16x16<f32, C>();
@@ -64,32 +122,26 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
     var c11 = coop_mat16x16<f32, C>();
     var c12 = coop_mat16x16<f32, C>();
     var c13 = coop_mat16x16<f32, C>();
-    for (var b = 0u; b < nb; b++) {
-        for (var qq = 0u; qq < 2u; qq++) {
-            let q = half * 2u + qq;
-            let cols = quarter_cols(q);
-            let m = quarter_weights(w_row, b, p.k, q);
-            for (var i = 0u; i < 4u; i++) {
-                w_tile[ld * LD + cols.x + i] = f16(m[0][i]);
-                w_tile[ld * LD + cols.y + i] = f16(m[1][i]);
-            }
-        }
-        let xo = x_tok * p.x_stride + b * BK + half * 16u;
-        for (var j = 0u; j < 4u; j++) {
-            let v = x4(xo + 4u * j);
-            for (var i = 0u; i < 4u; i++) {
-                x_tile[ld * LD + half * 16u + 4u * j + i] = f16(v[i]);
-            }
+    load_step(0u, nb, w_row, x_tok, half, &w_runs, &x_runs);
+    for (var s = 0u; s < steps; s++) {
+        for (var i = 0u; i < 4u * NB; i++) {
+            put_w(ld * LD + w_cols[i], w_runs[i]);
+            put_x(ld * LD + (i / 4u) * 32u + half * 16u + (i % 4u) * 4u, x_runs[i]);
         }
         workgroupBarrier();
+        // The next step into registers while this one's multiply-adds run. (No branch around the
+        // multiply-adds: naga counts any loop variable as non-uniform.)
+        if (s + 1u < steps) {
+            load_step(s + 1u, nb, w_row, x_tok, half, &w_runs, &x_runs);
+        }
         for (var kk = 0u; kk < BK; kk += 16u) {
-            let a0 = coopLoadT<coop_mat16x16<f16, A>>(&w_tile[sr * LD + kk], LD);
-            let a1 = coopLoadT<coop_mat16x16<f16, A>>(&w_tile[(sr + 16u) * LD + kk], LD);
+            let a0 = coopLoadT<coop_mat16x16<f16, A>>(&w_tile[(sr * LD + kk) / PER], LDV);
+            let a1 = coopLoadT<coop_mat16x16<f16, A>>(&w_tile[((sr + 16u) * LD + kk) / PER], LDV);
             // B[k][t] = x_tile[t][k]: the activations read column-major.
-            let b0 = coopLoad<coop_mat16x16<f16, B>>(&x_tile[st * LD + kk], LD);
-            let b1 = coopLoad<coop_mat16x16<f16, B>>(&x_tile[(st + 16u) * LD + kk], LD);
-            let b2 = coopLoad<coop_mat16x16<f16, B>>(&x_tile[(st + 32u) * LD + kk], LD);
-            let b3 = coopLoad<coop_mat16x16<f16, B>>(&x_tile[(st + 48u) * LD + kk], LD);
+            let b0 = coopLoad<coop_mat16x16<f16, B>>(&x_tile[(st * LD + kk) / PER], LDV);
+            let b1 = coopLoad<coop_mat16x16<f16, B>>(&x_tile[((st + 16u) * LD + kk) / PER], LDV);
+            let b2 = coopLoad<coop_mat16x16<f16, B>>(&x_tile[((st + 32u) * LD + kk) / PER], LDV);
+            let b3 = coopLoad<coop_mat16x16<f16, B>>(&x_tile[((st + 48u) * LD + kk) / PER], LDV);
             c00 = coopMultiplyAdd(a0, b0, c00);
             c01 = coopMultiplyAdd(a0, b1, c01);
             c02 = coopMultiplyAdd(a0, b2, c02);
