@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use tandem_core::device_weights::DeviceMatrix;
-use tandem_core::kernels::{GEMM_COOP_TILE, GEMM_TILE, Kernels, MatvecShape, q8_activations};
+use tandem_core::kernels::{GEMM_COOP_TOKENS, GEMM_TILE, Kernels, MatvecShape, q8_activations};
 use tandem_core::tensor::{HostTensor, TensorBytes};
 use tandem_core::{GpuContext, WeightFormat};
 use tandem_shaders::{Kernel, Step, TokenInfo};
@@ -292,7 +292,7 @@ fn gemm(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize
             print!(" simt@6d832b2 {:>7.3}", flops / time(ctx, kernels, &s, &old, groups, 20) / 1e12);
         }
         if ctx.caps.coop_matrix {
-            let groups = [s.rows.div_ceil(GEMM_COOP_TILE) as u32, tokens.div_ceil(GEMM_COOP_TILE) as u32, 1];
+            let groups = [s.rows.div_ceil(128) as u32, tokens.div_ceil(GEMM_COOP_TOKENS) as u32, 1];
             let source = Kernel::GemmCoop.source(Some(WeightFormat::Q4_0), ctx.caps).expect("gemm_coop source");
             let body = include_str!("../../shaders/wgsl/gemm_coop.wgsl");
             // The engine's kernel, the one before its loader stored runs of 4 halves and loaded
@@ -326,10 +326,20 @@ fn gemm(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize
                     ),
                 ),
                 ("coop-bk64", source.replace("const BK: u32 = 32u;", "const BK: u32 = 64u;")),
+                ("coop-r256", source.replace("override TILE_R: u32 = 128u;", "override TILE_R: u32 = 256u;")),
+                // Ablations (wrong results): what each part of a step costs.
+                ("abl-no-global-loads", coop_ablate(&source, true, false, false, false)),
+                ("abl-mma-only", coop_ablate(&source, true, true, false, false)),
+                ("abl-no-mma", coop_ablate(&source, false, false, true, false)),
+                ("abl-mma-no-barriers", coop_ablate(&source, true, true, false, true)),
             ];
             let variants = variants.into_iter().filter(|(name, _)| only.as_deref().is_none_or(|o| o == *name));
             for (name, src) in variants {
                 let pipeline = kernels.pipeline_from_source(Kernel::GemmCoop, name, &src, &[]).expect("coop variant");
+                let mut groups = groups;
+                if src.contains("override TILE_R: u32 = 256u;") {
+                    groups[0] = s.rows.div_ceil(256) as u32;
+                }
                 let tflops = flops / time(ctx, kernels, &s, &pipeline, groups, 20) / 1e12;
                 let y = read_y(ctx, &s);
                 let diff = reference.iter().zip(&y).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
@@ -338,6 +348,27 @@ fn gemm(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize
         }
         println!();
     }
+}
+
+/// gemm_coop.wgsl without its global loads, tile stores, multiply-adds or main-loop barriers, as
+/// asked: ablations that time each part of a step.
+fn coop_ablate(source: &str, no_loads: bool, no_stores: bool, no_mma: bool, no_barriers: bool) -> String {
+    let mut s = source.to_string();
+    if no_loads {
+        s = s.replace("    load_step(0u,", "    // ").replace("            load_step(s + 1u,", "            // ");
+    }
+    if no_stores {
+        s = s.replace("            put_w(ld * LD", "            // ").replace("            put_x(ld * LD", "            // ");
+    }
+    if no_mma {
+        let a = s.find("        for (var kk = 0u; kk < BK; kk += 16u) {").expect("kk loop");
+        let b = a + s[a..].find("        workgroupBarrier();\n    }\n").expect("loop end");
+        s.replace_range(a..b, "");
+    }
+    if no_barriers {
+        s = s.replace("        workgroupBarrier();\n", "");
+    }
+    s
 }
 
 /// The plainest read of a large buffer: the bandwidth ceiling kernels can reach through this

@@ -12,7 +12,9 @@ use crate::cpu_ref::rope_table;
 use crate::device_weights::{DeviceMatrix, upload_vector};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::kernels::{GEMM_COOP_TILE, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, SILU_MUL_TILE, q8_ranges};
+use crate::kernels::{
+    GEMM_COOP_TOKENS, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, SILU_MUL_TILE, gemm_coop_rows, q8_ranges,
+};
 use crate::kv::{BLOCK_TOKENS, BlockPool, KvLayer, KvSink, PoolUsage, SeqId, SeqState, block_hash, prefix_hashes};
 use crate::model::{HostModel, layer_tensor};
 use crate::recorder::{KernelTime, Profiler, Recorder, Work};
@@ -86,8 +88,15 @@ struct FastMatmul {
     /// has a packed-byte dot: by increasing tokens, and a bind group per part. Taken before
     /// `matvec`.
     matvec_q8: Option<MatvecQ8>,
-    /// The GEMM for larger steps (the matrix units' where the adapter has them) and its tile.
-    gemm: (Kernel, wgpu::ComputePipeline, usize),
+    /// The GEMM for larger steps.
+    gemm: Gemm,
+}
+
+/// The GEMM of one matmul: the matrix units' where the adapter has them (a pipeline per tile
+/// height, chosen per step by `gemm_coop_rows`), the workgroup-tiled one elsewhere.
+enum Gemm {
+    Tiled(wgpu::ComputePipeline),
+    Coop { rows_128: wgpu::ComputePipeline, rows_256: wgpu::ComputePipeline },
 }
 
 /// The 8-bit activations' matvec of one matmul: pipelines by increasing tokens, a bind group per part.
@@ -284,9 +293,12 @@ impl MatmulOp {
                 _ => None,
             };
             let gemm = if ctx.caps.coop_matrix && m.cols.is_multiple_of(32) {
-                (Kernel::GemmCoop, kernels.gemm_coop(m.format, accumulate, sample_rows)?, GEMM_COOP_TILE)
+                Gemm::Coop {
+                    rows_128: kernels.gemm_coop(m.format, accumulate, sample_rows, 128)?,
+                    rows_256: kernels.gemm_coop(m.format, accumulate, sample_rows, 256)?,
+                }
             } else {
-                (Kernel::Gemm, kernels.gemm(m.format, accumulate, sample_rows)?, GEMM_TILE)
+                Gemm::Tiled(kernels.gemm(m.format, accumulate, sample_rows)?)
             };
             Some(FastMatmul { matvec, matvec_q8, gemm })
         };
@@ -318,8 +330,16 @@ impl MatmulOp {
                             [wg(*rows as usize, shape.rows_per_workgroup()), wg(tokens, shape.tokens as usize), 1],
                         )
                     } else {
-                        let (kernel, pipeline, tile) = &f.gemm;
-                        (*kernel, pipeline, bg, [wg(*rows as usize, *tile), wg(tokens, *tile), 1])
+                        match &f.gemm {
+                            Gemm::Tiled(pipeline) => {
+                                (Kernel::Gemm, pipeline, bg, [wg(*rows as usize, GEMM_TILE), wg(tokens, GEMM_TILE), 1])
+                            }
+                            Gemm::Coop { rows_128, rows_256 } => {
+                                let tile = gemm_coop_rows(*rows as usize, tokens);
+                                let pipeline = if tile == 256 { rows_256 } else { rows_128 };
+                                (Kernel::GemmCoop, pipeline, bg, [wg(*rows as usize, tile), wg(tokens, GEMM_COOP_TOKENS), 1])
+                            }
+                        }
                     }
                 }
             };

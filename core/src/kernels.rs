@@ -227,11 +227,16 @@ impl Kernels {
 
     /// The GEMM on the adapter's matrix units (adapters with `ShaderCaps::coop_matrix`), for
     /// rows of whole blocks; tested on such adapters by scripts/test-gpu.
-    pub fn gemm_coop(&self, format: WeightFormat, accumulate: bool, sample_rows: bool) -> Result<wgpu::ComputePipeline> {
+    /// The matrix units' GEMM with tiles of `tile_rows` weight rows (`gemm_coop_rows`).
+    pub fn gemm_coop(&self, format: WeightFormat, accumulate: bool, sample_rows: bool, tile_rows: usize) -> Result<wgpu::ComputePipeline> {
         self.pipeline(
             Kernel::GemmCoop,
             Some(format),
-            &[("ACCUMULATE", f64::from(u8::from(accumulate))), ("SAMPLE_ROWS", f64::from(u8::from(sample_rows)))],
+            &[
+                ("ACCUMULATE", f64::from(u8::from(accumulate))),
+                ("SAMPLE_ROWS", f64::from(u8::from(sample_rows))),
+                ("TILE_R", tile_rows as f64),
+            ],
         )
     }
 }
@@ -331,6 +336,15 @@ impl MatvecShape {
 /// Weight rows and tokens of one GEMM workgroup's tile (`TILE` in gemm.wgsl).
 pub const GEMM_TILE: usize = 64;
 
-/// Weight rows and tokens of one cooperative-matrix GEMM workgroup's tile (`TILE` in
-/// gemm_coop.wgsl).
-pub const GEMM_COOP_TILE: usize = 128;
+/// Tokens of one cooperative-matrix GEMM workgroup's tile (`TILE_T` in gemm_coop.wgsl).
+pub const GEMM_COOP_TOKENS: usize = 128;
+
+/// Weight rows of one cooperative-matrix GEMM workgroup's tile (`TILE_R` in gemm_coop.wgsl) for a
+/// matrix of `rows` rows and a step of `tokens` tokens: 256 where that still makes 96 workgroups
+/// or more, 128 otherwise. 256-row tiles halve each lane's activation loads; on the H200 they
+/// ran the 8B shapes' qkv, gate_up and head 1.7-2x faster at 512 tokens (96-2,004
+/// workgroups), and its o and down (4,096 rows: 64 workgroups) 10% slower
+/// (docs/kernel-notes.md, item 23).
+pub fn gemm_coop_rows(rows: usize, tokens: usize) -> usize {
+    if rows.div_ceil(256) * tokens.div_ceil(GEMM_COOP_TOKENS) >= 96 { 256 } else { 128 }
+}

@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use tandem_core::cpu_ref;
 use tandem_core::device_weights::DeviceMatrix;
 use tandem_core::kernels::{
-    GEMM_COOP_TILE, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, Q8_TOKENS, SILU_MUL_TILE, q8_activations, q8_ranges,
+    GEMM_COOP_TOKENS, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, Q8_TOKENS, SILU_MUL_TILE, q8_activations, q8_ranges,
 };
 use tandem_core::tensor::{HostTensor, TensorBytes};
 use tandem_core::{GpuContext, WeightFormat};
@@ -176,8 +176,9 @@ enum Fast {
     MatvecQ8(MatvecShape),
     /// The workgroup-tiled GEMM.
     Gemm,
-    /// The GEMM on matrix units (rows of whole blocks, adapters that have them).
-    GemmCoop,
+    /// The GEMM on matrix units (rows of whole blocks, adapters that have them), with tiles of
+    /// this many rows.
+    GemmCoop(usize),
 }
 
 fn run_fast(ctx: &GpuContext, kernels: &Kernels, m: &DeviceMatrix, x: &[f32], tokens: usize, fast: Fast) -> Vec<f32> {
@@ -205,7 +206,7 @@ fn run_fast(ctx: &GpuContext, kernels: &Kernels, m: &DeviceMatrix, x: &[f32], to
             };
             let size = match fast {
                 Fast::Gemm => [p.rows.div_ceil(GEMM_TILE) as u32, tokens.div_ceil(GEMM_TILE) as u32, 1],
-                Fast::GemmCoop => [p.rows.div_ceil(GEMM_COOP_TILE) as u32, tokens.div_ceil(GEMM_COOP_TILE) as u32, 1],
+                Fast::GemmCoop(tile) => [p.rows.div_ceil(tile) as u32, tokens.div_ceil(GEMM_COOP_TOKENS) as u32, 1],
                 Fast::Matvec(shape) | Fast::MatvecQ8(shape) => {
                     [p.rows.div_ceil(shape.rows_per_workgroup()) as u32, tokens.div_ceil(shape.tokens as usize) as u32, 1]
                 }
@@ -215,7 +216,7 @@ fn run_fast(ctx: &GpuContext, kernels: &Kernels, m: &DeviceMatrix, x: &[f32], to
         .collect();
     let pipeline = match fast {
         Fast::Gemm => kernels.gemm(m.format, false, false),
-        Fast::GemmCoop => kernels.gemm_coop(m.format, false, false),
+        Fast::GemmCoop(tile) => kernels.gemm_coop(m.format, false, false, tile),
         Fast::Matvec(shape) => kernels.matvec(m.format, shape, false, false),
         Fast::MatvecQ8(shape) => kernels.matvec_q8(m.format, shape, false, false),
     }
@@ -255,12 +256,12 @@ fn fast_matmuls_match_cpu_for_every_format_and_odd_shapes() {
                     .chain([Fast::Gemm])
                     .collect();
                 if whole && ctx.caps.coop_matrix {
-                    variants.push(Fast::GemmCoop);
+                    variants.extend([Fast::GemmCoop(128), Fast::GemmCoop(256)]);
                 }
                 for fast in variants {
                     let got = run_fast(&ctx, &kernels, &m, &x, tokens, fast);
                     let what = format!("fast matmul ({fast:?}) {format} {n}x{cols} x{tokens} {:?}", ctx.caps);
-                    let tolerance = if matches!(fast, Fast::GemmCoop) { COOP_MATMUL_TOLERANCE } else { MATMUL_TOLERANCE };
+                    let tolerance = if matches!(fast, Fast::GemmCoop(_)) { COOP_MATMUL_TOLERANCE } else { MATMUL_TOLERANCE };
                     assert_close(&got, &want, tolerance, &scale, &what);
                 }
             }

@@ -34,6 +34,15 @@ fn placeholder_constants(module: &naga::Module) -> naga::back::PipelineConstants
     module.overrides.iter().filter(|(_, o)| o.init.is_none()).filter_map(|(_, o)| Some((o.name.clone()?, 64.0))).collect()
 }
 
+/// Override values that change a kernel's shape, each written too: the wide tile of the
+/// matrix units' GEMM.
+fn shape_constants(kernel: Kernel) -> &'static [(&'static str, f64)] {
+    match kernel {
+        Kernel::GemmCoop => &[("TILE_R", 256.0)],
+        _ => &[],
+    }
+}
+
 #[test]
 fn every_variant_validates() {
     let mut count = 0;
@@ -46,15 +55,16 @@ fn every_variant_validates() {
         let (module, info) = parse(kernel, caps, &source, &label);
         // What wgpu's Vulkan backend does with it (lavapipe runs no cooperative matrices, so
         // nothing else here would reach the writer for those variants).
-        let (module, info) = naga::back::pipeline_constants::process_overrides(
-            &module,
-            &info,
-            Some((naga::ShaderStage::Compute, "main")),
-            &placeholder_constants(&module),
-        )
-        .unwrap_or_else(|e| panic!("{label}: overrides: {e}"));
-        naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
-            .unwrap_or_else(|e| panic!("{label}: SPIR-V: {e}"));
+        let base = placeholder_constants(&module);
+        for extra in std::iter::once(None).chain(shape_constants(kernel).iter().map(Some)) {
+            let mut constants = base.clone();
+            constants.extend(extra.map(|&(k, v)| (k.to_string(), v)));
+            let (module, info) =
+                naga::back::pipeline_constants::process_overrides(&module, &info, Some((naga::ShaderStage::Compute, "main")), &constants)
+                    .unwrap_or_else(|e| panic!("{label} {extra:?}: overrides: {e}"));
+            naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
+                .unwrap_or_else(|e| panic!("{label} {extra:?}: SPIR-V: {e}"));
+        }
         count += 1;
     }
     // 5 plain kernels, attention with and without subgroups, embed and gemm in 6 formats plus

@@ -2,27 +2,36 @@
 // multiply-adds, 16 x 16 x 16, f16 inputs, f32 sums), for adapters whose subgroups are 32 lanes
 // and that offer that configuration. Rows must be a whole number of 32-column blocks long.
 //
-// A workgroup of 8 subgroups owns 128 weight rows by 128 tokens; subgroup s owns rows
-// 32 (s % 4).. + 31 against tokens 64 (s / 4).. + 63, in eight accumulators, so each pair of
-// fragment loads feeds two multiply-adds or more. A step takes BK columns: the loader dequantizes
-// the weight tile once into workgroup memory as f16, a quarter block per call of the format's
-// `quarter_weights` (one word and one scale for 8 weights), and converts the activations beside
-// it. Tiles hold f16 four to an element, so a lane stores a run of 4 values at once (16 scalar
-// f16 stores a block made the loader, not the matrix units, the bound). The next
-// step's weights and activations are loaded into registers while this step's multiply-adds run.
-// The sums leave through a per-subgroup staging tile, so tile edges and accumulation are plain
-// bounded writes. Not batch-invariant, and its f16 inputs round (about 1e-3 relative to the sum
-// of |w x|) and overflow beyond 65504.
+// A workgroup of TILE_R / 16 subgroups owns TILE_R weight rows by 128 tokens; subgroup s owns
+// rows 32 (s % (TILE_R / 32)).. + 31 against tokens 64 (s / (TILE_R / 32)).. + 63, in eight
+// accumulators, so each pair of fragment loads feeds two multiply-adds or more. A step takes BK
+// columns: the loader dequantizes the weight tile once into workgroup memory as f16, a quarter
+// block per call of the format's `quarter_weights` (one word and one scale for 8 weights), and
+// converts the activations beside it. Tiles hold f16 four to an element, so a lane stores a run
+// of 4 values at once (16 scalar f16 stores a block made the loader, not the matrix units, the
+// bound). The next step's weights and activations are loaded into registers while this step's
+// multiply-adds run. The sums leave through a per-subgroup staging tile, so tile edges and
+// accumulation are plain bounded writes. Not batch-invariant, and its f16 inputs round (about
+// 1e-3 relative to the sum of |w x|) and overflow beyond 65504.
 
 
-const TILE: u32 = 128u;
+// Weight rows and tokens of a workgroup's tile (128 or 256 rows). 256 rows halve the activations
+// each lane loads a step, for matrices with enough rows to fill the GPU (`gemm_coop_rows` in
+// core).
+override TILE_R: u32 = 128u;
+const TILE_T: u32 = 128u;
 const BK: u32 = 32u;
 // Blocks of 32 columns a step.
 const NB: u32 = BK / 32u;
 // Row stride of the tiles in f16: BK padded by 8, so fragment loads of consecutive rows fall on
 // different banks.
 const LD: u32 = BK + 8u;
-const WG: u32 = 256u;
+override WG: u32 = 2u * TILE_R;
+// Lanes that share a token's activations in the loader, and the runs of 4 each loads a block (at
+// most MAX_X_RUNS).
+override X_LANES: u32 = WG / TILE_T;
+override X_RUNS: u32 = 8u / X_LANES;
+const MAX_X_RUNS: u32 = 4u;
 
 // The tiles' element: PER halves, so a run of 4 is 4 / PER stores. (Fragments load from vectors
 // of f16 on NVIDIA; vectors of u32 failed its compiler.)
@@ -31,10 +40,10 @@ const PER: u32 = 4u;
 const LDV: u32 = LD / PER;
 
 // [row][column] of the weight tile and [token][column] of the activations.
-var<workgroup> w_tile: array<Elem, 128u * LDV>;
-var<workgroup> x_tile: array<Elem, 128u * LDV>;
+var<workgroup> w_tile: array<Elem, TILE_R * LDV>;
+var<workgroup> x_tile: array<Elem, TILE_T * LDV>;
 // One 16 x 16 result per subgroup on its way out, [token][row].
-var<workgroup> stage: array<f32, 2048>;
+var<workgroup> stage: array<f32, WG / 32u * 256u>;
 
 /// Stores a run of 4 halves at half index i (a multiple of 4) of the weight or activation tile.
 fn put_w(i: u32, v: vec4<f16>) {
@@ -62,7 +71,7 @@ fn flush(sg: u32, lane: u32, r: u32, t: u32, n_tok: u32) {
 /// Step s's share of one lane into registers, as f16 runs of 4: for each of the step's blocks,
 /// two quarters of weight row `w_row` (the format's `quarter_cols`), and 16 activations of token
 /// `x_tok` from column half * 16. Blocks past the row's end load zeros.
-fn load_step(s: u32, nb: u32, w_row: u32, x_tok: u32, half: u32, w_runs: ptr<function, array<vec4<f16>, 4u * NB>>, x_runs: ptr<function, array<vec4<f16>, 4u * NB>>) {
+fn load_step(s: u32, nb: u32, w_row: u32, x_tok: u32, half: u32, xq: u32, w_runs: ptr<function, array<vec4<f16>, 4u * NB>>, x_runs: ptr<function, array<vec4<f16>, MAX_X_RUNS * NB>>) {
     for (var bb = 0u; bb < NB; bb++) {
         let b = s * NB + bb;
         if (b < nb) {
@@ -71,14 +80,16 @@ fn load_step(s: u32, nb: u32, w_row: u32, x_tok: u32, half: u32, w_runs: ptr<fun
                 (*w_runs)[bb * 4u + qq * 2u] = vec4<f16>(m[0]);
                 (*w_runs)[bb * 4u + qq * 2u + 1u] = vec4<f16>(m[1]);
             }
-            let xo = x_tok * p.x_stride + b * 32u + half * 16u;
-            for (var j = 0u; j < 4u; j++) {
-                (*x_runs)[bb * 4u + j] = vec4<f16>(x4(xo + 4u * j));
+            let xo = x_tok * p.x_stride + b * 32u + xq * 4u * X_RUNS;
+            for (var j = 0u; j < X_RUNS; j++) {
+                (*x_runs)[bb * X_RUNS + j] = vec4<f16>(x4(xo + 4u * j));
             }
         } else {
             for (var j = 0u; j < 4u; j++) {
                 (*w_runs)[bb * 4u + j] = vec4<f16>();
-                (*x_runs)[bb * 4u + j] = vec4<f16>();
+            }
+            for (var j = 0u; j < X_RUNS; j++) {
+                (*x_runs)[bb * X_RUNS + j] = vec4<f16>();
             }
         }
     }
@@ -87,25 +98,27 @@ fn load_step(s: u32, nb: u32, w_row: u32, x_tok: u32, half: u32, w_runs: ptr<fun
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec3<u32>) {
     let n_tok = step_rows();
-    let r0 = wg.x * TILE;
-    let t0 = wg.y * TILE;
+    let r0 = wg.x * TILE_R;
+    let t0 = wg.y * TILE_T;
     let sg = li / 32u;
     let lane = li % 32u;
-    let sr = (sg % 4u) * 32u;
-    let st = (sg / 4u) * 64u;
-    // The loader's share of each block: half a block (two quarters) of one weight row, and 16
-    // columns of one token's activations.
+    let sr = (sg % (TILE_R / 32u)) * 32u;
+    let st = (sg / (TILE_R / 32u)) * 64u;
+    // The loader's share of each block: half a block (two quarters) of one weight row, and
+    // 4 X_RUNS columns of one token's activations.
     let ld = li / 2u;
     let half = li % 2u;
+    let xt = li / X_LANES;
+    let xq = li % X_LANES;
     let w_row = min(r0 + ld, p.n - 1u);
-    let x_tok = min(t0 + ld, max(n_tok, 1u) - 1u);
+    let x_tok = min(t0 + xt, max(n_tok, 1u) - 1u);
     let nb = p.k / 32u;
     let steps = (nb + NB - 1u) / NB;
 
     // A step's share in registers (`load_step`), and the tile columns of its weight runs.
     var w_runs: array<vec4<f16>, 4u * NB>;
     var w_cols: array<u32, 4u * NB>;
-    var x_runs: array<vec4<f16>, 4u * NB>;
+    var x_runs: array<vec4<f16>, MAX_X_RUNS * NB>;
     for (var bb = 0u; bb < NB; bb++) {
         for (var qq = 0u; qq < 2u; qq++) {
             let cols = quarter_cols(half * 2u + qq) + vec2<u32>(bb * 32u);
@@ -122,17 +135,19 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
     var c11 = coop_mat16x16<f32, C>();
     var c12 = coop_mat16x16<f32, C>();
     var c13 = coop_mat16x16<f32, C>();
-    load_step(0u, nb, w_row, x_tok, half, &w_runs, &x_runs);
+    load_step(0u, nb, w_row, x_tok, half, xq, &w_runs, &x_runs);
     for (var s = 0u; s < steps; s++) {
         for (var i = 0u; i < 4u * NB; i++) {
             put_w(ld * LD + w_cols[i], w_runs[i]);
-            put_x(ld * LD + (i / 4u) * 32u + half * 16u + (i % 4u) * 4u, x_runs[i]);
+        }
+        for (var i = 0u; i < X_RUNS * NB; i++) {
+            put_x(xt * LD + (i / X_RUNS) * 32u + xq * 4u * X_RUNS + (i % X_RUNS) * 4u, x_runs[i]);
         }
         workgroupBarrier();
         // The next step into registers while this one's multiply-adds run. (No branch around the
         // multiply-adds: naga counts any loop variable as non-uniform.)
         if (s + 1u < steps) {
-            load_step(s + 1u, nb, w_row, x_tok, half, &w_runs, &x_runs);
+            load_step(s + 1u, nb, w_row, x_tok, half, xq, &w_runs, &x_runs);
         }
         for (var kk = 0u; kk < BK; kk += 16u) {
             let a0 = coopLoadT<coop_mat16x16<f16, A>>(&w_tile[(sr * LD + kk) / PER], LDV);
