@@ -553,7 +553,7 @@ fn small(ctx: &GpuContext, kernels: &Kernels) {
                 ("SCALE", 1.0 / (hd as f64).sqrt()),
                 ("CHUNK", f64::from(tandem_shaders::ATTENTION_CHUNK)),
             ];
-            let pipeline = kernels.pipeline(Kernel::Attention, None, &consts).expect("attention");
+            let pipeline = kernels.pipeline(Kernel::Attention, Some(WeightFormat::F16), &consts).expect("attention");
             let secs = time_chain(ctx, &pipeline, &bg, [nh as u32, 1, chunks as u32], 500);
             let bytes = 2 * ctx_len * kv_dim * 4;
             println!(

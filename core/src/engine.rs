@@ -15,7 +15,7 @@ use crate::gpu::GpuContext;
 use crate::kernels::{
     GEMM_COOP_TOKENS, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, SILU_MUL_TILE, gemm_coop_rows, q8_ranges,
 };
-use crate::kv::{BLOCK_TOKENS, BlockPool, KvLayer, KvSink, PoolUsage, SeqId, SeqState, block_hash, prefix_hashes};
+use crate::kv::{BLOCK_TOKENS, BlockPool, KvDtype, KvLayer, KvSink, PoolUsage, SeqId, SeqState, block_hash, prefix_hashes};
 use crate::model::{HostModel, layer_tensor};
 use crate::recorder::{KernelTime, Profiler, Recorder, Work};
 
@@ -52,11 +52,20 @@ pub struct EngineConfig {
     /// Batch-invariant kernels only: a request's tokens then do not depend on what shares its
     /// steps, how its prompt was chunked or where its K/V was computed. Slower.
     pub deterministic: bool,
+    /// How the K/V cache stores values.
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { max_batch_tokens: 256, kv_blocks: 0, context_length: 0, max_sequences: 1, deterministic: false }
+        EngineConfig {
+            max_batch_tokens: 256,
+            kv_blocks: 0,
+            context_length: 0,
+            max_sequences: 1,
+            deterministic: false,
+            kv_dtype: KvDtype::default(),
+        }
     }
 }
 
@@ -178,6 +187,7 @@ pub struct Engine {
     next_seq: u64,
     last_timing: StepTiming,
     deterministic: bool,
+    kv_dtype: KvDtype,
     profiler: Option<Profiler>,
 }
 
@@ -380,7 +390,7 @@ impl Engine {
         if max_sample == 0 {
             return Err(Error::AdapterLimit { what: "bytes for one row of logits", needed: logits_row, limit: max_binding });
         }
-        let cache_bytes = kv_blocks as u64 * BLOCK_TOKENS as u64 * c.kv_dim() as u64 * f4;
+        let cache_bytes = kv_blocks as u64 * BLOCK_TOKENS as u64 * c.kv_dim() as u64 * cfg.kv_dtype.bytes() as u64;
         if cache_bytes > max_binding {
             return Err(Error::AdapterLimit { what: "bytes of one layer's K cache", needed: cache_bytes, limit: max_binding });
         }
@@ -460,12 +470,12 @@ impl Engine {
             norm_gather: kernels.pipeline(Kernel::RmsNorm, None, &[norm_consts[0], norm_consts[1], ("GATHER", 1.0), q8_flag(&hs_q8)])?,
             rope: kernels.pipeline(
                 Kernel::RopeKv,
-                None,
+                Some(cfg.kv_dtype.format()),
                 &[heads[0], heads[1], heads[2], ("NEOX", f64::from(u8::from(c.rope_layout == RopeLayout::Neox)))],
             )?,
             attention: kernels.pipeline(
                 Kernel::Attention,
-                None,
+                Some(cfg.kv_dtype.format()),
                 &[
                     heads[0],
                     heads[1],
@@ -585,6 +595,7 @@ impl Engine {
             next_seq: 0,
             last_timing: StepTiming::default(),
             deterministic: cfg.deterministic,
+            kv_dtype: cfg.kv_dtype,
             profiler: None,
         })
     }
@@ -592,6 +603,11 @@ impl Engine {
     /// Whether the engine runs only batch-invariant kernels (`EngineConfig::deterministic`).
     pub fn deterministic(&self) -> bool {
         self.deterministic
+    }
+
+    /// How this engine's K/V cache stores values.
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype
     }
 
     /// Times every dispatch of the following steps on the GPU (each in its own compute pass,
@@ -713,7 +729,7 @@ impl Engine {
             return Err(Error::KvImport(format!("cannot export positions {start}..{end} of a sequence holding {}", state.len)));
         }
         let kv_dim = self.config.kv_dim();
-        let kv_row = (kv_dim * 4) as u64;
+        let kv_row = (kv_dim * self.kv_dtype.bytes()) as u64;
         let bytes = (end - start) as u64 * kv_row;
         let mut enc = self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("export_kv") });
         let mut stages = Vec::with_capacity(self.layers.len());
@@ -726,8 +742,8 @@ impl Engine {
         let done = self.ctx.queue.submit([enc.finish()]);
         let mut out = Vec::with_capacity(stages.len());
         for (l, (k_stage, v_stage)) in stages.into_iter().enumerate() {
-            let k: Vec<f32> = bytemuck::cast_slice(&self.ctx.read_mapped(&k_stage, bytes, done.clone())?).to_vec();
-            let v: Vec<f32> = bytemuck::cast_slice(&self.ctx.read_mapped(&v_stage, bytes, done.clone())?).to_vec();
+            let k = self.kv_dtype.decode(&self.ctx.read_mapped(&k_stage, bytes, done.clone())?);
+            let v = self.kv_dtype.decode(&self.ctx.read_mapped(&v_stage, bytes, done.clone())?);
             out.push(KvLayer { layer: l, start, tokens: end - start, k, v });
         }
         self.ctx.check_errors("export_kv")?;
@@ -944,14 +960,15 @@ impl Engine {
         }
         self.pool.reserve(state, end)?;
         let layer = &self.layers[kv.layer];
-        let row_bytes = (kv_dim * 4) as u64;
+        let row_bytes = (kv_dim * self.kv_dtype.bytes()) as u64;
+        let (k, v) = (self.kv_dtype.encode(&kv.k), self.kv_dtype.encode(&kv.v));
         let mut pos = kv.start;
         while pos < end {
             let run = (BLOCK_TOKENS - pos % BLOCK_TOKENS).min(end - pos);
             let offset = u64::from(state.slot(pos)) * row_bytes;
-            let src = (pos - kv.start) * kv_dim..(pos - kv.start + run) * kv_dim;
-            self.ctx.queue.write_buffer(&layer.k_cache, offset, bytemuck::cast_slice(&kv.k[src.clone()]));
-            self.ctx.queue.write_buffer(&layer.v_cache, offset, bytemuck::cast_slice(&kv.v[src]));
+            let src = (pos - kv.start) as u64 * row_bytes..(pos - kv.start + run) as u64 * row_bytes;
+            self.ctx.queue.write_buffer(&layer.k_cache, offset, &k[src.start as usize..src.end as usize]);
+            self.ctx.queue.write_buffer(&layer.v_cache, offset, &v[src.start as usize..src.end as usize]);
             pos += run;
         }
         state.ready[kv.layer] = end;
@@ -985,10 +1002,13 @@ impl Engine {
         let p = &self.pipelines;
         let (d, heads, kv_dim) = (c.hidden_size as u64, c.n_heads as u64, c.kv_dim() as u64);
         let norm = Work::of(Kernel::RmsNorm, t * d * 8, 3 * t * d);
-        let rope_items = (c.n_heads + c.n_kv_heads) * c.head_dim / 2 + c.kv_dim();
-        let rope = Work::of(Kernel::RopeKv, t * (c.qkv_dim() as u64 + kv_dim) * 8, 6 * t * rope_items as u64);
+        let rope_pairs = ((c.n_heads + c.n_kv_heads) * c.head_dim / 2) as u64;
+        let kv_bytes = self.kv_dtype.bytes() as u64;
+        let rope = Work::of(Kernel::RopeKv, t * (c.qkv_dim() as u64 * 8 + 2 * kv_dim * kv_bytes), 6 * t * rope_pairs);
+        // rope_kv.wgsl: an invocation rotates two pairs or copies two V values.
+        let rope_items = (c.n_heads + c.n_kv_heads) * c.head_dim / 4 + c.kv_dim() / 2;
         let hd = c.head_dim as u64;
-        let attention = Work::of(Kernel::Attention, attended * kv_dim * 8 + t * heads * hd * 8, 4 * attended * heads * hd);
+        let attention = Work::of(Kernel::Attention, attended * kv_dim * 2 * kv_bytes + t * heads * hd * 8, 4 * attended * heads * hd);
         let merge = Work::of(Kernel::AttentionMerge, t * heads * hd * 4 * 2, 0);
         let ffn = c.ffn_size as u64;
         let silu = Work::of(Kernel::SiluMul, t * ffn * 12, 5 * t * ffn);
@@ -1121,7 +1141,7 @@ impl Engine {
         }
 
         let record_start = std::time::Instant::now();
-        let kv_row = (c.kv_dim() * 4) as u64;
+        let kv_row = (c.kv_dim() * self.kv_dtype.bytes()) as u64;
         let export_tokens: usize = exports.iter().map(|(_, s, e, _)| e - s).sum();
         let exporting = sink.is_some() && !exports.is_empty();
         let mut staged = Vec::new();
@@ -1159,8 +1179,8 @@ impl Engine {
             let kv_dim = c.kv_dim();
             for (l, (k_stage, v_stage, idx)) in staged.into_iter().enumerate() {
                 let bytes = export_tokens as u64 * kv_row;
-                let k: Vec<f32> = bytemuck::cast_slice(&self.ctx.read_mapped(&k_stage, bytes, idx.clone())?).to_vec();
-                let v: Vec<f32> = bytemuck::cast_slice(&self.ctx.read_mapped(&v_stage, bytes, idx)?).to_vec();
+                let k = self.kv_dtype.decode(&self.ctx.read_mapped(&k_stage, bytes, idx.clone())?);
+                let v = self.kv_dtype.decode(&self.ctx.read_mapped(&v_stage, bytes, idx)?);
                 let mut off = 0;
                 for (seq, start, end, _) in &exports {
                     let n = (end - start) * kv_dim;

@@ -2,6 +2,7 @@
 //! and the layer-by-layer export/import types.
 
 use crate::error::{Error, Result};
+use tandem_shaders::WeightFormat;
 
 /// Tokens per KV block.
 pub const BLOCK_TOKENS: usize = 16;
@@ -19,6 +20,76 @@ pub struct KvLayer {
     pub tokens: usize,
     pub k: Vec<f32>,
     pub v: Vec<f32>,
+}
+
+/// How the paged K/V cache stores its values on the GPU. f16 (the default) halves the cache's
+/// memory and the bytes attention reads; values round to f16 once, when written. Exported K/V is
+/// f32 either way, and converting an f16 cache's values to f32 and back is exact, so K/V moves
+/// between two nodes of the same dtype without change.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    #[default]
+    F16,
+    F32,
+}
+
+impl KvDtype {
+    /// Bytes a value takes in the cache.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F16 => 2,
+            KvDtype::F32 => 4,
+        }
+    }
+
+    /// The cache format the kernels are rendered for (`Kernel::reads_kv`).
+    pub fn format(self) -> WeightFormat {
+        match self {
+            KvDtype::F16 => WeightFormat::F16,
+            KvDtype::F32 => WeightFormat::F32,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F16 => "f16",
+            KvDtype::F32 => "f32",
+        }
+    }
+
+    /// Values as the cache stores them (f16 rounds to nearest, ties to even, as the GPU does).
+    pub fn encode(self, values: &[f32]) -> Vec<u8> {
+        match self {
+            KvDtype::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+            KvDtype::F32 => bytemuck::cast_slice(values).to_vec(),
+        }
+    }
+
+    /// The cache's bytes as f32 values.
+    pub fn decode(self, bytes: &[u8]) -> Vec<f32> {
+        match self {
+            KvDtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            KvDtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f16" => Ok(KvDtype::F16),
+            "f32" => Ok(KvDtype::F32),
+            other => Err(format!("unknown K/V cache dtype {other:?} (f16 or f32)")),
+        }
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Receives each layer's K/V as soon as the GPU has written it.

@@ -32,7 +32,7 @@ pub use error::{Error, Result};
 pub use generate::{GenerationStats, generate, prefill};
 pub use gguf::{GgufFile, GgufTensorOut, MetaArray, MetaValue, write_gguf};
 pub use gpu::{AdapterSummary, GpuContext, list_adapters};
-pub use kv::{BLOCK_TOKENS, KvLayer, KvSink, SeqId};
+pub use kv::{BLOCK_TOKENS, KvDtype, KvLayer, KvSink, SeqId};
 pub use model::HostModel;
 pub use probe::{DeviceSpeed, measure_speed};
 pub use recorder::KernelTime;

@@ -9,7 +9,7 @@ use tandem_core::kernels::{
     GEMM_COOP_TOKENS, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, Q8_TOKENS, SILU_MUL_TILE, q8_activations, q8_ranges,
 };
 use tandem_core::tensor::{HostTensor, TensorBytes};
-use tandem_core::{GpuContext, WeightFormat};
+use tandem_core::{GpuContext, KvDtype, WeightFormat};
 use tandem_shaders::{Kernel, SampleParams, ShaderCaps, Step, TokenInfo};
 
 /// Matmul results may differ from the f64-accumulated reference by this much (relative to the
@@ -483,40 +483,53 @@ fn rope_kv_rotates_and_writes_the_paged_cache() {
     let (q_dim, kv_dim) = (nh * hd, nkv * hd);
     let stride = q_dim + 2 * kv_dim;
     let n_blocks = 8;
-    for neox in [false, true] {
-        let fx = paged(40, 5, n_blocks);
-        let tokens = fx.infos.len();
-        let qkv = random(&mut rng, tokens * stride);
-        let table = cpu_ref::rope_table(64, hd, 10000.0, None);
-        let flat: Vec<f32> = table.iter().flatten().copied().collect();
-        let step = step_buf(&ctx, tokens, 0);
-        let qkv_b = ctx.storage_init("qkv", bytemuck::cast_slice(&qkv));
-        let info_b = ctx.storage_init("tokens", bytemuck::cast_slice(&fx.infos));
-        let rope_b = ctx.storage_init("rope", bytemuck::cast_slice(&flat));
-        let cache_bytes = (n_blocks * 16 * kv_dim * 4) as u64;
-        let (kc, vc) = (ctx.storage("k", cache_bytes), ctx.storage("v", cache_bytes));
-        let bg = kernels.bind_group(Kernel::RopeKv, "rope", &[&step, &qkv_b, &info_b, &rope_b, &kc, &vc]);
-        let consts = [("N_HEADS", nh as f64), ("N_KV_HEADS", nkv as f64), ("HEAD_DIM", hd as f64), ("NEOX", f64::from(u8::from(neox)))];
-        let pipeline = kernels.pipeline(Kernel::RopeKv, None, &consts).expect("pipeline");
-        let items = (nh + nkv) * hd / 2 + kv_dim;
-        let enc = dispatch(&ctx, &pipeline, &[(&bg, [items.div_ceil(64) as u32, tokens as u32, 1])]);
-        let got_qkv = read_f32(&ctx, &qkv_b, (tokens * stride * 4) as u64, enc);
-        let got_k = read_f32(&ctx, &kc, cache_bytes, ctx.device.create_command_encoder(&Default::default()));
-        let got_v = read_f32(&ctx, &vc, cache_bytes, ctx.device.create_command_encoder(&Default::default()));
-        for (t, info) in fx.infos.iter().enumerate() {
-            let row = &qkv[t * stride..(t + 1) * stride];
-            let slot = info.slot as usize;
-            for h in 0..nh + nkv {
-                let mut head = row[h * hd..(h + 1) * hd].to_vec();
-                cpu_ref::rope(&mut head, info.pos as usize, &table, neox);
-                let got = if h < nh {
-                    got_qkv[t * stride + h * hd..][..hd].to_vec()
-                } else {
-                    got_k[slot * kv_dim + (h - nh) * hd..][..hd].to_vec()
-                };
-                assert_close(&got, &head, ELEMENTWISE_TOLERANCE, &vec![1.0; hd], &format!("rope neox={neox} token {t} head {h}"));
+    for dtype in [KvDtype::F16, KvDtype::F32] {
+        for neox in [false, true] {
+            let fx = paged(40, 5, n_blocks);
+            let tokens = fx.infos.len();
+            let qkv = random(&mut rng, tokens * stride);
+            let table = cpu_ref::rope_table(64, hd, 10000.0, None);
+            let flat: Vec<f32> = table.iter().flatten().copied().collect();
+            let step = step_buf(&ctx, tokens, 0);
+            let qkv_b = ctx.storage_init("qkv", bytemuck::cast_slice(&qkv));
+            let info_b = ctx.storage_init("tokens", bytemuck::cast_slice(&fx.infos));
+            let rope_b = ctx.storage_init("rope", bytemuck::cast_slice(&flat));
+            let cache_bytes = (n_blocks * 16 * kv_dim * dtype.bytes()) as u64;
+            let (kc, vc) = (ctx.storage("k", cache_bytes), ctx.storage("v", cache_bytes));
+            let bg = kernels.bind_group(Kernel::RopeKv, "rope", &[&step, &qkv_b, &info_b, &rope_b, &kc, &vc]);
+            let consts = [("N_HEADS", nh as f64), ("N_KV_HEADS", nkv as f64), ("HEAD_DIM", hd as f64), ("NEOX", f64::from(u8::from(neox)))];
+            let pipeline = kernels.pipeline(Kernel::RopeKv, Some(dtype.format()), &consts).expect("pipeline");
+            let items = (nh + nkv) * hd / 4 + kv_dim / 2;
+            let enc = dispatch(&ctx, &pipeline, &[(&bg, [items.div_ceil(64) as u32, tokens as u32, 1])]);
+            let got_qkv = read_f32(&ctx, &qkv_b, (tokens * stride * 4) as u64, enc);
+            let got_k = dtype.decode(&read_bytes(&ctx, &kc, cache_bytes, ctx.device.create_command_encoder(&Default::default())));
+            let got_v = dtype.decode(&read_bytes(&ctx, &vc, cache_bytes, ctx.device.create_command_encoder(&Default::default())));
+            // What the cache holds: the values rounded to its dtype once.
+            let stored = |v: &[f32]| dtype.decode(&dtype.encode(v));
+            for (t, info) in fx.infos.iter().enumerate() {
+                let row = &qkv[t * stride..(t + 1) * stride];
+                let slot = info.slot as usize;
+                let what = format!("rope {dtype} neox={neox} token {t}");
+                for h in 0..nh + nkv {
+                    let mut head = row[h * hd..(h + 1) * hd].to_vec();
+                    cpu_ref::rope(&mut head, info.pos as usize, &table, neox);
+                    if h < nh {
+                        let got = got_qkv[t * stride + h * hd..][..hd].to_vec();
+                        assert_close(&got, &head, ELEMENTWISE_TOLERANCE, &vec![1.0; hd], &format!("{what} head {h}"));
+                    } else {
+                        let got = got_k[slot * kv_dim + (h - nh) * hd..][..hd].to_vec();
+                        // The GPU rounds its f32 rotation to f16, the reference its own: they may
+                        // land an f16 step apart (2^-10 for values below 2).
+                        let tolerance = if dtype == KvDtype::F16 { 1e-3 } else { ELEMENTWISE_TOLERANCE };
+                        assert_close(&got, &stored(&head), tolerance, &vec![1.0; hd], &format!("{what} head {h}"));
+                    }
+                }
+                assert_eq!(
+                    &got_v[slot * kv_dim..(slot + 1) * kv_dim],
+                    &stored(&row[q_dim + kv_dim..])[..],
+                    "{what}: V written to its slot"
+                );
             }
-            assert_eq!(&got_v[slot * kv_dim..(slot + 1) * kv_dim], &row[q_dim + kv_dim..], "V written to its slot");
         }
     }
 }
@@ -532,7 +545,9 @@ fn attention_over_paged_blocks_matches_cpu() {
         let n_blocks = 32;
         // One token alone (decode), a chunk of 7 whose first position is mid-block, and contexts that
         // span several attention chunks.
-        for (len, new) in [(1, 1), (37, 1), (45, 7), (300, 1), (290, 5)] {
+        for ((len, new), dtype) in
+            [(1, 1), (37, 1), (45, 7), (300, 1), (290, 5)].into_iter().flat_map(|c| [(c, KvDtype::F16), (c, KvDtype::F32)])
+        {
             let fx = paged(len, new, n_blocks);
             let k_all = random(&mut rng, len * kv_dim);
             let v_all = random(&mut rng, len * kv_dim);
@@ -550,7 +565,8 @@ fn attention_over_paged_blocks_matches_cpu() {
             }
             let step = step_buf(&ctx, new, 0);
             let b = |l: &str, v: &[f32]| ctx.storage_init(l, bytemuck::cast_slice(v));
-            let (qkv_b, kc_b, vc_b) = (b("qkv", &qkv), b("k", &kc), b("v", &vc));
+            let qkv_b = b("qkv", &qkv);
+            let (kc_b, vc_b) = (ctx.storage_init("k", &dtype.encode(&kc)), ctx.storage_init("v", &dtype.encode(&vc)));
             let info_b = ctx.storage_init("tokens", bytemuck::cast_slice(&fx.infos));
             let table_b = ctx.storage_init("tables", bytemuck::cast_slice(&fx.blocks));
             let out = ctx.storage("out", (new * q_dim * 4) as u64);
@@ -569,7 +585,7 @@ fn attention_over_paged_blocks_matches_cpu() {
                 ("SCALE", 1.0 / (hd as f64).sqrt()),
                 ("CHUNK", f64::from(chunk)),
             ];
-            let pipeline = kernels.pipeline(Kernel::Attention, None, &consts).expect("pipeline");
+            let pipeline = kernels.pipeline(Kernel::Attention, Some(dtype.format()), &consts).expect("pipeline");
             let merge_consts = [("N_HEADS", nh as f64), ("HEAD_DIM", hd as f64), ("CHUNK", f64::from(chunk)), ("Q8", 1.0)];
             let merge = kernels.pipeline(Kernel::AttentionMerge, None, &merge_consts).expect("pipeline");
             let chunks = (len as u32).div_ceil(chunk);
@@ -581,8 +597,10 @@ fn attention_over_paged_blocks_matches_cpu() {
                 pass.dispatch_workgroups(nh as u32, new as u32, 1);
             }
             let got = read_f32(&ctx, &out, (new * q_dim * 4) as u64, enc);
-            let want = cpu_ref::attention(&q, &k_all, &v_all, len - new, nh, nkv, hd);
-            let what = format!("attention len {len} new {new} {:?}", ctx.caps);
+            // Against the K/V the cache holds (rounded to its dtype).
+            let stored = |v: &[f32]| dtype.decode(&dtype.encode(v));
+            let want = cpu_ref::attention(&q, &stored(&k_all), &stored(&v_all), len - new, nh, nkv, hd);
+            let what = format!("attention {dtype} len {len} new {new} {:?}", ctx.caps);
             assert_close(&got, &want, 1e-5, &vec![1.0; want.len()], &what);
             let got_q8 = read_bytes(&ctx, &out_q8, q8_bytes, ctx.device.create_command_encoder(&Default::default()));
             assert_q8_matches(&got_q8, &got, q_dim, q_dim, &what);

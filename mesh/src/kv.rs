@@ -33,9 +33,11 @@ const MAGIC: [u8; 4] = *b"TKV\x01";
 const VERSION: u16 = 1;
 const HEADER_LEN: usize = 64;
 
-/// Element type on the wire: f32, bit-exact with the cache, so the decode node's tokens equal
-/// the prefill node's whatever adapters compute them.
+/// Element types on the wire: the sender's cache dtype, so values arrive bit-exact and the decode
+/// node's tokens equal the prefill node's whatever adapters compute them (placement pairs nodes
+/// whose caches share a dtype).
 pub const DTYPE_F32: u8 = 1;
+pub const DTYPE_F16: u8 = 2;
 /// Layout on the wire: `[kv_heads][tokens][head_dim]` for K, then the same for V.
 pub const LAYOUT_HEADS_TOKENS_DIM: u8 = 1;
 
@@ -48,7 +50,7 @@ pub enum KvError {
     Magic([u8; 4]),
     #[error("K/V format version {0}, this node reads {VERSION}")]
     Version(u16),
-    #[error("K/V dtype {0} (only f32 = {DTYPE_F32} is defined)")]
+    #[error("K/V dtype {0} (f32 = {DTYPE_F32} and f16 = {DTYPE_F16} are defined)")]
     Dtype(u8),
     #[error("K/V layout {0} (only heads x tokens x head_dim = {LAYOUT_HEADS_TOKENS_DIM} is defined)")]
     Layout(u8),
@@ -90,8 +92,15 @@ pub struct KvChunk {
     pub tokens: u32,
     pub heads: u32,
     pub head_dim: u32,
+    /// How the values travel (`DTYPE_F32` or `DTYPE_F16`).
+    pub dtype: u8,
     pub k: Vec<f32>,
     pub v: Vec<f32>,
+}
+
+/// Bytes a value of wire dtype `dtype` takes (a defined dtype).
+fn value_bytes(dtype: u8) -> usize {
+    if dtype == DTYPE_F16 { 2 } else { 4 }
 }
 
 /// What a receiver expects of every chunk of one transfer.
@@ -109,12 +118,16 @@ pub fn is_chunk(payload: &[u8]) -> bool {
     payload.len() >= 4 && payload[..4] == MAGIC
 }
 
-/// Appends `src` (`[tokens][heads][dim]` f32) to `out` as `[heads][tokens][dim]` little-endian.
-fn put_heads_first(out: &mut Vec<u8>, src: &[f32], tokens: usize, heads: usize, dim: usize) {
+/// Appends `src` (`[tokens][heads][dim]` f32) to `out` as `[heads][tokens][dim]` little-endian
+/// values of wire dtype `dtype` (f16 rounds to nearest, ties to even: exact for values an f16
+/// cache held).
+fn put_heads_first(out: &mut Vec<u8>, src: &[f32], tokens: usize, heads: usize, dim: usize, dtype: u8) {
     for h in 0..heads {
         for t in 0..tokens {
             let row = &src[(t * heads + h) * dim..(t * heads + h + 1) * dim];
-            if cfg!(target_endian = "little") {
+            if dtype == DTYPE_F16 {
+                row.iter().for_each(|&x| out.extend_from_slice(&half::f16::from_f32(x).to_le_bytes()));
+            } else if cfg!(target_endian = "little") {
                 out.extend_from_slice(bytemuck::cast_slice(row));
             } else {
                 row.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
@@ -123,17 +136,24 @@ fn put_heads_first(out: &mut Vec<u8>, src: &[f32], tokens: usize, heads: usize, 
     }
 }
 
-/// Reads `[heads][tokens][dim]` little-endian f32 bytes back into `[tokens][heads][dim]`.
-fn take_tokens_first(bytes: &[u8], tokens: usize, heads: usize, dim: usize) -> Vec<f32> {
+/// Reads `[heads][tokens][dim]` little-endian values of wire dtype `dtype` back into
+/// `[tokens][heads][dim]` f32.
+fn take_tokens_first(bytes: &[u8], tokens: usize, heads: usize, dim: usize, dtype: u8) -> Vec<f32> {
     let mut out = vec![0f32; tokens * heads * dim];
+    let size = value_bytes(dtype);
     for h in 0..heads {
         for t in 0..tokens {
-            let from = (h * tokens + t) * dim * 4;
+            let from = (h * tokens + t) * dim * size;
             let to = (t * heads + h) * dim;
-            let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out[to..to + dim]);
-            dst.copy_from_slice(&bytes[from..from + dim * 4]);
-            if cfg!(target_endian = "big") {
-                out[to..to + dim].iter_mut().for_each(|x| *x = f32::from_bits(x.to_bits().swap_bytes()));
+            let src = &bytes[from..from + dim * size];
+            if dtype == DTYPE_F16 {
+                for (x, b) in out[to..to + dim].iter_mut().zip(src.chunks_exact(2)) {
+                    *x = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            } else {
+                for (x, b) in out[to..to + dim].iter_mut().zip(src.chunks_exact(4)) {
+                    *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
             }
         }
     }
@@ -145,9 +165,9 @@ impl KvChunk {
         (self.tokens * self.heads * self.head_dim) as usize
     }
 
-    /// The chunk's frame: header, then K and V in the wire layout, little-endian f32.
+    /// The chunk's frame: header, then K and V in the wire layout, little-endian `dtype` values.
     pub fn encode(&self) -> Vec<u8> {
-        encode_chunk(self.session, self.fingerprint, self.layer, self.start, self.heads, self.head_dim, &self.k, &self.v)
+        encode_chunk(self.session, self.fingerprint, self.layer, self.start, self.heads, self.head_dim, self.dtype, &self.k, &self.v)
     }
 
     /// Parses and checks a chunk frame against `want`; nothing is returned from a frame that
@@ -167,8 +187,9 @@ impl KvChunk {
         if version != VERSION {
             return Err(KvError::Version(version));
         }
-        if frame[6] != DTYPE_F32 {
-            return Err(KvError::Dtype(frame[6]));
+        let dtype = frame[6];
+        if dtype != DTYPE_F32 && dtype != DTYPE_F16 {
+            return Err(KvError::Dtype(dtype));
         }
         if frame[7] != LAYOUT_HEADS_TOKENS_DIM {
             return Err(KvError::Layout(frame[7]));
@@ -191,7 +212,7 @@ impl KvChunk {
             return Err(KvError::Tokens { tokens });
         }
         let payload = &frame[HEADER_LEN..];
-        let expect = tokens as usize * heads as usize * head_dim as usize * 8;
+        let expect = tokens as usize * heads as usize * head_dim as usize * 2 * value_bytes(dtype);
         if len as usize != expect || payload.len() != expect {
             return Err(KvError::Length { want: expect, got: payload.len() });
         }
@@ -209,23 +230,34 @@ impl KvChunk {
             tokens,
             heads,
             head_dim,
-            k: take_tokens_first(&payload[..half], t, h, d),
-            v: take_tokens_first(&payload[half..], t, h, d),
+            dtype,
+            k: take_tokens_first(&payload[..half], t, h, d, dtype),
+            v: take_tokens_first(&payload[half..], t, h, d, dtype),
         })
     }
 }
 
 /// A chunk's frame straight from slices of a layer's K and V (`[tokens][heads][head_dim]`), so
-/// a sender copies each value once.
+/// a sender copies each value once, as values of wire dtype `dtype` (`DTYPE_F32` or `DTYPE_F16`).
 #[allow(clippy::too_many_arguments)]
-pub fn encode_chunk(session: u64, fingerprint: u64, layer: u32, start: u32, heads: u32, head_dim: u32, k: &[f32], v: &[f32]) -> Vec<u8> {
+pub fn encode_chunk(
+    session: u64,
+    fingerprint: u64,
+    layer: u32,
+    start: u32,
+    heads: u32,
+    head_dim: u32,
+    dtype: u8,
+    k: &[f32],
+    v: &[f32],
+) -> Vec<u8> {
     let (h, d) = (heads as usize, head_dim as usize);
     let tokens = k.len() / (h * d).max(1);
-    let payload_len = tokens * h * d * 8;
+    let payload_len = tokens * h * d * 2 * value_bytes(dtype);
     let mut out = Vec::with_capacity(HEADER_LEN + payload_len);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
-    out.push(DTYPE_F32);
+    out.push(dtype);
     out.push(LAYOUT_HEADS_TOKENS_DIM);
     out.extend_from_slice(&session.to_le_bytes());
     out.extend_from_slice(&fingerprint.to_le_bytes());
@@ -233,8 +265,8 @@ pub fn encode_chunk(session: u64, fingerprint: u64, layer: u32, start: u32, head
         out.extend_from_slice(&x.to_le_bytes());
     }
     out.resize(HEADER_LEN, 0);
-    put_heads_first(&mut out, k, tokens, h, d);
-    put_heads_first(&mut out, v, tokens, h, d);
+    put_heads_first(&mut out, k, tokens, h, d, dtype);
+    put_heads_first(&mut out, v, tokens, h, d, dtype);
     let sum = xxhash_rust::xxh3::xxh3_64(&out[HEADER_LEN..]);
     out[48..56].copy_from_slice(&sum.to_le_bytes());
     out
@@ -267,7 +299,8 @@ impl KvProgress {
             return Err(KvError::Range { start, end, limit: self.to });
         }
         self.next[l] = end;
-        self.bytes += c.values() as u64 * 8;
+        // K and V as they travelled.
+        self.bytes += (c.values() * 2 * value_bytes(c.dtype)) as u64;
         Ok(())
     }
 
@@ -361,6 +394,7 @@ mod tests {
             tokens,
             heads: 3,
             head_dim: 2,
+            dtype: DTYPE_F32,
             k: (0..n).map(|i| i as f32 + 0.25).collect(),
             v: (0..n).map(|i| -(i as f32)).collect(),
         }
@@ -375,6 +409,11 @@ mod tests {
         // Heads outermost on the wire: the first head's first position, then its second.
         let at = |i: usize| f32::from_le_bytes(frame[HEADER_LEN + 4 * i..HEADER_LEN + 4 * i + 4].try_into().expect("4"));
         assert_eq!([at(0), at(1), at(2)], [c.k[0], c.k[1], c.k[6]]);
+        // An f16 cache's values travel as f16: half the bytes, and still exact.
+        let f16 = KvChunk { dtype: DTYPE_F16, ..c.clone() };
+        let frame16 = f16.encode();
+        assert_eq!(frame16.len() - HEADER_LEN, (frame.len() - HEADER_LEN) / 2);
+        assert_eq!(KvChunk::decode(&frame16, &shape()), Ok(f16));
     }
 
     #[test]
@@ -389,7 +428,9 @@ mod tests {
         assert!(matches!(KvChunk::decode(&good[..10], &s), Err(KvError::Short(10))));
         assert!(matches!(KvChunk::decode(&with(0, b'X'), &s), Err(KvError::Magic(_))));
         assert!(matches!(KvChunk::decode(&with(4, 9), &s), Err(KvError::Version(9))));
-        assert!(matches!(KvChunk::decode(&with(6, 2), &s), Err(KvError::Dtype(2))));
+        assert!(matches!(KvChunk::decode(&with(6, 3), &s), Err(KvError::Dtype(3))));
+        // A frame that claims f16 carries half the bytes its header counts for f32.
+        assert!(matches!(KvChunk::decode(&with(6, DTYPE_F16), &s), Err(KvError::Length { .. })));
         assert!(matches!(KvChunk::decode(&with(7, 0), &s), Err(KvError::Layout(0))));
         assert!(matches!(KvChunk::decode(&good, &KvShape { session: 8, ..s }), Err(KvError::Session { .. })));
         assert!(matches!(KvChunk::decode(&good, &KvShape { fingerprint: 1, ..s }), Err(KvError::Fingerprint { .. })));

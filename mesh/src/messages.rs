@@ -52,7 +52,7 @@ pub struct ModelAd {
     pub parameters: u64,
     pub weight_bytes: u64,
     pub context: u64,
-    /// Bytes of KV cache one token takes (all layers, K and V).
+    /// Bytes of K/V one token sends between nodes (all layers, K and V, in the cache's dtype).
     pub kv_bytes_per_token: u64,
     /// Transformer layers (K/V streams one layer at a time).
     #[serde(default)]
@@ -61,6 +61,14 @@ pub struct ModelAd {
     /// depend on batching (`--deterministic`).
     #[serde(default)]
     pub deterministic: bool,
+    /// How the node's K/V cache stores values, "f16" or "f32" (nodes from before it was a choice
+    /// send nothing and cache f32). K/V moves only between nodes of one dtype (placement).
+    #[serde(default = "f32_dtype")]
+    pub kv_dtype: String,
+}
+
+fn f32_dtype() -> String {
+    "f32".into()
 }
 
 /// What a node is and can do.
@@ -266,6 +274,7 @@ impl GossipMessage {
                 for m in &a.models {
                     text("model id", &m.id)?;
                     text("fingerprint", &m.fingerprint)?;
+                    text("kv dtype", &m.kv_dtype)?;
                     if m.id.is_empty() || m.fingerprint.is_empty() || m.parameters == 0 {
                         return Err(format!("model `{}` lacks an id, fingerprint or size", m.id));
                     }
@@ -348,6 +357,7 @@ mod tests {
                 kv_bytes_per_token: 1,
                 layers: 30,
                 deterministic: true,
+                kv_dtype: "f16".into(),
             }],
             http: Some("127.0.0.1:8080".into()),
             addresses: vec!["/ip4/127.0.0.1/tcp/4001".into()],

@@ -214,8 +214,13 @@ pub fn place(view: &ClusterView, req: &PlacementRequest) -> Vec<Placement> {
         for p in nodes.iter().filter(|n| matches!(n.role, Role::Prefill | Role::Both)) {
             for d in nodes.iter().filter(|n| matches!(n.role, Role::Decode | Role::Both)) {
                 // K/V moves only between nodes that compute the same tokens from it: the same
-                // model, and the same kernels (a deterministic node pairs only with another).
-                if p.peer != d.peer && p.model.fingerprint == d.model.fingerprint && p.model.deterministic == d.model.deterministic {
+                // model, the same kernels (a deterministic node pairs only with another) and the
+                // same K/V cache dtype (K/V moves exactly).
+                if p.peer != d.peer
+                    && p.model.fingerprint == d.model.fingerprint
+                    && p.model.deterministic == d.model.deterministic
+                    && p.model.kv_dtype == d.model.kv_dtype
+                {
                     out.push(split(p, d, req));
                 }
             }
@@ -253,6 +258,7 @@ mod tests {
             kv_bytes_per_token: 30_000,
             layers: 30,
             deterministic: false,
+            kv_dtype: "f16".into(),
         }
     }
 
@@ -377,7 +383,7 @@ mod tests {
     }
 
     #[test]
-    fn k_v_moves_only_between_nodes_with_the_same_fingerprint_and_kernel_mode() {
+    fn k_v_moves_only_between_nodes_with_the_same_fingerprint_kernel_mode_and_cache_dtype() {
         let me = PeerId::random();
         let (p, d) = (PeerId::random(), PeerId::random());
         let mut v = ClusterView::new(me, Duration::from_secs(5));
@@ -389,6 +395,9 @@ mod tests {
         // The same model in the other kernel mode is no partner either.
         add_model(&mut v, d, Role::Decode, 1000.0, idle(), ModelAd { deterministic: true, ..model() });
         assert!(plans(&v, 2000, PlacementMode::Auto).iter().all(|x| x.1.is_none()));
+        // Nor with its K/V cache in another dtype.
+        add_model(&mut v, d, Role::Decode, 1000.0, idle(), ModelAd { kv_dtype: "other".into(), ..model() });
+        assert!(plans(&v, 2000, PlacementMode::Split).iter().all(|x| x.1.is_none()));
         add_model(&mut v, d, Role::Decode, 1000.0, idle(), model());
         assert!(plans(&v, 2000, PlacementMode::Split).iter().any(|x| x.1 == Some(p)));
     }

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use tandem_core::hf_export::{ExportDtype, export_hf};
 use tandem_core::synthetic::synthetic_model;
-use tandem_core::{ChatMessage, Engine, EngineConfig, GpuContext, HostModel, SamplingParams, WeightFormat};
+use tandem_core::{ChatMessage, Engine, EngineConfig, GpuContext, HostModel, KvDtype, SamplingParams, WeightFormat};
 use tandem_node::models::{DEFAULT_MODEL, ensure_model, resolve_model, sha256_file};
 
 #[derive(Parser)]
@@ -141,6 +141,9 @@ struct GenerateArgs {
     /// Batch-invariant kernels only (slower; see the README).
     #[arg(long)]
     deterministic: bool,
+    /// How the K/V cache stores values: f16 (half the memory) or f32.
+    #[arg(long, default_value_t = KvDtype::F16)]
+    kv_dtype: KvDtype,
 }
 
 #[derive(Subcommand)]
@@ -189,6 +192,9 @@ struct BenchArgs {
     /// Batch-invariant kernels only (slower; see the README).
     #[arg(long)]
     deterministic: bool,
+    /// How the K/V cache stores values: f16 (half the memory) or f32.
+    #[arg(long, default_value_t = KvDtype::F16)]
+    kv_dtype: KvDtype,
     /// Also time every kernel on the GPU (timestamp queries) for a 512-token prefill and a
     /// decode step at context 128, with the GB/s and TFLOP/s each reaches.
     #[arg(long)]
@@ -380,7 +386,8 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         tok.encode(&text, args.special)?
     };
     let gpu = GpuContext::new(args.adapter.as_deref())?;
-    let cfg = EngineConfig { context_length: args.context, deterministic: args.deterministic, ..Default::default() };
+    let cfg =
+        EngineConfig { context_length: args.context, deterministic: args.deterministic, kv_dtype: args.kv_dtype, ..Default::default() };
     let mut engine = Engine::new(&gpu, &model, &cfg)?;
     let sampling = SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
     let mut stream = tok.decode_stream(true);
@@ -460,7 +467,13 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         (None, None) => HostModel::load(&resolve_model(DEFAULT_MODEL.id)?)?,
     };
     let gpu = GpuContext::new(args.adapter.as_deref())?;
-    let cfg = EngineConfig { max_batch_tokens: 512, context_length: 2048, deterministic: args.deterministic, ..Default::default() };
+    let cfg = EngineConfig {
+        max_batch_tokens: 512,
+        context_length: 2048,
+        deterministic: args.deterministic,
+        kv_dtype: args.kv_dtype,
+        ..Default::default()
+    };
     let mut engine = Engine::new(&gpu, &model, &cfg)?;
     let mut report = tandem_node::bench::run(&mut engine, model.path.display().to_string(), model.weight_bytes(), args.steps)?;
     if args.profile {

@@ -131,8 +131,9 @@ async fn split_requests_give_the_single_node_tokens_for_every_reference_prompt()
     assert_eq!(p.metric("tandem_kv_exported_tokens_total").await, prompt_tokens as f64, "P computed and sent them");
     let received = d.metric("tandem_kv_received_bytes_total").await;
     assert_eq!(received, p.metric("tandem_kv_sent_bytes_total").await);
-    let kv_bytes_per_token = 2.0 * 30.0 * 3.0 * 64.0 * 4.0;
-    assert_eq!(received, prompt_tokens as f64 * kv_bytes_per_token, "f32 K and V, every layer, every position");
+    // K and V travel as the caches hold them: f16 by default, half the bytes of f32.
+    let kv_bytes_per_token = 2.0 * 30.0 * 3.0 * 64.0 * 2.0;
+    assert_eq!(received, prompt_tokens as f64 * kv_bytes_per_token, "f16 K and V, every layer, every position");
     assert!(d.metric("tandem_kv_overlap_ratio_count").await >= prompts.len() as f64);
 
     // The same prompts on one node (P places them colocated).

@@ -212,6 +212,12 @@ impl Kernel {
         }
     }
 
+    /// Whether the kernel touches the paged K/V cache and so exists once per cache format (F16
+    /// or F32, passed as the `format` of `source`).
+    pub fn reads_kv(self) -> bool {
+        matches!(self, Kernel::RopeKv | Kernel::Attention)
+    }
+
     /// Whether the kernel reads a weight tensor and so exists once per weight format.
     pub fn reads_weights(self) -> bool {
         matches!(self, Kernel::Embed | Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8 | Kernel::Gemm | Kernel::GemmCoop)
@@ -247,6 +253,27 @@ impl Kernel {
 
     /// The complete WGSL source of one variant for an adapter with `caps`.
     pub fn source(self, format: Option<WeightFormat>, caps: ShaderCaps) -> Result<String, RenderError> {
+        if self.reads_kv() {
+            let (cache, store) = match format {
+                Some(WeightFormat::F32) => (include_str!("../wgsl/kv_f32.wgsl"), include_str!("../wgsl/kv_f32_store.wgsl")),
+                Some(WeightFormat::F16) => (include_str!("../wgsl/kv_f16.wgsl"), include_str!("../wgsl/kv_f16_store.wgsl")),
+                Some(f) => return Err(RenderError::UnsupportedFormat(self, f)),
+                None => return Err(RenderError::MissingFormat(self)),
+            };
+            let lanes = self.lanes_source(caps);
+            // Only rope_kv writes the cache.
+            let writes = self == Kernel::RopeKv;
+            let cache = cache.replace("KV_ACCESS", if writes { "read_write" } else { "read" });
+            let mut out = String::new();
+            for part in [Some(include_str!("../wgsl/common.wgsl")), Some(self.body()), Some(cache.as_str()), writes.then_some(store), lanes]
+                .into_iter()
+                .flatten()
+            {
+                out.push_str(part);
+                out.push('\n');
+            }
+            return Ok(out);
+        }
         let dequant = match (self.reads_weights(), format) {
             (true, Some(f)) if self == Kernel::MatvecQ8 => Some(f.packed_dot_source().ok_or(RenderError::UnsupportedFormat(self, f))?),
             (true, Some(f)) => Some(f.dequant_source()),
@@ -291,8 +318,13 @@ impl Kernel {
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
         for k in Kernel::ALL {
-            let formats: Vec<Option<WeightFormat>> =
-                if k.reads_weights() { WeightFormat::ALL.into_iter().map(Some).collect() } else { vec![None] };
+            let formats: Vec<Option<WeightFormat>> = if k.reads_weights() {
+                WeightFormat::ALL.into_iter().map(Some).collect()
+            } else if k.reads_kv() {
+                vec![Some(WeightFormat::F16), Some(WeightFormat::F32)]
+            } else {
+                vec![None]
+            };
             for f in formats {
                 for caps in ShaderCaps::ALL {
                     if let Ok(src) = k.source(f, caps)

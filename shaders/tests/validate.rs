@@ -67,11 +67,12 @@ fn every_variant_validates() {
         }
         count += 1;
     }
-    // 5 plain kernels, attention with and without subgroups, embed and gemm in 6 formats plus
+    // 4 plain kernels, rope_kv for the 2 K/V cache formats, attention for both with and without
+    // subgroups, embed and gemm in 6 formats plus
     // native f16, matmul and matvec likewise, each with and without subgroups, and gemm_coop in
     // 6 formats (it needs f16, so F16 weights are read natively), and matvec_q8 in the 3 formats
     // with a packed-byte dot, with and without subgroups.
-    assert_eq!(count, 5 + 2 + 7 + 7 + 2 * 7 * 2 + 6 + 3 * 2);
+    assert_eq!(count, 4 + 2 + 2 * 2 + 7 + 7 + 2 * 7 * 2 + 6 + 3 * 2);
 }
 
 /// What each kernel says it binds (its layout in core) is what its WGSL declares.

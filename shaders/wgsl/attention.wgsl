@@ -28,9 +28,8 @@ const NEG_BIG: f32 = -3.0e38;
 @group(0) @binding(1) var<storage, read> qkv: array<f32>;
 @group(0) @binding(2) var<storage, read> tokens: array<TokenInfo>;
 @group(0) @binding(3) var<storage, read> tables: array<u32>;
-// Keys as 16-byte vectors: head_dim is a multiple of 32, so every head starts aligned.
-@group(0) @binding(4) var<storage, read> k_cache: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read> v_cache: array<vec4<f32>>;
+// Bindings 4 and 5, the K/V cache, come with its format (kv_*.wgsl): elements of 4 values, so a
+// head (a multiple of 32 values) starts on an element.
 // Per (chunk of the step, head): [max, sum, HEAD_DIM weighted values].
 @group(0) @binding(6) var<storage, read_write> partials: array<f32>;
 
@@ -78,7 +77,7 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
             let kb = (row * kv_dim + kvh * HEAD_DIM) / 4u;
             score = 0.0;
             for (var d = 0u; d < HEAD_DIM / 4u; d++) {
-                score += dot(q[d], k_cache[kb + d]);
+                score += dot(q[d], k_load4(kb + d));
             }
         }
         // Every lane sees the same 32 values, so m and l agree across lanes.
@@ -92,7 +91,7 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
             let p = lane_prob(i);
             let v_row = lane_row(i) / 4u;
             if (owns) {
-                sum += p * v_cache[v_row + lane];
+                sum += p * v_load4(v_row + lane);
             }
         }
         acc = acc * scale + sum;

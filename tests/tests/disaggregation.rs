@@ -13,7 +13,8 @@ use tandem_tests::{default_model, gpu};
 const NEW_TOKENS: usize = 6;
 
 fn scheduler(max_batch_tokens: usize) -> Scheduler {
-    let ecfg = EngineConfig { max_batch_tokens, context_length: 256, kv_blocks: 0, max_sequences: 4, deterministic: true };
+    let ecfg =
+        EngineConfig { max_batch_tokens, context_length: 256, kv_blocks: 0, max_sequences: 4, deterministic: true, ..Default::default() };
     Scheduler::new(Engine::new(gpu(), default_model(), &ecfg).expect("engine"), SchedulerConfig::default())
 }
 

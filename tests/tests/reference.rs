@@ -4,13 +4,15 @@
 use tandem_core::{Engine, EngineConfig, SamplingParams, StepInput};
 use tandem_tests::{default_model, gpu, reference};
 
-/// Our f32 logits (deterministic mode) may differ from exact math by this much.
+/// Our deterministic mode's logits (f32 activations, an f16 K/V cache) may differ from exact math
+/// by this much: measured 0.026 at worst on these prompts.
 const LOGIT_TOLERANCE: f32 = 0.05;
-/// The default mode's steps of few tokens multiply 8-bit activations, as llama.cpp does: its
-/// logits may differ from exact math by this much. Measured 0.37 at worst on these prompts;
+/// The default mode's steps of few tokens multiply 8-bit activations and, like every mode by
+/// default, attention reads an f16 K/V cache, as llama.cpp does: its logits may differ from exact
+/// math by this much. Measured 0.52 at worst on these prompts (0.37 with an f32 cache);
 /// llama.cpp's own are up to 0.83 from exact math (reference/README.md). Its greedy text then
 /// matches llama.cpp's token for token on `capital` (29 tokens) and `unicode`.
-const FAST_LOGIT_TOLERANCE: f32 = 0.5;
+const FAST_LOGIT_TOLERANCE: f32 = 0.6;
 /// Where the reference's top-1/top-2 margin exceeds this, our top-1 must agree.
 const TOP1_MARGIN: f32 = 0.05;
 /// Greedy continuations are compared up to the first step whose margin is below this (f32

@@ -12,7 +12,8 @@ use tandem_tests::{default_model, gpu};
 const NEW_TOKENS: usize = 4;
 
 fn scheduler(max_batch_tokens: usize, kv_blocks: usize, cfg: SchedulerConfig) -> Scheduler {
-    let ecfg = EngineConfig { max_batch_tokens, context_length: 256, kv_blocks, max_sequences: 40, deterministic: true };
+    let ecfg =
+        EngineConfig { max_batch_tokens, context_length: 256, kv_blocks, max_sequences: 40, deterministic: true, ..Default::default() };
     Scheduler::new(Engine::new(gpu(), default_model(), &ecfg).expect("engine"), cfg)
 }
 

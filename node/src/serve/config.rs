@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use tandem_core::KvDtype;
 use tandem_core::scheduler::Policy;
 use tandem_mesh::{MeshSecret, Multiaddr, PeerId, PlacementMode, Role};
 
@@ -40,6 +41,9 @@ pub struct ServeArgs {
     /// shares its steps, chunking, cache hits or which node computed its K/V. Slower.
     #[arg(long, env = "TANDEM_DETERMINISTIC", num_args = 0..=1, default_missing_value = "true")]
     pub deterministic: Option<bool>,
+    /// How the K/V cache stores values: f16 (half the memory; the default) or f32.
+    #[arg(long, env = "TANDEM_KV_DTYPE")]
+    pub kv_dtype: Option<KvDtype>,
     /// Requests that may wait for a slot; beyond it new requests get 429.
     #[arg(long, env = "TANDEM_MAX_WAITING")]
     pub max_waiting: Option<usize>,
@@ -112,6 +116,7 @@ struct FileConfig {
     max_batch_tokens: Option<usize>,
     context: Option<usize>,
     deterministic: Option<bool>,
+    kv_dtype: Option<KvDtype>,
     max_waiting: Option<usize>,
     policy: Option<Policy>,
     chunked_prefill: Option<bool>,
@@ -142,6 +147,7 @@ pub struct ServeConfig {
     pub max_batch_tokens: usize,
     pub context: Option<usize>,
     pub deterministic: bool,
+    pub kv_dtype: KvDtype,
     pub max_waiting: usize,
     pub policy: Policy,
     pub chunked_prefill: bool,
@@ -236,6 +242,7 @@ impl ServeArgs {
             max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens).unwrap_or(512),
             context: self.context.or(file.context),
             deterministic: self.deterministic.or(file.deterministic).unwrap_or(false),
+            kv_dtype: self.kv_dtype.or(file.kv_dtype).unwrap_or_default(),
             max_waiting: self.max_waiting.or(file.max_waiting).unwrap_or(256),
             policy: self.policy.or(file.policy).unwrap_or_default(),
             placement: self.placement.or(file.placement).unwrap_or_default(),

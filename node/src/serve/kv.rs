@@ -12,11 +12,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tandem_core::KvLayer;
 use tandem_core::scheduler::{Event, KvExport, Request, Start};
+use tandem_core::{KvDtype, KvLayer};
 use tandem_mesh::{
-    FramedStream, KV_LIMITS, KV_PROTOCOL, KvChunk, KvOpen, KvProgress, KvReply, KvSampling, KvShape, MAX_CHUNK_TOKENS, MeshEventKind,
-    PROTOCOL_VERSION, PeerId, Role, encode_chunk, fingerprint_number, hidden_share, is_chunk,
+    DTYPE_F16, DTYPE_F32, FramedStream, KV_LIMITS, KV_PROTOCOL, KvChunk, KvOpen, KvProgress, KvReply, KvSampling, KvShape,
+    MAX_CHUNK_TOKENS, MeshEventKind, PROTOCOL_VERSION, PeerId, Role, encode_chunk, fingerprint_number, hidden_share, is_chunk,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -33,8 +33,13 @@ fn shape(loaded: &Loaded, session: u64) -> Result<KvShape, String> {
     Ok(KvShape { session, fingerprint, layers: loaded.layers, heads: loaded.kv_heads, head_dim: loaded.head_dim })
 }
 
-/// One layer's K/V as frames of at most `MAX_CHUNK_TOKENS` positions.
-fn chunks(kv: &KvLayer, shape: &KvShape) -> impl Iterator<Item = Vec<u8>> {
+/// One layer's K/V as frames of at most `MAX_CHUNK_TOKENS` positions, in the cache's dtype (so
+/// an f16 cache sends half the bytes, exactly).
+fn chunks(kv: &KvLayer, shape: &KvShape, cache: KvDtype) -> impl Iterator<Item = Vec<u8>> {
+    let dtype = match cache {
+        KvDtype::F16 => DTYPE_F16,
+        KvDtype::F32 => DTYPE_F32,
+    };
     let dim = (shape.heads * shape.head_dim) as usize;
     (0..kv.tokens).step_by(MAX_CHUNK_TOKENS).map(move |from| {
         let rows = from * dim..(from + MAX_CHUNK_TOKENS.min(kv.tokens - from)) * dim;
@@ -46,6 +51,7 @@ fn chunks(kv: &KvLayer, shape: &KvShape) -> impl Iterator<Item = Vec<u8>> {
             start,
             shape.heads,
             shape.head_dim,
+            dtype,
             &kv.k[rows.clone()],
             &kv.v[rows],
         )
@@ -280,7 +286,7 @@ async fn push(app: &App, loaded: &Loaded, peer: PeerId, tokens: &[u32], kv: &[Kv
     s.send_msg(&open).await.map_err(|e| e.to_string())?;
     let mut bytes = 0;
     for layer in kv {
-        for frame in chunks(layer, &shape) {
+        for frame in chunks(layer, &shape, loaded.kv_dtype) {
             bytes += (frame.len() - 64) as u64;
             s.send(&frame).await.map_err(|e| e.to_string())?;
         }
@@ -446,7 +452,7 @@ async fn serve_prefill(
         let (layer, start, n) = (kv.layer, kv.start, kv.tokens);
         let send_start = Instant::now();
         first_send_ms.get_or_insert(ms(send_start));
-        for frame in chunks(&kv, &shape) {
+        for frame in chunks(&kv, &shape, loaded.kv_dtype) {
             bytes += (frame.len() - 64) as u64;
             if let Err(e) = s.send(&frame).await {
                 tracing::warn!(%peer, session, error = %e, "the decode node went away mid-transfer: cancelling the prefill");

@@ -240,6 +240,7 @@ pub fn capability(app: &App) -> CapabilityAd {
             kv_bytes_per_token: l.kv_bytes_per_token,
             layers: l.layers,
             deterministic: app.cfg.deterministic,
+            kv_dtype: l.kv_dtype.to_string(),
         })
         .collect();
     CapabilityAd {

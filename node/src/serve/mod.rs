@@ -21,7 +21,7 @@ use axum::routing::{get, post};
 use serde_json::json;
 use tandem_core::scheduler::{Scheduler, SchedulerConfig};
 use tandem_core::worker::WorkerHandle;
-use tandem_core::{Engine, EngineConfig, GpuContext, HostModel, TextTokenizer, WeightFormat};
+use tandem_core::{Engine, EngineConfig, GpuContext, HostModel, KvDtype, TextTokenizer, WeightFormat};
 
 pub use config::{ServeArgs, ServeConfig};
 use openai::ApiError;
@@ -38,7 +38,9 @@ pub struct Loaded {
     pub fingerprint: String,
     pub parameters: u64,
     pub weight_bytes: u64,
+    /// Bytes of K/V a token sends between nodes (its cache's, all layers, K and V).
     pub kv_bytes_per_token: u64,
+    pub kv_dtype: KvDtype,
     /// Layers, K/V heads and head size: the shape of K/V on the wire.
     pub layers: u32,
     pub kv_heads: u32,
@@ -136,8 +138,8 @@ fn load_model(spec: &str) -> anyhow::Result<HostModel> {
 }
 
 /// KV blocks for `bytes` of cache (or the default share), within the adapter's binding limit.
-fn kv_blocks(gpu: &GpuContext, model: &HostModel, bytes: Option<u64>) -> usize {
-    let row = model.config.kv_dim() as u64 * 4 * tandem_core::BLOCK_TOKENS as u64;
+fn kv_blocks(gpu: &GpuContext, model: &HostModel, bytes: Option<u64>, dtype: KvDtype) -> usize {
+    let row = model.config.kv_dim() as u64 * dtype.bytes() as u64 * tandem_core::BLOCK_TOKENS as u64;
     let per_block = row * 2 * model.config.n_layers as u64;
     let default = if gpu.is_cpu { 1 << 30 } else { 4 << 30 };
     let wanted = bytes.unwrap_or(default) / per_block.max(1);
@@ -151,17 +153,18 @@ fn load(app: &App) -> anyhow::Result<Arc<Loaded>> {
     let gpu = GpuContext::new(cfg.adapter.as_deref())?;
     let ecfg = EngineConfig {
         max_batch_tokens: cfg.max_batch_tokens,
-        kv_blocks: kv_blocks(&gpu, &model, cfg.kv_memory),
+        kv_blocks: kv_blocks(&gpu, &model, cfg.kv_memory, cfg.kv_dtype),
         context_length: cfg.context.unwrap_or(0),
         max_sequences: 1,
         deterministic: cfg.deterministic,
+        kv_dtype: cfg.kv_dtype,
     };
     let started = std::time::Instant::now();
     let speed = tandem_core::probe::measure_speed(&gpu)?;
     let fingerprint = model.fingerprint();
     tracing::info!(gflops = speed.gflops, gbps = speed.gbps, %fingerprint, ms = started.elapsed().as_millis() as u64, "measured the adapter; fingerprinted the model");
     let (parameters, weight_bytes) = (model.parameter_count(), model.weight_bytes());
-    let kv_bytes_per_token = (2 * model.config.n_layers * model.config.kv_dim() * 4) as u64;
+    let kv_bytes_per_token = (2 * model.config.n_layers * model.config.kv_dim() * cfg.kv_dtype.bytes()) as u64;
     let (layers, kv_heads, head_dim) = (model.config.n_layers as u32, model.config.n_kv_heads as u32, model.config.head_dim as u32);
     let engine = Engine::new(&gpu, &model, &ecfg)?;
     let usage = engine.kv_usage();
@@ -186,6 +189,7 @@ fn load(app: &App) -> anyhow::Result<Arc<Loaded>> {
         parameters,
         weight_bytes,
         kv_bytes_per_token,
+        kv_dtype: cfg.kv_dtype,
         layers,
         kv_heads,
         head_dim,
