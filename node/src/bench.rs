@@ -23,6 +23,8 @@ pub struct BenchReport {
     pub dispatches_per_token: usize,
     /// Batch-invariant kernels only.
     pub deterministic: bool,
+    /// How the K/V cache stored values ("f16" or "f32").
+    pub kv_dtype: String,
     /// Per-kernel GPU time, when asked for.
     pub profile: Option<Profile>,
 }
@@ -107,6 +109,7 @@ pub fn run(engine: &mut Engine, model: String, weight_bytes: u64, decode_steps: 
         round_trip_ms,
         dispatches_per_token: 0,
         deterministic: engine.deterministic(),
+        kv_dtype: engine.kv_dtype().to_string(),
         profile: None,
     };
     // Warm-up: pipelines compile lazily in some drivers.
@@ -166,9 +169,10 @@ pub fn table(r: &BenchReport) -> String {
         r.decode_split_ms.0, r.decode_split_ms.1
     );
     s += &format!(
-        "dispatches per decode token: {}{}\n",
+        "dispatches per decode token: {}{}; K/V cache {}\n",
         r.dispatches_per_token,
-        if r.deterministic { " (deterministic kernels)" } else { "" }
+        if r.deterministic { " (deterministic kernels)" } else { "" },
+        r.kv_dtype
     );
     if let Some(p) = &r.profile {
         for (what, kernels) in [("prefill of 512 tokens", &p.prefill_512), ("decode step at context 128", &p.decode_128)] {
