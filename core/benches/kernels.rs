@@ -9,7 +9,7 @@ use std::time::Instant;
 use tandem_core::device_weights::DeviceMatrix;
 use tandem_core::kernels::{GEMM_COOP_TOKENS, GEMM_TILE, Kernels, MatvecShape, q8_activations};
 use tandem_core::tensor::{HostTensor, TensorBytes};
-use tandem_core::{GpuContext, WeightFormat};
+use tandem_core::{GpuContext, KvDtype, WeightFormat};
 use tandem_shaders::{Kernel, Step, TokenInfo};
 
 /// (model, matrix, rows, cols) of the matrices a token passes (Q/K/V and gate/up stacked).
@@ -537,8 +537,10 @@ fn small(ctx: &GpuContext, kernels: &Kernels) {
                 TokenInfo { id: 0, pos: pos as u32, slot: blocks[pos / bt] * bt as u32 + (pos % bt) as u32, table_off: 0, chunk_off: 0 };
             let fill = |n: usize| -> Vec<f32> { (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect() };
             let qkv = ctx.storage_init("qkv", bytemuck::cast_slice(&fill(q_dim + 2 * kv_dim)));
-            let kc = ctx.storage_init("k", bytemuck::cast_slice(&fill(n_blocks * bt * kv_dim)));
-            let vc = ctx.storage_init("v", bytemuck::cast_slice(&fill(n_blocks * bt * kv_dim)));
+            // The engine's default cache: f16.
+            let kv = KvDtype::F16;
+            let kc = ctx.storage_init("k", &kv.encode(&fill(n_blocks * bt * kv_dim)));
+            let vc = ctx.storage_init("v", &kv.encode(&fill(n_blocks * bt * kv_dim)));
             let tokens = ctx.storage_init("tokens", bytemuck::bytes_of(&info));
             let tables = ctx.storage_init("tables", bytemuck::cast_slice(&blocks));
             let chunks = ctx_len.div_ceil(tandem_shaders::ATTENTION_CHUNK as usize);
@@ -553,9 +555,9 @@ fn small(ctx: &GpuContext, kernels: &Kernels) {
                 ("SCALE", 1.0 / (hd as f64).sqrt()),
                 ("CHUNK", f64::from(tandem_shaders::ATTENTION_CHUNK)),
             ];
-            let pipeline = kernels.pipeline(Kernel::Attention, Some(WeightFormat::F16), &consts).expect("attention");
+            let pipeline = kernels.pipeline(Kernel::Attention, Some(kv.format()), &consts).expect("attention");
             let secs = time_chain(ctx, &pipeline, &bg, [nh as u32, 1, chunks as u32], 500);
-            let bytes = 2 * ctx_len * kv_dim * 4;
+            let bytes = 2 * ctx_len * kv_dim * kv.bytes();
             println!(
                 "attention {model} (heads {nh}/{nkv} x {hd}), context {ctx_len}: {:.1} µs ({:.0} GB/s of K/V)",
                 secs * 1e6,

@@ -58,7 +58,8 @@ impl KvDtype {
         }
     }
 
-    /// Values as the cache stores them (f16 rounds to nearest, ties to even, as the GPU does).
+    /// Values as the cache stores them (f16: to nearest, ties to even, as GPUs round in
+    /// practice; WGSL leaves the rounding, and values beyond ±65504, to the implementation).
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
         match self {
             KvDtype::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),

@@ -2,14 +2,19 @@
 //! a fresh engine imports it layer by layer and decodes; its tokens equal a plain run's. Also the
 //! batch-invariance promises: alone, batched with others, or chunked, the tokens are the same.
 
-use tandem_core::{Engine, EngineConfig, Error, KvLayer, SamplingParams, SeqId, StepInput};
+use tandem_core::{Engine, EngineConfig, Error, KvDtype, KvLayer, SamplingParams, SeqId, StepInput};
 use tandem_tests::{default_model, gpu};
 
 const PROMPT: &str = "Once upon a time, in a small village by the sea,";
 const NEW_TOKENS: usize = 8;
 
 fn engine() -> Engine {
-    let cfg = EngineConfig { max_batch_tokens: 64, context_length: 256, max_sequences: 4, deterministic: true, ..Default::default() };
+    engine_with(KvDtype::default())
+}
+
+fn engine_with(kv_dtype: KvDtype) -> Engine {
+    let cfg =
+        EngineConfig { max_batch_tokens: 64, context_length: 256, max_sequences: 4, deterministic: true, kv_dtype, ..Default::default() };
     Engine::new(gpu(), default_model(), &cfg).expect("engine")
 }
 
@@ -43,8 +48,14 @@ fn plain_run(engine: &mut Engine, prompt: &[u32], chunk: usize) -> Vec<u32> {
 
 #[test]
 fn layerwise_export_then_import_decodes_the_same_tokens() {
+    for kv_dtype in [KvDtype::F16, KvDtype::F32] {
+        export_then_import_decodes_the_same_tokens(kv_dtype);
+    }
+}
+
+fn export_then_import_decodes_the_same_tokens(kv_dtype: KvDtype) {
     let prompt = prompt();
-    let mut prefill = engine();
+    let mut prefill = engine_with(kv_dtype);
     let want = plain_run(&mut prefill, &prompt, 64);
 
     let seq = prefill.create_sequence();
@@ -61,8 +72,12 @@ fn layerwise_export_then_import_decodes_the_same_tokens() {
         .expect("first token");
     assert_eq!(layers.len(), default_model().config.n_layers);
     assert!(layers.iter().all(|l| l.start == 0 && l.tokens == prompt.len()));
+    // What leaves the cache is what it held: re-encoding in its dtype changes nothing.
+    for l in &layers {
+        assert_eq!(kv_dtype.decode(&kv_dtype.encode(&l.k)), l.k, "{kv_dtype} K of layer {}", l.layer);
+    }
 
-    let mut decoder = engine();
+    let mut decoder = engine_with(kv_dtype);
     let dseq = decoder.create_sequence();
     // An incomplete import cannot be decoded from.
     decoder.import_kv(dseq, &layers[0]).expect("import layer 0");
@@ -72,7 +87,7 @@ fn layerwise_export_then_import_decodes_the_same_tokens() {
         decoder.import_kv(dseq, kv).expect("import");
     }
     assert_eq!(decoder.sequence_len(dseq).expect("seq"), prompt.len());
-    assert_eq!(decode(&mut decoder, dseq, first, NEW_TOKENS), want);
+    assert_eq!(decode(&mut decoder, dseq, first, NEW_TOKENS), want, "{kv_dtype} cache");
 }
 
 #[test]

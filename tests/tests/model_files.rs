@@ -5,7 +5,7 @@ use std::path::Path;
 
 use tandem_core::hf_export::{ExportDtype, export_hf};
 use tandem_core::tensor::ggml_type_id;
-use tandem_core::{Engine, EngineConfig, Error, GgufFile, GgufTensorOut, HostModel, write_gguf};
+use tandem_core::{Engine, EngineConfig, Error, GgufFile, GgufTensorOut, HostModel, KvDtype, write_gguf};
 use tandem_tests::{default_model, gpu};
 
 /// HF F32 weights are the dequantized GGUF weights; only kernel arithmetic differs.
@@ -96,9 +96,11 @@ fn hugging_face_export_loads_back_with_the_same_tokens_and_logits() {
     assert_eq!(hf.tokenizer.encode(text, false).expect("encodes"), gguf.tokenizer.encode(text, false).expect("encodes"));
     assert_eq!(hf.tokenizer.chat_template, gguf.tokenizer.chat_template);
 
-    // Deterministic mode: f32 activations for both files, so their logits differ only by how the
-    // weights are read (the default mode's 8-bit activations serve quantized weights only).
-    let cfg = EngineConfig { max_batch_tokens: 64, context_length: 128, deterministic: true, ..Default::default() };
+    // Deterministic mode and an f32 K/V cache: f32 activations for both files, so their logits
+    // differ only by how the weights are read (the default mode's 8-bit activations serve
+    // quantized weights only, and an f16 cache turns the read's last-bit differences into whole
+    // f16 steps).
+    let cfg = EngineConfig { max_batch_tokens: 64, context_length: 128, deterministic: true, kv_dtype: KvDtype::F32, ..Default::default() };
     let prompt = gguf.tokenizer.encode("The capital of France is", false).expect("encodes");
     let logits = |m: &HostModel| {
         let mut e = Engine::new(gpu(), m, &cfg).expect("engine");

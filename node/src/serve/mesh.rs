@@ -175,17 +175,25 @@ impl Drop for BusyGuard<'_> {
 }
 
 /// Other nodes that could continue this node's decodes: connected, serving the same model with
-/// the same fingerprint, in a decode role, not draining.
+/// the same fingerprint, kernel mode and K/V cache dtype (the moved K/V stays exact and the
+/// request's tokens as they would have been here), in a decode role, not draining.
 pub fn decode_targets(app: &App, loaded: &Loaded, tokens: usize) -> Vec<Placement> {
     let shape = RequestShape { model: loaded.model_id.clone(), prompt_tokens: tokens, max_tokens: None, affinity_key: 0 };
     let me = app.mesh.handle.peer_id();
     let plans = plan_with(app, &shape, &[me], PlacementMode::Colocated);
     let snap = app.mesh.handle.snapshot();
+    let (deterministic, kv_dtype) = (app.cfg.deterministic, loaded.kv_dtype.to_string());
     plans
         .into_iter()
         .filter(|p| {
             p.fingerprint == loaded.fingerprint
-                && snap.nodes.iter().any(|n| n.peer_id == p.peer.to_string() && matches!(n.role, Some(Role::Decode | Role::Both)))
+                && snap.nodes.iter().any(|n| {
+                    n.peer_id == p.peer.to_string()
+                        && matches!(n.role, Some(Role::Decode | Role::Both))
+                        && n.models
+                            .iter()
+                            .any(|m| m.fingerprint == loaded.fingerprint && m.deterministic == deterministic && m.kv_dtype == kv_dtype)
+                })
         })
         .collect()
 }
