@@ -292,54 +292,31 @@ fn gemm(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize
             print!(" simt@6d832b2 {:>7.3}", flops / time(ctx, kernels, &s, &old, groups, 20) / 1e12);
         }
         if ctx.caps.coop_matrix {
-            let groups = [s.rows.div_ceil(128) as u32, tokens.div_ceil(GEMM_COOP_TOKENS) as u32, 1];
+            // The engine's kernel at both tile heights (it picks one per matrix with
+            // `gemm_coop_rows`), then ablations of the 128-row one: what each part of a step
+            // costs (wrong results). A variant the driver cannot compile loses the device, so
+            // `COOP_VARIANT=name` runs one alone.
             let source = Kernel::GemmCoop.source(Some(WeightFormat::Q4_0), ctx.caps).expect("gemm_coop source");
-            let body = include_str!("../../shaders/wgsl/gemm_coop.wgsl");
-            // The engine's kernel, the one before its loader stored runs of 4 halves and loaded
-            // ahead (the reference row), tiles of other elements, and wider steps. A variant the
-            // driver cannot compile loses the device, so `COOP_VARIANT=name` runs one alone.
-            let put = |elem: &str, per: u32, w: &str, x: &str| {
-                source
-                    .replace("alias Elem = vec4<f16>;\nconst PER: u32 = 4u;", &format!("alias Elem = {elem};\nconst PER: u32 = {per}u;"))
-                    .replace("    w_tile[i / 4u] = v;", w)
-                    .replace("    x_tile[i / 4u] = v;", x)
-            };
+            // (name, tile rows, the parts an ablation removes: global loads, tile stores,
+            // multiply-adds, barriers; None: the engine's pipeline).
             let variants = [
-                ("coop", source.clone()),
-                ("coop@981036a", source.replace(body, include_str!("gemm_coop_981036a.wgsl"))),
-                (
-                    "coop-vec2",
-                    put(
-                        "vec2<f16>",
-                        2,
-                        "    w_tile[i / 2u] = v.xy;\n    w_tile[i / 2u + 1u] = v.zw;",
-                        "    x_tile[i / 2u] = v.xy;\n    x_tile[i / 2u + 1u] = v.zw;",
-                    ),
-                ),
-                (
-                    "coop-scalar",
-                    put(
-                        "f16",
-                        1,
-                        "    for (var j = 0u; j < 4u; j++) {\n        w_tile[i + j] = v[j];\n    }",
-                        "    for (var j = 0u; j < 4u; j++) {\n        x_tile[i + j] = v[j];\n    }",
-                    ),
-                ),
-                ("coop-bk64", source.replace("const BK: u32 = 32u;", "const BK: u32 = 64u;")),
-                ("coop-r256", source.replace("override TILE_R: u32 = 128u;", "override TILE_R: u32 = 256u;")),
-                // Ablations (wrong results): what each part of a step costs.
-                ("abl-no-global-loads", coop_ablate(&source, true, false, false, false)),
-                ("abl-mma-only", coop_ablate(&source, true, true, false, false)),
-                ("abl-no-mma", coop_ablate(&source, false, false, true, false)),
-                ("abl-mma-no-barriers", coop_ablate(&source, true, true, false, true)),
+                ("coop", 128, None),
+                ("coop-r256", 256, None),
+                ("abl-no-global-loads", 128, Some((true, false, false, false))),
+                ("abl-mma-only", 128, Some((true, true, false, false))),
+                ("abl-no-mma", 128, Some((false, false, true, false))),
+                ("abl-mma-no-barriers", 128, Some((true, true, false, true))),
             ];
-            let variants = variants.into_iter().filter(|(name, _)| only.as_deref().is_none_or(|o| o == *name));
-            for (name, src) in variants {
-                let pipeline = kernels.pipeline_from_source(Kernel::GemmCoop, name, &src, &[]).expect("coop variant");
-                let mut groups = groups;
-                if src.contains("override TILE_R: u32 = 256u;") {
-                    groups[0] = s.rows.div_ceil(256) as u32;
+            for (name, rows, ablation) in variants.into_iter().filter(|(name, ..)| only.as_deref().is_none_or(|o| o == *name)) {
+                let pipeline = match ablation {
+                    None => kernels.gemm_coop(WeightFormat::Q4_0, false, false, rows),
+                    Some((no_loads, no_stores, no_mma, no_barriers)) => {
+                        let ablated = coop_ablate(&source, no_loads, no_stores, no_mma, no_barriers);
+                        kernels.pipeline_from_source(Kernel::GemmCoop, name, &ablated, &[])
+                    }
                 }
+                .expect("gemm_coop variant");
+                let groups = [s.rows.div_ceil(rows) as u32, tokens.div_ceil(GEMM_COOP_TOKENS) as u32, 1];
                 let tflops = flops / time(ctx, kernels, &s, &pipeline, groups, 20) / 1e12;
                 let y = read_y(ctx, &s);
                 let diff = reference.iter().zip(&y).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
@@ -351,22 +328,29 @@ fn gemm(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize
 }
 
 /// gemm_coop.wgsl without its global loads, tile stores, multiply-adds or main-loop barriers, as
-/// asked: ablations that time each part of a step.
+/// asked: ablations that time each part of a step. Each edit must find its text, so a change to
+/// the kernel cannot silently turn an ablation into the kernel itself.
 fn coop_ablate(source: &str, no_loads: bool, no_stores: bool, no_mma: bool, no_barriers: bool) -> String {
+    fn cut(s: String, text: &str, with: &str) -> String {
+        assert!(s.contains(text), "gemm_coop.wgsl no longer has `{text}`: update the ablation");
+        s.replace(text, with)
+    }
     let mut s = source.to_string();
     if no_loads {
-        s = s.replace("    load_step(0u,", "    // ").replace("            load_step(s + 1u,", "            // ");
+        s = cut(s, "    load_step(0u,", "    // ");
+        s = cut(s, "            load_step(s + 1u,", "            // ");
     }
     if no_stores {
-        s = s.replace("            put_w(ld * LD", "            // ").replace("            put_x(ld * LD", "            // ");
+        s = cut(s, "            put_w(ld * LD", "            // ");
+        s = cut(s, "            put_x(xt * LD", "            // ");
     }
     if no_mma {
-        let a = s.find("        for (var kk = 0u; kk < BK; kk += 16u) {").expect("kk loop");
-        let b = a + s[a..].find("        workgroupBarrier();\n    }\n").expect("loop end");
+        let a = s.find("        for (var kk = 0u; kk < BK; kk += 16u) {").expect("gemm_coop.wgsl's multiply-add loop");
+        let b = a + s[a..].find("        workgroupBarrier();\n    }\n").expect("the end of gemm_coop.wgsl's step loop");
         s.replace_range(a..b, "");
     }
     if no_barriers {
-        s = s.replace("        workgroupBarrier();\n", "");
+        s = cut(s, "        workgroupBarrier();\n", "");
     }
     s
 }

@@ -226,8 +226,8 @@ impl Kernels {
     }
 
     /// The GEMM on the adapter's matrix units (adapters with `ShaderCaps::coop_matrix`), for
-    /// rows of whole blocks; tested on such adapters by scripts/test-gpu.
-    /// The matrix units' GEMM with tiles of `tile_rows` weight rows (`gemm_coop_rows`).
+    /// rows of whole blocks, with tiles of `tile_rows` weight rows (`gemm_coop_rows`); tested on
+    /// such adapters by scripts/test-gpu.
     pub fn gemm_coop(&self, format: WeightFormat, accumulate: bool, sample_rows: bool, tile_rows: usize) -> Result<wgpu::ComputePipeline> {
         self.pipeline(
             Kernel::GemmCoop,

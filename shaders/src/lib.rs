@@ -264,15 +264,13 @@ impl Kernel {
             // Only rope_kv writes the cache.
             let writes = self == Kernel::RopeKv;
             let cache = cache.replace("KV_ACCESS", if writes { "read_write" } else { "read" });
-            let mut out = String::new();
-            for part in [Some(include_str!("../wgsl/common.wgsl")), Some(self.body()), Some(cache.as_str()), writes.then_some(store), lanes]
-                .into_iter()
-                .flatten()
-            {
-                out.push_str(part);
-                out.push('\n');
-            }
-            return Ok(out);
+            return Ok(concat([
+                Some(include_str!("../wgsl/common.wgsl")),
+                Some(self.body()),
+                Some(cache.as_str()),
+                writes.then_some(store),
+                lanes,
+            ]));
         }
         let dequant = match (self.reads_weights(), format) {
             (true, Some(f)) if self == Kernel::MatvecQ8 => Some(f.packed_dot_source().ok_or(RenderError::UnsupportedFormat(self, f))?),
@@ -302,13 +300,17 @@ impl Kernel {
             matches!(self, Kernel::RmsNorm | Kernel::SiluMul | Kernel::AttentionMerge).then_some(include_str!("../wgsl/q8_lanes.wgsl"));
         let f32_x = (self.layout_owner() == Kernel::Matmul && self != Kernel::MatvecQ8).then_some(include_str!("../wgsl/matmul_x.wgsl"));
         let groups = matches!(self, Kernel::Matvec | Kernel::MatvecQ8).then_some(include_str!("../wgsl/matvec_groups.wgsl"));
-        for part in [Some(include_str!("../wgsl/common.wgsl")), io, f32_x, Some(self.body()), access, dequant, lanes, groups, q8_out]
-            .into_iter()
-            .flatten()
-        {
-            out.push_str(part);
-            out.push('\n');
-        }
+        out.push_str(&concat([
+            Some(include_str!("../wgsl/common.wgsl")),
+            io,
+            f32_x,
+            Some(self.body()),
+            access,
+            dequant,
+            lanes,
+            groups,
+            q8_out,
+        ]));
         Ok(out)
     }
 
@@ -337,6 +339,16 @@ impl Kernel {
         }
         out.into_iter()
     }
+}
+
+/// The present `parts` of a kernel's source, one after another.
+fn concat<'a>(parts: impl IntoIterator<Item = Option<&'a str>>) -> String {
+    let mut out = String::new();
+    for part in parts.into_iter().flatten() {
+        out.push_str(part);
+        out.push('\n');
+    }
+    out
 }
 
 /// How a kernel uses one of its buffers.

@@ -1,18 +1,20 @@
 //! The default model against references no one here wrote: llama.cpp's tokenizations and an
 //! exact float64 forward pass over the same weights.
 
-use tandem_core::{Engine, EngineConfig, SamplingParams, StepInput};
+use tandem_core::{Engine, EngineConfig, KvDtype, SamplingParams, StepInput};
 use tandem_tests::{default_model, gpu, reference};
 
 /// Our deterministic mode's logits (f32 activations, an f16 K/V cache) may differ from exact math
 /// by this much: measured 0.026 at worst on these prompts.
 const LOGIT_TOLERANCE: f32 = 0.05;
-/// The default mode's steps of few tokens multiply 8-bit activations and, like every mode by
-/// default, attention reads an f16 K/V cache, as llama.cpp does: its logits may differ from exact
-/// math by this much. Measured 0.52 at worst on these prompts (0.37 with an f32 cache);
-/// llama.cpp's own are up to 0.83 from exact math (reference/README.md). Its greedy text then
-/// matches llama.cpp's token for token on `capital` (29 tokens) and `unicode`.
-const FAST_LOGIT_TOLERANCE: f32 = 0.6;
+/// The default mode's steps of few tokens multiply 8-bit activations, as llama.cpp does: its
+/// logits (f32 K/V cache) may differ from exact math by this much. Measured 0.37 at worst on
+/// these prompts; llama.cpp's own are up to 0.83 from exact math (reference/README.md).
+const FAST_LOGIT_TOLERANCE: f32 = 0.5;
+/// The same with the default f16 K/V cache, whose rounding adds to the activations': measured
+/// 0.52 at worst on these prompts (a bound of its own for that configuration; the f32 cache's
+/// above is unchanged).
+const FAST_F16_KV_LOGIT_TOLERANCE: f32 = 0.6;
 /// Where the reference's top-1/top-2 margin exceeds this, our top-1 must agree.
 const TOP1_MARGIN: f32 = 0.05;
 /// Greedy continuations are compared up to the first step whose margin is below this (f32
@@ -41,19 +43,20 @@ fn chat_template_renders_the_reference_chat_prompt() {
 
 #[test]
 fn logits_and_greedy_match_the_f64_reference() {
-    for deterministic in [false, true] {
-        logits_and_greedy_match_the_f64_reference_in(deterministic);
+    for (deterministic, kv_dtype) in [(false, KvDtype::F16), (false, KvDtype::F32), (true, KvDtype::F16)] {
+        logits_and_greedy_match_the_f64_reference_in(deterministic, kv_dtype);
     }
 }
 
-fn logits_and_greedy_match_the_f64_reference_in(deterministic: bool) {
+fn logits_and_greedy_match_the_f64_reference_in(deterministic: bool, kv_dtype: KvDtype) {
     let model = default_model();
-    let cfg = EngineConfig { max_batch_tokens: 256, context_length: 512, deterministic, ..Default::default() };
+    let cfg = EngineConfig { max_batch_tokens: 256, context_length: 512, deterministic, kv_dtype, ..Default::default() };
     let mut engine = Engine::new(gpu(), model, &cfg).expect("engine");
-    let (tolerance, greedy_margin, top1_margin) = if deterministic {
-        (LOGIT_TOLERANCE, GREEDY_MARGIN, TOP1_MARGIN)
-    } else {
-        (FAST_LOGIT_TOLERANCE, 2.0 * FAST_LOGIT_TOLERANCE, 2.0 * FAST_LOGIT_TOLERANCE)
+    let fast = |t: f32| (t, 2.0 * t, 2.0 * t);
+    let (tolerance, greedy_margin, top1_margin) = match (deterministic, kv_dtype) {
+        (true, _) => (LOGIT_TOLERANCE, GREEDY_MARGIN, TOP1_MARGIN),
+        (false, KvDtype::F32) => fast(FAST_LOGIT_TOLERANCE),
+        (false, KvDtype::F16) => fast(FAST_F16_KV_LOGIT_TOLERANCE),
     };
     let mut worst = 0f32;
     for p in reference("f64") {
@@ -64,14 +67,18 @@ fn logits_and_greedy_match_the_f64_reference_in(deterministic: bool) {
             let margin = want.top_logits[0] - want.top_logits[1];
             let our_top = tandem_core::cpu_ref::argmax(ours);
             if margin > top1_margin {
-                assert_eq!(our_top, want.top_ids[0], "`{}` position {i}: top-1 (margin {margin}, deterministic {deterministic})", p.name);
+                assert_eq!(
+                    our_top, want.top_ids[0],
+                    "`{}` position {i}: top-1 (margin {margin}, deterministic {deterministic}, {kv_dtype} cache)",
+                    p.name
+                );
             }
             for (id, want_logit) in want.top_ids.iter().zip(&want.top_logits).take(5) {
                 let got = ours[*id as usize];
                 worst = worst.max((got - want_logit).abs());
                 assert!(
                     (got - want_logit).abs() <= tolerance,
-                    "`{}` position {i} token {id}: logit {got} vs reference {want_logit} (tolerance {tolerance}, deterministic {deterministic})",
+                    "`{}` position {i} token {id}: logit {got} vs reference {want_logit} (tolerance {tolerance}, deterministic {deterministic}, {kv_dtype} cache)",
                     p.name
                 );
             }
@@ -87,7 +94,7 @@ fn logits_and_greedy_match_the_f64_reference_in(deterministic: bool) {
             next = engine.step(&[input]).expect("decode step")[0].expect("sampled");
         }
         engine.free_sequence(seq);
-        assert_eq!(got, want, "`{}`: greedy continuation (deterministic {deterministic})", p.name);
+        assert_eq!(got, want, "`{}`: greedy continuation (deterministic {deterministic}, {kv_dtype} cache)", p.name);
     }
-    eprintln!("largest logit difference from exact math (deterministic {deterministic}): {worst}");
+    eprintln!("largest logit difference from exact math (deterministic {deterministic}, {kv_dtype} cache): {worst}");
 }
