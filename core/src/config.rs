@@ -33,6 +33,21 @@ pub struct ModelConfig {
     pub rope_layout: RopeLayout,
     pub context_length: usize,
     pub tied_embeddings: bool,
+    /// Keys a sliding-window layer attends to, its own position included (llama.cpp's standard
+    /// window); None: every layer sees the whole prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// With a window: the last layer of every `swa_period` is global, the others windowed (Gemma
+    /// 3: 6); 0 windows every layer (Mistral v0.1).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub swa_period: usize,
+    /// RoPE base of the windowed layers where it differs from `rope_theta` (Gemma 3: 10,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta_local: Option<f64>,
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
 }
 
 impl ModelConfig {
@@ -46,17 +61,43 @@ impl ModelConfig {
         self.n_kv_heads * self.head_dim
     }
 
+    /// The window of layer `l`, if it is a sliding-window layer.
+    pub fn layer_window(&self, l: usize) -> Option<usize> {
+        let w = self.sliding_window?;
+        (self.swa_period == 0 || l % self.swa_period < self.swa_period - 1).then_some(w)
+    }
+
+    /// The RoPE base of layer `l`.
+    pub fn layer_rope_theta(&self, l: usize) -> f64 {
+        match (self.layer_window(l), self.rope_theta_local) {
+            (Some(_), Some(local)) => local,
+            _ => self.rope_theta,
+        }
+    }
+
+    /// The model family that runs this architecture.
+    pub fn family(&self) -> Option<&'static dyn crate::arch::Family> {
+        crate::arch::family(&self.architecture)
+    }
+
     /// Checks the shape is one the kernels handle.
     pub fn validate(&self, path: &Path) -> Result<()> {
         let err = |reason: String| Err(Error::Config { path: path.into(), reason });
-        if self.architecture != "llama" {
-            return err(format!("architecture `{}` is not supported (tandem runs the llama family)", self.architecture));
+        if self.family().is_none() {
+            return err(format!(
+                "architecture `{}` is not supported (tandem runs {})",
+                self.architecture,
+                crate::arch::FAMILIES.iter().map(|f| f.name()).collect::<Vec<_>>().join(", ")
+            ));
         }
         if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return err(format!("{} attention heads cannot share {} KV heads", self.n_heads, self.n_kv_heads));
         }
-        if self.head_dim == 0 || !self.head_dim.is_multiple_of(32) || self.head_dim > 128 {
-            return err(format!("head dimension {} is not a multiple of 32 up to 128", self.head_dim));
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(32) || self.head_dim > 256 {
+            return err(format!("head dimension {} is not a multiple of 32 up to 256", self.head_dim));
+        }
+        if self.sliding_window == Some(0) {
+            return err("sliding window of 0 positions".into());
         }
         if self.hidden_size == 0 || self.ffn_size == 0 || self.n_layers == 0 || self.vocab_size == 0 {
             return err("a model dimension is zero".into());
@@ -122,8 +163,15 @@ impl ModelConfig {
             rope_layout: RopeLayout::Adjacent,
             context_length: uint("context_length")?,
             tied_embeddings: tied,
+            sliding_window: uint("attention.sliding_window").ok(),
+            swa_period: 0,
+            rope_theta_local: None,
             architecture: arch,
         };
+        let mut cfg = cfg;
+        if let Some(family) = cfg.family() {
+            family.adjust_gguf_config(&mut cfg);
+        }
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -147,6 +195,9 @@ impl ModelConfig {
             rope_layout: RopeLayout::Neox,
             context_length: hf.max_position_embeddings.unwrap_or(2048),
             tied_embeddings: hf.tie_word_embeddings.unwrap_or(false),
+            sliding_window: None,
+            swa_period: 0,
+            rope_theta_local: None,
         };
         cfg.validate(path)?;
         Ok(cfg)

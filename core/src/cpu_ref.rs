@@ -39,6 +39,13 @@ pub fn dequantize_row(format: WeightFormat, bytes: &[u8], cols: usize) -> Vec<f3
                 out.extend(qs.iter().map(|&q| d * f32::from(q >> 4) + m));
             }
         }
+        _ => {
+            for blk in bytes.chunks_exact(format.block_bytes()).take(cols / format.block_elems()) {
+                for sub in crate::quant::decode_block(format, blk).unwrap_or_default() {
+                    out.extend(sub.values());
+                }
+            }
+        }
     }
     out
 }
@@ -82,6 +89,7 @@ pub fn quantize_row(format: WeightFormat, values: &[f32]) -> Vec<u8> {
                 out.extend((0..16).map(|j| q(blk[j]) | (q(blk[j + 16]) << 4)));
             }
         }
+        _ => out = crate::quant::quantize(format, values),
     }
     out
 }

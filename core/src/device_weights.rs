@@ -22,31 +22,37 @@ pub struct MatrixPart {
 #[derive(Debug)]
 pub struct DeviceMatrix {
     pub name: String,
+    /// The device layout (`WeightFormat::device_format` of the file's format).
     pub format: WeightFormat,
     pub rows: usize,
     pub cols: usize,
     pub parts: Vec<MatrixPart>,
 }
 
-/// Bytes per row on the GPU: (quant words, scale bytes).
+/// Bytes per row on the GPU in `format`'s device layout: (quant words, scale bytes).
 fn gpu_row_bytes(format: WeightFormat, cols: usize) -> (usize, usize) {
     let blocks = cols / 32;
-    match format {
+    match format.device_format() {
         WeightFormat::F32 => (cols * 4, 0),
-        WeightFormat::F16 | WeightFormat::Bf16 => (cols * 2, 0),
         WeightFormat::Q8_0 => (blocks * 32, blocks * 2),
         WeightFormat::Q4_0 => (blocks * 16, blocks * 2),
         WeightFormat::Q4_1 => (blocks * 16, blocks * 4),
+        WeightFormat::Q4K => (blocks * 16, blocks * 8),
+        WeightFormat::Q5K | WeightFormat::Q6K => (blocks * 32, blocks * 8),
+        // F16 and BF16 (and Q2_K, widened to F16).
+        _ => (cols * 2, 0),
     }
 }
 
-/// Splits file-layout blocks into (quant bytes, scale bytes).
+/// Splits file-layout blocks into (quant bytes, scale bytes) of the format's device layout
+/// (`WeightFormat::device_format`), transcoding where the two differ.
 fn repack(format: WeightFormat, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
     let (block, scale) = match format {
         WeightFormat::F32 | WeightFormat::F16 | WeightFormat::Bf16 => return (bytes.to_vec(), Vec::new()),
         WeightFormat::Q8_0 => (34, 2),
         WeightFormat::Q4_0 => (18, 2),
         WeightFormat::Q4_1 => (20, 4),
+        _ => return transcode(format, bytes),
     };
     let n = bytes.len() / block;
     let mut quants = Vec::with_capacity(n * (block - scale));
@@ -58,14 +64,52 @@ fn repack(format: WeightFormat, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
     (quants, scales)
 }
 
+/// The 5-bit and K-quant blocks in their device layouts (see the `dequant_q*_k.wgsl` files):
+/// every value is the file's exactly, the scales being formed in f32 as ggml forms them.
+fn transcode(format: WeightFormat, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let device = format.device_format();
+    let (mut quants, mut scales) = (Vec::new(), Vec::new());
+    for b in bytes.chunks_exact(format.block_bytes()) {
+        for sub in crate::quant::decode_block(format, b).unwrap_or_default() {
+            match device {
+                // Q5_0: q - 16 under the file's own f16 scale is a Q8_0 block.
+                WeightFormat::Q8_0 => {
+                    scales.extend_from_slice(&half::f16::from_f32(sub.d[0]).to_le_bytes());
+                    quants.extend(sub.q.iter().map(|&q| q as u8));
+                }
+                WeightFormat::Q4K => {
+                    quants.extend((0..16).map(|j| (sub.q[j] as u8) | ((sub.q[j + 16] as u8) << 4)));
+                    scales.extend_from_slice(&sub.d[0].to_le_bytes());
+                    scales.extend_from_slice(&sub.m[0].to_le_bytes());
+                }
+                WeightFormat::Q5K => {
+                    quants.extend(sub.q.iter().map(|&q| q as u8));
+                    scales.extend_from_slice(&sub.d[0].to_le_bytes());
+                    scales.extend_from_slice(&sub.m[0].to_le_bytes());
+                }
+                WeightFormat::Q6K => {
+                    quants.extend(sub.q.iter().map(|&q| q as u8));
+                    scales.extend_from_slice(&sub.d[0].to_le_bytes());
+                    scales.extend_from_slice(&sub.d[1].to_le_bytes());
+                }
+                // Q2_K: its values, rounded to f16.
+                _ => quants.extend(sub.values().flat_map(|v| half::f16::from_f32(v).to_le_bytes())),
+            }
+        }
+    }
+    (quants, scales)
+}
+
 impl DeviceMatrix {
     /// Uploads a 2-D tensor, split into parts that fit the adapter's binding limit.
     pub fn upload(ctx: &GpuContext, t: &HostTensor) -> Result<Self> {
         let (rows, cols) = (t.rows(), t.cols());
         let (qb, sb) = gpu_row_bytes(t.format, cols);
         let per_row = qb.max(sb).max(1) as u64;
-        // Rows per part: what fits one binding, kept even so packed f16 scales never straddle parts.
-        let max_rows = ((ctx.max_binding() / per_row) as usize & !1).max(2);
+        // Rows per part: what fits one binding and one dispatch of a workgroup a row (the most
+        // workgroups a dimension takes, 65,535 on every adapter: Gemma's 262,144-token head is
+        // five parts), kept even so packed f16 scales never straddle parts.
+        let max_rows = (((ctx.max_binding() / per_row) as usize).min(ctx.limits.max_compute_workgroups_per_dimension as usize) & !1).max(2);
         if per_row > ctx.max_binding() {
             return Err(Error::AdapterLimit { what: "bytes in one weight row", needed: per_row, limit: ctx.max_binding() });
         }
@@ -83,7 +127,7 @@ impl DeviceMatrix {
             });
             start = end;
         }
-        Ok(DeviceMatrix { name: t.name.clone(), format: t.format, rows, cols, parts })
+        Ok(DeviceMatrix { name: t.name.clone(), format: t.format.device_format(), rows, cols, parts })
     }
 
     /// Uniform parameters for each part when it writes columns `y_offset..` of rows `y_stride` wide.

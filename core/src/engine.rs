@@ -7,14 +7,13 @@ use std::collections::HashMap;
 
 use tandem_shaders::{ATTENTION_CHUNK, EmbedParams, FROM_SAMPLED, Kernel, SampleParams, Step, TokenInfo};
 
-use crate::config::{ModelConfig, RopeLayout};
+use crate::config::ModelConfig;
 use crate::cpu_ref::rope_table;
 use crate::device_weights::{DeviceMatrix, upload_vector};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::kernels::{
-    GEMM_COOP_TOKENS, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, SILU_MUL_TILE, gemm_coop_rows, q8_ranges,
-};
+use crate::kernels::{GEMM_COOP_TOKENS, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, gemm_coop_rows, q8_ranges};
+use crate::layer::{Activations, LayerBuilder, LayerOps};
 use crate::kv::{BLOCK_TOKENS, BlockPool, KvDtype, KvLayer, KvSink, PoolUsage, SeqId, SeqState, block_hash, prefix_hashes};
 use crate::model::{HostModel, layer_tensor};
 use crate::recorder::{KernelTime, Profiler, Recorder, Work};
@@ -80,7 +79,7 @@ pub struct StepInput {
 }
 
 /// A matmul over one weight: a bind group and row count per part, and the kernels that may run it.
-struct MatmulOp {
+pub struct MatmulOp {
     exact: wgpu::ComputePipeline,
     fast: Option<FastMatmul>,
     /// Per part: its bind group, rows and bytes on the GPU.
@@ -114,31 +113,9 @@ struct MatvecQ8 {
     groups: Vec<wgpu::BindGroup>,
 }
 
-struct LayerOps {
-    norm_attn: wgpu::BindGroup,
-    /// Q, K and V into one buffer: a single matmul where the three share a format.
-    qkv: Vec<MatmulOp>,
-    rope: wgpu::BindGroup,
-    attention: wgpu::BindGroup,
-    attention_merge: wgpu::BindGroup,
-    o: MatmulOp,
-    norm_ffn: wgpu::BindGroup,
-    /// Gate and up side by side in one buffer, likewise.
-    gate_up: Vec<MatmulOp>,
-    silu: wgpu::BindGroup,
-    down: MatmulOp,
-    k_cache: wgpu::Buffer,
-    v_cache: wgpu::Buffer,
-}
-
 struct Pipelines {
     embed: wgpu::ComputePipeline,
-    norm: wgpu::ComputePipeline,
     norm_gather: wgpu::ComputePipeline,
-    rope: wgpu::ComputePipeline,
-    attention: wgpu::ComputePipeline,
-    attention_merge: wgpu::ComputePipeline,
-    silu: wgpu::ComputePipeline,
     sample: wgpu::ComputePipeline,
 }
 
@@ -230,7 +207,7 @@ fn wg(n: usize, per: usize) -> u32 {
 impl MatmulOp {
     // The buffers and flags are all distinct roles of one dispatch; a struct would only rename them.
     #[allow(clippy::too_many_arguments)]
-    fn new(
+    pub(crate) fn new(
         kernels: &Kernels,
         m: &DeviceMatrix,
         step: &wgpu::Buffer,
@@ -315,7 +292,7 @@ impl MatmulOp {
         Ok(MatmulOp { exact: kernels.matmul(m.format, accumulate, sample_rows)?, fast, parts, format: m.format, cols: m.cols as u64 })
     }
 
-    fn record(&self, rec: &mut Recorder<'_>, tokens: usize, split: u32) {
+    pub(crate) fn record(&self, rec: &mut Recorder<'_>, tokens: usize, split: u32) {
         let t = tokens as u64;
         let work = |kernel, rows: u32, bytes: u64| {
             let rows = u64::from(rows);
@@ -359,7 +336,7 @@ impl MatmulOp {
 }
 
 /// `tensors` stacked by rows into one matrix, where they share a format and a width.
-fn stack_rows(tensors: &[&crate::tensor::HostTensor]) -> Option<crate::tensor::HostTensor> {
+pub(crate) fn stack_rows(tensors: &[&crate::tensor::HostTensor]) -> Option<crate::tensor::HostTensor> {
     let first = tensors.first()?;
     if tensors.iter().any(|t| t.format != first.format || t.cols() != first.cols()) {
         return None;
@@ -426,9 +403,7 @@ impl Engine {
         let hs_q8 = q8("hidden_sampled_q8", d, d.is_multiple_of(32) && head_format.has_packed_dot());
         // Bound where a producer writes no 8-bit activations.
         let no_q8 = ctx.storage("no_q8", 16);
-        let q8_or_none = |b: &Option<wgpu::Buffer>| b.as_ref().unwrap_or(&no_q8).clone();
-        let (xn_q8_out, attn_q8_out, ffn_q8_out, hs_q8_out) =
-            (q8_or_none(&xn_q8), q8_or_none(&attn_q8), q8_or_none(&ffn_q8), q8_or_none(&hs_q8));
+        let hs_q8_out = hs_q8.as_ref().unwrap_or(&no_q8).clone();
         // Attention partials are packed per step, one record per (chunk, head). Enough for every
         // cached position decoding at once plus, within a fixed memory share, prefill chunks
         // deep into the context (the scheduler shortens those to fit).
@@ -456,41 +431,29 @@ impl Engine {
             run_reads: [ctx.readback("run_read.0", f4), ctx.readback("run_read.1", f4)],
             logits: ctx.storage("logits", max_sample as u64 * logits_row),
         };
+        let family = c.family().ok_or_else(|| Error::Config { path: model.path.clone(), reason: format!("no family runs `{}`", c.architecture) })?;
         let freq_factors =
             model.tensors.get("rope_freqs.weight").map(|t| crate::cpu_ref::dequantize_row(t.format, t.bytes.as_slice(), t.cols()));
-        let table: Vec<f32> = rope_table(context_length, c.head_dim, c.rope_theta, freq_factors.as_deref()).into_iter().flatten().collect();
-        let rope_buf = ctx.storage_init("rope_table", bytemuck::cast_slice(&table));
+        let mut rope_tables = HashMap::new();
+        for l in 0..c.n_layers {
+            let theta = c.layer_rope_theta(l);
+            if !rope_tables.contains_key(&theta.to_bits()) {
+                let table: Vec<f32> = rope_table(context_length, c.head_dim, theta, freq_factors.as_deref()).into_iter().flatten().collect();
+                rope_tables.insert(theta.to_bits(), ctx.storage_init("rope_table", bytemuck::cast_slice(&table)));
+            }
+        }
 
-        let heads = [("N_HEADS", c.n_heads as f64), ("N_KV_HEADS", c.n_kv_heads as f64), ("HEAD_DIM", c.head_dim as f64)];
-        let norm_consts = [("DIM", d as f64), ("EPS", f64::from(c.rms_eps))];
-        let q8_flag = |b: &Option<wgpu::Buffer>| ("Q8", f64::from(u8::from(b.is_some())));
         let pipelines = Pipelines {
-            embed: kernels.pipeline(Kernel::Embed, Some(model.tensor("token_embd.weight")?.format), &[])?,
-            norm: kernels.pipeline(Kernel::RmsNorm, None, &[norm_consts[0], norm_consts[1], ("GATHER", 0.0), q8_flag(&xn_q8)])?,
-            norm_gather: kernels.pipeline(Kernel::RmsNorm, None, &[norm_consts[0], norm_consts[1], ("GATHER", 1.0), q8_flag(&hs_q8)])?,
-            rope: kernels.pipeline(
-                Kernel::RopeKv,
-                Some(cfg.kv_dtype.format()),
-                &[heads[0], heads[1], heads[2], ("NEOX", f64::from(u8::from(c.rope_layout == RopeLayout::Neox)))],
+            embed: kernels.pipeline(
+                Kernel::Embed,
+                Some(model.tensor("token_embd.weight")?.format),
+                &[("SCALE", f64::from(family.embedding_scale(&c)))],
             )?,
-            attention: kernels.pipeline(
-                Kernel::Attention,
-                Some(cfg.kv_dtype.format()),
-                &[
-                    heads[0],
-                    heads[1],
-                    heads[2],
-                    ("BLOCK_TOKENS", BLOCK_TOKENS as f64),
-                    ("SCALE", 1.0 / (c.head_dim as f64).sqrt()),
-                    ("CHUNK", f64::from(ATTENTION_CHUNK)),
-                ],
-            )?,
-            attention_merge: kernels.pipeline(
-                Kernel::AttentionMerge,
+            norm_gather: kernels.pipeline(
+                Kernel::RmsNorm,
                 None,
-                &[heads[0], heads[2], ("CHUNK", f64::from(ATTENTION_CHUNK)), q8_flag(&attn_q8)],
+                &[("DIM", d as f64), ("EPS", f64::from(c.rms_eps)), ("GATHER", 1.0), ("Q8", f64::from(u8::from(hs_q8.is_some())))],
             )?,
-            silu: kernels.pipeline(Kernel::SiluMul, None, &[("FFN_DIM", f as f64), q8_flag(&ffn_q8)])?,
             sample: kernels.pipeline(Kernel::Sample, None, &[("VOCAB", c.vocab_size as f64)])?,
         };
 
@@ -505,57 +468,42 @@ impl Engine {
             })
             .collect();
 
+        let act = Activations {
+            step: bufs.step.clone(),
+            tokens: bufs.tokens.clone(),
+            tables: bufs.tables.clone(),
+            sample_rows: bufs.sample_rows.clone(),
+            x: x.clone(),
+            xn,
+            xn_q8,
+            qkv,
+            attn_out,
+            attn_q8,
+            gate_up,
+            ffn_q8,
+            y: act("y", d),
+            partials,
+            no_q8: no_q8.clone(),
+        };
         let mut layers = Vec::with_capacity(c.n_layers);
         for l in 0..c.n_layers {
             let _span = tracing::debug_span!("upload_layer", layer = l).entered();
-            let mat = |what: &str| DeviceMatrix::upload(ctx, model.tensor(&layer_tensor(l, what))?);
-            let vec = |what: &str| -> Result<wgpu::Buffer> { Ok(upload_vector(ctx, model.tensor(&layer_tensor(l, what))?)) };
             let cache = |what: &str| ctx.storage(&format!("{what}_cache.{l}"), cache_bytes);
             let (k_cache, v_cache) = (cache("k"), cache("v"));
-            let (g_attn, g_ffn) = (vec("attn_norm")?, vec("ffn_norm")?);
-            let mm = |m: &DeviceMatrix, x: &wgpu::Buffer, x_q8: &Option<wgpu::Buffer>, y: &wgpu::Buffer, strides, acc| {
-                MatmulOp::new(&kernels, m, &bufs.step, x, y, strides, x_q8.as_ref(), acc, false, cfg.deterministic)
+            let builder = LayerBuilder {
+                ctx,
+                kernels: &kernels,
+                model,
+                config: &c,
+                engine: cfg,
+                act: &act,
+                rope_tables: &rope_tables,
+                layer: l,
+                k_cache: &k_cache,
+                v_cache: &v_cache,
             };
-            // Matrices that read the same input and write side by side: one stacked matrix (one
-            // dispatch) where they share a format, else one op each.
-            let side_by_side = |names: &[&str], x: &wgpu::Buffer, y: &wgpu::Buffer, y_stride: usize| -> Result<Vec<MatmulOp>> {
-                let x_q8 = &xn_q8;
-                let ts = names.iter().map(|n| model.tensor(&layer_tensor(l, n))).collect::<Result<Vec<_>>>()?;
-                let x_stride = ts[0].cols();
-                if let Some(t) = stack_rows(&ts) {
-                    return Ok(vec![mm(&DeviceMatrix::upload(ctx, &t)?, x, x_q8, y, (x_stride, y_stride, 0), false)?]);
-                }
-                let mut offset = 0;
-                let mut ops = Vec::with_capacity(ts.len());
-                for t in ts {
-                    ops.push(mm(&DeviceMatrix::upload(ctx, t)?, x, x_q8, y, (x_stride, y_stride, offset), false)?);
-                    offset += t.rows();
-                }
-                Ok(ops)
-            };
-            let (wo, wd) = (mat("attn_output")?, mat("ffn_down")?);
-            layers.push(LayerOps {
-                norm_attn: kernels.bind_group(Kernel::RmsNorm, "norm_attn", &[&bufs.step, &x, &g_attn, &bufs.sample_rows, &xn, &xn_q8_out]),
-                qkv: side_by_side(&["attn_q", "attn_k", "attn_v"], &xn, &qkv, qkv_dim)?,
-                rope: kernels.bind_group(Kernel::RopeKv, "rope_kv", &[&bufs.step, &qkv, &bufs.tokens, &rope_buf, &k_cache, &v_cache]),
-                attention: kernels.bind_group(
-                    Kernel::Attention,
-                    "attention",
-                    &[&bufs.step, &qkv, &bufs.tokens, &bufs.tables, &k_cache, &v_cache, &partials],
-                ),
-                attention_merge: kernels.bind_group(
-                    Kernel::AttentionMerge,
-                    "attention_merge",
-                    &[&bufs.step, &bufs.tokens, &partials, &attn_out, &attn_q8_out],
-                ),
-                o: mm(&wo, &attn_out, &attn_q8, &x, (q_dim, d, 0), true)?,
-                norm_ffn: kernels.bind_group(Kernel::RmsNorm, "norm_ffn", &[&bufs.step, &x, &g_ffn, &bufs.sample_rows, &xn, &xn_q8_out]),
-                gate_up: side_by_side(&["ffn_gate", "ffn_up"], &xn, &gate_up, 2 * f)?,
-                silu: kernels.bind_group(Kernel::SiluMul, "silu_mul", &[&bufs.step, &gate_up, &ffn_q8_out]),
-                down: mm(&wd, &gate_up, &ffn_q8, &x, (2 * f, d, 0), true)?,
-                k_cache,
-                v_cache,
-            });
+            let ops = family.layer_ops(&builder)?;
+            layers.push(LayerOps { ops, k_cache, v_cache });
         }
         let g_out = upload_vector(ctx, model.tensor("output_norm.weight")?);
         let norm_out = kernels.bind_group(Kernel::RmsNorm, "norm_out", &[&bufs.step, &x, &g_out, &bufs.sample_rows, &hs, &hs_q8_out]);
@@ -1000,29 +948,9 @@ impl Engine {
             rec.dispatch(work, &self.pipelines.embed, bg, [wg(c.hidden_size, 64), n_tokens as u32, 1]);
         }
         let p = &self.pipelines;
-        let (d, heads, kv_dim) = (c.hidden_size as u64, c.n_heads as u64, c.kv_dim() as u64);
-        let norm = Work::of(Kernel::RmsNorm, t * d * 8, 3 * t * d);
-        let rope_pairs = ((c.n_heads + c.n_kv_heads) * c.head_dim / 2) as u64;
-        let kv_bytes = self.kv_dtype.bytes() as u64;
-        let rope = Work::of(Kernel::RopeKv, t * (c.qkv_dim() as u64 * 8 + 2 * kv_dim * kv_bytes), 6 * t * rope_pairs);
-        // rope_kv.wgsl: an invocation rotates two pairs or copies two V values.
-        let rope_items = (c.n_heads + c.n_kv_heads) * c.head_dim / 4 + c.kv_dim() / 2;
-        let hd = c.head_dim as u64;
-        let attention = Work::of(Kernel::Attention, attended * kv_dim * 2 * kv_bytes + t * heads * hd * 8, 4 * attended * heads * hd);
-        let merge = Work::of(Kernel::AttentionMerge, t * heads * hd * 4 * 2, 0);
-        let ffn = c.ffn_size as u64;
-        let silu = Work::of(Kernel::SiluMul, t * ffn * 12, 5 * t * ffn);
+        let d = c.hidden_size as u64;
         for (l, layer) in self.layers.iter().enumerate() {
-            rec.dispatch(norm, &p.norm, &layer.norm_attn, [n_tokens as u32, 1, 1]);
-            layer.qkv.iter().for_each(|op| op.record(rec, n_tokens, split));
-            rec.dispatch(rope, &p.rope, &layer.rope, [wg(rope_items, 64), n_tokens as u32, 1]);
-            rec.dispatch(attention, &p.attention, &layer.attention, [c.n_heads as u32, n_tokens as u32, attention_chunks]);
-            rec.dispatch(merge, &p.attention_merge, &layer.attention_merge, [c.n_heads as u32, n_tokens as u32, 1]);
-            layer.o.record(rec, n_tokens, split);
-            rec.dispatch(norm, &p.norm, &layer.norm_ffn, [n_tokens as u32, 1, 1]);
-            layer.gate_up.iter().for_each(|op| op.record(rec, n_tokens, split));
-            rec.dispatch(silu, &p.silu, &layer.silu, [wg(c.ffn_size, SILU_MUL_TILE), n_tokens as u32, 1]);
-            layer.down.record(rec, n_tokens, split);
+            layer.record(rec, n_tokens, attended, attention_chunks, split);
             after_layer(rec, l, layer);
         }
         let s = n_sample as u64;

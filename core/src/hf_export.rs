@@ -88,8 +88,11 @@ pub fn export_hf(model: &HostModel, dir: &Path, dtype: ExportDtype) -> Result<()
     cfg.rope_layout = RopeLayout::Neox;
     write_json(&dir.join("config.json"), &cfg.to_hf_json(tok.bos_id, tok.eos_id, dtype_name))?;
     let tok_path = dir.join("tokenizer.json");
-    tok.inner().save(&tok_path, false).map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
-    let token_text = |id: Option<u32>| id.and_then(|i| tok.inner().id_to_token(i));
+    let inner = tok.inner().ok_or_else(|| {
+        Error::Tokenizer(format!("{}: SentencePiece vocabularies from GGUF are not exported as tokenizer.json yet", tok_path.display()))
+    })?;
+    inner.save(&tok_path, false).map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
+    let token_text = |id: Option<u32>| id.and_then(|i| inner.id_to_token(i));
     write_json(
         &dir.join("tokenizer_config.json"),
         &serde_json::json!({

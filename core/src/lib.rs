@@ -5,6 +5,7 @@
 //! [`Engine::new`] uploads it to a [`GpuContext`], and [`Engine::step`] runs batched steps
 //! (prefill chunks and decode tokens together) that sample on the GPU.
 
+pub mod arch;
 pub mod config;
 pub mod cpu_ref;
 pub mod device_weights;
@@ -17,10 +18,13 @@ pub mod gpu;
 pub mod hf_export;
 pub mod kernels;
 pub mod kv;
+pub mod layer;
 pub mod model;
 pub mod probe;
+pub mod quant;
 pub mod recorder;
 pub mod scheduler;
+pub mod spm;
 pub mod synthetic;
 pub mod tensor;
 pub mod tokenizer;

@@ -125,7 +125,7 @@ impl HostModel {
             field(t.bytes.as_slice());
         }
         let tok = &self.tokenizer;
-        field(&json_bytes(tok.inner()));
+        field(&tok.identity_json());
         field(&json_bytes(&(tok.bos_id, tok.eos_id, &tok.stop_ids, &tok.chat_template)));
         format!("{:016x}", hasher.digest())
     }
@@ -147,7 +147,9 @@ fn check_tensors(path: &Path, c: &ModelConfig, tensors: &HashMap<String, HostTen
     if !c.tied_embeddings {
         fixed.push(("output.weight".into(), vec![d, c.vocab_size]));
     }
+    let extra = c.family().map(|f| f.extra_layer_tensors(c)).unwrap_or_default();
     let layers = (0..c.n_layers).flat_map(|l| {
+        let extra = extra.clone();
         [
             ("attn_norm", vec![d]),
             ("attn_q", vec![d, q]),
@@ -160,6 +162,7 @@ fn check_tensors(path: &Path, c: &ModelConfig, tensors: &HashMap<String, HostTen
             ("ffn_down", vec![f, d]),
         ]
         .into_iter()
+        .chain(extra)
         .map(move |(what, shape)| (layer_tensor(l, what), shape))
     });
     for (name, shape) in fixed.into_iter().chain(layers) {

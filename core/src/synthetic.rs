@@ -40,6 +40,9 @@ pub fn synthetic_config(name: &str) -> Result<ModelConfig> {
         rope_layout: RopeLayout::Adjacent,
         context_length: 8192,
         tied_embeddings: tied,
+        sliding_window: None,
+        swa_period: 0,
+        rope_theta_local: None,
     })
 }
 
@@ -49,13 +52,6 @@ fn random_tensor(rng: &mut rand::rngs::StdRng, format: WeightFormat, rows: usize
     let mut bytes = vec![0u8; rows * row_bytes];
     let scale = 0.5 / (cols as f32).sqrt();
     match format {
-        WeightFormat::F32 | WeightFormat::F16 | WeightFormat::Bf16 => {
-            let mut row = vec![0f32; cols];
-            for chunk in bytes.chunks_exact_mut(row_bytes) {
-                row.iter_mut().for_each(|v| *v = rng.random_range(-scale..scale));
-                chunk.copy_from_slice(&crate::cpu_ref::quantize_row(format, &row));
-            }
-        }
         WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4_1 => {
             rng.fill(&mut bytes[..]);
             let (block, d) = match format {
@@ -70,6 +66,14 @@ fn random_tensor(rng: &mut rand::rngs::StdRng, format: WeightFormat, rows: usize
                 if format == WeightFormat::Q4_1 {
                     b[2..4].copy_from_slice(&m);
                 }
+            }
+        }
+        // Floats and the other quantizations: random values, quantized.
+        _ => {
+            let mut row = vec![0f32; cols];
+            for chunk in bytes.chunks_exact_mut(row_bytes) {
+                row.iter_mut().for_each(|v| *v = rng.random_range(-scale..scale));
+                chunk.copy_from_slice(&crate::cpu_ref::quantize_row(format, &row));
             }
         }
     }

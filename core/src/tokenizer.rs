@@ -13,6 +13,12 @@ use tokenizers::{AddedToken, DecodeStream, PreTokenizerWrapper, SplitDelimiterBe
 
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
+use crate::spm::SpmVocab;
+
+/// The chat template a GGUF file carries.
+fn get_template(file: &GgufFile) -> Option<String> {
+    file.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string)
+}
 
 /// Llama 3's pre-tokenizer pattern (`tokenizer.ggml.pre = "llama-bpe"`).
 const LLAMA3_PATTERN: &str =
@@ -25,15 +31,27 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+/// How text becomes ids: a `tokenizers` tokenizer (BPE vocabularies, `tokenizer.json`) or a
+/// SentencePiece vocabulary from GGUF, tokenized as llama.cpp does.
+#[derive(Clone)]
+enum Backend {
+    Hf {
+        /// Parses special tokens such as `<|im_start|>` in the text.
+        special: Box<tokenizers::Tokenizer>,
+        /// Treats the same text literally.
+        literal: Box<tokenizers::Tokenizer>,
+    },
+    Spm(std::sync::Arc<SpmVocab>),
+}
+
 /// A model's tokenizer with its special tokens and chat template.
 #[derive(Clone)]
 pub struct TextTokenizer {
-    /// Parses special tokens such as `<|im_start|>` in the text.
-    special: tokenizers::Tokenizer,
-    /// Treats the same text literally.
-    literal: tokenizers::Tokenizer,
+    backend: Backend,
     pub bos_id: Option<u32>,
     pub eos_id: Option<u32>,
+    /// Prompts start with `bos_id` (GGUF's `tokenizer.ggml.add_bos_token`).
+    add_bos: bool,
     /// Ids that end a generation (EOS and the chat template's end-of-turn token).
     pub stop_ids: Vec<u32>,
     pub chat_template: Option<String>,
@@ -53,15 +71,41 @@ impl TextTokenizer {
     fn new(tok: tokenizers::Tokenizer, bos_id: Option<u32>, eos_id: Option<u32>, chat_template: Option<String>) -> Self {
         let mut literal = tok.clone();
         literal.set_encode_special_tokens(true);
-        let mut stop_ids: Vec<u32> = eos_id.into_iter().collect();
-        for end in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>"] {
+        let backend = Backend::Hf { special: Box::new(tok), literal: Box::new(literal) };
+        Self::with_backend(backend, bos_id, eos_id, chat_template)
+    }
+
+    fn with_backend(backend: Backend, bos_id: Option<u32>, eos_id: Option<u32>, chat_template: Option<String>) -> Self {
+        let mut tok = TextTokenizer { backend, bos_id, eos_id, add_bos: false, stop_ids: eos_id.into_iter().collect(), chat_template };
+        for end in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<end_of_turn>"] {
             if let Some(id) = tok.token_to_id(end)
-                && !stop_ids.contains(&id)
+                && !tok.stop_ids.contains(&id)
             {
-                stop_ids.push(id);
+                tok.stop_ids.push(id);
             }
         }
-        TextTokenizer { special: tok, literal, bos_id, eos_id, stop_ids, chat_template }
+        tok
+    }
+
+    /// The id of a token's exact text.
+    pub fn token_to_id(&self, text: &str) -> Option<u32> {
+        match &self.backend {
+            Backend::Hf { special, .. } => special.token_to_id(text),
+            Backend::Spm(v) => v.token_to_id(text),
+        }
+    }
+
+    /// A token's text as the vocabulary stores it.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        match &self.backend {
+            Backend::Hf { special, .. } => special.id_to_token(id),
+            Backend::Spm(v) => v.id_to_token(id).map(str::to_string),
+        }
+    }
+
+    /// Whether the model's prompts start with its BOS token (llama.cpp's `add_bos_token`).
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos
     }
 
     /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
@@ -69,10 +113,13 @@ impl TextTokenizer {
         let get_str = |k: &str| file.get(k).and_then(|v| v.as_str());
         let file_name = file.path.display();
         let model = get_str("tokenizer.ggml.model").ok_or_else(|| tok_err(format!("{file_name}: GGUF has no tokenizer.ggml.model")))?;
+        if model == "llama" {
+            return Self::spm_from_gguf(file);
+        }
         if model != "gpt2" {
             return Err(tok_err(format!(
-                "{file_name}: GGUF tokenizer kind `{model}` is not supported yet (tandem builds `gpt2` byte-level BPE tokenizers); \
-                 use a Hugging Face directory with tokenizer.json instead"
+                "{file_name}: GGUF tokenizer kind `{model}` is not supported (tandem reads `gpt2` byte-level BPE and `llama` \
+                 SentencePiece vocabularies); use a Hugging Face directory with tokenizer.json instead"
             )));
         }
         let strings = |k: &str| -> Result<&[String]> {
@@ -144,7 +191,49 @@ impl TextTokenizer {
         let specials =
             types.iter().enumerate().filter(|&(_, &ty)| ty == 3 || ty == 4).map(|(i, &ty)| AddedToken::from(tokens[i].clone(), ty == 3));
         tok.add_special_tokens(specials).map_err(tok_err)?;
-        Ok(Self::new(tok, bos, eos, get_str("tokenizer.chat_template").map(str::to_string)))
+        let mut tok = Self::new(tok, bos, eos, get_template(file));
+        tok.add_bos = matches!(file.get("tokenizer.ggml.add_bos_token"), Some(crate::gguf::MetaValue::Bool(true))) && bos.is_some();
+        Ok(tok)
+    }
+
+    /// A SentencePiece vocabulary from GGUF (`tokenizer.ggml.model = llama`).
+    fn spm_from_gguf(file: &GgufFile) -> Result<Self> {
+        let file_name = file.path.display();
+        let tokens = file
+            .get("tokenizer.ggml.tokens")
+            .and_then(|v| v.as_array())
+            .and_then(|a| a.strings())
+            .ok_or_else(|| tok_err(format!("{file_name}: tokenizer.ggml.tokens is missing or not strings")))?;
+        let scores: Vec<f32> = match file.get("tokenizer.ggml.scores").and_then(|v| v.as_array()) {
+            Some(crate::gguf::MetaArray::F32(s)) => s.clone(),
+            Some(_) => return Err(tok_err(format!("{file_name}: tokenizer.ggml.scores is not an array of f32"))),
+            None => vec![0.0; tokens.len()],
+        };
+        let types: Vec<i32> = match file.get("tokenizer.ggml.token_type") {
+            None => Vec::new(),
+            Some(v) => v
+                .as_array()
+                .and_then(|a| a.integers())
+                .ok_or_else(|| tok_err(format!("{file_name}: tokenizer.ggml.token_type is not an array of integers")))?
+                .into_iter()
+                .map(|t| t as i32)
+                .collect(),
+        };
+        let flag = |k: &str, default: bool| match file.get(k) {
+            Some(crate::gguf::MetaValue::Bool(b)) => *b,
+            _ => default,
+        };
+        let vocab = SpmVocab::new(tokens.to_vec(), scores, types, flag("tokenizer.ggml.add_space_prefix", true))
+            .map_err(|e| tok_err(format!("{file_name}: {e}")))?;
+        let id = |k: &str| file.get(k).and_then(|v| v.as_u64()).and_then(|i| u32::try_from(i).ok()).filter(|&i| (i as usize) < tokens.len());
+        let mut tok = Self::with_backend(
+            Backend::Spm(std::sync::Arc::new(vocab)),
+            id("tokenizer.ggml.bos_token_id"),
+            id("tokenizer.ggml.eos_token_id"),
+            get_template(file),
+        );
+        tok.add_bos = flag("tokenizer.ggml.add_bos_token", true) && tok.bos_id.is_some();
+        Ok(tok)
     }
 
     /// Loads `tokenizer.json` (and, beside it, `tokenizer_config.json` for the chat template and
@@ -170,30 +259,71 @@ impl TextTokenizer {
         Ok(Self::new(tok, bos, eos, template))
     }
 
-    /// The underlying `tokenizers` tokenizer (for writing `tokenizer.json`).
-    pub fn inner(&self) -> &tokenizers::Tokenizer {
-        &self.special
+    /// The underlying `tokenizers` tokenizer (for writing `tokenizer.json`), where there is one.
+    pub fn inner(&self) -> Option<&tokenizers::Tokenizer> {
+        match &self.backend {
+            Backend::Hf { special, .. } => Some(special),
+            Backend::Spm(_) => None,
+        }
+    }
+
+    /// The vocabulary in a stable serialized form, for the model's fingerprint.
+    pub fn identity_json(&self) -> Vec<u8> {
+        let json = match &self.backend {
+            Backend::Hf { special, .. } => serde_json::to_vec(special.as_ref()),
+            Backend::Spm(v) => serde_json::to_vec(v.as_ref()),
+        };
+        json.unwrap_or_else(|e| format!("unserializable: {e}").into_bytes())
     }
 
     /// Number of ids, special tokens included.
     pub fn vocab_size(&self) -> usize {
-        self.special.get_vocab_size(true)
+        match &self.backend {
+            Backend::Hf { special, .. } => special.get_vocab_size(true),
+            Backend::Spm(v) => v.len(),
+        }
     }
 
     /// Token ids of `text`; with `parse_special`, special-token text becomes the special token.
+    /// No BOS is added (see [`TextTokenizer::encode_prompt`]).
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
-        let tok = if parse_special { &self.special } else { &self.literal };
-        Ok(tok.encode(text, false).map_err(tok_err)?.get_ids().to_vec())
+        match &self.backend {
+            Backend::Hf { special, literal } => {
+                let tok = if parse_special { special } else { literal };
+                Ok(tok.encode(text, false).map_err(tok_err)?.get_ids().to_vec())
+            }
+            Backend::Spm(v) => Ok(v.encode(text, parse_special)),
+        }
+    }
+
+    /// A prompt's ids as the model expects them: BOS first where the file asks for it (unless
+    /// the text already starts with it), then `encode`.
+    pub fn encode_prompt(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        let body = self.encode(text, parse_special)?;
+        if let (true, Some(bos)) = (self.add_bos, self.bos_id)
+            && body.first() != Some(&bos)
+        {
+            ids.push(bos);
+        }
+        ids.extend(body);
+        Ok(ids)
     }
 
     /// Text of `ids` (special tokens included).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.special.decode(ids, false).map_err(tok_err)
+        match &self.backend {
+            Backend::Hf { special, .. } => special.decode(ids, false).map_err(tok_err),
+            Backend::Spm(v) => Ok(v.decode(ids, true)),
+        }
     }
 
     /// An incremental decoder that yields text only once it forms complete characters.
     pub fn decode_stream(&self, skip_special: bool) -> TokenTextStream<'_> {
-        TokenTextStream { inner: self.special.decode_stream(skip_special) }
+        match &self.backend {
+            Backend::Hf { special, .. } => TokenTextStream::Hf(Box::new(special.decode_stream(skip_special))),
+            Backend::Spm(v) => TokenTextStream::Spm { vocab: v, special: !skip_special, pending: Vec::new() },
+        }
     }
 
     /// The prompt text for a conversation, rendered with the model's chat template.
@@ -207,7 +337,7 @@ impl TextTokenizer {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         let tmpl = env.template_from_str(template).map_err(|e| Error::ChatTemplate(e.to_string()))?;
-        let token_text = |id: Option<u32>| id.and_then(|i| self.special.id_to_token(i)).unwrap_or_default();
+        let token_text = |id: Option<u32>| id.and_then(|i| self.id_to_token(i)).unwrap_or_default();
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -218,22 +348,43 @@ impl TextTokenizer {
     }
 }
 
+type HfDecodeStream<'a> = DecodeStream<
+    'a,
+    tokenizers::ModelWrapper,
+    tokenizers::NormalizerWrapper,
+    PreTokenizerWrapper,
+    tokenizers::PostProcessorWrapper,
+    tokenizers::DecoderWrapper,
+>;
+
 /// Turns a stream of token ids into text pieces (see [`TextTokenizer::decode_stream`]).
-pub struct TokenTextStream<'a> {
-    inner: DecodeStream<
-        'a,
-        tokenizers::ModelWrapper,
-        tokenizers::NormalizerWrapper,
-        PreTokenizerWrapper,
-        tokenizers::PostProcessorWrapper,
-        tokenizers::DecoderWrapper,
-    >,
+pub enum TokenTextStream<'a> {
+    Hf(Box<HfDecodeStream<'a>>),
+    /// Byte tokens may split a character: bytes wait in `pending` until they form whole ones.
+    Spm { vocab: &'a SpmVocab, special: bool, pending: Vec<u8> },
 }
 
 impl TokenTextStream<'_> {
     /// The text that `id` completes, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
-        self.inner.step(id).map_err(tok_err)
+        match self {
+            TokenTextStream::Hf(inner) => inner.step(id).map_err(tok_err),
+            TokenTextStream::Spm { vocab, special, pending } => {
+                pending.extend(vocab.piece(id, *special));
+                let valid = match std::str::from_utf8(pending) {
+                    Ok(_) => pending.len(),
+                    // Bytes that can never start a character are given up on (as U+FFFD).
+                    Err(e) if e.error_len().is_some() => pending.len(),
+                    Err(e) => e.valid_up_to(),
+                };
+                if valid == 0 {
+                    return Ok(None);
+                }
+                let text = String::from_utf8_lossy(&pending[..valid]).into_owned();
+                pending.drain(..valid);
+                Ok(Some(text))
+            }
+        }
     }
 }
 

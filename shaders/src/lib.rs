@@ -27,7 +27,10 @@ pub const FROM_SAMPLED: u32 = 0x8000_0000;
 /// engine so attention sums in the same order wherever a sequence's KV was computed.
 pub const ATTENTION_CHUNK: u32 = 32;
 
-/// How a weight tensor is stored on the GPU (and in the model file).
+/// How a weight tensor is stored in a model file. On the GPU each format has a layout
+/// (`device_format`): its own, or, for formats whose blocks do not split into whole 32-element
+/// blocks of nibbles or bytes with one scale, a wider layout their values transcode to exactly
+/// (Q5_0 to Q8_0; the K-quants to `q4_k`, `q6_k` and `q5_k` blocks of 32 with f32 scales).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum WeightFormat {
     F32,
@@ -36,12 +39,32 @@ pub enum WeightFormat {
     Q8_0,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
 }
 
 impl WeightFormat {
     /// Every format, for tests and variant enumeration.
-    pub const ALL: [WeightFormat; 6] =
-        [WeightFormat::F32, WeightFormat::F16, WeightFormat::Bf16, WeightFormat::Q8_0, WeightFormat::Q4_0, WeightFormat::Q4_1];
+    pub const ALL: [WeightFormat; 13] = [
+        WeightFormat::F32,
+        WeightFormat::F16,
+        WeightFormat::Bf16,
+        WeightFormat::Q8_0,
+        WeightFormat::Q4_0,
+        WeightFormat::Q4_1,
+        WeightFormat::Q5_0,
+        WeightFormat::Q5_1,
+        WeightFormat::Q2K,
+        WeightFormat::Q3K,
+        WeightFormat::Q4K,
+        WeightFormat::Q5K,
+        WeightFormat::Q6K,
+    ];
 
     /// Lower-case name as used in file names and on the command line.
     pub fn name(self) -> &'static str {
@@ -52,14 +75,22 @@ impl WeightFormat {
             WeightFormat::Q8_0 => "q8_0",
             WeightFormat::Q4_0 => "q4_0",
             WeightFormat::Q4_1 => "q4_1",
+            WeightFormat::Q5_0 => "q5_0",
+            WeightFormat::Q5_1 => "q5_1",
+            WeightFormat::Q2K => "q2_k",
+            WeightFormat::Q3K => "q3_k",
+            WeightFormat::Q4K => "q4_k",
+            WeightFormat::Q5K => "q5_k",
+            WeightFormat::Q6K => "q6_k",
         }
     }
 
-    /// Elements per quantization block (1 for plain float formats).
+    /// Elements per quantization block in the file (1 for plain float formats).
     pub fn block_elems(self) -> usize {
         match self {
             WeightFormat::F32 | WeightFormat::F16 | WeightFormat::Bf16 => 1,
-            WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4_1 => 32,
+            WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4_1 | WeightFormat::Q5_0 | WeightFormat::Q5_1 => 32,
+            WeightFormat::Q2K | WeightFormat::Q3K | WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K => 256,
         }
     }
 
@@ -71,6 +102,13 @@ impl WeightFormat {
             WeightFormat::Q8_0 => 34,
             WeightFormat::Q4_0 => 18,
             WeightFormat::Q4_1 => 20,
+            WeightFormat::Q5_0 => 22,
+            WeightFormat::Q5_1 => 24,
+            WeightFormat::Q2K => 84,
+            WeightFormat::Q3K => 110,
+            WeightFormat::Q4K => 144,
+            WeightFormat::Q5K => 176,
+            WeightFormat::Q6K => 210,
         }
     }
 
@@ -79,9 +117,23 @@ impl WeightFormat {
         cols.is_multiple_of(self.block_elems()).then(|| cols / self.block_elems() * self.block_bytes())
     }
 
+    /// The layout the GPU keeps these weights in (the kernels are rendered for it). Q5_0's
+    /// values are Q8_0 bytes under the same f16 scale; Q3_K's, like Q6_K's, are bytes with an f32
+    /// scale per 16; Q5_1's and Q5_K's bytes with an f32 scale and minimum per 32. Q2_K (a scale
+    /// and minimum per 16) has no such layout yet and is widened to f16.
+    pub fn device_format(self) -> WeightFormat {
+        match self {
+            WeightFormat::Q5_0 => WeightFormat::Q8_0,
+            WeightFormat::Q3K => WeightFormat::Q6K,
+            WeightFormat::Q5_1 => WeightFormat::Q5K,
+            WeightFormat::Q2K => WeightFormat::F16,
+            f => f,
+        }
+    }
+
     /// How the weight words are read, where that depends on the adapter.
     fn weight_access_source(self, caps: ShaderCaps) -> Option<&'static str> {
-        match self {
+        match self.device_format() {
             WeightFormat::F16 if caps.f16 => Some(include_str!("../wgsl/f16_native.wgsl")),
             WeightFormat::F16 => Some(include_str!("../wgsl/f16_words.wgsl")),
             _ => None,
@@ -89,24 +141,30 @@ impl WeightFormat {
     }
 
     fn dequant_source(self) -> &'static str {
-        match self {
+        match self.device_format() {
             WeightFormat::F32 => include_str!("../wgsl/dequant_f32.wgsl"),
             WeightFormat::F16 => include_str!("../wgsl/dequant_f16.wgsl"),
             WeightFormat::Bf16 => include_str!("../wgsl/dequant_bf16.wgsl"),
             WeightFormat::Q8_0 => include_str!("../wgsl/dequant_q8_0.wgsl"),
             WeightFormat::Q4_0 => include_str!("../wgsl/dequant_q4_0.wgsl"),
             WeightFormat::Q4_1 => include_str!("../wgsl/dequant_q4_1.wgsl"),
+            WeightFormat::Q4K => include_str!("../wgsl/dequant_q4_k.wgsl"),
+            WeightFormat::Q5K => include_str!("../wgsl/dequant_q5_k.wgsl"),
+            _ => include_str!("../wgsl/dequant_q6_k.wgsl"),
         }
     }
 
     /// The module that dots a block of these weights with 8-bit activations on packed bytes
     /// (`q8_weights`, `q8_dot`), for formats whose quants are bytes or nibbles.
     fn packed_dot_source(self) -> Option<&'static str> {
-        match self {
+        match self.device_format() {
             WeightFormat::Q8_0 => Some(include_str!("../wgsl/q8dot_q8_0.wgsl")),
             WeightFormat::Q4_0 => Some(include_str!("../wgsl/q8dot_q4_0.wgsl")),
             WeightFormat::Q4_1 => Some(include_str!("../wgsl/q8dot_q4_1.wgsl")),
-            WeightFormat::F32 | WeightFormat::F16 | WeightFormat::Bf16 => None,
+            WeightFormat::Q4K => Some(include_str!("../wgsl/q8dot_q4_k.wgsl")),
+            WeightFormat::Q5K => Some(include_str!("../wgsl/q8dot_q5_k.wgsl")),
+            WeightFormat::Q6K => Some(include_str!("../wgsl/q8dot_q6_k.wgsl")),
+            _ => None,
         }
     }
 
@@ -142,6 +200,7 @@ pub enum Kernel {
     MatvecQ8,
     Gemm,
     GemmCoop,
+    HeadNorm,
     RopeKv,
     Attention,
     AttentionMerge,
@@ -151,7 +210,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 12] = [
+    pub const ALL: [Kernel; 13] = [
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::Matmul,
@@ -159,6 +218,7 @@ impl Kernel {
         Kernel::MatvecQ8,
         Kernel::Gemm,
         Kernel::GemmCoop,
+        Kernel::HeadNorm,
         Kernel::RopeKv,
         Kernel::Attention,
         Kernel::AttentionMerge,
@@ -176,6 +236,7 @@ impl Kernel {
             Kernel::MatvecQ8 => "matvec_q8",
             Kernel::Gemm => "gemm",
             Kernel::GemmCoop => "gemm_coop",
+            Kernel::HeadNorm => "head_norm",
             Kernel::RopeKv => "rope_kv",
             Kernel::Attention => "attention",
             Kernel::AttentionMerge => "attention_merge",
@@ -195,6 +256,8 @@ impl Kernel {
             // step, params, x, weight words, scales, y, x again as vec4s (matvec_q8: the
             // 8-bit activations' quants and their scales).
             Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8 | Kernel::Gemm | Kernel::GemmCoop => &[U, U, R, R, R, W, R],
+            // step, qkv (normed in place), query-head and key-head weights.
+            Kernel::HeadNorm => &[U, W, R, R],
             Kernel::RopeKv => &[U, W, R, R, W, W],
             Kernel::Attention => &[U, R, R, R, R, R, W],
             Kernel::AttentionMerge => &[U, R, R, W, W],
@@ -232,6 +295,7 @@ impl Kernel {
             Kernel::MatvecQ8 => include_str!("../wgsl/matvec_q8.wgsl"),
             Kernel::Gemm => include_str!("../wgsl/gemm.wgsl"),
             Kernel::GemmCoop => include_str!("../wgsl/gemm_coop.wgsl"),
+            Kernel::HeadNorm => include_str!("../wgsl/head_norm.wgsl"),
             Kernel::RopeKv => include_str!("../wgsl/rope_kv.wgsl"),
             Kernel::Attention => include_str!("../wgsl/attention.wgsl"),
             Kernel::AttentionMerge => include_str!("../wgsl/attention_merge.wgsl"),
@@ -287,7 +351,7 @@ impl Kernel {
         let mut out = String::new();
         // An `enable` directive must precede every declaration. Naga (30) takes subgroup builtins
         // without one and refuses `enable subgroups`.
-        if caps.f16 && (format == Some(WeightFormat::F16) || coop) {
+        if caps.f16 && (format.map(WeightFormat::device_format) == Some(WeightFormat::F16) || coop) {
             out.push_str("enable f16;\n");
         }
         if coop {
@@ -321,7 +385,7 @@ impl Kernel {
         let mut out = Vec::new();
         for k in Kernel::ALL {
             let formats: Vec<Option<WeightFormat>> = if k.reads_weights() {
-                WeightFormat::ALL.into_iter().map(Some).collect()
+                WeightFormat::ALL.into_iter().filter(|f| f.device_format() == *f).map(Some).collect()
             } else if k.reads_kv() {
                 vec![Some(WeightFormat::F16), Some(WeightFormat::F32)]
             } else {

@@ -34,11 +34,16 @@ fn placeholder_constants(module: &naga::Module) -> naga::back::PipelineConstants
     module.overrides.iter().filter(|(_, o)| o.init.is_none()).filter_map(|(_, o)| Some((o.name.clone()?, 64.0))).collect()
 }
 
-/// Override values that change a kernel's shape, each written too: the wide tile of the
-/// matrix units' GEMM.
+/// Override values that change a kernel's shape or path, written too: the wide tile of the
+/// matrix units' GEMM, attention's two value runs a lane and sliding window, the norm that adds,
+/// GeGLU, the embedding scale.
 fn shape_constants(kernel: Kernel) -> &'static [(&'static str, f64)] {
     match kernel {
         Kernel::GemmCoop => &[("TILE_R", 256.0)],
+        Kernel::Attention => &[("HEAD_DIM", 256.0), ("WINDOW", 512.0)],
+        Kernel::RmsNorm => &[("ADD", 1.0)],
+        Kernel::SiluMul => &[("GELU", 1.0)],
+        Kernel::Embed => &[("SCALE", 25.0)],
         _ => &[],
     }
 }
@@ -67,12 +72,12 @@ fn every_variant_validates() {
         }
         count += 1;
     }
-    // 4 plain kernels, rope_kv for the 2 K/V cache formats, attention for both with and without
-    // subgroups, embed and gemm in 6 formats plus
-    // native f16, matmul and matvec likewise, each with and without subgroups, and gemm_coop in
-    // 6 formats (it needs f16, so F16 weights are read natively), and matvec_q8 in the 3 formats
-    // with a packed-byte dot, with and without subgroups.
-    assert_eq!(count, 4 + 2 + 2 * 2 + 7 + 7 + 2 * 7 * 2 + 6 + 3 * 2);
+    // 5 plain kernels, rope_kv for the 2 K/V cache formats, attention for both with and without
+    // subgroups, embed and gemm in the 9 device layouts plus native f16, matmul and matvec
+    // likewise, each with and without subgroups, gemm_coop in the 9 layouts (it needs f16, so F16
+    // weights are read natively), and matvec_q8 in the 6 layouts with a packed-byte dot, with and
+    // without subgroups. Q5_0, Q5_1, Q2_K and Q3_K render as their device layouts' variants.
+    assert_eq!(count, 5 + 2 + 2 * 2 + 10 + 10 + 2 * 10 * 2 + 9 + 6 * 2);
 }
 
 /// What each kernel says it binds (its layout in core) is what its WGSL declares.

@@ -19,9 +19,14 @@ override BLOCK_TOKENS: u32;
 override SCALE: f32;
 // Key positions per chunk.
 override CHUNK: u32;
+// Sliding-window layers: the query at position p sees only positions p - WINDOW + 1..=p (llama.cpp's
+// standard window); 0 sees the whole prefix. A chunk wholly before the window writes an empty state.
+override WINDOW: u32 = 0u;
 
 const WG: u32 = 32u;
-const MAX_HEAD_DIM: u32 = 128u;
+const MAX_HEAD_DIM: u32 = 256u;
+// Value runs of 4 dimensions a lane owns: lane i owns runs i and i + WG.
+const RUNS: u32 = MAX_HEAD_DIM / 4u / WG;
 const NEG_BIG: f32 = -3.0e38;
 
 @group(0) @binding(0) var<uniform> step: Step;
@@ -45,11 +50,15 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
     }
     let info = tokens[t];
     let n = info.pos + 1u;
-    let first = c * CHUNK;
-    if (first >= n) {
+    if (c * CHUNK >= n) {
         return;
     }
-    let last = min(first + CHUNK, n);
+    var lo = 0u;
+    if (WINDOW > 0u && n > WINDOW) {
+        lo = n - WINDOW;
+    }
+    let first = max(c * CHUNK, lo);
+    let last = min(c * CHUNK + CHUNK, n);
     let kv_dim = N_KV_HEADS * HEAD_DIM;
     let q_dim = N_HEADS * HEAD_DIM;
     let kvh = h / (N_HEADS / N_KV_HEADS);
@@ -62,10 +71,12 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
 
     var m = NEG_BIG;
     var l = 0.0;
-    // Lane i owns dimensions 4i..4i+3 of the values (lanes past HEAD_DIM / 4 only score): one
-    // 16-byte load a position instead of HEAD_DIM / 32 scalar ones.
-    var acc = vec4<f32>(0.0);
-    let owns = lane < HEAD_DIM / 4u;
+    // Lane i owns dimensions 4i..4i+3 (and 4(i + WG).. past 128) of the values (lanes past
+    // HEAD_DIM / 4 only score): one 16-byte load a position instead of HEAD_DIM / 32 scalar ones.
+    var acc: array<vec4<f32>, RUNS>;
+    for (var e = 0u; e < RUNS; e++) {
+        acc[e] = vec4<f32>(0.0);
+    }
     for (var j0 = first; j0 < last; j0 += WG) {
         // Lane i scores position j0 + i; positions past the chunk get probability 0 and a valid
         // row, so the loops below have a fixed trip count and their loads overlap.
@@ -86,15 +97,22 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
         lanes_publish(prob, row * kv_dim + kvh * HEAD_DIM, lane);
         let scale = exp(m - m_new);
         l = l * scale + published_sum();
-        var sum = vec4<f32>(0.0);
+        var sum: array<vec4<f32>, RUNS>;
+        for (var e = 0u; e < RUNS; e++) {
+            sum[e] = vec4<f32>(0.0);
+        }
         for (var i = 0u; i < WG; i++) {
             let p = lane_prob(i);
             let v_row = lane_row(i) / 4u;
-            if (owns) {
-                sum += p * v_load4(v_row + lane);
+            for (var e = 0u; e < RUNS; e++) {
+                if (lane + e * WG < HEAD_DIM / 4u) {
+                    sum[e] += p * v_load4(v_row + lane + e * WG);
+                }
             }
         }
-        acc = acc * scale + sum;
+        for (var e = 0u; e < RUNS; e++) {
+            acc[e] = acc[e] * scale + sum[e];
+        }
         m = m_new;
         lanes_release();
     }
@@ -103,9 +121,12 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
         partials[base] = m;
         partials[base + 1u] = l;
     }
-    if (owns) {
-        for (var k = 0u; k < 4u; k++) {
-            partials[base + 2u + 4u * lane + k] = acc[k];
+    for (var e = 0u; e < RUNS; e++) {
+        let run = lane + e * WG;
+        if (run < HEAD_DIM / 4u) {
+            for (var k = 0u; k < 4u; k++) {
+                partials[base + 2u + 4u * run + k] = acc[e][k];
+            }
         }
     }
 }

@@ -19,6 +19,8 @@ struct EmbedParams {
 @group(0) @binding(6) var<storage, read> sampled: array<u32>;
 
 const FROM_SAMPLED: u32 = 0x80000000u;
+// Gemma scales its embeddings by sqrt(hidden size).
+override SCALE: f32 = 1.0;
 
 // The dequantization modules also define dot products over activations; the gather has none.
 fn x4(o: u32) -> vec4<f32> {
@@ -39,5 +41,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (id < p.row_start || id >= p.row_start + p.row_count) {
         return;
     }
-    x[t * p.dim + col] = dq_elem(id - p.row_start, col, p.dim);
+    x[t * p.dim + col] = dq_elem(id - p.row_start, col, p.dim) * SCALE;
 }

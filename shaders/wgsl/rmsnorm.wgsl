@@ -9,6 +9,9 @@ override DIM: u32;
 override EPS: f32;
 override GATHER: bool = false;
 override Q8: bool = false;
+// Adds the normed row into `out` instead of writing it: the norms that follow a block's output
+// before the residual sum (Gemma's post-attention and post-feed-forward norms).
+override ADD: bool = false;
 
 // Wide enough that one row is a few loads per lane: a decode step has one row per sequence.
 const WG: u32 = 256u;
@@ -53,7 +56,7 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
         src = rows[r];
     }
     let base = src * DIM;
-    if (Q8 && n_rows <= Q8_TOKENS) {
+    if (Q8 && !ADD && n_rows <= Q8_TOKENS) {
         norm_q8(lane, r, base);
         return;
     }
@@ -64,7 +67,12 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
     }
     let inv = inverseSqrt(sum_lanes(lane, sum) / f32(DIM) + EPS);
     for (var i = lane; i < DIM; i += WG) {
-        out[r * DIM + i] = x[base + i] * inv * g[i];
+        let y = x[base + i] * inv * g[i];
+        if (ADD) {
+            out[r * DIM + i] += y;
+        } else {
+            out[r * DIM + i] = y;
+        }
     }
 }
 

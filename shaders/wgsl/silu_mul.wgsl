@@ -1,10 +1,13 @@
-// SwiGLU over gate and up side by side, [gate | up] per token: the gate half becomes
+// SwiGLU (or GeGLU) over gate and up side by side, [gate | up] per token: the gate half becomes
 // silu(gate) * up, which the down projection reads. A lane takes 4 consecutive values. With Q8
 // (FFN_DIM a multiple of 32), decode steps also get it as 8-bit activations for matvec_q8.wgsl,
 // blocks laid out for rows 2 * FFN_DIM wide (the down projection's input stride).
 
 override FFN_DIM: u32;
 override Q8: bool = false;
+// GeGLU with GELU's tanh form (Gemma) instead of SiLU: 0.5 g (1 + tanh(u)) = g / (1 + exp(-2u)),
+// u = sqrt(2/pi) (g + 0.044715 g^3), which stays finite where tanh's exponentials overflow.
+override GELU: bool = false;
 
 const WG: u32 = 64u;
 
@@ -26,7 +29,11 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
         if (c < FFN_DIM) {
             let at = t * 2u * FFN_DIM + c;
             let g = gate_up[at];
-            v[i] = g / (1.0 + exp(-g)) * gate_up[at + FFN_DIM];
+            var act = g / (1.0 + exp(-g));
+            if (GELU) {
+                act = g / (1.0 + exp(-2.0 * 0.7978845608 * (g + 0.044715 * g * g * g)));
+            }
+            v[i] = act * gate_up[at + FFN_DIM];
             gate_up[at] = v[i];
         }
     }

@@ -16,6 +16,15 @@ pub fn default_model() -> &'static HostModel {
     })
 }
 
+/// Gemma 3 270M Q4_K_M (`gemma3-270m`), fetched into the cache if missing.
+pub fn gemma3_model() -> &'static HostModel {
+    static MODEL: OnceLock<HostModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let path = tandem_node::models::ensure_model(&tandem_node::models::GEMMA3_270M).expect("gemma3-270m available");
+        HostModel::load(&path).expect("gemma3-270m loads")
+    })
+}
+
 /// The GPU adapter the tests run on (`TANDEM_ADAPTER` picks one). Fails, never skips, without one.
 pub fn gpu() -> &'static GpuContext {
     static GPU: OnceLock<GpuContext> = OnceLock::new();
@@ -55,6 +64,9 @@ pub struct ReferencePrompt {
     pub greedy_margins: Vec<f32>,
     #[serde(default)]
     pub chat_user: Option<String>,
+    /// Greedy steps before the first near-tie or batch disagreement (Gemma 3's reference).
+    #[serde(default)]
+    pub usable_steps: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -64,7 +76,12 @@ struct ReferenceFile {
 
 /// The prompts of `smollm2-135m-q4_1.{kind}.json` (`kind` is `llamacpp` or `f64`).
 pub fn reference(kind: &str) -> Vec<ReferencePrompt> {
-    let path = reference_dir().join(format!("smollm2-135m-q4_1.{kind}.json"));
+    reference_file(&format!("smollm2-135m-q4_1.{kind}.json"))
+}
+
+/// The prompts of reference file `name`.
+pub fn reference_file(name: &str) -> Vec<ReferencePrompt> {
+    let path = reference_dir().join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let file: ReferenceFile = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     file.prompts

@@ -279,8 +279,8 @@ pub fn generation(loaded: &Loaded, endpoint: Endpoint, body: serde_json::Value) 
         Endpoint::Completions => {
             let req: CompletionRequest = serde_json::from_value(body).map_err(invalid)?;
             let prompt = match req.prompt {
-                PromptInput::Text(t) => tok.encode(&t, true),
-                PromptInput::Texts(v) if v.len() == 1 => tok.encode(&v[0], true),
+                PromptInput::Text(t) => tok.encode_prompt(&t, true),
+                PromptInput::Texts(v) if v.len() == 1 => tok.encode_prompt(&v[0], true),
                 PromptInput::Texts(v) if v.is_empty() => return Err(ApiError::bad("prompt must not be empty", "prompt")),
                 PromptInput::Texts(_) => return Err(ApiError::bad("only one prompt per request is supported", "prompt")),
                 PromptInput::Tokens(ids) => Ok(ids),
@@ -294,7 +294,7 @@ pub fn generation(loaded: &Loaded, endpoint: Endpoint, body: serde_json::Value) 
                 return Err(ApiError::bad("messages must not be empty", "messages"));
             }
             let text = tok.apply_chat_template(&chat_messages(req.messages), true).map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
-            let prompt = tok.encode(&text, true).map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
+            let prompt = tok.encode_prompt(&text, true).map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
             prepare(loaded, &req.fields, prompt, endpoint)
         }
     }

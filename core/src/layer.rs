@@ -1,0 +1,355 @@
+//! What one transformer layer records into a step: a list of ops (kernel dispatches and
+//! matmuls) that a model family builds once at load from the layer's tensors, with the
+//! builder's helpers for the ops families share. The engine records every layer's ops in order;
+//! it does not know which family built them.
+
+use std::collections::HashMap;
+
+use tandem_shaders::{ATTENTION_CHUNK, Kernel};
+
+use crate::config::{ModelConfig, RopeLayout};
+use crate::device_weights::{DeviceMatrix, upload_vector};
+use crate::engine::{EngineConfig, MatmulOp, stack_rows};
+use crate::error::Result;
+use crate::gpu::GpuContext;
+use crate::kernels::{Kernels, SILU_MUL_TILE};
+use crate::kv::BLOCK_TOKENS;
+use crate::model::{HostModel, layer_tensor};
+use crate::recorder::{Recorder, Work};
+
+/// The workgroups of a dispatch, by the step's token count.
+#[derive(Clone, Copy, Debug)]
+pub enum Grid {
+    /// `[x, tokens, 1]`.
+    Tokens(u32),
+    /// `[tokens, 1, 1]`: a workgroup per row.
+    Rows,
+    /// `[heads, tokens, attention chunks]`.
+    Attention(u32),
+}
+
+/// Bytes and operations of a dispatch, per token and per attended position.
+#[derive(Clone, Copy, Debug)]
+pub struct Cost {
+    pub kernel: Kernel,
+    pub bytes_per_token: u64,
+    pub flops_per_token: u64,
+    pub bytes_per_attended: u64,
+    pub flops_per_attended: u64,
+}
+
+impl Cost {
+    fn per_token(kernel: Kernel, bytes: u64, flops: u64) -> Self {
+        Cost { kernel, bytes_per_token: bytes, flops_per_token: flops, bytes_per_attended: 0, flops_per_attended: 0 }
+    }
+}
+
+/// A kernel dispatch with its bindings made at load.
+pub struct Dispatch {
+    pub pipeline: wgpu::ComputePipeline,
+    pub bind_group: wgpu::BindGroup,
+    pub cost: Cost,
+    pub grid: Grid,
+}
+
+/// One op of a layer.
+pub enum LayerOp {
+    Dispatch(Dispatch),
+    Matmul(MatmulOp),
+}
+
+/// A layer's ops and its K/V cache.
+pub struct LayerOps {
+    pub ops: Vec<LayerOp>,
+    pub k_cache: wgpu::Buffer,
+    pub v_cache: wgpu::Buffer,
+}
+
+impl LayerOps {
+    /// Records the layer for a step of `n_tokens` tokens attending over `attended` positions in
+    /// all, in `chunks` attention chunks at most per token.
+    pub fn record(&self, rec: &mut Recorder<'_>, n_tokens: usize, attended: u64, chunks: u32, split: u32) {
+        let t = n_tokens as u64;
+        for op in &self.ops {
+            match op {
+                LayerOp::Matmul(m) => m.record(rec, n_tokens, split),
+                LayerOp::Dispatch(d) => {
+                    let c = d.cost;
+                    let work = Work::of(
+                        c.kernel,
+                        t * c.bytes_per_token + attended * c.bytes_per_attended,
+                        t * c.flops_per_token + attended * c.flops_per_attended,
+                    );
+                    let groups = match d.grid {
+                        Grid::Tokens(x) => [x, n_tokens as u32, 1],
+                        Grid::Rows => [n_tokens as u32, 1, 1],
+                        Grid::Attention(heads) => [heads, n_tokens as u32, chunks],
+                    };
+                    rec.dispatch(work, &d.pipeline, &d.bind_group, groups);
+                }
+            }
+        }
+    }
+}
+
+/// The engine's buffers a layer's ops bind (activations sized for a whole step).
+pub struct Activations {
+    pub step: wgpu::Buffer,
+    pub tokens: wgpu::Buffer,
+    pub tables: wgpu::Buffer,
+    pub sample_rows: wgpu::Buffer,
+    /// The residual stream, `[tokens][hidden]`.
+    pub x: wgpu::Buffer,
+    /// A normed copy of `x`, the projections' input.
+    pub xn: wgpu::Buffer,
+    pub xn_q8: Option<wgpu::Buffer>,
+    pub qkv: wgpu::Buffer,
+    pub attn_out: wgpu::Buffer,
+    pub attn_q8: Option<wgpu::Buffer>,
+    pub gate_up: wgpu::Buffer,
+    pub ffn_q8: Option<wgpu::Buffer>,
+    /// A block's output before its post-norm (families with norms after attention and MLP).
+    pub y: wgpu::Buffer,
+    pub partials: wgpu::Buffer,
+    /// Bound where a producer writes no 8-bit activations.
+    pub no_q8: wgpu::Buffer,
+}
+
+/// What families build a layer's ops from.
+pub struct LayerBuilder<'a> {
+    pub ctx: &'a GpuContext,
+    pub kernels: &'a Kernels,
+    pub model: &'a HostModel,
+    pub config: &'a ModelConfig,
+    pub engine: &'a EngineConfig,
+    pub act: &'a Activations,
+    /// RoPE tables by the bits of their base.
+    pub rope_tables: &'a HashMap<u64, wgpu::Buffer>,
+    pub layer: usize,
+    pub k_cache: &'a wgpu::Buffer,
+    pub v_cache: &'a wgpu::Buffer,
+}
+
+impl LayerBuilder<'_> {
+    fn q8_out<'b>(&'b self, b: &'b Option<wgpu::Buffer>) -> &'b wgpu::Buffer {
+        b.as_ref().unwrap_or(&self.act.no_q8)
+    }
+
+    /// A vector tensor of this layer, as f32.
+    pub fn vector(&self, what: &str) -> Result<wgpu::Buffer> {
+        Ok(upload_vector(self.ctx, self.model.tensor(&layer_tensor(self.layer, what))?))
+    }
+
+    /// RMSNorm of `x` by this layer's `what` weights into `xn` (with its 8-bit copy), or, with
+    /// `add_from`, of that buffer added into `x` (a post-norm before the residual sum).
+    pub fn norm(&self, what: &str, add_from: Option<&wgpu::Buffer>) -> Result<LayerOp> {
+        let c = self.config;
+        let d = c.hidden_size as u64;
+        let g = self.vector(what)?;
+        let a = self.act;
+        let (input, out, q8) = match add_from {
+            None => (&a.x, &a.xn, &a.xn_q8),
+            Some(from) => (from, &a.x, &None),
+        };
+        let pipeline = self.kernels.pipeline(
+            Kernel::RmsNorm,
+            None,
+            &[
+                ("DIM", d as f64),
+                ("EPS", f64::from(c.rms_eps)),
+                ("GATHER", 0.0),
+                ("Q8", f64::from(u8::from(q8.is_some()))),
+                ("ADD", f64::from(u8::from(add_from.is_some()))),
+            ],
+        )?;
+        let bind_group = self.kernels.bind_group(Kernel::RmsNorm, what, &[&a.step, input, &g, &a.sample_rows, out, self.q8_out(q8)]);
+        let bytes = if add_from.is_some() { d * 12 } else { d * 8 };
+        Ok(LayerOp::Dispatch(Dispatch { pipeline, bind_group, cost: Cost::per_token(Kernel::RmsNorm, bytes, 3 * d), grid: Grid::Rows }))
+    }
+
+    fn matrix(&self, what: &str) -> Result<DeviceMatrix> {
+        DeviceMatrix::upload(self.ctx, self.model.tensor(&layer_tensor(self.layer, what))?)
+    }
+
+    // The buffers and flags are distinct roles of one matmul.
+    fn matmul_op(
+        &self,
+        m: &DeviceMatrix,
+        x: &wgpu::Buffer,
+        x_q8: &Option<wgpu::Buffer>,
+        y: &wgpu::Buffer,
+        strides: (usize, usize, usize),
+        accumulate: bool,
+    ) -> Result<LayerOp> {
+        let op = MatmulOp::new(
+            self.kernels,
+            m,
+            &self.act.step,
+            x,
+            y,
+            strides,
+            x_q8.as_ref(),
+            accumulate,
+            false,
+            self.engine.deterministic,
+        )?;
+        Ok(LayerOp::Matmul(op))
+    }
+
+    /// Matrices that read `xn` and write side by side into `y` (rows `y_stride` wide): one
+    /// stacked matrix (one dispatch) where they share a format, else one op each.
+    pub fn side_by_side(&self, names: &[&str], y: &wgpu::Buffer, y_stride: usize) -> Result<Vec<LayerOp>> {
+        let ts = names.iter().map(|n| self.model.tensor(&layer_tensor(self.layer, n))).collect::<Result<Vec<_>>>()?;
+        let x_stride = ts[0].cols();
+        let (x, x_q8) = (&self.act.xn, &self.act.xn_q8);
+        if let Some(t) = stack_rows(&ts) {
+            return Ok(vec![self.matmul_op(&DeviceMatrix::upload(self.ctx, &t)?, x, x_q8, y, (x_stride, y_stride, 0), false)?]);
+        }
+        let mut offset = 0;
+        let mut ops = Vec::with_capacity(ts.len());
+        for t in ts {
+            ops.push(self.matmul_op(&DeviceMatrix::upload(self.ctx, t)?, x, x_q8, y, (x_stride, y_stride, offset), false)?);
+            offset += t.rows();
+        }
+        Ok(ops)
+    }
+
+    /// Q, K and V into `qkv`.
+    pub fn qkv(&self) -> Result<Vec<LayerOp>> {
+        self.side_by_side(&["attn_q", "attn_k", "attn_v"], &self.act.qkv, self.config.qkv_dim())
+    }
+
+    /// The attention output projection: added into the residual `x`, or written to `y` for a
+    /// post-norm.
+    pub fn attn_output(&self, into_residual: bool) -> Result<LayerOp> {
+        let c = self.config;
+        let y = if into_residual { &self.act.x } else { &self.act.y };
+        self.matmul_op(&self.matrix("attn_output")?, &self.act.attn_out, &self.act.attn_q8, y, (c.n_heads * c.head_dim, c.hidden_size, 0), into_residual)
+    }
+
+    /// Gate and up into `gate_up`.
+    pub fn gate_up(&self) -> Result<Vec<LayerOp>> {
+        self.side_by_side(&["ffn_gate", "ffn_up"], &self.act.gate_up, 2 * self.config.ffn_size)
+    }
+
+    /// The down projection: added into `x`, or written to `y` for a post-norm.
+    pub fn down(&self, into_residual: bool) -> Result<LayerOp> {
+        let c = self.config;
+        let y = if into_residual { &self.act.x } else { &self.act.y };
+        self.matmul_op(&self.matrix("ffn_down")?, &self.act.gate_up, &self.act.ffn_q8, y, (2 * c.ffn_size, c.hidden_size, 0), into_residual)
+    }
+
+    fn heads(&self) -> [(&'static str, f64); 3] {
+        let c = self.config;
+        [("N_HEADS", c.n_heads as f64), ("N_KV_HEADS", c.n_kv_heads as f64), ("HEAD_DIM", c.head_dim as f64)]
+    }
+
+    /// RMSNorm of each query head by `q_norm` and each key head by `k_norm`, in place.
+    pub fn head_norm(&self, q_norm: &str, k_norm: &str) -> Result<LayerOp> {
+        let c = self.config;
+        let [h, kvh, hd] = self.heads();
+        let pipeline = self.kernels.pipeline(Kernel::HeadNorm, None, &[h, kvh, hd, ("EPS", f64::from(c.rms_eps))])?;
+        let (gq, gk) = (self.vector(q_norm)?, self.vector(k_norm)?);
+        let bind_group = self.kernels.bind_group(Kernel::HeadNorm, "head_norm", &[&self.act.step, &self.act.qkv, &gq, &gk]);
+        let values = ((c.n_heads + c.n_kv_heads) * c.head_dim) as u64;
+        Ok(LayerOp::Dispatch(Dispatch {
+            pipeline,
+            bind_group,
+            cost: Cost::per_token(Kernel::HeadNorm, values * 12, values * 4),
+            grid: Grid::Tokens((c.n_heads + c.n_kv_heads) as u32),
+        }))
+    }
+
+    /// RoPE on Q and K with this layer's base, and the new K and V into the cache.
+    pub fn rope_kv(&self) -> Result<LayerOp> {
+        let c = self.config;
+        let [h, kvh, hd] = self.heads();
+        let kv = self.engine.kv_dtype;
+        let pipeline = self.kernels.pipeline(
+            Kernel::RopeKv,
+            Some(kv.format()),
+            &[h, kvh, hd, ("NEOX", f64::from(u8::from(c.rope_layout == RopeLayout::Neox)))],
+        )?;
+        let table = &self.rope_tables[&c.layer_rope_theta(self.layer).to_bits()];
+        let a = self.act;
+        let bind_group = self.kernels.bind_group(Kernel::RopeKv, "rope_kv", &[&a.step, &a.qkv, &a.tokens, table, self.k_cache, self.v_cache]);
+        let kv_dim = c.kv_dim() as u64;
+        let pairs = ((c.n_heads + c.n_kv_heads) * c.head_dim / 2) as u64;
+        // rope_kv.wgsl: an invocation rotates two pairs or copies two V values.
+        let items = (c.n_heads + c.n_kv_heads) * c.head_dim / 4 + c.kv_dim() / 2;
+        Ok(LayerOp::Dispatch(Dispatch {
+            pipeline,
+            bind_group,
+            cost: Cost::per_token(Kernel::RopeKv, c.qkv_dim() as u64 * 8 + 2 * kv_dim * kv.bytes() as u64, 6 * pairs),
+            grid: Grid::Tokens(items.div_ceil(64) as u32),
+        }))
+    }
+
+    /// Attention over the cache (this layer's window, if any) and the merge of its chunks into
+    /// `attn_out`.
+    pub fn attention(&self) -> Result<[LayerOp; 2]> {
+        let c = self.config;
+        let [h, kvh, hd] = self.heads();
+        let kv = self.engine.kv_dtype;
+        let a = self.act;
+        let window = c.layer_window(self.layer).unwrap_or(0);
+        let pipeline = self.kernels.pipeline(
+            Kernel::Attention,
+            Some(kv.format()),
+            &[
+                h,
+                kvh,
+                hd,
+                ("BLOCK_TOKENS", BLOCK_TOKENS as f64),
+                ("SCALE", 1.0 / (c.head_dim as f64).sqrt()),
+                ("CHUNK", f64::from(ATTENTION_CHUNK)),
+                ("WINDOW", window as f64),
+            ],
+        )?;
+        let bind_group = self
+            .kernels
+            .bind_group(Kernel::Attention, "attention", &[&a.step, &a.qkv, &a.tokens, &a.tables, self.k_cache, self.v_cache, &a.partials]);
+        let (heads, kv_dim, hdim) = (c.n_heads as u64, c.kv_dim() as u64, c.head_dim as u64);
+        let cost = Cost {
+            kernel: Kernel::Attention,
+            bytes_per_token: heads * hdim * 8,
+            flops_per_token: 0,
+            bytes_per_attended: kv_dim * 2 * kv.bytes() as u64,
+            flops_per_attended: 4 * heads * hdim,
+        };
+        let attention = Dispatch { pipeline, bind_group, cost, grid: Grid::Attention(c.n_heads as u32) };
+        let q8 = &a.attn_q8;
+        let pipeline = self.kernels.pipeline(
+            Kernel::AttentionMerge,
+            None,
+            &[h, hd, ("CHUNK", f64::from(ATTENTION_CHUNK)), ("Q8", f64::from(u8::from(q8.is_some())))],
+        )?;
+        let bind_group =
+            self.kernels.bind_group(Kernel::AttentionMerge, "attention_merge", &[&a.step, &a.tokens, &a.partials, &a.attn_out, self.q8_out(q8)]);
+        let merge = Dispatch {
+            pipeline,
+            bind_group,
+            cost: Cost::per_token(Kernel::AttentionMerge, heads * hdim * 8, 0),
+            grid: Grid::Tokens(c.n_heads as u32),
+        };
+        Ok([LayerOp::Dispatch(attention), LayerOp::Dispatch(merge)])
+    }
+
+    /// The gated activation over `gate_up`: SiLU (SwiGLU) or GELU's tanh form (GeGLU).
+    pub fn glu(&self, gelu: bool) -> Result<LayerOp> {
+        let f = self.config.ffn_size;
+        let q8 = &self.act.ffn_q8;
+        let pipeline = self.kernels.pipeline(
+            Kernel::SiluMul,
+            None,
+            &[("FFN_DIM", f as f64), ("Q8", f64::from(u8::from(q8.is_some()))), ("GELU", f64::from(u8::from(gelu)))],
+        )?;
+        let bind_group = self.kernels.bind_group(Kernel::SiluMul, "glu", &[&self.act.step, &self.act.gate_up, self.q8_out(q8)]);
+        Ok(LayerOp::Dispatch(Dispatch {
+            pipeline,
+            bind_group,
+            cost: Cost::per_token(Kernel::SiluMul, f as u64 * 12, 5 * f as u64),
+            grid: Grid::Tokens(f.div_ceil(SILU_MUL_TILE) as u32),
+        }))
+    }
+}
