@@ -2,14 +2,22 @@
 //! SentencePiece vocabulary, sliding-window layers), against llama.cpp's tokenization, logits and
 //! greedy text (`gemma3-270m-q4_k_m.llamacpp.json`).
 
-use tandem_core::{Engine, EngineConfig, SamplingParams, StepInput};
+use tandem_core::{Engine, EngineConfig, KvDtype};
 use tandem_tests::{gemma3_model, gpu, reference_file};
 
 const REFERENCE: &str = "gemma3-270m-q4_k_m.llamacpp.json";
-/// Our default mode's logits may differ from llama.cpp's CPU logits by this much. Both quantize
-/// activations to 8 bits inside quantized dot products, but differently (llama.cpp per 256 for
-/// K-quants, we per 32), and llama.cpp's GELU is a table of f16 inputs.
-const LOGIT_TOLERANCE: f32 = 0.75;
+/// Our logits may differ from llama.cpp's by this much. llama.cpp's CPU path quantizes
+/// activations to 8 bits inside its quantized dot products, and on these prompts its logits lie
+/// up to 1.14 from exact math (a float64 numpy forward over the `gguf` package's dequantizer, run
+/// as a diagnostic), where ours lie within 0.02 of it; we measured 1.14 at worst against
+/// llama.cpp, in both modes and with either K/V cache.
+const LOGIT_TOLERANCE: f32 = 1.5;
+/// Greedy steps are compared while both sides' top-1/top-2 margins are at least this (the
+/// reference's own `usable_steps` applies it to llama.cpp's margins; on `story`, exact math has a
+/// 0.04 near-tie at step 1 that llama.cpp's noisier logits place at 0.23).
+const GREEDY_MARGIN: f32 = 0.1;
+/// Greedy steps per prompt at most (lavapipe computes the 262,144-token head slowly).
+const MAX_GREEDY: usize = 12;
 
 #[test]
 fn tokenization_matches_llama_cpp() {
@@ -25,9 +33,10 @@ fn tokenization_matches_llama_cpp() {
 #[test]
 fn logits_and_greedy_text_match_llama_cpp() {
     let model = gemma3_model();
-    let cfg = EngineConfig { max_batch_tokens: 64, context_length: 128, ..Default::default() };
+    let cfg = EngineConfig { max_batch_tokens: 64, context_length: 128, kv_dtype: KvDtype::F16, ..Default::default() };
     let mut engine = Engine::new(gpu(), model, &cfg).expect("engine");
     let mut worst = 0f32;
+    let mut compared = 0;
     for p in reference_file(REFERENCE) {
         let seq = engine.create_sequence();
         let logits = engine.forward_logits(seq, &p.tokens).expect("forward");
@@ -42,25 +51,22 @@ fn logits_and_greedy_text_match_llama_cpp() {
                 assert_eq!(tandem_core::cpu_ref::argmax(ours), want.top_ids[0], "`{}` position {i}: top-1 (margin {margin})", p.name);
             }
         }
-        engine.free_sequence(seq);
-
-        let usable = p.usable_steps.unwrap_or(0).min(p.greedy_tokens.len());
-        let seq = engine.create_sequence();
-        let n = p.tokens.len();
-        let first = engine
-            .step(&[StepInput { seq, tokens: p.tokens.clone(), sample: Some(SamplingParams::greedy()) }])
-            .expect("prefill")[0]
-            .expect("sampled");
-        let mut got = vec![first];
-        engine
-            .decode_run(seq, first, usable.saturating_sub(1), SamplingParams::greedy(), |t| {
-                got.push(t);
-                Ok(true)
-            })
-            .expect("decode");
-        got.truncate(usable);
-        assert_eq!(got, p.greedy_tokens[..usable], "`{}`: greedy tokens after {n} prompt tokens", p.name);
+        // Greedy from the prompt's logits on, one token a step, each step's margin checked.
+        let mut last = logits.last().cloned().expect("logits");
+        let steps = p.usable_steps.unwrap_or(0).min(p.greedy_tokens.len()).min(MAX_GREEDY);
+        for (j, &want) in p.greedy_tokens[..steps].iter().enumerate() {
+            let mut order: Vec<u32> = (0..last.len() as u32).collect();
+            order.select_nth_unstable_by(1, |&a, &b| last[b as usize].total_cmp(&last[a as usize]));
+            let (top, second) = (order[0], order[1]);
+            if last[top as usize] - last[second as usize] < GREEDY_MARGIN {
+                break;
+            }
+            assert_eq!(top, want, "`{}`: greedy step {j}", p.name);
+            compared += 1;
+            last = engine.forward_logits(seq, &[top]).expect("decode").pop().expect("logits");
+        }
         engine.free_sequence(seq);
     }
-    eprintln!("worst logit difference from llama.cpp: {worst}");
+    eprintln!("worst logit difference from llama.cpp: {worst}; greedy tokens compared: {compared}");
+    assert!(compared >= 40, "only {compared} greedy steps compared");
 }
