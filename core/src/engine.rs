@@ -13,8 +13,8 @@ use crate::device_weights::{DeviceMatrix, upload_vector};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::kernels::{GEMM_COOP_TOKENS, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, gemm_coop_rows, q8_ranges};
-use crate::layer::{Activations, LayerBuilder, LayerOps};
 use crate::kv::{BLOCK_TOKENS, BlockPool, KvDtype, KvLayer, KvSink, PoolUsage, SeqId, SeqState, block_hash, prefix_hashes};
+use crate::layer::{Activations, LayerBuilder, LayerOps};
 use crate::model::{HostModel, layer_tensor};
 use crate::recorder::{KernelTime, Profiler, Recorder, Work};
 
@@ -386,17 +386,11 @@ impl Engine {
         // deterministic mode, which never runs a matvec, and only for inputs that some matrix
         // reads through a packed-byte dot (an F16 model's producers would quantize for nothing).
         let packed = |read_by: &[&str]| -> Result<bool> {
-            for l in 0..c.n_layers {
-                for name in read_by {
-                    if model.tensor(&layer_tensor(l, name))?.format.has_packed_dot() {
-                        return Ok(true);
-                    }
-                }
-            }
-            Ok(false)
+            Ok((0..c.n_layers)
+                .any(|l| read_by.iter().any(|name| model.tensors.get(&layer_tensor(l, name)).is_some_and(|t| t.format.has_packed_dot()))))
         };
         let q8 = |label: &str, stride: usize, used: bool| (!cfg.deterministic && used).then(|| ctx.storage(label, q8_ranges(stride).1.end));
-        let xn_q8 = q8("xn_q8", d, d.is_multiple_of(32) && packed(&["attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"])?);
+        let xn_q8 = q8("xn_q8", d, d.is_multiple_of(32) && packed(&["attn_q", "attn_k", "attn_v", "attn_qkv", "ffn_gate", "ffn_up"])?);
         let attn_q8 = q8("attn_out_q8", q_dim, c.head_dim.is_multiple_of(32) && packed(&["attn_output"])?);
         let ffn_q8 = q8("ffn_q8", 2 * f, f.is_multiple_of(32) && packed(&["ffn_down"])?);
         let head_format = if c.tied_embeddings { model.tensor("token_embd.weight")?.format } else { model.output_head()?.format };
@@ -431,15 +425,17 @@ impl Engine {
             run_reads: [ctx.readback("run_read.0", f4), ctx.readback("run_read.1", f4)],
             logits: ctx.storage("logits", max_sample as u64 * logits_row),
         };
-        let family = c.family().ok_or_else(|| Error::Config { path: model.path.clone(), reason: format!("no family runs `{}`", c.architecture) })?;
+        let family =
+            c.family().ok_or_else(|| Error::Config { path: model.path.clone(), reason: format!("no family runs `{}`", c.architecture) })?;
         let freq_factors =
             model.tensors.get("rope_freqs.weight").map(|t| crate::cpu_ref::dequantize_row(t.format, t.bytes.as_slice(), t.cols()));
         let mut rope_tables = HashMap::new();
         for l in 0..c.n_layers {
             let theta = c.layer_rope_theta(l);
-            if !rope_tables.contains_key(&theta.to_bits()) {
-                let table: Vec<f32> = rope_table(context_length, c.head_dim, theta, freq_factors.as_deref()).into_iter().flatten().collect();
-                rope_tables.insert(theta.to_bits(), ctx.storage_init("rope_table", bytemuck::cast_slice(&table)));
+            if let std::collections::hash_map::Entry::Vacant(e) = rope_tables.entry(theta.to_bits()) {
+                let table: Vec<f32> =
+                    rope_table(context_length, c.head_dim, theta, freq_factors.as_deref()).into_iter().flatten().collect();
+                e.insert(ctx.storage_init("rope_table", bytemuck::cast_slice(&table)));
             }
         }
 

@@ -181,18 +181,8 @@ impl LayerBuilder<'_> {
         strides: (usize, usize, usize),
         accumulate: bool,
     ) -> Result<LayerOp> {
-        let op = MatmulOp::new(
-            self.kernels,
-            m,
-            &self.act.step,
-            x,
-            y,
-            strides,
-            x_q8.as_ref(),
-            accumulate,
-            false,
-            self.engine.deterministic,
-        )?;
+        let op =
+            MatmulOp::new(self.kernels, m, &self.act.step, x, y, strides, x_q8.as_ref(), accumulate, false, self.engine.deterministic)?;
         Ok(LayerOp::Matmul(op))
     }
 
@@ -219,17 +209,54 @@ impl LayerBuilder<'_> {
         self.side_by_side(&["attn_q", "attn_k", "attn_v"], &self.act.qkv, self.config.qkv_dim())
     }
 
+    /// Q, K and V into `qkv` from one fused matrix (`what`, Q's rows then K's then V's).
+    pub fn qkv_fused(&self, what: &str) -> Result<Vec<LayerOp>> {
+        self.side_by_side(&[what], &self.act.qkv, self.config.qkv_dim())
+    }
+
+    /// This layer's Q, K and V biases (`attn_q.bias` …) added to `qkv`.
+    pub fn qkv_bias(&self) -> Result<LayerOp> {
+        let c = self.config;
+        let mut bias = Vec::with_capacity(c.qkv_dim());
+        for what in ["attn_q", "attn_k", "attn_v"] {
+            let t = self.model.tensor(&format!("blk.{}.{what}.bias", self.layer))?;
+            bias.extend(crate::cpu_ref::dequantize_row(t.format, t.bytes.as_slice(), t.cols()));
+        }
+        let b = self.ctx.storage_init("qkv_bias", bytemuck::cast_slice(&bias));
+        let width = c.qkv_dim();
+        let pipeline = self.kernels.pipeline(Kernel::AddBias, None, &[("WIDTH", width as f64)])?;
+        let bind_group = self.kernels.bind_group(Kernel::AddBias, "qkv_bias", &[&self.act.step, &self.act.qkv, &b]);
+        Ok(LayerOp::Dispatch(Dispatch {
+            pipeline,
+            bind_group,
+            cost: Cost::per_token(Kernel::AddBias, width as u64 * 12, width as u64),
+            grid: Grid::Tokens(width.div_ceil(64) as u32),
+        }))
+    }
+
     /// The attention output projection: added into the residual `x`, or written to `y` for a
     /// post-norm.
     pub fn attn_output(&self, into_residual: bool) -> Result<LayerOp> {
         let c = self.config;
         let y = if into_residual { &self.act.x } else { &self.act.y };
-        self.matmul_op(&self.matrix("attn_output")?, &self.act.attn_out, &self.act.attn_q8, y, (c.n_heads * c.head_dim, c.hidden_size, 0), into_residual)
+        self.matmul_op(
+            &self.matrix("attn_output")?,
+            &self.act.attn_out,
+            &self.act.attn_q8,
+            y,
+            (c.n_heads * c.head_dim, c.hidden_size, 0),
+            into_residual,
+        )
     }
 
     /// Gate and up into `gate_up`.
     pub fn gate_up(&self) -> Result<Vec<LayerOp>> {
         self.side_by_side(&["ffn_gate", "ffn_up"], &self.act.gate_up, 2 * self.config.ffn_size)
+    }
+
+    /// Gate and up into `gate_up` from one fused matrix (`what`, the gate's rows first).
+    pub fn gate_up_fused(&self, what: &str) -> Result<Vec<LayerOp>> {
+        self.side_by_side(&[what], &self.act.gate_up, 2 * self.config.ffn_size)
     }
 
     /// The down projection: added into `x`, or written to `y` for a post-norm.
@@ -272,7 +299,8 @@ impl LayerBuilder<'_> {
         )?;
         let table = &self.rope_tables[&c.layer_rope_theta(self.layer).to_bits()];
         let a = self.act;
-        let bind_group = self.kernels.bind_group(Kernel::RopeKv, "rope_kv", &[&a.step, &a.qkv, &a.tokens, table, self.k_cache, self.v_cache]);
+        let bind_group =
+            self.kernels.bind_group(Kernel::RopeKv, "rope_kv", &[&a.step, &a.qkv, &a.tokens, table, self.k_cache, self.v_cache]);
         let kv_dim = c.kv_dim() as u64;
         let pairs = ((c.n_heads + c.n_kv_heads) * c.head_dim / 2) as u64;
         // rope_kv.wgsl: an invocation rotates two pairs or copies two V values.
@@ -306,9 +334,11 @@ impl LayerBuilder<'_> {
                 ("WINDOW", window as f64),
             ],
         )?;
-        let bind_group = self
-            .kernels
-            .bind_group(Kernel::Attention, "attention", &[&a.step, &a.qkv, &a.tokens, &a.tables, self.k_cache, self.v_cache, &a.partials]);
+        let bind_group = self.kernels.bind_group(
+            Kernel::Attention,
+            "attention",
+            &[&a.step, &a.qkv, &a.tokens, &a.tables, self.k_cache, self.v_cache, &a.partials],
+        );
         let (heads, kv_dim, hdim) = (c.n_heads as u64, c.kv_dim() as u64, c.head_dim as u64);
         let cost = Cost {
             kernel: Kernel::Attention,
@@ -324,8 +354,11 @@ impl LayerBuilder<'_> {
             None,
             &[h, hd, ("CHUNK", f64::from(ATTENTION_CHUNK)), ("Q8", f64::from(u8::from(q8.is_some())))],
         )?;
-        let bind_group =
-            self.kernels.bind_group(Kernel::AttentionMerge, "attention_merge", &[&a.step, &a.tokens, &a.partials, &a.attn_out, self.q8_out(q8)]);
+        let bind_group = self.kernels.bind_group(
+            Kernel::AttentionMerge,
+            "attention_merge",
+            &[&a.step, &a.tokens, &a.partials, &a.attn_out, self.q8_out(q8)],
+        );
         let merge = Dispatch {
             pipeline,
             bind_group,

@@ -133,38 +133,22 @@ impl HostModel {
 
 /// Every tensor the forward pass reads exists with the shape the configuration implies.
 fn check_tensors(path: &Path, c: &ModelConfig, tensors: &HashMap<String, HostTensor>) -> Result<()> {
-    // A layer is nine tensors: a file cannot hold more layers than that allows, whatever its
-    // metadata claims (checked before anything is built per layer).
-    if c.n_layers > tensors.len() / 9 {
+    // A layer is at least five tensors (Phi-3's fused ones): a file cannot hold more layers than
+    // that allows, whatever its metadata claims (checked before anything is built per layer).
+    if c.n_layers > tensors.len() / 5 {
         return Err(Error::Config {
             path: path.into(),
             reason: format!("the model claims {} layers but holds only {} tensors", c.n_layers, tensors.len()),
         });
     }
-    let (d, f, q, kv) = (c.hidden_size, c.ffn_size, c.n_heads * c.head_dim, c.kv_dim());
+    let d = c.hidden_size;
     let mut fixed: Vec<(String, Vec<usize>)> =
         vec![("token_embd.weight".into(), vec![d, c.vocab_size]), ("output_norm.weight".into(), vec![d])];
     if !c.tied_embeddings {
         fixed.push(("output.weight".into(), vec![d, c.vocab_size]));
     }
-    let extra = c.family().map(|f| f.extra_layer_tensors(c)).unwrap_or_default();
-    let layers = (0..c.n_layers).flat_map(|l| {
-        let extra = extra.clone();
-        [
-            ("attn_norm", vec![d]),
-            ("attn_q", vec![d, q]),
-            ("attn_k", vec![d, kv]),
-            ("attn_v", vec![d, kv]),
-            ("attn_output", vec![q, d]),
-            ("ffn_norm", vec![d]),
-            ("ffn_gate", vec![d, f]),
-            ("ffn_up", vec![d, f]),
-            ("ffn_down", vec![f, d]),
-        ]
-        .into_iter()
-        .chain(extra)
-        .map(move |(what, shape)| (layer_tensor(l, what), shape))
-    });
+    let per_layer = c.family().map(|f| f.layer_tensors(c)).unwrap_or_default();
+    let layers = (0..c.n_layers).flat_map(|l| per_layer.iter().map(move |(what, shape)| (format!("blk.{l}.{what}"), shape.clone())));
     for (name, shape) in fixed.into_iter().chain(layers) {
         let t = tensors.get(&name).ok_or_else(|| Error::MissingTensor { path: path.into(), tensor: name.clone() })?;
         let got: Vec<usize> = t.shape.iter().copied().filter(|&s| s != 1 || shape.len() > 1).collect();

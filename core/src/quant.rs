@@ -49,11 +49,11 @@ pub fn decode_block(format: WeightFormat, b: &[u8]) -> Option<Vec<SubBlock>> {
             let qh = u32::from_le_bytes([b[rest], b[rest + 1], b[rest + 2], b[rest + 3]]);
             let qs = &b[rest + 4..rest + 20];
             let bias = if format == WeightFormat::Q5_0 { 16 } else { 0 };
-            for j in 0..16 {
+            for (j, &q) in qs.iter().enumerate() {
                 let h0 = (((qh >> j) << 4) & 0x10) as u8;
                 let h1 = ((qh >> (j + 12)) & 0x10) as u8;
-                s.q[j] = (((qs[j] & 0xf) | h0) as i16 - bias) as i8;
-                s.q[j + 16] = (((qs[j] >> 4) | h1) as i16 - bias) as i8;
+                s.q[j] = (((q & 0xf) | h0) as i16 - bias) as i8;
+                s.q[j + 16] = (((q >> 4) | h1) as i16 - bias) as i8;
             }
             s.d = [d; 2];
             s.m = [m; 2];
@@ -347,7 +347,9 @@ pub fn quantize(format: WeightFormat, values: &[f32]) -> Vec<u8> {
                 let dmin = f16::from_f32(subs.iter().map(|s| s.1).fold(0.0, f32::max) / 15.0);
                 let sc: Vec<u8> = subs
                     .iter()
-                    .map(|&(s, m)| round_clamp(s * inv(d.to_f32()), 0, 15) as u8 | ((round_clamp(m * inv(dmin.to_f32()), 0, 15) as u8) << 4))
+                    .map(|&(s, m)| {
+                        round_clamp(s * inv(d.to_f32()), 0, 15) as u8 | ((round_clamp(m * inv(dmin.to_f32()), 0, 15) as u8) << 4)
+                    })
                     .collect();
                 let mut qs = [0u8; 64];
                 for (y, &v) in blk.iter().enumerate() {

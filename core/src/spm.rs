@@ -76,9 +76,8 @@ impl SpmVocab {
             // The first of duplicate texts wins, as in llama.cpp's map.
             index.entry(t.clone()).or_insert(i as u32);
         }
-        let byte_ids = (0..=255u8)
-            .map(|b| index.get(&format!("<0x{b:02X}>")).or_else(|| index.get(&(b as char).to_string())).copied())
-            .collect();
+        let byte_ids =
+            (0..=255u8).map(|b| index.get(&format!("<0x{b:02X}>")).or_else(|| index.get(&(b as char).to_string())).copied()).collect();
         let mut specials: Vec<u32> = (0..tokens.len() as u32)
             .filter(|&i| matches!(types[i as usize], CONTROL | USER_DEFINED) && !tokens[i as usize].is_empty())
             .collect();
@@ -240,12 +239,11 @@ mod tests {
     use super::*;
 
     fn vocab() -> SpmVocab {
-        let mut tokens: Vec<String> = ["<unk>", "<s>", "</s>", "\n", "▁", "a", "b", "c", "ab", "▁a", "▁ab", "abc", "bc"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut tokens: Vec<String> =
+            ["<unk>", "<s>", "</s>", "\n", "▁", "a", "b", "c", "ab", "▁a", "▁ab", "abc", "bc"].iter().map(|s| s.to_string()).collect();
         let mut scores = vec![0.0, 0.0, 0.0, 0.0, -1.0, -5.0, -5.0, -5.0, -2.0, -3.0, -1.5, -4.0, -1.0];
-        let mut types = vec![UNKNOWN, CONTROL, CONTROL, USER_DEFINED, NORMAL, NORMAL, NORMAL, NORMAL, NORMAL, NORMAL, NORMAL, NORMAL, NORMAL];
+        let mut types =
+            vec![UNKNOWN, CONTROL, CONTROL, USER_DEFINED, NORMAL, NORMAL, NORMAL, NORMAL, NORMAL, NORMAL, NORMAL, NORMAL, NORMAL];
         for b in 0..=255u8 {
             tokens.push(format!("<0x{b:02X}>"));
             scores.push(0.0);

@@ -225,7 +225,8 @@ impl TextTokenizer {
         };
         let vocab = SpmVocab::new(tokens.to_vec(), scores, types, flag("tokenizer.ggml.add_space_prefix", true))
             .map_err(|e| tok_err(format!("{file_name}: {e}")))?;
-        let id = |k: &str| file.get(k).and_then(|v| v.as_u64()).and_then(|i| u32::try_from(i).ok()).filter(|&i| (i as usize) < tokens.len());
+        let id =
+            |k: &str| file.get(k).and_then(|v| v.as_u64()).and_then(|i| u32::try_from(i).ok()).filter(|&i| (i as usize) < tokens.len());
         let mut tok = Self::with_backend(
             Backend::Spm(std::sync::Arc::new(vocab)),
             id("tokenizer.ggml.bos_token_id"),
@@ -361,7 +362,11 @@ type HfDecodeStream<'a> = DecodeStream<
 pub enum TokenTextStream<'a> {
     Hf(Box<HfDecodeStream<'a>>),
     /// Byte tokens may split a character: bytes wait in `pending` until they form whole ones.
-    Spm { vocab: &'a SpmVocab, special: bool, pending: Vec<u8> },
+    Spm {
+        vocab: &'a SpmVocab,
+        special: bool,
+        pending: Vec<u8>,
+    },
 }
 
 impl TokenTextStream<'_> {

@@ -103,6 +103,12 @@ fn step_buf(ctx: &GpuContext, n_tokens: usize, n_sample: usize) -> wgpu::Buffer 
     ctx.uniform_init("step", bytemuck::bytes_of(&Step { n_tokens: n_tokens as u32, n_sample: n_sample as u32, ..Default::default() }))
 }
 
+/// `cols` scaled up to whole super-blocks for the K-quants (256 values a block), keeping the
+/// count of 32-value blocks odd where it was.
+fn widen(format: WeightFormat, cols: usize) -> usize {
+    if format.block_elems() > 32 { cols * format.block_elems() / 32 } else { cols }
+}
+
 fn host_matrix(format: WeightFormat, values: &[f32], rows: usize, cols: usize) -> HostTensor {
     let bytes: Vec<u8> = values.chunks(cols).flat_map(|r| cpu_ref::quantize_row(format, r)).collect();
     HostTensor { name: format!("w.{format}"), format, shape: vec![cols, rows], bytes: TensorBytes::owned(bytes) }
@@ -138,7 +144,7 @@ fn run_matmul(ctx: &GpuContext, kernels: &Kernels, m: &DeviceMatrix, x: &[f32], 
 
 fn matmul_reference(format: WeightFormat, t: &HostTensor, x: &[f32], tokens: usize) -> (Vec<f32>, Vec<f32>) {
     let (rows, cols) = (t.rows(), t.cols());
-    let w = cpu_ref::dequantize(format, t.bytes.as_slice(), rows, cols);
+    let w = cpu_ref::dequantize_uploaded(format, t.bytes.as_slice(), rows, cols);
     let want = cpu_ref::matmul(x, &w, tokens, rows, cols);
     let abs_w: Vec<f32> = w.iter().map(|v| v.abs()).collect();
     let abs_x: Vec<f32> = x.iter().map(|v| v.abs()).collect();
@@ -156,6 +162,7 @@ fn matmul_matches_cpu_for_every_format_and_odd_shapes() {
                 shapes.extend([(7, 37, 2), (66, 45, 8)]);
             }
             for (rows, cols, tokens) in shapes {
+                let cols = widen(format, cols);
                 let t = host_matrix(format, &random(&mut rng, rows * cols), rows, cols);
                 let x = random(&mut rng, tokens * cols);
                 let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
@@ -236,12 +243,13 @@ fn fast_matmuls_match_cpu_for_every_format_and_odd_shapes() {
                 shapes.extend([(7, 37, 2), (66, 45, 8), (67, 45, 65)]);
             }
             for (n, cols, tokens) in shapes {
+                let cols = widen(format, cols);
                 let t = host_matrix(format, &random(&mut rng, n * cols), n, cols);
                 let x = random(&mut rng, tokens * cols);
                 let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
                 let (want, scale) = matmul_reference(format, &t, &x, tokens);
                 // The matvec and the matrix units' GEMM take rows of whole blocks only.
-                let whole = cols % 32 == 0;
+                let whole = cols.is_multiple_of(32);
                 let matvecs = if whole { MATVEC_TOKENS.as_slice() } else { &[] };
                 // The engine's shapes for short and long rows, and more rows per lane group.
                 let mut variants: Vec<Fast> = matvecs
@@ -280,6 +288,7 @@ fn matvec_q8_matches_cpu_for_packed_formats_and_odd_shapes() {
             // Rows that fill no workgroup evenly, rows shorter than a lane group's 32 blocks and
             // one longer than the KSPLIT threshold.
             for (n, cols) in [(70, 64), (131, 96), (33, 1120), (5, 8192 + 96)] {
+                let cols = widen(format, cols);
                 let t = host_matrix(format, &random(&mut rng, n * cols), n, cols);
                 let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
                 for tokens in [1, 3, 8] {
@@ -352,7 +361,7 @@ fn embed_gathers_dequantized_rows_of_given_and_sampled_ids() {
         let kernels = Kernels::new(&ctx);
         let mut rng = rng();
         for format in WeightFormat::ALL {
-            let (rows, cols) = (50, 96);
+            let (rows, cols) = (50, widen(format, 96));
             let t = host_matrix(format, &random(&mut rng, rows * cols), rows, cols);
             let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
             let ids = [3u32, 49, 0, 17, 17, 42];
@@ -377,7 +386,7 @@ fn embed_gathers_dequantized_rows_of_given_and_sampled_ids() {
                 (ids.len() * cols * 4) as u64,
                 dispatch(&ctx, &pipeline, &[(&bg, [cols.div_ceil(64) as u32, ids.len() as u32, 1])]),
             );
-            let w = cpu_ref::dequantize(format, t.bytes.as_slice(), rows, cols);
+            let w = cpu_ref::dequantize_uploaded(format, t.bytes.as_slice(), rows, cols);
             let want: Vec<f32> = ids.iter().flat_map(|&id| w[id as usize * cols..(id as usize + 1) * cols].to_vec()).collect();
             assert_eq!(got, want, "embed {format} {:?}", ctx.caps);
         }

@@ -201,6 +201,7 @@ pub enum Kernel {
     Gemm,
     GemmCoop,
     HeadNorm,
+    AddBias,
     RopeKv,
     Attention,
     AttentionMerge,
@@ -210,7 +211,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 13] = [
+    pub const ALL: [Kernel; 14] = [
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::Matmul,
@@ -219,6 +220,7 @@ impl Kernel {
         Kernel::Gemm,
         Kernel::GemmCoop,
         Kernel::HeadNorm,
+        Kernel::AddBias,
         Kernel::RopeKv,
         Kernel::Attention,
         Kernel::AttentionMerge,
@@ -237,6 +239,7 @@ impl Kernel {
             Kernel::Gemm => "gemm",
             Kernel::GemmCoop => "gemm_coop",
             Kernel::HeadNorm => "head_norm",
+            Kernel::AddBias => "add_bias",
             Kernel::RopeKv => "rope_kv",
             Kernel::Attention => "attention",
             Kernel::AttentionMerge => "attention_merge",
@@ -258,6 +261,8 @@ impl Kernel {
             Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8 | Kernel::Gemm | Kernel::GemmCoop => &[U, U, R, R, R, W, R],
             // step, qkv (normed in place), query-head and key-head weights.
             Kernel::HeadNorm => &[U, W, R, R],
+            // step, y (biased in place), the bias.
+            Kernel::AddBias => &[U, W, R],
             Kernel::RopeKv => &[U, W, R, R, W, W],
             Kernel::Attention => &[U, R, R, R, R, R, W],
             Kernel::AttentionMerge => &[U, R, R, W, W],
@@ -296,6 +301,7 @@ impl Kernel {
             Kernel::Gemm => include_str!("../wgsl/gemm.wgsl"),
             Kernel::GemmCoop => include_str!("../wgsl/gemm_coop.wgsl"),
             Kernel::HeadNorm => include_str!("../wgsl/head_norm.wgsl"),
+            Kernel::AddBias => include_str!("../wgsl/add_bias.wgsl"),
             Kernel::RopeKv => include_str!("../wgsl/rope_kv.wgsl"),
             Kernel::Attention => include_str!("../wgsl/attention.wgsl"),
             Kernel::AttentionMerge => include_str!("../wgsl/attention_merge.wgsl"),

@@ -72,12 +72,12 @@ fn every_variant_validates() {
         }
         count += 1;
     }
-    // 5 plain kernels, rope_kv for the 2 K/V cache formats, attention for both with and without
+    // 6 plain kernels, rope_kv for the 2 K/V cache formats, attention for both with and without
     // subgroups, embed and gemm in the 9 device layouts plus native f16, matmul and matvec
     // likewise, each with and without subgroups, gemm_coop in the 9 layouts (it needs f16, so F16
     // weights are read natively), and matvec_q8 in the 6 layouts with a packed-byte dot, with and
     // without subgroups. Q5_0, Q5_1, Q2_K and Q3_K render as their device layouts' variants.
-    assert_eq!(count, 5 + 2 + 2 * 2 + 10 + 10 + 2 * 10 * 2 + 9 + 6 * 2);
+    assert_eq!(count, 6 + 2 + 2 * 2 + 10 + 10 + 2 * 10 * 2 + 9 + 6 * 2);
 }
 
 /// What each kernel says it binds (its layout in core) is what its WGSL declares.

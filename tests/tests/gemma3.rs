@@ -44,7 +44,11 @@ fn logits_and_greedy_text_match_llama_cpp() {
             for (id, want_logit) in want.top_ids.iter().zip(&want.top_logits).take(5) {
                 let got = ours[*id as usize];
                 worst = worst.max((got - want_logit).abs());
-                assert!((got - want_logit).abs() <= LOGIT_TOLERANCE, "`{}` position {i} token {id}: {got} vs llama.cpp {want_logit}", p.name);
+                assert!(
+                    (got - want_logit).abs() <= LOGIT_TOLERANCE,
+                    "`{}` position {i} token {id}: {got} vs llama.cpp {want_logit}",
+                    p.name
+                );
             }
             let margin = want.top_logits[0] - want.top_logits[1];
             if margin > 2.0 * LOGIT_TOLERANCE {

@@ -24,10 +24,10 @@ impl Family for Gemma3 {
 
     fn extra_layer_tensors(&self, c: &ModelConfig) -> Vec<(&'static str, Vec<usize>)> {
         vec![
-            ("attn_q_norm", vec![c.head_dim]),
-            ("attn_k_norm", vec![c.head_dim]),
-            ("post_attention_norm", vec![c.hidden_size]),
-            ("post_ffw_norm", vec![c.hidden_size]),
+            ("attn_q_norm.weight", vec![c.head_dim]),
+            ("attn_k_norm.weight", vec![c.head_dim]),
+            ("post_attention_norm.weight", vec![c.hidden_size]),
+            ("post_ffw_norm.weight", vec![c.hidden_size]),
         ]
     }
 

@@ -4,6 +4,8 @@
 
 mod gemma3;
 mod llama;
+mod phi3;
+mod qwen;
 
 use crate::config::ModelConfig;
 use crate::error::Result;
@@ -18,8 +20,26 @@ pub trait Family: Sync {
     /// defaults), applied after the generic metadata is read.
     fn adjust_gguf_config(&self, _config: &mut ModelConfig) {}
 
-    /// A layer's tensors beyond the nine every family has (norms before attention and MLP,
-    /// Q/K/V/O, gate/up/down), with their shapes.
+    /// A layer's tensors (without the `blk.N.` prefix) with their shapes: by default Llama's
+    /// nine (norms before attention and MLP, Q/K/V/O, gate/up/down) plus `extra_layer_tensors`.
+    fn layer_tensors(&self, c: &ModelConfig) -> Vec<(&'static str, Vec<usize>)> {
+        let (d, f, q, kv) = (c.hidden_size, c.ffn_size, c.n_heads * c.head_dim, c.kv_dim());
+        let mut t = vec![
+            ("attn_norm.weight", vec![d]),
+            ("attn_q.weight", vec![d, q]),
+            ("attn_k.weight", vec![d, kv]),
+            ("attn_v.weight", vec![d, kv]),
+            ("attn_output.weight", vec![q, d]),
+            ("ffn_norm.weight", vec![d]),
+            ("ffn_gate.weight", vec![d, f]),
+            ("ffn_up.weight", vec![d, f]),
+            ("ffn_down.weight", vec![f, d]),
+        ];
+        t.extend(self.extra_layer_tensors(c));
+        t
+    }
+
+    /// Tensors beyond Llama's nine.
     fn extra_layer_tensors(&self, _config: &ModelConfig) -> Vec<(&'static str, Vec<usize>)> {
         Vec::new()
     }
@@ -34,7 +54,7 @@ pub trait Family: Sync {
 }
 
 /// Every family tandem runs.
-pub static FAMILIES: &[&dyn Family] = &[&llama::Llama, &gemma3::Gemma3];
+pub static FAMILIES: &[&dyn Family] = &[&llama::Llama, &gemma3::Gemma3, &qwen::Qwen2, &qwen::Qwen3, &phi3::Phi3];
 
 /// The family of a GGUF architecture name.
 pub fn family(architecture: &str) -> Option<&'static dyn Family> {

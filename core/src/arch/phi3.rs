@@ -1,0 +1,54 @@
+//! Phi-3 (llama.cpp's `phi3`): Llama's layer with Q, K and V in one fused matrix (`attn_qkv`,
+//! Q's rows first) and gate and up in one (`ffn_up`, the gate's rows first), RoPE on NEOX pairs.
+//! Files with LongRoPE factors (`rope_factors_long`, the 128k-context models) are refused until
+//! their scaling is implemented.
+
+use super::Family;
+use crate::config::{ModelConfig, RopeLayout};
+use crate::error::Result;
+use crate::layer::{LayerBuilder, LayerOp};
+
+pub struct Phi3;
+
+impl Family for Phi3 {
+    fn name(&self) -> &'static str {
+        "phi3"
+    }
+
+    fn adjust_gguf_config(&self, c: &mut ModelConfig) {
+        c.rope_layout = RopeLayout::Neox;
+        // llama.cpp gives Phi-3's window no layer (a pattern of 1).
+        c.sliding_window = None;
+    }
+
+    fn layer_tensors(&self, c: &ModelConfig) -> Vec<(&'static str, Vec<usize>)> {
+        let (d, f, q) = (c.hidden_size, c.ffn_size, c.n_heads * c.head_dim);
+        vec![
+            ("attn_norm.weight", vec![d]),
+            ("attn_qkv.weight", vec![d, c.qkv_dim()]),
+            ("attn_output.weight", vec![q, d]),
+            ("ffn_norm.weight", vec![d]),
+            ("ffn_up.weight", vec![d, 2 * f]),
+            ("ffn_down.weight", vec![f, d]),
+        ]
+    }
+
+    fn layer_ops(&self, b: &LayerBuilder<'_>) -> Result<Vec<LayerOp>> {
+        if b.model.tensors.contains_key("rope_factors_long.weight") {
+            return Err(crate::error::Error::Config {
+                path: b.model.path.clone(),
+                reason: "Phi-3 LongRoPE (rope_factors_long) is not supported yet".into(),
+            });
+        }
+        let mut ops = vec![b.norm("attn_norm", None)?];
+        ops.extend(b.qkv_fused("attn_qkv")?);
+        ops.push(b.rope_kv()?);
+        ops.extend(b.attention()?);
+        ops.push(b.attn_output(true)?);
+        ops.push(b.norm("ffn_norm", None)?);
+        ops.extend(b.gate_up_fused("ffn_up")?);
+        ops.push(b.glu(false)?);
+        ops.push(b.down(true)?);
+        Ok(ops)
+    }
+}

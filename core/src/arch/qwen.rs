@@ -1,0 +1,69 @@
+//! Qwen2/2.5 and Qwen3 (llama.cpp's `qwen2`, `qwen3`): Llama's layer with RoPE on NEOX pairs (the
+//! GGUF keeps Hugging Face's Q/K layout), plus biases on Q, K and V (Qwen2) or an RMSNorm of each
+//! query and key head before RoPE (Qwen3).
+
+use super::Family;
+use crate::config::{ModelConfig, RopeLayout};
+use crate::error::Result;
+use crate::layer::{LayerBuilder, LayerOp};
+
+pub struct Qwen2;
+
+impl Family for Qwen2 {
+    fn name(&self) -> &'static str {
+        "qwen2"
+    }
+
+    fn adjust_gguf_config(&self, c: &mut ModelConfig) {
+        c.rope_layout = RopeLayout::Neox;
+    }
+
+    fn extra_layer_tensors(&self, c: &ModelConfig) -> Vec<(&'static str, Vec<usize>)> {
+        let q = c.n_heads * c.head_dim;
+        vec![("attn_q.bias", vec![q]), ("attn_k.bias", vec![c.kv_dim()]), ("attn_v.bias", vec![c.kv_dim()])]
+    }
+
+    fn layer_ops(&self, b: &LayerBuilder<'_>) -> Result<Vec<LayerOp>> {
+        let mut ops = vec![b.norm("attn_norm", None)?];
+        ops.extend(b.qkv()?);
+        ops.push(b.qkv_bias()?);
+        ops.push(b.rope_kv()?);
+        ops.extend(b.attention()?);
+        ops.push(b.attn_output(true)?);
+        ops.push(b.norm("ffn_norm", None)?);
+        ops.extend(b.gate_up()?);
+        ops.push(b.glu(false)?);
+        ops.push(b.down(true)?);
+        Ok(ops)
+    }
+}
+
+pub struct Qwen3;
+
+impl Family for Qwen3 {
+    fn name(&self) -> &'static str {
+        "qwen3"
+    }
+
+    fn adjust_gguf_config(&self, c: &mut ModelConfig) {
+        c.rope_layout = RopeLayout::Neox;
+    }
+
+    fn extra_layer_tensors(&self, c: &ModelConfig) -> Vec<(&'static str, Vec<usize>)> {
+        vec![("attn_q_norm.weight", vec![c.head_dim]), ("attn_k_norm.weight", vec![c.head_dim])]
+    }
+
+    fn layer_ops(&self, b: &LayerBuilder<'_>) -> Result<Vec<LayerOp>> {
+        let mut ops = vec![b.norm("attn_norm", None)?];
+        ops.extend(b.qkv()?);
+        ops.push(b.head_norm("attn_q_norm", "attn_k_norm")?);
+        ops.push(b.rope_kv()?);
+        ops.extend(b.attention()?);
+        ops.push(b.attn_output(true)?);
+        ops.push(b.norm("ffn_norm", None)?);
+        ops.extend(b.gate_up()?);
+        ops.push(b.glu(false)?);
+        ops.push(b.down(true)?);
+        Ok(ops)
+    }
+}
