@@ -312,7 +312,7 @@ pub fn quantize(format: WeightFormat, values: &[f32]) -> Vec<u8> {
                 out.extend_from_slice(&d.to_le_bytes());
             }
             WeightFormat::Q3K => {
-                let scales: Vec<f32> = blk.chunks(16).map(|s| max_abs(s) / 4.0).collect();
+                let scales: Vec<f32> = blk.chunks(16).map(|s| max_abs(s) / 3.0).collect();
                 let d = f16::from_f32(scales.iter().copied().fold(0.0, f32::max) / 31.0);
                 let mut s6 = [0u8; 16];
                 for (i, &s) in scales.iter().enumerate() {
