@@ -179,10 +179,16 @@ impl ModelConfig {
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf_json(path: &Path, text: &str) -> Result<Self> {
         let hf: HfConfig = serde_json::from_str(text).map_err(|e| Error::Config { path: path.into(), reason: e.to_string() })?;
-        let arch_ok = hf.model_type.as_deref() == Some("llama") || hf.architectures.iter().any(|a| a == "LlamaForCausalLM");
+        let model_type = hf.model_type.clone().unwrap_or_default();
+        let architecture = match model_type.as_str() {
+            "llama" | "mistral" => "llama".to_string(),
+            "gemma3_text" => "gemma3".to_string(),
+            "" if hf.architectures.iter().any(|a| a == "LlamaForCausalLM") => "llama".to_string(),
+            other => other.to_string(),
+        };
         let n_heads = hf.num_attention_heads;
         let cfg = ModelConfig {
-            architecture: if arch_ok { "llama".into() } else { hf.model_type.clone().unwrap_or_default() },
+            architecture,
             vocab_size: hf.vocab_size,
             hidden_size: hf.hidden_size,
             n_layers: hf.num_hidden_layers,
@@ -194,11 +200,18 @@ impl ModelConfig {
             rope_theta: hf.rope_theta.unwrap_or(10000.0),
             rope_layout: RopeLayout::Neox,
             context_length: hf.max_position_embeddings.unwrap_or(2048),
-            tied_embeddings: hf.tie_word_embeddings.unwrap_or(false),
-            sliding_window: None,
+            tied_embeddings: hf.tie_word_embeddings.unwrap_or(model_type == "gemma3_text"),
+            // Mistral v0.1's window covers every layer; families with a pattern set their own.
+            sliding_window: if model_type == "mistral" { hf.sliding_window } else { None },
             swa_period: 0,
             rope_theta_local: None,
         };
+        let mut cfg = cfg;
+        if let Some(family) = cfg.family() {
+            let json: serde_json::Value =
+                serde_json::from_str(text).map_err(|e| Error::Config { path: path.into(), reason: e.to_string() })?;
+            family.adjust_hf_config(&mut cfg, &json);
+        }
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -243,4 +256,5 @@ struct HfConfig {
     rope_theta: Option<f64>,
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
+    sliding_window: Option<usize>,
 }

@@ -68,10 +68,22 @@ impl HostModel {
             vec![dir.join("model.safetensors")]
         };
         let mut tensors = HashMap::new();
+        if let Some(factors) = hf_rope_factors(&cfg_path, &text, &config)? {
+            let bytes = factors.iter().flat_map(|f| f.to_le_bytes()).collect();
+            let name = "rope_freqs.weight".to_string();
+            tensors.insert(
+                name.clone(),
+                HostTensor { name, format: WeightFormat::F32, shape: vec![factors.len()], bytes: TensorBytes::owned(bytes) },
+            );
+        }
+        let family = config.family();
+        let offset = family.map_or(0.0, |f| f.hf_norm_offset());
         for file in files {
             for t in read_safetensors(&file)? {
-                if let Some(name) = canonical_name(&t.name) {
-                    tensors.insert(name.clone(), HostTensor { name, ..t });
+                if let Some(name) = canonical_name(&t.name, family) {
+                    let t = HostTensor { name: name.clone(), ..t };
+                    let t = if offset != 0.0 && name.ends_with("norm.weight") { offset_vector(&t, offset) } else { t };
+                    tensors.insert(name, t);
                 }
             }
         }
@@ -149,6 +161,9 @@ fn check_tensors(path: &Path, c: &ModelConfig, tensors: &HashMap<String, HostTen
     }
     let per_layer = c.family().map(|f| f.layer_tensors(c)).unwrap_or_default();
     let layers = (0..c.n_layers).flat_map(|l| per_layer.iter().map(move |(what, shape)| (format!("blk.{l}.{what}"), shape.clone())));
+    if tensors.contains_key("rope_freqs.weight") {
+        fixed.push(("rope_freqs.weight".into(), vec![c.head_dim / 2]));
+    }
     for (name, shape) in fixed.into_iter().chain(layers) {
         let t = tensors.get(&name).ok_or_else(|| Error::MissingTensor { path: path.into(), tensor: name.clone() })?;
         let got: Vec<usize> = t.shape.iter().copied().filter(|&s| s != 1 || shape.len() > 1).collect();
@@ -167,6 +182,46 @@ fn check_tensors(path: &Path, c: &ModelConfig, tensors: &HashMap<String, HostTen
     Ok(())
 }
 
+/// The per-frequency RoPE divisors a Hugging Face `rope_scaling` asks for, as GGUF's
+/// `rope_freqs` tensor holds them: `llama3` (Llama 3.1/3.2) computed as llama.cpp's converter
+/// computes them; None without scaling; an error for kinds tandem does not implement, rather
+/// than positions rotated wrongly.
+fn hf_rope_factors(path: &Path, text: &str, c: &ModelConfig) -> Result<Option<Vec<f32>>> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::Config { path: path.into(), reason: e.to_string() })?;
+    let scaling = &v["rope_scaling"];
+    if scaling.is_null() {
+        return Ok(None);
+    }
+    let kind = scaling["rope_type"].as_str().or_else(|| scaling["type"].as_str()).unwrap_or("");
+    if kind != "llama3" {
+        return Err(Error::Config { path: path.into(), reason: format!("rope_scaling of type `{kind}` is not supported (llama3 is)") });
+    }
+    let get = |k: &str, default: f64| scaling[k].as_f64().unwrap_or(default);
+    let (factor, low, high) = (get("factor", 8.0), get("low_freq_factor", 1.0), get("high_freq_factor", 4.0));
+    let old_context = get("original_max_position_embeddings", 8192.0);
+    if !(factor > 0.0 && low > 0.0 && high > low && old_context > 0.0) {
+        return Err(Error::Config { path: path.into(), reason: format!("rope_scaling {scaling} has implausible values") });
+    }
+    let (low_wavelen, high_wavelen) = (old_context / low, old_context / high);
+    let dim = c.head_dim;
+    let factors = (0..dim / 2)
+        .map(|i| {
+            let freq = 1.0 / c.rope_theta.powf(2.0 * i as f64 / dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            let f = if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor
+            } else {
+                let smooth = (old_context / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            };
+            f as f32
+        })
+        .collect();
+    Ok(Some(factors))
+}
+
 /// The JSON of `value`. The types fingerprinted here report no serialization errors of their own
 /// (serde_json writes non-finite floats as null), so an error cannot occur; were one to, its
 /// message is hashed in place of the value rather than panicking.
@@ -174,8 +229,15 @@ fn json_bytes(value: &impl serde::Serialize) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_else(|e| format!("unserializable: {e}").into_bytes())
 }
 
-/// Maps a Hugging Face Llama tensor name to GGUF's name.
-fn canonical_name(hf: &str) -> Option<String> {
+/// `t` (a vector) plus `offset` in every element, as f32.
+fn offset_vector(t: &HostTensor, offset: f32) -> HostTensor {
+    let values = crate::cpu_ref::dequantize_row(t.format, t.bytes.as_slice(), t.shape.iter().product());
+    let bytes = values.iter().flat_map(|v| (v + offset).to_le_bytes()).collect();
+    HostTensor { name: t.name.clone(), format: WeightFormat::F32, shape: t.shape.clone(), bytes: TensorBytes::owned(bytes) }
+}
+
+/// Maps a Hugging Face tensor name to GGUF's name: Llama's modules, and the family's own.
+fn canonical_name(hf: &str, family: Option<&dyn crate::arch::Family>) -> Option<String> {
     let fixed = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),
@@ -188,19 +250,12 @@ fn canonical_name(hf: &str) -> Option<String> {
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let what = match rest {
-        "input_layernorm.weight" => "attn_norm",
-        "self_attn.q_proj.weight" => "attn_q",
-        "self_attn.k_proj.weight" => "attn_k",
-        "self_attn.v_proj.weight" => "attn_v",
-        "self_attn.o_proj.weight" => "attn_output",
-        "post_attention_layernorm.weight" => "ffn_norm",
-        "mlp.gate_proj.weight" => "ffn_gate",
-        "mlp.up_proj.weight" => "ffn_up",
-        "mlp.down_proj.weight" => "ffn_down",
-        _ => return None,
-    };
-    Some(layer_tensor(layer, what))
+    let (module, kind) = rest.rsplit_once('.')?;
+    if kind != "weight" && kind != "bias" {
+        return None;
+    }
+    let what = family.and_then(|f| f.hf_module(module)).or_else(|| crate::arch::llama_hf_module(module))?;
+    Some(format!("blk.{layer}.{what}.{kind}"))
 }
 
 /// The Hugging Face name of a canonical tensor name (inverse of [`canonical_name`]).
@@ -295,6 +350,23 @@ mod tests {
         let mut template = model.clone();
         template.tokenizer.chat_template = Some("{{ messages }}".into());
         assert_ne!(template.fingerprint(), fp, "another chat template");
+    }
+
+    #[test]
+    fn llama3_rope_scaling_keeps_high_frequencies_and_divides_low_ones_by_the_factor() {
+        let mut c = smollm(1).config;
+        c.head_dim = 64;
+        c.rope_theta = 500_000.0;
+        let text = r#"{"rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}"#;
+        let f = hf_rope_factors(Path::new("config.json"), text, &c).expect("parses").expect("scaling");
+        assert_eq!(f.len(), 32);
+        assert_eq!(f[0], 1.0, "the highest frequency is kept");
+        assert_eq!(f[31], 32.0, "the lowest is divided by the factor");
+        assert!(f.windows(2).all(|w| w[0] <= w[1]), "{f:?}");
+        assert!(hf_rope_factors(Path::new("config.json"), "{}", &c).expect("parses").is_none());
+        let yarn = r#"{"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}"#;
+        assert!(hf_rope_factors(Path::new("config.json"), yarn, &c).is_err(), "unsupported kinds are refused");
     }
 
     #[test]

@@ -154,6 +154,9 @@ enum ModelCommand {
         #[arg(default_value = DEFAULT_MODEL.id)]
         name: String,
     },
+    /// The known models and the cached model files: architecture, formats, size, K/V bytes per
+    /// token.
+    List,
     /// Print a model's architecture, shapes and tensors.
     Inspect {
         /// A .gguf file, a Hugging Face directory, or `smollm2-135m`.
@@ -323,6 +326,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Model { command: ModelCommand::Inspect { path, tensors } } => inspect(&path, tensors),
+        Command::Model { command: ModelCommand::List } => list_models(),
         Command::Model { command: ModelCommand::ExportHf { gguf, dir, dtype } } => {
             let model = HostModel::load(&resolve_model(&gguf)?)?;
             let dtype = if dtype == "f32" { ExportDtype::F32 } else { ExportDtype::F16 };
@@ -417,6 +421,48 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         stats.decode_tokens_per_s(),
     );
     Ok(())
+}
+
+fn list_models() -> anyhow::Result<()> {
+    let dir = tandem_node::models::cache_dir().join("models");
+    println!("{:<14} {:<8} {:<9} {:>10} {:>14}  {}", "name", "arch", "formats", "size", "K/V per token", "file");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "gguf")).collect())
+        .unwrap_or_default();
+    files.sort();
+    for known in tandem_node::models::KNOWN_MODELS {
+        let path = tandem_node::models::cached_path(&known);
+        if !files.contains(&path) {
+            println!("{:<14} {:<8} {:<9} {:>10} {:>14}  not cached (`tandem model fetch {}`)", known.id, "", "", "", "", known.id);
+        }
+    }
+    for path in files {
+        let name = tandem_node::models::KNOWN_MODELS.iter().find(|k| tandem_node::models::cached_path(k) == path).map_or("-", |k| k.id);
+        match describe_gguf(&path) {
+            Ok((arch, formats, kv)) => {
+                let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                println!(
+                    "{name:<14} {arch:<8} {formats:<9} {:>7.1} MB {:>11.1} KB  {}",
+                    size as f64 / 1e6,
+                    kv as f64 / 1e3,
+                    path.display()
+                );
+            }
+            Err(e) => println!("{name:<14} unreadable: {e:#}"),
+        }
+    }
+    Ok(())
+}
+
+/// A GGUF's architecture, matrix formats and f16 K/V bytes per token, from its header alone.
+fn describe_gguf(path: &std::path::Path) -> anyhow::Result<(String, String, u64)> {
+    let file = tandem_core::GgufFile::open(path)?;
+    let c = tandem_core::ModelConfig::from_gguf(&file)?;
+    let mut formats: Vec<String> = file.tensors.iter().filter(|t| t.shape.len() > 1).map(|t| t.format.to_string()).collect();
+    formats.sort();
+    formats.dedup();
+    let kv = 2 * c.n_layers as u64 * c.kv_dim() as u64 * tandem_core::KvDtype::F16.bytes() as u64;
+    Ok((c.architecture, formats.join(","), kv))
 }
 
 fn inspect(spec: &str, list_tensors: bool) -> anyhow::Result<()> {

@@ -65,14 +65,18 @@ fn truncated_and_corrupt_gguf_files_name_the_problem() {
 #[test]
 fn unsupported_missing_and_misshapen_tensors_are_named() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let q4k = rewrite(dir.path(), |ts| ts[5].1 = 12);
-    match HostModel::load(&q4k) {
+    let iq2 = rewrite(dir.path(), |ts| ts[5].1 = 16);
+    match HostModel::load(&iq2) {
         Err(Error::UnsupportedTensorType { type_name, tensor, .. }) => {
-            assert_eq!(type_name, "Q4_K");
+            assert_eq!(type_name, "IQ2_XXS");
             assert!(!tensor.is_empty());
         }
         other => panic!("expected an unsupported-type error, got {other:?}"),
     }
+    // A K-quant whose rows are not whole super-blocks of 256 (SmolLM2's 576-wide rows).
+    let q4k = rewrite(dir.path(), |ts| ts[5].1 = 12);
+    let err = HostModel::load(&q4k).expect_err("576 columns are not whole Q4_K blocks").to_string();
+    assert!(err.contains("q4_k"), "{err}");
     let missing = rewrite(dir.path(), |ts| ts.retain(|t| t.0 != "blk.3.ffn_up.weight"));
     assert!(matches!(HostModel::load(&missing), Err(Error::MissingTensor { tensor, .. }) if tensor == "blk.3.ffn_up.weight"));
     let reshaped = rewrite(dir.path(), |ts| {

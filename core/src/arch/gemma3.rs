@@ -22,6 +22,32 @@ impl Family for Gemma3 {
         c.rope_theta_local = Some(10_000.0);
     }
 
+    fn adjust_hf_config(&self, c: &mut ModelConfig, json: &serde_json::Value) {
+        c.rope_layout = RopeLayout::Neox;
+        c.sliding_window = json["sliding_window"].as_u64().map(|w| w as usize);
+        c.swa_period = json["sliding_window_pattern"].as_u64().map_or(6, |p| p as usize);
+        if let Some(types) = json["layer_types"].as_array() {
+            // Newer configs list each layer; the period is where the first global layer ends.
+            if let Some(first_global) = types.iter().position(|t| t.as_str() == Some("full_attention")) {
+                c.swa_period = first_global + 1;
+            }
+        }
+        c.rope_theta_local = Some(json["rope_local_base_freq"].as_f64().unwrap_or(10_000.0));
+    }
+
+    fn hf_module(&self, module: &str) -> Option<&'static str> {
+        Some(match module {
+            "post_attention_layernorm" => "post_attention_norm",
+            "pre_feedforward_layernorm" => "ffn_norm",
+            "post_feedforward_layernorm" => "post_ffw_norm",
+            _ => return None,
+        })
+    }
+
+    fn hf_norm_offset(&self) -> f32 {
+        1.0
+    }
+
     fn extra_layer_tensors(&self, c: &ModelConfig) -> Vec<(&'static str, Vec<usize>)> {
         vec![
             ("attn_q_norm.weight", vec![c.head_dim]),

@@ -20,6 +20,21 @@ pub trait Family: Sync {
     /// defaults), applied after the generic metadata is read.
     fn adjust_gguf_config(&self, _config: &mut ModelConfig) {}
 
+    /// Settings of a Hugging Face `config.json` beyond the generic ones (read by `from_hf_json`).
+    fn adjust_hf_config(&self, _config: &mut ModelConfig, _json: &serde_json::Value) {}
+
+    /// The GGUF name (`attn_q`) of a Hugging Face layer module (`self_attn.q_proj`), where this
+    /// family names it differently from Llama.
+    fn hf_module(&self, _module: &str) -> Option<&'static str> {
+        None
+    }
+
+    /// What Hugging Face checkpoints store less than GGUF in every norm weight (Gemma's norms
+    /// scale by 1 + w; llama.cpp's converter adds the 1).
+    fn hf_norm_offset(&self) -> f32 {
+        0.0
+    }
+
     /// A layer's tensors (without the `blk.N.` prefix) with their shapes: by default Llama's
     /// nine (norms before attention and MLP, Q/K/V/O, gate/up/down) plus `extra_layer_tensors`.
     fn layer_tensors(&self, c: &ModelConfig) -> Vec<(&'static str, Vec<usize>)> {
@@ -55,6 +70,26 @@ pub trait Family: Sync {
 
 /// Every family tandem runs.
 pub static FAMILIES: &[&dyn Family] = &[&llama::Llama, &gemma3::Gemma3, &qwen::Qwen2, &qwen::Qwen3, &phi3::Phi3];
+
+/// Llama's Hugging Face layer modules by GGUF name, which most families share.
+pub fn llama_hf_module(module: &str) -> Option<&'static str> {
+    Some(match module {
+        "input_layernorm" => "attn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "self_attn.qkv_proj" => "attn_qkv",
+        "post_attention_layernorm" => "ffn_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.gate_up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    })
+}
 
 /// The family of a GGUF architecture name.
 pub fn family(architecture: &str) -> Option<&'static dyn Family> {

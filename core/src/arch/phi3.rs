@@ -21,6 +21,12 @@ impl Family for Phi3 {
         c.sliding_window = None;
     }
 
+    fn adjust_hf_config(&self, c: &mut ModelConfig, _json: &serde_json::Value) {
+        // (A `rope_scaling` of LongRoPE is refused when the directory loads.)
+        c.rope_layout = RopeLayout::Neox;
+        c.sliding_window = None;
+    }
+
     fn layer_tensors(&self, c: &ModelConfig) -> Vec<(&'static str, Vec<usize>)> {
         let (d, f, q) = (c.hidden_size, c.ffn_size, c.n_heads * c.head_dim);
         vec![

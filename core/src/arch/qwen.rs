@@ -18,6 +18,10 @@ impl Family for Qwen2 {
         c.rope_layout = RopeLayout::Neox;
     }
 
+    fn adjust_hf_config(&self, c: &mut ModelConfig, _json: &serde_json::Value) {
+        c.rope_layout = RopeLayout::Neox;
+    }
+
     fn extra_layer_tensors(&self, c: &ModelConfig) -> Vec<(&'static str, Vec<usize>)> {
         let q = c.n_heads * c.head_dim;
         vec![("attn_q.bias", vec![q]), ("attn_k.bias", vec![c.kv_dim()]), ("attn_v.bias", vec![c.kv_dim()])]
@@ -46,6 +50,10 @@ impl Family for Qwen3 {
     }
 
     fn adjust_gguf_config(&self, c: &mut ModelConfig) {
+        c.rope_layout = RopeLayout::Neox;
+    }
+
+    fn adjust_hf_config(&self, c: &mut ModelConfig, _json: &serde_json::Value) {
         c.rope_layout = RopeLayout::Neox;
     }
 
