@@ -112,6 +112,9 @@ impl SpmVocab {
             Raw(&'a str),
             Token(u32),
         }
+        if text.is_empty() {
+            return Vec::new();
+        }
         let mut frags = vec![Frag::Raw(text)];
         for &id in &self.specials {
             if self.types[id as usize] == CONTROL && !parse_special {

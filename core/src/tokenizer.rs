@@ -15,6 +15,10 @@ use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::spm::SpmVocab;
 
+/// Qwen2's pre-tokenizer pattern (`tokenizer.ggml.pre = "qwen2"`): Llama 3's with single digits.
+const QWEN2_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// The chat template a GGUF file carries.
 fn get_template(file: &GgufFile) -> Option<String> {
     file.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string)
@@ -176,10 +180,19 @@ impl TextTokenizer {
                 ]),
                 true,
             ),
+            "qwen2" => (
+                Sequence::new(vec![
+                    PreTokenizerWrapper::Split(
+                        Split::new(SplitPattern::Regex(QWEN2_PATTERN.into()), SplitDelimiterBehavior::Isolated, false).map_err(tok_err)?,
+                    ),
+                    PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
+                ]),
+                false,
+            ),
             "default" | "gpt2" | "gpt-2" => (Sequence::new(vec![PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true))]), false),
             other => {
                 return Err(tok_err(format!(
-                    "{file_name}: GGUF pre-tokenizer `{other}` is not supported (known: smollm, llama-bpe, gpt2)"
+                    "{file_name}: GGUF pre-tokenizer `{other}` is not supported (known: smollm, llama-bpe, qwen2, gpt2)"
                 )));
             }
         };
