@@ -425,7 +425,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
 
 fn list_models() -> anyhow::Result<()> {
     let dir = tandem_node::models::cache_dir().join("models");
-    println!("{:<14} {:<8} {:<9} {:>10} {:>14}  {}", "name", "arch", "formats", "size", "K/V per token", "file");
+    println!("{:<14} {:<8} {:<20} {:>10} {:>14}  file", "name", "arch", "formats", "size", "K/V per token");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "gguf")).collect())
         .unwrap_or_default();
@@ -433,7 +433,7 @@ fn list_models() -> anyhow::Result<()> {
     for known in tandem_node::models::KNOWN_MODELS {
         let path = tandem_node::models::cached_path(&known);
         if !files.contains(&path) {
-            println!("{:<14} {:<8} {:<9} {:>10} {:>14}  not cached (`tandem model fetch {}`)", known.id, "", "", "", "", known.id);
+            println!("{:<14} {:<8} {:<20} {:>10} {:>14}  not cached (`tandem model fetch {}`)", known.id, "-", "-", "-", "-", known.id);
         }
     }
     for path in files {
@@ -442,7 +442,7 @@ fn list_models() -> anyhow::Result<()> {
             Ok((arch, formats, kv)) => {
                 let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
                 println!(
-                    "{name:<14} {arch:<8} {formats:<9} {:>7.1} MB {:>11.1} KB  {}",
+                    "{name:<14} {arch:<8} {formats:<20} {:>7.1} MB {:>11.1} KB  {}",
                     size as f64 / 1e6,
                     kv as f64 / 1e3,
                     path.display()
