@@ -44,6 +44,10 @@ pub struct ModelConfig {
     /// RoPE base of the windowed layers where it differs from `rope_theta` (Gemma 3: 10,000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_theta_local: Option<f64>,
+    /// Linear RoPE scaling: positions divided by this factor (`rope.scaling.type = linear`), in
+    /// every layer with the model's own base (Gemma 3's local layers keep theirs unscaled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_linear_factor: Option<f64>,
 }
 
 fn is_zero(v: &usize) -> bool {
@@ -73,6 +77,12 @@ impl ModelConfig {
             (Some(_), Some(local)) => local,
             _ => self.rope_theta,
         }
+    }
+
+    /// What layer `l` divides its RoPE frequencies by (linear scaling; 1 without).
+    pub fn layer_rope_divisor(&self, l: usize) -> f64 {
+        let local = self.layer_window(l).is_some() && self.rope_theta_local.is_some();
+        if local { 1.0 } else { self.rope_linear_factor.unwrap_or(1.0) }
     }
 
     /// The model family that runs this architecture.
@@ -124,6 +134,11 @@ impl ModelConfig {
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return err(format!("RoPE base {} is not a positive number", self.rope_theta));
         }
+        if let Some(f) = self.rope_linear_factor
+            && !(f.is_finite() && f > 0.0)
+        {
+            return err(format!("RoPE scaling factor {f} is not a positive number"));
+        }
         Ok(())
     }
 
@@ -166,8 +181,17 @@ impl ModelConfig {
             sliding_window: uint("attention.sliding_window").ok(),
             swa_period: 0,
             rope_theta_local: None,
-            architecture: arch,
+            rope_linear_factor: None,
+            architecture: arch.clone(),
         };
+        let mut cfg = cfg;
+        match file.get(&format!("{arch}.rope.scaling.type")).and_then(|v| v.as_str()) {
+            None | Some("none") => {}
+            Some("linear") => cfg.rope_linear_factor = Some(float("rope.scaling.factor", 1.0)),
+            Some(other) => {
+                return Err(Error::Config { path: path.clone(), reason: format!("RoPE scaling `{other}` is not supported (linear is)") });
+            }
+        }
         let mut cfg = cfg;
         if let Some(family) = cfg.family() {
             family.adjust_gguf_config(&mut cfg);
@@ -205,6 +229,7 @@ impl ModelConfig {
             sliding_window: if model_type == "mistral" { hf.sliding_window } else { None },
             swa_period: 0,
             rope_theta_local: None,
+            rope_linear_factor: None,
         };
         let mut cfg = cfg;
         if let Some(family) = cfg.family() {

@@ -431,10 +431,11 @@ impl Engine {
             model.tensors.get("rope_freqs.weight").map(|t| crate::cpu_ref::dequantize_row(t.format, t.bytes.as_slice(), t.cols()));
         let mut rope_tables = HashMap::new();
         for l in 0..c.n_layers {
-            let theta = c.layer_rope_theta(l);
-            if let std::collections::hash_map::Entry::Vacant(e) = rope_tables.entry(theta.to_bits()) {
-                let table: Vec<f32> =
-                    rope_table(context_length, c.head_dim, theta, freq_factors.as_deref()).into_iter().flatten().collect();
+            let (theta, divisor) = (c.layer_rope_theta(l), c.layer_rope_divisor(l));
+            if let std::collections::hash_map::Entry::Vacant(e) = rope_tables.entry((theta.to_bits(), divisor.to_bits())) {
+                let half = c.head_dim / 2;
+                let factors: Vec<f32> = (0..half).map(|i| freq_factors.as_ref().map_or(1.0, |f| f[i]) * divisor as f32).collect();
+                let table: Vec<f32> = rope_table(context_length, c.head_dim, theta, Some(&factors)).into_iter().flatten().collect();
                 e.insert(ctx.storage_init("rope_table", bytemuck::cast_slice(&table)));
             }
         }

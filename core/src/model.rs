@@ -184,8 +184,9 @@ fn check_tensors(path: &Path, c: &ModelConfig, tensors: &HashMap<String, HostTen
 
 /// The per-frequency RoPE divisors a Hugging Face `rope_scaling` asks for, as GGUF's
 /// `rope_freqs` tensor holds them: `llama3` (Llama 3.1/3.2) computed as llama.cpp's converter
-/// computes them; None without scaling; an error for kinds tandem does not implement, rather
-/// than positions rotated wrongly.
+/// computes them; None without scaling or for `linear` (the configuration's
+/// `rope_linear_factor`); an error for kinds tandem does not implement, rather than positions
+/// rotated wrongly.
 fn hf_rope_factors(path: &Path, text: &str, c: &ModelConfig) -> Result<Option<Vec<f32>>> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::Config { path: path.into(), reason: e.to_string() })?;
     let scaling = &v["rope_scaling"];
@@ -193,8 +194,15 @@ fn hf_rope_factors(path: &Path, text: &str, c: &ModelConfig) -> Result<Option<Ve
         return Ok(None);
     }
     let kind = scaling["rope_type"].as_str().or_else(|| scaling["type"].as_str()).unwrap_or("");
+    if kind == "linear" {
+        // A divisor for every frequency alike: `ModelConfig::rope_linear_factor`.
+        return Ok(None);
+    }
     if kind != "llama3" {
-        return Err(Error::Config { path: path.into(), reason: format!("rope_scaling of type `{kind}` is not supported (llama3 is)") });
+        return Err(Error::Config {
+            path: path.into(),
+            reason: format!("rope_scaling of type `{kind}` is not supported (llama3 and linear are)"),
+        });
     }
     let get = |k: &str, default: f64| scaling[k].as_f64().unwrap_or(default);
     let (factor, low, high) = (get("factor", 8.0), get("low_freq_factor", 1.0), get("high_freq_factor", 4.0));

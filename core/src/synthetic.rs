@@ -43,6 +43,7 @@ pub fn synthetic_config(name: &str) -> Result<ModelConfig> {
         sliding_window: None,
         swa_period: 0,
         rope_theta_local: None,
+        rope_linear_factor: None,
     })
 }
 

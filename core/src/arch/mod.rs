@@ -95,3 +95,25 @@ pub fn llama_hf_module(module: &str) -> Option<&'static str> {
 pub fn family(architecture: &str) -> Option<&'static dyn Family> {
     FAMILIES.iter().copied().find(|f| f.name() == architecture)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemma3_windows_five_layers_in_six_and_scales_only_the_global_ones() {
+        let mut c = crate::synthetic::synthetic_config("smollm2-135m").expect("config");
+        c.architecture = "gemma3".into();
+        c.sliding_window = Some(512);
+        family("gemma3").expect("gemma3").adjust_gguf_config(&mut c);
+        c.rope_linear_factor = Some(8.0);
+        let windows: Vec<bool> = (0..12).map(|l| c.layer_window(l).is_some()).collect();
+        assert_eq!(windows, [true, true, true, true, true, false, true, true, true, true, true, false]);
+        assert_eq!((c.layer_rope_theta(0), c.layer_rope_divisor(0)), (10_000.0, 1.0));
+        assert_eq!((c.layer_rope_theta(5), c.layer_rope_divisor(5)), (c.rope_theta, 8.0));
+        // Llama's linear scaling covers every layer.
+        let mut l = crate::synthetic::synthetic_config("smollm2-135m").expect("config");
+        l.rope_linear_factor = Some(4.0);
+        assert!((0..l.n_layers).all(|i| l.layer_rope_divisor(i) == 4.0));
+    }
+}
