@@ -165,7 +165,7 @@ impl ModelConfig {
         };
         let float = |key: &str, default: f64| file.get(&format!("{arch}.{key}")).and_then(|v| v.as_f64()).unwrap_or(default);
         let tied = !file.tensors.iter().any(|t| t.name == "output.weight");
-        let cfg = ModelConfig {
+        let mut cfg = ModelConfig {
             vocab_size,
             hidden_size,
             n_layers: uint("block_count")?,
@@ -184,7 +184,6 @@ impl ModelConfig {
             rope_linear_factor: None,
             architecture: arch.clone(),
         };
-        let mut cfg = cfg;
         match file.get(&format!("{arch}.rope.scaling.type")).and_then(|v| v.as_str()) {
             None | Some("none") => {}
             Some("linear") => cfg.rope_linear_factor = Some(float("rope.scaling.factor", 1.0)),
@@ -192,7 +191,6 @@ impl ModelConfig {
                 return Err(Error::Config { path: path.clone(), reason: format!("RoPE scaling `{other}` is not supported (linear is)") });
             }
         }
-        let mut cfg = cfg;
         if let Some(family) = cfg.family() {
             family.adjust_gguf_config(&mut cfg);
         }
