@@ -86,3 +86,26 @@ fn inspect_describes_the_model_and_unknown_models_are_refused() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("unknown model"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn model_list_shows_known_and_cached_models_with_their_kv_bytes() {
+    let cache = tempfile::tempdir().expect("tempdir");
+    let models = cache.path().join("models");
+    std::fs::create_dir_all(&models).expect("models dir");
+    let default = tandem_node::models::ensure_model(&tandem_node::models::DEFAULT_MODEL).expect("default model");
+    std::fs::copy(&default, models.join(tandem_node::models::DEFAULT_MODEL.file_name)).expect("copy");
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["model", "list"])
+        .env("TANDEM_CACHE_DIR", cache.path())
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    // SmolLM2: 30 layers x 2 (K and V) x 192 values x 2 bytes = 23,040 bytes a token.
+    let smollm = s.lines().find(|l| l.starts_with("smollm2-135m")).unwrap_or_else(|| panic!("{s}"));
+    for want in ["llama", "q4_1,q8_0", "23.0 KB"] {
+        assert!(smollm.contains(want), "missing `{want}` in:\n{s}");
+    }
+    let gemma = s.lines().find(|l| l.starts_with("gemma3-270m")).unwrap_or_else(|| panic!("{s}"));
+    assert!(gemma.contains("not cached"), "{s}");
+}
