@@ -94,11 +94,8 @@ fn model_list_shows_known_and_cached_models_with_their_kv_bytes() {
     std::fs::create_dir_all(&models).expect("models dir");
     let default = tandem_node::models::ensure_model(&tandem_node::models::DEFAULT_MODEL).expect("default model");
     std::fs::copy(&default, models.join(tandem_node::models::DEFAULT_MODEL.file_name)).expect("copy");
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["model", "list"])
-        .env("TANDEM_CACHE_DIR", cache.path())
-        .output()
-        .expect("runs");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_tandem")).args(["model", "list"]).env("TANDEM_CACHE_DIR", cache.path()).output().expect("runs");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let s = text(&out.stdout);
     // SmolLM2: 30 layers x 2 (K and V) x 192 values x 2 bytes = 23,040 bytes a token.
