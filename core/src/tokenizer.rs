@@ -107,20 +107,12 @@ impl TextTokenizer {
         }
     }
 
-    /// Whether the model's prompts start with its BOS token (llama.cpp's `add_bos_token`).
-    pub fn adds_bos(&self) -> bool {
-        self.add_bos
-    }
-
     /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let get_str = |k: &str| file.get(k).and_then(|v| v.as_str());
         let file_name = file.path.display();
         let model = get_str("tokenizer.ggml.model").ok_or_else(|| tok_err(format!("{file_name}: GGUF has no tokenizer.ggml.model")))?;
-        if model == "llama" {
-            return Self::spm_from_gguf(file);
-        }
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             return Err(tok_err(format!(
                 "{file_name}: GGUF tokenizer kind `{model}` is not supported (tandem reads `gpt2` byte-level BPE and `llama` \
                  SentencePiece vocabularies); use a Hugging Face directory with tokenizer.json instead"
@@ -134,7 +126,6 @@ impl TextTokenizer {
                 .ok_or_else(|| tok_err(format!("{file_name}: {k} is not an array of strings")))
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
         let types: Vec<i64> = match file.get("tokenizer.ggml.token_type") {
             None => Vec::new(),
             Some(v) => v
@@ -153,6 +144,16 @@ impl TextTokenizer {
             }
         };
         let (bos, eos) = (id("tokenizer.ggml.bos_token_id")?, id("tokenizer.ggml.eos_token_id")?);
+        let add_bos = |default: bool| match file.get("tokenizer.ggml.add_bos_token") {
+            Some(crate::gguf::MetaValue::Bool(b)) => *b && bos.is_some(),
+            _ => default && bos.is_some(),
+        };
+        if model == "llama" {
+            let mut tok = Self::spm_from_gguf(file, tokens, types, bos, eos)?;
+            tok.add_bos = add_bos(true);
+            return Ok(tok);
+        }
+        let merges = strings("tokenizer.ggml.merges")?;
         let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let merges: Vec<(String, String)> = merges
             .iter()
@@ -205,49 +206,23 @@ impl TextTokenizer {
             types.iter().enumerate().filter(|&(_, &ty)| ty == 3 || ty == 4).map(|(i, &ty)| AddedToken::from(tokens[i].clone(), ty == 3));
         tok.add_special_tokens(specials).map_err(tok_err)?;
         let mut tok = Self::new(tok, bos, eos, get_template(file));
-        tok.add_bos = matches!(file.get("tokenizer.ggml.add_bos_token"), Some(crate::gguf::MetaValue::Bool(true))) && bos.is_some();
+        tok.add_bos = add_bos(false);
         Ok(tok)
     }
 
-    /// A SentencePiece vocabulary from GGUF (`tokenizer.ggml.model = llama`).
-    fn spm_from_gguf(file: &GgufFile) -> Result<Self> {
+    /// A SentencePiece vocabulary from GGUF (`tokenizer.ggml.model = llama`), from the tokens,
+    /// types and special ids `from_gguf` read and checked, and the file's scores.
+    fn spm_from_gguf(file: &GgufFile, tokens: &[String], types: Vec<i64>, bos: Option<u32>, eos: Option<u32>) -> Result<Self> {
         let file_name = file.path.display();
-        let tokens = file
-            .get("tokenizer.ggml.tokens")
-            .and_then(|v| v.as_array())
-            .and_then(|a| a.strings())
-            .ok_or_else(|| tok_err(format!("{file_name}: tokenizer.ggml.tokens is missing or not strings")))?;
         let scores: Vec<f32> = match file.get("tokenizer.ggml.scores").and_then(|v| v.as_array()) {
             Some(crate::gguf::MetaArray::F32(s)) => s.clone(),
             Some(_) => return Err(tok_err(format!("{file_name}: tokenizer.ggml.scores is not an array of f32"))),
             None => vec![0.0; tokens.len()],
         };
-        let types: Vec<i32> = match file.get("tokenizer.ggml.token_type") {
-            None => Vec::new(),
-            Some(v) => v
-                .as_array()
-                .and_then(|a| a.integers())
-                .ok_or_else(|| tok_err(format!("{file_name}: tokenizer.ggml.token_type is not an array of integers")))?
-                .into_iter()
-                .map(|t| t as i32)
-                .collect(),
-        };
-        let flag = |k: &str, default: bool| match file.get(k) {
-            Some(crate::gguf::MetaValue::Bool(b)) => *b,
-            _ => default,
-        };
-        let vocab = SpmVocab::new(tokens.to_vec(), scores, types, flag("tokenizer.ggml.add_space_prefix", true))
-            .map_err(|e| tok_err(format!("{file_name}: {e}")))?;
-        let id =
-            |k: &str| file.get(k).and_then(|v| v.as_u64()).and_then(|i| u32::try_from(i).ok()).filter(|&i| (i as usize) < tokens.len());
-        let mut tok = Self::with_backend(
-            Backend::Spm(std::sync::Arc::new(vocab)),
-            id("tokenizer.ggml.bos_token_id"),
-            id("tokenizer.ggml.eos_token_id"),
-            get_template(file),
-        );
-        tok.add_bos = flag("tokenizer.ggml.add_bos_token", true) && tok.bos_id.is_some();
-        Ok(tok)
+        let types = types.into_iter().map(|t| i32::try_from(t).unwrap_or(crate::spm::NORMAL)).collect();
+        let space_prefix = !matches!(file.get("tokenizer.ggml.add_space_prefix"), Some(crate::gguf::MetaValue::Bool(false)));
+        let vocab = SpmVocab::new(tokens.to_vec(), scores, types, space_prefix).map_err(|e| tok_err(format!("{file_name}: {e}")))?;
+        Ok(Self::with_backend(Backend::Spm(std::sync::Arc::new(vocab)), bos, eos, get_template(file)))
     }
 
     /// Loads `tokenizer.json` (and, beside it, `tokenizer_config.json` for the chat template and

@@ -23,7 +23,6 @@ impl Family for Gemma3 {
     }
 
     fn adjust_hf_config(&self, c: &mut ModelConfig, json: &serde_json::Value) {
-        c.rope_layout = RopeLayout::Neox;
         c.sliding_window = json["sliding_window"].as_u64().map(|w| w as usize);
         c.swa_period = json["sliding_window_pattern"].as_u64().map_or(6, |p| p as usize);
         if let Some(types) = json["layer_types"].as_array() {

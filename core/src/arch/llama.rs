@@ -13,15 +13,6 @@ impl Family for Llama {
     }
 
     fn layer_ops(&self, b: &LayerBuilder<'_>) -> Result<Vec<LayerOp>> {
-        let mut ops = vec![b.norm("attn_norm", None)?];
-        ops.extend(b.qkv()?);
-        ops.push(b.rope_kv()?);
-        ops.extend(b.attention()?);
-        ops.push(b.attn_output(true)?);
-        ops.push(b.norm("ffn_norm", None)?);
-        ops.extend(b.gate_up()?);
-        ops.push(b.glu(false)?);
-        ops.push(b.down(true)?);
-        Ok(ops)
+        super::pre_norm_layer(b, b.qkv()?, None, b.gate_up()?)
     }
 }

@@ -68,6 +68,23 @@ pub trait Family: Sync {
     fn layer_ops(&self, b: &LayerBuilder<'_>) -> Result<Vec<LayerOp>>;
 }
 
+/// Llama's layer, which most families share: pre-norms, the Q/K/V ops `qkv` then `after_qkv`
+/// (Qwen2's biases, Qwen3's head norms) before RoPE, attention, O added into the residual, the
+/// gate/up ops `gate_up`, SwiGLU, down added into the residual.
+fn pre_norm_layer(b: &LayerBuilder<'_>, qkv: Vec<LayerOp>, after_qkv: Option<LayerOp>, gate_up: Vec<LayerOp>) -> Result<Vec<LayerOp>> {
+    let mut ops = vec![b.norm("attn_norm", None)?];
+    ops.extend(qkv);
+    ops.extend(after_qkv);
+    ops.push(b.rope_kv()?);
+    ops.extend(b.attention()?);
+    ops.push(b.attn_output(true)?);
+    ops.push(b.norm("ffn_norm", None)?);
+    ops.extend(gate_up);
+    ops.push(b.glu(false)?);
+    ops.push(b.down(true)?);
+    Ok(ops)
+}
+
 /// Every family tandem runs.
 pub static FAMILIES: &[&dyn Family] = &[&llama::Llama, &gemma3::Gemma3, &qwen::Qwen2, &qwen::Qwen3, &phi3::Phi3];
 

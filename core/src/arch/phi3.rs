@@ -21,12 +21,6 @@ impl Family for Phi3 {
         c.sliding_window = None;
     }
 
-    fn adjust_hf_config(&self, c: &mut ModelConfig, _json: &serde_json::Value) {
-        // (A `rope_scaling` of LongRoPE is refused when the directory loads.)
-        c.rope_layout = RopeLayout::Neox;
-        c.sliding_window = None;
-    }
-
     fn layer_tensors(&self, c: &ModelConfig) -> Vec<(&'static str, Vec<usize>)> {
         let (d, f, q) = (c.hidden_size, c.ffn_size, c.n_heads * c.head_dim);
         vec![
@@ -46,15 +40,6 @@ impl Family for Phi3 {
                 reason: "Phi-3 LongRoPE (rope_factors_long) is not supported yet".into(),
             });
         }
-        let mut ops = vec![b.norm("attn_norm", None)?];
-        ops.extend(b.qkv_fused("attn_qkv")?);
-        ops.push(b.rope_kv()?);
-        ops.extend(b.attention()?);
-        ops.push(b.attn_output(true)?);
-        ops.push(b.norm("ffn_norm", None)?);
-        ops.extend(b.gate_up_fused("ffn_up")?);
-        ops.push(b.glu(false)?);
-        ops.push(b.down(true)?);
-        Ok(ops)
+        super::pre_norm_layer(b, b.qkv_fused("attn_qkv")?, None, b.gate_up_fused("ffn_up")?)
     }
 }

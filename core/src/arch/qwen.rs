@@ -18,27 +18,13 @@ impl Family for Qwen2 {
         c.rope_layout = RopeLayout::Neox;
     }
 
-    fn adjust_hf_config(&self, c: &mut ModelConfig, _json: &serde_json::Value) {
-        c.rope_layout = RopeLayout::Neox;
-    }
-
     fn extra_layer_tensors(&self, c: &ModelConfig) -> Vec<(&'static str, Vec<usize>)> {
         let q = c.n_heads * c.head_dim;
         vec![("attn_q.bias", vec![q]), ("attn_k.bias", vec![c.kv_dim()]), ("attn_v.bias", vec![c.kv_dim()])]
     }
 
     fn layer_ops(&self, b: &LayerBuilder<'_>) -> Result<Vec<LayerOp>> {
-        let mut ops = vec![b.norm("attn_norm", None)?];
-        ops.extend(b.qkv()?);
-        ops.push(b.qkv_bias()?);
-        ops.push(b.rope_kv()?);
-        ops.extend(b.attention()?);
-        ops.push(b.attn_output(true)?);
-        ops.push(b.norm("ffn_norm", None)?);
-        ops.extend(b.gate_up()?);
-        ops.push(b.glu(false)?);
-        ops.push(b.down(true)?);
-        Ok(ops)
+        super::pre_norm_layer(b, b.qkv()?, Some(b.qkv_bias()?), b.gate_up()?)
     }
 }
 
@@ -53,25 +39,11 @@ impl Family for Qwen3 {
         c.rope_layout = RopeLayout::Neox;
     }
 
-    fn adjust_hf_config(&self, c: &mut ModelConfig, _json: &serde_json::Value) {
-        c.rope_layout = RopeLayout::Neox;
-    }
-
     fn extra_layer_tensors(&self, c: &ModelConfig) -> Vec<(&'static str, Vec<usize>)> {
         vec![("attn_q_norm.weight", vec![c.head_dim]), ("attn_k_norm.weight", vec![c.head_dim])]
     }
 
     fn layer_ops(&self, b: &LayerBuilder<'_>) -> Result<Vec<LayerOp>> {
-        let mut ops = vec![b.norm("attn_norm", None)?];
-        ops.extend(b.qkv()?);
-        ops.push(b.head_norm("attn_q_norm", "attn_k_norm")?);
-        ops.push(b.rope_kv()?);
-        ops.extend(b.attention()?);
-        ops.push(b.attn_output(true)?);
-        ops.push(b.norm("ffn_norm", None)?);
-        ops.extend(b.gate_up()?);
-        ops.push(b.glu(false)?);
-        ops.push(b.down(true)?);
-        Ok(ops)
+        super::pre_norm_layer(b, b.qkv()?, Some(b.head_norm("attn_q_norm", "attn_k_norm")?), b.gate_up()?)
     }
 }
