@@ -147,10 +147,19 @@ impl WeightFormat {
             WeightFormat::Bf16 => include_str!("../wgsl/dequant_bf16.wgsl"),
             WeightFormat::Q8_0 => include_str!("../wgsl/dequant_q8_0.wgsl"),
             WeightFormat::Q4_0 => include_str!("../wgsl/dequant_q4_0.wgsl"),
-            WeightFormat::Q4_1 => include_str!("../wgsl/dequant_q4_1.wgsl"),
-            WeightFormat::Q4K => include_str!("../wgsl/dequant_q4_k.wgsl"),
+            WeightFormat::Q4_1 | WeightFormat::Q4K => include_str!("../wgsl/dequant_q4_1.wgsl"),
             WeightFormat::Q5K => include_str!("../wgsl/dequant_q5_k.wgsl"),
             _ => include_str!("../wgsl/dequant_q6_k.wgsl"),
+        }
+    }
+
+    /// How a block's scale and minimum are stored, for the layouts that share a body and differ
+    /// only there (`block_dm`).
+    fn block_dm_source(self) -> Option<&'static str> {
+        match self.device_format() {
+            WeightFormat::Q4_1 => Some(include_str!("../wgsl/block_dm_f16.wgsl")),
+            WeightFormat::Q4K | WeightFormat::Q5K => Some(include_str!("../wgsl/block_dm_f32.wgsl")),
+            _ => None,
         }
     }
 
@@ -160,8 +169,7 @@ impl WeightFormat {
         match self.device_format() {
             WeightFormat::Q8_0 => Some(include_str!("../wgsl/q8dot_q8_0.wgsl")),
             WeightFormat::Q4_0 => Some(include_str!("../wgsl/q8dot_q4_0.wgsl")),
-            WeightFormat::Q4_1 => Some(include_str!("../wgsl/q8dot_q4_1.wgsl")),
-            WeightFormat::Q4K => Some(include_str!("../wgsl/q8dot_q4_k.wgsl")),
+            WeightFormat::Q4_1 | WeightFormat::Q4K => Some(include_str!("../wgsl/q8dot_q4_1.wgsl")),
             WeightFormat::Q5K => Some(include_str!("../wgsl/q8dot_q5_k.wgsl")),
             WeightFormat::Q6K => Some(include_str!("../wgsl/q8dot_q6_k.wgsl")),
             _ => None,
@@ -376,6 +384,7 @@ impl Kernel {
             f32_x,
             Some(self.body()),
             access,
+            format.and_then(WeightFormat::block_dm_source),
             dequant,
             lanes,
             groups,

@@ -1,19 +1,15 @@
 // Q5_K and Q5_1 (GGUF) on the GPU: values 0..31 under a scale and a minimum per 32 (Q5_K's
 // 6-bit scales and minimums times its super-block's d and dmin), transcoded at upload into
 // blocks of 32 bytes (8 quant words a block in `w`) with the block's f32 scale and minimum (two
-// words a block in `s`), computed on the CPU as ggml does: x = d * q + m, exactly the file's values.
+// words a block in `s`, block_dm_f32.wgsl), computed on the CPU as ggml does: x = d * q + m, exactly the file's values.
 @group(0) @binding(3) var<storage, read> w: array<u32>;
 const BLOCK: u32 = 32u;
-
-fn q5k_dm(blk: u32) -> vec2<f32> {
-    return vec2<f32>(bitcast<f32>(s[2u * blk]), bitcast<f32>(s[2u * blk + 1u]));
-}
 
 fn dq_elem(row: u32, col: u32, k: u32) -> f32 {
     let blk = row * (k / BLOCK) + col / BLOCK;
     let i = col % BLOCK;
     let q = (w[blk * 8u + i / 4u] >> ((i % 4u) * 8u)) & 0xffu;
-    let dm = q5k_dm(blk);
+    let dm = block_dm(blk);
     return dm.x * f32(q) + dm.y;
 }
 
@@ -27,7 +23,7 @@ fn block_dot(row: u32, b: u32, k: u32, xo: u32) -> f32 {
         qx += dot(vec4<f32>(q), x);
         sx += dot(x, vec4<f32>(1.0));
     }
-    let dm = q5k_dm(blk);
+    let dm = block_dm(blk);
     return dm.x * qx + dm.y * sx;
 }
 
@@ -45,14 +41,14 @@ fn q5k_quarter(blk: u32, q: u32) -> mat2x4<f32> {
 
 fn quarter_dot(row: u32, b: u32, k: u32, q: u32, xa: vec4<f32>, xb: vec4<f32>) -> f32 {
     let blk = row * (k / BLOCK) + b;
-    let dm = q5k_dm(blk);
+    let dm = block_dm(blk);
     let m = q5k_quarter(blk, q);
     return dm.x * (dot(m[0], xa) + dot(m[1], xb)) + dm.y * dot(xa + xb, vec4<f32>(1.0));
 }
 
 fn quarter_weights(row: u32, b: u32, k: u32, q: u32) -> mat2x4<f32> {
     let blk = row * (k / BLOCK) + b;
-    let dm = q5k_dm(blk);
+    let dm = block_dm(blk);
     let m = q5k_quarter(blk, q);
     return mat2x4<f32>(dm.x * m[0] + dm.y, dm.x * m[1] + dm.y);
 }

@@ -11,7 +11,7 @@ struct WeightBlock {
 
 fn q8_weights(row: u32, b: u32, nb: u32) -> WeightBlock {
     let blk = row * nb + b;
-    return WeightBlock(w[2u * blk], w[2u * blk + 1u], vec2<f32>(bitcast<f32>(s[2u * blk]), bitcast<f32>(s[2u * blk + 1u])));
+    return WeightBlock(w[2u * blk], w[2u * blk + 1u], block_dm(blk));
 }
 
 fn q8_dot(wb: WeightBlock, x0: vec4<u32>, x1: vec4<u32>, xds: vec2<f32>) -> f32 {
