@@ -540,12 +540,40 @@ fn small(ctx: &GpuContext, kernels: &Kernels) {
                 ("CHUNK", f64::from(tandem_shaders::ATTENTION_CHUNK)),
             ];
             let pipeline = kernels.pipeline(Kernel::Attention, Some(kv.format()), &consts).expect("attention");
-            let secs = time_chain(ctx, &pipeline, &bg, [nh as u32, 1, chunks as u32], 500);
+            let old_source = format!(
+                "{}\n{}\n{}",
+                include_str!("../../shaders/wgsl/common.wgsl"),
+                include_str!("attention_330fd5d.wgsl"),
+                include_str!("../../shaders/wgsl/kv_f16.wgsl").replace("KV_ACCESS", "read")
+            );
+            let old = kernels.pipeline_from_source(Kernel::Attention, "attention 330fd5d", &old_source, &consts).expect("old attention");
+            let groups = [nh as u32, 1, chunks as u32];
+            let (secs, old_secs) = (time_chain(ctx, &pipeline, &bg, groups, 500), time_chain(ctx, &old, &bg, groups, 500));
             let bytes = 2 * ctx_len * kv_dim * kv.bytes();
             println!(
-                "attention {model} (heads {nh}/{nkv} x {hd}), context {ctx_len}: {:.1} µs ({:.0} GB/s of K/V)",
+                "attention {model} (heads {nh}/{nkv} x {hd}), context {ctx_len}: {:.1} µs ({:.0} GB/s of K/V), at 330fd5d {:.1} µs",
                 secs * 1e6,
-                bytes as f64 / secs / 1e9
+                bytes as f64 / secs / 1e9,
+                old_secs * 1e6
+            );
+            let out = ctx.storage("out", (q_dim * 4) as u64);
+            let out_q8 = ctx.storage("out_q8", (tandem_core::kernels::Q8_TOKENS * q_dim * 2) as u64);
+            let bg = kernels.bind_group(Kernel::AttentionMerge, "merge", &[&step, &tokens, &partials, &out, &out_q8]);
+            let consts =
+                [("N_HEADS", nh as f64), ("HEAD_DIM", hd as f64), ("CHUNK", f64::from(tandem_shaders::ATTENTION_CHUNK)), ("Q8", 1.0)];
+            let pipeline = kernels.pipeline(Kernel::AttentionMerge, None, &consts).expect("merge");
+            let old_source = format!(
+                "{}\n{}\n{}",
+                include_str!("../../shaders/wgsl/common.wgsl"),
+                include_str!("attention_merge_330fd5d.wgsl"),
+                include_str!("../../shaders/wgsl/q8_lanes.wgsl")
+            );
+            let old = kernels.pipeline_from_source(Kernel::AttentionMerge, "merge 330fd5d", &old_source, &consts).expect("old merge");
+            let groups = [nh as u32, 1, 1];
+            println!(
+                "attention_merge {model}, {chunks} chunks: {:.1} µs, at 330fd5d {:.1} µs",
+                time_chain(ctx, &pipeline, &bg, groups, 500) * 1e6,
+                time_chain(ctx, &old, &bg, groups, 500) * 1e6
             );
         }
     }

@@ -93,10 +93,20 @@ impl Kernels {
         constants: &[(&str, f64)],
     ) -> Result<wgpu::ComputePipeline> {
         let scope = self.ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self
-            .ctx
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(label), source: wgpu::ShaderSource::Wgsl(source.into()) });
+        let desc = wgpu::ShaderModuleDescriptor { label: Some(label), source: wgpu::ShaderSource::Wgsl(source.into()) };
+        // SAFETY: the one check dropped is naga's loop bounding, a counter and an exit it adds
+        // to every loop so that a loop that never ends cannot be undefined behaviour. It also
+        // keeps the driver from unrolling loops (register arrays then spill), which cost decode
+        // 22-28% and prefill up to 40% on the H200 (docs/kernel-notes.md, item 27). Every loop
+        // in our WGSL is a `for` whose bound is an override constant or step data the engine
+        // wrote (invariant I11, held by `every_loop_is_a_bounded_for` in tandem-shaders).
+        // Bounds checks stay.
+        #[allow(unsafe_code)]
+        let module = unsafe {
+            let mut checks = wgpu::ShaderRuntimeChecks::checked();
+            checks.force_loop_bounding = false;
+            self.ctx.device.create_shader_module_trusted(desc, checks)
+        };
         let pipeline = self.ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(label),
             layout: Some(&self.layouts[&kernel.layout_owner()].1),

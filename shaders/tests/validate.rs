@@ -135,3 +135,28 @@ fn cpu_structs_match_wgsl_layout() {
         assert_eq!(struct_size(&module, name) as usize, rust_size, "size of {name}");
     }
 }
+
+/// Invariant I11: pipelines are built without naga's loop bounding (core's `Kernels`), so every
+/// loop must end by its own bound. Only `for` loops with a comparison for their condition;
+/// their bounds are override constants or step data the engine wrote.
+#[test]
+fn every_loop_is_a_bounded_for() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("wgsl");
+    let mut fors = 0;
+    for entry in std::fs::read_dir(&dir).expect("wgsl dir") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("wgsl file");
+        let code: String = text.lines().map(|l| l.split("//").next().unwrap_or("")).collect::<Vec<_>>().join("\n");
+        let words = code.split(|c: char| !(c.is_alphanumeric() || c == '_'));
+        for word in words {
+            assert!(word != "loop" && word != "while", "{}: `{word}` (only bounded `for` loops, invariant I11)", path.display());
+        }
+        for (i, _) in code.match_indices("for (") {
+            let header = &code[i..code[i..].find('{').map_or(code.len(), |e| i + e)];
+            let condition = header.split(';').nth(1).unwrap_or("");
+            assert!(condition.contains('<') || condition.contains('>'), "{}: `{header}` has no bound", path.display());
+            fors += 1;
+        }
+    }
+    assert!(fors > 50, "found only {fors} loops: is the wgsl directory where it was?");
+}

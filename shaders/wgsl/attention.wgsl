@@ -40,6 +40,11 @@ const NEG_BIG: f32 = -3.0e38;
 
 var<workgroup> q: array<vec4<f32>, MAX_HEAD_DIM / 4u>;
 
+// The cache row of position `j` of the sequence whose block table starts at `table_off`.
+fn cache_row(table_off: u32, j: u32) -> u32 {
+    return tables[table_off + j / BLOCK_TOKENS] * BLOCK_TOKENS + j % BLOCK_TOKENS;
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: vec3<u32>) {
     let h = wg.x;
@@ -82,10 +87,8 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
         // row, so the loops below have a fixed trip count and their loads overlap.
         let j = j0 + lane;
         var score = NEG_BIG;
-        var row = tables[info.table_off + j0 / BLOCK_TOKENS] * BLOCK_TOKENS + j0 % BLOCK_TOKENS;
         if (j < last) {
-            row = tables[info.table_off + j / BLOCK_TOKENS] * BLOCK_TOKENS + j % BLOCK_TOKENS;
-            let kb = (row * kv_dim + kvh * HEAD_DIM) / 4u;
+            let kb = (cache_row(info.table_off, j) * kv_dim + kvh * HEAD_DIM) / 4u;
             score = 0.0;
             for (var d = 0u; d < HEAD_DIM / 4u; d++) {
                 score += dot(q[d], k_load4(kb + d));
@@ -94,7 +97,7 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
         // Every lane sees the same 32 values, so m and l agree across lanes.
         let m_new = max(m, lanes_max(score, lane));
         let prob = select(0.0, exp(score - m_new), j < last);
-        lanes_publish(prob, row * kv_dim + kvh * HEAD_DIM, lane);
+        lanes_publish(prob, lane);
         let scale = exp(m - m_new);
         l = l * scale + published_sum();
         var sum: array<vec4<f32>, RUNS>;
@@ -102,8 +105,10 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
             sum[e] = vec4<f32>(0.0);
         }
         for (var i = 0u; i < WG; i++) {
+            // Each lane finds the row itself (the block table is in cache), so only the
+            // probability crosses lanes.
+            let v_row = (cache_row(info.table_off, min(j0 + i, last - 1u)) * kv_dim + kvh * HEAD_DIM) / 4u;
             let p = lane_prob(i);
-            let v_row = lane_row(i) / 4u;
             for (var e = 0u; e < RUNS; e++) {
                 if (lane + e * WG < HEAD_DIM / 4u) {
                     sum[e] += p * v_load4(v_row + lane + e * WG);

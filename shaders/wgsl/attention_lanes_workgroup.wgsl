@@ -2,7 +2,6 @@
 // Every lane folds the 32 values in lane order, so all lanes get bit-identical results.
 
 var<workgroup> probs: array<f32, WG>;
-var<workgroup> rows: array<u32, WG>;
 
 /// The largest of the 32 lanes' `v`.
 fn lanes_max(v: f32, lane: u32) -> f32 {
@@ -16,11 +15,9 @@ fn lanes_max(v: f32, lane: u32) -> f32 {
     return m;
 }
 
-/// Makes each lane's probability and value row readable by every lane (`lane_prob`, `lane_row`)
-/// until `lanes_release`.
-fn lanes_publish(p: f32, row: u32, lane: u32) {
+/// Makes each lane's probability readable by every lane (`lane_prob`) until `lanes_release`.
+fn lanes_publish(p: f32, lane: u32) {
     probs[lane] = p;
-    rows[lane] = row;
     workgroupBarrier();
 }
 
@@ -35,10 +32,6 @@ fn published_sum() -> f32 {
 
 fn lane_prob(i: u32) -> f32 {
     return probs[i];
-}
-
-fn lane_row(i: u32) -> u32 {
-    return rows[i];
 }
 
 fn lanes_release() {

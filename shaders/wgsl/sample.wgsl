@@ -126,10 +126,8 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
     if (sp.top_k > 0u && sp.top_k < VOCAB) {
         var lo_k = 0u;
         var hi_k = top_key;
-        loop {
-            if (lo_k >= hi_k) {
-                break;
-            }
+        // A binary search over 32-bit keys: at most 32 halvings.
+        for (var it = 0u; it < 33u && lo_k < hi_k; it++) {
             let mid = lo_k + (hi_k - lo_k + 1u) / 2u;
             var cnt = 0u;
             for (var i = lane; i < VOCAB; i += WG) {
@@ -156,10 +154,7 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
         let need = sum_f(lane, mass) * sp.top_p;
         var lo_p = threshold;
         var hi_p = top_key;
-        loop {
-            if (lo_p >= hi_p) {
-                break;
-            }
+        for (var it = 0u; it < 33u && lo_p < hi_p; it++) {
             let mid = lo_p + (hi_p - lo_p + 1u) / 2u;
             var part = 0.0;
             for (var i = lane; i < VOCAB; i += WG) {
