@@ -26,6 +26,9 @@ pub enum Grid {
     Rows,
     /// `[heads, tokens, attention chunks]`.
     Attention(u32),
+    /// `[heads, tokens, 1]`, only on steps with more than one attention chunk per token (with
+    /// one, attention writes its output itself).
+    Merge(u32),
 }
 
 /// Bytes and operations of a dispatch, per token and per attended position.
@@ -84,6 +87,8 @@ impl LayerOps {
                         Grid::Tokens(x) => [x, n_tokens as u32, 1],
                         Grid::Rows => [n_tokens as u32, 1, 1],
                         Grid::Attention(heads) => [heads, n_tokens as u32, chunks],
+                        Grid::Merge(_) if chunks <= 1 => continue,
+                        Grid::Merge(heads) => [heads, n_tokens as u32, 1],
                     };
                     rec.dispatch(work, &d.pipeline, &d.bind_group, groups);
                 }
@@ -313,13 +318,14 @@ impl LayerBuilder<'_> {
         }))
     }
 
-    /// Attention over the cache (this layer's window, if any) and the merge of its chunks into
-    /// `attn_out`.
+    /// Attention over the cache (this layer's window, if any) into `attn_out`, and the merge of
+    /// its chunks on steps that have more than one a token.
     pub fn attention(&self) -> Result<[LayerOp; 2]> {
         let c = self.config;
         let [h, kvh, hd] = self.heads();
         let kv = self.engine.kv_dtype;
         let a = self.act;
+        let q8 = &a.attn_q8;
         let window = c.layer_window(self.layer).unwrap_or(0);
         let pipeline = self.kernels.pipeline(
             Kernel::Attention,
@@ -330,14 +336,14 @@ impl LayerBuilder<'_> {
                 hd,
                 ("BLOCK_TOKENS", BLOCK_TOKENS as f64),
                 ("SCALE", 1.0 / (c.head_dim as f64).sqrt()),
-                ("CHUNK", f64::from(ATTENTION_CHUNK)),
                 ("WINDOW", window as f64),
+                ("Q8", f64::from(u8::from(q8.is_some()))),
             ],
         )?;
         let bind_group = self.kernels.bind_group(
             Kernel::Attention,
             "attention",
-            &[&a.step, &a.qkv, &a.tokens, &a.tables, self.k_cache, self.v_cache, &a.partials],
+            &[&a.step, &a.qkv, &a.tokens, &a.tables, self.k_cache, self.v_cache, &a.partials, &a.attn_out, self.q8_out(q8)],
         );
         let (heads, kv_dim, hdim) = (c.n_heads as u64, c.kv_dim() as u64, c.head_dim as u64);
         let cost = Cost {
@@ -348,7 +354,6 @@ impl LayerBuilder<'_> {
             flops_per_attended: 4 * heads * hdim,
         };
         let attention = Dispatch { pipeline, bind_group, cost, grid: Grid::Attention(c.n_heads as u32) };
-        let q8 = &a.attn_q8;
         let pipeline = self.kernels.pipeline(
             Kernel::AttentionMerge,
             None,
@@ -363,7 +368,7 @@ impl LayerBuilder<'_> {
             pipeline,
             bind_group,
             cost: Cost::per_token(Kernel::AttentionMerge, heads * hdim * 8, 0),
-            grid: Grid::Tokens(c.n_heads as u32),
+            grid: Grid::Merge(c.n_heads as u32),
         };
         Ok([LayerOp::Dispatch(attention), LayerOp::Dispatch(merge)])
     }

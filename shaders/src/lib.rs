@@ -23,9 +23,10 @@ use std::fmt;
 /// of the step before (`FROM_SAMPLED` in embed.wgsl).
 pub const FROM_SAMPLED: u32 = 0x8000_0000;
 
-/// Key positions per attention chunk (`CHUNK` in attention.wgsl). Fixed for every adapter and
-/// engine so attention sums in the same order wherever a sequence's KV was computed.
-pub const ATTENTION_CHUNK: u32 = 32;
+/// Key positions per attention chunk (`CHUNK` in attention.wgsl: a workgroup, a lane a
+/// position). Fixed for every adapter and engine so attention sums in the same order wherever a
+/// sequence's KV was computed.
+pub const ATTENTION_CHUNK: u32 = 256;
 
 /// How a weight tensor is stored in a model file. On the GPU each format has a layout
 /// (`device_format`): its own, or, for formats whose blocks do not split into whole 32-element
@@ -272,7 +273,7 @@ impl Kernel {
             // step, y (biased in place), the bias.
             Kernel::AddBias => &[U, W, R],
             Kernel::RopeKv => &[U, W, R, R, W, W],
-            Kernel::Attention => &[U, R, R, R, R, R, W],
+            Kernel::Attention => &[U, R, R, R, R, R, W, W, W],
             Kernel::AttentionMerge => &[U, R, R, W, W],
             Kernel::SiluMul => &[U, W, W],
             Kernel::Sample => &[U, R, R, W],
@@ -348,6 +349,7 @@ impl Kernel {
                 Some(cache.as_str()),
                 writes.then_some(store),
                 lanes,
+                (self == Kernel::Attention).then_some(include_str!("../wgsl/q8_lanes.wgsl")),
             ]));
         }
         let dequant = match (self.reads_weights(), format) {

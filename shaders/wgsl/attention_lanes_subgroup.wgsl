@@ -1,25 +1,13 @@
-// Attention's lane exchange through subgroup operations: chosen only where every subgroup is
-// exactly 32 lanes, so the workgroup is one subgroup and needs no barriers.
+// Attention's reductions over 32 lanes through subgroup operations: chosen only where every
+// subgroup is exactly 32 lanes, so each 32 lanes of the workgroup are one subgroup and need no
+// barriers.
 
-var<private> published_p: f32;
-
-/// The largest of the 32 lanes' `v`.
-fn lanes_max(v: f32, lane: u32) -> f32 {
+/// The largest `v` of the caller's 32 lanes.
+fn lanes_max(v: f32, li: u32) -> f32 {
     return subgroupMax(v);
 }
 
-/// Makes each lane's probability readable by every lane (`lane_prob`).
-fn lanes_publish(p: f32, lane: u32) {
-    published_p = p;
+/// The sum of the caller's 32 lanes' `v`.
+fn lanes_sum(v: f32, li: u32) -> f32 {
+    return subgroupAdd(v);
 }
-
-/// The sum of the published probabilities.
-fn published_sum() -> f32 {
-    return subgroupAdd(published_p);
-}
-
-fn lane_prob(i: u32) -> f32 {
-    return subgroupShuffle(published_p, i);
-}
-
-fn lanes_release() {}

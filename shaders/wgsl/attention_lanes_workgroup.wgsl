@@ -1,39 +1,31 @@
-// Attention's lane exchange through workgroup memory, for adapters without 32-lane subgroups.
-// Every lane folds the 32 values in lane order, so all lanes get bit-identical results.
+// Attention's reductions over 32 lanes through workgroup memory, for adapters without 32-lane
+// subgroups: each 32 lanes (li / 32) use their own slice, and every lane folds its slice in lane
+// order, so all lanes get bit-identical results. Called by every lane of the workgroup alike.
 
-var<workgroup> probs: array<f32, WG>;
+var<workgroup> lane_values: array<f32, WG>;
 
-/// The largest of the 32 lanes' `v`.
-fn lanes_max(v: f32, lane: u32) -> f32 {
-    probs[lane] = v;
+/// The largest `v` of the caller's 32 lanes.
+fn lanes_max(v: f32, li: u32) -> f32 {
+    lane_values[li] = v;
     workgroupBarrier();
-    var m = probs[0];
-    for (var i = 1u; i < WG; i++) {
-        m = max(m, probs[i]);
+    let base = li & ~31u;
+    var m = lane_values[base];
+    for (var i = 1u; i < 32u; i++) {
+        m = max(m, lane_values[base + i]);
     }
     workgroupBarrier();
     return m;
 }
 
-/// Makes each lane's probability readable by every lane (`lane_prob`) until `lanes_release`.
-fn lanes_publish(p: f32, lane: u32) {
-    probs[lane] = p;
+/// The sum of the caller's 32 lanes' `v`.
+fn lanes_sum(v: f32, li: u32) -> f32 {
+    lane_values[li] = v;
     workgroupBarrier();
-}
-
-/// The sum of the published probabilities.
-fn published_sum() -> f32 {
+    let base = li & ~31u;
     var sum = 0.0;
-    for (var i = 0u; i < WG; i++) {
-        sum += probs[i];
+    for (var i = 0u; i < 32u; i++) {
+        sum += lane_values[base + i];
     }
-    return sum;
-}
-
-fn lane_prob(i: u32) -> f32 {
-    return probs[i];
-}
-
-fn lanes_release() {
     workgroupBarrier();
+    return sum;
 }
