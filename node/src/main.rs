@@ -154,6 +154,19 @@ enum ModelCommand {
         #[arg(default_value = DEFAULT_MODEL.id)]
         name: String,
     },
+    /// Download from the Hugging Face Hub into the cache: `OWNER/REPO:FILE` (a GGUF file), or
+    /// `OWNER/REPO` (its only GGUF file, or else its safetensors directory with config and
+    /// tokenizer). Resumes an unfinished download, verifies every file the Hub gives a sha256
+    /// (weights, GGUFs), and prints the path to pass as `--model`. `HF_TOKEN` authenticates.
+    Pull {
+        spec: String,
+        /// The Hub's address.
+        #[arg(long, env = "HF_ENDPOINT", default_value = "https://huggingface.co")]
+        endpoint: String,
+        /// A branch, tag or commit.
+        #[arg(long, default_value = "main")]
+        revision: String,
+    },
     /// The known models and the cached model files: architecture, formats, size, K/V bytes per
     /// token.
     List,
@@ -326,6 +339,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Model { command: ModelCommand::Inspect { path, tensors } } => inspect(&path, tensors),
+        Command::Model { command: ModelCommand::Pull { spec, endpoint, revision } } => {
+            let spec: tandem_node::models::HubSpec = spec.parse()?;
+            let path = tandem_node::models::pull(&spec, &endpoint, &revision)?;
+            println!("{}", path.display());
+            Ok(())
+        }
         Command::Model { command: ModelCommand::List } => list_models(),
         Command::Model { command: ModelCommand::ExportHf { gguf, dir, dtype } } => {
             let model = HostModel::load(&resolve_model(&gguf)?)?;

@@ -80,6 +80,14 @@ pub enum FetchError {
     Checksum { path: PathBuf, got: String, want: String },
     #[error("unknown model `{0}`: give a path to a .gguf file or a Hugging Face directory, or `smollm2-135m` or `gemma3-270m`")]
     Unknown(String),
+    #[error("`{0}` is not OWNER/REPO or OWNER/REPO:FILE")]
+    HubSpec(String),
+    #[error("{repo} on {endpoint}: {reason}")]
+    Hub { repo: String, endpoint: String, reason: String },
+    #[error("{repo} has {} GGUF files; name one as {repo}:FILE: {}", files.len(), files.join(", "))]
+    HubChoice { repo: String, files: Vec<String> },
+    #[error("{0} has neither a GGUF file nor safetensors weights with a config.json")]
+    HubNothing(String),
 }
 
 /// The cache directory: `$TANDEM_CACHE_DIR`, else `$XDG_CACHE_HOME/tandem`, else `~/.cache/tandem`.
@@ -211,4 +219,129 @@ fn fetch_into(model: &KnownModel, work: &Path, dest: &Path, bar: &indicatif::Pro
     bar.finish_and_clear();
     eprintln!("{} verified (sha256 {}) and stored at {}", model.id, &model.sha256[..16], dest.display());
     Ok(dest.to_path_buf())
+}
+
+/// A Hugging Face Hub model repository and, optionally, one file of it: `OWNER/REPO[:FILE]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubSpec {
+    pub repo: String,
+    pub file: Option<String>,
+}
+
+impl std::str::FromStr for HubSpec {
+    type Err = FetchError;
+
+    fn from_str(spec: &str) -> Result<Self, FetchError> {
+        let bad = || FetchError::HubSpec(spec.to_string());
+        let (repo, file) = match spec.split_once(':') {
+            Some((repo, file)) => (repo, Some(file)),
+            None => (spec, None),
+        };
+        let name_ok = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && p != "." && p != "..";
+        let (owner, name) = repo.split_once('/').ok_or_else(bad)?;
+        if !name_ok(owner) || !name_ok(name) {
+            return Err(bad());
+        }
+        // A file inside the repository: relative, no step outside it.
+        if let Some(f) = file
+            && (f.is_empty()
+                || f.starts_with('/')
+                || f.contains('\\')
+                || f.split('/').any(|part| part.is_empty() || part == "." || part == ".."))
+        {
+            return Err(bad());
+        }
+        Ok(HubSpec { repo: repo.to_string(), file: file.map(str::to_string) })
+    }
+}
+
+/// Whether a repository file belongs to the Hugging Face directory tandem loads (weights,
+/// config, tokenizer).
+fn hf_dir_file(name: &str) -> bool {
+    !name.contains('/')
+        && (name.ends_with(".safetensors")
+            || [
+                "config.json",
+                "model.safetensors.index.json",
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+                "generation_config.json",
+            ]
+            .contains(&name))
+}
+
+/// Downloads `spec` from the Hub at `endpoint` (at `revision`) into the cache's `hub/` (the
+/// Hub's own cache layout), with a progress bar, resuming a file that an earlier pull left
+/// unfinished, and verifies each file whose Hub etag is a sha256 (every LFS file: weights and
+/// GGUFs). Returns the GGUF file, or the snapshot directory of a safetensors model. Without a
+/// file, a repository with one GGUF gives it and one with none gives its safetensors directory.
+/// `HF_TOKEN`, where set, authenticates.
+pub fn pull(spec: &HubSpec, endpoint: &str, revision: &str) -> Result<PathBuf, FetchError> {
+    let hub_err = |reason: String| FetchError::Hub { repo: spec.repo.clone(), endpoint: endpoint.to_string(), reason };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| hub_err(format!("starting the download runtime: {e}")))?;
+    rt.block_on(async {
+        let api = hf_hub::api::tokio::ApiBuilder::new()
+            .with_endpoint(endpoint.trim_end_matches('/').to_string())
+            .with_cache_dir(cache_dir().join("hub"))
+            .with_token(std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()))
+            .with_progress(true)
+            .build()
+            .map_err(|e| hub_err(e.to_string()))?;
+        let repo = api.repo(hf_hub::Repo::with_revision(spec.repo.clone(), hf_hub::RepoType::Model, revision.to_string()));
+        let files = match &spec.file {
+            Some(f) => vec![f.clone()],
+            None => {
+                let info = repo.info().await.map_err(|e| hub_err(format!("listing the repository: {e}")))?;
+                let names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+                let ggufs: Vec<String> = names.iter().filter(|n| n.ends_with(".gguf")).cloned().collect();
+                match ggufs.len() {
+                    1 => ggufs,
+                    0 => {
+                        let dir: Vec<String> = names.into_iter().filter(|n| hf_dir_file(n)).collect();
+                        if !dir.iter().any(|n| n == "config.json") || !dir.iter().any(|n| n.ends_with(".safetensors")) {
+                            return Err(FetchError::HubNothing(spec.repo.clone()));
+                        }
+                        dir
+                    }
+                    _ => return Err(FetchError::HubChoice { repo: spec.repo.clone(), files: ggufs }),
+                }
+            }
+        };
+        let mut last = None;
+        for name in &files {
+            let path = repo.get(name).await.map_err(|e| hub_err(format!("{name}: {e}")))?;
+            verify_hub_file(&path)?;
+            last = Some(path);
+        }
+        let last = last.ok_or_else(|| FetchError::HubNothing(spec.repo.clone()))?;
+        // One named file, or a repository's one GGUF: that file. A directory: its snapshot.
+        if files.len() == 1 && (spec.file.is_some() || files[0].ends_with(".gguf")) {
+            return Ok(last);
+        }
+        last.parent().map(Path::to_path_buf).ok_or_else(|| FetchError::HubNothing(spec.repo.clone()))
+    })
+}
+
+/// Checks a pulled file against its blob's name, the Hub's etag, where that is a sha256 (LFS
+/// files); a mismatch removes the file so the next pull downloads it again.
+fn verify_hub_file(path: &Path) -> Result<(), FetchError> {
+    // Where the cache could not link (copies on some systems) no etag is kept.
+    let Ok(target) = std::fs::read_link(path) else { return Ok(()) };
+    let Some(etag) = target.file_name().and_then(|n| n.to_str()).map(str::to_string) else { return Ok(()) };
+    if etag.len() != 64 || !etag.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(());
+    }
+    let got = sha256_file(path)?;
+    if got != etag.to_ascii_lowercase() {
+        let blob = path.parent().map_or(target.clone(), |dir| dir.join(&target));
+        let _ = std::fs::remove_file(&blob);
+        let _ = std::fs::remove_file(path);
+        return Err(FetchError::Checksum { path: path.to_path_buf(), got, want: etag });
+    }
+    Ok(())
 }
