@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -23,6 +23,13 @@ struct HubFile {
 
 type Repos = HashMap<String, Vec<(String, HubFile)>>;
 
+/// The served tree, the ranges asked for (repository, first byte), and ranges to fail once.
+struct Hub {
+    repos: Repos,
+    asked: Mutex<Vec<(String, usize)>>,
+    fail_once: Mutex<Vec<(String, usize)>>,
+}
+
 fn lfs(bytes: Vec<u8>) -> HubFile {
     let etag = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
     HubFile { bytes, etag }
@@ -36,7 +43,8 @@ fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/families").join(name)).expect("fixture")
 }
 
-async fn hub(repos: Arc<Repos>, uri: Uri, headers: HeaderMap) -> Response {
+async fn hub(state: Arc<Hub>, uri: Uri, headers: HeaderMap) -> Response {
+    let repos = &state.repos;
     let path = uri.path().trim_start_matches('/');
     if let Some(rest) = path.strip_prefix("api/models/") {
         let Some((repo, _rev)) = rest.split_once("/revision/") else { return StatusCode::NOT_FOUND.into_response() };
@@ -58,6 +66,16 @@ async fn hub(repos: Arc<Repos>, uri: Uri, headers: HeaderMap) -> Response {
     });
     let common =
         [("x-repo-commit", COMMIT.to_string()), ("x-linked-etag", format!("\"{}\"", file.etag)), ("etag", format!("\"{}\"", file.etag))];
+    if let Some((a, b)) = range
+        && b > a
+    {
+        state.asked.lock().expect("log").push((repo.to_string(), a));
+        let mut fail = state.fail_once.lock().expect("failures");
+        if let Some(i) = fail.iter().position(|(r, at)| r == repo && *at == a) {
+            fail.remove(i);
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+    }
     let mut response = match range {
         Some((a, b)) => {
             let mut r = (StatusCode::PARTIAL_CONTENT, file.bytes[a..=b].to_vec()).into_response();
@@ -72,9 +90,9 @@ async fn hub(repos: Arc<Repos>, uri: Uri, headers: HeaderMap) -> Response {
     response
 }
 
-/// Serves `repos` on a free local port for the life of the test process; returns its address.
-fn serve(repos: Repos) -> String {
-    let repos = Arc::new(repos);
+/// Serves `hub` on a free local port for the life of the test process; returns its address.
+fn serve(hub_state: Arc<Hub>) -> String {
+    let repos = hub_state;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     listener.set_nonblocking(true).expect("nonblocking");
@@ -130,7 +148,11 @@ fn pull_fetches_gguf_files_and_safetensors_directories_and_verifies_them() {
     let mut corrupt = lfs(gguf.clone());
     corrupt.bytes[100] ^= 0xff;
     repos.insert("tandem/corrupt".into(), vec![("x.gguf".into(), corrupt)]);
-    let endpoint = serve(repos);
+    // Three 10 MB download ranges, the third failing once.
+    let big: Vec<u8> = (0..25_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    repos.insert("tandem/big".into(), vec![("big.gguf".into(), lfs(big.clone()))]);
+    let state = Arc::new(Hub { repos, asked: Mutex::default(), fail_once: Mutex::new(vec![("tandem/big".into(), 20_000_000)]) });
+    let endpoint = serve(state.clone());
     let cache = tempfile::tempdir().expect("tempdir");
     let pull = |spec: &str| tandem(cache.path(), &["model", "pull", spec, "--endpoint", &endpoint]);
 
@@ -167,6 +189,16 @@ fn pull_fetches_gguf_files_and_safetensors_directories_and_verifies_them() {
     assert!(text(&out.stderr).contains("sha256"), "{}", text(&out.stderr));
     let snapshot = cache.path().join("hub/models--tandem--corrupt/snapshots").join(COMMIT).join("x.gguf");
     assert!(!snapshot.exists(), "a corrupt file stayed at {}", snapshot.display());
+
+    // An interrupted pull fails; the next one asks only for the ranges not yet stored.
+    let out = pull("tandem/big:big.gguf");
+    assert!(!out.status.success(), "the failing range did not fail the pull");
+    let first: Vec<usize> = state.asked.lock().expect("log").drain(..).filter(|(r, _)| r == "tandem/big").map(|(_, a)| a).collect();
+    assert_eq!(first, [0, 10_000_000, 20_000_000], "ranges asked by the first pull");
+    let path = pulled(&pull("tandem/big:big.gguf"));
+    let second: Vec<usize> = state.asked.lock().expect("log").drain(..).filter(|(r, _)| r == "tandem/big").map(|(_, a)| a).collect();
+    assert_eq!(second, [20_000_000], "the second pull resumes at the failed range");
+    assert!(std::fs::read(&path).expect("pulled file") == big, "the resumed file differs");
 
     // Missing repositories and malformed names get clear errors.
     let out = pull("tandem/missing");
