@@ -455,11 +455,25 @@ fn list_models() -> anyhow::Result<()> {
             println!("{:<14} {:<8} {:<20} {:>10} {:>14}  not cached (`tandem model fetch {}`)", known.id, "-", "-", "-", "-", known.id);
         }
     }
-    for path in files {
-        let name = tandem_node::models::KNOWN_MODELS.iter().find(|k| tandem_node::models::cached_path(k) == path).map_or("-", |k| k.id);
-        match describe_gguf(&path) {
+    let mut entries: Vec<(String, PathBuf)> = files
+        .into_iter()
+        .map(|path| {
+            let name = tandem_node::models::KNOWN_MODELS.iter().find(|k| tandem_node::models::cached_path(k) == path).map_or("-", |k| k.id);
+            (name.to_string(), path)
+        })
+        .collect();
+    entries.extend(pulled_models(&tandem_node::models::cache_dir().join("hub")));
+    for (name, path) in entries {
+        let described = if path.is_dir() { describe_hf_dir(&path) } else { describe_gguf(&path) };
+        match described {
             Ok((arch, formats, kv)) => {
-                let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                let size = if path.is_dir() {
+                    std::fs::read_dir(&path)
+                        .map(|d| d.filter_map(|e| std::fs::metadata(e.ok()?.path()).ok()).map(|m| m.len()).sum())
+                        .unwrap_or(0)
+                } else {
+                    std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0)
+                };
                 println!(
                     "{name:<14} {arch:<8} {formats:<20} {:>7.1} MB {:>11.1} KB  {}",
                     size as f64 / 1e6,
@@ -471,6 +485,39 @@ fn list_models() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What `model pull` stored under `hub` (the Hub's cache layout): each snapshot's GGUF files, or
+/// the snapshot itself where it is a Hugging Face directory, named OWNER/REPO.
+fn pulled_models(hub: &std::path::Path) -> Vec<(String, PathBuf)> {
+    let list = |dir: &std::path::Path| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
+        v.sort();
+        v
+    };
+    let mut out = Vec::new();
+    for repo in list(hub) {
+        let Some(name) = repo.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("models--")) else { continue };
+        let name = name.replacen("--", "/", 1);
+        for snapshot in list(&repo.join("snapshots")) {
+            let files = list(&snapshot);
+            if files.iter().any(|f| f.ends_with("config.json")) {
+                out.push((name.clone(), snapshot));
+            } else {
+                out.extend(files.into_iter().filter(|f| f.extension().is_some_and(|x| x == "gguf")).map(|f| (name.clone(), f)));
+            }
+        }
+    }
+    out
+}
+
+/// A Hugging Face directory's architecture, weight dtypes and f16 K/V bytes per token, from its
+/// config and safetensors headers.
+fn describe_hf_dir(dir: &std::path::Path) -> anyhow::Result<(String, String, u64)> {
+    let config = dir.join("config.json");
+    let c = tandem_core::ModelConfig::from_hf_json(&config, &std::fs::read_to_string(&config)?)?;
+    let kv = 2 * c.n_layers as u64 * c.kv_dim() as u64 * tandem_core::KvDtype::F16.bytes() as u64;
+    Ok((c.architecture, "safetensors".into(), kv))
 }
 
 /// A GGUF's architecture, matrix formats and f16 K/V bytes per token, from its header alone.

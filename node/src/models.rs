@@ -279,8 +279,9 @@ fn hf_dir_file(name: &str) -> bool {
 /// `HF_TOKEN`, where set, authenticates.
 pub fn pull(spec: &HubSpec, endpoint: &str, revision: &str) -> Result<PathBuf, FetchError> {
     let hub_err = |reason: String| FetchError::Hub { repo: spec.repo.clone(), endpoint: endpoint.to_string(), reason };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: the downloader takes its ranges one at a time, in order, so what an
+    // interrupted pull stored is a prefix the next one continues from.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| hub_err(format!("starting the download runtime: {e}")))?;

@@ -190,6 +190,15 @@ fn pull_fetches_gguf_files_and_safetensors_directories_and_verifies_them() {
     let snapshot = cache.path().join("hub/models--tandem--corrupt/snapshots").join(COMMIT).join("x.gguf");
     assert!(!snapshot.exists(), "a corrupt file stayed at {}", snapshot.display());
 
+    // `model list` shows what was pulled, by repository.
+    let list = tandem(cache.path(), &["model", "list"]);
+    let listed = text(&list.stdout);
+    assert!(list.status.success(), "{}", text(&list.stderr));
+    for repo in ["tandem/qwen2-tiny-GGUF", "tandem/qwen2-tiny ", "tandem/two"] {
+        let line = listed.lines().find(|l| l.starts_with(repo)).unwrap_or_else(|| panic!("{repo} not listed:\n{listed}"));
+        assert!(line.contains("qwen2"), "{line}");
+    }
+
     // An interrupted pull fails; the next one asks only for the ranges not yet stored.
     let out = pull("tandem/big:big.gguf");
     assert!(!out.status.success(), "the failing range did not fail the pull");
