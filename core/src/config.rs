@@ -48,6 +48,15 @@ pub struct ModelConfig {
     /// every layer with the model's own base (Gemma 3's local layers keep theirs unscaled).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_linear_factor: Option<f64>,
+    /// What RoPE's cos and sin are multiplied by (`rope.scaling.attn_factor`; LongRoPE's
+    /// sqrt(1 + ln(scale) / ln(original context))); None: 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_attn_factor: Option<f64>,
+    /// The context the model was trained at before its RoPE was scaled
+    /// (`rope.scaling.original_context_length`): LongRoPE's long factors apply to contexts past
+    /// it, the short ones within it, as llama.cpp chooses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_original_context: Option<usize>,
 }
 
 fn is_zero(v: &usize) -> bool {
@@ -139,6 +148,11 @@ impl ModelConfig {
         {
             return err(format!("RoPE scaling factor {f} is not a positive number"));
         }
+        if let Some(f) = self.rope_attn_factor
+            && !(f.is_finite() && f > 0.0 && f < 16.0)
+        {
+            return err(format!("RoPE attention factor {f} is not a plausible positive number"));
+        }
         Ok(())
     }
 
@@ -182,6 +196,8 @@ impl ModelConfig {
             swa_period: 0,
             rope_theta_local: None,
             rope_linear_factor: None,
+            rope_attn_factor: file.get(&format!("{arch}.rope.scaling.attn_factor")).and_then(|v| v.as_f64()),
+            rope_original_context: uint("rope.scaling.original_context_length").ok(),
             architecture: arch.clone(),
         };
         match file.get(&format!("{arch}.rope.scaling.type")).and_then(|v| v.as_str()) {
@@ -228,6 +244,8 @@ impl ModelConfig {
             swa_period: 0,
             rope_theta_local: None,
             rope_linear_factor: None,
+            rope_attn_factor: None,
+            rope_original_context: None,
         };
         let mut cfg = cfg;
         if let Some(family) = cfg.family() {

@@ -427,15 +427,28 @@ impl Engine {
         };
         let family =
             c.family().ok_or_else(|| Error::Config { path: model.path.clone(), reason: format!("no family runs `{}`", c.architecture) })?;
-        let freq_factors =
-            model.tensors.get("rope_freqs.weight").map(|t| crate::cpu_ref::dequantize_row(t.format, t.bytes.as_slice(), t.cols()));
+        // Per-frequency divisors: Llama 3's `rope_freqs`, or LongRoPE's long factors for
+        // contexts past the original one and its short ones within it (llama.cpp's choice).
+        let original = c.rope_original_context.unwrap_or(c.context_length);
+        let factors_tensor = if model.tensors.contains_key("rope_freqs.weight") {
+            Some("rope_freqs.weight")
+        } else if model.tensors.contains_key("rope_factors_long.weight") {
+            Some(if context_length > original { "rope_factors_long.weight" } else { "rope_factors_short.weight" })
+        } else {
+            None
+        };
+        let freq_factors = factors_tensor
+            .map(|name| model.tensor(name).map(|t| crate::cpu_ref::dequantize_row(t.format, t.bytes.as_slice(), t.cols())))
+            .transpose()?;
+        let attn_factor = c.rope_attn_factor.unwrap_or(1.0) as f32;
         let mut rope_tables = HashMap::new();
         for l in 0..c.n_layers {
             let (theta, divisor) = (c.layer_rope_theta(l), c.layer_rope_divisor(l));
             if let std::collections::hash_map::Entry::Vacant(e) = rope_tables.entry((theta.to_bits(), divisor.to_bits())) {
                 let half = c.head_dim / 2;
                 let factors: Vec<f32> = (0..half).map(|i| freq_factors.as_ref().map_or(1.0, |f| f[i]) * divisor as f32).collect();
-                let table: Vec<f32> = rope_table(context_length, c.head_dim, theta, Some(&factors)).into_iter().flatten().collect();
+                let table: Vec<f32> =
+                    rope_table(context_length, c.head_dim, theta, Some(&factors)).into_iter().flatten().map(|v| v * attn_factor).collect();
                 e.insert(ctx.storage_init("rope_table", bytemuck::cast_slice(&table)));
             }
         }

@@ -47,7 +47,7 @@ impl HostModel {
     pub fn load_hf_dir(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let text = read_text(&cfg_path, MAX_JSON_BYTES)?;
-        let config = ModelConfig::from_hf_json(&cfg_path, &text)?;
+        let mut config = ModelConfig::from_hf_json(&cfg_path, &text)?;
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text = read_text(&index, MAX_JSON_BYTES)?;
@@ -68,13 +68,16 @@ impl HostModel {
             vec![dir.join("model.safetensors")]
         };
         let mut tensors = HashMap::new();
-        if let Some(factors) = hf_rope_factors(&cfg_path, &text, &config)? {
+        let vector = |name: &str, factors: &[f32]| {
             let bytes = factors.iter().flat_map(|f| f.to_le_bytes()).collect();
-            let name = "rope_freqs.weight".to_string();
-            tensors.insert(
-                name.clone(),
-                HostTensor { name, format: WeightFormat::F32, shape: vec![factors.len()], bytes: TensorBytes::owned(bytes) },
-            );
+            HostTensor { name: name.into(), format: WeightFormat::F32, shape: vec![factors.len()], bytes: TensorBytes::owned(bytes) }
+        };
+        if let Some(factors) = hf_rope_factors(&cfg_path, &text, &config)? {
+            tensors.insert("rope_freqs.weight".into(), vector("rope_freqs.weight", &factors));
+        }
+        if let Some((long, short)) = hf_longrope(&cfg_path, &text, &mut config)? {
+            tensors.insert("rope_factors_long.weight".into(), vector("rope_factors_long.weight", &long));
+            tensors.insert("rope_factors_short.weight".into(), vector("rope_factors_short.weight", &short));
         }
         let family = config.family();
         let offset = family.map_or(0.0, |f| f.hf_norm_offset());
@@ -161,8 +164,13 @@ fn check_tensors(path: &Path, c: &ModelConfig, tensors: &HashMap<String, HostTen
     }
     let per_layer = c.family().map(|f| f.layer_tensors(c)).unwrap_or_default();
     let layers = (0..c.n_layers).flat_map(|l| per_layer.iter().map(move |(what, shape)| (format!("blk.{l}.{what}"), shape.clone())));
+    // Per-frequency RoPE factors, where the file has them: Llama 3's, or LongRoPE's pair.
     if tensors.contains_key("rope_freqs.weight") {
         fixed.push(("rope_freqs.weight".into(), vec![c.head_dim / 2]));
+    }
+    if tensors.contains_key("rope_factors_long.weight") || tensors.contains_key("rope_factors_short.weight") {
+        fixed.push(("rope_factors_long.weight".into(), vec![c.head_dim / 2]));
+        fixed.push(("rope_factors_short.weight".into(), vec![c.head_dim / 2]));
     }
     for (name, shape) in fixed.into_iter().chain(layers) {
         let t = tensors.get(&name).ok_or_else(|| Error::MissingTensor { path: path.into(), tensor: name.clone() })?;
@@ -194,14 +202,15 @@ fn hf_rope_factors(path: &Path, text: &str, c: &ModelConfig) -> Result<Option<Ve
         return Ok(None);
     }
     let kind = scaling["rope_type"].as_str().or_else(|| scaling["type"].as_str()).unwrap_or("");
-    if kind == "linear" {
-        // A divisor for every frequency alike: `ModelConfig::rope_linear_factor`.
+    if kind == "linear" || kind == "longrope" || kind == "su" {
+        // A divisor for every frequency alike (`ModelConfig::rope_linear_factor`), or LongRoPE's
+        // two sets (`hf_longrope`).
         return Ok(None);
     }
     if kind != "llama3" {
         return Err(Error::Config {
             path: path.into(),
-            reason: format!("rope_scaling of type `{kind}` is not supported (llama3 and linear are)"),
+            reason: format!("rope_scaling of type `{kind}` is not supported (llama3, linear and longrope are)"),
         });
     }
     let get = |k: &str, default: f64| scaling[k].as_f64().unwrap_or(default);
@@ -228,6 +237,40 @@ fn hf_rope_factors(path: &Path, text: &str, c: &ModelConfig) -> Result<Option<Ve
         })
         .collect();
     Ok(Some(factors))
+}
+
+/// LongRoPE (`rope_scaling` of type `longrope`, or `su`: Phi-3's 128k-context checkpoints): its
+/// long and short per-frequency factors, with the original context and the attention factor
+/// set in `c` as llama.cpp's converter writes them (sqrt(1 + ln(scale) / ln(original)), scale
+/// the context over the original one). None for other kinds.
+fn hf_longrope(path: &Path, text: &str, c: &mut ModelConfig) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::Config { path: path.into(), reason: e.to_string() })?;
+    let scaling = &v["rope_scaling"];
+    let kind = scaling["rope_type"].as_str().or_else(|| scaling["type"].as_str()).unwrap_or("");
+    if kind != "longrope" && kind != "su" {
+        return Ok(None);
+    }
+    let bad = |what: &str| Error::Config { path: path.into(), reason: format!("LongRoPE rope_scaling: {what}") };
+    let half = c.head_dim / 2;
+    let factors = |key: &str| -> Result<Vec<f32>> {
+        let a = scaling[key].as_array().ok_or_else(|| bad(&format!("no `{key}` list")))?;
+        let f: Vec<f32> = a.iter().filter_map(|x| x.as_f64()).map(|x| x as f32).collect();
+        if f.len() != half || a.len() != half || !f.iter().all(|x| x.is_finite() && *x > 0.0) {
+            return Err(bad(&format!("`{key}` is not {half} positive numbers")));
+        }
+        Ok(f)
+    };
+    let (long, short) = (factors("long_factor")?, factors("short_factor")?);
+    let original = v["original_max_position_embeddings"]
+        .as_u64()
+        .or_else(|| scaling["original_max_position_embeddings"].as_u64())
+        .filter(|&o| o > 1)
+        .ok_or_else(|| bad("no original_max_position_embeddings"))? as usize;
+    let scale = c.context_length as f64 / original as f64;
+    let attn = if scale > 1.0 { (1.0 + scale.ln() / (original as f64).ln()).sqrt() } else { 1.0 };
+    c.rope_original_context = Some(original);
+    c.rope_attn_factor = Some(attn);
+    Ok(Some((long, short)))
 }
 
 /// The JSON of `value`. The types fingerprinted here report no serialization errors of their own

@@ -44,6 +44,8 @@ pub fn synthetic_config(name: &str) -> Result<ModelConfig> {
         swa_period: 0,
         rope_theta_local: None,
         rope_linear_factor: None,
+        rope_attn_factor: None,
+        rope_original_context: None,
     })
 }
 

@@ -1,7 +1,7 @@
 //! Phi-3 (llama.cpp's `phi3`): Llama's layer with Q, K and V in one fused matrix (`attn_qkv`,
 //! Q's rows first) and gate and up in one (`ffn_up`, the gate's rows first), RoPE on NEOX pairs.
-//! Files with LongRoPE factors (`rope_factors_long`, the 128k-context models) are refused until
-//! their scaling is implemented.
+//! The 128k-context models' LongRoPE (`rope_factors_long`/`_short` and an attention factor on
+//! cos and sin) is read by the engine's RoPE tables like any per-frequency factors.
 
 use super::Family;
 use crate::config::{ModelConfig, RopeLayout};
@@ -34,12 +34,6 @@ impl Family for Phi3 {
     }
 
     fn layer_ops(&self, b: &LayerBuilder<'_>) -> Result<Vec<LayerOp>> {
-        if b.model.tensors.contains_key("rope_factors_long.weight") {
-            return Err(crate::error::Error::Config {
-                path: b.model.path.clone(),
-                reason: "Phi-3 LongRoPE (rope_factors_long) is not supported yet".into(),
-            });
-        }
         super::pre_norm_layer(b, b.qkv_fused("attn_qkv")?, None, b.gate_up_fused("ffn_up")?)
     }
 }
