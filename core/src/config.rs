@@ -57,6 +57,42 @@ pub struct ModelConfig {
     /// it, the short ones within it, as llama.cpp chooses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_original_context: Option<usize>,
+    /// YaRN RoPE scaling (`rope.scaling.type = yarn`, HF `rope_scaling` of type `yarn`), in the
+    /// layers linear scaling would cover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_yarn: Option<Yarn>,
+}
+
+/// YaRN's settings: positions interpolated by `factor` in the low frequencies and extrapolated
+/// in the high ones, with a ramp between the dimensions `beta_fast` and `beta_slow` rotations
+/// over the original context mark (llama.cpp's defaults: 32 and 1).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Yarn {
+    pub factor: f64,
+    pub original_context: usize,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+}
+
+impl Yarn {
+    /// Each frequency's divisor for a RoPE base `theta` over `head_dim` dimensions, and the
+    /// factor on cos and sin, as llama.cpp applies them (`ggml_rope_yarn_corr_dims`,
+    /// `rope_yarn`, and llama_context's attention factor, which nets to 1 + 0.1 ln(factor)).
+    pub fn divisors(&self, theta: f64, head_dim: usize) -> (Vec<f64>, f64) {
+        let n = head_dim as f64;
+        let corr = |beta: f64| n * (self.original_context as f64 / (beta * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
+        let low = corr(self.beta_fast).floor().max(0.0);
+        let high = corr(self.beta_slow).ceil().min(n - 1.0);
+        let divisors = (0..head_dim / 2)
+            .map(|i| {
+                let y = (i as f64 - low) / (high - low).max(0.001);
+                let mix = 1.0 - y.clamp(0.0, 1.0);
+                1.0 / ((1.0 - mix) / self.factor + mix)
+            })
+            .collect();
+        let mscale = if self.factor > 1.0 { 1.0 + 0.1 * self.factor.ln() } else { 1.0 };
+        (divisors, mscale)
+    }
 }
 
 fn is_zero(v: &usize) -> bool {
@@ -88,10 +124,21 @@ impl ModelConfig {
         }
     }
 
+    /// Whether layer `l` takes the model's RoPE scaling (linear, YaRN): every layer but Gemma 3's
+    /// local ones, which keep their own base unscaled.
+    pub fn layer_rope_scaled(&self, l: usize) -> bool {
+        !(self.layer_window(l).is_some() && self.rope_theta_local.is_some())
+    }
+
+    /// What tells layer `l`'s RoPE table from other layers': its base, divisor and whether it
+    /// is scaled.
+    pub fn layer_rope_key(&self, l: usize) -> (u64, u64, bool) {
+        (self.layer_rope_theta(l).to_bits(), self.layer_rope_divisor(l).to_bits(), self.layer_rope_scaled(l))
+    }
+
     /// What layer `l` divides its RoPE frequencies by (linear scaling; 1 without).
     pub fn layer_rope_divisor(&self, l: usize) -> f64 {
-        let local = self.layer_window(l).is_some() && self.rope_theta_local.is_some();
-        if local { 1.0 } else { self.rope_linear_factor.unwrap_or(1.0) }
+        if self.layer_rope_scaled(l) { self.rope_linear_factor.unwrap_or(1.0) } else { 1.0 }
     }
 
     /// The model family that runs this architecture.
@@ -153,6 +200,17 @@ impl ModelConfig {
         {
             return err(format!("RoPE attention factor {f} is not a plausible positive number"));
         }
+        if let Some(y) = self.rope_yarn
+            && !(y.factor.is_finite()
+                && y.factor > 0.0
+                && y.original_context > 0
+                && y.beta_fast.is_finite()
+                && y.beta_slow.is_finite()
+                && y.beta_fast > y.beta_slow
+                && y.beta_slow > 0.0)
+        {
+            return err(format!("YaRN settings {y:?} are implausible"));
+        }
         Ok(())
     }
 
@@ -198,13 +256,31 @@ impl ModelConfig {
             rope_linear_factor: None,
             rope_attn_factor: file.get(&format!("{arch}.rope.scaling.attn_factor")).and_then(|v| v.as_f64()),
             rope_original_context: uint("rope.scaling.original_context_length").ok(),
+            rope_yarn: None,
             architecture: arch.clone(),
         };
         match file.get(&format!("{arch}.rope.scaling.type")).and_then(|v| v.as_str()) {
             None | Some("none") => {}
             Some("linear") => cfg.rope_linear_factor = Some(float("rope.scaling.factor", 1.0)),
+            Some("yarn") => {
+                if float("rope.scaling.yarn_log_multiplier", 0.0) != 0.0 {
+                    return Err(Error::Config {
+                        path: path.clone(),
+                        reason: "YaRN with a log multiplier (DeepSeek's) is not supported".into(),
+                    });
+                }
+                cfg.rope_yarn = Some(Yarn {
+                    factor: float("rope.scaling.factor", 1.0),
+                    original_context: cfg.rope_original_context.unwrap_or(cfg.context_length),
+                    beta_fast: float("rope.scaling.yarn_beta_fast", 32.0),
+                    beta_slow: float("rope.scaling.yarn_beta_slow", 1.0),
+                });
+            }
             Some(other) => {
-                return Err(Error::Config { path: path.clone(), reason: format!("RoPE scaling `{other}` is not supported (linear is)") });
+                return Err(Error::Config {
+                    path: path.clone(),
+                    reason: format!("RoPE scaling `{other}` is not supported (linear and yarn are)"),
+                });
             }
         }
         if let Some(family) = cfg.family() {
@@ -246,8 +322,28 @@ impl ModelConfig {
             rope_linear_factor: None,
             rope_attn_factor: None,
             rope_original_context: None,
+            rope_yarn: None,
         };
         let mut cfg = cfg;
+        // `rope_scaling`: linear and YaRN here; Llama 3's and LongRoPE's factors become tensors
+        // as the model loads (`model.rs`), other kinds are refused there.
+        let scaling = &hf.rope_scaling;
+        let kind = scaling["rope_type"].as_str().or_else(|| scaling["type"].as_str()).unwrap_or("");
+        let factor = scaling["factor"].as_f64();
+        match kind {
+            "linear" => cfg.rope_linear_factor = Some(factor.unwrap_or(1.0)),
+            "yarn" => {
+                let original = scaling["original_max_position_embeddings"].as_u64().map(|v| v as usize);
+                cfg.rope_original_context = original;
+                cfg.rope_yarn = Some(Yarn {
+                    factor: factor.unwrap_or(1.0),
+                    original_context: original.unwrap_or(cfg.context_length),
+                    beta_fast: scaling["beta_fast"].as_f64().unwrap_or(32.0),
+                    beta_slow: scaling["beta_slow"].as_f64().unwrap_or(1.0),
+                });
+            }
+            _ => {}
+        }
         if let Some(family) = cfg.family() {
             let json: serde_json::Value =
                 serde_json::from_str(text).map_err(|e| Error::Config { path: path.into(), reason: e.to_string() })?;
@@ -298,4 +394,6 @@ struct HfConfig {
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     sliding_window: Option<usize>,
+    #[serde(default)]
+    rope_scaling: serde_json::Value,
 }

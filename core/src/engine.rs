@@ -444,11 +444,17 @@ impl Engine {
         let mut rope_tables = HashMap::new();
         for l in 0..c.n_layers {
             let (theta, divisor) = (c.layer_rope_theta(l), c.layer_rope_divisor(l));
-            if let std::collections::hash_map::Entry::Vacant(e) = rope_tables.entry((theta.to_bits(), divisor.to_bits())) {
+            if let std::collections::hash_map::Entry::Vacant(e) = rope_tables.entry(c.layer_rope_key(l)) {
                 let half = c.head_dim / 2;
-                let factors: Vec<f32> = (0..half).map(|i| freq_factors.as_ref().map_or(1.0, |f| f[i]) * divisor as f32).collect();
+                let (yarn, mscale) = match c.rope_yarn.filter(|_| c.layer_rope_scaled(l)) {
+                    Some(y) => y.divisors(theta, c.head_dim),
+                    None => (vec![1.0; half], 1.0),
+                };
+                let factors: Vec<f32> =
+                    (0..half).map(|i| freq_factors.as_ref().map_or(1.0, |f| f[i]) * (divisor * yarn[i]) as f32).collect();
+                let scale = attn_factor * mscale as f32;
                 let table: Vec<f32> =
-                    rope_table(context_length, c.head_dim, theta, Some(&factors)).into_iter().flatten().map(|v| v * attn_factor).collect();
+                    rope_table(context_length, c.head_dim, theta, Some(&factors)).into_iter().flatten().map(|v| v * scale).collect();
                 e.insert(ctx.storage_init("rope_table", bytemuck::cast_slice(&table)));
             }
         }

@@ -128,8 +128,8 @@ pub struct LayerBuilder<'a> {
     pub config: &'a ModelConfig,
     pub engine: &'a EngineConfig,
     pub act: &'a Activations,
-    /// RoPE tables by the bits of their base and frequency divisor.
-    pub rope_tables: &'a HashMap<(u64, u64), wgpu::Buffer>,
+    /// RoPE tables by `ModelConfig::layer_rope_key`.
+    pub rope_tables: &'a HashMap<(u64, u64, bool), wgpu::Buffer>,
     pub layer: usize,
     pub k_cache: &'a wgpu::Buffer,
     pub v_cache: &'a wgpu::Buffer,
@@ -302,7 +302,7 @@ impl LayerBuilder<'_> {
             Some(kv.format()),
             &[h, kvh, hd, ("NEOX", f64::from(u8::from(c.rope_layout == RopeLayout::Neox)))],
         )?;
-        let table = &self.rope_tables[&(c.layer_rope_theta(self.layer).to_bits(), c.layer_rope_divisor(self.layer).to_bits())];
+        let table = &self.rope_tables[&c.layer_rope_key(self.layer)];
         let a = self.act;
         let bind_group =
             self.kernels.bind_group(Kernel::RopeKv, "rope_kv", &[&a.step, &a.qkv, &a.tokens, table, self.k_cache, self.v_cache]);

@@ -202,15 +202,15 @@ fn hf_rope_factors(path: &Path, text: &str, c: &ModelConfig) -> Result<Option<Ve
         return Ok(None);
     }
     let kind = scaling["rope_type"].as_str().or_else(|| scaling["type"].as_str()).unwrap_or("");
-    if kind == "linear" || kind == "longrope" || kind == "su" {
-        // A divisor for every frequency alike (`ModelConfig::rope_linear_factor`), or LongRoPE's
-        // two sets (`hf_longrope`).
+    if ["linear", "yarn", "longrope", "su"].contains(&kind) {
+        // Read with the configuration (`ModelConfig::rope_linear_factor`, `rope_yarn`), or
+        // LongRoPE's two sets (`hf_longrope`).
         return Ok(None);
     }
     if kind != "llama3" {
         return Err(Error::Config {
             path: path.into(),
-            reason: format!("rope_scaling of type `{kind}` is not supported (llama3, linear and longrope are)"),
+            reason: format!("rope_scaling of type `{kind}` is not supported (llama3, linear, yarn and longrope are)"),
         });
     }
     let get = |k: &str, default: f64| scaling[k].as_f64().unwrap_or(default);
@@ -416,8 +416,18 @@ mod tests {
         assert_eq!(f[31], 32.0, "the lowest is divided by the factor");
         assert!(f.windows(2).all(|w| w[0] <= w[1]), "{f:?}");
         assert!(hf_rope_factors(Path::new("config.json"), "{}", &c).expect("parses").is_none());
-        let yarn = r#"{"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}"#;
-        assert!(hf_rope_factors(Path::new("config.json"), yarn, &c).is_err(), "unsupported kinds are refused");
+        let dynamic = r#"{"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}"#;
+        assert!(hf_rope_factors(Path::new("config.json"), dynamic, &c).is_err(), "unsupported kinds are refused");
+        // Linear and YaRN are read with the configuration (`ModelConfig::from_hf_json`).
+        let base = r#""model_type": "llama", "vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "intermediate_size": 96, "max_position_embeddings": 256"#;
+        let linear = format!(r#"{{{base}, "rope_scaling": {{"type": "linear", "factor": 4.0}}}}"#);
+        let cfg = ModelConfig::from_hf_json(Path::new("config.json"), &linear).expect("linear");
+        assert_eq!(cfg.rope_linear_factor, Some(4.0));
+        let yarn = format!(r#"{{{base}, "rope_scaling": {{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}}}"#);
+        let cfg = ModelConfig::from_hf_json(Path::new("config.json"), &yarn).expect("yarn");
+        let y = cfg.rope_yarn.expect("yarn settings");
+        assert_eq!((y.factor, y.original_context, y.beta_fast, y.beta_slow), (4.0, 64, 32.0, 1.0));
     }
 
     #[test]

@@ -46,6 +46,7 @@ pub fn synthetic_config(name: &str) -> Result<ModelConfig> {
         rope_linear_factor: None,
         rope_attn_factor: None,
         rope_original_context: None,
+        rope_yarn: None,
     })
 }
 

@@ -1,6 +1,6 @@
 //! The families with no small real file reachable here (Qwen2, Qwen3, Phi-3, a Gemma 3 whose
-//! 4-position sliding window the prompts outrun, and Phi-3 with LongRoPE, once past its original
-//! context and once within it), on random-weight models in each family's own
+//! 4-position sliding window the prompts outrun, Phi-3 with LongRoPE, once past its original
+//! context and once within it, and Qwen2 with YaRN), on random-weight models in each family's own
 //! layout (`tests/fixtures/families/make.py`, written with the `gguf` and `safetensors` packages),
 //! against llama.cpp's logits on the GGUF (llama-cpp-python, CPU); the Hugging Face directory of
 //! the same weights must load to the same logits.
@@ -46,7 +46,7 @@ fn logits(model: &HostModel, tokens: &[u32]) -> Vec<Vec<f32>> {
 #[test]
 fn every_family_matches_llama_cpp_from_gguf_and_from_hugging_face() {
     let (dir, fixtures) = fixtures();
-    assert_eq!(fixtures.models.len(), 6, "qwen2, qwen3, phi3, gemma3, phi3-longrope-long, phi3-longrope-short");
+    assert_eq!(fixtures.models.len(), 7, "qwen2, qwen3, phi3, gemma3, phi3-longrope-long, phi3-longrope-short, qwen2-yarn");
     let mut worst = 0f32;
     let mut worst_hf = 0f32;
     for (arch, prompts) in &fixtures.models {
@@ -58,6 +58,7 @@ fn every_family_matches_llama_cpp_from_gguf_and_from_hugging_face() {
         let (a, b) = (hf.config.rope_attn_factor.unwrap_or(1.0), gguf.config.rope_attn_factor.unwrap_or(1.0));
         assert!((a - b).abs() < 1e-6, "{arch}: RoPE attention factor {a} (HF) against {b} (GGUF)");
         assert_eq!(hf.config.rope_original_context, gguf.config.rope_original_context, "{arch}: original context");
+        assert_eq!(hf.config.rope_yarn, gguf.config.rope_yarn, "{arch}: YaRN");
         assert_eq!(hf.config.architecture, gguf.config.architecture, "{arch}: HF and GGUF configs");
         assert_eq!(hf.config.layer_window(0), gguf.config.layer_window(0), "{arch}: HF and GGUF windows");
         for p in prompts {
