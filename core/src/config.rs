@@ -61,6 +61,10 @@ pub struct ModelConfig {
     /// layers linear scaling would cover.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_yarn: Option<Yarn>,
+    /// What attention's queries are scaled by where it is not 1 / sqrt(head_dim) (Gemma 3 27B's
+    /// `query_pre_attn_scalar` of 168: 1 / sqrt(168)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_scale: Option<f64>,
 }
 
 /// YaRN's settings: positions interpolated by `factor` in the low frequencies and extrapolated
@@ -128,6 +132,11 @@ impl ModelConfig {
     /// local ones, which keep their own base unscaled.
     pub fn layer_rope_scaled(&self, l: usize) -> bool {
         !(self.layer_window(l).is_some() && self.rope_theta_local.is_some())
+    }
+
+    /// What attention scales its queries by.
+    pub fn attention_scale(&self) -> f64 {
+        self.query_scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt())
     }
 
     /// What tells layer `l`'s RoPE table from other layers': its base, divisor and whether it
@@ -200,6 +209,11 @@ impl ModelConfig {
         {
             return err(format!("RoPE attention factor {f} is not a plausible positive number"));
         }
+        if let Some(q) = self.query_scale
+            && !(q.is_finite() && q > 0.0 && q <= 1.0)
+        {
+            return err(format!("query scale {q} is not in (0, 1]"));
+        }
         if let Some(y) = self.rope_yarn
             && !(y.factor.is_finite()
                 && y.factor > 0.0
@@ -257,6 +271,7 @@ impl ModelConfig {
             rope_attn_factor: file.get(&format!("{arch}.rope.scaling.attn_factor")).and_then(|v| v.as_f64()),
             rope_original_context: uint("rope.scaling.original_context_length").ok(),
             rope_yarn: None,
+            query_scale: None,
             architecture: arch.clone(),
         };
         match file.get(&format!("{arch}.rope.scaling.type")).and_then(|v| v.as_str()) {
@@ -323,6 +338,7 @@ impl ModelConfig {
             rope_attn_factor: None,
             rope_original_context: None,
             rope_yarn: None,
+            query_scale: None,
         };
         let mut cfg = cfg;
         // `rope_scaling`: linear and YaRN here; Llama 3's and LongRoPE's factors become tensors

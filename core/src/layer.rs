@@ -335,7 +335,7 @@ impl LayerBuilder<'_> {
                 kvh,
                 hd,
                 ("BLOCK_TOKENS", BLOCK_TOKENS as f64),
-                ("SCALE", 1.0 / (c.head_dim as f64).sqrt()),
+                ("SCALE", c.attention_scale()),
                 ("WINDOW", window as f64),
                 ("Q8", f64::from(u8::from(q8.is_some()))),
             ],

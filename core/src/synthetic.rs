@@ -47,6 +47,7 @@ pub fn synthetic_config(name: &str) -> Result<ModelConfig> {
         rope_attn_factor: None,
         rope_original_context: None,
         rope_yarn: None,
+        query_scale: None,
     })
 }
 

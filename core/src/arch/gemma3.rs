@@ -20,6 +20,11 @@ impl Family for Gemma3 {
         c.rope_layout = RopeLayout::Neox;
         c.swa_period = 6;
         c.rope_theta_local = Some(10_000.0);
+        // llama.cpp: the 27B model (62 layers) scales queries by 1 / sqrt(n_embd / n_head), the
+        // others by 1 / sqrt(head_dim) (their query_pre_attn_scalar).
+        if c.n_layers == 62 {
+            c.query_scale = Some(1.0 / (c.hidden_size as f64 / c.n_heads as f64).sqrt());
+        }
     }
 
     fn adjust_hf_config(&self, c: &mut ModelConfig, json: &serde_json::Value) {
@@ -32,6 +37,9 @@ impl Family for Gemma3 {
             }
         }
         c.rope_theta_local = Some(json["rope_local_base_freq"].as_f64().unwrap_or(10_000.0));
+        if let Some(q) = json["query_pre_attn_scalar"].as_f64().filter(|&q| q > 0.0 && q != c.head_dim as f64) {
+            c.query_scale = Some(1.0 / q.sqrt());
+        }
     }
 
     fn hf_module(&self, module: &str) -> Option<&'static str> {

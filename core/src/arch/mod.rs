@@ -128,6 +128,16 @@ mod tests {
         assert_eq!(windows, [true, true, true, true, true, false, true, true, true, true, true, false]);
         assert_eq!((c.layer_rope_theta(0), c.layer_rope_divisor(0)), (10_000.0, 1.0));
         assert_eq!((c.layer_rope_theta(5), c.layer_rope_divisor(5)), (c.rope_theta, 8.0));
+        // The 27B model's queries are scaled by its query_pre_attn_scalar, 168, not head_dim.
+        let mut big = c.clone();
+        big.n_layers = 62;
+        (big.hidden_size, big.n_heads, big.head_dim) = (5376, 32, 128);
+        family("gemma3").expect("gemma3").adjust_gguf_config(&mut big);
+        assert!((big.attention_scale() - 1.0 / 168f64.sqrt()).abs() < 1e-12);
+        let mut hf = c.clone();
+        family("gemma3").expect("gemma3").adjust_hf_config(&mut hf, &serde_json::json!({"query_pre_attn_scalar": 168}));
+        assert!((hf.attention_scale() - 1.0 / 168f64.sqrt()).abs() < 1e-12);
+        assert_eq!(c.attention_scale(), 1.0 / (c.head_dim as f64).sqrt(), "smaller models: head_dim");
         // Llama's linear scaling covers every layer.
         let mut l = crate::synthetic::synthetic_config("smollm2-135m").expect("config");
         l.rope_linear_factor = Some(4.0);
