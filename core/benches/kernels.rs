@@ -489,7 +489,7 @@ fn time_chain(ctx: &GpuContext, pipeline: &wgpu::ComputePipeline, bg: &wgpu::Bin
 }
 
 /// The decode step's small kernels against the floor of a dependent dispatch: attention (one
-/// token at contexts 128 and 1024, the models' head shapes, fast-mode chunks of 32 positions).
+/// token at contexts 128 and 1024, the models' head shapes) and its merge where there is one.
 fn small(ctx: &GpuContext, kernels: &Kernels) {
     let v = ctx.storage("chain", 4);
     let module = ctx
@@ -543,58 +543,22 @@ fn small(ctx: &GpuContext, kernels: &Kernels) {
                 ("Q8", 1.0),
             ];
             let pipeline = kernels.pipeline(Kernel::Attention, Some(kv.format()), &consts).expect("attention");
-            // The kernel at 330fd5d, with its 32-position chunks and its separate merge.
-            let old_chunks = ctx_len.div_ceil(32);
-            let old_consts = [
-                ("N_HEADS", nh as f64),
-                ("N_KV_HEADS", nkv as f64),
-                ("HEAD_DIM", hd as f64),
-                ("BLOCK_TOKENS", bt as f64),
-                ("SCALE", 1.0 / (hd as f64).sqrt()),
-                ("CHUNK", 32.0),
-            ];
-            let old_source = format!(
-                "{}\n{}\n{}",
-                include_str!("../../shaders/wgsl/common.wgsl"),
-                include_str!("attention_330fd5d.wgsl"),
-                include_str!("../../shaders/wgsl/kv_f16.wgsl").replace("KV_ACCESS", "read")
-            );
-            let old =
-                kernels.pipeline_from_source(Kernel::Attention, "attention 330fd5d", &old_source, &old_consts).expect("old attention");
-            let old_partials = ctx.storage("partials", (old_chunks * nh * (hd + 2) * 4) as u64);
-            let old_bg = kernels.bind_group(
-                Kernel::Attention,
-                "attention",
-                &[&step, &qkv, &tokens, &tables, &kc, &vc, &old_partials, &out, &out_q8],
-            );
             let secs = time_chain(ctx, &pipeline, &bg, [nh as u32, 1, chunks as u32], 500);
-            let old_secs = time_chain(ctx, &old, &old_bg, [nh as u32, 1, old_chunks as u32], 500);
             let bytes = 2 * ctx_len * kv_dim * kv.bytes();
             println!(
-                "attention {model} (heads {nh}/{nkv} x {hd}), context {ctx_len}: {:.1} µs ({:.0} GB/s of K/V), at 330fd5d {:.1} µs",
+                "attention {model} (heads {nh}/{nkv} x {hd}), context {ctx_len}: {:.1} µs ({:.0} GB/s of K/V)",
                 secs * 1e6,
-                bytes as f64 / secs / 1e9,
-                old_secs * 1e6
+                bytes as f64 / secs / 1e9
             );
-            let bg = kernels.bind_group(Kernel::AttentionMerge, "merge", &[&step, &tokens, &partials, &out, &out_q8]);
-            let old_bg = kernels.bind_group(Kernel::AttentionMerge, "merge", &[&step, &tokens, &old_partials, &out, &out_q8]);
-            let consts =
-                [("N_HEADS", nh as f64), ("HEAD_DIM", hd as f64), ("CHUNK", f64::from(tandem_shaders::ATTENTION_CHUNK)), ("Q8", 1.0)];
-            let old_consts = [("N_HEADS", nh as f64), ("HEAD_DIM", hd as f64), ("CHUNK", 32.0), ("Q8", 1.0)];
-            let pipeline = kernels.pipeline(Kernel::AttentionMerge, None, &consts).expect("merge");
-            let old_source = format!(
-                "{}\n{}\n{}",
-                include_str!("../../shaders/wgsl/common.wgsl"),
-                include_str!("attention_merge_330fd5d.wgsl"),
-                include_str!("../../shaders/wgsl/q8_lanes.wgsl")
-            );
-            let old = kernels.pipeline_from_source(Kernel::AttentionMerge, "merge 330fd5d", &old_source, &old_consts).expect("old merge");
-            let groups = [nh as u32, 1, 1];
-            let merge = if chunks > 1 { time_chain(ctx, &pipeline, &bg, groups, 500) * 1e6 } else { 0.0 };
-            println!(
-                "attention_merge {model}, {chunks} chunks: {merge:.1} µs (none with one), at 330fd5d ({old_chunks} chunks) {:.1} µs",
-                time_chain(ctx, &old, &old_bg, groups, 500) * 1e6
-            );
+            // The merge runs only where a token has more than one chunk.
+            if chunks > 1 {
+                let bg = kernels.bind_group(Kernel::AttentionMerge, "merge", &[&step, &tokens, &partials, &out, &out_q8]);
+                let consts =
+                    [("N_HEADS", nh as f64), ("HEAD_DIM", hd as f64), ("CHUNK", f64::from(tandem_shaders::ATTENTION_CHUNK)), ("Q8", 1.0)];
+                let pipeline = kernels.pipeline(Kernel::AttentionMerge, None, &consts).expect("merge");
+                let secs = time_chain(ctx, &pipeline, &bg, [nh as u32, 1, 1], 500);
+                println!("attention_merge {model}, {chunks} chunks: {:.1} µs", secs * 1e6);
+            }
         }
     }
     ctx.check_errors("small kernels").expect("small kernels");

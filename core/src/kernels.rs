@@ -97,7 +97,7 @@ impl Kernels {
         // SAFETY: the one check dropped is naga's loop bounding, a counter and an exit it adds
         // to every loop so that a loop that never ends cannot be undefined behaviour. It also
         // keeps the driver from unrolling loops (register arrays then spill), which cost decode
-        // 22-28% and prefill up to 40% on the H200 (docs/kernel-notes.md, item 27). Every loop
+        // 22-28% and prefill up to 90% on the H200 (docs/kernel-notes.md, item 27). Every loop
         // in our WGSL is a `for` whose bound is an override constant or step data the engine
         // wrote (invariant I11, held by `every_loop_is_a_bounded_for` in tandem-shaders).
         // Bounds checks stay.

@@ -160,3 +160,17 @@ fn every_loop_is_a_bounded_for() {
     }
     assert!(fors > 50, "found only {fors} loops: is the wgsl directory where it was?");
 }
+
+/// attention.wgsl's chunk (its workgroup, a lane a position) is the `ATTENTION_CHUNK` the engine
+/// packs partials and sizes the merge by.
+#[test]
+fn attention_chunk_is_the_engines() {
+    let caps = ShaderCaps::ALL[0];
+    let source = Kernel::Attention.source(Some(tandem_shaders::WeightFormat::F16), caps).expect("renders");
+    let (module, _) = parse(Kernel::Attention, caps, &source, "attention");
+    let (_, chunk) = module.constants.iter().find(|(_, c)| c.name.as_deref() == Some("CHUNK")).expect("a CHUNK constant");
+    match module.global_expressions[chunk.init] {
+        naga::Expression::Literal(naga::Literal::U32(v)) => assert_eq!(v, tandem_shaders::ATTENTION_CHUNK),
+        ref other => panic!("CHUNK is {other:?}, not a u32 literal"),
+    }
+}
