@@ -53,8 +53,9 @@ pub struct ModelConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_attn_factor: Option<f64>,
     /// The context the model was trained at before its RoPE was scaled
-    /// (`rope.scaling.original_context_length`): LongRoPE's long factors apply to contexts past
-    /// it, the short ones within it, as llama.cpp chooses.
+    /// (`rope.scaling.original_context_length`), where it differs from `context_length`: YaRN's
+    /// ramp is measured over it, and LongRoPE's long factors apply to contexts past it, the short
+    /// ones within it, as llama.cpp chooses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_original_context: Option<usize>,
     /// YaRN RoPE scaling (`rope.scaling.type = yarn`, HF `rope_scaling` of type `yarn`), in the
@@ -73,18 +74,18 @@ pub struct ModelConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Yarn {
     pub factor: f64,
-    pub original_context: usize,
     pub beta_fast: f64,
     pub beta_slow: f64,
 }
 
 impl Yarn {
-    /// Each frequency's divisor for a RoPE base `theta` over `head_dim` dimensions, and the
-    /// factor on cos and sin, as llama.cpp applies them (`ggml_rope_yarn_corr_dims`,
-    /// `rope_yarn`, and llama_context's attention factor, which nets to 1 + 0.1 ln(factor)).
-    pub fn divisors(&self, theta: f64, head_dim: usize) -> (Vec<f64>, f64) {
+    /// Each frequency's divisor for a RoPE base `theta` over `head_dim` dimensions from an
+    /// `original` context, and the factor on cos and sin, as llama.cpp applies them
+    /// (`ggml_rope_yarn_corr_dims`, `rope_yarn`, and llama_context's attention factor, which
+    /// nets to 1 + 0.1 ln(factor)).
+    pub fn divisors(&self, theta: f64, head_dim: usize, original: usize) -> (Vec<f64>, f64) {
         let n = head_dim as f64;
-        let corr = |beta: f64| n * (self.original_context as f64 / (beta * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
+        let corr = |beta: f64| n * (original as f64 / (beta * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
         let low = corr(self.beta_fast).floor().max(0.0);
         let high = corr(self.beta_slow).ceil().min(n - 1.0);
         let divisors = (0..head_dim / 2)
@@ -139,10 +140,14 @@ impl ModelConfig {
         self.query_scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt())
     }
 
-    /// What tells layer `l`'s RoPE table from other layers': its base, divisor and whether it
-    /// is scaled.
-    pub fn layer_rope_key(&self, l: usize) -> (u64, u64, bool) {
-        (self.layer_rope_theta(l).to_bits(), self.layer_rope_divisor(l).to_bits(), self.layer_rope_scaled(l))
+    /// What tells layer `l`'s RoPE table from other layers': its base and whether it is scaled.
+    pub fn layer_rope_key(&self, l: usize) -> (u64, bool) {
+        (self.layer_rope_theta(l).to_bits(), self.layer_rope_scaled(l))
+    }
+
+    /// The context before RoPE scaling (`rope_original_context`, else the model's own).
+    pub fn original_context(&self) -> usize {
+        self.rope_original_context.unwrap_or(self.context_length)
     }
 
     /// What layer `l` divides its RoPE frequencies by (linear scaling; 1 without).
@@ -214,10 +219,12 @@ impl ModelConfig {
         {
             return err(format!("query scale {q} is not in (0, 1]"));
         }
+        if self.rope_original_context == Some(0) {
+            return err("original context of 0 positions".into());
+        }
         if let Some(y) = self.rope_yarn
             && !(y.factor.is_finite()
                 && y.factor > 0.0
-                && y.original_context > 0
                 && y.beta_fast.is_finite()
                 && y.beta_slow.is_finite()
                 && y.beta_fast > y.beta_slow
@@ -286,7 +293,6 @@ impl ModelConfig {
                 }
                 cfg.rope_yarn = Some(Yarn {
                     factor: float("rope.scaling.factor", 1.0),
-                    original_context: cfg.rope_original_context.unwrap_or(cfg.context_length),
                     beta_fast: float("rope.scaling.yarn_beta_fast", 32.0),
                     beta_slow: float("rope.scaling.yarn_beta_slow", 1.0),
                 });
@@ -341,24 +347,39 @@ impl ModelConfig {
             query_scale: None,
         };
         let mut cfg = cfg;
-        // `rope_scaling`: linear and YaRN here; Llama 3's and LongRoPE's factors become tensors
-        // as the model loads (`model.rs`), other kinds are refused there.
+        // `rope_scaling`: what it sets in the configuration; Llama 3's and LongRoPE's
+        // per-frequency factors become tensors as the model loads (`model.rs`).
         let scaling = &hf.rope_scaling;
-        let kind = scaling["rope_type"].as_str().or_else(|| scaling["type"].as_str()).unwrap_or("");
-        let factor = scaling["factor"].as_f64();
-        match kind {
-            "linear" => cfg.rope_linear_factor = Some(factor.unwrap_or(1.0)),
+        let factor = scaling["factor"].as_f64().unwrap_or(1.0);
+        let original = scaling["original_max_position_embeddings"].as_u64().or(hf.original_max_position_embeddings).map(|v| v as usize);
+        match rope_scaling_kind(scaling) {
+            "" | "default" | "llama3" => {}
+            "linear" => cfg.rope_linear_factor = Some(factor),
             "yarn" => {
-                let original = scaling["original_max_position_embeddings"].as_u64().map(|v| v as usize);
                 cfg.rope_original_context = original;
                 cfg.rope_yarn = Some(Yarn {
-                    factor: factor.unwrap_or(1.0),
-                    original_context: original.unwrap_or(cfg.context_length),
+                    factor,
                     beta_fast: scaling["beta_fast"].as_f64().unwrap_or(32.0),
                     beta_slow: scaling["beta_slow"].as_f64().unwrap_or(1.0),
                 });
             }
-            _ => {}
+            "longrope" | "su" => {
+                // llama.cpp's converter: sqrt(1 + ln(scale) / ln(original)) for a context scaled
+                // past the original one.
+                let original = original.filter(|&o| o > 1).ok_or_else(|| Error::Config {
+                    path: path.into(),
+                    reason: "LongRoPE without original_max_position_embeddings".into(),
+                })?;
+                let scale = cfg.context_length as f64 / original as f64;
+                cfg.rope_original_context = Some(original);
+                cfg.rope_attn_factor = Some(if scale > 1.0 { (1.0 + scale.ln() / (original as f64).ln()).sqrt() } else { 1.0 });
+            }
+            other => {
+                return Err(Error::Config {
+                    path: path.into(),
+                    reason: format!("rope_scaling of type `{other}` is not supported (linear, llama3, yarn and longrope are)"),
+                });
+            }
         }
         if let Some(family) = cfg.family() {
             let json: serde_json::Value =
@@ -410,6 +431,12 @@ struct HfConfig {
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     sliding_window: Option<usize>,
+    original_max_position_embeddings: Option<u64>,
     #[serde(default)]
     rope_scaling: serde_json::Value,
+}
+
+/// The kind of a Hugging Face `rope_scaling` (`rope_type`, or the older `type`); "" without one.
+pub(crate) fn rope_scaling_kind(scaling: &serde_json::Value) -> &str {
+    scaling["rope_type"].as_str().or_else(|| scaling["type"].as_str()).unwrap_or("")
 }

@@ -429,7 +429,7 @@ impl Engine {
             c.family().ok_or_else(|| Error::Config { path: model.path.clone(), reason: format!("no family runs `{}`", c.architecture) })?;
         // Per-frequency divisors: Llama 3's `rope_freqs`, or LongRoPE's long factors for
         // contexts past the original one and its short ones within it (llama.cpp's choice).
-        let original = c.rope_original_context.unwrap_or(c.context_length);
+        let original = c.original_context();
         let factors_tensor = if model.tensors.contains_key("rope_freqs.weight") {
             Some("rope_freqs.weight")
         } else if model.tensors.contains_key("rope_factors_long.weight") {
@@ -447,7 +447,7 @@ impl Engine {
             if let std::collections::hash_map::Entry::Vacant(e) = rope_tables.entry(c.layer_rope_key(l)) {
                 let half = c.head_dim / 2;
                 let (yarn, mscale) = match c.rope_yarn.filter(|_| c.layer_rope_scaled(l)) {
-                    Some(y) => y.divisors(theta, c.head_dim),
+                    Some(y) => y.divisors(theta, c.head_dim, original),
                     None => (vec![1.0; half], 1.0),
                 };
                 let factors: Vec<f32> =

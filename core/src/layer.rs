@@ -129,7 +129,7 @@ pub struct LayerBuilder<'a> {
     pub engine: &'a EngineConfig,
     pub act: &'a Activations,
     /// RoPE tables by `ModelConfig::layer_rope_key`.
-    pub rope_tables: &'a HashMap<(u64, u64, bool), wgpu::Buffer>,
+    pub rope_tables: &'a HashMap<(u64, bool), wgpu::Buffer>,
     pub layer: usize,
     pub k_cache: &'a wgpu::Buffer,
     pub v_cache: &'a wgpu::Buffer,

@@ -47,7 +47,7 @@ impl HostModel {
     pub fn load_hf_dir(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let text = read_text(&cfg_path, MAX_JSON_BYTES)?;
-        let mut config = ModelConfig::from_hf_json(&cfg_path, &text)?;
+        let config = ModelConfig::from_hf_json(&cfg_path, &text)?;
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text = read_text(&index, MAX_JSON_BYTES)?;
@@ -68,16 +68,11 @@ impl HostModel {
             vec![dir.join("model.safetensors")]
         };
         let mut tensors = HashMap::new();
-        let vector = |name: &str, factors: &[f32]| {
+        for (name, factors) in hf_rope_factors(&cfg_path, &text, &config)? {
             let bytes = factors.iter().flat_map(|f| f.to_le_bytes()).collect();
-            HostTensor { name: name.into(), format: WeightFormat::F32, shape: vec![factors.len()], bytes: TensorBytes::owned(bytes) }
-        };
-        if let Some(factors) = hf_rope_factors(&cfg_path, &text, &config)? {
-            tensors.insert("rope_freqs.weight".into(), vector("rope_freqs.weight", &factors));
-        }
-        if let Some((long, short)) = hf_longrope(&cfg_path, &text, &mut config)? {
-            tensors.insert("rope_factors_long.weight".into(), vector("rope_factors_long.weight", &long));
-            tensors.insert("rope_factors_short.weight".into(), vector("rope_factors_short.weight", &short));
+            let t =
+                HostTensor { name: name.into(), format: WeightFormat::F32, shape: vec![factors.len()], bytes: TensorBytes::owned(bytes) };
+            tensors.insert(name.into(), t);
         }
         let family = config.family();
         let offset = family.map_or(0.0, |f| f.hf_norm_offset());
@@ -190,87 +185,56 @@ fn check_tensors(path: &Path, c: &ModelConfig, tensors: &HashMap<String, HostTen
     Ok(())
 }
 
-/// The per-frequency RoPE divisors a Hugging Face `rope_scaling` asks for, as GGUF's
-/// `rope_freqs` tensor holds them: `llama3` (Llama 3.1/3.2) computed as llama.cpp's converter
-/// computes them; None without scaling or for `linear` (the configuration's
-/// `rope_linear_factor`); an error for kinds tandem does not implement, rather than positions
-/// rotated wrongly.
-fn hf_rope_factors(path: &Path, text: &str, c: &ModelConfig) -> Result<Option<Vec<f32>>> {
+/// The per-frequency RoPE divisors a Hugging Face `rope_scaling` asks for, as the GGUF tensors
+/// llama.cpp's converter writes: `rope_freqs` for `llama3` (Llama 3.1/3.2), computed as the
+/// converter computes them, and `rope_factors_long`/`_short` for LongRoPE (`longrope`, `su`:
+/// Phi-3's 128k-context checkpoints). None for other kinds (`ModelConfig::from_hf_json` reads or
+/// refuses them).
+fn hf_rope_factors(path: &Path, text: &str, c: &ModelConfig) -> Result<Vec<(&'static str, Vec<f32>)>> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::Config { path: path.into(), reason: e.to_string() })?;
     let scaling = &v["rope_scaling"];
-    if scaling.is_null() {
-        return Ok(None);
-    }
-    let kind = scaling["rope_type"].as_str().or_else(|| scaling["type"].as_str()).unwrap_or("");
-    if ["linear", "yarn", "longrope", "su"].contains(&kind) {
-        // Read with the configuration (`ModelConfig::rope_linear_factor`, `rope_yarn`), or
-        // LongRoPE's two sets (`hf_longrope`).
-        return Ok(None);
-    }
-    if kind != "llama3" {
-        return Err(Error::Config {
-            path: path.into(),
-            reason: format!("rope_scaling of type `{kind}` is not supported (llama3, linear, yarn and longrope are)"),
-        });
-    }
-    let get = |k: &str, default: f64| scaling[k].as_f64().unwrap_or(default);
-    let (factor, low, high) = (get("factor", 8.0), get("low_freq_factor", 1.0), get("high_freq_factor", 4.0));
-    let old_context = get("original_max_position_embeddings", 8192.0);
-    if !(factor > 0.0 && low > 0.0 && high > low && old_context > 0.0) {
-        return Err(Error::Config { path: path.into(), reason: format!("rope_scaling {scaling} has implausible values") });
-    }
-    let (low_wavelen, high_wavelen) = (old_context / low, old_context / high);
-    let dim = c.head_dim;
-    let factors = (0..dim / 2)
-        .map(|i| {
-            let freq = 1.0 / c.rope_theta.powf(2.0 * i as f64 / dim as f64);
-            let wavelen = 2.0 * std::f64::consts::PI / freq;
-            let f = if wavelen < high_wavelen {
-                1.0
-            } else if wavelen > low_wavelen {
-                factor
-            } else {
-                let smooth = (old_context / wavelen - low) / (high - low);
-                1.0 / ((1.0 - smooth) / factor + smooth)
-            };
-            f as f32
-        })
-        .collect();
-    Ok(Some(factors))
-}
-
-/// LongRoPE (`rope_scaling` of type `longrope`, or `su`: Phi-3's 128k-context checkpoints): its
-/// long and short per-frequency factors, with the original context and the attention factor
-/// set in `c` as llama.cpp's converter writes them (sqrt(1 + ln(scale) / ln(original)), scale
-/// the context over the original one). None for other kinds.
-fn hf_longrope(path: &Path, text: &str, c: &mut ModelConfig) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
-    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::Config { path: path.into(), reason: e.to_string() })?;
-    let scaling = &v["rope_scaling"];
-    let kind = scaling["rope_type"].as_str().or_else(|| scaling["type"].as_str()).unwrap_or("");
-    if kind != "longrope" && kind != "su" {
-        return Ok(None);
-    }
-    let bad = |what: &str| Error::Config { path: path.into(), reason: format!("LongRoPE rope_scaling: {what}") };
-    let half = c.head_dim / 2;
-    let factors = |key: &str| -> Result<Vec<f32>> {
-        let a = scaling[key].as_array().ok_or_else(|| bad(&format!("no `{key}` list")))?;
-        let f: Vec<f32> = a.iter().filter_map(|x| x.as_f64()).map(|x| x as f32).collect();
-        if f.len() != half || a.len() != half || !f.iter().all(|x| x.is_finite() && *x > 0.0) {
-            return Err(bad(&format!("`{key}` is not {half} positive numbers")));
+    let bad = |what: String| Error::Config { path: path.into(), reason: format!("rope_scaling: {what}") };
+    match crate::config::rope_scaling_kind(scaling) {
+        "llama3" => {
+            let get = |k: &str, default: f64| scaling[k].as_f64().unwrap_or(default);
+            let (factor, low, high) = (get("factor", 8.0), get("low_freq_factor", 1.0), get("high_freq_factor", 4.0));
+            let old_context = get("original_max_position_embeddings", 8192.0);
+            if !(factor > 0.0 && low > 0.0 && high > low && old_context > 0.0) {
+                return Err(bad(format!("{scaling} has implausible values")));
+            }
+            let (low_wavelen, high_wavelen) = (old_context / low, old_context / high);
+            let dim = c.head_dim;
+            let factors = (0..dim / 2)
+                .map(|i| {
+                    let freq = 1.0 / c.rope_theta.powf(2.0 * i as f64 / dim as f64);
+                    let wavelen = 2.0 * std::f64::consts::PI / freq;
+                    let f = if wavelen < high_wavelen {
+                        1.0
+                    } else if wavelen > low_wavelen {
+                        factor
+                    } else {
+                        let smooth = (old_context / wavelen - low) / (high - low);
+                        1.0 / ((1.0 - smooth) / factor + smooth)
+                    };
+                    f as f32
+                })
+                .collect();
+            Ok(vec![("rope_freqs.weight", factors)])
         }
-        Ok(f)
-    };
-    let (long, short) = (factors("long_factor")?, factors("short_factor")?);
-    let original = v["original_max_position_embeddings"]
-        .as_u64()
-        .or_else(|| scaling["original_max_position_embeddings"].as_u64())
-        .filter(|&o| o > 1)
-        .ok_or_else(|| bad("no original_max_position_embeddings"))? as usize;
-    let scale = c.context_length as f64 / original as f64;
-    let attn = if scale > 1.0 { (1.0 + scale.ln() / (original as f64).ln()).sqrt() } else { 1.0 };
-    c.rope_original_context = Some(original);
-    c.rope_attn_factor = Some(attn);
-    Ok(Some((long, short)))
+        "longrope" | "su" => {
+            let half = c.head_dim / 2;
+            let factors = |key: &str| -> Result<Vec<f32>> {
+                let a = scaling[key].as_array().ok_or_else(|| bad(format!("no `{key}` list")))?;
+                let f: Vec<f32> = a.iter().filter_map(|x| x.as_f64()).map(|x| x as f32).collect();
+                if f.len() != half || a.len() != half || !f.iter().all(|x| x.is_finite() && *x > 0.0) {
+                    return Err(bad(format!("`{key}` is not {half} positive numbers")));
+                }
+                Ok(f)
+            };
+            Ok(vec![("rope_factors_long.weight", factors("long_factor")?), ("rope_factors_short.weight", factors("short_factor")?)])
+        }
+        _ => Ok(Vec::new()),
+    }
 }
 
 /// The JSON of `value`. The types fingerprinted here report no serialization errors of their own
@@ -410,15 +374,16 @@ mod tests {
         c.rope_theta = 500_000.0;
         let text = r#"{"rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}"#;
-        let f = hf_rope_factors(Path::new("config.json"), text, &c).expect("parses").expect("scaling");
+        let mut tensors = hf_rope_factors(Path::new("config.json"), text, &c).expect("parses");
+        let (name, f) = tensors.pop().expect("scaling");
+        assert_eq!(name, "rope_freqs.weight");
         assert_eq!(f.len(), 32);
         assert_eq!(f[0], 1.0, "the highest frequency is kept");
         assert_eq!(f[31], 32.0, "the lowest is divided by the factor");
         assert!(f.windows(2).all(|w| w[0] <= w[1]), "{f:?}");
-        assert!(hf_rope_factors(Path::new("config.json"), "{}", &c).expect("parses").is_none());
-        let dynamic = r#"{"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}"#;
-        assert!(hf_rope_factors(Path::new("config.json"), dynamic, &c).is_err(), "unsupported kinds are refused");
-        // Linear and YaRN are read with the configuration (`ModelConfig::from_hf_json`).
+        assert!(hf_rope_factors(Path::new("config.json"), "{}", &c).expect("parses").is_empty());
+        // Linear and YaRN are read with the configuration (`ModelConfig::from_hf_json`), which
+        // refuses kinds tandem does not implement.
         let base = r#""model_type": "llama", "vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2,
             "num_attention_heads": 2, "intermediate_size": 96, "max_position_embeddings": 256"#;
         let linear = format!(r#"{{{base}, "rope_scaling": {{"type": "linear", "factor": 4.0}}}}"#);
@@ -427,7 +392,9 @@ mod tests {
         let yarn = format!(r#"{{{base}, "rope_scaling": {{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}}}"#);
         let cfg = ModelConfig::from_hf_json(Path::new("config.json"), &yarn).expect("yarn");
         let y = cfg.rope_yarn.expect("yarn settings");
-        assert_eq!((y.factor, y.original_context, y.beta_fast, y.beta_slow), (4.0, 64, 32.0, 1.0));
+        assert_eq!((y.factor, y.beta_fast, y.beta_slow, cfg.original_context()), (4.0, 32.0, 1.0, 64));
+        let dynamic = format!(r#"{{{base}, "rope_scaling": {{"rope_type": "dynamic", "factor": 4.0}}}}"#);
+        assert!(ModelConfig::from_hf_json(Path::new("config.json"), &dynamic).is_err(), "unsupported kinds are refused");
     }
 
     #[test]
