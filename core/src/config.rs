@@ -115,6 +115,11 @@ impl ModelConfig {
         self.n_kv_heads * self.head_dim
     }
 
+    /// Bytes of K and V a cached position takes over all layers, at `value_bytes` a value.
+    pub fn kv_bytes_per_token(&self, value_bytes: usize) -> u64 {
+        (2 * self.n_layers * self.kv_dim() * value_bytes) as u64
+    }
+
     /// The window of layer `l`, if it is a sliding-window layer.
     pub fn layer_window(&self, l: usize) -> Option<usize> {
         let w = self.sliding_window?;

@@ -511,12 +511,11 @@ fn pulled_models(hub: &std::path::Path) -> Vec<(String, PathBuf)> {
     out
 }
 
-/// A Hugging Face directory's architecture, weight dtypes and f16 K/V bytes per token, from its
-/// config and safetensors headers.
+/// A Hugging Face directory's architecture and f16 K/V bytes per token, from its config alone.
 fn describe_hf_dir(dir: &std::path::Path) -> anyhow::Result<(String, String, u64)> {
     let config = dir.join("config.json");
     let c = tandem_core::ModelConfig::from_hf_json(&config, &std::fs::read_to_string(&config)?)?;
-    let kv = 2 * c.n_layers as u64 * c.kv_dim() as u64 * tandem_core::KvDtype::F16.bytes() as u64;
+    let kv = c.kv_bytes_per_token(tandem_core::KvDtype::F16.bytes());
     Ok((c.architecture, "safetensors".into(), kv))
 }
 
@@ -527,7 +526,7 @@ fn describe_gguf(path: &std::path::Path) -> anyhow::Result<(String, String, u64)
     let mut formats: Vec<String> = file.tensors.iter().filter(|t| t.shape.len() > 1).map(|t| t.format.to_string()).collect();
     formats.sort();
     formats.dedup();
-    let kv = 2 * c.n_layers as u64 * c.kv_dim() as u64 * tandem_core::KvDtype::F16.bytes() as u64;
+    let kv = c.kv_bytes_per_token(tandem_core::KvDtype::F16.bytes());
     Ok((c.architecture, formats.join(","), kv))
 }
 

@@ -242,12 +242,10 @@ impl std::str::FromStr for HubSpec {
         if !name_ok(owner) || !name_ok(name) {
             return Err(bad());
         }
-        // A file inside the repository: relative, no step outside it.
+        // A file inside the repository: relative (an empty or leading part is refused), no step
+        // outside it.
         if let Some(f) = file
-            && (f.is_empty()
-                || f.starts_with('/')
-                || f.contains('\\')
-                || f.split('/').any(|part| part.is_empty() || part == "." || part == ".."))
+            && (f.contains('\\') || f.split('/').any(|part| part.is_empty() || part == "." || part == ".."))
         {
             return Err(bad());
         }
@@ -294,20 +292,21 @@ pub fn pull(spec: &HubSpec, endpoint: &str, revision: &str) -> Result<PathBuf, F
             .build()
             .map_err(|e| hub_err(e.to_string()))?;
         let repo = api.repo(hf_hub::Repo::with_revision(spec.repo.clone(), hf_hub::RepoType::Model, revision.to_string()));
-        let files = match &spec.file {
-            Some(f) => vec![f.clone()],
+        // The files to get, and whether they make a directory.
+        let (files, directory) = match &spec.file {
+            Some(f) => (vec![f.clone()], false),
             None => {
                 let info = repo.info().await.map_err(|e| hub_err(format!("listing the repository: {e}")))?;
                 let names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
                 let ggufs: Vec<String> = names.iter().filter(|n| n.ends_with(".gguf")).cloned().collect();
                 match ggufs.len() {
-                    1 => ggufs,
+                    1 => (ggufs, false),
                     0 => {
                         let dir: Vec<String> = names.into_iter().filter(|n| hf_dir_file(n)).collect();
                         if !dir.iter().any(|n| n == "config.json") || !dir.iter().any(|n| n.ends_with(".safetensors")) {
                             return Err(FetchError::HubNothing(spec.repo.clone()));
                         }
-                        dir
+                        (dir, true)
                     }
                     _ => return Err(FetchError::HubChoice { repo: spec.repo.clone(), files: ggufs }),
                 }
@@ -320,8 +319,8 @@ pub fn pull(spec: &HubSpec, endpoint: &str, revision: &str) -> Result<PathBuf, F
             last = Some(path);
         }
         let last = last.ok_or_else(|| FetchError::HubNothing(spec.repo.clone()))?;
-        // One named file, or a repository's one GGUF: that file. A directory: its snapshot.
-        if files.len() == 1 && (spec.file.is_some() || files[0].ends_with(".gguf")) {
+        // A directory's files share its snapshot directory.
+        if !directory {
             return Ok(last);
         }
         last.parent().map(Path::to_path_buf).ok_or_else(|| FetchError::HubNothing(spec.repo.clone()))

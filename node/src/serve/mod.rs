@@ -164,7 +164,7 @@ fn load(app: &App) -> anyhow::Result<Arc<Loaded>> {
     let fingerprint = model.fingerprint();
     tracing::info!(gflops = speed.gflops, gbps = speed.gbps, %fingerprint, ms = started.elapsed().as_millis() as u64, "measured the adapter; fingerprinted the model");
     let (parameters, weight_bytes) = (model.parameter_count(), model.weight_bytes());
-    let kv_bytes_per_token = (2 * model.config.n_layers * model.config.kv_dim() * cfg.kv_dtype.bytes()) as u64;
+    let kv_bytes_per_token = model.config.kv_bytes_per_token(cfg.kv_dtype.bytes());
     let (layers, kv_heads, head_dim) = (model.config.n_layers as u32, model.config.n_kv_heads as u32, model.config.head_dim as u32);
     let engine = Engine::new(&gpu, &model, &ecfg)?;
     let usage = engine.kv_usage();
