@@ -195,22 +195,38 @@ pub fn rope(head: &mut [f32], pos: usize, table: &[[f32; 2]], neox: bool) {
 /// Causal attention for one sequence: q [T, n_heads*hd] at positions `start..start+T`, keys and
 /// values [start+T, n_kv*hd] for every position so far.
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], start: usize, n_heads: usize, n_kv: usize, hd: usize) -> Vec<f32> {
+    attention_windowed(q, k, v, start, n_heads, n_kv, hd, 0)
+}
+
+/// `attention` where the query at position p sees only positions p - window + 1..=p (0: all).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_windowed(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    start: usize,
+    n_heads: usize,
+    n_kv: usize,
+    hd: usize,
+    window: usize,
+) -> Vec<f32> {
     let tokens = q.len() / (n_heads * hd);
     let kv_dim = n_kv * hd;
     let scale = 1.0 / (hd as f64).sqrt();
     let mut out = vec![0f32; q.len()];
     for t in 0..tokens {
         let n = start + t + 1;
+        let lo = if window > 0 { n.saturating_sub(window) } else { 0 };
         for h in 0..n_heads {
             let kvh = h / (n_heads / n_kv);
             let qv = &q[(t * n_heads + h) * hd..][..hd];
             let scores: Vec<f64> =
-                (0..n).map(|j| (0..hd).map(|d| f64::from(qv[d]) * f64::from(k[j * kv_dim + kvh * hd + d])).sum::<f64>() * scale).collect();
+                (lo..n).map(|j| (0..hd).map(|d| f64::from(qv[d]) * f64::from(k[j * kv_dim + kvh * hd + d])).sum::<f64>() * scale).collect();
             let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
             let z: f64 = e.iter().sum();
             for d in 0..hd {
-                let o: f64 = (0..n).map(|j| e[j] * f64::from(v[j * kv_dim + kvh * hd + d])).sum();
+                let o: f64 = (lo..n).map(|j| e[j - lo] * f64::from(v[j * kv_dim + kvh * hd + d])).sum();
                 out[(t * n_heads + h) * hd + d] = (o / z) as f32;
             }
         }

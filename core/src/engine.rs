@@ -5,7 +5,9 @@
 
 use std::collections::HashMap;
 
-use tandem_shaders::{ATTENTION_CHUNK, EmbedParams, FROM_SAMPLED, Kernel, SampleParams, Step, TokenInfo};
+use tandem_shaders::{
+    ATTENTION_CHUNK, ATTENTION_TILE_MIN, ATTENTION_TILE_ROWS, EmbedParams, FROM_SAMPLED, Kernel, SampleParams, Step, TokenInfo,
+};
 
 use crate::config::ModelConfig;
 use crate::cpu_ref::rope_table;
@@ -14,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::kernels::{GEMM_COOP_TOKENS, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, gemm_coop_rows, q8_ranges};
 use crate::kv::{BLOCK_TOKENS, BlockPool, KvDtype, KvLayer, KvSink, PoolUsage, SeqId, SeqState, block_hash, prefix_hashes};
-use crate::layer::{Activations, LayerBuilder, LayerOps};
+use crate::layer::{Activations, LayerBuilder, LayerOps, takes_attention_tiles};
 use crate::model::{HostModel, layer_tensor};
 use crate::recorder::{KernelTime, Profiler, Recorder, Work};
 
@@ -129,6 +131,8 @@ struct StepBuffers {
     chosen_read: wgpu::Buffer,
     /// One 4-byte readback per step in flight during a `decode_run`.
     run_reads: [wgpu::Buffer; 2],
+    /// The step's attention tiles (`Engine::attention_tiles`).
+    attention_tiles: wgpu::Buffer,
     logits: wgpu::Buffer,
 }
 
@@ -152,6 +156,9 @@ pub struct Engine {
     max_table: usize,
     /// Attention chunks one step may have (see `attention_chunks`).
     attention_budget: usize,
+    /// Whether steps whose sequences bring enough tokens take attention tiles
+    /// (`takes_attention_tiles`).
+    takes_tiles: bool,
     pipelines: Pipelines,
     embed: Vec<wgpu::BindGroup>,
     layers: Vec<LayerOps>,
@@ -187,6 +194,24 @@ impl std::fmt::Debug for Engine {
 /// the binding limit): enough for 512-token prefill chunks a few thousand positions deep even
 /// for an 8B model's 32 heads.
 const PARTIALS_BYTES: u64 = 256 << 20;
+
+/// The attention tiles of a step whose sequences bring `lens` tokens, in step order: (first
+/// token, rows) runs of at most `ATTENTION_TILE_ROWS` consecutive tokens of one sequence. None
+/// where a sequence brings fewer than `ATTENTION_TILE_MIN` (decode tokens): such a step attends
+/// a token at a time.
+pub fn attention_tiles(lens: impl Iterator<Item = usize>) -> Vec<[u32; 2]> {
+    let mut tiles = Vec::new();
+    let mut first = 0;
+    for n in lens {
+        if n < ATTENTION_TILE_MIN {
+            return Vec::new();
+        }
+        let rows = ATTENTION_TILE_ROWS as usize;
+        tiles.extend((0..n).step_by(rows).map(|t| [(first + t) as u32, rows.min(n - t) as u32]));
+        first += n;
+    }
+    tiles
+}
 
 /// Attention chunks of `n` tokens appended at positions `start..start + n`: each token attends
 /// over its whole prefix in chunks of `ATTENTION_CHUNK` positions.
@@ -423,6 +448,8 @@ impl Engine {
             chosen: ctx.storage("chosen", t * f4),
             chosen_read: ctx.readback("chosen_read", t * f4),
             run_reads: [ctx.readback("run_read.0", f4), ctx.readback("run_read.1", f4)],
+            // A tile a token at most (a step's sequences each bring ATTENTION_TILE_MIN or more).
+            attention_tiles: ctx.storage("attention_tiles", t * 8),
             logits: ctx.storage("logits", max_sample as u64 * logits_row),
         };
         let family =
@@ -499,6 +526,7 @@ impl Engine {
             ffn_q8,
             y: act("y", d),
             partials,
+            attention_tiles: bufs.attention_tiles.clone(),
             no_q8: no_q8.clone(),
         };
         let mut layers = Vec::with_capacity(c.n_layers);
@@ -538,6 +566,7 @@ impl Engine {
         )?;
         let sample = kernels.bind_group(Kernel::Sample, "sample", &[&bufs.step, &bufs.logits, &bufs.sample_params, &bufs.chosen]);
         ctx.check_errors("engine setup")?;
+        let takes_tiles = takes_attention_tiles(ctx.caps, cfg, &c);
         Ok(Engine {
             ctx: ctx.clone(),
             kernels,
@@ -547,6 +576,7 @@ impl Engine {
             max_sample,
             max_table,
             attention_budget,
+            takes_tiles,
             pipelines,
             embed,
             layers,
@@ -818,7 +848,7 @@ impl Engine {
             q.write_buffer(&self.bufs.sample_rows, 0, bytemuck::bytes_of(&0u32));
             q.write_buffer(&self.bufs.sample_params, 0, bytemuck::bytes_of(&params));
             let mut rec = Recorder::new(&self.ctx, None);
-            self.record_forward(&mut rec, &infos, 1, false, |_, _, _| {});
+            self.record_forward(&mut rec, &infos, 1, 0, false, |_, _, _| {});
             let read = &self.bufs.run_reads[i % 2];
             rec.encoder().copy_buffer_to_buffer(&self.bufs.chosen, 0, read, 0, 4);
             let done = q.submit([rec.finish()]);
@@ -948,6 +978,7 @@ impl Engine {
         rec: &mut Recorder<'_>,
         infos: &[TokenInfo],
         n_sample: usize,
+        tiles: u32,
         all_logits: bool,
         mut after_layer: impl FnMut(&mut Recorder<'_>, usize, &LayerOps),
     ) {
@@ -966,7 +997,7 @@ impl Engine {
         let p = &self.pipelines;
         let d = c.hidden_size as u64;
         for (l, layer) in self.layers.iter().enumerate() {
-            layer.record(rec, n_tokens, attended, attention_chunks, split);
+            layer.record(rec, n_tokens, attended, attention_chunks, tiles, split);
             after_layer(rec, l, layer);
         }
         let s = n_sample as u64;
@@ -1083,6 +1114,10 @@ impl Engine {
         if !params.is_empty() {
             q.write_buffer(&self.bufs.sample_params, 0, bytemuck::cast_slice(&params));
         }
+        let tiles = if self.takes_tiles { attention_tiles(inputs.iter().map(|i| i.tokens.len())) } else { Vec::new() };
+        if !tiles.is_empty() {
+            q.write_buffer(&self.bufs.attention_tiles, 0, bytemuck::cast_slice(&tiles));
+        }
 
         let record_start = std::time::Instant::now();
         let kv_row = (c.kv_dim() * self.kv_dtype.bytes()) as u64;
@@ -1091,7 +1126,7 @@ impl Engine {
         let mut staged = Vec::new();
         let mut profiler = self.profiler.take();
         let mut rec = Recorder::new(&self.ctx, profiler.as_mut());
-        self.record_forward(&mut rec, &infos, n_sample, all_logits, |rec, l, layer| {
+        self.record_forward(&mut rec, &infos, n_sample, tiles.len() as u32, all_logits, |rec, l, layer| {
             if exporting {
                 // Copy this layer's new K/V out and submit, so the host can take layer l while the
                 // GPU computes layer l + 1.
@@ -1199,6 +1234,14 @@ mod tests {
 
     fn chunks_by_token(start: usize, n: usize) -> usize {
         (start..start + n).map(|p| (p + 1).div_ceil(ATTENTION_CHUNK as usize)).sum()
+    }
+
+    #[test]
+    fn attention_tiles_cover_each_sequence_in_runs_of_its_own_tokens() {
+        assert_eq!(attention_tiles([64, 16].into_iter()), vec![[0, 64], [64, 16]]);
+        assert_eq!(attention_tiles([150, 20].into_iter()), vec![[0, 64], [64, 64], [128, 22], [150, 20]]);
+        assert!(attention_tiles([300, 1].into_iter()).is_empty(), "a decode token attends alone");
+        assert!(attention_tiles(std::iter::empty()).is_empty());
     }
 
     #[test]

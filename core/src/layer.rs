@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use tandem_shaders::{ATTENTION_CHUNK, Kernel};
+use tandem_shaders::{ATTENTION_CHUNK, ATTENTION_TILE_ROWS, Kernel, ShaderCaps};
 
 use crate::config::{ModelConfig, RopeLayout};
 use crate::device_weights::{DeviceMatrix, upload_vector};
@@ -13,9 +13,16 @@ use crate::engine::{EngineConfig, MatmulOp, stack_rows};
 use crate::error::Result;
 use crate::gpu::GpuContext;
 use crate::kernels::{Kernels, SILU_MUL_TILE};
-use crate::kv::BLOCK_TOKENS;
+use crate::kv::{BLOCK_TOKENS, KvDtype};
 use crate::model::{HostModel, layer_tensor};
 use crate::recorder::{Recorder, Work};
+
+/// Whether the engine takes attention_coop.wgsl for steps whose sequences each bring
+/// `ATTENTION_TILE_MIN` tokens or more: fast mode (it is not batch-invariant), the matrix units,
+/// an f16 cache, and heads 64 or 128 wide (the kernel's fragments).
+pub fn takes_attention_tiles(caps: ShaderCaps, engine: &EngineConfig, config: &ModelConfig) -> bool {
+    !engine.deterministic && caps.has_coop_matrix() && engine.kv_dtype == KvDtype::F16 && matches!(config.head_dim, 64 | 128)
+}
 
 /// The workgroups of a dispatch, by the step's token count.
 #[derive(Clone, Copy, Debug)]
@@ -24,8 +31,10 @@ pub enum Grid {
     Tokens(u32),
     /// `[tokens, 1, 1]`: a workgroup per row.
     Rows,
-    /// `[heads, tokens, attention chunks]`.
+    /// `[heads, tokens, attention chunks]`, on steps without attention tiles.
     Attention(u32),
+    /// `[heads, attention tiles, attention chunks]`, on steps with them (attention_coop.wgsl).
+    AttentionTiles(u32),
     /// `[heads, tokens, 1]`, only on steps with more than one attention chunk per token (with
     /// one, attention writes its output itself).
     Merge(u32),
@@ -70,8 +79,9 @@ pub struct LayerOps {
 
 impl LayerOps {
     /// Records the layer for a step of `n_tokens` tokens attending over `attended` positions in
-    /// all, in `chunks` attention chunks at most per token.
-    pub fn record(&self, rec: &mut Recorder<'_>, n_tokens: usize, attended: u64, chunks: u32, split: u32) {
+    /// all, in `chunks` attention chunks at most per token, and in `tiles` attention tiles (0:
+    /// attention a token at a time).
+    pub fn record(&self, rec: &mut Recorder<'_>, n_tokens: usize, attended: u64, chunks: u32, tiles: u32, split: u32) {
         let t = n_tokens as u64;
         for op in &self.ops {
             match op {
@@ -86,7 +96,10 @@ impl LayerOps {
                     let groups = match d.grid {
                         Grid::Tokens(x) => [x, n_tokens as u32, 1],
                         Grid::Rows => [n_tokens as u32, 1, 1],
+                        Grid::Attention(_) if tiles > 0 => continue,
                         Grid::Attention(heads) => [heads, n_tokens as u32, chunks],
+                        Grid::AttentionTiles(_) if tiles == 0 => continue,
+                        Grid::AttentionTiles(heads) => [heads, tiles, chunks],
                         Grid::Merge(_) if chunks <= 1 => continue,
                         Grid::Merge(heads) => [heads, n_tokens as u32, 1],
                     };
@@ -116,6 +129,8 @@ pub struct Activations {
     /// A block's output before its post-norm (families with norms after attention and MLP).
     pub y: wgpu::Buffer,
     pub partials: wgpu::Buffer,
+    /// The step's attention tiles (first token, rows), where it has them.
+    pub attention_tiles: wgpu::Buffer,
     /// Bound where a producer writes no 8-bit activations.
     pub no_q8: wgpu::Buffer,
 }
@@ -318,9 +333,11 @@ impl LayerBuilder<'_> {
         }))
     }
 
-    /// Attention over the cache (this layer's window, if any) into `attn_out`, and the merge of
-    /// its chunks on steps that have more than one a token.
-    pub fn attention(&self) -> Result<[LayerOp; 2]> {
+    /// Attention over the cache (this layer's window, if any) into `attn_out`, a token at a time
+    /// and, where the engine takes them (`takes_attention_tiles`), in tiles of a sequence's
+    /// tokens on the matrix units; and the merge of its chunks on steps that have more than one
+    /// a token.
+    pub fn attention(&self) -> Result<Vec<LayerOp>> {
         let c = self.config;
         let [h, kvh, hd] = self.heads();
         let kv = self.engine.kv_dtype;
@@ -354,6 +371,26 @@ impl LayerBuilder<'_> {
             flops_per_attended: 4 * heads * hdim,
         };
         let attention = Dispatch { pipeline, bind_group, cost, grid: Grid::Attention(c.n_heads as u32) };
+        let mut ops = vec![LayerOp::Dispatch(attention)];
+        if takes_attention_tiles(self.ctx.caps, self.engine, c) {
+            let pipeline = self.kernels.pipeline(
+                Kernel::AttentionCoop,
+                Some(kv.format()),
+                &[h, kvh, hd, ("BLOCK_TOKENS", BLOCK_TOKENS as f64), ("SCALE", c.attention_scale()), ("WINDOW", window as f64)],
+            )?;
+            let bind_group = self.kernels.bind_group(
+                Kernel::AttentionCoop,
+                "attention_coop",
+                &[&a.step, &a.qkv, &a.tokens, &a.tables, self.k_cache, self.v_cache, &a.partials, &a.attn_out, &a.attention_tiles],
+            );
+            // Each K/V row is read once a tile of ATTENTION_TILE_ROWS tokens.
+            let cost = Cost {
+                kernel: Kernel::AttentionCoop,
+                bytes_per_attended: cost.bytes_per_attended / u64::from(ATTENTION_TILE_ROWS),
+                ..cost
+            };
+            ops.push(LayerOp::Dispatch(Dispatch { pipeline, bind_group, cost, grid: Grid::AttentionTiles(c.n_heads as u32) }));
+        }
         let pipeline = self.kernels.pipeline(
             Kernel::AttentionMerge,
             None,
@@ -370,7 +407,8 @@ impl LayerBuilder<'_> {
             cost: Cost::per_token(Kernel::AttentionMerge, heads * hdim * 8, 0),
             grid: Grid::Merge(c.n_heads as u32),
         };
-        Ok([LayerOp::Dispatch(attention), LayerOp::Dispatch(merge)])
+        ops.push(LayerOp::Dispatch(merge));
+        Ok(ops)
     }
 
     /// The gated activation over `gate_up`: SiLU (SwiGLU) or GELU's tanh form (GeGLU).

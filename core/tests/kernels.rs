@@ -619,6 +619,106 @@ fn attention_over_paged_blocks_matches_cpu() {
     }
 }
 
+/// attention_coop.wgsl rounds queries and probabilities to f16.
+const COOP_ATTENTION_TOLERANCE: f32 = 4e-3;
+
+/// The matrix units' attention (attention_coop.wgsl, adapters with cooperative matrices: the GPU
+/// machine through scripts/test-gpu; elsewhere this test checks nothing) against the CPU, as the
+/// engine records it: tiles of each sequence's new tokens from `attention_tiles`, the merge
+/// where a token has several chunks. One tile and one chunk (written directly), tiles across a
+/// chunk boundary, a deep prefix with two sequences and the smallest tile, sliding windows,
+/// 64- and 128-wide heads.
+#[test]
+fn attention_tiles_match_cpu() {
+    let ctx = gpu();
+    if !ctx.caps.has_coop_matrix() {
+        eprintln!("attention_tiles_match_cpu: no cooperative matrices on {}; nothing checked", ctx.adapter);
+        return;
+    }
+    let kernels = Kernels::new(&ctx);
+    let mut rng = rng();
+    let bt = tandem_core::BLOCK_TOKENS;
+    let n_blocks = 120;
+    let chunk = tandem_shaders::ATTENTION_CHUNK as usize;
+    // (heads, K/V heads, head dim, window, each sequence's (cached, new) positions).
+    type Case = (usize, usize, usize, usize, &'static [(usize, usize)]);
+    let cases: [Case; 5] = [
+        (4, 2, 64, 0, &[(0, 40)]),
+        (4, 2, 64, 0, &[(0, 300)]),
+        (4, 1, 128, 0, &[(500, 150), (3, 16)]),
+        (3, 3, 128, 100, &[(200, 90)]),
+        (2, 2, 64, 64, &[(0, 300)]),
+    ];
+    for (nh, nkv, hd, window, seqs) in cases {
+        let (q_dim, kv_dim) = (nh * hd, nkv * hd);
+        let mut kc = vec![0f32; n_blocks * bt * kv_dim];
+        let mut vc = kc.clone();
+        let (mut tables, mut infos, mut qkv, mut want) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut next_block = 0u32;
+        let mut chunk_off = 0u32;
+        for &(cached, new) in seqs {
+            let len = cached + new;
+            let table_off = tables.len() as u32;
+            let blocks: Vec<u32> = (0..len.div_ceil(bt) as u32).map(|b| ((next_block + b) * 7 + 3) % n_blocks as u32).collect();
+            next_block += blocks.len() as u32;
+            let k_all = random(&mut rng, len * kv_dim);
+            let v_all = random(&mut rng, len * kv_dim);
+            for pos in 0..len {
+                let slot = blocks[pos / bt] as usize * bt + pos % bt;
+                kc[slot * kv_dim..][..kv_dim].copy_from_slice(&k_all[pos * kv_dim..][..kv_dim]);
+                vc[slot * kv_dim..][..kv_dim].copy_from_slice(&v_all[pos * kv_dim..][..kv_dim]);
+            }
+            let q = random(&mut rng, new * q_dim);
+            for (t, pos) in (cached..len).enumerate() {
+                infos.push(TokenInfo { id: 0, pos: pos as u32, slot: 0, table_off, chunk_off });
+                chunk_off += (pos / chunk + 1) as u32;
+                qkv.extend_from_slice(&q[t * q_dim..][..q_dim]);
+                qkv.extend(std::iter::repeat_n(0.0, 2 * kv_dim));
+            }
+            let stored = |v: &[f32]| KvDtype::F16.decode(&KvDtype::F16.encode(v));
+            want.extend(cpu_ref::attention_windowed(&q, &stored(&k_all), &stored(&v_all), cached, nh, nkv, hd, window));
+            tables.extend(blocks);
+        }
+        let n = infos.len();
+        let tiles = tandem_core::engine::attention_tiles(seqs.iter().map(|s| s.1));
+        assert!(!tiles.is_empty());
+        let chunks = infos.iter().map(|i| (i.pos as usize + 1).div_ceil(chunk)).max().unwrap_or(1) as u32;
+        let step = step_buf(&ctx, n, 0);
+        let qkv_b = ctx.storage_init("qkv", bytemuck::cast_slice(&qkv));
+        let (kc_b, vc_b) = (ctx.storage_init("k", &KvDtype::F16.encode(&kc)), ctx.storage_init("v", &KvDtype::F16.encode(&vc)));
+        let info_b = ctx.storage_init("tokens", bytemuck::cast_slice(&infos));
+        let table_b = ctx.storage_init("tables", bytemuck::cast_slice(&tables));
+        let tiles_b = ctx.storage_init("tiles", bytemuck::cast_slice(&tiles));
+        let out = ctx.storage("out", (n * q_dim * 4) as u64);
+        let no_q8 = ctx.storage("no_q8", 16);
+        let partials = ctx.storage("partials", (chunk_off as usize * nh * (hd + 2) * 4) as u64);
+        let bg =
+            kernels.bind_group(Kernel::AttentionCoop, "attn", &[&step, &qkv_b, &info_b, &table_b, &kc_b, &vc_b, &partials, &out, &tiles_b]);
+        let consts = [
+            ("N_HEADS", nh as f64),
+            ("N_KV_HEADS", nkv as f64),
+            ("HEAD_DIM", hd as f64),
+            ("BLOCK_TOKENS", bt as f64),
+            ("SCALE", 1.0 / (hd as f64).sqrt()),
+            ("WINDOW", window as f64),
+        ];
+        let pipeline = kernels.pipeline(Kernel::AttentionCoop, Some(WeightFormat::F16), &consts).expect("pipeline");
+        let mut enc = dispatch(&ctx, &pipeline, &[(&bg, [nh as u32, tiles.len() as u32, chunks])]);
+        if chunks > 1 {
+            let merge_bg = kernels.bind_group(Kernel::AttentionMerge, "merge", &[&step, &info_b, &partials, &out, &no_q8]);
+            let merge_consts = [("N_HEADS", nh as f64), ("HEAD_DIM", hd as f64), ("CHUNK", chunk as f64), ("Q8", 0.0)];
+            let merge = kernels.pipeline(Kernel::AttentionMerge, None, &merge_consts).expect("pipeline");
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&merge);
+            pass.set_bind_group(0, &merge_bg, &[]);
+            pass.dispatch_workgroups(nh as u32, n as u32, 1);
+        }
+        let got = read_f32(&ctx, &out, (n * q_dim * 4) as u64, enc);
+        let what = format!("attention tiles: {nh}/{nkv} heads of {hd}, window {window}, sequences {seqs:?}");
+        assert_close(&got, &want, COOP_ATTENTION_TOLERANCE, &vec![1.0; want.len()], &what);
+    }
+}
+
 fn run_sample(ctx: &GpuContext, kernels: &Kernels, logits: &[f32], vocab: usize, params: &[SampleParams]) -> Vec<u32> {
     let rows = params.len();
     let step = step_buf(ctx, rows, rows);

@@ -28,6 +28,17 @@ pub const FROM_SAMPLED: u32 = 0x8000_0000;
 /// sequence's KV was computed.
 pub const ATTENTION_CHUNK: u32 = 256;
 
+/// Query rows of one attention_coop.wgsl workgroup (`ROWS`): consecutive tokens of one sequence.
+pub const ATTENTION_TILE_ROWS: u32 = 64;
+
+/// The fewest tokens of a sequence in a step for which the engine takes attention_coop.wgsl for
+/// that step: a tile of fewer rows leaves most of the matrix units' work masked, and a decode
+/// token is better served by attention.wgsl's split of its keys.
+pub const ATTENTION_TILE_MIN: usize = 16;
+
+/// Directives for the kernels on the matrix units (f16 inputs).
+const COOP_ENABLES: &str = "enable f16;\nenable wgpu_cooperative_matrix;\n";
+
 /// How a weight tensor is stored in a model file. On the GPU each format has a layout
 /// (`device_format`): its own, or, for formats whose blocks do not split into whole 32-element
 /// blocks of nibbles or bytes with one scale, a wider layout their values transcode to exactly
@@ -213,6 +224,7 @@ pub enum Kernel {
     AddBias,
     RopeKv,
     Attention,
+    AttentionCoop,
     AttentionMerge,
     SiluMul,
     Sample,
@@ -220,7 +232,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 14] = [
+    pub const ALL: [Kernel; 15] = [
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::Matmul,
@@ -232,6 +244,7 @@ impl Kernel {
         Kernel::AddBias,
         Kernel::RopeKv,
         Kernel::Attention,
+        Kernel::AttentionCoop,
         Kernel::AttentionMerge,
         Kernel::SiluMul,
         Kernel::Sample,
@@ -251,6 +264,7 @@ impl Kernel {
             Kernel::AddBias => "add_bias",
             Kernel::RopeKv => "rope_kv",
             Kernel::Attention => "attention",
+            Kernel::AttentionCoop => "attention_coop",
             Kernel::AttentionMerge => "attention_merge",
             Kernel::SiluMul => "silu_mul",
             Kernel::Sample => "sample",
@@ -274,6 +288,8 @@ impl Kernel {
             Kernel::AddBias => &[U, W, R],
             Kernel::RopeKv => &[U, W, R, R, W, W],
             Kernel::Attention => &[U, R, R, R, R, R, W, W, W],
+            // step, qkv, tokens, tables, K, V, partials, out, the step's tiles.
+            Kernel::AttentionCoop => &[U, R, R, R, R, R, W, W, R],
             Kernel::AttentionMerge => &[U, R, R, W, W],
             Kernel::SiluMul => &[U, W, W],
             Kernel::Sample => &[U, R, R, W],
@@ -292,7 +308,7 @@ impl Kernel {
     /// Whether the kernel touches the paged K/V cache and so exists once per cache format (F16
     /// or F32, passed as the `format` of `source`).
     pub fn reads_kv(self) -> bool {
-        matches!(self, Kernel::RopeKv | Kernel::Attention)
+        matches!(self, Kernel::RopeKv | Kernel::Attention | Kernel::AttentionCoop)
     }
 
     /// Whether the kernel reads a weight tensor and so exists once per weight format.
@@ -313,6 +329,7 @@ impl Kernel {
             Kernel::AddBias => include_str!("../wgsl/add_bias.wgsl"),
             Kernel::RopeKv => include_str!("../wgsl/rope_kv.wgsl"),
             Kernel::Attention => include_str!("../wgsl/attention.wgsl"),
+            Kernel::AttentionCoop => include_str!("../wgsl/attention_coop.wgsl"),
             Kernel::AttentionMerge => include_str!("../wgsl/attention_merge.wgsl"),
             Kernel::SiluMul => include_str!("../wgsl/silu_mul.wgsl"),
             Kernel::Sample => include_str!("../wgsl/sample.wgsl"),
@@ -339,11 +356,19 @@ impl Kernel {
                 Some(f) => return Err(RenderError::UnsupportedFormat(self, f)),
                 None => return Err(RenderError::MissingFormat(self)),
             };
+            let coop = self == Kernel::AttentionCoop;
+            if coop && format != Some(WeightFormat::F16) {
+                return Err(RenderError::UnsupportedFormat(self, WeightFormat::F32));
+            }
+            if coop && !caps.has_coop_matrix() {
+                return Err(RenderError::MissingCapability(self));
+            }
             let lanes = self.lanes_source(caps);
             // Only rope_kv writes the cache.
             let writes = self == Kernel::RopeKv;
             let cache = cache.replace("KV_ACCESS", if writes { "read_write" } else { "read" });
             return Ok(concat([
+                coop.then_some(COOP_ENABLES),
                 Some(include_str!("../wgsl/common.wgsl")),
                 Some(self.body()),
                 Some(cache.as_str()),
@@ -360,18 +385,17 @@ impl Kernel {
             (false, Some(f)) => return Err(RenderError::UnexpectedFormat(self, f)),
         };
         let coop = self == Kernel::GemmCoop;
-        if coop && !(caps.coop_matrix && caps.f16 && caps.subgroups) {
+        if coop && !caps.has_coop_matrix() {
             return Err(RenderError::MissingCapability(self));
         }
         let lanes = self.lanes_source(caps);
         let mut out = String::new();
         // An `enable` directive must precede every declaration. Naga (30) takes subgroup builtins
         // without one and refuses `enable subgroups`.
-        if caps.f16 && (format.map(WeightFormat::device_format) == Some(WeightFormat::F16) || coop) {
-            out.push_str("enable f16;\n");
-        }
         if coop {
-            out.push_str("enable wgpu_cooperative_matrix;\n");
+            out.push_str(COOP_ENABLES);
+        } else if caps.f16 && format.map(WeightFormat::device_format) == Some(WeightFormat::F16) {
+            out.push_str("enable f16;\n");
         }
         let access = format.and_then(|f| f.weight_access_source(caps));
         let io = (self.layout_owner() == Kernel::Matmul).then_some(include_str!("../wgsl/matmul_io.wgsl"));
@@ -457,6 +481,12 @@ pub struct ShaderCaps {
 }
 
 impl ShaderCaps {
+    /// Whether the matrix units' kernels (gemm_coop, attention_coop) render: they take f16 and
+    /// 32-lane subgroups with them.
+    pub fn has_coop_matrix(self) -> bool {
+        self.coop_matrix && self.f16 && self.subgroups
+    }
+
     /// Every combination, for tests and variant enumeration.
     pub const ALL: [ShaderCaps; 5] = [
         ShaderCaps { subgroups: false, f16: false, coop_matrix: false },

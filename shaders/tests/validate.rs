@@ -41,6 +41,7 @@ fn shape_constants(kernel: Kernel) -> &'static [(&'static str, f64)] {
     match kernel {
         Kernel::GemmCoop => &[("TILE_R", 256.0)],
         Kernel::Attention => &[("HEAD_DIM", 256.0), ("WINDOW", 512.0)],
+        Kernel::AttentionCoop => &[("HEAD_DIM", 128.0), ("WINDOW", 512.0)],
         Kernel::RmsNorm => &[("ADD", 1.0)],
         Kernel::SiluMul => &[("GELU", 1.0)],
         Kernel::Embed => &[("SCALE", 25.0)],
@@ -73,11 +74,11 @@ fn every_variant_validates() {
         count += 1;
     }
     // 6 plain kernels, rope_kv for the 2 K/V cache formats, attention for both with and without
-    // subgroups, embed and gemm in the 9 device layouts plus native f16, matmul and matvec
+    // subgroups, attention_coop for the f16 cache, embed and gemm in the 9 device layouts plus native f16, matmul and matvec
     // likewise, each with and without subgroups, gemm_coop in the 9 layouts (it needs f16, so F16
     // weights are read natively), and matvec_q8 in the 6 layouts with a packed-byte dot, with and
     // without subgroups. Q5_0, Q5_1, Q2_K and Q3_K render as their device layouts' variants.
-    assert_eq!(count, 6 + 2 + 2 * 2 + 10 + 10 + 2 * 10 * 2 + 9 + 6 * 2);
+    assert_eq!(count, 6 + 2 + 2 * 2 + 1 + 10 + 10 + 2 * 10 * 2 + 9 + 6 * 2);
 }
 
 /// What each kernel says it binds (its layout in core) is what its WGSL declares.
@@ -165,12 +166,18 @@ fn every_loop_is_a_bounded_for() {
 /// packs partials and sizes the merge by.
 #[test]
 fn attention_chunk_is_the_engines() {
-    let caps = ShaderCaps::ALL[0];
-    let source = Kernel::Attention.source(Some(tandem_shaders::WeightFormat::F16), caps).expect("renders");
-    let (module, _) = parse(Kernel::Attention, caps, &source, "attention");
-    let (_, chunk) = module.constants.iter().find(|(_, c)| c.name.as_deref() == Some("CHUNK")).expect("a CHUNK constant");
-    match module.global_expressions[chunk.init] {
-        naga::Expression::Literal(naga::Literal::U32(v)) => assert_eq!(v, tandem_shaders::ATTENTION_CHUNK),
-        ref other => panic!("CHUNK is {other:?}, not a u32 literal"),
+    let coop = ShaderCaps { subgroups: true, f16: true, coop_matrix: true };
+    for (kernel, caps, name, want) in [
+        (Kernel::Attention, ShaderCaps::ALL[0], "CHUNK", tandem_shaders::ATTENTION_CHUNK),
+        (Kernel::AttentionCoop, coop, "CHUNK", tandem_shaders::ATTENTION_CHUNK),
+        (Kernel::AttentionCoop, coop, "ROWS", tandem_shaders::ATTENTION_TILE_ROWS),
+    ] {
+        let source = kernel.source(Some(tandem_shaders::WeightFormat::F16), caps).expect("renders");
+        let (module, _) = parse(kernel, caps, &source, kernel.name());
+        let (_, c) = module.constants.iter().find(|(_, c)| c.name.as_deref() == Some(name)).expect("the constant");
+        match module.global_expressions[c.init] {
+            naga::Expression::Literal(naga::Literal::U32(v)) => assert_eq!(v, want, "{kernel:?} {name}"),
+            ref other => panic!("{kernel:?} {name} is {other:?}, not a u32 literal"),
+        }
     }
 }

@@ -1,0 +1,312 @@
+// Causal attention for prefill steps on the adapter's matrix units (cooperative-matrix
+// multiply-adds, 16 x 16 x 16, f16 inputs, f32 sums), for adapters whose subgroups are 32 lanes,
+// an f16 K/V cache, and heads 64 or 128 wide. attention.wgsl gives every (head, token, chunk) a
+// workgroup, so each query reads its keys alone and a 512-token prefill is tens of thousands of
+// latency-bound workgroups; here a workgroup takes ROWS consecutive tokens of one sequence (a
+// tile, listed by the CPU in `tiles`) against one CHUNK of key positions, and each K/V row it
+// loads serves all of them.
+//
+// The tile's 4 subgroups own 16 query rows each; their queries (scaled, as f16) stay in
+// registers. The chunk's keys pass through workgroup memory KEYS at a time, twice: the first
+// pass finds each row's maximum score and the sum of its exponentials, the second turns scores
+// into probabilities exp(s - max) (f16, at most 1) and adds P V into the output's
+// accumulators, so the accumulators are never rescaled (a matrix-unit accumulator cannot be
+// scaled by row). The chunk's state goes out as attention.wgsl's does: the output itself when
+// the step has one chunk a token (a grid one chunk deep), else (max, sum, weighted values) into
+// `partials` for attention_merge.wgsl.
+//
+// Not batch-invariant (a row's sums depend on its tile and its f16 rounding), so fast mode only;
+// the engine takes it on steps whose every sequence brings at least ATTENTION_TILE_MIN tokens.
+
+override N_HEADS: u32;
+override N_KV_HEADS: u32;
+override HEAD_DIM: u32;
+override BLOCK_TOKENS: u32;
+override SCALE: f32;
+// Sliding-window layers, as attention.wgsl.
+override WINDOW: u32 = 0u;
+
+// Query rows a workgroup (`ATTENTION_TILE_ROWS` in tandem-shaders), 16 a subgroup.
+const ROWS: u32 = 64u;
+const WG: u32 = 128u;
+// Key positions a step, and a chunk's (`ATTENTION_CHUNK`).
+const KEYS: u32 = 32u;
+const CHUNK: u32 = 256u;
+const MAX_HEAD_DIM: u32 = 128u;
+// Row stride of the Q and K/V tiles in f16, padded by 8 so fragment loads of consecutive rows
+// fall on different banks; and of each subgroup's probabilities.
+const LD: u32 = MAX_HEAD_DIM + 8u;
+const LDV: u32 = LD / 4u;
+const LDP: u32 = KEYS + 8u;
+const NEG_BIG: f32 = -3.0e38;
+
+@group(0) @binding(0) var<uniform> step: Step;
+@group(0) @binding(1) var<storage, read> qkv: array<f32>;
+@group(0) @binding(2) var<storage, read> tokens: array<TokenInfo>;
+@group(0) @binding(3) var<storage, read> tables: array<u32>;
+// Bindings 4 and 5, the K/V cache, come with its format (kv_f16.wgsl only).
+@group(0) @binding(6) var<storage, read_write> partials: array<f32>;
+@group(0) @binding(7) var<storage, read_write> out: array<f32>;
+// Each tile's first token in the step and its rows (at most ROWS consecutive tokens of one
+// sequence).
+@group(0) @binding(8) var<storage, read> tiles: array<vec2<u32>>;
+
+// The tile's queries at first ([row][dimension]); then a step's keys in rows 0..KEYS and its
+// values in rows KEYS..2 KEYS.
+var<workgroup> tile: array<vec4<f16>, ROWS * LDV>;
+// Each subgroup's 16 x KEYS scores, column-major ([key][row]); at the end, its 16 x 16 outputs.
+var<workgroup> scores: array<f32, WG / 32u * 16u * KEYS>;
+// Each subgroup's 16 x KEYS probabilities, [row][key].
+var<workgroup> probs: array<vec4<f16>, WG / 32u * 16u * LDP / 4u>;
+// Each row's (max, sum) for the writers.
+var<workgroup> row_ml: array<vec2<f32>, ROWS>;
+var<workgroup> shared_u: u32;
+
+fn cache_row(table_off: u32, j: u32) -> u32 {
+    return tables[table_off + j / BLOCK_TOKENS] * BLOCK_TOKENS + j % BLOCK_TOKENS;
+}
+
+// The first position the query at position p sees.
+fn window_start(p: u32) -> u32 {
+    if (WINDOW > 0u && p + 1u > WINDOW) {
+        return p + 1u - WINDOW;
+    }
+    return 0u;
+}
+
+// A run of 4 cache values as f16 (the cache holds f16 bits, two a word; naga 30 bitcasts no
+// u32 to f16 pairs, so through f32, exactly).
+fn halves(w: vec2<u32>) -> vec4<f16> {
+    return vec4<f16>(vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)));
+}
+
+/// Writes dimensions d0..d0 + 15 of the subgroup's 16 rows from its stage (column-major
+/// [dimension][row]): the output, or the chunk's weighted values. Called by every lane.
+fn flush(sg: u32, lane: u32, d0: u32, h: u32, t0: u32, rows: u32, first: u32, c: u32, direct: bool) {
+    workgroupBarrier();
+    for (var e = lane; e < 256u; e += 32u) {
+        let r = sg * 16u + e % 16u;
+        let d = d0 + e / 16u;
+        if (r < rows && first + r >= c * CHUNK) {
+            let v = scores[sg * 512u + e];
+            let t = t0 + r;
+            if (direct) {
+                let l = row_ml[r].y;
+                out[(t * N_HEADS + h) * HEAD_DIM + d] = select(0.0, v / l, l > 0.0);
+            } else {
+                partials[((tokens[t].chunk_off + c) * N_HEADS + h) * (HEAD_DIM + 2u) + 2u + d] = v;
+            }
+        }
+    }
+    workgroupBarrier();
+}
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(local_invocation_index) li: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) grid: vec3<u32>,
+) {
+    let h = wg.x;
+    let c = wg.z;
+    let sg = li / 32u;
+    let lane = li % 32u;
+    let kv_dim = N_KV_HEADS * HEAD_DIM;
+    let q_dim = N_HEADS * HEAD_DIM;
+    let kvh = h / (N_HEADS / N_KV_HEADS);
+    let tl = tiles[wg.y];
+    let t0 = tl.x;
+    let rows = tl.y;
+    let info = tokens[t0];
+    let first = info.pos;
+    let last = first + rows - 1u;
+    // The keys this chunk offers the tile: lo..hi.
+    let lo = max(c * CHUNK, window_start(first));
+    let hi = min(c * CHUNK + CHUNK, last + 1u);
+    if (li == 0u) {
+        shared_u = select(0u, (hi - lo + KEYS - 1u) / KEYS, hi > lo);
+    }
+    // Uniform for naga (a storage read is not), so the matrix units' loops and barriers are.
+    let steps = workgroupUniformLoad(&shared_u);
+
+    // This lane's row in the softmax: row `row` of its subgroup, keys half * 16.. of a step.
+    let row = lane % 16u;
+    let half = lane / 16u;
+    let r = sg * 16u + row;
+    let pos = first + r;
+    let row_lo = max(c * CHUNK, window_start(pos));
+    let row_hi = select(0u, min(c * CHUNK + CHUNK, pos + 1u), r < rows);
+
+    for (var e = li; e < ROWS * MAX_HEAD_DIM / 4u; e += WG) {
+        let qr = e / (MAX_HEAD_DIM / 4u);
+        let d4 = e % (MAX_HEAD_DIM / 4u);
+        var v = vec4<f32>(0.0);
+        if (qr < rows && d4 < HEAD_DIM / 4u) {
+            let o = (t0 + qr) * (q_dim + 2u * kv_dim) + h * HEAD_DIM + 4u * d4;
+            v = vec4<f32>(qkv[o], qkv[o + 1u], qkv[o + 2u], qkv[o + 3u]) * SCALE;
+        }
+        tile[qr * LDV + d4] = vec4<f16>(v);
+    }
+    workgroupBarrier();
+    let qo = sg * 16u * LDV;
+    let q0 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo], LDV);
+    let q1 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo + 4u], LDV);
+    let q2 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo + 8u], LDV);
+    let q3 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo + 12u], LDV);
+    // Zeros past 64-wide heads (the tile's columns there are zero), so the 128-wide code serves
+    // both and the extra multiply-adds are skipped.
+    let q4 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo + 16u], LDV);
+    let q5 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo + 20u], LDV);
+    let q6 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo + 24u], LDV);
+    let q7 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo + 28u], LDV);
+    var o0 = coop_mat16x16<f32, C>();
+    var o1 = coop_mat16x16<f32, C>();
+    var o2 = coop_mat16x16<f32, C>();
+    var o3 = coop_mat16x16<f32, C>();
+    var o4 = coop_mat16x16<f32, C>();
+    var o5 = coop_mat16x16<f32, C>();
+    var o6 = coop_mat16x16<f32, C>();
+    var o7 = coop_mat16x16<f32, C>();
+
+    let table_off = info.table_off;
+    let head_off = kvh * HEAD_DIM / 4u;
+    let so = sg * 512u;
+    let ss = 16u;
+    let po = sg * 16u * (LDP / 4u);
+    let wide = HEAD_DIM > 64u;
+    var m = NEG_BIG;
+    var l = 0.0;
+    // Pass 1 (steps 0..steps): each row's maximum and sum. Pass 2: probabilities times values.
+    for (var it = 0u; it < 2u * steps; it++) {
+        if (li == 0u) {
+            shared_u = u32(it >= steps);
+        }
+        // Also waits until the last step's readers of the tile are done.
+        let second = workgroupUniformLoad(&shared_u) == 1u;
+        let k0 = lo + (it % steps) * KEYS;
+        let loads = select(1u, 2u, second) * KEYS * (HEAD_DIM / 4u);
+        for (var e = li; e < loads; e += WG) {
+            let kr = e / (HEAD_DIM / 4u);
+            let d4 = e % (HEAD_DIM / 4u);
+            let key = kr % KEYS;
+            // Keys past hi repeat the last (a valid row) and get probability 0.
+            let at = cache_row(table_off, min(k0 + key, hi - 1u)) * (kv_dim / 4u) + head_off + d4;
+            var w: vec2<u32>;
+            if (kr < KEYS) {
+                w = k_cache[at];
+            } else {
+                w = v_cache[at];
+            }
+            tile[kr * LDV + d4] = halves(w);
+        }
+        workgroupBarrier();
+        // B[d][key] = K[key][d]: the keys read column-major.
+        var s0 = coop_mat16x16<f32, C>();
+        var s1 = coop_mat16x16<f32, C>();
+        s0 = coopMultiplyAdd(q0, coopLoad<coop_mat16x16<f16, B>>(&tile[0u], LDV), s0);
+        s1 = coopMultiplyAdd(q0, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDV], LDV), s1);
+        s0 = coopMultiplyAdd(q1, coopLoad<coop_mat16x16<f16, B>>(&tile[4u], LDV), s0);
+        s1 = coopMultiplyAdd(q1, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDV + 4u], LDV), s1);
+        s0 = coopMultiplyAdd(q2, coopLoad<coop_mat16x16<f16, B>>(&tile[8u], LDV), s0);
+        s1 = coopMultiplyAdd(q2, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDV + 8u], LDV), s1);
+        s0 = coopMultiplyAdd(q3, coopLoad<coop_mat16x16<f16, B>>(&tile[12u], LDV), s0);
+        s1 = coopMultiplyAdd(q3, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDV + 12u], LDV), s1);
+        if (wide) {
+            s0 = coopMultiplyAdd(q4, coopLoad<coop_mat16x16<f16, B>>(&tile[16u], LDV), s0);
+            s1 = coopMultiplyAdd(q4, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDV + 16u], LDV), s1);
+            s0 = coopMultiplyAdd(q5, coopLoad<coop_mat16x16<f16, B>>(&tile[20u], LDV), s0);
+            s1 = coopMultiplyAdd(q5, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDV + 20u], LDV), s1);
+            s0 = coopMultiplyAdd(q6, coopLoad<coop_mat16x16<f16, B>>(&tile[24u], LDV), s0);
+            s1 = coopMultiplyAdd(q6, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDV + 24u], LDV), s1);
+            s0 = coopMultiplyAdd(q7, coopLoad<coop_mat16x16<f16, B>>(&tile[28u], LDV), s0);
+            s1 = coopMultiplyAdd(q7, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDV + 28u], LDV), s1);
+        }
+        let so1 = so + 256u;
+        coopStore(s0, &scores[so], ss);
+        coopStore(s1, &scores[so1], ss);
+        workgroupBarrier();
+
+        var sv: array<f32, 16>;
+        var mx = NEG_BIG;
+        for (var i = 0u; i < 16u; i++) {
+            let key = half * 16u + i;
+            let j = k0 + key;
+            sv[i] = select(NEG_BIG, scores[so + key * 16u + row], j >= row_lo && j < row_hi);
+            mx = max(mx, sv[i]);
+        }
+        mx = max(mx, subgroupShuffleXor(mx, 16u));
+        // In the second pass m is already the row's maximum.
+        let mn = max(m, mx);
+        var p: array<f32, 16>;
+        var sum = 0.0;
+        for (var i = 0u; i < 16u; i++) {
+            p[i] = select(0.0, exp(sv[i] - mn), sv[i] > NEG_BIG);
+            sum += p[i];
+        }
+        sum += subgroupShuffleXor(sum, 16u);
+        if (second) {
+            for (var i = 0u; i < 4u; i++) {
+                probs[po + row * (LDP / 4u) + half * 4u + i] = vec4<f16>(vec4<f32>(p[4u * i], p[4u * i + 1u], p[4u * i + 2u], p[4u * i + 3u]));
+            }
+        } else {
+            l = l * exp(m - mn) + sum;
+            m = mn;
+        }
+        workgroupBarrier();
+        if (second) {
+            // A[row][key] = P, B[key][d] = V[key][d]: both row-major.
+            let pa = coopLoadT<coop_mat16x16<f16, A>>(&probs[po], LDP / 4u);
+            let pb = coopLoadT<coop_mat16x16<f16, A>>(&probs[po + 4u], LDP / 4u);
+            let va = KEYS * LDV;
+            let vb = (KEYS + 16u) * LDV;
+            o0 = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&tile[va], LDV), o0);
+            o0 = coopMultiplyAdd(pb, coopLoadT<coop_mat16x16<f16, B>>(&tile[vb], LDV), o0);
+            o1 = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&tile[va + 4u], LDV), o1);
+            o1 = coopMultiplyAdd(pb, coopLoadT<coop_mat16x16<f16, B>>(&tile[vb + 4u], LDV), o1);
+            o2 = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&tile[va + 8u], LDV), o2);
+            o2 = coopMultiplyAdd(pb, coopLoadT<coop_mat16x16<f16, B>>(&tile[vb + 8u], LDV), o2);
+            o3 = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&tile[va + 12u], LDV), o3);
+            o3 = coopMultiplyAdd(pb, coopLoadT<coop_mat16x16<f16, B>>(&tile[vb + 12u], LDV), o3);
+            if (wide) {
+                o4 = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&tile[va + 16u], LDV), o4);
+                o4 = coopMultiplyAdd(pb, coopLoadT<coop_mat16x16<f16, B>>(&tile[vb + 16u], LDV), o4);
+                o5 = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&tile[va + 20u], LDV), o5);
+                o5 = coopMultiplyAdd(pb, coopLoadT<coop_mat16x16<f16, B>>(&tile[vb + 20u], LDV), o5);
+                o6 = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&tile[va + 24u], LDV), o6);
+                o6 = coopMultiplyAdd(pb, coopLoadT<coop_mat16x16<f16, B>>(&tile[vb + 24u], LDV), o6);
+                o7 = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&tile[va + 28u], LDV), o7);
+                o7 = coopMultiplyAdd(pb, coopLoadT<coop_mat16x16<f16, B>>(&tile[vb + 28u], LDV), o7);
+            }
+        }
+    }
+
+    // The chunk's state: each row's (max, sum), then its values 16 dimensions at a time.
+    let direct = grid.z == 1u;
+    let in_chunk = r < rows && pos >= c * CHUNK;
+    if (half == 0u) {
+        row_ml[r] = vec2<f32>(m, l);
+        if (in_chunk && !direct) {
+            let base = ((tokens[t0 + r].chunk_off + c) * N_HEADS + h) * (HEAD_DIM + 2u);
+            partials[base] = m;
+            partials[base + 1u] = l;
+        }
+    }
+    coopStore(o0, &scores[so], ss);
+    flush(sg, lane, 0u, h, t0, rows, first, c, direct);
+    coopStore(o1, &scores[so], ss);
+    flush(sg, lane, 16u, h, t0, rows, first, c, direct);
+    coopStore(o2, &scores[so], ss);
+    flush(sg, lane, 32u, h, t0, rows, first, c, direct);
+    coopStore(o3, &scores[so], ss);
+    flush(sg, lane, 48u, h, t0, rows, first, c, direct);
+    if (wide) {
+        coopStore(o4, &scores[so], ss);
+        flush(sg, lane, 64u, h, t0, rows, first, c, direct);
+        coopStore(o5, &scores[so], ss);
+        flush(sg, lane, 80u, h, t0, rows, first, c, direct);
+        coopStore(o6, &scores[so], ss);
+        flush(sg, lane, 96u, h, t0, rows, first, c, direct);
+        coopStore(o7, &scores[so], ss);
+        flush(sg, lane, 112u, h, t0, rows, first, c, direct);
+    }
+}
