@@ -88,6 +88,8 @@ pub struct MatmulOp {
     parts: Vec<(wgpu::BindGroup, u32, u64)>,
     format: tandem_shaders::WeightFormat,
     cols: u64,
+    /// Column of y that the first part's row 0 writes to.
+    y_offset: usize,
 }
 
 /// The kernels of the default (not batch-invariant) mode: a matvec per token count and the GEMM.
@@ -113,6 +115,24 @@ enum Gemm {
 struct MatvecQ8 {
     shapes: Vec<(MatvecShape, wgpu::ComputePipeline)>,
     groups: Vec<wgpu::BindGroup>,
+    /// Each part's buffers in `matvec_q8_bind_group`'s order, the activations and their stride.
+    buffers: Vec<[wgpu::Buffer; 5]>,
+    x_q8: wgpu::Buffer,
+    x_stride: usize,
+    /// The twin that also does rope_kv's work (`MatmulOp::rotate`): a pipeline per shape, a bind
+    /// group per part.
+    rope: Option<(Vec<wgpu::ComputePipeline>, Vec<wgpu::BindGroup>)>,
+}
+
+/// What a Q/K/V matvec needs to rotate Q and K and cache K and V itself (matvec_q8_rope.wgsl).
+pub(crate) struct RopeTarget<'a> {
+    pub tokens: &'a wgpu::Buffer,
+    pub table: &'a wgpu::Buffer,
+    pub k_cache: &'a wgpu::Buffer,
+    pub v_cache: &'a wgpu::Buffer,
+    /// Query heads, K/V heads, head dim.
+    pub heads: [usize; 3],
+    pub kv_f16: bool,
 }
 
 struct Pipelines {
@@ -287,11 +307,15 @@ impl MatmulOp {
                 .collect::<Result<Vec<_>>>()?;
             let matvec_q8 = match x_q8 {
                 Some(xq) if m.format.has_packed_dot() && m.cols.is_multiple_of(32) => {
-                    let groups = m
+                    let buffers: Vec<[wgpu::Buffer; 5]> = m
                         .parts
                         .iter()
                         .zip(&params)
-                        .map(|(p, u)| kernels.matvec_q8_bind_group(&m.name, [step, u, &p.quants, &p.scales, y], xq, x_stride))
+                        .map(|(p, u)| [step.clone(), u.clone(), p.quants.clone(), p.scales.clone(), y.clone()])
+                        .collect();
+                    let groups = buffers
+                        .iter()
+                        .map(|[a, b, c, d, e]| kernels.matvec_q8_bind_group(&m.name, [a, b, c, d, e], xq, x_stride))
                         .collect();
                     let shapes = MATVEC_TOKENS
                         .iter()
@@ -300,7 +324,7 @@ impl MatmulOp {
                             Ok((shape, kernels.matvec_q8(m.format, shape, accumulate, sample_rows)?))
                         })
                         .collect::<Result<Vec<_>>>()?;
-                    Some(MatvecQ8 { shapes, groups })
+                    Some(MatvecQ8 { shapes, groups, buffers, x_q8: xq.clone(), x_stride, rope: None })
                 }
                 _ => None,
             };
@@ -314,15 +338,51 @@ impl MatmulOp {
             };
             Some(FastMatmul { matvec, matvec_q8, gemm })
         };
-        Ok(MatmulOp { exact: kernels.matmul(m.format, accumulate, sample_rows)?, fast, parts, format: m.format, cols: m.cols as u64 })
+        Ok(MatmulOp {
+            exact: kernels.matmul(m.format, accumulate, sample_rows)?,
+            fast,
+            parts,
+            format: m.format,
+            cols: m.cols as u64,
+            y_offset,
+        })
     }
 
-    pub(crate) fn record(&self, rec: &mut Recorder<'_>, tokens: usize, split: u32) {
+    /// Gives a Q/K/V matmul (Q's rows, then K's, then V's, from column 0, pairs of rotated
+    /// elements adjacent) the 8-bit matvec twin that also does rope_kv's work, where its shapes
+    /// allow (every workgroup an even number of rows, every part an even number of rows). Returns
+    /// whether it did; decode steps then record that twin and no rope_kv.
+    pub(crate) fn rotate(&mut self, kernels: &Kernels, target: &RopeTarget<'_>) -> Result<bool> {
+        let Some(q8) = self.fast.as_mut().and_then(|f| f.matvec_q8.as_mut()) else { return Ok(false) };
+        let even_parts = self.parts.iter().all(|(_, rows, _)| rows % 2 == 0);
+        let even_workgroups = q8.shapes.iter().all(|(shape, _)| shape.rows_per_workgroup() % 2 == 0);
+        if self.y_offset != 0 || !even_parts || !even_workgroups {
+            return Ok(false);
+        }
+        let pipelines = q8
+            .shapes
+            .iter()
+            .map(|(shape, _)| kernels.matvec_q8_rope(self.format, *shape, target.heads, target.kv_f16))
+            .collect::<Result<Vec<_>>>()?;
+        let rope = [target.tokens, target.table, target.k_cache, target.v_cache];
+        let groups = q8
+            .buffers
+            .iter()
+            .map(|[a, b, c, d, e]| kernels.matvec_q8_rope_bind_group("qkv_rope", [a, b, c, d, e], &q8.x_q8, q8.x_stride, rope))
+            .collect();
+        q8.rope = Some((pipelines, groups));
+        Ok(true)
+    }
+
+    /// Records the matmul for a step of `tokens` tokens; returns whether it recorded the
+    /// rotating twin (see `rotate`), which has done rope_kv's work.
+    pub(crate) fn record(&self, rec: &mut Recorder<'_>, tokens: usize, split: u32) -> bool {
+        let mut rotated = false;
         let t = tokens as u64;
         let work = |kernel, rows: u32, bytes: u64| {
             let rows = u64::from(rows);
             // 8-bit activations: a byte a value and 8 bytes of (d, s) a block of 32.
-            let x_bytes = if kernel == Kernel::MatvecQ8 { self.cols * 5 / 4 } else { self.cols * 4 };
+            let x_bytes = if matches!(kernel, Kernel::MatvecQ8 | Kernel::MatvecQ8Rope) { self.cols * 5 / 4 } else { self.cols * 4 };
             Work { kernel, format: Some(self.format), bytes: bytes + t * (x_bytes + rows * 4), flops: 2 * t * rows * self.cols }
         };
         for (i, (bg, rows, bytes)) in self.parts.iter().enumerate() {
@@ -330,10 +390,20 @@ impl MatmulOp {
                 None => (Kernel::Matmul, &self.exact, bg, [wg(*rows as usize, 64 / split as usize), wg(tokens, MATMUL_TILE), 1]),
                 Some(f) => {
                     let fits = |(shape, _): &&(MatvecShape, wgpu::ComputePipeline)| shape.tokens as usize >= tokens;
-                    let q8 = f.matvec_q8.as_ref().and_then(|q| Some((q.shapes.iter().find(fits)?, &q.groups[i])));
-                    if let Some(((shape, pipeline), q8_bg)) = q8 {
+                    let q8 = f.matvec_q8.as_ref().and_then(|q| {
+                        let at = q.shapes.iter().position(|s| fits(&s))?;
+                        Some((q, at))
+                    });
+                    if let Some((q8, at)) = q8 {
+                        let shape = q8.shapes[at].0;
                         let groups = [wg(*rows as usize, shape.rows_per_workgroup()), wg(tokens, shape.tokens as usize), 1];
-                        (Kernel::MatvecQ8, pipeline, q8_bg, groups)
+                        match &q8.rope {
+                            Some((pipelines, bgs)) => {
+                                rotated = true;
+                                (Kernel::MatvecQ8Rope, &pipelines[at], &bgs[i], groups)
+                            }
+                            None => (Kernel::MatvecQ8, &q8.shapes[at].1, &q8.groups[i], groups),
+                        }
                     } else if let Some((shape, pipeline)) = f.matvec.iter().find(fits) {
                         (
                             Kernel::Matvec,
@@ -357,6 +427,7 @@ impl MatmulOp {
             };
             rec.dispatch(work(name, *rows, *bytes), pipeline, bg, groups);
         }
+        rotated
     }
 }
 

@@ -168,6 +168,38 @@ impl Kernels {
         self.bind_group_resources(Kernel::MatvecQ8, label, resources)
     }
 
+    /// A bind group for `Kernel::MatvecQ8Rope`: `matvec_q8_bind_group`'s, then the step's
+    /// tokens, the RoPE table and the K and V cache.
+    pub fn matvec_q8_rope_bind_group(
+        &self,
+        label: &str,
+        matmul: [&wgpu::Buffer; 5],
+        x_q8: &wgpu::Buffer,
+        x_stride: usize,
+        rope: [&wgpu::Buffer; 4],
+    ) -> wgpu::BindGroup {
+        let [step, params, quants, scales, y] = matmul;
+        let range = |r: std::ops::Range<u64>| {
+            wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: x_q8,
+                offset: r.start,
+                size: wgpu::BufferSize::new(r.end - r.start),
+            })
+        };
+        let (x_quants, x_scales) = q8_ranges(x_stride);
+        let mut resources = vec![
+            step.as_entire_binding(),
+            params.as_entire_binding(),
+            range(x_quants),
+            quants.as_entire_binding(),
+            scales.as_entire_binding(),
+            y.as_entire_binding(),
+            range(x_scales),
+        ];
+        resources.extend(rope.iter().map(|b| b.as_entire_binding()));
+        self.bind_group_resources(Kernel::MatvecQ8Rope, label, resources)
+    }
+
     /// Lanes that cooperate on one matmul row on this adapter.
     pub fn matmul_split(&self) -> u32 {
         if self.ctx.is_cpu { 1 } else { 32 }
@@ -222,6 +254,32 @@ impl Kernels {
                 ("WG", f64::from(shape.lanes)),
                 ("ACCUMULATE", f64::from(u8::from(accumulate))),
                 ("SAMPLE_ROWS", f64::from(u8::from(sample_rows))),
+            ],
+        )
+    }
+
+    /// `matvec_q8` of a Q/K/V matrix that also rotates Q and K and caches K and V
+    /// (matvec_q8_rope.wgsl), for `heads` (query heads, K/V heads, head dim) and a cache of f16
+    /// or f32.
+    pub fn matvec_q8_rope(
+        &self,
+        format: WeightFormat,
+        shape: MatvecShape,
+        heads: [usize; 3],
+        kv_f16: bool,
+    ) -> Result<wgpu::ComputePipeline> {
+        self.pipeline(
+            Kernel::MatvecQ8Rope,
+            Some(format),
+            &[
+                ("TOKENS", f64::from(shape.tokens)),
+                ("UNROLL", f64::from(shape.unroll)),
+                ("KSPLIT", f64::from(shape.ksplit)),
+                ("WG", f64::from(shape.lanes)),
+                ("N_HEADS", heads[0] as f64),
+                ("N_KV_HEADS", heads[1] as f64),
+                ("HEAD_DIM", heads[2] as f64),
+                ("KV_F16", f64::from(u8::from(kv_f16))),
             ],
         )
     }

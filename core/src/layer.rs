@@ -9,7 +9,7 @@ use tandem_shaders::{ATTENTION_CHUNK, ATTENTION_TILE_ROWS, Kernel, ShaderCaps};
 
 use crate::config::{ModelConfig, RopeLayout};
 use crate::device_weights::{DeviceMatrix, upload_vector};
-use crate::engine::{EngineConfig, MatmulOp, stack_rows};
+use crate::engine::{EngineConfig, MatmulOp, RopeTarget, stack_rows};
 use crate::error::Result;
 use crate::gpu::GpuContext;
 use crate::kernels::{Kernels, SILU_MUL_TILE};
@@ -38,6 +38,9 @@ pub enum Grid {
     /// `[heads, tokens, 1]`, only on steps with more than one attention chunk per token (with
     /// one, attention writes its output itself).
     Merge(u32),
+    /// `[x, tokens, 1]`, only on steps whose Q/K/V matmul did not do this work itself
+    /// (`MatmulOp::rotate`).
+    RopeKv(u32),
 }
 
 /// Bytes and operations of a dispatch, per token and per attended position.
@@ -83,9 +86,10 @@ impl LayerOps {
     /// attention a token at a time).
     pub fn record(&self, rec: &mut Recorder<'_>, n_tokens: usize, attended: u64, chunks: u32, tiles: u32, split: u32) {
         let t = n_tokens as u64;
+        let mut rotated = false;
         for op in &self.ops {
             match op {
-                LayerOp::Matmul(m) => m.record(rec, n_tokens, split),
+                LayerOp::Matmul(m) => rotated |= m.record(rec, n_tokens, split),
                 LayerOp::Dispatch(d) => {
                     let c = d.cost;
                     let work = Work::of(
@@ -102,6 +106,8 @@ impl LayerOps {
                         Grid::AttentionTiles(heads) => [heads, tiles, chunks],
                         Grid::Merge(_) if chunks <= 1 => continue,
                         Grid::Merge(heads) => [heads, n_tokens as u32, 1],
+                        Grid::RopeKv(_) if rotated => continue,
+                        Grid::RopeKv(x) => [x, n_tokens as u32, 1],
                     };
                     rec.dispatch(work, &d.pipeline, &d.bind_group, groups);
                 }
@@ -307,6 +313,32 @@ impl LayerBuilder<'_> {
         }))
     }
 
+    /// This layer's RoPE table (its base and frequency divisor).
+    fn rope_table(&self) -> &wgpu::Buffer {
+        let c = self.config;
+        &self.rope_tables[&c.layer_rope_key(self.layer)]
+    }
+
+    /// Q/K/V ops (`qkv`, `qkv_fused`) followed directly by `rope_kv`: where they are one matmul
+    /// over a layout whose rotated pairs are adjacent, its decode matvec also rotates and caches
+    /// (`MatmulOp::rotate`), and decode steps skip rope_kv's dispatch. Fast mode only.
+    pub fn rotating(&self, mut qkv: Vec<LayerOp>) -> Result<Vec<LayerOp>> {
+        let c = self.config;
+        if let ([LayerOp::Matmul(m)], false, RopeLayout::Adjacent) = (qkv.as_mut_slice(), self.engine.deterministic, c.rope_layout) {
+            let a = self.act;
+            let target = RopeTarget {
+                tokens: &a.tokens,
+                table: self.rope_table(),
+                k_cache: self.k_cache,
+                v_cache: self.v_cache,
+                heads: [c.n_heads, c.n_kv_heads, c.head_dim],
+                kv_f16: self.engine.kv_dtype == KvDtype::F16,
+            };
+            m.rotate(self.kernels, &target)?;
+        }
+        Ok(qkv)
+    }
+
     /// RoPE on Q and K with this layer's base, and the new K and V into the cache.
     pub fn rope_kv(&self) -> Result<LayerOp> {
         let c = self.config;
@@ -317,10 +349,12 @@ impl LayerBuilder<'_> {
             Some(kv.format()),
             &[h, kvh, hd, ("NEOX", f64::from(u8::from(c.rope_layout == RopeLayout::Neox)))],
         )?;
-        let table = &self.rope_tables[&c.layer_rope_key(self.layer)];
         let a = self.act;
-        let bind_group =
-            self.kernels.bind_group(Kernel::RopeKv, "rope_kv", &[&a.step, &a.qkv, &a.tokens, table, self.k_cache, self.v_cache]);
+        let bind_group = self.kernels.bind_group(
+            Kernel::RopeKv,
+            "rope_kv",
+            &[&a.step, &a.qkv, &a.tokens, self.rope_table(), self.k_cache, self.v_cache],
+        );
         let kv_dim = c.kv_dim() as u64;
         let pairs = ((c.n_heads + c.n_kv_heads) * c.head_dim / 2) as u64;
         // rope_kv.wgsl: an invocation rotates two pairs or copies two V values.
@@ -329,7 +363,7 @@ impl LayerBuilder<'_> {
             pipeline,
             bind_group,
             cost: Cost::per_token(Kernel::RopeKv, c.qkv_dim() as u64 * 8 + 2 * kv_dim * kv.bytes() as u64, 6 * pairs),
-            grid: Grid::Tokens(items.div_ceil(64) as u32),
+            grid: Grid::RopeKv(items.div_ceil(64) as u32),
         }))
     }
 

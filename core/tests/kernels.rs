@@ -316,6 +316,74 @@ fn matvec_q8_matches_cpu_for_packed_formats_and_odd_shapes() {
     }
 }
 
+/// matvec_q8_rope: the Q/K/V matvec of a decode step that also rotates Q (into y) and K and
+/// writes K and V to each token's cache slot, against the CPU's matmul then RoPE.
+#[test]
+fn matvec_q8_rope_rotates_q_and_caches_k_and_v() {
+    for ctx in gpu_variants().into_iter().filter(|c| !c.caps.f16) {
+        let kernels = Kernels::new(&ctx);
+        let mut rng = rng();
+        let (nh, nkv, hd, cols) = (4, 2, 64, 128);
+        let (q_dim, kv_dim) = (nh * hd, nkv * hd);
+        let rows = q_dim + 2 * kv_dim;
+        let table = cpu_ref::rope_table(64, hd, 10000.0, None);
+        let table_b = ctx.storage_init("rope", bytemuck::cast_slice(&table.iter().flatten().copied().collect::<Vec<f32>>()));
+        for (format, dtype) in [(WeightFormat::Q4_0, KvDtype::F16), (WeightFormat::Q8_0, KvDtype::F32)] {
+            let t = host_matrix(format, &random(&mut rng, rows * cols), rows, cols);
+            let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
+            for tokens in [1, 3] {
+                let infos: Vec<TokenInfo> = [(5u32, 3u32), (40, 20), (17, 9)][..tokens]
+                    .iter()
+                    .map(|&(pos, slot)| TokenInfo { id: 0, pos, slot, table_off: 0, chunk_off: 0 })
+                    .collect();
+                let x = random(&mut rng, tokens * cols);
+                let mut padded = x.clone();
+                padded.resize(Q8_TOKENS * cols, 0.5);
+                let x_q8 = ctx.storage_init("x_q8", &q8_activations(&padded, cols));
+                let step = step_buf(&ctx, tokens, 0);
+                let info_b = ctx.storage_init("tokens", bytemuck::cast_slice(&infos));
+                let cache_bytes = (32 * kv_dim * dtype.bytes()) as u64;
+                let (kc, vc) = (ctx.storage("k", cache_bytes), ctx.storage("v", cache_bytes));
+                let y = ctx.storage("y", (tokens * rows * 4) as u64);
+                let params = m.part_params(&ctx, cols, rows, 0);
+                let (p, u) = (&m.parts[0], &params[0]);
+                let bg = kernels.matvec_q8_rope_bind_group(
+                    "qkv",
+                    [&step, u, &p.quants, &p.scales, &y],
+                    &x_q8,
+                    cols,
+                    [&info_b, &table_b, &kc, &vc],
+                );
+                let short = MatvecShape::for_q8_matrix(cols, 4);
+                for shape in [short, MatvecShape { ksplit: 2, lanes: 128, ..short }] {
+                    let pipeline = kernels.matvec_q8_rope(format, shape, [nh, nkv, hd], dtype == KvDtype::F16).expect("pipeline");
+                    let groups = [rows.div_ceil(shape.rows_per_workgroup()) as u32, tokens.div_ceil(shape.tokens as usize) as u32, 1];
+                    let got_y = read_f32(&ctx, &y, (tokens * rows * 4) as u64, dispatch(&ctx, &pipeline, &[(&bg, groups)]));
+                    let got_k = dtype.decode(&read_bytes(&ctx, &kc, cache_bytes, ctx.device.create_command_encoder(&Default::default())));
+                    let got_v = dtype.decode(&read_bytes(&ctx, &vc, cache_bytes, ctx.device.create_command_encoder(&Default::default())));
+                    let (want, scale) = matmul_reference(format, &t, &cpu_ref::q8_round_trip(&x), tokens);
+                    let big = scale.iter().fold(1f32, |a, &b| a.max(b));
+                    let stored = |v: &[f32]| dtype.decode(&dtype.encode(v));
+                    let rounding = if dtype == KvDtype::F16 { 1e-3 } else { 0.0 };
+                    for (tok, info) in infos.iter().enumerate() {
+                        let what = format!("matvec_q8_rope {format} {dtype} {shape:?} token {tok} {:?}", ctx.caps);
+                        let mut row = want[tok * rows..(tok + 1) * rows].to_vec();
+                        for head in row[..q_dim + kv_dim].chunks_mut(hd) {
+                            cpu_ref::rope(head, info.pos as usize, &table, false);
+                        }
+                        let ones = vec![big; rows];
+                        assert_close(&got_y[tok * rows..][..q_dim], &row[..q_dim], MATMUL_TOLERANCE, &ones, &format!("{what}: Q"));
+                        let slot = info.slot as usize * kv_dim;
+                        let tol = MATMUL_TOLERANCE + rounding;
+                        assert_close(&got_k[slot..][..kv_dim], &stored(&row[q_dim..q_dim + kv_dim]), tol, &ones, &format!("{what}: K"));
+                        assert_close(&got_v[slot..][..kv_dim], &stored(&row[q_dim + kv_dim..]), tol, &ones, &format!("{what}: V"));
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn matmul_is_identical_for_a_token_alone_and_in_a_batch() {
     for ctx in gpu_variants() {

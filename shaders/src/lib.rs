@@ -218,6 +218,7 @@ pub enum Kernel {
     Matmul,
     Matvec,
     MatvecQ8,
+    MatvecQ8Rope,
     Gemm,
     GemmCoop,
     HeadNorm,
@@ -232,12 +233,13 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 15] = [
+    pub const ALL: [Kernel; 16] = [
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::Matmul,
         Kernel::Matvec,
         Kernel::MatvecQ8,
+        Kernel::MatvecQ8Rope,
         Kernel::Gemm,
         Kernel::GemmCoop,
         Kernel::HeadNorm,
@@ -258,6 +260,7 @@ impl Kernel {
             Kernel::Matmul => "matmul",
             Kernel::Matvec => "matvec",
             Kernel::MatvecQ8 => "matvec_q8",
+            Kernel::MatvecQ8Rope => "matvec_q8_rope",
             Kernel::Gemm => "gemm",
             Kernel::GemmCoop => "gemm_coop",
             Kernel::HeadNorm => "head_norm",
@@ -282,6 +285,8 @@ impl Kernel {
             // step, params, x, weight words, scales, y, x again as vec4s (matvec_q8: the
             // 8-bit activations' quants and their scales).
             Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8 | Kernel::Gemm | Kernel::GemmCoop => &[U, U, R, R, R, W, R],
+            // matvec_q8's, then tokens, the RoPE table, and the K and V cache.
+            Kernel::MatvecQ8Rope => &[U, U, R, R, R, W, R, R, R, W, W],
             // step, qkv (normed in place), query-head and key-head weights.
             Kernel::HeadNorm => &[U, W, R, R],
             // step, y (biased in place), the bias.
@@ -313,7 +318,10 @@ impl Kernel {
 
     /// Whether the kernel reads a weight tensor and so exists once per weight format.
     pub fn reads_weights(self) -> bool {
-        matches!(self, Kernel::Embed | Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8 | Kernel::Gemm | Kernel::GemmCoop)
+        matches!(
+            self,
+            Kernel::Embed | Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8 | Kernel::MatvecQ8Rope | Kernel::Gemm | Kernel::GemmCoop
+        )
     }
 
     fn body(self) -> &'static str {
@@ -322,7 +330,7 @@ impl Kernel {
             Kernel::RmsNorm => include_str!("../wgsl/rmsnorm.wgsl"),
             Kernel::Matmul => include_str!("../wgsl/matmul.wgsl"),
             Kernel::Matvec => include_str!("../wgsl/matvec.wgsl"),
-            Kernel::MatvecQ8 => include_str!("../wgsl/matvec_q8.wgsl"),
+            Kernel::MatvecQ8 | Kernel::MatvecQ8Rope => include_str!("../wgsl/matvec_q8.wgsl"),
             Kernel::Gemm => include_str!("../wgsl/gemm.wgsl"),
             Kernel::GemmCoop => include_str!("../wgsl/gemm_coop.wgsl"),
             Kernel::HeadNorm => include_str!("../wgsl/head_norm.wgsl"),
@@ -339,8 +347,12 @@ impl Kernel {
     /// The module that exchanges values between a kernel's lanes, where the kernel has one.
     fn lanes_source(self, caps: ShaderCaps) -> Option<&'static str> {
         match (self, caps.subgroups) {
-            (Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8, true) => Some(include_str!("../wgsl/matmul_lanes_subgroup.wgsl")),
-            (Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8, false) => Some(include_str!("../wgsl/matmul_lanes_workgroup.wgsl")),
+            (Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8 | Kernel::MatvecQ8Rope, true) => {
+                Some(include_str!("../wgsl/matmul_lanes_subgroup.wgsl"))
+            }
+            (Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8 | Kernel::MatvecQ8Rope, false) => {
+                Some(include_str!("../wgsl/matmul_lanes_workgroup.wgsl"))
+            }
             (Kernel::Attention, true) => Some(include_str!("../wgsl/attention_lanes_subgroup.wgsl")),
             (Kernel::Attention, false) => Some(include_str!("../wgsl/attention_lanes_workgroup.wgsl")),
             _ => None,
@@ -378,7 +390,9 @@ impl Kernel {
             ]));
         }
         let dequant = match (self.reads_weights(), format) {
-            (true, Some(f)) if self == Kernel::MatvecQ8 => Some(f.packed_dot_source().ok_or(RenderError::UnsupportedFormat(self, f))?),
+            (true, Some(f)) if matches!(self, Kernel::MatvecQ8 | Kernel::MatvecQ8Rope) => {
+                Some(f.packed_dot_source().ok_or(RenderError::UnsupportedFormat(self, f))?)
+            }
             (true, Some(f)) => Some(f.dequant_source()),
             (false, None) => None,
             (true, None) => return Err(RenderError::MissingFormat(self)),
@@ -398,12 +412,19 @@ impl Kernel {
             out.push_str("enable f16;\n");
         }
         let access = format.and_then(|f| f.weight_access_source(caps));
-        let io = (self.layout_owner() == Kernel::Matmul).then_some(include_str!("../wgsl/matmul_io.wgsl"));
+        let matvec_q8 = matches!(self, Kernel::MatvecQ8 | Kernel::MatvecQ8Rope);
+        let io = (self.layout_owner() == Kernel::Matmul || matvec_q8).then_some(include_str!("../wgsl/matmul_io.wgsl"));
+        // How matvec_q8's sums leave: stored, or rotated and cached (matvec_q8_rope).
+        let finish = match self {
+            Kernel::MatvecQ8 => Some(include_str!("../wgsl/matvec_q8_store.wgsl")),
+            Kernel::MatvecQ8Rope => Some(include_str!("../wgsl/matvec_q8_rope.wgsl")),
+            _ => None,
+        };
         // The kernels that write a matvec's input also write it as 8-bit activations.
         let q8_out =
             matches!(self, Kernel::RmsNorm | Kernel::SiluMul | Kernel::AttentionMerge).then_some(include_str!("../wgsl/q8_lanes.wgsl"));
-        let f32_x = (self.layout_owner() == Kernel::Matmul && self != Kernel::MatvecQ8).then_some(include_str!("../wgsl/matmul_x.wgsl"));
-        let groups = matches!(self, Kernel::Matvec | Kernel::MatvecQ8).then_some(include_str!("../wgsl/matvec_groups.wgsl"));
+        let f32_x = (self.layout_owner() == Kernel::Matmul && !matvec_q8).then_some(include_str!("../wgsl/matmul_x.wgsl"));
+        let groups = (self == Kernel::Matvec || matvec_q8).then_some(include_str!("../wgsl/matvec_groups.wgsl"));
         out.push_str(&concat([
             Some(include_str!("../wgsl/common.wgsl")),
             io,
@@ -414,6 +435,7 @@ impl Kernel {
             dequant,
             lanes,
             groups,
+            finish,
             q8_out,
         ]));
         Ok(out)

@@ -62,12 +62,6 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
     }
 
     sum_row_groups(&acc, li, TOKENS);
-
-    if (lane == 0u && kpart == 0u && row < p.n) {
-        for (var t = 0u; t < TOKENS; t++) {
-            if (t0 + t < n_tok) {
-                store_y(t0 + t, row, acc[t]);
-            }
-        }
-    }
+    // matvec_q8_store.wgsl, or matvec_q8_rope.wgsl's rotation and cache write.
+    finish_rows(&acc, li, row, t0, n_tok);
 }

@@ -73,8 +73,13 @@ pub trait Family: Sync {
 /// gate/up ops `gate_up`, SwiGLU, down added into the residual.
 fn pre_norm_layer(b: &LayerBuilder<'_>, qkv: Vec<LayerOp>, after_qkv: Option<LayerOp>, gate_up: Vec<LayerOp>) -> Result<Vec<LayerOp>> {
     let mut ops = vec![b.norm("attn_norm", None)?];
-    ops.extend(qkv);
-    ops.extend(after_qkv);
+    match after_qkv {
+        None => ops.extend(b.rotating(qkv)?),
+        Some(after) => {
+            ops.extend(qkv);
+            ops.push(after);
+        }
+    }
     ops.push(b.rope_kv()?);
     ops.extend(b.attention()?);
     ops.push(b.attn_output(true)?);
