@@ -33,11 +33,14 @@ const WG: u32 = 128u;
 const KEYS: u32 = 32u;
 const CHUNK: u32 = 256u;
 const MAX_HEAD_DIM: u32 = 128u;
-// Row stride of the Q and K/V tiles in f16, padded by 8 so fragment loads of consecutive rows
-// fall on different banks; and of each subgroup's probabilities.
-const LD: u32 = MAX_HEAD_DIM + 8u;
+// Row strides in f16 of the Q and K tiles and of the probabilities and transposed values,
+// padded so fragment loads of consecutive rows fall on different banks: by 4, to an odd number
+// of runs of 4. With an even number, NVIDIA's 580 driver dropped the last 4 columns of the
+// fragments loaded at the tile's last run of 4 used (dimensions 60-63 of 64-wide heads, keys
+// 28-31), on every padding tried (docs/kernel-notes.md, item 32).
+const LD: u32 = MAX_HEAD_DIM + 4u;
 const LDV: u32 = LD / 4u;
-const LDP: u32 = KEYS + 8u;
+const LDP: u32 = KEYS + 4u;
 const NEG_BIG: f32 = -3.0e38;
 
 @group(0) @binding(0) var<uniform> step: Step;
@@ -51,10 +54,14 @@ const NEG_BIG: f32 = -3.0e38;
 // sequence).
 @group(0) @binding(8) var<storage, read> tiles: array<vec2<u32>>;
 
-// The tile's queries at first ([row][dimension]); then a step's keys in rows 0..KEYS and its
-// values in rows KEYS..2 KEYS.
+// The tile's queries at first ([row][dimension]); then a step's keys in rows 0..KEYS.
 var<workgroup> tile: array<vec4<f16>, ROWS * LDV>;
-// Each subgroup's 16 x KEYS scores, column-major ([key][row]); at the end, its 16 x 16 outputs.
+// A step's values transposed, [dimension][key], in runs of 4 keys: the output is accumulated
+// transposed, O^T = V^T P^T, so every fragment loads as gemm_coop's do (A row-major, B
+// column-major) and at the same runs.
+var<workgroup> vt: array<vec4<f16>, MAX_HEAD_DIM * LDP / 4u>;
+// Each subgroup's 16 x KEYS scores, column-major ([key][row]); at the end, its 16 x 16 outputs
+// ([row][dimension]).
 var<workgroup> scores: array<f32, WG / 32u * 16u * KEYS>;
 // Each subgroup's 16 x KEYS probabilities, [row][key].
 var<workgroup> probs: array<vec4<f16>, WG / 32u * 16u * LDP / 4u>;
@@ -80,13 +87,13 @@ fn halves(w: vec2<u32>) -> vec4<f16> {
     return vec4<f16>(vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)));
 }
 
-/// Writes dimensions d0..d0 + 15 of the subgroup's 16 rows from its stage (column-major
-/// [dimension][row]): the output, or the chunk's weighted values. Called by every lane.
+/// Writes dimensions d0..d0 + 15 of the subgroup's 16 rows from its stage ([row][dimension]):
+/// the output, or the chunk's weighted values. Called by every lane.
 fn flush(sg: u32, lane: u32, d0: u32, h: u32, t0: u32, rows: u32, first: u32, c: u32, direct: bool) {
     workgroupBarrier();
     for (var e = lane; e < 256u; e += 32u) {
-        let r = sg * 16u + e % 16u;
-        let d = d0 + e / 16u;
+        let r = sg * 16u + e / 16u;
+        let d = d0 + e % 16u;
         if (r < rows && first + r >= c * CHUNK) {
             let v = scores[sg * 512u + e];
             let t = t0 + r;
@@ -184,20 +191,25 @@ fn main(
         // Also waits until the last step's readers of the tile are done.
         let second = workgroupUniformLoad(&shared_u) == 1u;
         let k0 = lo + (it % steps) * KEYS;
-        let loads = select(1u, 2u, second) * KEYS * (HEAD_DIM / 4u);
-        for (var e = li; e < loads; e += WG) {
-            let kr = e / (HEAD_DIM / 4u);
+        // Keys past hi repeat the last (a valid row) and get probability 0.
+        for (var e = li; e < KEYS * (HEAD_DIM / 4u); e += WG) {
+            let key = e / (HEAD_DIM / 4u);
             let d4 = e % (HEAD_DIM / 4u);
-            let key = kr % KEYS;
-            // Keys past hi repeat the last (a valid row) and get probability 0.
-            let at = cache_row(table_off, min(k0 + key, hi - 1u)) * (kv_dim / 4u) + head_off + d4;
-            var w: vec2<u32>;
-            if (kr < KEYS) {
-                w = k_cache[at];
-            } else {
-                w = v_cache[at];
+            tile[key * LDV + d4] = halves(k_cache[cache_row(table_off, min(k0 + key, hi - 1u)) * (kv_dim / 4u) + head_off + d4]);
+        }
+        if (second) {
+            // A lane takes 4 keys by 4 dimensions and stores them as 4 runs of 4 keys.
+            for (var e = li; e < KEYS / 4u * (HEAD_DIM / 4u); e += WG) {
+                let kq = e / (HEAD_DIM / 4u);
+                let d4 = e % (HEAD_DIM / 4u);
+                var v: array<vec4<f16>, 4>;
+                for (var k = 0u; k < 4u; k++) {
+                    v[k] = halves(v_cache[cache_row(table_off, min(k0 + 4u * kq + k, hi - 1u)) * (kv_dim / 4u) + head_off + d4]);
+                }
+                for (var j = 0u; j < 4u; j++) {
+                    vt[(4u * d4 + j) * (LDP / 4u) + kq] = vec4<f16>(v[0][j], v[1][j], v[2][j], v[3][j]);
+                }
             }
-            tile[kr * LDV + d4] = halves(w);
         }
         workgroupBarrier();
         // B[d][key] = K[key][d]: the keys read column-major.
@@ -254,28 +266,26 @@ fn main(
         }
         workgroupBarrier();
         if (second) {
-            // A[row][key] = P, B[key][d] = V[key][d]: both row-major.
-            let pa = coopLoadT<coop_mat16x16<f16, A>>(&probs[po], LDP / 4u);
-            let pb = coopLoadT<coop_mat16x16<f16, A>>(&probs[po + 4u], LDP / 4u);
-            let va = KEYS * LDV;
-            let vb = (KEYS + 16u) * LDV;
-            o0 = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&tile[va], LDV), o0);
-            o0 = coopMultiplyAdd(pb, coopLoadT<coop_mat16x16<f16, B>>(&tile[vb], LDV), o0);
-            o1 = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&tile[va + 4u], LDV), o1);
-            o1 = coopMultiplyAdd(pb, coopLoadT<coop_mat16x16<f16, B>>(&tile[vb + 4u], LDV), o1);
-            o2 = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&tile[va + 8u], LDV), o2);
-            o2 = coopMultiplyAdd(pb, coopLoadT<coop_mat16x16<f16, B>>(&tile[vb + 8u], LDV), o2);
-            o3 = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&tile[va + 12u], LDV), o3);
-            o3 = coopMultiplyAdd(pb, coopLoadT<coop_mat16x16<f16, B>>(&tile[vb + 12u], LDV), o3);
+            // O^T[d][row] += V^T[d][key] P^T[key][row]: B[key][row] = P[row][key], column-major.
+            let pa = coopLoad<coop_mat16x16<f16, B>>(&probs[po], LDP / 4u);
+            let pb = coopLoad<coop_mat16x16<f16, B>>(&probs[po + 4u], LDP / 4u);
+            o0 = coopMultiplyAdd(coopLoadT<coop_mat16x16<f16, A>>(&vt[0u], LDP / 4u), pa, o0);
+            o0 = coopMultiplyAdd(coopLoadT<coop_mat16x16<f16, A>>(&vt[4u], LDP / 4u), pb, o0);
+            o1 = coopMultiplyAdd(coopLoadT<coop_mat16x16<f16, A>>(&vt[16u * (LDP / 4u)], LDP / 4u), pa, o1);
+            o1 = coopMultiplyAdd(coopLoadT<coop_mat16x16<f16, A>>(&vt[16u * (LDP / 4u) + 4u], LDP / 4u), pb, o1);
+            o2 = coopMultiplyAdd(coopLoadT<coop_mat16x16<f16, A>>(&vt[32u * (LDP / 4u)], LDP / 4u), pa, o2);
+            o2 = coopMultiplyAdd(coopLoadT<coop_mat16x16<f16, A>>(&vt[32u * (LDP / 4u) + 4u], LDP / 4u), pb, o2);
+            o3 = coopMultiplyAdd(coopLoadT<coop_mat16x16<f16, A>>(&vt[48u * (LDP / 4u)], LDP / 4u), pa, o3);
+            o3 = coopMultiplyAdd(coopLoadT<coop_mat16x16<f16, A>>(&vt[48u * (LDP / 4u) + 4u], LDP / 4u), pb, o3);
             if (wide) {
-                o4 = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&tile[va + 16u], LDV), o4);
-                o4 = coopMultiplyAdd(pb, coopLoadT<coop_mat16x16<f16, B>>(&tile[vb + 16u], LDV), o4);
-                o5 = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&tile[va + 20u], LDV), o5);
-                o5 = coopMultiplyAdd(pb, coopLoadT<coop_mat16x16<f16, B>>(&tile[vb + 20u], LDV), o5);
-                o6 = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&tile[va + 24u], LDV), o6);
-                o6 = coopMultiplyAdd(pb, coopLoadT<coop_mat16x16<f16, B>>(&tile[vb + 24u], LDV), o6);
-                o7 = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&tile[va + 28u], LDV), o7);
-                o7 = coopMultiplyAdd(pb, coopLoadT<coop_mat16x16<f16, B>>(&tile[vb + 28u], LDV), o7);
+                o4 = coopMultiplyAdd(coopLoadT<coop_mat16x16<f16, A>>(&vt[64u * (LDP / 4u)], LDP / 4u), pa, o4);
+                o4 = coopMultiplyAdd(coopLoadT<coop_mat16x16<f16, A>>(&vt[64u * (LDP / 4u) + 4u], LDP / 4u), pb, o4);
+                o5 = coopMultiplyAdd(coopLoadT<coop_mat16x16<f16, A>>(&vt[80u * (LDP / 4u)], LDP / 4u), pa, o5);
+                o5 = coopMultiplyAdd(coopLoadT<coop_mat16x16<f16, A>>(&vt[80u * (LDP / 4u) + 4u], LDP / 4u), pb, o5);
+                o6 = coopMultiplyAdd(coopLoadT<coop_mat16x16<f16, A>>(&vt[96u * (LDP / 4u)], LDP / 4u), pa, o6);
+                o6 = coopMultiplyAdd(coopLoadT<coop_mat16x16<f16, A>>(&vt[96u * (LDP / 4u) + 4u], LDP / 4u), pb, o6);
+                o7 = coopMultiplyAdd(coopLoadT<coop_mat16x16<f16, A>>(&vt[112u * (LDP / 4u)], LDP / 4u), pa, o7);
+                o7 = coopMultiplyAdd(coopLoadT<coop_mat16x16<f16, A>>(&vt[112u * (LDP / 4u) + 4u], LDP / 4u), pb, o7);
             }
         }
     }
