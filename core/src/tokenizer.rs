@@ -315,13 +315,28 @@ impl TextTokenizer {
         }
     }
 
-    /// The prompt text for a conversation, rendered with the model's chat template.
+    /// The prompt text for a conversation, rendered with the model's chat template. Templates
+    /// that ask `strftime_now` for today's date get it in UTC.
     pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.apply_chat_template_at(messages, add_generation_prompt, std::time::SystemTime::now())
+    }
+
+    /// `apply_chat_template` with `strftime_now` at `now` instead of the clock's time.
+    pub fn apply_chat_template_at(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        now: std::time::SystemTime,
+    ) -> Result<String> {
         let template = self.chat_template.as_deref().ok_or_else(|| Error::ChatTemplate("the model has no chat template".into()))?;
         let mut env = Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> std::result::Result<(), minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        // What transformers offers templates: `datetime.now().strftime(format)`.
+        env.add_function("strftime_now", move |format: String| {
+            crate::strftime::strftime(&format, now).map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e))
         });
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);

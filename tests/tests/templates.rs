@@ -1,7 +1,8 @@
 //! Chat templates of instruction-tuned models (Qwen2.5, Qwen3, Phi-3.5, Gemma 2/3, Llama 3.2,
 //! Mistral Nemo, SmolLM3; `tests/fixtures/templates/`, from llama.cpp's copies) rendered by
 //! tandem's renderer as Jinja2 renders them set up as Hugging Face transformers sets it up
-//! (`make.py`): the same text for every conversation, and an error where Jinja2 refuses one.
+//! (`make.py`): the same text for every conversation (Llama 3.2's with the date `strftime_now`
+//! gives), and an error where Jinja2 refuses one.
 
 use std::path::PathBuf;
 
@@ -21,6 +22,8 @@ struct Case {
 struct Renderings {
     bos_token: String,
     eos_token: String,
+    /// What `strftime_now` reads, in seconds since 1970 (UTC).
+    now: u64,
     cases: Vec<Case>,
 }
 
@@ -37,7 +40,8 @@ fn chat_templates_render_as_transformers_renders_them() {
     for case in &r.cases {
         tokenizer.chat_template = Some(std::fs::read_to_string(dir.join(&case.template)).expect("template"));
         let what = format!("{} `{}` (generation prompt: {})", case.template, case.conversation, case.add_generation_prompt);
-        let got = tokenizer.apply_chat_template(&case.messages, case.add_generation_prompt);
+        let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(r.now);
+        let got = tokenizer.apply_chat_template_at(&case.messages, case.add_generation_prompt, now);
         match (&case.text, got) {
             (Some(want), Ok(got)) => assert_eq!(&got, want, "{what}"),
             (None, Err(_)) => {}
