@@ -248,13 +248,10 @@ impl Kernels {
             Kernel::MatvecQ8,
             Some(format),
             &[
-                ("TOKENS", f64::from(shape.tokens)),
-                ("UNROLL", f64::from(shape.unroll)),
-                ("KSPLIT", f64::from(shape.ksplit)),
-                ("WG", f64::from(shape.lanes)),
-                ("ACCUMULATE", f64::from(u8::from(accumulate))),
-                ("SAMPLE_ROWS", f64::from(u8::from(sample_rows))),
-            ],
+                shape.q8_constants().as_slice(),
+                &[("ACCUMULATE", f64::from(u8::from(accumulate))), ("SAMPLE_ROWS", f64::from(u8::from(sample_rows)))],
+            ]
+            .concat(),
         )
     }
 
@@ -272,15 +269,15 @@ impl Kernels {
             Kernel::MatvecQ8Rope,
             Some(format),
             &[
-                ("TOKENS", f64::from(shape.tokens)),
-                ("UNROLL", f64::from(shape.unroll)),
-                ("KSPLIT", f64::from(shape.ksplit)),
-                ("WG", f64::from(shape.lanes)),
-                ("N_HEADS", heads[0] as f64),
-                ("N_KV_HEADS", heads[1] as f64),
-                ("HEAD_DIM", heads[2] as f64),
-                ("KV_F16", f64::from(u8::from(kv_f16))),
-            ],
+                shape.q8_constants().as_slice(),
+                &[
+                    ("N_HEADS", heads[0] as f64),
+                    ("N_KV_HEADS", heads[1] as f64),
+                    ("HEAD_DIM", heads[2] as f64),
+                    ("KV_F16", f64::from(u8::from(kv_f16))),
+                ],
+            ]
+            .concat(),
         )
     }
 
@@ -393,6 +390,16 @@ impl MatvecShape {
             224.. if tokens == 1 => MatvecShape { tokens, rows: 1, unroll, ksplit: 2, lanes: 128 },
             _ => MatvecShape { tokens, rows: 1, unroll, ksplit: 1, lanes: 64 },
         }
+    }
+
+    /// The override constants of matvec_q8.wgsl (and its RoPE twin) for this shape.
+    fn q8_constants(&self) -> [(&'static str, f64); 4] {
+        [
+            ("TOKENS", f64::from(self.tokens)),
+            ("UNROLL", f64::from(self.unroll)),
+            ("KSPLIT", f64::from(self.ksplit)),
+            ("WG", f64::from(self.lanes)),
+        ]
     }
 
     /// Weight rows one workgroup covers.

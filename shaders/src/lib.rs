@@ -382,6 +382,7 @@ impl Kernel {
             return Ok(concat([
                 coop.then_some(COOP_ENABLES),
                 Some(include_str!("../wgsl/common.wgsl")),
+                (self != Kernel::RopeKv).then_some(include_str!("../wgsl/attention_io.wgsl")),
                 Some(self.body()),
                 Some(cache.as_str()),
                 writes.then_some(store),

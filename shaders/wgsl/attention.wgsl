@@ -18,14 +18,6 @@
 // (attention_lanes_subgroup.wgsl), workgroup memory and barriers elsewhere
 // (attention_lanes_workgroup.wgsl).
 
-override N_HEADS: u32;
-override N_KV_HEADS: u32;
-override HEAD_DIM: u32;
-override BLOCK_TOKENS: u32;
-override SCALE: f32;
-// Sliding-window layers: the query at position p sees only positions p - WINDOW + 1..=p (llama.cpp's
-// standard window); 0 sees the whole prefix. A chunk wholly before the window writes an empty state.
-override WINDOW: u32 = 0u;
 override Q8: bool = false;
 
 // Positions a subgroup scores at once, a lane each.
@@ -37,18 +29,9 @@ const CHUNK: u32 = WG;
 const MAX_HEAD_DIM: u32 = 256u;
 // Value runs of 4 dimensions a lane owns: lane i owns runs i and i + SUB.
 const RUNS: u32 = MAX_HEAD_DIM / 4u / SUB;
-const NEG_BIG: f32 = -3.0e38;
 
-@group(0) @binding(0) var<uniform> step: Step;
-@group(0) @binding(1) var<storage, read> qkv: array<f32>;
-@group(0) @binding(2) var<storage, read> tokens: array<TokenInfo>;
-@group(0) @binding(3) var<storage, read> tables: array<u32>;
-// Bindings 4 and 5, the K/V cache, come with its format (kv_*.wgsl): elements of 4 values, so a
-// head (a multiple of 32 values) starts on an element.
-// Per (chunk of the step, head): [max, sum, HEAD_DIM weighted values].
-@group(0) @binding(6) var<storage, read_write> partials: array<f32>;
-// `[tokens][N_HEADS * HEAD_DIM]`, written when the step has one chunk per token.
-@group(0) @binding(7) var<storage, read_write> out: array<f32>;
+// Bindings 0-7 in attention_io.wgsl (the cache's elements are 4 values, so a head, a multiple of
+// 32 values, starts on one).
 @group(0) @binding(8) var<storage, read_write> out_q8: array<u32>;
 
 var<workgroup> q: array<vec4<f32>, MAX_HEAD_DIM / 4u>;
@@ -57,11 +40,6 @@ var<workgroup> group_ml: array<vec2<f32>, GROUPS>;
 var<workgroup> group_acc: array<vec4<f32>, GROUPS * MAX_HEAD_DIM / 4u>;
 // Each lane's probability, read by its subgroup's value loop.
 var<workgroup> probs: array<f32, WG>;
-
-// The cache row of position `j` of the sequence whose block table starts at `table_off`.
-fn cache_row(table_off: u32, j: u32) -> u32 {
-    return tables[table_off + j / BLOCK_TOKENS] * BLOCK_TOKENS + j % BLOCK_TOKENS;
-}
 
 @compute @workgroup_size(WG)
 fn main(
@@ -83,10 +61,7 @@ fn main(
     }
     let group = li / SUB;
     let lane = li % SUB;
-    var lo = 0u;
-    if (WINDOW > 0u && n > WINDOW) {
-        lo = n - WINDOW;
-    }
+    let lo = window_start(info.pos);
     // This subgroup's positions: start + 0..SUB, of which first..last are attended.
     let start = c * CHUNK + group * SUB;
     let first = max(start, lo);

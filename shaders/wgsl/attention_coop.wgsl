@@ -18,14 +18,6 @@
 // Not batch-invariant (a row's sums depend on its tile and its f16 rounding), so fast mode only;
 // the engine takes it on steps whose every sequence brings at least ATTENTION_TILE_MIN tokens.
 
-override N_HEADS: u32;
-override N_KV_HEADS: u32;
-override HEAD_DIM: u32;
-override BLOCK_TOKENS: u32;
-override SCALE: f32;
-// Sliding-window layers, as attention.wgsl.
-override WINDOW: u32 = 0u;
-
 // Query rows a workgroup (`ATTENTION_TILE_ROWS` in tandem-shaders), 16 a subgroup.
 const ROWS: u32 = 64u;
 const WG: u32 = 128u;
@@ -41,17 +33,9 @@ const MAX_HEAD_DIM: u32 = 128u;
 const LD: u32 = MAX_HEAD_DIM + 4u;
 const LDV: u32 = LD / 4u;
 const LDP: u32 = KEYS + 4u;
-const NEG_BIG: f32 = -3.0e38;
 
-@group(0) @binding(0) var<uniform> step: Step;
-@group(0) @binding(1) var<storage, read> qkv: array<f32>;
-@group(0) @binding(2) var<storage, read> tokens: array<TokenInfo>;
-@group(0) @binding(3) var<storage, read> tables: array<u32>;
-// Bindings 4 and 5, the K/V cache, come with its format (kv_f16.wgsl only).
-@group(0) @binding(6) var<storage, read_write> partials: array<f32>;
-@group(0) @binding(7) var<storage, read_write> out: array<f32>;
-// Each tile's first token in the step and its rows (at most ROWS consecutive tokens of one
-// sequence).
+// Bindings 0-7 in attention_io.wgsl (the cache: kv_f16.wgsl only). Each tile's first token in the
+// step and its rows (at most ROWS consecutive tokens of one sequence).
 @group(0) @binding(8) var<storage, read> tiles: array<vec2<u32>>;
 
 // The tile's queries at first ([row][dimension]); then a step's keys in rows 0..KEYS.
@@ -68,18 +52,6 @@ var<workgroup> probs: array<vec4<f16>, WG / 32u * 16u * LDP / 4u>;
 // Each row's (max, sum) for the writers.
 var<workgroup> row_ml: array<vec2<f32>, ROWS>;
 var<workgroup> shared_u: u32;
-
-fn cache_row(table_off: u32, j: u32) -> u32 {
-    return tables[table_off + j / BLOCK_TOKENS] * BLOCK_TOKENS + j % BLOCK_TOKENS;
-}
-
-// The first position the query at position p sees.
-fn window_start(p: u32) -> u32 {
-    if (WINDOW > 0u && p + 1u > WINDOW) {
-        return p + 1u - WINDOW;
-    }
-    return 0u;
-}
 
 // A run of 4 cache values as f16 (the cache holds f16 bits, two a word; naga 30 bitcasts no
 // u32 to f16 pairs, so through f32, exactly).
