@@ -1,0 +1,62 @@
+//! The default mode's prefill paths give the logits of the batch-invariant deterministic mode
+//! within a tolerance, as the engine records them: on adapters with matrix units, attention in
+//! tiles of each sequence's tokens (attention_coop.wgsl) and the tensor-core GEMM; elsewhere the
+//! tiled GEMM and attention a token at a time. One prompt across attention chunks, and two
+//! sequences prefilled in one step (then a decode token each, whose logits read the K/V the
+//! step wrote). On the synthetic `tiny` model, whose heads are 64 wide. scripts/test-gpu runs it
+//! on the GPU machine too.
+
+use tandem_core::synthetic::synthetic_model;
+use tandem_core::{Engine, EngineConfig, GpuContext, StepInput, WeightFormat};
+
+/// The default mode rounds the GEMM's inputs, and attention's queries and probabilities, to f16
+/// on adapters with matrix units: relative to the row's largest logit.
+const TOLERANCE: f32 = 5e-2;
+
+fn engine(deterministic: bool) -> Engine {
+    let gpu = GpuContext::new(std::env::var("TANDEM_ADAPTER").ok().as_deref()).expect("a GPU adapter");
+    let model = synthetic_model("tiny", WeightFormat::Q4_0, 5).expect("tiny model");
+    let cfg = EngineConfig { max_batch_tokens: 512, context_length: 1024, deterministic, ..Default::default() };
+    Engine::new(&gpu, &model, &cfg).expect("engine")
+}
+
+fn prompt(n: usize, salt: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 37 + salt * 101 + 5) % 500) as u32).collect()
+}
+
+fn assert_close(got: &[Vec<f32>], want: &[Vec<f32>], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: rows");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let scale = w.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let worst = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst <= TOLERANCE * scale, "{what}, row {i}: {worst} apart (largest logit {scale})");
+    }
+}
+
+/// Logits of every position of a 300-token prompt (two attention chunks), prefilled in as few
+/// steps as the engine takes.
+fn one_prompt(e: &mut Engine) -> Vec<Vec<f32>> {
+    let seq = e.create_sequence();
+    let logits = e.forward_logits(seq, &prompt(300, 1)).expect("forward");
+    e.free_sequence(seq);
+    logits
+}
+
+/// Two sequences of 200 and 40 tokens in one step, then one more token each.
+fn two_in_one_step(e: &mut Engine) -> Vec<Vec<f32>> {
+    let (a, b) = (e.create_sequence(), e.create_sequence());
+    e.step(&[StepInput { seq: a, tokens: prompt(200, 2), sample: None }, StepInput { seq: b, tokens: prompt(40, 3), sample: None }])
+        .expect("step");
+    let mut logits = e.forward_logits(a, &[7]).expect("a");
+    logits.extend(e.forward_logits(b, &[9]).expect("b"));
+    e.free_sequence(a);
+    e.free_sequence(b);
+    logits
+}
+
+#[test]
+fn fast_prefill_gives_the_deterministic_modes_logits() {
+    let (mut fast, mut exact) = (engine(false), engine(true));
+    assert_close(&one_prompt(&mut fast), &one_prompt(&mut exact), "one prompt of 300 tokens");
+    assert_close(&two_in_one_step(&mut fast), &two_in_one_step(&mut exact), "two sequences in one step");
+}
