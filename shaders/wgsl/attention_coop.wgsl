@@ -41,8 +41,8 @@ const LDP: u32 = KEYS + 4u;
 // The tile's queries at first ([row][dimension]); then a step's keys in rows 0..KEYS.
 var<workgroup> tile: array<vec4<f16>, ROWS * LDV>;
 // A step's values transposed, [dimension][key], in runs of 4 keys: the output is accumulated
-// transposed, O^T = V^T P^T, so every fragment loads as gemm_coop's do (A row-major, B
-// column-major) and at the same runs.
+// transposed, O^T = V^T P^T, so every fragment loads in gemm_coop's shapes (A row-major, B
+// column-major), the ones known to load exactly on NVIDIA.
 var<workgroup> vt: array<vec4<f16>, MAX_HEAD_DIM * LDP / 4u>;
 // Each subgroup's 16 x KEYS scores, column-major ([key][row]); at the end, its 16 x 16 outputs
 // ([row][dimension]).
