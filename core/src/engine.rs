@@ -151,7 +151,7 @@ struct StepBuffers {
     chosen_read: wgpu::Buffer,
     /// One 4-byte readback per step in flight during a `decode_run`.
     run_reads: [wgpu::Buffer; 2],
-    /// The step's attention tiles (`Engine::attention_tiles`).
+    /// The step's attention tiles (`attention_tiles`).
     attention_tiles: wgpu::Buffer,
     logits: wgpu::Buffer,
 }

@@ -320,6 +320,9 @@ pub const SILU_MUL_TILE: usize = 256;
 /// that takes a matvec.
 pub const Q8_TOKENS: usize = 8;
 const _: () = assert!(MATVEC_TOKENS[MATVEC_TOKENS.len() - 1] as usize == Q8_TOKENS);
+// A step in attention tiles has more than Q8_TOKENS rows, so attention_coop.wgsl, which writes
+// no 8-bit copy of its output, never runs on a step whose next matmul reads one.
+const _: () = assert!(tandem_shaders::ATTENTION_TILE_MIN > Q8_TOKENS);
 
 /// Where 8-bit activations for inputs `stride` floats wide lie in their buffer (layout in
 /// common.wgsl): the quants' byte range, then the (d, s) pairs'. `stride` is a multiple of 32,

@@ -378,24 +378,15 @@ impl LayerBuilder<'_> {
         let a = self.act;
         let q8 = &a.attn_q8;
         let window = c.layer_window(self.layer).unwrap_or(0);
+        // What both attention kernels take (attention_io.wgsl): constants, and bindings 0-7.
+        let io = [h, kvh, hd, ("BLOCK_TOKENS", BLOCK_TOKENS as f64), ("SCALE", c.attention_scale()), ("WINDOW", window as f64)];
+        let io_buffers = [&a.step, &a.qkv, &a.tokens, &a.tables, self.k_cache, self.v_cache, &a.partials, &a.attn_out];
         let pipeline = self.kernels.pipeline(
             Kernel::Attention,
             Some(kv.format()),
-            &[
-                h,
-                kvh,
-                hd,
-                ("BLOCK_TOKENS", BLOCK_TOKENS as f64),
-                ("SCALE", c.attention_scale()),
-                ("WINDOW", window as f64),
-                ("Q8", f64::from(u8::from(q8.is_some()))),
-            ],
+            &[&io[..], &[("Q8", f64::from(u8::from(q8.is_some())))]].concat(),
         )?;
-        let bind_group = self.kernels.bind_group(
-            Kernel::Attention,
-            "attention",
-            &[&a.step, &a.qkv, &a.tokens, &a.tables, self.k_cache, self.v_cache, &a.partials, &a.attn_out, self.q8_out(q8)],
-        );
+        let bind_group = self.kernels.bind_group(Kernel::Attention, "attention", &[&io_buffers[..], &[self.q8_out(q8)]].concat());
         let (heads, kv_dim, hdim) = (c.n_heads as u64, c.kv_dim() as u64, c.head_dim as u64);
         let cost = Cost {
             kernel: Kernel::Attention,
@@ -407,16 +398,9 @@ impl LayerBuilder<'_> {
         let attention = Dispatch { pipeline, bind_group, cost, grid: Grid::Attention(c.n_heads as u32) };
         let mut ops = vec![LayerOp::Dispatch(attention)];
         if takes_attention_tiles(self.ctx.caps, self.engine, c) {
-            let pipeline = self.kernels.pipeline(
-                Kernel::AttentionCoop,
-                Some(kv.format()),
-                &[h, kvh, hd, ("BLOCK_TOKENS", BLOCK_TOKENS as f64), ("SCALE", c.attention_scale()), ("WINDOW", window as f64)],
-            )?;
-            let bind_group = self.kernels.bind_group(
-                Kernel::AttentionCoop,
-                "attention_coop",
-                &[&a.step, &a.qkv, &a.tokens, &a.tables, self.k_cache, self.v_cache, &a.partials, &a.attn_out, &a.attention_tiles],
-            );
+            let pipeline = self.kernels.pipeline(Kernel::AttentionCoop, Some(kv.format()), &io)?;
+            let bind_group =
+                self.kernels.bind_group(Kernel::AttentionCoop, "attention_coop", &[&io_buffers[..], &[&a.attention_tiles]].concat());
             // Each K/V row is read once a tile of ATTENTION_TILE_ROWS tokens.
             let cost = Cost {
                 kernel: Kernel::AttentionCoop,

@@ -700,6 +700,7 @@ const COOP_ATTENTION_TOLERANCE: f32 = 4e-3;
 fn attention_tiles_match_cpu() {
     let ctx = gpu();
     if !ctx.caps.has_coop_matrix() {
+        assert!(std::env::var_os("TANDEM_REQUIRE_COOP").is_none(), "TANDEM_REQUIRE_COOP: {} has no cooperative matrices", ctx.adapter);
         eprintln!("attention_tiles_match_cpu: no cooperative matrices on {}; nothing checked", ctx.adapter);
         return;
     }

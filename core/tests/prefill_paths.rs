@@ -57,6 +57,18 @@ fn two_in_one_step(e: &mut Engine) -> Vec<Vec<f32>> {
 #[test]
 fn fast_prefill_gives_the_deterministic_modes_logits() {
     let (mut fast, mut exact) = (engine(false), engine(true));
-    assert_close(&one_prompt(&mut fast), &one_prompt(&mut exact), "one prompt of 300 tokens");
+    // Where the adapter has matrix units the tiles path must be what ran (scripts/test-gpu sets
+    // TANDEM_REQUIRE_COOP, so the GPU machine cannot pass this without them).
+    let tiles = fast.gpu().caps.has_coop_matrix();
+    assert!(tiles || std::env::var_os("TANDEM_REQUIRE_COOP").is_none(), "TANDEM_REQUIRE_COOP: no cooperative matrices");
+    if tiles {
+        fast.set_profiling(true).expect("profiling");
+    }
+    let got = one_prompt(&mut fast);
+    if tiles {
+        assert!(fast.take_profile().iter().any(|k| k.name == "attention_coop"), "a 300-token prefill ran attention_coop");
+        fast.set_profiling(false).expect("profiling off");
+    }
+    assert_close(&got, &one_prompt(&mut exact), "one prompt of 300 tokens");
     assert_close(&two_in_one_step(&mut fast), &two_in_one_step(&mut exact), "two sequences in one step");
 }

@@ -369,8 +369,8 @@ impl Kernel {
                 None => return Err(RenderError::MissingFormat(self)),
             };
             let coop = self == Kernel::AttentionCoop;
-            if coop && format != Some(WeightFormat::F16) {
-                return Err(RenderError::UnsupportedFormat(self, WeightFormat::F32));
+            if let (true, Some(f @ WeightFormat::F32)) = (coop, format) {
+                return Err(RenderError::UnsupportedFormat(self, f));
             }
             if coop && !caps.has_coop_matrix() {
                 return Err(RenderError::MissingCapability(self));

@@ -49,8 +49,8 @@ var<workgroup> vt: array<vec4<f16>, MAX_HEAD_DIM * LDP / 4u>;
 var<workgroup> scores: array<f32, WG / 32u * 16u * KEYS>;
 // Each subgroup's 16 x KEYS probabilities, [row][key].
 var<workgroup> probs: array<vec4<f16>, WG / 32u * 16u * LDP / 4u>;
-// Each row's (max, sum) for the writers.
-var<workgroup> row_ml: array<vec2<f32>, ROWS>;
+// Each row's sum of exponentials, for the writers of the output.
+var<workgroup> row_sum: array<f32, ROWS>;
 var<workgroup> shared_u: u32;
 
 // A run of 4 cache values as f16 (the cache holds f16 bits, two a word; naga 30 bitcasts no
@@ -70,7 +70,7 @@ fn flush(sg: u32, lane: u32, d0: u32, h: u32, t0: u32, rows: u32, first: u32, c:
             let v = scores[sg * 512u + e];
             let t = t0 + r;
             if (direct) {
-                let l = row_ml[r].y;
+                let l = row_sum[r];
                 out[(t * N_HEADS + h) * HEAD_DIM + d] = select(0.0, v / l, l > 0.0);
             } else {
                 partials[((tokens[t].chunk_off + c) * N_HEADS + h) * (HEAD_DIM + 2u) + 2u + d] = v;
@@ -266,7 +266,7 @@ fn main(
     let direct = grid.z == 1u;
     let in_chunk = r < rows && pos >= c * CHUNK;
     if (half == 0u) {
-        row_ml[r] = vec2<f32>(m, l);
+        row_sum[r] = l;
         if (in_chunk && !direct) {
             let base = ((tokens[t0 + r].chunk_off + c) * N_HEADS + h) * (HEAD_DIM + 2u);
             partials[base] = m;
