@@ -355,8 +355,21 @@ impl Kernel {
             }
             (Kernel::Attention, true) => Some(include_str!("../wgsl/attention_lanes_subgroup.wgsl")),
             (Kernel::Attention, false) => Some(include_str!("../wgsl/attention_lanes_workgroup.wgsl")),
+            (Kernel::RmsNorm, true) => Some(include_str!("../wgsl/norm_lanes_subgroup.wgsl")),
+            (Kernel::RmsNorm, false) => Some(include_str!("../wgsl/norm_lanes_workgroup.wgsl")),
             _ => None,
         }
+    }
+
+    /// For the kernels that also write their output as 8-bit activations (the norms, SiLU·mul,
+    /// attention and its merge): `q8_lanes` and its block reductions for the adapter.
+    fn q8_out_sources(self, caps: ShaderCaps) -> [Option<&'static str>; 2] {
+        if !matches!(self, Kernel::RmsNorm | Kernel::SiluMul | Kernel::AttentionMerge | Kernel::Attention) {
+            return [None, None];
+        }
+        let block =
+            if caps.subgroups { include_str!("../wgsl/q8_block_subgroup.wgsl") } else { include_str!("../wgsl/q8_block_workgroup.wgsl") };
+        [Some(include_str!("../wgsl/q8_lanes.wgsl")), Some(block)]
     }
 
     /// The complete WGSL source of one variant for an adapter with `caps`.
@@ -387,7 +400,8 @@ impl Kernel {
                 Some(cache.as_str()),
                 writes.then_some(store),
                 lanes,
-                (self == Kernel::Attention).then_some(include_str!("../wgsl/q8_lanes.wgsl")),
+                self.q8_out_sources(caps)[0],
+                self.q8_out_sources(caps)[1],
             ]));
         }
         let dequant = match (self.reads_weights(), format) {
@@ -422,8 +436,7 @@ impl Kernel {
             _ => None,
         };
         // The kernels that write a matvec's input also write it as 8-bit activations.
-        let q8_out =
-            matches!(self, Kernel::RmsNorm | Kernel::SiluMul | Kernel::AttentionMerge).then_some(include_str!("../wgsl/q8_lanes.wgsl"));
+        let [q8_out, q8_block] = self.q8_out_sources(caps);
         let f32_x = (self.layout_owner() == Kernel::Matmul && !matvec_q8).then_some(include_str!("../wgsl/matmul_x.wgsl"));
         let groups = (self == Kernel::Matvec || matvec_q8).then_some(include_str!("../wgsl/matvec_groups.wgsl"));
         out.push_str(&concat([
@@ -438,6 +451,7 @@ impl Kernel {
             groups,
             finish,
             q8_out,
+            q8_block,
         ]));
         Ok(out)
     }

@@ -25,20 +25,8 @@ const MAX_WORDS: u32 = 8u;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out_q8: array<u32>;
 
-var<workgroup> red: array<f32, WG>;
-
-// The sum of every lane's `v`, by a fixed tree.
-fn sum_lanes(lane: u32, v: f32) -> f32 {
-    red[lane] = v;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
-        if (lane < stride) {
-            red[lane] += red[lane + stride];
-        }
-        workgroupBarrier();
-    }
-    return workgroupUniformLoad(&red[0]);
-}
+// `sum_lanes(lane, v)`, the sum of every lane's `v` in a fixed order, comes from
+// norm_lanes_subgroup.wgsl (32-lane subgroups) or norm_lanes_workgroup.wgsl.
 
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: vec3<u32>) {
