@@ -148,9 +148,9 @@ struct StepBuffers {
     sample_rows: wgpu::Buffer,
     sample_params: wgpu::Buffer,
     chosen: wgpu::Buffer,
-    chosen_read: wgpu::Buffer,
-    /// One 4-byte readback per step in flight during a `decode_run`.
-    run_reads: [wgpu::Buffer; 2],
+    /// Readbacks of `chosen`, one per step in flight: a step is submitted before the one ahead
+    /// of it is read (`decode_run`, `submit_step`).
+    chosen_reads: [wgpu::Buffer; 2],
     /// The step's attention tiles (`attention_tiles`).
     attention_tiles: wgpu::Buffer,
     logits: wgpu::Buffer,
@@ -193,6 +193,26 @@ pub struct Engine {
     deterministic: bool,
     kv_dtype: KvDtype,
     profiler: Option<Profiler>,
+    /// Steps submitted and not yet finished (`submit_step`), and the readback the next one takes.
+    in_flight: usize,
+    next_read: usize,
+    /// Rows the last submitted step sampled: what a `FROM_SAMPLED` input may name.
+    last_sampled: usize,
+}
+
+/// A step on the GPU whose results have not been read yet (`Engine::submit_step`). Its
+/// sequences already count its positions; `Engine::finish_step` reads what it sampled.
+#[must_use = "a submitted step is read by Engine::finish_step"]
+pub struct PendingStep {
+    done: wgpu::SubmissionIndex,
+    /// The `chosen_reads` buffer its sampled ids go to, and how many.
+    read: usize,
+    n_sample: usize,
+    logits: Option<(wgpu::Buffer, u64)>,
+    /// Per input: its sequence, and the position its sampled token takes, where it samples.
+    inputs: Vec<(SeqId, Option<usize>)>,
+    record: std::time::Duration,
+    dispatches: usize,
 }
 
 /// Where the last step's time went: recording and submitting on the CPU, then waiting for the GPU.
@@ -517,8 +537,7 @@ impl Engine {
             sample_rows: ctx.storage("sample_rows", t * f4),
             sample_params: ctx.storage("sample_params", t * size_of::<SampleParams>() as u64),
             chosen: ctx.storage("chosen", t * f4),
-            chosen_read: ctx.readback("chosen_read", t * f4),
-            run_reads: [ctx.readback("run_read.0", f4), ctx.readback("run_read.1", f4)],
+            chosen_reads: [ctx.readback("chosen_read.0", t * f4), ctx.readback("chosen_read.1", t * f4)],
             // A tile a token at most (a step's sequences each bring ATTENTION_TILE_MIN or more).
             attention_tiles: ctx.storage("attention_tiles", t * 8),
             logits: ctx.storage("logits", max_sample as u64 * logits_row),
@@ -662,6 +681,9 @@ impl Engine {
             deterministic: cfg.deterministic,
             kv_dtype: cfg.kv_dtype,
             profiler: None,
+            in_flight: 0,
+            next_read: 0,
+            last_sampled: 0,
         })
     }
 
@@ -774,6 +796,21 @@ impl Engine {
         Ok(self.run_step(inputs, false, None)?.tokens)
     }
 
+    /// Submits one step and returns without waiting for it, so the CPU can prepare the next
+    /// while the GPU runs this one; `finish_step` reads its tokens. A token id of
+    /// `FROM_SAMPLED | k` is the id the step submitted just before sampled into its row `k`
+    /// (rows count the sampling inputs in order), which never leaves the GPU. Two steps at most
+    /// are in flight, and they finish in the order they were submitted.
+    pub fn submit_step(&mut self, inputs: &[StepInput]) -> Result<PendingStep> {
+        self.submit_with(inputs, false, None, true)
+    }
+
+    /// The tokens a submitted step sampled, per input (None where the input did not sample),
+    /// once the GPU is done with it.
+    pub fn finish_step(&mut self, pending: PendingStep) -> Result<Vec<Option<u32>>> {
+        Ok(self.finish_with(pending)?.tokens)
+    }
+
     /// Runs one step, handing each layer's new K/V to `sink` as soon as the GPU has written it.
     pub fn step_with_sink(&mut self, inputs: &[StepInput], sink: &mut dyn KvSink) -> Result<Vec<Option<u32>>> {
         let all: Vec<SeqId> = inputs.iter().map(|i| i.seq).collect();
@@ -867,6 +904,9 @@ impl Engine {
         sampling: SamplingParams,
         mut on_token: impl FnMut(u32) -> Result<bool>,
     ) -> Result<usize> {
+        if self.in_flight > 0 {
+            return Err(Error::InvalidRequest("a decode run cannot start while a submitted step is unfinished".into()));
+        }
         if self.profiler.is_some() {
             let mut next = token;
             for i in 0..steps {
@@ -920,7 +960,7 @@ impl Engine {
             q.write_buffer(&self.bufs.sample_params, 0, bytemuck::bytes_of(&params));
             let mut rec = Recorder::new(&self.ctx, None);
             self.record_forward(&mut rec, &infos, 1, 0, false, |_, _, _| {});
-            let read = &self.bufs.run_reads[i % 2];
+            let read = &self.bufs.chosen_reads[i % 2];
             rec.encoder().copy_buffer_to_buffer(&self.bufs.chosen, 0, read, 0, 4);
             let done = q.submit([rec.finish()]);
             let state = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
@@ -970,7 +1010,7 @@ impl Engine {
 
     /// The token a `decode_run` step sampled, once the step is done.
     fn read_run_token(&self, slot: usize, done: wgpu::SubmissionIndex) -> Result<u32> {
-        let bytes = self.ctx.read_mapped(&self.bufs.run_reads[slot], 4, done)?;
+        let bytes = self.ctx.read_mapped(&self.bufs.chosen_reads[slot], 4, done)?;
         Ok(bytemuck::pod_read_unaligned(&bytes[..4]))
     }
 
@@ -1081,6 +1121,24 @@ impl Engine {
     }
 
     fn run_step(&mut self, inputs: &[StepInput], all_logits: bool, sink: Option<(&[SeqId], &mut dyn KvSink)>) -> Result<StepOutput> {
+        let pending = self.submit_with(inputs, all_logits, sink, false)?;
+        self.finish_with(pending)
+    }
+
+    /// Validates, records and submits a step, hands `sink` the exported layers (waiting for
+    /// each), and advances its sequences; the sampled ids or logits are read by `finish_with`.
+    /// Only `submit_step` takes `FROM_SAMPLED` ids (`from_sampled`); elsewhere they are ids out
+    /// of range like any other.
+    fn submit_with(
+        &mut self,
+        inputs: &[StepInput],
+        all_logits: bool,
+        sink: Option<(&[SeqId], &mut dyn KvSink)>,
+        from_sampled: bool,
+    ) -> Result<PendingStep> {
+        if self.in_flight >= self.bufs.chosen_reads.len() {
+            return Err(Error::InvalidRequest("two steps are in flight: finish one first".into()));
+        }
         let (export_only, mut sink) = match sink {
             Some((only, sink)) => (only, Some(sink)),
             None => (&[][..], None),
@@ -1109,8 +1167,18 @@ impl Engine {
             if input.tokens.is_empty() {
                 return Err(Error::InvalidRequest(format!("sequence {} has no tokens in this step", input.seq.0)));
             }
-            if let Some(&id) = input.tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
-                return Err(Error::TokenOutOfRange { id, vocab: c.vocab_size });
+            for &id in &input.tokens {
+                let row = (id & !FROM_SAMPLED) as usize;
+                let sampled = from_sampled && id & FROM_SAMPLED != 0;
+                if !sampled && id as usize >= c.vocab_size {
+                    return Err(Error::TokenOutOfRange { id, vocab: c.vocab_size });
+                }
+                if sampled && row >= self.last_sampled {
+                    return Err(Error::InvalidRequest(format!(
+                        "sequence {} takes sampled row {row} of a step that sampled {}",
+                        input.seq.0, self.last_sampled
+                    )));
+                }
             }
             if s.ready.iter().any(|&r| r != s.len) {
                 return Err(Error::KvImport(format!("sequence {} has an incomplete KV import", input.seq.0)));
@@ -1216,14 +1284,15 @@ impl Engine {
         let logits_read = all_logits.then(|| self.ctx.readback("logits_read", result_bytes));
         match &logits_read {
             Some(buf) => rec.encoder().copy_buffer_to_buffer(&self.bufs.logits, 0, buf, 0, result_bytes),
-            None if n_sample > 0 => rec.encoder().copy_buffer_to_buffer(&self.bufs.chosen, 0, &self.bufs.chosen_read, 0, result_bytes),
+            None if n_sample > 0 => {
+                rec.encoder().copy_buffer_to_buffer(&self.bufs.chosen, 0, &self.bufs.chosen_reads[self.next_read], 0, result_bytes)
+            }
             None => {}
         }
         let dispatches = rec.dispatches();
         let done = q.submit([rec.finish()]);
         self.profiler = profiler;
-        let done_profile = done.clone();
-        let wait_start = std::time::Instant::now();
+        let record = record_start.elapsed();
 
         if let Some(sink) = sink.as_mut() {
             let kv_dim = c.kv_dim();
@@ -1242,33 +1311,60 @@ impl Engine {
             }
         }
 
-        let mut out = StepOutput::default();
-        if let Some(buf) = logits_read {
-            out.logits = Some(bytemuck::cast_slice(&self.ctx.read_mapped(&buf, result_bytes, done)?).to_vec());
-            out.tokens = vec![None; inputs.len()];
-        } else if n_sample > 0 {
-            let chosen: Vec<u32> = bytemuck::cast_slice(&self.ctx.read_mapped(&self.bufs.chosen_read, result_bytes, done)?).to_vec();
-            let mut it = chosen.into_iter();
-            out.tokens = inputs.iter().map(|i| i.sample.and_then(|_| it.next())).collect();
-        } else {
-            self.ctx
-                .device
-                .poll(wgpu::PollType::Wait { submission_index: Some(done), timeout: None })
-                .map_err(|e| Error::Gpu { op: "step".into(), reason: e.to_string() })?;
-            out.tokens = vec![None; inputs.len()];
-        }
-        if let Some(profiler) = self.profiler.as_mut() {
-            profiler.collect(&self.ctx, done_profile)?;
-        }
-        self.last_timing = StepTiming { record: wait_start - record_start, wait: wait_start.elapsed(), dispatches };
-        self.ctx.check_errors("step")?;
+        // The step's positions count from here: a step submitted next extends them. Ids it takes
+        // from this one's samples are recorded when those are read (`finish_with`).
         for input in inputs {
             if let Some(s) = self.seqs.get_mut(&input.seq) {
-                if s.tokens.len() == s.len {
+                if s.tokens.len() == s.len && input.tokens.iter().all(|&id| id & FROM_SAMPLED == 0) {
                     s.tokens.extend_from_slice(&input.tokens);
                 }
                 s.len += input.tokens.len();
                 s.ready.iter_mut().for_each(|r| *r = s.len);
+                Self::register_full_blocks(&mut self.pool, s);
+            }
+        }
+        let read = self.next_read;
+        self.next_read = (read + 1) % self.bufs.chosen_reads.len();
+        self.in_flight += 1;
+        self.last_sampled = if all_logits { 0 } else { n_sample };
+        let samples = inputs
+            .iter()
+            .map(|i| (i.seq, (i.sample.is_some() && !all_logits).then(|| self.seqs.get(&i.seq).map_or(0, |s| s.len))))
+            .collect();
+        Ok(PendingStep { done, read, n_sample, logits: logits_read.map(|b| (b, result_bytes)), inputs: samples, record, dispatches })
+    }
+
+    /// Waits for a submitted step and reads its sampled ids (or its logits).
+    fn finish_with(&mut self, p: PendingStep) -> Result<StepOutput> {
+        self.in_flight -= 1;
+        let wait_start = std::time::Instant::now();
+        let mut out = StepOutput::default();
+        if let Some((buf, bytes)) = &p.logits {
+            out.logits = Some(bytemuck::cast_slice(&self.ctx.read_mapped(buf, *bytes, p.done.clone())?).to_vec());
+            out.tokens = vec![None; p.inputs.len()];
+        } else if p.n_sample > 0 {
+            let bytes = self.ctx.read_mapped(&self.bufs.chosen_reads[p.read], (p.n_sample * 4) as u64, p.done.clone())?;
+            let mut it = bytemuck::cast_slice::<u8, u32>(&bytes).to_vec().into_iter();
+            out.tokens = p.inputs.iter().map(|(_, at)| at.and_then(|_| it.next())).collect();
+        } else {
+            self.ctx
+                .device
+                .poll(wgpu::PollType::Wait { submission_index: Some(p.done.clone()), timeout: None })
+                .map_err(|e| Error::Gpu { op: "step".into(), reason: e.to_string() })?;
+            out.tokens = vec![None; p.inputs.len()];
+        }
+        if let Some(profiler) = self.profiler.as_mut() {
+            profiler.collect(&self.ctx, p.done)?;
+        }
+        self.last_timing = StepTiming { record: p.record, wait: wait_start.elapsed(), dispatches: p.dispatches };
+        self.ctx.check_errors("step")?;
+        // A sampled id that a later step already took on the GPU is the token of its position.
+        for ((seq, at), token) in p.inputs.iter().zip(&out.tokens) {
+            if let (Some(at), Some(token), Some(s)) = (at, token, self.seqs.get_mut(seq))
+                && s.tokens.len() == *at
+                && s.len > *at
+            {
+                s.tokens.push(*token);
                 Self::register_full_blocks(&mut self.pool, s);
             }
         }

@@ -8,13 +8,20 @@
 //! leave between steps. New requests start from the longest cached prefix of their prompt. When
 //! the cache runs out of blocks the newest running request is preempted: its blocks are freed
 //! (full ones stay cached) and it is recomputed later.
+//!
+//! While every running request is decoding and nothing waits, the next step is submitted before
+//! the last one is read, its tokens taken on the GPU from the samples before (`FROM_SAMPLED`):
+//! the CPU records step N + 1 while the GPU runs step N, as `Engine::decode_run` does for one
+//! sequence. A request that stops on a token has had one more position computed, which its
+//! release drops; any other change (a new request, a cancellation, an import) settles the step
+//! in flight first.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use std::collections::HashMap;
 
-use crate::engine::{Engine, SamplingParams, StepInput};
+use crate::engine::{Engine, PendingStep, SamplingParams, StepInput};
 use crate::error::{Error, Result};
 use crate::kv::{BLOCK_TOKENS, KvLayer, SeqId};
 
@@ -286,6 +293,22 @@ pub struct Scheduler {
     parked: HashMap<u64, Parked>,
     next_ticket: u64,
     stats: SchedulerStats,
+    /// The step submitted ahead of the one being read, where decoding runs back to back.
+    ahead: Option<InFlight>,
+}
+
+/// A submitted step and its rows: each request's id and its tokens in the step.
+struct InFlight {
+    step: PendingStep,
+    rows: Vec<(RequestId, usize)>,
+}
+
+/// What planning a step did.
+enum Planned {
+    Nothing,
+    /// Ran and delivered (an exporting step, or one the engine refused).
+    Ran,
+    Submitted(InFlight),
 }
 
 impl Scheduler {
@@ -298,6 +321,7 @@ impl Scheduler {
             parked: HashMap::new(),
             next_ticket: 1,
             stats: SchedulerStats::default(),
+            ahead: None,
         };
         s.refresh_gauges();
         s
@@ -313,7 +337,7 @@ impl Scheduler {
 
     /// Whether any request is waiting or running.
     pub fn has_work(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty()
+        !self.waiting.is_empty() || !self.running.is_empty() || self.ahead.is_some()
     }
 
     /// What a request must fit in to ever run here.
@@ -334,6 +358,7 @@ impl Scheduler {
 
     /// `submit`, with the request's K/V exported as it is computed or imported already.
     pub fn submit_with(&mut self, id: RequestId, req: Request, mut sink: Box<dyn EventSink>, start: Start) -> Result<RequestId> {
+        self.settle();
         let checked = match self.limits().check(&req) {
             Ok(()) if self.waiting.len() >= self.cfg.max_waiting => Err(Error::Overloaded { waiting: self.waiting.len() }),
             other => other,
@@ -496,6 +521,7 @@ impl Scheduler {
     /// Takes every request off this scheduler: each is told `Detached` with its tokens and, when
     /// it had started, its K/V, to continue on another node.
     pub fn detach_all(&mut self) {
+        self.settle();
         // A prefill for another node's decode stays: it is this node's work whatever its role.
         let (keep, running): (Vec<Active>, Vec<Active>) = std::mem::take(&mut self.running).into_iter().partition(|a| a.export.is_some());
         self.running = keep;
@@ -535,6 +561,7 @@ impl Scheduler {
 
     /// Ends a request early; its blocks are freed at once.
     pub fn cancel(&mut self, id: RequestId) {
+        self.settle();
         if let Some(i) = self.waiting.iter().position(|a| a.id == id) {
             if let Some(a) = self.waiting.remove(i) {
                 self.finish(a, FinishReason::Cancelled);
@@ -548,11 +575,36 @@ impl Scheduler {
 
     /// Runs one step, if there is work. Returns whether a step ran.
     pub fn step(&mut self) -> Result<bool> {
+        let current = match self.ahead.take() {
+            Some(ahead) => ahead,
+            None => match self.submit_planned()? {
+                Planned::Submitted(current) => current,
+                Planned::Ran => return Ok(true),
+                Planned::Nothing => return Ok(false),
+            },
+        };
+        self.ahead = self.chain(&current);
+        let result = self.engine.finish_step(current.step);
+        self.deliver(&current.rows, result);
+        Ok(true)
+    }
+
+    /// Reads the step in flight, if any, and delivers its tokens, submitting nothing after it.
+    pub fn settle(&mut self) {
+        if let Some(ahead) = self.ahead.take() {
+            let result = self.engine.finish_step(ahead.step);
+            self.deliver(&ahead.rows, result);
+        }
+    }
+
+    /// Plans and submits a step. An exporting step runs to the end here (its layers leave as
+    /// the GPU writes them) and is delivered, as is a step the engine refused.
+    fn submit_planned(&mut self) -> Result<Planned> {
         self.drop_closed();
         let plan = self.plan()?;
         if plan.is_empty() {
             self.refresh_gauges();
-            return Ok(false);
+            return Ok(Planned::Nothing);
         }
         let plan: Vec<(usize, usize)> = plan.into_iter().filter_map(|(id, n)| self.index(id).map(|i| (i, n))).collect();
         let inputs: Vec<StepInput> = plan
@@ -564,64 +616,125 @@ impl Scheduler {
                 StepInput { seq, tokens: a.tokens[a.computed..a.computed + n].to_vec(), sample }
             })
             .collect();
+        let rows: Vec<(RequestId, usize)> = plan.iter().map(|&(i, n)| (self.running[i].id, n)).collect();
         let exporting: Vec<SeqId> =
             plan.iter().filter(|&&(i, _)| self.running[i].export.is_some()).filter_map(|&(i, _)| self.running[i].seq).collect();
-        if !exporting.is_empty() {
-            self.send_cached_prefixes(&plan);
-        }
-        let result = if exporting.is_empty() {
-            self.engine.step(&inputs)
-        } else {
-            let Scheduler { engine, running, .. } = self;
-            let mut route = |seq: SeqId, kv: KvLayer| -> Result<()> {
-                let Some(a) = running.iter_mut().find(|a| a.seq == Some(seq)) else { return Ok(()) };
-                let Some(x) = a.export.as_mut() else { return Ok(()) };
-                if let Some(kv) = trim_front(kv, x.from) {
-                    // A receiver that is gone ends the request before the next step (`drop_closed`).
-                    x.lost = x.lost || !x.sink.layer(kv);
+        if exporting.is_empty() {
+            let submitted = self.engine.submit_step(&inputs);
+            if submitted.is_ok() {
+                self.count_computed(&rows);
+            }
+            return match submitted {
+                Ok(step) => Ok(Planned::Submitted(InFlight { step, rows })),
+                Err(e) => {
+                    self.deliver(&rows, Err(e));
+                    Ok(Planned::Ran)
                 }
-                Ok(())
             };
-            engine.step_exporting(&inputs, &exporting, &mut route)
+        }
+        self.send_cached_prefixes(&plan);
+        let Scheduler { engine, running, .. } = self;
+        let mut route = |seq: SeqId, kv: KvLayer| -> Result<()> {
+            let Some(a) = running.iter_mut().find(|a| a.seq == Some(seq)) else { return Ok(()) };
+            let Some(x) = a.export.as_mut() else { return Ok(()) };
+            if let Some(kv) = trim_front(kv, x.from) {
+                // A receiver that is gone ends the request before the next step (`drop_closed`).
+                x.lost = x.lost || !x.sink.layer(kv);
+            }
+            Ok(())
         };
-        for &(i, n) in &plan {
+        let result = engine.step_exporting(&inputs, &exporting, &mut route);
+        if result.is_ok() {
+            self.count_computed(&rows);
+        }
+        self.deliver(&rows, result);
+        Ok(Planned::Ran)
+    }
+
+    /// Counts a submitted step's positions as computed, and what it exported.
+    fn count_computed(&mut self, rows: &[(RequestId, usize)]) {
+        for &(id, n) in rows {
+            let Some(i) = self.index(id) else { continue };
             let a = &mut self.running[i];
             let decode = n == 1 && a.computed + 1 == a.tokens.len();
-            if !decode && result.is_ok() {
+            if !decode {
                 self.stats.prefill_computed_tokens += n as u64;
             }
-            if let Some(x) = a.export.as_mut() {
-                let end = a.computed + n;
-                if end > x.from {
-                    self.stats.exported_tokens += (end - x.from) as u64;
-                    x.from = end;
-                }
+            a.computed += n;
+            if let Some(x) = a.export.as_mut()
+                && a.computed > x.from
+            {
+                self.stats.exported_tokens += (a.computed - x.from) as u64;
+                x.from = a.computed;
             }
         }
+    }
+
+    /// Submits the decode step after `current` before `current` is read, each token the one
+    /// `current` sampled for its request, where that is the whole next step: nothing waits, every
+    /// running request sampled in `current`, none exports, and the engine has room. Requests
+    /// that reach their length limit with `current`'s token are left out.
+    fn chain(&mut self, current: &InFlight) -> Option<InFlight> {
+        if !self.waiting.is_empty() || current.rows.len() != self.running.len() {
+            return None;
+        }
+        let mut inputs = Vec::new();
+        let mut rows = Vec::new();
+        for (row, &(id, _)) in current.rows.iter().enumerate() {
+            let a = &self.running[self.index(id)?];
+            // A row that did not sample (a prefill chunk) gives the next step nothing to take.
+            if a.computed != a.tokens.len() || a.export.is_some() || a.sink.is_closed() {
+                return None;
+            }
+            if a.generated() + 1 < a.req.max_tokens {
+                let token = tandem_shaders::FROM_SAMPLED | row as u32;
+                inputs.push(StepInput { seq: a.seq?, tokens: vec![token], sample: Some(a.req.sampling) });
+                rows.push((id, 1));
+            }
+        }
+        if inputs.is_empty() {
+            return None;
+        }
+        // A step the engine refuses (no blocks left, the context's end) is planned after this one.
+        let step = self.engine.submit_step(&inputs).ok()?;
+        for &(id, _) in &rows {
+            if let Some(i) = self.index(id) {
+                self.running[i].computed += 1;
+            }
+        }
+        Some(InFlight { step, rows })
+    }
+
+    /// Hands a finished step's tokens to its requests and ends those that are done; a failed
+    /// step fails its requests, not the server.
+    fn deliver(&mut self, rows: &[(RequestId, usize)], result: Result<Vec<Option<u32>>>) {
         let sampled = match result {
             Ok(s) => s,
             Err(e) => {
-                // A step that fails fails its requests, not the server.
                 let msg = e.to_string();
                 tracing::error!(error = %msg, "engine step failed");
-                let mut idx: Vec<usize> = plan.iter().map(|&(i, _)| i).collect();
-                idx.sort_unstable_by(|a, b| b.cmp(a));
-                for i in idx {
+                for &(id, _) in rows {
+                    let Some(i) = self.index(id) else { continue };
                     let mut a = self.running.remove(i);
                     a.sink.send(Event::Failed(msg.clone()));
                     self.release(&mut a);
                 }
+                // A step chained on the failed one fails with it.
+                if let Some(ahead) = self.ahead.take() {
+                    let _ = self.engine.finish_step(ahead.step);
+                    self.deliver(&ahead.rows, Err(e));
+                }
                 self.refresh_gauges();
-                return Ok(true);
+                return;
             }
         };
         self.stats.steps += 1;
         let now = Instant::now();
         let mut done = Vec::new();
-        for (&(i, n), token) in plan.iter().zip(sampled) {
+        for (&(id, _), token) in rows.iter().zip(sampled) {
+            // A request that ended after a step was chained on it has a row there still.
+            let (Some(i), Some(token)) = (self.index(id), token) else { continue };
             let a = &mut self.running[i];
-            a.computed += n;
-            let Some(token) = token else { continue };
             a.tokens.push(token);
             a.first_token.get_or_insert(now);
             self.stats.generated_tokens += 1;
@@ -635,16 +748,16 @@ impl Scheduler {
                 None
             };
             if let Some(r) = reason {
-                done.push((i, r));
+                done.push((id, r));
             }
         }
-        done.sort_unstable_by_key(|&(i, _)| std::cmp::Reverse(i));
-        for (i, reason) in done {
-            let a = self.running.remove(i);
-            self.finish(a, reason);
+        for (id, reason) in done {
+            if let Some(i) = self.index(id) {
+                let a = self.running.remove(i);
+                self.finish(a, reason);
+            }
         }
         self.refresh_gauges();
-        Ok(true)
     }
 
     /// Sends an exporting request's cached positions the receiver lacks, before its first step

@@ -165,3 +165,29 @@ fn cancelled_requests_free_their_blocks_and_impossible_ones_are_refused() {
     assert!(err.to_string().contains("KV blocks"), "{err}");
     assert!(matches!(rx.try_recv(), Ok(Event::Refused { overloaded: false, .. })), "the sink hears why");
 }
+
+#[test]
+fn a_request_that_stops_while_its_next_step_runs_keeps_its_tokens_and_the_cache_sound() {
+    let main = main_prompt();
+    let mut s = scheduler(64, 0, SchedulerConfig::default());
+    let alone = run_all(&mut s, std::slice::from_ref(&main), 0).remove(0);
+    // Decoding alone, each step is submitted before the one ahead of it is read: the request
+    // stops on its second token with the step after it already on the GPU.
+    let stop = alone.tokens[1];
+    let upto = alone.tokens.iter().position(|&t| t == stop).expect("the stop token") + 1;
+    let (tx, rx) = mpsc::channel();
+    s.submit(RequestId(1), Request { stop_ids: vec![stop], ..request(main.clone()) }, Box::new(tx)).expect("accepted");
+    while s.has_work() {
+        s.step().expect("step");
+    }
+    let stopped = collect(rx);
+    assert_eq!(stopped.tokens, alone.tokens[..upto], "the tokens up to the stop, and no more");
+    assert_eq!(stopped.reason, FinishReason::Stop);
+    assert_eq!(s.engine().kv_usage().used, 0, "the extra position went with the request");
+    // The prompt with what it generated continues as the first request did, from the blocks the
+    // stopped one left in the prefix cache.
+    let resumed = [main.clone(), alone.tokens[..upto].to_vec()].concat();
+    let cont = run_all(&mut s, &[resumed], 2).remove(0);
+    assert!(cont.timings.cached_tokens >= main.len() / 16 * 16, "the prefix cache served it");
+    assert_eq!(cont.tokens[..NEW_TOKENS - upto], alone.tokens[upto..], "continued as before");
+}
