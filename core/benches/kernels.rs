@@ -326,21 +326,6 @@ fn gemm(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize
                 .expect("gemm_coop variant");
                 report(name, pipeline, rows);
             }
-            // Step shapes the engine does not take yet, at 256 rows: tile rows of an odd number
-            // of runs of 4 (attention_coop's loads needed them on NVIDIA, docs/kernel-notes.md
-            // item 32), and 64 columns a step (fewer barriers a multiply-add; item 21 measured it
-            // level to 10% ahead with even strides).
-            for (name, bk, ld) in [("r256-ld36", "32u", "BK + 4u"), ("r256-bk64", "64u", "BK + 4u"), ("r256-bk64-ld72", "64u", "BK + 8u")] {
-                if !wanted(name) {
-                    continue;
-                }
-                let (bk_line, ld_line) = ("const BK: u32 = 32u;", "const LD: u32 = BK + 8u;");
-                assert!(source.contains(bk_line) && source.contains(ld_line), "gemm_coop.wgsl's step shape moved: update the variants");
-                let shaped = source.replace(bk_line, &format!("const BK: u32 = {bk};")).replace(ld_line, &format!("const LD: u32 = {ld};"));
-                let pipeline =
-                    kernels.pipeline_from_source(Kernel::GemmCoop, name, &shaped, &[("TILE_R", 256.0)]).expect("gemm_coop shape");
-                report(name, pipeline, 256);
-            }
         }
         println!();
     }
