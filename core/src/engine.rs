@@ -209,8 +209,9 @@ pub struct PendingStep {
     read: usize,
     n_sample: usize,
     logits: Option<(wgpu::Buffer, u64)>,
-    /// Per input: its sequence, and the position its sampled token takes, where it samples.
-    inputs: Vec<(SeqId, Option<usize>)>,
+    /// Per input: its sequence, the positions it holds once the step is done (where its
+    /// sampled token goes), and whether it samples.
+    inputs: Vec<(SeqId, usize, bool)>,
     record: std::time::Duration,
     dispatches: usize,
 }
@@ -871,13 +872,16 @@ impl Engine {
             return Err(Error::KvImport(format!("{} tokens do not name a sequence of {} positions", tokens.len(), state.len)));
         }
         state.tokens = tokens.to_vec();
-        Self::register_full_blocks(&mut self.pool, state);
+        let done = state.len;
+        Self::register_full_blocks(&mut self.pool, state, done);
         Ok(())
     }
 
-    fn register_full_blocks(pool: &mut BlockPool, s: &mut SeqState) {
-        // Full blocks computed from known tokens become reusable prefixes.
-        while (s.hashes.len() + 1) * BLOCK_TOKENS <= s.tokens.len() {
+    /// Registers the sequence's full blocks of known tokens as reusable prefixes, up to position
+    /// `done`: only blocks whose K/V a finished step wrote (a failed or unfinished step's never
+    /// reach the prefix cache).
+    fn register_full_blocks(pool: &mut BlockPool, s: &mut SeqState, done: usize) {
+        while (s.hashes.len() + 1) * BLOCK_TOKENS <= s.tokens.len().min(done) {
             let b = s.hashes.len();
             let h = block_hash(s.hashes.last().copied(), &s.tokens[b * BLOCK_TOKENS..(b + 1) * BLOCK_TOKENS]);
             pool.register(s.blocks[b], h);
@@ -907,6 +911,8 @@ impl Engine {
         if self.in_flight > 0 {
             return Err(Error::InvalidRequest("a decode run cannot start while a submitted step is unfinished".into()));
         }
+        // The run's steps overwrite the samples a FROM_SAMPLED id would name.
+        self.last_sampled = 0;
         if self.profiler.is_some() {
             let mut next = token;
             for i in 0..steps {
@@ -968,7 +974,7 @@ impl Engine {
             state.ready.iter_mut().for_each(|r| *r = pos + 1);
             if i == 0 && state.tokens.len() == pos {
                 state.tokens.push(token);
-                Self::register_full_blocks(&mut self.pool, state);
+                Self::register_full_blocks(&mut self.pool, state, pos);
             }
             if let Some((prev, slot)) = in_flight.replace((done.clone(), i % 2)) {
                 // Step i - 1's token is step i's input, already read by the GPU. Whatever ends
@@ -993,14 +999,18 @@ impl Engine {
                     }
                 }
                 let state = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+                // Steps before i are done; step i writes position `pos`.
                 if state.tokens.len() == pos {
                     state.tokens.push(sampled);
-                    Self::register_full_blocks(&mut self.pool, state);
                 }
+                Self::register_full_blocks(&mut self.pool, state, pos);
             }
         }
         if let Some((last, slot)) = in_flight {
             let sampled = self.read_run_token(slot, last)?;
+            let state = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+            let done = state.len;
+            Self::register_full_blocks(&mut self.pool, state, done);
             delivered += 1;
             on_token(sampled)?;
         }
@@ -1024,6 +1034,7 @@ impl Engine {
         state.len = pos;
         state.ready.iter_mut().for_each(|r| *r = pos);
         state.tokens.truncate(pos);
+        Self::register_full_blocks(&mut self.pool, state, pos);
         self.ctx.check_errors("decode run")
     }
 
@@ -1138,6 +1149,9 @@ impl Engine {
     ) -> Result<PendingStep> {
         if self.in_flight >= self.bufs.chosen_reads.len() {
             return Err(Error::InvalidRequest("two steps are in flight: finish one first".into()));
+        }
+        if self.in_flight > 0 && self.profiler.is_some() {
+            return Err(Error::InvalidRequest("while profiling, steps run one at a time".into()));
         }
         let (export_only, mut sink) = match sink {
             Some((only, sink)) => (only, Some(sink)),
@@ -1320,17 +1334,14 @@ impl Engine {
                 }
                 s.len += input.tokens.len();
                 s.ready.iter_mut().for_each(|r| *r = s.len);
-                Self::register_full_blocks(&mut self.pool, s);
             }
         }
         let read = self.next_read;
         self.next_read = (read + 1) % self.bufs.chosen_reads.len();
         self.in_flight += 1;
         self.last_sampled = if all_logits { 0 } else { n_sample };
-        let samples = inputs
-            .iter()
-            .map(|i| (i.seq, (i.sample.is_some() && !all_logits).then(|| self.seqs.get(&i.seq).map_or(0, |s| s.len))))
-            .collect();
+        let samples =
+            inputs.iter().map(|i| (i.seq, self.seqs.get(&i.seq).map_or(0, |s| s.len), i.sample.is_some() && !all_logits)).collect();
         Ok(PendingStep { done, read, n_sample, logits: logits_read.map(|b| (b, result_bytes)), inputs: samples, record, dispatches })
     }
 
@@ -1345,7 +1356,7 @@ impl Engine {
         } else if p.n_sample > 0 {
             let bytes = self.ctx.read_mapped(&self.bufs.chosen_reads[p.read], (p.n_sample * 4) as u64, p.done.clone())?;
             let mut it = bytemuck::cast_slice::<u8, u32>(&bytes).to_vec().into_iter();
-            out.tokens = p.inputs.iter().map(|(_, at)| at.and_then(|_| it.next())).collect();
+            out.tokens = p.inputs.iter().map(|&(_, _, samples)| if samples { it.next() } else { None }).collect();
         } else {
             self.ctx
                 .device
@@ -1358,15 +1369,16 @@ impl Engine {
         }
         self.last_timing = StepTiming { record: p.record, wait: wait_start.elapsed(), dispatches: p.dispatches };
         self.ctx.check_errors("step")?;
-        // A sampled id that a later step already took on the GPU is the token of its position.
-        for ((seq, at), token) in p.inputs.iter().zip(&out.tokens) {
-            if let (Some(at), Some(token), Some(s)) = (at, token, self.seqs.get_mut(seq))
-                && s.tokens.len() == *at
-                && s.len > *at
+        for (&(seq, end, _), token) in p.inputs.iter().zip(&out.tokens) {
+            let Some(s) = self.seqs.get_mut(&seq) else { continue };
+            // A sampled id that a later step already took on the GPU is the token of its position.
+            if let Some(token) = token
+                && s.tokens.len() == end
+                && s.len > end
             {
                 s.tokens.push(*token);
-                Self::register_full_blocks(&mut self.pool, s);
             }
+            Self::register_full_blocks(&mut self.pool, s, end);
         }
         Ok(out)
     }
