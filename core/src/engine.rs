@@ -14,7 +14,7 @@ use crate::cpu_ref::rope_table;
 use crate::device_weights::{DeviceMatrix, upload_vector};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::kernels::{GEMM_COOP_TOKENS, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, gemm_coop_rows, q8_ranges};
+use crate::kernels::{GEMM_COOP_TOKENS, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, Q8_TOKENS, gemm_coop_rows, q8_ranges};
 use crate::kv::{BLOCK_TOKENS, BlockPool, KvDtype, KvLayer, KvSink, PoolUsage, SeqId, SeqState, block_hash, prefix_hashes};
 use crate::layer::{Activations, LayerBuilder, LayerOps, takes_attention_tiles};
 use crate::model::{HostModel, layer_tensor};
@@ -396,8 +396,9 @@ impl MatmulOp {
     }
 
     /// Records the matmul for a step of `tokens` tokens; returns whether it recorded the
-    /// rotating twin (see `rotate`), which has done rope_kv's work.
-    pub(crate) fn record(&self, rec: &mut Recorder<'_>, tokens: usize, split: u32) -> bool {
+    /// rotating twin (see `rotate`), which has done rope_kv's work. Steps of up to `q8_tokens`
+    /// tokens take the 8-bit matvec where the matrix has it (its largest shape in groups).
+    pub(crate) fn record(&self, rec: &mut Recorder<'_>, tokens: usize, split: u32, q8_tokens: usize) -> bool {
         let mut rotated = false;
         let t = tokens as u64;
         let work = |kernel, rows: u32, bytes: u64| {
@@ -411,8 +412,9 @@ impl MatmulOp {
                 None => (Kernel::Matmul, &self.exact, bg, [wg(*rows as usize, 64 / split as usize), wg(tokens, MATMUL_TILE), 1]),
                 Some(f) => {
                     let fits = |(shape, _): &&(MatvecShape, wgpu::ComputePipeline)| shape.tokens as usize >= tokens;
-                    let q8 = f.matvec_q8.as_ref().and_then(|q| {
-                        let at = q.shapes.iter().position(|s| fits(&s))?;
+                    // Up to Q8_TOKENS, the largest shape in groups of its tokens.
+                    let q8 = f.matvec_q8.as_ref().filter(|_| tokens <= q8_tokens.min(Q8_TOKENS)).and_then(|q| {
+                        let at = q.shapes.iter().position(|s| fits(&s)).unwrap_or(q.shapes.len() - 1);
                         Some((q, at))
                     });
                     if let Some((q8, at)) = q8 {
@@ -965,7 +967,7 @@ impl Engine {
             q.write_buffer(&self.bufs.sample_rows, 0, bytemuck::bytes_of(&0u32));
             q.write_buffer(&self.bufs.sample_params, 0, bytemuck::bytes_of(&params));
             let mut rec = Recorder::new(&self.ctx, None);
-            self.record_forward(&mut rec, &infos, 1, 0, false, |_, _, _| {});
+            self.record_forward(&mut rec, &infos, 1, 0, false, true, |_, _, _| {});
             let read = &self.bufs.chosen_reads[i % 2];
             rec.encoder().copy_buffer_to_buffer(&self.bufs.chosen, 0, read, 0, 4);
             let done = q.submit([rec.finish()]);
@@ -1038,6 +1040,13 @@ impl Engine {
         self.ctx.check_errors("decode run")
     }
 
+    /// Runs one step and returns the logits after every token of it, in step order (for tests
+    /// and evaluation: a step of many sequences as the scheduler would make it).
+    pub fn step_logits(&mut self, inputs: &[StepInput]) -> Result<Vec<Vec<f32>>> {
+        let logits = self.run_step(inputs, true, None)?.logits.unwrap_or_default();
+        Ok(logits.chunks(self.config.vocab_size).map(<[f32]>::to_vec).collect())
+    }
+
     /// Appends `tokens` to `seq` and returns the logits after every one of them, `[tokens][vocab]`
     /// (for tests and evaluation; serving samples on the GPU instead).
     pub fn forward_logits(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
@@ -1102,11 +1111,26 @@ impl Engine {
         n_sample: usize,
         tiles: u32,
         all_logits: bool,
+        decode_only: bool,
         mut after_layer: impl FnMut(&mut Recorder<'_>, usize, &LayerOps),
     ) {
         let c = &self.config;
         let n_tokens = infos.len();
         let split = self.kernels.matmul_split();
+        // How many tokens may take the 8-bit matvec: its largest shape's, and up to Q8_TOKENS
+        // for decode tokens of as many sequences (prompt chunks keep the GEMM's f16 inputs,
+        // whose logits are closer to exact); none on steps in attention tiles, whose
+        // attention_coop writes no 8-bit copy.
+        let largest = MATVEC_TOKENS[MATVEC_TOKENS.len() - 1] as usize;
+        let q8_tokens = |decode: bool| {
+            if tiles > 0 {
+                0
+            } else if decode {
+                Q8_TOKENS
+            } else {
+                largest
+            }
+        };
         let last_pos = infos.iter().map(|i| i.pos).max().unwrap_or(0);
         let attention_chunks = (last_pos + 1).div_ceil(ATTENTION_CHUNK);
         // Positions attended over by the step's tokens, for the profile's figures.
@@ -1119,12 +1143,15 @@ impl Engine {
         let p = &self.pipelines;
         let d = c.hidden_size as u64;
         for (l, layer) in self.layers.iter().enumerate() {
-            layer.record(rec, n_tokens, attended, attention_chunks, tiles, split);
+            layer.record(rec, n_tokens, attended, attention_chunks, tiles, split, q8_tokens(decode_only));
             after_layer(rec, l, layer);
         }
         let s = n_sample as u64;
         rec.dispatch(Work::of(Kernel::RmsNorm, s * d * 8, 3 * s * d), &p.norm_gather, &self.norm_out, [n_sample as u32, 1, 1]);
-        self.head.record(rec, n_sample, split);
+        // The final norm writes 8-bit rows for up to Q8_TOKENS sampled rows, one a sequence
+        // unless every row is a prompt's (`forward_logits`).
+        let head_q8 = if all_logits { largest } else { Q8_TOKENS };
+        self.head.record(rec, n_sample, split, head_q8);
         if !all_logits && n_sample > 0 {
             let work = Work::of(Kernel::Sample, s * c.vocab_size as u64 * 4, 0);
             rec.dispatch(work, &p.sample, &self.sample, [n_sample as u32, 1, 1]);
@@ -1279,7 +1306,8 @@ impl Engine {
         let mut staged = Vec::new();
         let mut profiler = self.profiler.take();
         let mut rec = Recorder::new(&self.ctx, profiler.as_mut());
-        self.record_forward(&mut rec, &infos, n_sample, tiles.len() as u32, all_logits, |rec, l, layer| {
+        let decode_only = inputs.iter().all(|i| i.tokens.len() == 1);
+        self.record_forward(&mut rec, &infos, n_sample, tiles.len() as u32, all_logits, decode_only, |rec, l, layer| {
             if exporting {
                 // Copy this layer's new K/V out and submit, so the host can take layer l while the
                 // GPU computes layer l + 1.

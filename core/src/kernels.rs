@@ -309,20 +309,18 @@ impl Kernels {
 /// Tokens one matmul invocation serves (`TILE_T` in matmul.wgsl).
 pub const MATMUL_TILE: usize = 8;
 
-/// Token counts the decode matvec is built for (`TOKENS` in matvec.wgsl); steps of more tokens
-/// take the GEMM.
+/// Token counts the decode matvec is built for (`TOKENS` in matvec.wgsl): a step of more tokens
+/// takes the largest in groups of that many (the 8-bit one up to `Q8_TOKENS`), or the GEMM.
 pub const MATVEC_TOKENS: [u32; 4] = [1, 2, 4, 8];
 
 /// Values of each token one silu_mul.wgsl workgroup takes (64 lanes, 4 values each).
 pub const SILU_MUL_TILE: usize = 256;
 
-/// Token rows of 8-bit activations the producers write (`Q8_TOKENS` in common.wgsl): every step
-/// that takes a matvec.
-pub const Q8_TOKENS: usize = 8;
-const _: () = assert!(MATVEC_TOKENS[MATVEC_TOKENS.len() - 1] as usize == Q8_TOKENS);
-// A step in attention tiles has more than Q8_TOKENS rows, so attention_coop.wgsl, which writes
-// no 8-bit copy of its output, never runs on a step whose next matmul reads one.
-const _: () = assert!(tandem_shaders::ATTENTION_TILE_MIN > Q8_TOKENS);
+/// Token rows of 8-bit activations the producers write (`Q8_TOKENS` in common.wgsl): steps of up
+/// to this many tokens take the 8-bit matvec, in groups of its largest shape's tokens. Steps in
+/// attention tiles do not (attention_coop.wgsl writes no 8-bit copy of its output).
+pub const Q8_TOKENS: usize = 32;
+const _: () = assert!(Q8_TOKENS.is_multiple_of(MATVEC_TOKENS[MATVEC_TOKENS.len() - 1] as usize));
 
 /// Where 8-bit activations for inputs `stride` floats wide lie in their buffer (layout in
 /// common.wgsl): the quants' byte range, then the (d, s) pairs'. `stride` is a multiple of 32,

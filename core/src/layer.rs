@@ -83,13 +83,15 @@ pub struct LayerOps {
 impl LayerOps {
     /// Records the layer for a step of `n_tokens` tokens attending over `attended` positions in
     /// all, in `chunks` attention chunks at most per token, and in `tiles` attention tiles (0:
-    /// attention a token at a time).
-    pub fn record(&self, rec: &mut Recorder<'_>, n_tokens: usize, attended: u64, chunks: u32, tiles: u32, split: u32) {
+    /// attention a token at a time); steps of up to `q8_tokens` tokens take the 8-bit matvec.
+    // The step's figures are distinct quantities; a struct would only rename them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record(&self, rec: &mut Recorder<'_>, n_tokens: usize, attended: u64, chunks: u32, tiles: u32, split: u32, q8_tokens: usize) {
         let t = n_tokens as u64;
         let mut rotated = false;
         for op in &self.ops {
             match op {
-                LayerOp::Matmul(m) => rotated |= m.record(rec, n_tokens, split),
+                LayerOp::Matmul(m) => rotated |= m.record(rec, n_tokens, split, q8_tokens),
                 LayerOp::Dispatch(d) => {
                     let c = d.cost;
                     let work = Work::of(

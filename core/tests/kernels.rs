@@ -291,11 +291,13 @@ fn matvec_q8_matches_cpu_for_packed_formats_and_odd_shapes() {
                 let cols = widen(format, cols);
                 let t = host_matrix(format, &random(&mut rng, n * cols), n, cols);
                 let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
-                for tokens in [1, 3, 8] {
+                // 19: a step past the largest shape, in groups of its tokens (the last one short).
+                for tokens in [1, 3, 8, 19] {
                     let x = random(&mut rng, tokens * cols);
                     let (want, scale) = matmul_reference(format, &t, &cpu_ref::q8_round_trip(&x), tokens);
                     let (want_f32, _) = matmul_reference(format, &t, &x, tokens);
-                    let shapes = MATVEC_TOKENS.iter().filter(|&&mt| mt as usize >= tokens).flat_map(|&mt| {
+                    let largest = MATVEC_TOKENS[MATVEC_TOKENS.len() - 1] as usize;
+                    let shapes = MATVEC_TOKENS.iter().filter(|&&mt| mt as usize >= tokens.min(largest)).flat_map(|&mt| {
                         let short = MatvecShape::for_q8_matrix(32, mt);
                         [
                             short,
@@ -331,8 +333,9 @@ fn matvec_q8_rope_rotates_q_and_caches_k_and_v() {
         for (format, dtype) in [(WeightFormat::Q4_0, KvDtype::F16), (WeightFormat::Q8_0, KvDtype::F32)] {
             let t = host_matrix(format, &random(&mut rng, rows * cols), rows, cols);
             let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
-            for tokens in [1, 3] {
-                let infos: Vec<TokenInfo> = [(5u32, 3u32), (40, 20), (17, 9)][..tokens]
+            // 6: two groups of the shape's 4 tokens, the second short.
+            for tokens in [1, 3, 6] {
+                let infos: Vec<TokenInfo> = [(5u32, 3u32), (40, 20), (17, 9), (8, 1), (30, 12), (2, 30)][..tokens]
                     .iter()
                     .map(|&(pos, slot)| TokenInfo { id: 0, pos, slot, table_off: 0, chunk_off: 0 })
                     .collect();
@@ -466,8 +469,8 @@ fn rmsnorm_matches_cpu_plain_and_gathering() {
     let ctx = gpu();
     let kernels = Kernels::new(&ctx);
     let mut rng = rng();
-    // A width of whole blocks also writes 8-bit activations, on steps of up to 8 rows.
-    for (dim, tokens, q8) in [(200, 5, false), (224, 5, true), (96, 9, true), (1056, 5, true), (8256, 5, true)] {
+    // A width of whole blocks also writes 8-bit activations, on steps of up to Q8_TOKENS rows.
+    for (dim, tokens, q8) in [(200, 5, false), (224, 5, true), (96, 9, true), (96, 33, true), (1056, 5, true), (8256, 5, true)] {
         let x = random(&mut rng, dim * tokens);
         let g = random(&mut rng, dim);
         let want = cpu_ref::rmsnorm(&x, &g, dim, 1e-5);
@@ -492,7 +495,7 @@ fn rmsnorm_matches_cpu_plain_and_gathering() {
             let what = format!("rmsnorm {dim} x{tokens} gather={gather}");
             assert_close(&got, &want, ELEMENTWISE_TOLERANCE, &vec![1.0; want.len()], &what);
             let got_q8 = read_bytes(&ctx, &out_q8, q8_bytes, ctx.device.create_command_encoder(&Default::default()));
-            if q8 && n_out <= 8 {
+            if q8 && n_out <= Q8_TOKENS {
                 assert_q8_matches(&got_q8, &got, dim, dim, &what);
             } else {
                 assert!(got_q8.iter().all(|&b| b == 0), "{what}: no 8-bit activations for a step of {n_out} rows");

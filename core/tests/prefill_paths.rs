@@ -3,8 +3,9 @@
 //! tiles of each sequence's tokens (attention_coop.wgsl) and the tensor-core GEMM; elsewhere the
 //! tiled GEMM and attention a token at a time. One prompt across attention chunks, and two
 //! sequences prefilled in one step (then a decode token each, whose logits read the K/V the
-//! step wrote). On the synthetic `tiny` model, whose heads are 64 wide. scripts/test-gpu runs it
-//! on the GPU machine too.
+//! step wrote). Also a decode step of more sequences than the 8-bit matvec's largest shape,
+//! which takes it in groups. On the synthetic `tiny` model, whose heads are 64 wide.
+//! scripts/test-gpu runs it on the GPU machine too.
 
 use tandem_core::synthetic::synthetic_model;
 use tandem_core::{Engine, EngineConfig, GpuContext, StepInput, WeightFormat};
@@ -54,6 +55,19 @@ fn two_in_one_step(e: &mut Engine) -> Vec<Vec<f32>> {
     logits
 }
 
+/// Twelve sequences prefilled in one step, then one decode token each in one step.
+fn twelve_decodes(e: &mut Engine) -> Vec<Vec<f32>> {
+    let seqs: Vec<_> = (0..12).map(|_| e.create_sequence()).collect();
+    let prompts: Vec<StepInput> =
+        seqs.iter().enumerate().map(|(i, &seq)| StepInput { seq, tokens: prompt(20 + i, 10 + i), sample: None }).collect();
+    e.step(&prompts).expect("prefill");
+    let decodes: Vec<StepInput> =
+        seqs.iter().enumerate().map(|(i, &seq)| StepInput { seq, tokens: vec![(i * 41 % 500) as u32], sample: None }).collect();
+    let logits = e.step_logits(&decodes).expect("decode step");
+    seqs.into_iter().for_each(|s| e.free_sequence(s));
+    logits
+}
+
 #[test]
 fn fast_prefill_gives_the_deterministic_modes_logits() {
     let (mut fast, mut exact) = (engine(false), engine(true));
@@ -71,4 +85,9 @@ fn fast_prefill_gives_the_deterministic_modes_logits() {
     }
     assert_close(&got, &one_prompt(&mut exact), "one prompt of 300 tokens");
     assert_close(&two_in_one_step(&mut fast), &two_in_one_step(&mut exact), "two sequences in one step");
+    fast.set_profiling(true).expect("profiling");
+    let got = twelve_decodes(&mut fast);
+    let names: Vec<String> = fast.take_profile().iter().map(|k| k.name.to_string()).collect();
+    assert!(names.iter().any(|n| n.starts_with("matvec_q8")), "12 decode tokens took the 8-bit matvec: {names:?}");
+    assert_close(&got, &twelve_decodes(&mut exact), "twelve decode tokens in one step");
 }

@@ -38,8 +38,9 @@ fn small_uints_to_f32(v: vec4<u32>, bias: f32) -> vec4<f32> {
 // on steps of at most Q8_TOKENS rows, the ones that take the matvec (`q8_lanes`,
 // q8_lanes.wgsl). Layout, for inputs of
 // `stride` floats a token: the quants of token t, block b at bytes (t * stride / 32 + b) * 32,
-// for Q8_TOKENS tokens; then (d, s) as two f32 at byte 8 * stride + (t * stride / 32 + b) * 8.
-const Q8_TOKENS: u32 = 8u;
+// for Q8_TOKENS tokens; then (d, s) as two f32 at byte Q8_TOKENS * stride + (t * stride / 32 + b)
+// * 8. Steps of up to Q8_TOKENS tokens take the matvec, in groups of its largest shape's tokens.
+const Q8_TOKENS: u32 = 32u;
 
 // Where word j of token t's block b goes, for inputs `stride` floats wide: j < 8 the quants'
 // words, 8 the scale d, 9 the sum s.
@@ -48,5 +49,5 @@ fn q8_index(stride: u32, t: u32, b: u32, j: u32) -> u32 {
     if (j < 8u) {
         return blk * 8u + j;
     }
-    return 2u * stride + blk * 2u + j - 8u;
+    return Q8_TOKENS / 4u * stride + blk * 2u + j - 8u;
 }
