@@ -413,9 +413,9 @@ impl MatmulOp {
                 Some(f) => {
                     let fits = |(shape, _): &&(MatvecShape, wgpu::ComputePipeline)| shape.tokens as usize >= tokens;
                     // Up to Q8_TOKENS, the largest shape in groups of its tokens.
-                    let q8 = f.matvec_q8.as_ref().filter(|_| tokens <= q8_tokens.min(Q8_TOKENS)).and_then(|q| {
+                    let q8 = f.matvec_q8.as_ref().filter(|_| tokens <= q8_tokens.min(Q8_TOKENS)).map(|q| {
                         let at = q.shapes.iter().position(|s| fits(&s)).unwrap_or(q.shapes.len() - 1);
-                        Some((q, at))
+                        (q, at)
                     });
                     if let Some((q8, at)) = q8 {
                         let shape = q8.shapes[at].0;
@@ -1104,6 +1104,8 @@ impl Engine {
     /// Records a step's forward pass into `rec` once its buffers are written: embed, every
     /// layer, the final norm, the head and, unless `all_logits`, sampling. `after_layer` may add
     /// commands after each layer (the K/V export).
+    // The step's figures are distinct quantities; a struct would only rename them.
+    #[allow(clippy::too_many_arguments)]
     fn record_forward(
         &self,
         rec: &mut Recorder<'_>,
