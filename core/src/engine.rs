@@ -1124,14 +1124,10 @@ impl Engine {
         // whose logits are closer to exact); none on steps in attention tiles, whose
         // attention_coop writes no 8-bit copy.
         let largest = MATVEC_TOKENS[MATVEC_TOKENS.len() - 1] as usize;
-        let q8_tokens = |decode: bool| {
-            if tiles > 0 {
-                0
-            } else if decode {
-                Q8_TOKENS
-            } else {
-                largest
-            }
+        let q8_tokens = match (tiles > 0, decode_only) {
+            (true, _) => 0,
+            (false, true) => Q8_TOKENS,
+            (false, false) => largest,
         };
         let last_pos = infos.iter().map(|i| i.pos).max().unwrap_or(0);
         let attention_chunks = (last_pos + 1).div_ceil(ATTENTION_CHUNK);
@@ -1145,7 +1141,7 @@ impl Engine {
         let p = &self.pipelines;
         let d = c.hidden_size as u64;
         for (l, layer) in self.layers.iter().enumerate() {
-            layer.record(rec, n_tokens, attended, attention_chunks, tiles, split, q8_tokens(decode_only));
+            layer.record(rec, n_tokens, attended, attention_chunks, tiles, split, q8_tokens);
             after_layer(rec, l, layer);
         }
         let s = n_sample as u64;
@@ -1381,11 +1377,11 @@ impl Engine {
         let wait_start = std::time::Instant::now();
         let mut out = StepOutput::default();
         if let Some((buf, bytes)) = &p.logits {
-            out.logits = Some(bytemuck::cast_slice(&self.ctx.read_mapped(buf, *bytes, p.done.clone())?).to_vec());
+            out.logits = Some(bytemuck::pod_collect_to_vec(&self.ctx.read_mapped(buf, *bytes, p.done.clone())?));
             out.tokens = vec![None; p.inputs.len()];
         } else if p.n_sample > 0 {
             let bytes = self.ctx.read_mapped(&self.bufs.chosen_reads[p.read], (p.n_sample * 4) as u64, p.done.clone())?;
-            let mut it = bytemuck::cast_slice::<u8, u32>(&bytes).to_vec().into_iter();
+            let mut it = bytemuck::pod_collect_to_vec::<u8, u32>(&bytes).into_iter();
             out.tokens = p.inputs.iter().map(|&(_, _, samples)| if samples { it.next() } else { None }).collect();
         } else {
             self.ctx

@@ -309,8 +309,9 @@ impl Kernels {
 /// Tokens one matmul invocation serves (`TILE_T` in matmul.wgsl).
 pub const MATMUL_TILE: usize = 8;
 
-/// Token counts the decode matvec is built for (`TOKENS` in matvec.wgsl): a step of more tokens
-/// takes the largest in groups of that many (the 8-bit one up to `Q8_TOKENS`), or the GEMM.
+/// Token counts the decode matvecs are built for (`TOKENS` in matvec.wgsl and matvec_q8.wgsl).
+/// The 8-bit one also takes decode steps of up to `Q8_TOKENS` in groups of the largest; other
+/// steps of more tokens take the GEMM.
 pub const MATVEC_TOKENS: [u32; 4] = [1, 2, 4, 8];
 
 /// Values of each token one silu_mul.wgsl workgroup takes (64 lanes, 4 values each).

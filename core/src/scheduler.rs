@@ -620,12 +620,11 @@ impl Scheduler {
         let exporting: Vec<SeqId> =
             plan.iter().filter(|&&(i, _)| self.running[i].export.is_some()).filter_map(|&(i, _)| self.running[i].seq).collect();
         if exporting.is_empty() {
-            let submitted = self.engine.submit_step(&inputs);
-            if submitted.is_ok() {
-                self.count_computed(&rows);
-            }
-            return match submitted {
-                Ok(step) => Ok(Planned::Submitted(InFlight { step, rows })),
+            return match self.engine.submit_step(&inputs) {
+                Ok(step) => {
+                    self.count_computed(&rows);
+                    Ok(Planned::Submitted(InFlight { step, rows }))
+                }
                 Err(e) => {
                     self.deliver(&rows, Err(e));
                     Ok(Planned::Ran)

@@ -389,6 +389,7 @@ impl Kernel {
                 return Err(RenderError::MissingCapability(self));
             }
             let lanes = self.lanes_source(caps);
+            let [q8_out, q8_block] = self.q8_out_sources(caps);
             // Only rope_kv writes the cache.
             let writes = self == Kernel::RopeKv;
             let cache = cache.replace("KV_ACCESS", if writes { "read_write" } else { "read" });
@@ -400,8 +401,8 @@ impl Kernel {
                 Some(cache.as_str()),
                 writes.then_some(store),
                 lanes,
-                self.q8_out_sources(caps)[0],
-                self.q8_out_sources(caps)[1],
+                q8_out,
+                q8_block,
             ]));
         }
         let dequant = match (self.reads_weights(), format) {
