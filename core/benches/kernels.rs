@@ -2,7 +2,7 @@
 //! short lease on a GPU machine can compare many variants in one call (docs/kernel-notes.md).
 //! Each measurement cycles through enough copies of the weights to miss the L2 cache, records
 //! many dispatches in one pass and divides the wall time; the first batch is a discarded warm-up.
-//!   cargo bench -p tandem-core --bench kernels -- [copy|read|matvec|ablate|q8|gemm|small]... [135m|1b|8b]...
+//!   cargo bench -p tandem-core --bench kernels -- [copy|read|matvec|ablate|q8|q8steps|gemm|small]... [135m|1b|8b]...
 
 use std::time::Instant;
 
@@ -144,7 +144,7 @@ fn read_y(ctx: &GpuContext, s: &Setup) -> Vec<f32> {
 fn matvec(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize)]) {
     println!("matvec, 1 token: GB/s of weights (best of 2 batches); variant rRuUkKwW = ROWS, UNROLL, KSPLIT, WG");
     let variants =
-        [(1, 4, 1, 64), (1, 4, 2, 64), (1, 2, 2, 64), (1, 4, 4, 128), (1, 2, 4, 128), (1, 1, 4, 128), (1, 4, 8, 256), (1, 2, 8, 256)]
+        [(1, 4, 1, 64), (1, 4, 2, 64), (1, 2, 2, 64), (1, 4, 4, 128), (1, 2, 4, 128), (1, 1, 4, 128), (2, 4, 1, 64), (2, 2, 2, 128)]
             .map(|(rows, unroll, ksplit, lanes)| MatvecShape { tokens: 1, rows, unroll, ksplit, lanes });
     println!("(! marks a result that differs from the first variant's)");
     print!("{:<12}", "shape");
@@ -226,7 +226,7 @@ fn matvec_q8(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, 
     println!(
         "matvec_q8 (8-bit activations), one token: GB/s of weights; uUkKwW = UNROLL, KSPLIT, WG; * = the engine's pick; ! = differs from the f32 matvec by > 2% of its largest"
     );
-    let variants: [(u32, u32, u32); 6] = [(1, 1, 64), (2, 1, 64), (4, 1, 64), (2, 2, 128), (1, 4, 128), (2, 4, 256)];
+    let variants: [(u32, u32, u32); 6] = [(1, 1, 64), (2, 1, 64), (4, 1, 64), (2, 2, 128), (1, 4, 128), (2, 4, 128)];
     print!("{:<12} {:>11}", "shape", "f32 matvec");
     for (u, k, w) in &variants {
         print!(" {:>11}", format!("u{u}k{k}w{w}"));
@@ -263,8 +263,55 @@ fn matvec_q8(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, 
     }
 }
 
+/// The 8-bit matvec on decode steps of several tokens (`MatvecShape::for_q8_matrix`): µs a step of
+/// 8 and of 32 tokens (groups of `tokens` in the grid's y), for rows per lane group, tokens per
+/// weight load and row splits. Every variant sums each (row, token) in the same order, so `!`
+/// marks a result that differs from the first variant's.
+fn matvec_q8_steps(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize)]) {
+    println!("matvec_q8 on steps of several tokens: µs a step; tTrRuUkKwW = TOKENS, ROWS, UNROLL, KSPLIT, WG; * = the engine's pick");
+    let variants = [
+        (8, 1, 1, 1, 64),
+        (8, 2, 1, 1, 64),
+        (8, 2, 1, 2, 128),
+        (8, 2, 1, 1, 128),
+        (4, 4, 1, 1, 64),
+        (4, 4, 1, 2, 128),
+        (4, 2, 1, 1, 64),
+        (16, 1, 1, 1, 64),
+    ]
+    .map(|(tokens, rows, unroll, ksplit, lanes)| MatvecShape { tokens, rows, unroll, ksplit, lanes });
+    for step in [8usize, 32] {
+        print!("{:<12}", format!("{step} tokens"));
+        for v in &variants {
+            print!(" {:>13}", format!("t{}r{}u{}k{}w{}", v.tokens, v.rows, v.unroll, v.ksplit, v.lanes));
+        }
+        println!();
+        for &(model, name, rows, cols) in shapes {
+            let s = setup(ctx, rows, cols, step);
+            print!("{:<12}", format!("{model}.{name}"));
+            let mut x: Vec<f32> = (0..step * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+            x.resize(tandem_core::kernels::Q8_TOKENS * cols, 0.0);
+            let xq = ctx.storage_init("x_q8", &q8_activations(&x, cols));
+            let pick = MatvecShape::for_q8_matrix(cols, step.min(8) as u32);
+            let mut baseline: Option<Vec<f32>> = None;
+            for &shape in &variants {
+                let groups = [s.rows.div_ceil(shape.rows_per_workgroup()) as u32, step.div_ceil(shape.tokens as usize) as u32, 1];
+                let pipeline = kernels.matvec_q8(WeightFormat::Q4_0, shape, false, false).expect("q8 pipeline");
+                let secs = time_with(ctx, kernels, &s, Some(&xq), &pipeline, groups, 100);
+                let y = read_y(ctx, &s);
+                let want = baseline.get_or_insert_with(|| y.clone());
+                let worst = y.iter().zip(want.iter()).map(|(a, b)| (a - b).abs() / b.abs().max(1e-3)).fold(0f32, f32::max);
+                let marks = format!("{}{}", if shape == pick { "*" } else { "" }, if worst > 1e-3 { "!" } else { "" });
+                print!(" {:>13}", format!("{:.1}{marks}", secs * 1e6));
+            }
+            println!();
+        }
+    }
+}
+
 fn gemm(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize)]) {
-    let tokens = 512;
+    // GEMM_TOKENS: the step's tokens (512, a prefill chunk; 128, a large decode step).
+    let tokens = std::env::var("GEMM_TOKENS").ok().and_then(|t| t.parse().ok()).unwrap_or(512);
     println!("gemm, {tokens} tokens: TFLOP/s");
     for &(model, name, rows, cols) in shapes {
         let s = setup(ctx, rows, cols, tokens);
@@ -295,13 +342,14 @@ fn gemm(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize
             // The engine's kernel at both tile heights (it picks one per matrix with
             // `gemm_coop_rows`), then ablations of the 128-row one: what each part of a step
             // costs (wrong results). A variant the driver cannot compile loses the device, so
-            // `COOP_VARIANT=name` runs one alone.
+            // `COOP_VARIANT=name,name` runs those alone.
             let source = Kernel::GemmCoop.source(Some(WeightFormat::Q4_0), ctx.caps).expect("gemm_coop source");
             // (name, tile rows, the parts an ablation removes: global loads, tile stores,
             // multiply-adds, barriers; None: the engine's pipeline).
             let variants = [
                 ("coop", 128, None),
                 ("coop-r256", 256, None),
+                ("coop-r64", 64, None),
                 ("abl-no-global-loads", 128, Some((true, false, false, false))),
                 ("abl-mma-only", 128, Some((true, true, false, false))),
                 ("abl-no-mma", 128, Some((false, false, true, false))),
@@ -314,7 +362,7 @@ fn gemm(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize
                 let diff = reference.iter().zip(&y).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
                 print!(" {name} {tflops:>6.1} (diff {diff:.0e})");
             };
-            let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
+            let wanted = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|o| o == name));
             for (name, rows, ablation) in variants.into_iter().filter(|(name, ..)| wanted(name)) {
                 let pipeline = match ablation {
                     None => kernels.gemm_coop(WeightFormat::Q4_0, false, false, rows),
@@ -573,7 +621,7 @@ fn main() {
     println!("{} ({}), caps {:?}", ctx.adapter.name, ctx.adapter.driver, ctx.caps);
     let kernels = Kernels::new(&ctx);
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let kinds = ["copy", "read", "matvec", "ablate", "q8", "gemm", "small"];
+    let kinds = ["copy", "read", "matvec", "ablate", "q8", "q8steps", "gemm", "small"];
     let want = |what: &str| !args.iter().any(|a| kinds.contains(&a.as_str())) || args.iter().any(|a| a == what);
     let models: Vec<&String> = args.iter().filter(|a| !kinds.contains(&a.as_str())).collect();
     let shapes: Vec<_> = SHAPES.into_iter().filter(|s| models.is_empty() || models.iter().any(|m| *m == s.0)).collect();
@@ -591,6 +639,9 @@ fn main() {
     }
     if want("q8") {
         matvec_q8(&ctx, &kernels, &shapes);
+    }
+    if want("q8steps") {
+        matvec_q8_steps(&ctx, &kernels, &shapes);
     }
     if want("gemm") {
         gemm(&ctx, &kernels, &shapes);

@@ -14,7 +14,7 @@ use crate::cpu_ref::rope_table;
 use crate::device_weights::{DeviceMatrix, upload_vector};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::kernels::{GEMM_COOP_TOKENS, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, Q8_TOKENS, gemm_coop_rows, q8_ranges};
+use crate::kernels::{GEMM_COOP_ROWS, GEMM_COOP_TOKENS, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, Q8_TOKENS, gemm_coop_rows, q8_ranges};
 use crate::kv::{BLOCK_TOKENS, BlockPool, KvDtype, KvLayer, KvSink, PoolUsage, SeqId, SeqState, block_hash, prefix_hashes};
 use crate::layer::{Activations, LayerBuilder, LayerOps, takes_attention_tiles};
 use crate::model::{HostModel, layer_tensor};
@@ -108,7 +108,8 @@ struct FastMatmul {
 /// height, chosen per step by `gemm_coop_rows`), the workgroup-tiled one elsewhere.
 enum Gemm {
     Tiled(wgpu::ComputePipeline),
-    Coop { rows_128: wgpu::ComputePipeline, rows_256: wgpu::ComputePipeline },
+    /// By tile height, as `GEMM_COOP_ROWS`.
+    Coop(Vec<wgpu::ComputePipeline>),
 }
 
 /// The 8-bit activations' matvec of one matmul: pipelines by increasing tokens, a bind group per part.
@@ -350,10 +351,12 @@ impl MatmulOp {
                 _ => None,
             };
             let gemm = if ctx.caps.coop_matrix && m.cols.is_multiple_of(32) {
-                Gemm::Coop {
-                    rows_128: kernels.gemm_coop(m.format, accumulate, sample_rows, 128)?,
-                    rows_256: kernels.gemm_coop(m.format, accumulate, sample_rows, 256)?,
-                }
+                Gemm::Coop(
+                    GEMM_COOP_ROWS
+                        .iter()
+                        .map(|&rows| kernels.gemm_coop(m.format, accumulate, sample_rows, rows))
+                        .collect::<Result<_>>()?,
+                )
             } else {
                 Gemm::Tiled(kernels.gemm(m.format, accumulate, sample_rows)?)
             };
@@ -439,9 +442,9 @@ impl MatmulOp {
                             Gemm::Tiled(pipeline) => {
                                 (Kernel::Gemm, pipeline, bg, [wg(*rows as usize, GEMM_TILE), wg(tokens, GEMM_TILE), 1])
                             }
-                            Gemm::Coop { rows_128, rows_256 } => {
+                            Gemm::Coop(pipelines) => {
                                 let tile = gemm_coop_rows(*rows as usize, tokens);
-                                let pipeline = if tile == 256 { rows_256 } else { rows_128 };
+                                let pipeline = &pipelines[GEMM_COOP_ROWS.iter().position(|&r| r == tile).unwrap_or(0)];
                                 (Kernel::GemmCoop, pipeline, bg, [wg(*rows as usize, tile), wg(tokens, GEMM_COOP_TOKENS), 1])
                             }
                         }

@@ -365,6 +365,11 @@ pub struct MatvecShape {
 }
 
 impl MatvecShape {
+    /// The most lanes a matvec workgroup may have (matmul_lanes_workgroup.wgsl sizes its sums by
+    /// it), and the most sums a lane may keep (`rows * tokens`, `MAX_TILE` in matvec_groups.wgsl).
+    pub const MAX_LANES: u32 = 128;
+    pub const MAX_SUMS: u32 = 16;
+
     /// The shape for steps of up to `tokens` tokens through a matrix `cols` wide, from the sweeps
     /// on the H200 (docs/kernel-notes.md, `cargo bench --bench kernels -- matvec`): one row per
     /// lane group (two lost 5-35% on every shape), and long rows split over 4 lane groups
@@ -395,9 +400,10 @@ impl MatvecShape {
     }
 
     /// The override constants of matvec_q8.wgsl (and its RoPE twin) for this shape.
-    fn q8_constants(&self) -> [(&'static str, f64); 4] {
+    fn q8_constants(&self) -> [(&'static str, f64); 5] {
         [
             ("TOKENS", f64::from(self.tokens)),
+            ("ROWS", f64::from(self.rows)),
             ("UNROLL", f64::from(self.unroll)),
             ("KSPLIT", f64::from(self.ksplit)),
             ("WG", f64::from(self.lanes)),
@@ -415,6 +421,9 @@ pub const GEMM_TILE: usize = 64;
 
 /// Tokens of one cooperative-matrix GEMM workgroup's tile (`TILE_T` in gemm_coop.wgsl).
 pub const GEMM_COOP_TOKENS: usize = 128;
+
+/// The tile heights the cooperative-matrix GEMM is built for (`TILE_R` in gemm_coop.wgsl).
+pub const GEMM_COOP_ROWS: [usize; 3] = [64, 128, 256];
 
 /// Weight rows of one cooperative-matrix GEMM workgroup's tile (`TILE_R` in gemm_coop.wgsl) for a
 /// matrix of `rows` rows and a step of `tokens` tokens: 256 where that still makes 96 workgroups

@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use tandem_core::cpu_ref;
 use tandem_core::device_weights::DeviceMatrix;
 use tandem_core::kernels::{
-    GEMM_COOP_TOKENS, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, Q8_TOKENS, SILU_MUL_TILE, q8_activations, q8_ranges,
+    GEMM_COOP_ROWS, GEMM_COOP_TOKENS, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, Q8_TOKENS, SILU_MUL_TILE, q8_activations, q8_ranges,
 };
 use tandem_core::tensor::{HostTensor, TensorBytes};
 use tandem_core::{GpuContext, KvDtype, WeightFormat};
@@ -264,7 +264,7 @@ fn fast_matmuls_match_cpu_for_every_format_and_odd_shapes() {
                     .chain([Fast::Gemm])
                     .collect();
                 if whole && ctx.caps.coop_matrix {
-                    variants.extend([Fast::GemmCoop(128), Fast::GemmCoop(256)]);
+                    variants.extend(GEMM_COOP_ROWS.map(Fast::GemmCoop));
                 }
                 for fast in variants {
                     let got = run_fast(&ctx, &kernels, &m, &x, tokens, fast);
@@ -303,9 +303,12 @@ fn matvec_q8_matches_cpu_for_packed_formats_and_odd_shapes() {
                             short,
                             MatvecShape::for_q8_matrix(8192, mt),
                             MatvecShape::for_q8_matrix(1 << 20, mt),
-                            MatvecShape { unroll: 4, ksplit: 4, lanes: 256, ..short },
+                            MatvecShape { unroll: 4, ksplit: 4, lanes: 128, ..short },
+                            MatvecShape { rows: 2, ..short },
+                            MatvecShape { rows: 4, ksplit: 2, lanes: 128, ..short },
                         ]
-                    });
+                    })
+                    .filter(|s| s.rows * s.tokens <= MatvecShape::MAX_SUMS);
                     for shape in shapes {
                         let got = run_fast(&ctx, &kernels, &m, &x, tokens, Fast::MatvecQ8(shape));
                         let what = format!("matvec_q8 {shape:?} {format} {n}x{cols} x{tokens} {:?}", ctx.caps);
@@ -358,7 +361,7 @@ fn matvec_q8_rope_rotates_q_and_caches_k_and_v() {
                     [&info_b, &table_b, &kc, &vc],
                 );
                 let short = MatvecShape::for_q8_matrix(cols, 4);
-                for shape in [short, MatvecShape { ksplit: 2, lanes: 128, ..short }] {
+                for shape in [short, MatvecShape { ksplit: 2, lanes: 128, ..short }, MatvecShape { rows: 2, ..short }, MatvecShape { rows: 4, ..short }] {
                     let pipeline = kernels.matvec_q8_rope(format, shape, [nh, nkv, hd], dtype == KvDtype::F16).expect("pipeline");
                     let groups = [rows.div_ceil(shape.rows_per_workgroup()) as u32, tokens.div_ceil(shape.tokens as usize) as u32, 1];
                     let got_y = read_f32(&ctx, &y, (tokens * rows * 4) as u64, dispatch(&ctx, &pipeline, &[(&bg, groups)]));

@@ -15,7 +15,7 @@
 // 1e-3 relative to the sum of |w x|) and overflow beyond 65504.
 
 
-// Weight rows and tokens of a workgroup's tile (128 or 256 rows). 256 rows halve the activations
+// Weight rows and tokens of a workgroup's tile (64, 128 or 256 rows). 256 rows halve the activations
 // each lane loads a step, for matrices with enough rows to fill the GPU (`gemm_coop_rows` in
 // core).
 override TILE_R: u32 = 128u;
@@ -31,7 +31,7 @@ override WG: u32 = 2u * TILE_R;
 // most MAX_X_RUNS).
 override X_LANES: u32 = WG / TILE_T;
 override X_RUNS: u32 = 8u / X_LANES;
-const MAX_X_RUNS: u32 = 4u;
+const MAX_X_RUNS: u32 = 8u;
 
 // The tiles' element: PER halves, so a run of 4 is 4 / PER stores. (Fragments load from vectors
 // of f16 on NVIDIA; vectors of u32 failed its compiler.)

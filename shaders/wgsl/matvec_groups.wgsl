@@ -7,7 +7,8 @@ override KSPLIT: u32 = 1u;
 override SPLIT: u32 = 32u;
 override WG: u32 = 64u;
 
-const MAX_TILE: u32 = 8u;
+// Sums a lane keeps (ROWS x TOKENS); matmul_lanes_workgroup.wgsl sizes its buffer by it.
+const MAX_TILE: u32 = 16u;
 const MAX_GROUPS: u32 = 8u;
 
 var<workgroup> group_sums: array<f32, MAX_GROUPS * MAX_TILE>;

@@ -4,14 +4,19 @@
 // quarter of the activation bytes of matvec.wgsl. What llama.cpp's mmvq does; measured 2-4x the
 // f32 matvec on the H200's large matrices (docs/kernel-notes.md, item 16).
 //
-// A group of SPLIT = 32 lanes walks one row, each lane a whole block at a time (the format's
-// `q8_weights` and `q8_dot`): the warp's weight loads are one contiguous run. KSPLIT lane groups
+// A group of SPLIT = 32 lanes walks ROWS rows, each lane a whole block at a time (the format's
+// `q8_weights` and `q8_dot`): the warp's weight loads are contiguous runs, and each token's
+// activation block, loaded once, serves all ROWS rows (on steps of several tokens those loads,
+// not the weights', are what a lane spends its time on). KSPLIT lane groups
 // of a workgroup share a row, each taking every KSPLIT-th run of 32 blocks (matvec_groups.wgsl
 // combines the sums). Formats with a packed-byte dot only (Q4_0, Q4_1, Q8_0); rows of whole blocks.
 // Not batch-invariant (the activations are rounded, and a token's sums depend on TOKENS);
 // deterministic mode never uses it.
 
+// Tokens per weight load and rows per lane group; ROWS * TOKENS <= MAX_TILE.
 override TOKENS: u32 = 1u;
+override ROWS: u32 = 1u;
+const MAX_ROWS: u32 = 4u;
 // Runs of 32 blocks each lane loads before computing.
 override UNROLL: u32 = 4u;
 
@@ -37,8 +42,8 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
     let lane = li % SPLIT;
     let group = li / SPLIT;
     let kpart = group % KSPLIT;
-    let row = wg.x * (WG / SPLIT / KSPLIT) + group / KSPLIT;
-    let r = min(row, p.n - 1u);
+    let row0 = (wg.x * (WG / SPLIT / KSPLIT) + group / KSPLIT) * ROWS;
+    let last_row = p.n - 1u;
     let n_tok = step_rows();
     let t0 = wg.y * TOKENS;
     let nb = p.k / 32u;
@@ -53,15 +58,23 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
         for (var u = 0u; u < UNROLL; u++) {
             let b = b0 + u * run;
             let bb = min(b, nb - 1u);
-            let wb = q8_weights(r, bb, nb);
+            var wb: array<WeightBlock, MAX_ROWS>;
+            for (var r = 0u; r < ROWS; r++) {
+                wb[r] = q8_weights(min(row0 + r, last_row), bb, nb);
+            }
             for (var t = 0u; t < TOKENS; t++) {
                 let o = (t0 + t) * xbs + bb;
-                acc[t] += select(0.0, q8_dot(wb, xq[2u * o], xq[2u * o + 1u], xd[o]), b < nb);
+                let x0 = xq[2u * o];
+                let x1 = xq[2u * o + 1u];
+                let xds = xd[o];
+                for (var r = 0u; r < ROWS; r++) {
+                    acc[r * TOKENS + t] += select(0.0, q8_dot(wb[r], x0, x1, xds), b < nb);
+                }
             }
         }
     }
 
-    sum_row_groups(&acc, li, TOKENS);
+    sum_row_groups(&acc, li, ROWS * TOKENS);
     // matvec_q8_store.wgsl, or matvec_q8_rope.wgsl's rotation and cache write.
-    finish_rows(&acc, li, row, t0, n_tok);
+    finish_rows(&acc, li, row0, t0, n_tok);
 }

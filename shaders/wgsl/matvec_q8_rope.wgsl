@@ -1,6 +1,6 @@
 // matvec_q8_rope: the Q/K/V matvec of a decode step doing rope_kv.wgsl's work as well, for
 // layouts whose rotated pairs are adjacent elements (2i, 2i + 1: GGUF's Llama). The two rows of a
-// pair end in one workgroup, whose first lane of the even row rotates them: Q into y, K into the
+// pair end in one workgroup (one lane group, with ROWS even), whose first lane of the even row rotates them: Q into y, K into the
 // paged cache; V's pairs go to the cache as they are. K and V are not stored in y, since
 // attention reads them from the cache. The engine builds it only where every workgroup covers an
 // even number of rows and every weight part starts on an even column (`MatmulOp::rotate`). Not
@@ -39,37 +39,56 @@ fn cache_pair(k: bool, e: u32, v: vec2<f32>) {
     }
 }
 
-fn finish_rows(acc: ptr<function, array<f32, MAX_TILE>>, li: u32, row: u32, t0: u32, n_tok: u32) {
-    let local = li / (SPLIT * KSPLIT);
-    if (li % (SPLIT * KSPLIT) == 0u) {
-        for (var t = 0u; t < TOKENS; t++) {
-            row_sums[local * MAX_TILE + t] = (*acc)[t];
-        }
-    }
-    workgroupBarrier();
-    if (li % (SPLIT * KSPLIT) != 0u || local % 2u != 0u || row >= p.n) {
-        return;
-    }
+// Token t's values of rows row (even) and row + 1: rotated into y (Q) or the cache (K), or
+// cached as they are (V).
+fn rotate_pair(row: u32, t: u32, x0: f32, x1: f32) {
     let col = p.y_offset + row;
     let q_dim = N_HEADS * HEAD_DIM;
     let kv_dim = N_KV_HEADS * HEAD_DIM;
-    for (var t = 0u; t < TOKENS; t++) {
-        if (t0 + t < n_tok) {
-            let x0 = row_sums[local * MAX_TILE + t];
-            let x1 = row_sums[(local + 1u) * MAX_TILE + t];
-            let info = tokens[t0 + t];
-            if (col >= q_dim + kv_dim) {
-                cache_pair(false, info.slot * kv_dim + col - q_dim - kv_dim, vec2<f32>(x0, x1));
-                continue;
+    let info = tokens[t];
+    if (col >= q_dim + kv_dim) {
+        cache_pair(false, info.slot * kv_dim + col - q_dim - kv_dim, vec2<f32>(x0, x1));
+        return;
+    }
+    let cs = rope[info.pos * (HEAD_DIM / 2u) + (col % HEAD_DIM) / 2u];
+    let r0 = x0 * cs.x - x1 * cs.y;
+    let r1 = x0 * cs.y + x1 * cs.x;
+    if (col < q_dim) {
+        store_y(t, row, r0);
+        store_y(t, row + 1u, r1);
+    } else {
+        cache_pair(true, info.slot * kv_dim + col - q_dim, vec2<f32>(r0, r1));
+    }
+}
+
+// With ROWS even a pair's two rows are one lane group's; with ROWS = 1 they are two groups' of
+// one workgroup, met in workgroup memory.
+fn finish_rows(acc: ptr<function, array<f32, MAX_TILE>>, li: u32, row0: u32, t0: u32, n_tok: u32) {
+    if (ROWS == 1u) {
+        let local = li / (SPLIT * KSPLIT);
+        if (li % (SPLIT * KSPLIT) == 0u) {
+            for (var t = 0u; t < TOKENS; t++) {
+                row_sums[local * MAX_TILE + t] = (*acc)[t];
             }
-            let cs = rope[info.pos * (HEAD_DIM / 2u) + (col % HEAD_DIM) / 2u];
-            let r0 = x0 * cs.x - x1 * cs.y;
-            let r1 = x0 * cs.y + x1 * cs.x;
-            if (col < q_dim) {
-                store_y(t0 + t, row, r0);
-                store_y(t0 + t, row + 1u, r1);
-            } else {
-                cache_pair(true, info.slot * kv_dim + col - q_dim, vec2<f32>(r0, r1));
+        }
+        workgroupBarrier();
+        if (li % (SPLIT * KSPLIT) != 0u || local % 2u != 0u || row0 >= p.n) {
+            return;
+        }
+        for (var t = 0u; t < TOKENS; t++) {
+            if (t0 + t < n_tok) {
+                rotate_pair(row0, t0 + t, row_sums[local * MAX_TILE + t], row_sums[(local + 1u) * MAX_TILE + t]);
+            }
+        }
+        return;
+    }
+    if (li % (SPLIT * KSPLIT) != 0u) {
+        return;
+    }
+    for (var r = 0u; r < ROWS; r += 2u) {
+        for (var t = 0u; t < TOKENS; t++) {
+            if (row0 + r < p.n && t0 + t < n_tok) {
+                rotate_pair(row0 + r, t0 + t, (*acc)[r * TOKENS + t], (*acc)[(r + 1u) * TOKENS + t]);
             }
         }
     }

@@ -1,11 +1,14 @@
-// matvec_q8.wgsl's sums leave through store_y (matmul_io.wgsl): lane 0 of each row's first lane
-// group holds them.
+// matvec_q8.wgsl's sums leave through store_y (matmul_io.wgsl): lane 0 of each set of rows'
+// first lane group holds them.
 
-fn finish_rows(acc: ptr<function, array<f32, MAX_TILE>>, li: u32, row: u32, t0: u32, n_tok: u32) {
-    if (li % (SPLIT * KSPLIT) == 0u && row < p.n) {
+fn finish_rows(acc: ptr<function, array<f32, MAX_TILE>>, li: u32, row0: u32, t0: u32, n_tok: u32) {
+    if (li % (SPLIT * KSPLIT) != 0u) {
+        return;
+    }
+    for (var r = 0u; r < ROWS; r++) {
         for (var t = 0u; t < TOKENS; t++) {
-            if (t0 + t < n_tok) {
-                store_y(t0 + t, row, (*acc)[t]);
+            if (row0 + r < p.n && t0 + t < n_tok) {
+                store_y(t0 + t, row0 + r, (*acc)[r * TOKENS + t]);
             }
         }
     }
