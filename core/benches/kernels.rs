@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use tandem_core::device_weights::DeviceMatrix;
-use tandem_core::kernels::{GEMM_COOP_TOKENS, GEMM_TILE, Kernels, MatvecShape, q8_activations};
+use tandem_core::kernels::{CoopPipelines, CoopPlan, GEMM_TILE, Kernels, MatvecShape, q8_activations};
 use tandem_core::tensor::{HostTensor, TensorBytes};
 use tandem_core::{GpuContext, KvDtype, WeightFormat};
 use tandem_shaders::{Kernel, Step, TokenInfo};
@@ -81,6 +81,33 @@ fn setup(ctx: &GpuContext, rows: usize, cols: usize, tokens: usize) -> Setup {
         rows,
         bytes,
     }
+}
+
+/// Seconds per round of `passes` (pipelines and their workgroups, dispatched in order) over the
+/// bind groups `bgs` in turn.
+fn time_passes(ctx: &GpuContext, bgs: &[wgpu::BindGroup], passes: &[(&wgpu::ComputePipeline, [u32; 3])], reps: usize) -> f64 {
+    let mut best = f64::MAX;
+    for round in 0..3 {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            for i in 0..reps {
+                pass.set_bind_group(0, &bgs[i % bgs.len()], &[]);
+                for (pipeline, [x, y, z]) in passes {
+                    pass.set_pipeline(pipeline);
+                    pass.dispatch_workgroups(*x, *y, *z);
+                }
+            }
+        }
+        let start = Instant::now();
+        ctx.queue.submit([enc.finish()]);
+        ctx.device.poll(wgpu::PollType::wait_indefinitely()).expect("poll");
+        let secs = start.elapsed().as_secs_f64() / reps as f64;
+        if round > 0 {
+            best = best.min(secs);
+        }
+    }
+    best
 }
 
 /// Seconds per dispatch of `pipeline` over `s`'s copies in turn, `groups` workgroups each.
@@ -270,19 +297,21 @@ fn matvec_q8(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, 
 fn matvec_q8_steps(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize)]) {
     println!("matvec_q8 on steps of several tokens: µs a step; tTrRuUkKwW = TOKENS, ROWS, UNROLL, KSPLIT, WG; * = the engine's pick");
     let variants = [
+        (2, 1, 1, 1, 64),
+        (2, 2, 1, 1, 64),
+        (2, 4, 1, 1, 64),
+        (4, 1, 1, 1, 64),
+        (4, 2, 1, 1, 64),
+        (4, 4, 1, 1, 64),
+        (4, 2, 1, 2, 128),
         (8, 1, 1, 1, 64),
         (8, 2, 1, 1, 64),
-        (8, 2, 1, 2, 128),
-        (8, 2, 1, 1, 128),
-        (4, 4, 1, 1, 64),
-        (4, 4, 1, 2, 128),
-        (4, 2, 1, 1, 64),
-        (16, 1, 1, 1, 64),
     ]
     .map(|(tokens, rows, unroll, ksplit, lanes)| MatvecShape { tokens, rows, unroll, ksplit, lanes });
-    for step in [8usize, 32] {
+    for step in [2usize, 4, 8, 32] {
         print!("{:<12}", format!("{step} tokens"));
         for v in &variants {
+            // (Variants of more tokens than the step print "-".)
             print!(" {:>13}", format!("t{}r{}u{}k{}w{}", v.tokens, v.rows, v.unroll, v.ksplit, v.lanes));
         }
         println!();
@@ -295,6 +324,10 @@ fn matvec_q8_steps(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, u
             let pick = MatvecShape::for_q8_matrix(cols, step.min(8) as u32);
             let mut baseline: Option<Vec<f32>> = None;
             for &shape in &variants {
+                if shape.tokens as usize > step {
+                    print!(" {:>13}", "-");
+                    continue;
+                }
                 let groups = [s.rows.div_ceil(shape.rows_per_workgroup()) as u32, step.div_ceil(shape.tokens as usize) as u32, 1];
                 let pipeline = kernels.matvec_q8(WeightFormat::Q4_0, shape, false, false).expect("q8 pipeline");
                 let secs = time_with(ctx, kernels, &s, Some(&xq), &pipeline, groups, 100);
@@ -339,40 +372,52 @@ fn gemm(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize
             print!(" simt@6d832b2 {:>7.3}", flops / time(ctx, kernels, &s, &old, groups, 20) / 1e12);
         }
         if ctx.caps.coop_matrix {
-            // The engine's kernel at both tile heights (it picks one per matrix with
-            // `gemm_coop_rows`), then ablations of the 128-row one: what each part of a step
-            // costs (wrong results). A variant the driver cannot compile loses the device, so
-            // `COOP_VARIANT=name,name` runs those alone.
+            // The engine's kernel at both tile heights and with split reductions (it picks one
+            // per matrix and step with `CoopPlan::for_step`), then ablations of the 128-row one:
+            // what each part of a step costs (wrong results). A variant the driver cannot compile
+            // loses the device, so `COOP_VARIANT=name,name` runs those alone.
             let source = Kernel::GemmCoop.source(Some(WeightFormat::Q4_0), ctx.caps).expect("gemm_coop source");
-            // (name, tile rows, the parts an ablation removes: global loads, tile stores,
-            // multiply-adds, barriers; None: the engine's pipeline).
+            let plan = |tile_rows, splits| CoopPlan { tile_rows, splits };
+            // (name, plan, the parts an ablation removes: global loads, tile stores,
+            // multiply-adds, barriers; None: the engine's pipelines).
             let variants = [
-                ("coop", 128, None),
-                ("coop-r256", 256, None),
-                ("coop-r64", 64, None),
-                ("abl-no-global-loads", 128, Some((true, false, false, false))),
-                ("abl-mma-only", 128, Some((true, true, false, false))),
-                ("abl-no-mma", 128, Some((false, false, true, false))),
-                ("abl-mma-no-barriers", 128, Some((true, true, false, true))),
+                ("coop", plan(128, 1), None),
+                ("coop-r256", plan(256, 1), None),
+                ("coop-k2", plan(128, 2), None),
+                ("coop-k4", plan(128, 4), None),
+                ("coop-k8", plan(128, 8), None),
+                ("abl-no-global-loads", plan(128, 1), Some((true, false, false, false))),
+                ("abl-mma-only", plan(128, 1), Some((true, true, false, false))),
+                ("abl-no-mma", plan(128, 1), Some((false, false, true, false))),
+                ("abl-mma-no-barriers", plan(128, 1), Some((true, true, false, true))),
             ];
-            let report = |name: &str, pipeline: wgpu::ComputePipeline, rows: usize| {
-                let groups = [s.rows.div_ceil(rows) as u32, tokens.div_ceil(GEMM_COOP_TOKENS) as u32, 1];
-                let tflops = flops / time(ctx, kernels, &s, &pipeline, groups, 20) / 1e12;
-                let y = read_y(ctx, &s);
-                let diff = reference.iter().zip(&y).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
-                print!(" {name} {tflops:>6.1} (diff {diff:.0e})");
-            };
+            let pick = CoopPlan::for_step(s.rows, cols, tokens, kernels.gemm_parts_bytes());
+            let bgs: Vec<wgpu::BindGroup> = s
+                .copies
+                .iter()
+                .map(|m| {
+                    let u = m.part_params(ctx, m.cols, s.rows, 0).remove(0);
+                    let p = &m.parts[0];
+                    kernels.gemm_coop_bind_group("bench", [&s.step, &u, &s.x, &p.quants, &p.scales, &s.y])
+                })
+                .collect();
             let wanted = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|o| o == name));
-            for (name, rows, ablation) in variants.into_iter().filter(|(name, ..)| wanted(name)) {
-                let pipeline = match ablation {
-                    None => kernels.gemm_coop(WeightFormat::Q4_0, false, false, rows),
+            for (name, plan, ablation) in variants.into_iter().filter(|(name, ..)| wanted(name)) {
+                let pipelines = match ablation {
+                    None => kernels.gemm_coop(WeightFormat::Q4_0, false, false, plan).expect("gemm_coop"),
                     Some((no_loads, no_stores, no_mma, no_barriers)) => {
                         let ablated = coop_ablate(&source, no_loads, no_stores, no_mma, no_barriers);
-                        kernels.pipeline_from_source(Kernel::GemmCoop, name, &ablated, &[])
+                        let gemm = kernels.pipeline_from_source(Kernel::GemmCoop, name, &ablated, &[]).expect("gemm_coop variant");
+                        CoopPipelines { plan, gemm, sum: None }
                     }
-                }
-                .expect("gemm_coop variant");
-                report(name, pipeline, rows);
+                };
+                let mut passes = vec![(&pipelines.gemm, plan.gemm_groups(s.rows, tokens))];
+                passes.extend(pipelines.sum.as_ref().map(|sum| (sum, plan.sum_groups(s.rows, tokens))));
+                let tflops = flops / time_passes(ctx, &bgs, &passes, 20) / 1e12;
+                let y = read_y(ctx, &s);
+                let diff = reference.iter().zip(&y).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+                let mark = if plan == pick && ablation.is_none() { "*" } else { "" };
+                print!(" {name}{mark} {tflops:>6.1} (diff {diff:.0e})");
             }
         }
         println!();

@@ -14,7 +14,7 @@ use crate::cpu_ref::rope_table;
 use crate::device_weights::{DeviceMatrix, upload_vector};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::kernels::{GEMM_COOP_ROWS, GEMM_COOP_TOKENS, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, Q8_TOKENS, gemm_coop_rows, q8_ranges};
+use crate::kernels::{CoopPipelines, CoopPlan, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, Q8_TOKENS, q8_ranges};
 use crate::kv::{BLOCK_TOKENS, BlockPool, KvDtype, KvLayer, KvSink, PoolUsage, SeqId, SeqState, block_hash, prefix_hashes};
 use crate::layer::{Activations, LayerBuilder, LayerOps, takes_attention_tiles};
 use crate::model::{HostModel, layer_tensor};
@@ -83,7 +83,7 @@ pub struct StepInput {
 /// A matmul over one weight: a bind group and row count per part, and the kernels that may run it.
 pub struct MatmulOp {
     exact: wgpu::ComputePipeline,
-    fast: Option<FastMatmul>,
+    fast: Option<Box<FastMatmul>>,
     /// Per part: its bind group, rows and bytes on the GPU.
     parts: Vec<(wgpu::BindGroup, u32, u64)>,
     format: tandem_shaders::WeightFormat,
@@ -104,12 +104,47 @@ struct FastMatmul {
     gemm: Gemm,
 }
 
-/// The GEMM of one matmul: the matrix units' where the adapter has them (a pipeline per tile
-/// height, chosen per step by `gemm_coop_rows`), the workgroup-tiled one elsewhere.
+/// The GEMM of one matmul: the matrix units' where the adapter has them, the workgroup-tiled one
+/// elsewhere.
 enum Gemm {
     Tiled(wgpu::ComputePipeline),
-    /// By tile height, as `GEMM_COOP_ROWS`.
-    Coop(Vec<wgpu::ComputePipeline>),
+    Coop(CoopGemm),
+}
+
+/// The matrix units' GEMM of one matmul: the pipelines of every plan its steps can take
+/// (`CoopPlan::for_step`), and a bind group per part.
+struct CoopGemm {
+    plans: Vec<CoopPipelines>,
+    groups: Vec<wgpu::BindGroup>,
+    parts_bytes: u64,
+}
+
+/// Steps longer than this take the plan of an unsplit reduction (`CoopGemm::pipelines`).
+const COOP_PLANNED_TOKENS: usize = 4096;
+
+impl CoopGemm {
+    fn new(kernels: &Kernels, m: &DeviceMatrix, buffers: &[[&wgpu::Buffer; 6]], accumulate: bool, sample_rows: bool) -> Result<Self> {
+        let parts_bytes = kernels.gemm_parts_bytes();
+        let mut wanted: Vec<CoopPlan> = CoopPlan::TILE_ROWS.map(|tile_rows| CoopPlan { tile_rows, splits: 1 }).to_vec();
+        for p in &m.parts {
+            for tokens in 1..=COOP_PLANNED_TOKENS {
+                let plan = CoopPlan::for_step(p.rows, m.cols, tokens, parts_bytes);
+                if !wanted.contains(&plan) {
+                    wanted.push(plan);
+                }
+            }
+        }
+        let plans = wanted.into_iter().map(|plan| kernels.gemm_coop(m.format, accumulate, sample_rows, plan)).collect::<Result<_>>()?;
+        let groups = buffers.iter().map(|b| kernels.gemm_coop_bind_group(&m.name, *b)).collect();
+        Ok(CoopGemm { plans, groups, parts_bytes })
+    }
+
+    /// The pipelines for a step of `tokens` through a part of `rows` rows.
+    fn pipelines(&self, rows: usize, cols: usize, tokens: usize) -> &CoopPipelines {
+        let plan = CoopPlan::for_step(rows, cols, tokens, self.parts_bytes);
+        let unsplit = CoopPlan { splits: 1, ..plan };
+        self.plans.iter().find(|p| p.plan == plan).or_else(|| self.plans.iter().find(|p| p.plan == unsplit)).unwrap_or(&self.plans[0])
+    }
 }
 
 /// The 8-bit activations' matvec of one matmul: pipelines by increasing tokens, a bind group per part.
@@ -351,16 +386,13 @@ impl MatmulOp {
                 _ => None,
             };
             let gemm = if ctx.caps.coop_matrix && m.cols.is_multiple_of(32) {
-                Gemm::Coop(
-                    GEMM_COOP_ROWS
-                        .iter()
-                        .map(|&rows| kernels.gemm_coop(m.format, accumulate, sample_rows, rows))
-                        .collect::<Result<_>>()?,
-                )
+                let buffers: Vec<[&wgpu::Buffer; 6]> =
+                    m.parts.iter().zip(&params).map(|(p, u)| [step, u, x, &p.quants, &p.scales, y]).collect();
+                Gemm::Coop(CoopGemm::new(kernels, m, &buffers, accumulate, sample_rows)?)
             } else {
                 Gemm::Tiled(kernels.gemm(m.format, accumulate, sample_rows)?)
             };
-            Some(FastMatmul { matvec, matvec_q8, gemm })
+            Some(Box::new(FastMatmul { matvec, matvec_q8, gemm }))
         };
         Ok(MatmulOp {
             exact: kernels.matmul(m.format, accumulate, sample_rows)?,
@@ -411,6 +443,8 @@ impl MatmulOp {
             Work { kernel, format: Some(self.format), bytes: bytes + t * (x_bytes + rows * 4), flops: 2 * t * rows * self.cols }
         };
         for (i, (bg, rows, bytes)) in self.parts.iter().enumerate() {
+            // The pass that adds a split reduction's sums, where the GEMM splits it.
+            let mut then = None;
             let (name, pipeline, bg, groups) = match &self.fast {
                 None => (Kernel::Matmul, &self.exact, bg, [wg(*rows as usize, 64 / split as usize), wg(tokens, MATMUL_TILE), 1]),
                 Some(f) => {
@@ -442,16 +476,24 @@ impl MatmulOp {
                             Gemm::Tiled(pipeline) => {
                                 (Kernel::Gemm, pipeline, bg, [wg(*rows as usize, GEMM_TILE), wg(tokens, GEMM_TILE), 1])
                             }
-                            Gemm::Coop(pipelines) => {
-                                let tile = gemm_coop_rows(*rows as usize, tokens);
-                                let pipeline = &pipelines[GEMM_COOP_ROWS.iter().position(|&r| r == tile).unwrap_or(0)];
-                                (Kernel::GemmCoop, pipeline, bg, [wg(*rows as usize, tile), wg(tokens, GEMM_COOP_TOKENS), 1])
+                            Gemm::Coop(coop) => {
+                                let p = coop.pipelines(*rows as usize, self.cols as usize, tokens);
+                                let bg = &coop.groups[i];
+                                if let Some(sum) = &p.sum {
+                                    then = Some((sum, bg, p.plan.sum_groups(*rows as usize, tokens), p.plan.splits));
+                                }
+                                (Kernel::GemmCoop, &p.gemm, bg, p.plan.gemm_groups(*rows as usize, tokens))
                             }
                         }
                     }
                 }
             };
             rec.dispatch(work(name, *rows, *bytes), pipeline, bg, groups);
+            if let Some((sum, bg, groups, splits)) = then {
+                // Each split's sums read once, the totals written once.
+                let bytes = (u64::from(splits) + 1) * t * u64::from(*rows) * 4;
+                rec.dispatch(Work { kernel: Kernel::GemmCoop, format: Some(self.format), bytes, flops: 0 }, sum, bg, groups);
+            }
         }
         rotated
     }

@@ -14,6 +14,7 @@ pub struct Kernels {
     ctx: GpuContext,
     layouts: HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
     cache: Mutex<HashMap<String, wgpu::ComputePipeline>>,
+    gemm_parts: std::sync::OnceLock<wgpu::Buffer>,
 }
 
 impl std::fmt::Debug for Kernels {
@@ -58,7 +59,7 @@ impl Kernels {
                 (k, (bgl, pl))
             })
             .collect();
-        Kernels { ctx: ctx.clone(), layouts, cache: Mutex::default() }
+        Kernels { ctx: ctx.clone(), layouts, cache: Mutex::default(), gemm_parts: std::sync::OnceLock::new() }
     }
 
     /// The GPU context the kernels run on.
@@ -291,19 +292,95 @@ impl Kernels {
     }
 
     /// The GEMM on the adapter's matrix units (adapters with `ShaderCaps::coop_matrix`), for
-    /// rows of whole blocks, with tiles of `tile_rows` weight rows (`gemm_coop_rows`); tested on
-    /// such adapters by scripts/test-gpu.
-    pub fn gemm_coop(&self, format: WeightFormat, accumulate: bool, sample_rows: bool, tile_rows: usize) -> Result<wgpu::ComputePipeline> {
-        self.pipeline(
-            Kernel::GemmCoop,
-            Some(format),
-            &[
-                ("ACCUMULATE", f64::from(u8::from(accumulate))),
-                ("SAMPLE_ROWS", f64::from(u8::from(sample_rows))),
-                ("TILE_R", tile_rows as f64),
-            ],
-        )
+    /// rows of whole blocks, covering a step as `plan` says; tested on such adapters by
+    /// scripts/test-gpu. Its bind groups come from `gemm_coop_bind_group`.
+    pub fn gemm_coop(&self, format: WeightFormat, accumulate: bool, sample_rows: bool, plan: CoopPlan) -> Result<CoopPipelines> {
+        let pass = |sum: bool| {
+            self.pipeline(
+                Kernel::GemmCoop,
+                Some(format),
+                &[
+                    ("ACCUMULATE", f64::from(u8::from(accumulate))),
+                    ("SAMPLE_ROWS", f64::from(u8::from(sample_rows))),
+                    ("TILE_R", plan.tile_rows as f64),
+                    ("SPLIT_K", f64::from(plan.splits)),
+                    ("SUM_PASS", f64::from(u8::from(sum))),
+                ],
+            )
+        };
+        Ok(CoopPipelines { plan, gemm: pass(false)?, sum: if plan.splits > 1 { Some(pass(true)?) } else { None } })
     }
+
+    /// A bind group for `Kernel::GemmCoop`: the matmul's buffers in `bind_group`'s order (step,
+    /// params, x, weight quants, weight scales, y) and the device's scratch for split sums.
+    pub fn gemm_coop_bind_group(&self, label: &str, [step, params, x, quants, scales, y]: [&wgpu::Buffer; 6]) -> wgpu::BindGroup {
+        let parts = self.gemm_parts.get_or_init(|| self.ctx.storage("gemm_parts", self.gemm_parts_bytes()));
+        self.bind_group(Kernel::GemmCoop, label, &[step, params, x, quants, scales, y, x, parts])
+    }
+
+    /// Bytes of the scratch that split GEMM reductions leave their sums in: one buffer for the
+    /// device, since its queue runs dispatches in order.
+    pub fn gemm_parts_bytes(&self) -> u64 {
+        GEMM_PARTS_BYTES.min(self.ctx.limits.max_storage_buffer_binding_size)
+    }
+}
+
+/// Bytes the split GEMM reductions' sums may take (`Kernels::gemm_parts_bytes`): a 512-token step
+/// of a 4,096-row matrix split 4 ways.
+const GEMM_PARTS_BYTES: u64 = 32 << 20;
+
+/// How the matrix units' GEMM covers one matrix for one step: the tile height (`TILE_R` in
+/// gemm_coop.wgsl) and the splits of the reduction (`SPLIT_K`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CoopPlan {
+    pub tile_rows: usize,
+    pub splits: u32,
+}
+
+impl CoopPlan {
+    /// Tile heights the GEMM is built for.
+    pub const TILE_ROWS: [usize; 2] = [128, 256];
+    /// Split counts the GEMM is built for.
+    pub const SPLITS: [u32; 4] = [1, 2, 4, 8];
+
+    /// The plan for a matrix of `rows` x `cols` and a step of `tokens` tokens, on a device whose
+    /// split sums may take `parts_bytes`: 256-row tiles where that still makes 96 workgroups or
+    /// more; otherwise 128-row tiles, with the reduction split until there are 256 workgroups or
+    /// a split would walk fewer than 16 steps of 32 columns (docs/kernel-notes.md, items 23, 37).
+    pub fn for_step(rows: usize, cols: usize, tokens: usize, parts_bytes: u64) -> Self {
+        let token_tiles = tokens.div_ceil(GEMM_COOP_TOKENS);
+        if rows.div_ceil(256) * token_tiles >= 96 {
+            return CoopPlan { tile_rows: 256, splits: 1 };
+        }
+        let tiles = rows.div_ceil(128) * token_tiles;
+        let mut splits = 1;
+        for s in Self::SPLITS.into_iter().skip(1) {
+            let fits = cols / 32 / s as usize >= 16 && (s as usize * tokens * rows * 4) as u64 <= parts_bytes;
+            if tiles * splits as usize >= 256 || !fits {
+                break;
+            }
+            splits = s;
+        }
+        CoopPlan { tile_rows: 128, splits }
+    }
+
+    /// Workgroups of the GEMM's dispatch over `rows` rows and `tokens` tokens.
+    pub fn gemm_groups(&self, rows: usize, tokens: usize) -> [u32; 3] {
+        [rows.div_ceil(self.tile_rows) as u32, tokens.div_ceil(GEMM_COOP_TOKENS) as u32, self.splits]
+    }
+
+    /// Workgroups of the sum pass (a workgroup of the GEMM's lanes per run of rows of a token).
+    pub fn sum_groups(&self, rows: usize, tokens: usize) -> [u32; 3] {
+        [rows.div_ceil(2 * self.tile_rows) as u32, tokens as u32, 1]
+    }
+}
+
+/// The pipelines of one `CoopPlan`: the GEMM, and the pass that adds split sums where it splits.
+#[derive(Clone, Debug)]
+pub struct CoopPipelines {
+    pub plan: CoopPlan,
+    pub gemm: wgpu::ComputePipeline,
+    pub sum: Option<wgpu::ComputePipeline>,
 }
 
 /// Tokens one matmul invocation serves (`TILE_T` in matmul.wgsl).
@@ -421,16 +498,3 @@ pub const GEMM_TILE: usize = 64;
 
 /// Tokens of one cooperative-matrix GEMM workgroup's tile (`TILE_T` in gemm_coop.wgsl).
 pub const GEMM_COOP_TOKENS: usize = 128;
-
-/// The tile heights the cooperative-matrix GEMM is built for (`TILE_R` in gemm_coop.wgsl).
-pub const GEMM_COOP_ROWS: [usize; 3] = [64, 128, 256];
-
-/// Weight rows of one cooperative-matrix GEMM workgroup's tile (`TILE_R` in gemm_coop.wgsl) for a
-/// matrix of `rows` rows and a step of `tokens` tokens: 256 where that still makes 96 workgroups
-/// or more, 128 otherwise. 256-row tiles halve each lane's activation loads; on the H200 they
-/// ran the 8B shapes' qkv, gate_up and head 1.7-2x faster at 512 tokens (96-2,004
-/// workgroups), and its o and down (4,096 rows: 64 workgroups) 10% slower
-/// (docs/kernel-notes.md, item 23).
-pub fn gemm_coop_rows(rows: usize, tokens: usize) -> usize {
-    if rows.div_ceil(256) * tokens.div_ceil(GEMM_COOP_TOKENS) >= 96 { 256 } else { 128 }
-}

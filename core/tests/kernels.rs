@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use tandem_core::cpu_ref;
 use tandem_core::device_weights::DeviceMatrix;
 use tandem_core::kernels::{
-    GEMM_COOP_ROWS, GEMM_COOP_TOKENS, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, Q8_TOKENS, SILU_MUL_TILE, q8_activations, q8_ranges,
+    CoopPlan, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, Q8_TOKENS, SILU_MUL_TILE, q8_activations, q8_ranges,
 };
 use tandem_core::tensor::{HostTensor, TensorBytes};
 use tandem_core::{GpuContext, KvDtype, WeightFormat};
@@ -183,9 +183,9 @@ enum Fast {
     MatvecQ8(MatvecShape),
     /// The workgroup-tiled GEMM.
     Gemm,
-    /// The GEMM on matrix units (rows of whole blocks, adapters that have them), with tiles of
-    /// this many rows.
-    GemmCoop(usize),
+    /// The GEMM on matrix units (rows of whole blocks, adapters that have them), covering the
+    /// step as planned (its split reductions' sums added by a second pass).
+    GemmCoop(CoopPlan),
 }
 
 fn run_fast(ctx: &GpuContext, kernels: &Kernels, m: &DeviceMatrix, x: &[f32], tokens: usize, fast: Fast) -> Vec<f32> {
@@ -202,34 +202,50 @@ fn run_fast(ctx: &GpuContext, kernels: &Kernels, m: &DeviceMatrix, x: &[f32], to
     // Poisoned, so an output the kernel never writes shows.
     ctx.queue.write_buffer(&y, 0, bytemuck::cast_slice(&vec![f32::NAN; tokens * n]));
     let params = m.part_params(ctx, cols, n, 0);
-    let groups: Vec<(wgpu::BindGroup, [u32; 3])> = m
+    // Per part: its bind group, the kernel's workgroups, and the sum pass's where there is one.
+    let groups: Vec<(wgpu::BindGroup, [u32; 3], [u32; 3])> = m
         .parts
         .iter()
         .zip(&params)
         .map(|(p, u)| {
-            let bg = match &x_q8 {
-                Some(xq) => kernels.matvec_q8_bind_group("mm", [&step, u, &p.quants, &p.scales, &y], xq, cols),
-                None => kernels.bind_group(Kernel::Matvec, "mm", &[&step, u, &xb, &p.quants, &p.scales, &y, &xb]),
+            let bg = match (&x_q8, fast) {
+                (Some(xq), _) => kernels.matvec_q8_bind_group("mm", [&step, u, &p.quants, &p.scales, &y], xq, cols),
+                (None, Fast::GemmCoop(_)) => kernels.gemm_coop_bind_group("mm", [&step, u, &xb, &p.quants, &p.scales, &y]),
+                (None, _) => kernels.bind_group(Kernel::Matvec, "mm", &[&step, u, &xb, &p.quants, &p.scales, &y, &xb]),
             };
-            let size = match fast {
-                Fast::Gemm => [p.rows.div_ceil(GEMM_TILE) as u32, tokens.div_ceil(GEMM_TILE) as u32, 1],
-                Fast::GemmCoop(tile) => [p.rows.div_ceil(tile) as u32, tokens.div_ceil(GEMM_COOP_TOKENS) as u32, 1],
+            let (size, sum) = match fast {
+                Fast::Gemm => ([p.rows.div_ceil(GEMM_TILE) as u32, tokens.div_ceil(GEMM_TILE) as u32, 1], [0; 3]),
+                Fast::GemmCoop(plan) => (plan.gemm_groups(p.rows, tokens), plan.sum_groups(p.rows, tokens)),
                 Fast::Matvec(shape) | Fast::MatvecQ8(shape) => {
-                    [p.rows.div_ceil(shape.rows_per_workgroup()) as u32, tokens.div_ceil(shape.tokens as usize) as u32, 1]
+                    ([p.rows.div_ceil(shape.rows_per_workgroup()) as u32, tokens.div_ceil(shape.tokens as usize) as u32, 1], [0; 3])
                 }
             };
-            (bg, size)
+            (bg, size, sum)
         })
         .collect();
-    let pipeline = match fast {
-        Fast::Gemm => kernels.gemm(m.format, false, false),
-        Fast::GemmCoop(tile) => kernels.gemm_coop(m.format, false, false, tile),
-        Fast::Matvec(shape) => kernels.matvec(m.format, shape, false, false),
-        Fast::MatvecQ8(shape) => kernels.matvec_q8(m.format, shape, false, false),
+    let (pipeline, sum) = match fast {
+        Fast::Gemm => (kernels.gemm(m.format, false, false).expect("pipeline"), None),
+        Fast::GemmCoop(plan) => {
+            let p = kernels.gemm_coop(m.format, false, false, plan).expect("pipeline");
+            (p.gemm, p.sum)
+        }
+        Fast::Matvec(shape) => (kernels.matvec(m.format, shape, false, false).expect("pipeline"), None),
+        Fast::MatvecQ8(shape) => (kernels.matvec_q8(m.format, shape, false, false).expect("pipeline"), None),
+    };
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        for (bg, [x, y, z], [sx, sy, sz]) in &groups {
+            pass.set_bind_group(0, bg, &[]);
+            pass.set_pipeline(&pipeline);
+            pass.dispatch_workgroups(*x, *y, *z);
+            if let Some(sum) = &sum {
+                pass.set_pipeline(sum);
+                pass.dispatch_workgroups(*sx, *sy, *sz);
+            }
+        }
     }
-    .expect("pipeline");
-    let refs: Vec<(&wgpu::BindGroup, [u32; 3])> = groups.iter().map(|(b, d)| (b, *d)).collect();
-    read_f32(ctx, &y, (tokens * n * 4) as u64, dispatch(ctx, &pipeline, &refs))
+    read_f32(ctx, &y, (tokens * n * 4) as u64, enc)
 }
 
 #[test]
@@ -264,7 +280,11 @@ fn fast_matmuls_match_cpu_for_every_format_and_odd_shapes() {
                     .chain([Fast::Gemm])
                     .collect();
                 if whole && ctx.caps.coop_matrix {
-                    variants.extend(GEMM_COOP_ROWS.map(Fast::GemmCoop));
+                    // Both tile heights, and reductions split in 2 and in 4 (on rows of 2-5 blocks, some splits
+                    // get no columns at all).
+                    variants.extend(
+                        [(128, 1), (256, 1), (128, 2), (128, 4)].map(|(tile_rows, splits)| Fast::GemmCoop(CoopPlan { tile_rows, splits })),
+                    );
                 }
                 for fast in variants {
                     let got = run_fast(&ctx, &kernels, &m, &x, tokens, fast);
@@ -297,18 +317,21 @@ fn matvec_q8_matches_cpu_for_packed_formats_and_odd_shapes() {
                     let (want, scale) = matmul_reference(format, &t, &cpu_ref::q8_round_trip(&x), tokens);
                     let (want_f32, _) = matmul_reference(format, &t, &x, tokens);
                     let largest = MATVEC_TOKENS[MATVEC_TOKENS.len() - 1] as usize;
-                    let shapes = MATVEC_TOKENS.iter().filter(|&&mt| mt as usize >= tokens.min(largest)).flat_map(|&mt| {
-                        let short = MatvecShape::for_q8_matrix(32, mt);
-                        [
-                            short,
-                            MatvecShape::for_q8_matrix(8192, mt),
-                            MatvecShape::for_q8_matrix(1 << 20, mt),
-                            MatvecShape { unroll: 4, ksplit: 4, lanes: 128, ..short },
-                            MatvecShape { rows: 2, ..short },
-                            MatvecShape { rows: 4, ksplit: 2, lanes: 128, ..short },
-                        ]
-                    })
-                    .filter(|s| s.rows * s.tokens <= MatvecShape::MAX_SUMS);
+                    let shapes = MATVEC_TOKENS
+                        .iter()
+                        .filter(|&&mt| mt as usize >= tokens.min(largest))
+                        .flat_map(|&mt| {
+                            let short = MatvecShape::for_q8_matrix(32, mt);
+                            [
+                                short,
+                                MatvecShape::for_q8_matrix(8192, mt),
+                                MatvecShape::for_q8_matrix(1 << 20, mt),
+                                MatvecShape { unroll: 4, ksplit: 4, lanes: 128, ..short },
+                                MatvecShape { rows: 2, ..short },
+                                MatvecShape { rows: 4, ksplit: 2, lanes: 128, ..short },
+                            ]
+                        })
+                        .filter(|s| s.rows * s.tokens <= MatvecShape::MAX_SUMS);
                     for shape in shapes {
                         let got = run_fast(&ctx, &kernels, &m, &x, tokens, Fast::MatvecQ8(shape));
                         let what = format!("matvec_q8 {shape:?} {format} {n}x{cols} x{tokens} {:?}", ctx.caps);
@@ -361,7 +384,12 @@ fn matvec_q8_rope_rotates_q_and_caches_k_and_v() {
                     [&info_b, &table_b, &kc, &vc],
                 );
                 let short = MatvecShape::for_q8_matrix(cols, 4);
-                for shape in [short, MatvecShape { ksplit: 2, lanes: 128, ..short }, MatvecShape { rows: 2, ..short }, MatvecShape { rows: 4, ..short }] {
+                for shape in [
+                    short,
+                    MatvecShape { ksplit: 2, lanes: 128, ..short },
+                    MatvecShape { rows: 2, ..short },
+                    MatvecShape { rows: 4, ..short },
+                ] {
                     let pipeline = kernels.matvec_q8_rope(format, shape, [nh, nkv, hd], dtype == KvDtype::F16).expect("pipeline");
                     let groups = [rows.div_ceil(shape.rows_per_workgroup()) as u32, tokens.div_ceil(shape.tokens as usize) as u32, 1];
                     let got_y = read_f32(&ctx, &y, (tokens * rows * 4) as u64, dispatch(&ctx, &pipeline, &[(&bg, groups)]));

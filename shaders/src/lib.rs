@@ -284,7 +284,9 @@ impl Kernel {
             Kernel::RmsNorm => &[U, R, R, R, W, W],
             // step, params, x, weight words, scales, y, x again as vec4s (matvec_q8: the
             // 8-bit activations' quants and their scales).
-            Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8 | Kernel::Gemm | Kernel::GemmCoop => &[U, U, R, R, R, W, R],
+            Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8 | Kernel::Gemm => &[U, U, R, R, R, W, R],
+            // matmul's, then the split reductions' sums.
+            Kernel::GemmCoop => &[U, U, R, R, R, W, R, W],
             // matvec_q8's, then tokens, the RoPE table, and the K and V cache.
             Kernel::MatvecQ8Rope => &[U, U, R, R, R, W, R, R, R, W, W],
             // step, qkv (normed in place), query-head and key-head weights.
@@ -302,10 +304,11 @@ impl Kernel {
     }
 
     /// The kernel whose bind-group layout this one shares: the matmul kernels bind the same
-    /// buffers, so one bind group serves whichever the engine picks for a step.
+    /// buffers, so one bind group serves whichever the engine picks for a step (the matrix
+    /// units' GEMM binds one more, its split sums, and has its own).
     pub fn layout_owner(self) -> Kernel {
         match self {
-            Kernel::Matvec | Kernel::MatvecQ8 | Kernel::Gemm | Kernel::GemmCoop => Kernel::Matmul,
+            Kernel::Matvec | Kernel::MatvecQ8 | Kernel::Gemm => Kernel::Matmul,
             k => k,
         }
     }
@@ -429,7 +432,8 @@ impl Kernel {
         }
         let access = format.and_then(|f| f.weight_access_source(caps));
         let matvec_q8 = matches!(self, Kernel::MatvecQ8 | Kernel::MatvecQ8Rope);
-        let io = (self.layout_owner() == Kernel::Matmul || matvec_q8).then_some(include_str!("../wgsl/matmul_io.wgsl"));
+        let matmul = matches!(self, Kernel::Matmul | Kernel::Matvec | Kernel::Gemm | Kernel::GemmCoop);
+        let io = (matmul || matvec_q8).then_some(include_str!("../wgsl/matmul_io.wgsl"));
         // How matvec_q8's sums leave: stored, or rotated and cached (matvec_q8_rope).
         let finish = match self {
             Kernel::MatvecQ8 => Some(include_str!("../wgsl/matvec_q8_store.wgsl")),
@@ -438,7 +442,7 @@ impl Kernel {
         };
         // The kernels that write a matvec's input also write it as 8-bit activations.
         let [q8_out, q8_block] = self.q8_out_sources(caps);
-        let f32_x = (self.layout_owner() == Kernel::Matmul && !matvec_q8).then_some(include_str!("../wgsl/matmul_x.wgsl"));
+        let f32_x = matmul.then_some(include_str!("../wgsl/matmul_x.wgsl"));
         let groups = (self == Kernel::Matvec || matvec_q8).then_some(include_str!("../wgsl/matvec_groups.wgsl"));
         out.push_str(&concat([
             Some(include_str!("../wgsl/common.wgsl")),

@@ -11,11 +11,18 @@
 // of 4 values at once (16 scalar f16 stores a block made the loader, not the matrix units, the
 // bound). The next step's weights and activations are loaded into registers while this step's
 // multiply-adds run. The sums leave through a per-subgroup staging tile, so tile edges and
-// accumulation are plain bounded writes. Not batch-invariant, and its f16 inputs round (about
+// accumulation are plain bounded writes.
+//
+// Split reductions: a workgroup walks all the columns in sequence, a step's loads, barriers and
+// multiply-adds each waiting on the last, so a matrix with few tiles (few rows, or few tokens)
+// runs at the latency of one tile's walk whatever the GPU's size. With SPLIT_K > 1 the grid's z
+// splits the column steps, each workgroup leaves its sums in `parts`, and a second dispatch of
+// this kernel with SUM_PASS adds the splits' sums in split order (so a result does not depend on
+// which finished first) and stores them. Not batch-invariant, and its f16 inputs round (about
 // 1e-3 relative to the sum of |w x|) and overflow beyond 65504.
 
 
-// Weight rows and tokens of a workgroup's tile (64, 128 or 256 rows). 256 rows halve the activations
+// Weight rows and tokens of a workgroup's tile (128 or 256 rows). 256 rows halve the activations
 // each lane loads a step, for matrices with enough rows to fill the GPU (`gemm_coop_rows` in
 // core).
 override TILE_R: u32 = 128u;
@@ -30,8 +37,14 @@ override WG: u32 = 2u * TILE_R;
 // Lanes that share a token's activations in the loader, and the runs of 4 each loads a block (at
 // most MAX_X_RUNS).
 override X_LANES: u32 = WG / TILE_T;
+// Splits of the column steps (the grid's z), and whether this dispatch is the pass that adds them.
+override SPLIT_K: u32 = 1u;
+override SUM_PASS: bool = false;
+
+// Split z's sums of token t, row n at (z * tokens + t) * rows + n.
+@group(0) @binding(7) var<storage, read_write> parts: array<f32>;
 override X_RUNS: u32 = 8u / X_LANES;
-const MAX_X_RUNS: u32 = 8u;
+const MAX_X_RUNS: u32 = 4u;
 
 // The tiles' element: PER halves, so a run of 4 is 4 / PER stores. (Fragments load from vectors
 // of f16 on NVIDIA; vectors of u32 failed its compiler.)
@@ -54,18 +67,38 @@ fn put_x(i: u32, v: vec4<f16>) {
     x_tile[i / 4u] = v;
 }
 
-/// Writes the subgroup's staged 16 x 16 results for rows r.. and tokens t.. (bounded), then
-/// waits so the stage can be reused. Called by every lane.
-fn flush(sg: u32, lane: u32, r: u32, t: u32, n_tok: u32) {
+/// Writes the subgroup's staged 16 x 16 results for rows r.. and tokens t.. (bounded), as
+/// split z's share where the columns are split, then waits so the stage can be reused. Called by
+/// every lane.
+fn flush(sg: u32, lane: u32, r: u32, t: u32, n_tok: u32, z: u32) {
     workgroupBarrier();
     for (var e = lane; e < 256u; e += 32u) {
         let row = r + e % 16u;
         let tok = t + e / 16u;
         if (row < p.n && tok < n_tok) {
-            store_y(tok, row, stage[sg * 256u + e]);
+            let v = stage[sg * 256u + e];
+            if (SPLIT_K > 1u) {
+                parts[(z * n_tok + tok) * p.n + row] = v;
+            } else {
+                store_y(tok, row, v);
+            }
         }
     }
     workgroupBarrier();
+}
+
+/// The sum pass: workgroup (x, y) adds the splits' sums of token y for WG rows from x * WG.
+fn sum_splits(li: u32, wg: vec3<u32>, n_tok: u32) {
+    let row = wg.x * WG + li;
+    let tok = wg.y;
+    if (row >= p.n || tok >= n_tok) {
+        return;
+    }
+    var total = 0.0;
+    for (var z = 0u; z < SPLIT_K; z++) {
+        total += parts[(z * n_tok + tok) * p.n + row];
+    }
+    store_y(tok, row, total);
 }
 
 /// Step s's share of one lane into registers, as f16 runs of 4: for each of the step's blocks,
@@ -98,6 +131,10 @@ fn load_step(s: u32, nb: u32, w_row: u32, x_tok: u32, half: u32, xq: u32, w_runs
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec3<u32>) {
     let n_tok = step_rows();
+    if (SUM_PASS) {
+        sum_splits(li, wg, n_tok);
+        return;
+    }
     let r0 = wg.x * TILE_R;
     let t0 = wg.y * TILE_T;
     let sg = li / 32u;
@@ -113,7 +150,10 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
     let w_row = min(r0 + ld, p.n - 1u);
     let x_tok = min(t0 + xt, max(n_tok, 1u) - 1u);
     let nb = p.k / 32u;
-    let steps = (nb + NB - 1u) / NB;
+    // This split's column steps.
+    let per = ((nb + NB - 1u) / NB + SPLIT_K - 1u) / SPLIT_K;
+    let first = wg.z * per;
+    let steps = min((nb + NB - 1u) / NB, first + per);
 
     // A step's share in registers (`load_step`), and the tile columns of its weight runs.
     var w_runs: array<vec4<f16>, 4u * NB>;
@@ -135,8 +175,8 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
     var c11 = coop_mat16x16<f32, C>();
     var c12 = coop_mat16x16<f32, C>();
     var c13 = coop_mat16x16<f32, C>();
-    load_step(0u, nb, w_row, x_tok, half, xq, &w_runs, &x_runs);
-    for (var s = 0u; s < steps; s++) {
+    load_step(first, nb, w_row, x_tok, half, xq, &w_runs, &x_runs);
+    for (var s = first; s < steps; s++) {
         for (var i = 0u; i < 4u * NB; i++) {
             put_w(ld * LD + w_cols[i], w_runs[i]);
         }
@@ -180,19 +220,19 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
     let tc = ta + 32u;
     let td = ta + 48u;
     coopStore(c00, &stage[so], ss);
-    flush(sg, lane, ra, ta, n_tok);
+    flush(sg, lane, ra, ta, n_tok, wg.z);
     coopStore(c01, &stage[so], ss);
-    flush(sg, lane, ra, tb, n_tok);
+    flush(sg, lane, ra, tb, n_tok, wg.z);
     coopStore(c02, &stage[so], ss);
-    flush(sg, lane, ra, tc, n_tok);
+    flush(sg, lane, ra, tc, n_tok, wg.z);
     coopStore(c03, &stage[so], ss);
-    flush(sg, lane, ra, td, n_tok);
+    flush(sg, lane, ra, td, n_tok, wg.z);
     coopStore(c10, &stage[so], ss);
-    flush(sg, lane, rb, ta, n_tok);
+    flush(sg, lane, rb, ta, n_tok, wg.z);
     coopStore(c11, &stage[so], ss);
-    flush(sg, lane, rb, tb, n_tok);
+    flush(sg, lane, rb, tb, n_tok, wg.z);
     coopStore(c12, &stage[so], ss);
-    flush(sg, lane, rb, tc, n_tok);
+    flush(sg, lane, rb, tc, n_tok, wg.z);
     coopStore(c13, &stage[so], ss);
-    flush(sg, lane, rb, td, n_tok);
+    flush(sg, lane, rb, td, n_tok, wg.z);
 }
