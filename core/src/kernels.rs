@@ -329,6 +329,10 @@ impl Kernels {
 /// of a 4,096-row matrix split 4 ways.
 const GEMM_PARTS_BYTES: u64 = 32 << 20;
 
+/// The workgroups a split reduction may grow a GEMM to: about one wave on the H200's 132
+/// multiprocessors (a workgroup of 128-row tiles fills one).
+const SPLIT_WORKGROUPS: usize = 132;
+
 /// How the matrix units' GEMM covers one matrix for one step: the tile height (`TILE_R` in
 /// gemm_coop.wgsl) and the splits of the reduction (`SPLIT_K`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -345,22 +349,21 @@ impl CoopPlan {
 
     /// The plan for a matrix of `rows` x `cols` and a step of `tokens` tokens, on a device whose
     /// split sums may take `parts_bytes`: 256-row tiles where that still makes 96 workgroups or
-    /// more; otherwise 128-row tiles, with the reduction split until there are 256 workgroups or
-    /// a split would walk fewer than 16 steps of 32 columns (docs/kernel-notes.md, items 23, 37).
+    /// more; otherwise 128-row tiles, with the reduction split in as many parts as keep the
+    /// workgroups within `SPLIT_WORKGROUPS`, each part at least 2 steps of 32 columns. Swept on
+    /// the H200 at 128 and 512 tokens (docs/kernel-notes.md, items 23 and 37): splits beyond one
+    /// wave of workgroups lost, splits up to it won up to 4x.
     pub fn for_step(rows: usize, cols: usize, tokens: usize, parts_bytes: u64) -> Self {
         let token_tiles = tokens.div_ceil(GEMM_COOP_TOKENS);
         if rows.div_ceil(256) * token_tiles >= 96 {
             return CoopPlan { tile_rows: 256, splits: 1 };
         }
         let tiles = rows.div_ceil(128) * token_tiles;
-        let mut splits = 1;
-        for s in Self::SPLITS.into_iter().skip(1) {
-            let fits = cols / 32 / s as usize >= 16 && (s as usize * tokens * rows * 4) as u64 <= parts_bytes;
-            if tiles * splits as usize >= 256 || !fits {
-                break;
-            }
-            splits = s;
-        }
+        let fits = |s: u32| {
+            let s = s as usize;
+            tiles * s <= SPLIT_WORKGROUPS && cols / 32 / s >= 2 && (s * tokens * rows * 4) as u64 <= parts_bytes
+        };
+        let splits = Self::SPLITS.into_iter().rev().find(|&s| s == 1 || fits(s)).unwrap_or(1);
         CoopPlan { tile_rows: 128, splits }
     }
 
@@ -465,14 +468,17 @@ impl MatvecShape {
     /// of up to `tokens` tokens through a matrix `cols` wide, from the H200 sweep
     /// (`cargo bench --bench kernels -- q8`): 2 runs of 32 blocks a trip, and rows of 224 blocks
     /// or more split over 2 lane groups, of 448 or more over 4, so each lane still walks 3-4
-    /// blocks (+10-30% on the down projections; a loss on shorter rows).
+    /// blocks (+10-30% on the down projections; a loss on shorter rows). Steps of several tokens
+    /// (`-- q8steps`): 2 rows a lane group, and groups of 4 tokens beyond 2, which cut an 8B
+    /// layer's matvecs 21% at 8 tokens and 29% at 32 against 8 tokens and 1 row (item 37).
     pub fn for_q8_matrix(cols: usize, tokens: u32) -> Self {
         let blocks = cols / 32;
-        let unroll = (2 / tokens).max(1);
-        match blocks {
-            448.. if tokens == 1 => MatvecShape { tokens, rows: 1, unroll: 1, ksplit: 4, lanes: 128 },
-            224.. if tokens == 1 => MatvecShape { tokens, rows: 1, unroll, ksplit: 2, lanes: 128 },
-            _ => MatvecShape { tokens, rows: 1, unroll, ksplit: 1, lanes: 64 },
+        match (blocks, tokens) {
+            (448.., 1) => MatvecShape { tokens, rows: 1, unroll: 1, ksplit: 4, lanes: 128 },
+            (224.., 1) => MatvecShape { tokens, rows: 1, unroll: 2, ksplit: 2, lanes: 128 },
+            (_, 1) => MatvecShape { tokens, rows: 1, unroll: 2, ksplit: 1, lanes: 64 },
+            (_, 2) => MatvecShape { tokens, rows: 2, unroll: 1, ksplit: 1, lanes: 64 },
+            _ => MatvecShape { tokens: 4, rows: 2, unroll: 1, ksplit: 1, lanes: 64 },
         }
     }
 

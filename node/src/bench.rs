@@ -29,10 +29,11 @@ pub struct BenchReport {
     pub profile: Option<Profile>,
 }
 
-/// GPU time per kernel of a 512-token prefill and of one decode step at context 128.
+/// GPU time per kernel of a 512- and a 128-token prefill and of one decode step at context 128.
 #[derive(Debug, Serialize)]
 pub struct Profile {
     pub prefill_512: Vec<KernelTime>,
+    pub prefill_128: Vec<KernelTime>,
     pub decode_128: Vec<KernelTime>,
 }
 
@@ -45,7 +46,7 @@ pub fn profile(engine: &mut Engine) -> tandem_core::Result<Profile> {
     engine.free_sequence(seq);
     let prefill_512 = engine.take_profile();
     let (_, seq) = prefill_once(engine, &prompt(128, vocab))?;
-    engine.take_profile();
+    let prefill_128 = engine.take_profile();
     const STEPS: u64 = 16;
     for _ in 0..STEPS {
         engine.step(&[StepInput { seq, tokens: vec![1], sample: Some(SamplingParams::greedy()) }])?;
@@ -59,7 +60,7 @@ pub fn profile(engine: &mut Engine) -> tandem_core::Result<Profile> {
         k.flops /= STEPS;
     }
     engine.set_profiling(false)?;
-    Ok(Profile { prefill_512, decode_128 })
+    Ok(Profile { prefill_512, prefill_128, decode_128 })
 }
 
 /// Median time of submitting nothing and reading 4 bytes back.
@@ -177,7 +178,11 @@ pub fn table(r: &BenchReport) -> String {
         r.kv_dtype
     );
     if let Some(p) = &r.profile {
-        for (what, kernels) in [("prefill of 512 tokens", &p.prefill_512), ("decode step at context 128", &p.decode_128)] {
+        for (what, kernels) in [
+            ("prefill of 512 tokens", &p.prefill_512),
+            ("prefill of 128 tokens", &p.prefill_128),
+            ("decode step at context 128", &p.decode_128),
+        ] {
             let total = tandem_core::recorder::Profiler::total(kernels).as_secs_f64() * 1e3;
             s += &format!("GPU time of a {what}: {total:.3} ms\n");
             s += &format!("  {:<18} {:>6} {:>10} {:>6} {:>9} {:>9}\n", "kernel", "calls", "ms", "%", "GB/s", "TFLOP/s");

@@ -151,9 +151,11 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
     let x_tok = min(t0 + xt, max(n_tok, 1u) - 1u);
     let nb = p.k / 32u;
     // This split's column steps.
-    let per = ((nb + NB - 1u) / NB + SPLIT_K - 1u) / SPLIT_K;
-    let first = wg.z * per;
-    let steps = min((nb + NB - 1u) / NB, first + per);
+    // (Unsplit, the bounds are constants to the compiler, as before splits existed.)
+    let all = (nb + NB - 1u) / NB;
+    let per = (all + SPLIT_K - 1u) / SPLIT_K;
+    let first = select(wg.z * per, 0u, SPLIT_K == 1u);
+    let steps = select(min(all, first + per), all, SPLIT_K == 1u);
 
     // A step's share in registers (`load_step`), and the tile columns of its weight runs.
     var w_runs: array<vec4<f16>, 4u * NB>;
