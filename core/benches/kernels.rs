@@ -403,6 +403,12 @@ fn gemm(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize
                 .collect();
             let wanted = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|o| o == name));
             for (name, plan, ablation) in variants.into_iter().filter(|(name, ..)| wanted(name)) {
+                // Splits whose sums outgrow the scratch are never planned (their sums would be
+                // clipped).
+                if (plan.splits as usize * tokens * s.rows * 4) as u64 > kernels.gemm_parts_bytes() {
+                    print!(" {name} -");
+                    continue;
+                }
                 let pipelines = match ablation {
                     None => kernels.gemm_coop(WeightFormat::Q4_0, false, false, plan).expect("gemm_coop"),
                     Some((no_loads, no_stores, no_mma, no_barriers)) => {
