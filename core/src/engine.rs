@@ -15,7 +15,7 @@ use crate::device_weights::{DeviceMatrix, upload_vector};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::kernels::{CoopPipelines, CoopPlan, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, Q8_TOKENS, q8_ranges};
-use crate::kv::{BLOCK_TOKENS, BlockPool, KvDtype, KvLayer, KvSink, PoolUsage, SeqId, SeqState, block_hash, prefix_hashes};
+use crate::kv::{BLOCK_TOKENS, BlockPool, FREED_BLOCK, KvDtype, KvLayer, KvSink, PoolUsage, SeqId, SeqState, block_hash, prefix_hashes};
 use crate::layer::{Activations, LayerBuilder, LayerOps, takes_attention_tiles};
 use crate::model::{HostModel, layer_tensor};
 use crate::recorder::{KernelTime, Profiler, Recorder, Work};
@@ -224,6 +224,8 @@ pub struct Engine {
     bufs: StepBuffers,
     pool: BlockPool,
     seqs: HashMap<SeqId, SeqState>,
+    /// The smallest sliding window where every layer has one (blocks before it are given back).
+    window_all: Option<usize>,
     next_seq: u64,
     last_timing: StepTiming,
     deterministic: bool,
@@ -708,6 +710,7 @@ impl Engine {
         Ok(Engine {
             ctx: ctx.clone(),
             kernels,
+            window_all: (0..c.n_layers).map(|l| c.layer_window(l)).collect::<Option<Vec<_>>>().and_then(|w| w.into_iter().min()),
             config: c,
             context_length,
             max_tokens,
@@ -812,7 +815,7 @@ impl Engine {
         let len = blocks.len() * BLOCK_TOKENS;
         let id = SeqId(self.next_seq);
         self.next_seq += 1;
-        let state = SeqState { blocks, len, ready: vec![len; self.config.n_layers], tokens: prompt[..len].to_vec(), hashes };
+        let state = SeqState { blocks, len, ready: vec![len; self.config.n_layers], tokens: prompt[..len].to_vec(), hashes, freed: 0 };
         self.seqs.insert(id, state);
         (id, len)
     }
@@ -878,6 +881,12 @@ impl Engine {
         if start > end || end > state.len {
             return Err(Error::KvImport(format!("cannot export positions {start}..{end} of a sequence holding {}", state.len)));
         }
+        if start < end && start < state.live_from() {
+            return Err(Error::KvImport(format!(
+                "cannot export positions {start}..{end}: those before {} were given back (before every layer's sliding window)",
+                state.live_from()
+            )));
+        }
         let kv_dim = self.config.kv_dim();
         let kv_row = (kv_dim * self.kv_dtype.bytes()) as u64;
         let bytes = (end - start) as u64 * kv_row;
@@ -920,19 +929,25 @@ impl Engine {
         }
         state.tokens = tokens.to_vec();
         let done = state.len;
-        Self::register_full_blocks(&mut self.pool, state, done);
+        Self::positions_done(&mut self.pool, state, done, self.window_all);
         Ok(())
     }
 
-    /// Registers the sequence's full blocks of known tokens as reusable prefixes, up to position
-    /// `done`: only blocks whose K/V a finished step wrote (a failed or unfinished step's never
-    /// reach the prefix cache).
-    fn register_full_blocks(pool: &mut BlockPool, s: &mut SeqState, done: usize) {
+    /// Positions up to `done` are final (a finished step wrote them): the sequence's full blocks
+    /// of known tokens join the prefix cache, and where every layer has a sliding window, the
+    /// blocks before the window of the next position (`done`) go back to the pool, since no later
+    /// token reaches back past it (a failed or unfinished step's positions never reach here).
+    fn positions_done(pool: &mut BlockPool, s: &mut SeqState, done: usize, window: Option<usize>) {
         while (s.hashes.len() + 1) * BLOCK_TOKENS <= s.tokens.len().min(done) {
             let b = s.hashes.len();
             let h = block_hash(s.hashes.last().copied(), &s.tokens[b * BLOCK_TOKENS..(b + 1) * BLOCK_TOKENS]);
-            pool.register(s.blocks[b], h);
+            if s.blocks[b] != FREED_BLOCK {
+                pool.register(s.blocks[b], h);
+            }
             s.hashes.push(h);
+        }
+        if let Some(w) = window {
+            pool.release_before(s, (done + 1).saturating_sub(w));
         }
     }
 
@@ -1021,7 +1036,7 @@ impl Engine {
             state.ready.iter_mut().for_each(|r| *r = pos + 1);
             if i == 0 && state.tokens.len() == pos {
                 state.tokens.push(token);
-                Self::register_full_blocks(&mut self.pool, state, pos);
+                Self::positions_done(&mut self.pool, state, pos, self.window_all);
             }
             if let Some((prev, slot)) = in_flight.replace((done.clone(), i % 2)) {
                 // Step i - 1's token is step i's input, already read by the GPU. Whatever ends
@@ -1050,14 +1065,14 @@ impl Engine {
                 if state.tokens.len() == pos {
                     state.tokens.push(sampled);
                 }
-                Self::register_full_blocks(&mut self.pool, state, pos);
+                Self::positions_done(&mut self.pool, state, pos, self.window_all);
             }
         }
         if let Some((last, slot)) = in_flight {
             let sampled = self.read_run_token(slot, last)?;
             let state = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
             let done = state.len;
-            Self::register_full_blocks(&mut self.pool, state, done);
+            Self::positions_done(&mut self.pool, state, done, self.window_all);
             delivered += 1;
             on_token(sampled)?;
         }
@@ -1081,7 +1096,7 @@ impl Engine {
         state.len = pos;
         state.ready.iter_mut().for_each(|r| *r = pos);
         state.tokens.truncate(pos);
-        Self::register_full_blocks(&mut self.pool, state, pos);
+        Self::positions_done(&mut self.pool, state, pos, self.window_all);
         self.ctx.check_errors("decode run")
     }
 
@@ -1449,7 +1464,7 @@ impl Engine {
             {
                 s.tokens.push(*token);
             }
-            Self::register_full_blocks(&mut self.pool, s, end);
+            Self::positions_done(&mut self.pool, s, end, self.window_all);
         }
         Ok(out)
     }

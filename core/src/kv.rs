@@ -105,11 +105,18 @@ impl<F: FnMut(SeqId, KvLayer) -> Result<()>> KvSink for F {
     }
 }
 
+/// A block-table entry whose block was given back because each of its positions lies before
+/// every layer's sliding window (`BlockPool::release_before`): attention never reads it again.
+pub const FREED_BLOCK: u32 = u32::MAX;
+
 /// A sequence's cache state.
 #[derive(Clone, Debug, Default)]
 pub struct SeqState {
-    /// Physical blocks, in position order; the first ones may be shared with other sequences.
+    /// Physical blocks, in position order; the first ones may be shared with other sequences,
+    /// and the first `freed` are `FREED_BLOCK`.
     pub blocks: Vec<u32>,
+    /// Leading blocks given back (their positions are before every layer's window).
+    pub freed: usize,
     /// Positions whose K/V is present in every layer.
     pub len: usize,
     /// Positions present per layer (they differ only while an import is in progress).
@@ -122,7 +129,12 @@ pub struct SeqState {
 }
 
 impl SeqState {
-    /// The physical cache row of position `pos`.
+    /// The first position whose K/V the cache still holds.
+    pub fn live_from(&self) -> usize {
+        self.freed * BLOCK_TOKENS
+    }
+
+    /// The physical cache row of position `pos` (at or after `live_from`).
     pub fn slot(&self, pos: usize) -> u32 {
         self.blocks[pos / BLOCK_TOKENS] * BLOCK_TOKENS as u32 + (pos % BLOCK_TOKENS) as u32
     }
@@ -229,20 +241,41 @@ impl BlockPool {
 
     /// Drops a sequence's hold on its blocks; registered ones stay cached until evicted.
     pub fn release(&mut self, seq: SeqState) {
-        for b in seq.blocks.into_iter().rev() {
-            let i = b as usize;
-            self.refs[i] = self.refs[i].saturating_sub(1);
-            if self.refs[i] > 0 {
-                continue;
+        // Later blocks of a sequence are released first, so a prefix outlives its tails.
+        for b in seq.blocks.into_iter().rev().filter(|&b| b != FREED_BLOCK) {
+            self.drop_hold(b);
+        }
+    }
+
+    /// Gives back the blocks of `seq` that lie wholly before position `keep_from` (a sliding
+    /// window's start that no later token reaches back past) and marks them `FREED_BLOCK`.
+    /// Returns how many it gave back.
+    pub fn release_before(&mut self, seq: &mut SeqState, keep_from: usize) -> usize {
+        let end = (keep_from / BLOCK_TOKENS).min(seq.blocks.len());
+        let start = seq.freed.min(end);
+        for i in (start..end).rev() {
+            let b = std::mem::replace(&mut seq.blocks[i], FREED_BLOCK);
+            if b != FREED_BLOCK {
+                self.drop_hold(b);
             }
-            if self.hash[i].is_some() {
-                // Later blocks of a sequence are released first, so a prefix outlives its tails.
-                self.tick += 1;
-                self.released_at[i] = self.tick;
-                self.evictable.insert(self.tick, b);
-            } else {
-                self.free.push(b);
-            }
+        }
+        seq.freed = seq.freed.max(end);
+        end - start
+    }
+
+    /// One hold on `b` fewer: unheld, it becomes free, or evictable where the prefix cache knows it.
+    fn drop_hold(&mut self, b: u32) {
+        let i = b as usize;
+        self.refs[i] = self.refs[i].saturating_sub(1);
+        if self.refs[i] > 0 {
+            return;
+        }
+        if self.hash[i].is_some() {
+            self.tick += 1;
+            self.released_at[i] = self.tick;
+            self.evictable.insert(self.tick, b);
+        } else {
+            self.free.push(b);
         }
     }
 
@@ -302,6 +335,30 @@ mod tests {
         // Still findable, and a different prefix is not.
         assert_eq!(pool.share_prefix(&hashes[..1]).len(), 1);
         assert!(pool.share_prefix(&prefix_hashes(&[9; 16])).is_empty());
+    }
+
+    #[test]
+    fn blocks_before_a_window_go_back_and_the_table_keeps_its_positions() {
+        let mut pool = BlockPool::new(8);
+        let tokens: Vec<u32> = (0..48).collect();
+        let hashes = prefix_hashes(&tokens);
+        let mut a = seq_with(&mut pool, 48);
+        pool.register(a.blocks[0], hashes[0]);
+        let shared = pool.share_prefix(&hashes[..1]);
+        let kept = a.blocks[2];
+        // Position 35 is the first still needed: blocks 0 and 1 go, block 2 stays where it was.
+        assert_eq!(pool.release_before(&mut a, 35), 2);
+        assert_eq!((a.blocks.as_slice(), a.freed, a.live_from()), (&[FREED_BLOCK, FREED_BLOCK, kept][..], 2, 32));
+        assert_eq!(a.slot(35), kept * BLOCK_TOKENS as u32 + 3);
+        // Block 0 is still held by the sharer; block 1 is free again.
+        assert_eq!(pool.usage(), PoolUsage { total: 8, used: 2, cached: 0 });
+        assert_eq!(pool.release_before(&mut a, 40), 0, "nothing more before the window");
+        // Growing keeps the table's positions; releasing skips the freed entries.
+        pool.reserve(&mut a, 64).expect("blocks");
+        assert_eq!(a.blocks.len(), 4);
+        pool.release(a);
+        pool.release(SeqState { blocks: shared, ..Default::default() });
+        assert_eq!(pool.usage(), PoolUsage { total: 8, used: 0, cached: 1 });
     }
 
     #[test]
