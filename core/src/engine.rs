@@ -820,6 +820,12 @@ impl Engine {
         (id, len)
     }
 
+    /// Where every layer has a sliding window, the most blocks a sequence holds at once: its
+    /// window, the positions of a step beyond it, and one for alignment (None: all of them).
+    pub fn window_blocks(&self) -> Option<usize> {
+        self.window_all.map(|w| (w + self.max_tokens).div_ceil(BLOCK_TOKENS) + 1)
+    }
+
     /// Blocks in use, cached and in all.
     pub fn kv_usage(&self) -> PoolUsage {
         self.pool.usage()

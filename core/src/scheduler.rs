@@ -174,6 +174,9 @@ pub struct Limits {
     pub context_length: usize,
     pub vocab_size: usize,
     pub kv_blocks: usize,
+    /// The most blocks a sequence holds at once where the cache gives back blocks before every
+    /// layer's sliding window (`Engine::window_blocks`).
+    pub window_blocks: Option<usize>,
     /// Requests that may wait for admission before new ones are refused.
     pub max_waiting: usize,
 }
@@ -195,6 +198,7 @@ impl Limits {
             return Err(Error::ContextOverflow { tokens: req.prompt.len(), max_new: req.max_tokens, context: self.context_length });
         }
         let blocks = positions.div_ceil(BLOCK_TOKENS);
+        let blocks = self.window_blocks.map_or(blocks, |w| blocks.min(w));
         if blocks > self.kv_blocks {
             return Err(Error::InvalidRequest(format!(
                 "the request needs {blocks} KV blocks of {BLOCK_TOKENS} tokens and the cache holds {} (raise --kv-memory)",
@@ -346,6 +350,7 @@ impl Scheduler {
             context_length: self.engine.context_length(),
             vocab_size: self.engine.config.vocab_size,
             kv_blocks: self.engine.kv_usage().total,
+            window_blocks: self.engine.window_blocks(),
             max_waiting: self.cfg.max_waiting,
         }
     }

@@ -77,3 +77,47 @@ fn blocks_before_every_layers_window_go_back_and_the_tokens_stay() {
     small.free_sequence(seq);
     assert_eq!(small.kv_usage().used, 0);
 }
+
+/// The scheduler takes a request that outgrows the pool, since the blocks it holds at once are
+/// bounded by the window, and serves it to the end with the tokens of the engine alone.
+#[test]
+fn the_scheduler_serves_a_windowed_request_longer_than_the_pool() {
+    use tandem_core::scheduler::{Event, FinishReason, Request, RequestId, Scheduler, SchedulerConfig};
+    let gpu = GpuContext::new(std::env::var("TANDEM_ADAPTER").ok().as_deref()).expect("a GPU adapter");
+    let mut model = synthetic_model("tiny", WeightFormat::Q4_0, 3).expect("tiny model");
+    model.config.sliding_window = Some(WINDOW);
+    model.config.swa_period = 0;
+    let cfg = EngineConfig { max_batch_tokens: 16, context_length: 512, kv_blocks: 7, deterministic: true, ..Default::default() };
+    let small = Engine::new(&gpu, &model, &cfg).expect("engine");
+    // (40 + 16) / 16 rounded up, and one: within the pool's 7, where the request's 150 positions
+    // are 10 blocks.
+    assert_eq!(small.window_blocks(), Some(5));
+    let mut s = Scheduler::new(small, SchedulerConfig::default());
+    let prompt: Vec<u32> = (0..30).map(|i| (i * 37 + 5) % 500).collect();
+    let req =
+        Request { prompt: prompt.clone(), max_tokens: 120, sampling: SamplingParams::greedy(), stop_ids: Vec::new(), resumed: Vec::new() };
+    let (tx, rx) = std::sync::mpsc::channel();
+    s.submit(RequestId(1), req, Box::new(tx)).expect("accepted");
+    while s.has_work() {
+        s.step().expect("step");
+    }
+    let mut got = Vec::new();
+    let mut reason = None;
+    for e in rx.try_iter() {
+        match e {
+            Event::Token(t) => got.push(t),
+            Event::Finished(r, _) => reason = Some(r),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(reason, Some(FinishReason::Length));
+    assert_eq!(got.len(), 120);
+
+    let mut full = engine(0);
+    let whole = full.create_sequence();
+    let mut tokens = prompt.clone();
+    tokens.extend(&got[..got.len() - 1]);
+    let logits = full.forward_logits(whole, &tokens).expect("forward");
+    let want: Vec<u32> = logits[prompt.len() - 1..].iter().map(|r| argmax(r)).collect();
+    assert_eq!(got, want);
+}
