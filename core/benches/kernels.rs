@@ -377,7 +377,7 @@ fn gemm(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize
             // what each part of a step costs (wrong results). A variant the driver cannot compile
             // loses the device, so `COOP_VARIANT=name,name` runs those alone.
             let source = Kernel::GemmCoop.source(Some(WeightFormat::Q4_0), ctx.caps).expect("gemm_coop source");
-            let plan = |tile_rows, splits| CoopPlan { tile_rows, splits, step_cols: 32 };
+            let plan = |tile_rows, splits| CoopPlan { tile_rows, splits };
             // (name, plan, the parts an ablation removes: global loads, tile stores,
             // multiply-adds, barriers; None: the engine's pipelines).
             let variants = [
@@ -386,8 +386,6 @@ fn gemm(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize
                 ("coop-k2", plan(128, 2), None),
                 ("coop-k4", plan(128, 4), None),
                 ("coop-k8", plan(128, 8), None),
-                ("coop-bk64", CoopPlan { step_cols: 64, ..plan(128, 1) }, None),
-                ("coop-bk64-k2", CoopPlan { step_cols: 64, ..plan(128, 2) }, None),
                 ("abl-no-global-loads", plan(128, 1), Some((true, false, false, false))),
                 ("abl-mma-only", plan(128, 1), Some((true, true, false, false))),
                 ("abl-no-mma", plan(128, 1), Some((false, false, true, false))),

@@ -125,7 +125,7 @@ const COOP_PLANNED_TOKENS: usize = 4096;
 impl CoopGemm {
     fn new(kernels: &Kernels, m: &DeviceMatrix, buffers: &[[&wgpu::Buffer; 6]], accumulate: bool, sample_rows: bool) -> Result<Self> {
         let parts_bytes = kernels.gemm_parts_bytes();
-        let mut wanted: Vec<CoopPlan> = CoopPlan::TILE_ROWS.map(|tile_rows| CoopPlan { tile_rows, splits: 1, step_cols: 32 }).to_vec();
+        let mut wanted: Vec<CoopPlan> = CoopPlan::TILE_ROWS.map(|tile_rows| CoopPlan { tile_rows, splits: 1 }).to_vec();
         for p in &m.parts {
             for tokens in 1..=COOP_PLANNED_TOKENS {
                 let plan = CoopPlan::for_step(p.rows, m.cols, tokens, parts_bytes);

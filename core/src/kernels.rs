@@ -304,7 +304,6 @@ impl Kernels {
                     ("SAMPLE_ROWS", f64::from(u8::from(sample_rows))),
                     ("TILE_R", plan.tile_rows as f64),
                     ("SPLIT_K", f64::from(plan.splits)),
-                    ("BK", f64::from(plan.step_cols)),
                     ("SUM_PASS", f64::from(u8::from(sum))),
                 ],
             )
@@ -340,8 +339,6 @@ const SPLIT_WORKGROUPS: usize = 132;
 pub struct CoopPlan {
     pub tile_rows: usize,
     pub splits: u32,
-    /// Columns a step (`BK`): 32; 64 only at 128-row tiles (workgroup memory), not yet planned.
-    pub step_cols: u32,
 }
 
 impl CoopPlan {
@@ -359,7 +356,7 @@ impl CoopPlan {
     pub fn for_step(rows: usize, cols: usize, tokens: usize, parts_bytes: u64) -> Self {
         let token_tiles = tokens.div_ceil(GEMM_COOP_TOKENS);
         if rows.div_ceil(256) * token_tiles >= 96 {
-            return CoopPlan { tile_rows: 256, splits: 1, step_cols: 32 };
+            return CoopPlan { tile_rows: 256, splits: 1 };
         }
         let tiles = rows.div_ceil(128) * token_tiles;
         let fits = |s: u32| {
@@ -367,7 +364,7 @@ impl CoopPlan {
             tiles * s <= SPLIT_WORKGROUPS && cols / 32 / s >= 2 && (s * tokens * rows * 4) as u64 <= parts_bytes
         };
         let splits = Self::SPLITS.into_iter().rev().find(|&s| s == 1 || fits(s)).unwrap_or(1);
-        CoopPlan { tile_rows: 128, splits, step_cols: 32 }
+        CoopPlan { tile_rows: 128, splits }
     }
 
     /// Workgroups of the GEMM's dispatch over `rows` rows and `tokens` tokens.

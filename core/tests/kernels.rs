@@ -280,12 +280,10 @@ fn fast_matmuls_match_cpu_for_every_format_and_odd_shapes() {
                     .chain([Fast::Gemm])
                     .collect();
                 if whole && ctx.caps.coop_matrix {
-                    // Both tile heights, reductions split in 2 and in 4 (on rows of 2-5 blocks, some splits
-                    // get no columns at all), and 64 columns a step (odd block counts end a step
-                    // half past the row).
+                    // Both tile heights, and reductions split in 2 and in 4 (on rows of 2-5 blocks, some splits
+                    // get no columns at all).
                     variants.extend(
-                        [(128, 1, 32), (256, 1, 32), (128, 2, 32), (128, 4, 32), (128, 1, 64), (128, 2, 64)]
-                            .map(|(tile_rows, splits, step_cols)| Fast::GemmCoop(CoopPlan { tile_rows, splits, step_cols })),
+                        [(128, 1), (256, 1), (128, 2), (128, 4)].map(|(tile_rows, splits)| Fast::GemmCoop(CoopPlan { tile_rows, splits })),
                     );
                 }
                 for fast in variants {

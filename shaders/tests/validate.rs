@@ -39,7 +39,7 @@ fn placeholder_constants(module: &naga::Module) -> naga::back::PipelineConstants
 /// GeGLU, the embedding scale.
 fn shape_constants(kernel: Kernel) -> &'static [(&'static str, f64)] {
     match kernel {
-        Kernel::GemmCoop => &[("TILE_R", 256.0), ("SPLIT_K", 2.0), ("SUM_PASS", 1.0), ("BK", 64.0)],
+        Kernel::GemmCoop => &[("TILE_R", 256.0), ("SPLIT_K", 2.0), ("SUM_PASS", 1.0)],
         Kernel::Attention => &[("HEAD_DIM", 256.0), ("WINDOW", 512.0)],
         Kernel::AttentionCoop => &[("HEAD_DIM", 128.0), ("WINDOW", 512.0)],
         Kernel::MatvecQ8Rope => &[("KV_F16", 0.0)],

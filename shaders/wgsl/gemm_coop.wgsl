@@ -27,16 +27,12 @@
 // core).
 override TILE_R: u32 = 128u;
 const TILE_T: u32 = 128u;
-// Columns a step (32 or 64: at 64, half the barriers and loads in flight a step for twice the
-// tiles' workgroup memory; 45 KB at 128 rows).
-override BK: u32 = 32u;
+const BK: u32 = 32u;
 // Blocks of 32 columns a step.
-override NB: u32 = BK / 32u;
-// The most blocks a step, which sizes the registers a lane loads a step into.
-const MAX_NB: u32 = 2u;
+const NB: u32 = BK / 32u;
 // Row stride of the tiles in f16: BK padded by 8, so fragment loads of consecutive rows fall on
 // different banks.
-override LD: u32 = BK + 8u;
+const LD: u32 = BK + 8u;
 override WG: u32 = 2u * TILE_R;
 // Lanes that share a token's activations in the loader, and the runs of 4 each loads a block (at
 // most MAX_X_RUNS).
@@ -54,7 +50,7 @@ const MAX_X_RUNS: u32 = 4u;
 // of f16 on NVIDIA; vectors of u32 failed its compiler.)
 alias Elem = vec4<f16>;
 const PER: u32 = 4u;
-override LDV: u32 = LD / PER;
+const LDV: u32 = LD / PER;
 
 // [row][column] of the weight tile and [token][column] of the activations.
 var<workgroup> w_tile: array<Elem, TILE_R * LDV>;
@@ -108,7 +104,7 @@ fn sum_splits(li: u32, wg: vec3<u32>, n_tok: u32) {
 /// Step s's share of one lane into registers, as f16 runs of 4: for each of the step's blocks,
 /// two quarters of weight row `w_row` (the format's `quarter_cols`), and 16 activations of token
 /// `x_tok` from column half * 16. Blocks past the row's end load zeros.
-fn load_step(s: u32, nb: u32, w_row: u32, x_tok: u32, half: u32, xq: u32, w_runs: ptr<function, array<vec4<f16>, 4u * MAX_NB>>, x_runs: ptr<function, array<vec4<f16>, MAX_X_RUNS * MAX_NB>>) {
+fn load_step(s: u32, nb: u32, w_row: u32, x_tok: u32, half: u32, xq: u32, w_runs: ptr<function, array<vec4<f16>, 4u * NB>>, x_runs: ptr<function, array<vec4<f16>, MAX_X_RUNS * NB>>) {
     for (var bb = 0u; bb < NB; bb++) {
         let b = s * NB + bb;
         if (b < nb) {
@@ -162,9 +158,9 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
     let steps = select(min(all, first + per), all, SPLIT_K == 1u);
 
     // A step's share in registers (`load_step`), and the tile columns of its weight runs.
-    var w_runs: array<vec4<f16>, 4u * MAX_NB>;
-    var w_cols: array<u32, 4u * MAX_NB>;
-    var x_runs: array<vec4<f16>, MAX_X_RUNS * MAX_NB>;
+    var w_runs: array<vec4<f16>, 4u * NB>;
+    var w_cols: array<u32, 4u * NB>;
+    var x_runs: array<vec4<f16>, MAX_X_RUNS * NB>;
     for (var bb = 0u; bb < NB; bb++) {
         for (var qq = 0u; qq < 2u; qq++) {
             let cols = quarter_cols(half * 2u + qq) + vec2<u32>(bb * 32u);
