@@ -137,26 +137,7 @@ fn time_with(
             }
         })
         .collect();
-    let mut best = f64::MAX;
-    for round in 0..3 {
-        let mut enc = ctx.device.create_command_encoder(&Default::default());
-        {
-            let mut pass = enc.begin_compute_pass(&Default::default());
-            pass.set_pipeline(pipeline);
-            for i in 0..reps {
-                pass.set_bind_group(0, &bgs[i % bgs.len()], &[]);
-                pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
-            }
-        }
-        let start = Instant::now();
-        ctx.queue.submit([enc.finish()]);
-        ctx.device.poll(wgpu::PollType::wait_indefinitely()).expect("poll");
-        let secs = start.elapsed().as_secs_f64() / reps as f64;
-        if round > 0 {
-            best = best.min(secs);
-        }
-    }
-    best
+    time_passes(ctx, &bgs, &[(pipeline, groups)], reps)
 }
 
 fn read_y(ctx: &GpuContext, s: &Setup) -> Vec<f32> {
