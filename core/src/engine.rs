@@ -90,6 +90,8 @@ pub struct MatmulOp {
     cols: u64,
     /// Column of y that the first part's row 0 writes to.
     y_offset: usize,
+    /// Whether it adds into y.
+    accumulate: bool,
 }
 
 /// The kernels of the default (not batch-invariant) mode: a matvec per token count and the GEMM.
@@ -155,10 +157,38 @@ struct MatvecQ8 {
     buffers: Vec<[wgpu::Buffer; 5]>,
     x_q8: wgpu::Buffer,
     x_stride: usize,
-    /// The twin that also does rope_kv's work (`MatmulOp::rotate`): a pipeline per shape, a bind
-    /// group per part.
-    rope: Option<(Vec<wgpu::ComputePipeline>, Vec<wgpu::BindGroup>)>,
+    /// The twin that also does rope_kv's work (`MatmulOp::rotate`).
+    rope: Option<RopeTwin>,
+    /// The twin of the one-token shape that norms its input itself (`MatmulOp::take_norm`).
+    normed: Option<NormedTwin>,
 }
+
+/// matvec_q8_rope's pipeline per shape and bind group per part, and what they were built for.
+struct RopeTwin {
+    pipelines: Vec<wgpu::ComputePipeline>,
+    groups: Vec<wgpu::BindGroup>,
+    /// The step's tokens, the RoPE table, the K and V cache.
+    buffers: [wgpu::Buffer; 4],
+    heads: [usize; 3],
+    kv_f16: bool,
+}
+
+/// The one-token pipeline of a matvec (or its rotating twin) that norms its own input, and a
+/// bind group per part.
+struct NormedTwin {
+    pipeline: wgpu::ComputePipeline,
+    groups: Vec<wgpu::BindGroup>,
+}
+
+/// Whether a step of `tokens` tokens, of which up to `q8_tokens` may take the 8-bit matvec, takes
+/// the matvecs that norm their own input where a matmul has one (`MatmulOp::take_norm`), and so
+/// skips the RMSNorms before them (`Grid::NormedRows`): one-token steps. Both sides ask here.
+pub(crate) fn takes_normed_matvec(tokens: usize, q8_tokens: usize) -> bool {
+    tokens == 1 && q8_tokens >= 1
+}
+
+/// The longest input a matvec that norms it takes (`MAX_X_BLOCKS` in matvec_q8_x_norm.wgsl).
+const NORMED_MAX_COLS: usize = 256 * 32;
 
 /// What a Q/K/V matvec needs to rotate Q and K and cache K and V itself (matvec_q8_rope.wgsl).
 pub(crate) struct RopeTarget<'a> {
@@ -383,7 +413,7 @@ impl MatmulOp {
                             Ok((shape, kernels.matvec_q8(m.format, shape, accumulate, sample_rows)?))
                         })
                         .collect::<Result<Vec<_>>>()?;
-                    Some(MatvecQ8 { shapes, groups, buffers, x_q8: xq.clone(), x_stride, rope: None })
+                    Some(MatvecQ8 { shapes, groups, buffers, x_q8: xq.clone(), x_stride, rope: None, normed: None })
                 }
                 _ => None,
             };
@@ -403,6 +433,7 @@ impl MatmulOp {
             format: m.format,
             cols: m.cols as u64,
             y_offset,
+            accumulate,
         })
     }
 
@@ -428,7 +459,40 @@ impl MatmulOp {
             .iter()
             .map(|[a, b, c, d, e]| kernels.matvec_q8_rope_bind_group("qkv_rope", [a, b, c, d, e], &q8.x_q8, q8.x_stride, rope))
             .collect();
-        q8.rope = Some((pipelines, groups));
+        let buffers = rope.map(|b| b.clone());
+        q8.rope = Some(RopeTwin { pipelines, groups, buffers, heads: target.heads, kv_f16: target.kv_f16 });
+        Ok(true)
+    }
+
+    /// Gives a matmul whose input is the RMSNorm (by `g`, with `eps`) of the residual `x` the
+    /// 8-bit matvec twin that norms it itself, for one-token steps (`takes_normed_matvec`),
+    /// where its shapes allow (rows of whole blocks up to `NORMED_MAX_COLS`, workgroups within
+    /// q8_lanes' lanes). Call after `rotate`: the twin of a rotating matvec rotates too. Returns
+    /// whether it did; the norm's dispatch is then skipped on those steps.
+    pub(crate) fn take_norm(&mut self, kernels: &Kernels, x: &wgpu::Buffer, g: &wgpu::Buffer, eps: f32) -> Result<bool> {
+        let Some(q8) = self.fast.as_mut().and_then(|f| f.matvec_q8.as_mut()) else { return Ok(false) };
+        let Some(&(shape, _)) = q8.shapes.first() else { return Ok(false) };
+        let cols = self.cols as usize;
+        if shape.tokens != 1 || cols > NORMED_MAX_COLS || !cols.is_multiple_of(32) || shape.lanes > MatvecShape::MAX_LANES {
+            return Ok(false);
+        }
+        let accumulate = self.accumulate;
+        let pipeline = kernels.matvec_q8_norm(self.format, shape, accumulate, eps, q8.rope.as_ref().map(|r| (r.heads, r.kv_f16)))?;
+        let groups = q8
+            .buffers
+            .iter()
+            .map(|[step, params, quants, scales, y]| {
+                let matmul = [step, params, x, quants, scales, y, g];
+                match &q8.rope {
+                    None => kernels.bind_group(Kernel::MatvecQ8Norm, "matvec_q8_norm", &matmul),
+                    Some(r) => {
+                        let [tokens, table, k, v] = &r.buffers;
+                        kernels.bind_group(Kernel::MatvecQ8RopeNorm, "matvec_q8_rope_norm", &[&matmul[..], &[tokens, table, k, v]].concat())
+                    }
+                }
+            })
+            .collect();
+        q8.normed = Some(NormedTwin { pipeline, groups });
         Ok(true)
     }
 
@@ -441,7 +505,12 @@ impl MatmulOp {
         let work = |kernel, rows: u32, bytes: u64| {
             let rows = u64::from(rows);
             // 8-bit activations: a byte a value and 8 bytes of (d, s) a block of 32.
-            let x_bytes = if matches!(kernel, Kernel::MatvecQ8 | Kernel::MatvecQ8Rope) { self.cols * 5 / 4 } else { self.cols * 4 };
+            let x_bytes = match kernel {
+                Kernel::MatvecQ8 | Kernel::MatvecQ8Rope => self.cols * 5 / 4,
+                // The residual and the norm's weights.
+                Kernel::MatvecQ8Norm | Kernel::MatvecQ8RopeNorm => self.cols * 8,
+                _ => self.cols * 4,
+            };
             Work { kernel, format: Some(self.format), bytes: bytes + t * (x_bytes + rows * 4), flops: 2 * t * rows * self.cols }
         };
         for (i, (bg, rows, bytes)) in self.parts.iter().enumerate() {
@@ -459,12 +528,13 @@ impl MatmulOp {
                     if let Some((q8, at)) = q8 {
                         let shape = q8.shapes[at].0;
                         let groups = [wg(*rows as usize, shape.rows_per_workgroup()), wg(tokens, shape.tokens as usize), 1];
-                        match &q8.rope {
-                            Some((pipelines, bgs)) => {
-                                rotated = true;
-                                (Kernel::MatvecQ8Rope, &pipelines[at], &bgs[i], groups)
-                            }
-                            None => (Kernel::MatvecQ8, &q8.shapes[at].1, &q8.groups[i], groups),
+                        rotated = q8.rope.is_some();
+                        let normed = q8.normed.as_ref().filter(|_| takes_normed_matvec(tokens, q8_tokens));
+                        match (&q8.rope, normed) {
+                            (Some(_), Some(n)) => (Kernel::MatvecQ8RopeNorm, &n.pipeline, &n.groups[i], groups),
+                            (None, Some(n)) => (Kernel::MatvecQ8Norm, &n.pipeline, &n.groups[i], groups),
+                            (Some(r), None) => (Kernel::MatvecQ8Rope, &r.pipelines[at], &r.groups[i], groups),
+                            (None, None) => (Kernel::MatvecQ8, &q8.shapes[at].1, &q8.groups[i], groups),
                         }
                     } else if let Some((shape, pipeline)) = f.matvec.iter().find(fits) {
                         (

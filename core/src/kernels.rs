@@ -266,20 +266,33 @@ impl Kernels {
         heads: [usize; 3],
         kv_f16: bool,
     ) -> Result<wgpu::ComputePipeline> {
-        self.pipeline(
-            Kernel::MatvecQ8Rope,
-            Some(format),
-            &[
-                shape.q8_constants().as_slice(),
-                &[
-                    ("N_HEADS", heads[0] as f64),
-                    ("N_KV_HEADS", heads[1] as f64),
-                    ("HEAD_DIM", heads[2] as f64),
-                    ("KV_F16", f64::from(u8::from(kv_f16))),
-                ],
-            ]
-            .concat(),
-        )
+        self.pipeline(Kernel::MatvecQ8Rope, Some(format), &[shape.q8_constants().as_slice(), &rope_constants(heads, kv_f16)].concat())
+    }
+
+    /// `matvec_q8` (or, with `rope`, `matvec_q8_rope`'s (heads, K/V cache is f16)) that norms its
+    /// input itself (matvec_q8_x_norm.wgsl): RMSNorm with `eps` of the residual, by the weights
+    /// bound in place of the activations' scales. One token a workgroup.
+    pub fn matvec_q8_norm(
+        &self,
+        format: WeightFormat,
+        shape: MatvecShape,
+        accumulate: bool,
+        eps: f32,
+        rope: Option<([usize; 3], bool)>,
+    ) -> Result<wgpu::ComputePipeline> {
+        let eps = ("NORM_EPS", f64::from(eps));
+        match rope {
+            None => self.pipeline(
+                Kernel::MatvecQ8Norm,
+                Some(format),
+                &[shape.q8_constants().as_slice(), &[("ACCUMULATE", f64::from(u8::from(accumulate))), eps]].concat(),
+            ),
+            Some((heads, kv_f16)) => self.pipeline(
+                Kernel::MatvecQ8RopeNorm,
+                Some(format),
+                &[shape.q8_constants().as_slice(), &rope_constants(heads, kv_f16), &[eps]].concat(),
+            ),
+        }
     }
 
     /// The tiled GEMM for steps of many tokens.
@@ -497,6 +510,12 @@ impl MatvecShape {
     pub fn rows_per_workgroup(&self) -> usize {
         (self.lanes / MATVEC_SPLIT / self.ksplit * self.rows) as usize
     }
+}
+
+/// The override constants of matvec_q8_rope.wgsl for `heads` (query heads, K/V heads, head dim)
+/// and a cache of f16 or f32.
+fn rope_constants(heads: [usize; 3], kv_f16: bool) -> [(&'static str, f64); 4] {
+    [("N_HEADS", heads[0] as f64), ("N_KV_HEADS", heads[1] as f64), ("HEAD_DIM", heads[2] as f64), ("KV_F16", f64::from(u8::from(kv_f16)))]
 }
 
 /// Weight rows and tokens of one GEMM workgroup's tile (`TILE` in gemm.wgsl).

@@ -9,7 +9,7 @@ use tandem_shaders::{ATTENTION_CHUNK, ATTENTION_TILE_ROWS, Kernel, ShaderCaps};
 
 use crate::config::{ModelConfig, RopeLayout};
 use crate::device_weights::{DeviceMatrix, upload_vector};
-use crate::engine::{EngineConfig, MatmulOp, RopeTarget, stack_rows};
+use crate::engine::{EngineConfig, MatmulOp, RopeTarget, stack_rows, takes_normed_matvec};
 use crate::error::Result;
 use crate::gpu::GpuContext;
 use crate::kernels::{Kernels, SILU_MUL_TILE};
@@ -31,6 +31,9 @@ pub enum Grid {
     Tokens(u32),
     /// `[tokens, 1, 1]`: a workgroup per row.
     Rows,
+    /// `[tokens, 1, 1]`, only on steps whose matvec after it norms its input itself
+    /// (`LayerBuilder::normed`, `takes_normed_matvec`).
+    NormedRows,
     /// `[heads, tokens, attention chunks]`, on steps without attention tiles.
     Attention(u32),
     /// `[heads, attention tiles, attention chunks]`, on steps with them (attention_coop.wgsl).
@@ -102,6 +105,8 @@ impl LayerOps {
                     let groups = match d.grid {
                         Grid::Tokens(x) => [x, n_tokens as u32, 1],
                         Grid::Rows => [n_tokens as u32, 1, 1],
+                        Grid::NormedRows if takes_normed_matvec(n_tokens, q8_tokens) => continue,
+                        Grid::NormedRows => [n_tokens as u32, 1, 1],
                         Grid::Attention(_) if tiles > 0 => continue,
                         Grid::Attention(heads) => [heads, n_tokens as u32, chunks],
                         Grid::AttentionTiles(_) if tiles == 0 => continue,
@@ -171,9 +176,28 @@ impl LayerBuilder<'_> {
     /// RMSNorm of `x` by this layer's `what` weights into `xn` (with its 8-bit copy), or, with
     /// `add_from`, of that buffer added into `x` (a post-norm before the residual sum).
     pub fn norm(&self, what: &str, add_from: Option<&wgpu::Buffer>) -> Result<LayerOp> {
+        self.norm_by(what, &self.vector(what)?, add_from)
+    }
+
+    /// The RMSNorm `what` of `x` into `xn` followed by `consumers`, the ops that read `xn`. Where
+    /// they are one matmul with an 8-bit matvec twin that norms its input itself
+    /// (`MatmulOp::take_norm`), one-token steps take that twin and skip the norm's dispatch.
+    pub fn normed(&self, what: &str, mut consumers: Vec<LayerOp>) -> Result<Vec<LayerOp>> {
+        let g = self.vector(what)?;
+        let mut norm = self.norm_by(what, &g, None)?;
+        if let ([LayerOp::Matmul(m)], Some(_), LayerOp::Dispatch(d)) = (consumers.as_mut_slice(), &self.act.xn_q8, &mut norm)
+            && m.take_norm(self.kernels, &self.act.x, &g, self.config.rms_eps)?
+        {
+            d.grid = Grid::NormedRows;
+        }
+        let mut ops = vec![norm];
+        ops.extend(consumers);
+        Ok(ops)
+    }
+
+    fn norm_by(&self, what: &str, g: &wgpu::Buffer, add_from: Option<&wgpu::Buffer>) -> Result<LayerOp> {
         let c = self.config;
         let d = c.hidden_size as u64;
-        let g = self.vector(what)?;
         let a = self.act;
         let (input, out, q8) = match add_from {
             None => (&a.x, &a.xn, &a.xn_q8),
@@ -190,7 +214,7 @@ impl LayerBuilder<'_> {
                 ("ADD", f64::from(u8::from(add_from.is_some()))),
             ],
         )?;
-        let bind_group = self.kernels.bind_group(Kernel::RmsNorm, what, &[&a.step, input, &g, &a.sample_rows, out, self.q8_out(q8)]);
+        let bind_group = self.kernels.bind_group(Kernel::RmsNorm, what, &[&a.step, input, g, &a.sample_rows, out, self.q8_out(q8)]);
         let bytes = if add_from.is_some() { d * 12 } else { d * 8 };
         Ok(LayerOp::Dispatch(Dispatch { pipeline, bind_group, cost: Cost::per_token(Kernel::RmsNorm, bytes, 3 * d), grid: Grid::Rows }))
     }

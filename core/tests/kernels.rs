@@ -344,6 +344,116 @@ fn matvec_q8_matches_cpu_for_packed_formats_and_odd_shapes() {
     }
 }
 
+/// The 8-bit matvec that norms its input itself (matvec_q8_x_norm.wgsl): against the CPU's
+/// RMSNorm, 8-bit rounding and matmul, for each token of a step (a workgroup a token), on rows
+/// that fill no workgroup evenly and inputs up to its longest; then its rotating twin against
+/// the rotating matvec fed the CPU's normed 8-bit activations.
+#[test]
+fn matvec_q8_norm_norms_its_input_itself() {
+    let eps = 1e-5;
+    for ctx in gpu_variants().into_iter().filter(|c| !c.caps.f16) {
+        let kernels = Kernels::new(&ctx);
+        let mut rng = rng();
+        for format in WeightFormat::ALL.into_iter().filter(|f| f.has_packed_dot()) {
+            for (n, cols) in [(70, 64), (131, 96), (33, 1120), (9, 8192)] {
+                let cols = widen(format, cols);
+                if cols > 8192 {
+                    continue;
+                }
+                let t = host_matrix(format, &random(&mut rng, n * cols), n, cols);
+                let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
+                for tokens in [1, 3] {
+                    // A residual stream of uneven scale, so the norm matters.
+                    let x: Vec<f32> = random(&mut rng, tokens * cols).iter().enumerate().map(|(i, v)| v * (1.0 + (i % 7) as f32)).collect();
+                    let g = random(&mut rng, cols);
+                    let normed = cpu_ref::rmsnorm(&x, &g, cols, eps);
+                    let (want, scale) = matmul_reference(format, &t, &cpu_ref::q8_round_trip(&normed), tokens);
+                    let (step, xb, gb) = (
+                        step_buf(&ctx, tokens, 0),
+                        ctx.storage_init("x", bytemuck::cast_slice(&x)),
+                        ctx.storage_init("g", bytemuck::cast_slice(&g)),
+                    );
+                    let y = ctx.storage("y", (tokens * n * 4) as u64);
+                    ctx.queue.write_buffer(&y, 0, bytemuck::cast_slice(&vec![f32::NAN; tokens * n]));
+                    let params = m.part_params(&ctx, cols, n, 0);
+                    let shape = MatvecShape::for_q8_matrix(cols, 1);
+                    for shape in [shape, MatvecShape { ksplit: 4, lanes: 128, ..shape }] {
+                        let pipeline = kernels.matvec_q8_norm(format, shape, false, eps, None).expect("pipeline");
+                        let groups: Vec<(wgpu::BindGroup, [u32; 3])> = m
+                            .parts
+                            .iter()
+                            .zip(&params)
+                            .map(|(p, u)| {
+                                let bg = kernels.bind_group(Kernel::MatvecQ8Norm, "mm", &[&step, u, &xb, &p.quants, &p.scales, &y, &gb]);
+                                (bg, [p.rows.div_ceil(shape.rows_per_workgroup()) as u32, tokens as u32, 1])
+                            })
+                            .collect();
+                        let refs: Vec<(&wgpu::BindGroup, [u32; 3])> = groups.iter().map(|(b, d)| (b, *d)).collect();
+                        let got = read_f32(&ctx, &y, (tokens * n * 4) as u64, dispatch(&ctx, &pipeline, &refs));
+                        let what = format!("matvec_q8_norm {shape:?} {format} {n}x{cols} x{tokens} {:?}", ctx.caps);
+                        // The GPU's norm may round a near-tie quant the other way: a step of one
+                        // activation, far under the 8-bit rounding's own error.
+                        assert_close(&got, &want, Q8_ACTIVATION_TOLERANCE / 10.0, &scale, &what);
+                    }
+                }
+            }
+        }
+        // The rotating twin: Q into y, K and V into the cache, as the rotating matvec leaves them.
+        let (nh, nkv, hd, cols) = (4, 2, 64, 128);
+        let rows = (nh + 2 * nkv) * hd;
+        let table = cpu_ref::rope_table(64, hd, 10000.0, None);
+        let table_b = ctx.storage_init("rope", bytemuck::cast_slice(&table.iter().flatten().copied().collect::<Vec<f32>>()));
+        let t = host_matrix(WeightFormat::Q4_0, &random(&mut rng, rows * cols), rows, cols);
+        let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
+        let infos = [TokenInfo { id: 0, pos: 21, slot: 5, table_off: 0, chunk_off: 0 }];
+        let x = random(&mut rng, cols);
+        let g = random(&mut rng, cols);
+        let mut normed = cpu_ref::rmsnorm(&x, &g, cols, eps);
+        normed.resize(Q8_TOKENS * cols, 0.5);
+        let (step, xb, gb) =
+            (step_buf(&ctx, 1, 0), ctx.storage_init("x", bytemuck::cast_slice(&x)), ctx.storage_init("g", bytemuck::cast_slice(&g)));
+        let x_q8 = ctx.storage_init("x_q8", &q8_activations(&normed, cols));
+        let info_b = ctx.storage_init("tokens", bytemuck::cast_slice(&infos));
+        let params = m.part_params(&ctx, cols, rows, 0);
+        let (p, u) = (&m.parts[0], &params[0]);
+        let shape = MatvecShape { rows: 2, ..MatvecShape::for_q8_matrix(cols, 1) };
+        let groups = [rows.div_ceil(shape.rows_per_workgroup()) as u32, 1, 1];
+        let mut outputs = Vec::new();
+        for norms in [false, true] {
+            let cache_bytes = (8 * nkv * hd * 2) as u64;
+            let (kc, vc, y) = (ctx.storage("k", cache_bytes), ctx.storage("v", cache_bytes), ctx.storage("y", (rows * 4) as u64));
+            let rope = [&info_b, &table_b, &kc, &vc];
+            let (pipeline, bg) = if norms {
+                let bg = kernels.bind_group(
+                    Kernel::MatvecQ8RopeNorm,
+                    "qkv",
+                    &[&step, u, &xb, &p.quants, &p.scales, &y, &gb, &info_b, &table_b, &kc, &vc],
+                );
+                (kernels.matvec_q8_norm(WeightFormat::Q4_0, shape, false, eps, Some(([nh, nkv, hd], true))).expect("pipeline"), bg)
+            } else {
+                let bg = kernels.matvec_q8_rope_bind_group("qkv", [&step, u, &p.quants, &p.scales, &y], &x_q8, cols, rope);
+                (kernels.matvec_q8_rope(WeightFormat::Q4_0, shape, [nh, nkv, hd], true).expect("pipeline"), bg)
+            };
+            let q = read_f32(&ctx, &y, (nh * hd * 4) as u64, dispatch(&ctx, &pipeline, &[(&bg, groups)]));
+            let k = KvDtype::F16.decode(&read_bytes(&ctx, &kc, cache_bytes, ctx.device.create_command_encoder(&Default::default())));
+            let v = KvDtype::F16.decode(&read_bytes(&ctx, &vc, cache_bytes, ctx.device.create_command_encoder(&Default::default())));
+            outputs.push([q, k, v]);
+        }
+        let (_, scale) = matmul_reference(WeightFormat::Q4_0, &t, &normed[..cols], 1);
+        let big = vec![scale.iter().fold(1f32, |a, &b| a.max(b)); rows * 8];
+        for (i, what) in ["Q", "K", "V"].iter().enumerate() {
+            let (plain, fused) = (&outputs[0][i], &outputs[1][i]);
+            assert_close(
+                fused,
+                plain,
+                Q8_ACTIVATION_TOLERANCE / 10.0 + 1e-3,
+                &big[..plain.len()],
+                &format!("matvec_q8_rope_norm {what} {:?}", ctx.caps),
+            );
+        }
+    }
+}
+
 /// matvec_q8_rope: the Q/K/V matvec of a decode step that also rotates Q (into y) and K and
 /// writes K and V to each token's cache slot, against the CPU's matmul then RoPE.
 #[test]

@@ -15,6 +15,9 @@ pub struct BenchReport {
     pub prefill: Vec<(usize, f64)>,
     /// (context length, tokens/s, ms per step).
     pub decode: Vec<(usize, f64, f64)>,
+    /// Of the median prefill of each length: (prompt length, ms recording its last step on the
+    /// CPU, ms then waiting for the GPU), so time outside the GPU's shows.
+    pub prefill_split_ms: Vec<(usize, f64, f64)>,
     /// Of a decode step at context 128: (ms recording on the CPU, ms waiting for the GPU).
     pub decode_split_ms: (f64, f64),
     /// An empty submission plus a 4-byte readback: the floor under every step.
@@ -96,6 +99,9 @@ fn prefill_once(engine: &mut Engine, tokens: &[u32]) -> tandem_core::Result<(f64
     Ok((start.elapsed().as_secs_f64(), seq))
 }
 
+/// How long the GPU works before anything is timed.
+const WARM_UP: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Runs the standard measurements: prefill of 128 and 512 tokens, decode at contexts 128 and 1024.
 pub fn run(engine: &mut Engine, model: String, weight_bytes: u64, decode_steps: usize) -> tandem_core::Result<BenchReport> {
     let vocab = engine.config.vocab_size;
@@ -106,6 +112,7 @@ pub fn run(engine: &mut Engine, model: String, weight_bytes: u64, decode_steps: 
         weight_bytes,
         prefill: Vec::new(),
         decode: Vec::new(),
+        prefill_split_ms: Vec::new(),
         decode_split_ms: (0.0, 0.0),
         round_trip_ms,
         dispatches_per_token: 0,
@@ -113,17 +120,27 @@ pub fn run(engine: &mut Engine, model: String, weight_bytes: u64, decode_steps: 
         kv_dtype: engine.kv_dtype().to_string(),
         profile: None,
     };
-    // Warm-up: pipelines compile lazily in some drivers.
-    let (_, seq) = prefill_once(engine, &prompt(16, vocab))?;
-    engine.free_sequence(seq);
+    // Warm-up: pipelines compile lazily in some drivers, and a GPU that idled while the weights
+    // loaded runs its first fraction of a second at low clocks (on the H200 a 128-token prefill
+    // measured after a 16-token warm-up took 22 to 84 ms from one run of the bench to the next
+    // against 23 ms of GPU time).
+    let warm = Instant::now();
+    while warm.elapsed() < WARM_UP {
+        let (_, seq) = prefill_once(engine, &prompt(512, vocab))?;
+        engine.free_sequence(seq);
+    }
     for len in [128, 512] {
-        let mut times = Vec::new();
-        for _ in 0..3 {
+        let mut runs = Vec::new();
+        for _ in 0..5 {
             let (t, seq) = prefill_once(engine, &prompt(len, vocab))?;
             engine.free_sequence(seq);
-            times.push(t);
+            let split = engine.last_step_timing();
+            runs.push((t, split.record.as_secs_f64() * 1e3, split.wait.as_secs_f64() * 1e3));
         }
-        report.prefill.push((len, len as f64 / median(times)));
+        runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (t, record, wait) = runs[runs.len() / 2];
+        report.prefill.push((len, len as f64 / t));
+        report.prefill_split_ms.push((len, record, wait));
     }
     for ctx in [128, 1024] {
         let (_, seq) = prefill_once(engine, &prompt(ctx, vocab))?;
@@ -161,8 +178,8 @@ pub fn table(r: &BenchReport) -> String {
         r.weight_bytes as f64 / (1 << 20) as f64,
         r.round_trip_ms
     );
-    for (len, tps) in &r.prefill {
-        s += &format!("prefill  {len:>5} tokens      {tps:>10.1} tokens/s\n");
+    for ((len, tps), (_, record, wait)) in r.prefill.iter().zip(&r.prefill_split_ms) {
+        s += &format!("prefill  {len:>5} tokens      {tps:>10.1} tokens/s  ({record:.3} ms recording, {wait:.3} ms waiting)\n");
     }
     for (ctx, tps, ms) in &r.decode {
         s += &format!("decode   context {ctx:>5}     {tps:>10.1} tokens/s  {ms:>8.3} ms/step\n");

@@ -219,6 +219,10 @@ pub enum Kernel {
     Matvec,
     MatvecQ8,
     MatvecQ8Rope,
+    /// `MatvecQ8` and `MatvecQ8Rope` that norm and quantize their input themselves
+    /// (matvec_q8_x_norm.wgsl), in place of the RMSNorm before them.
+    MatvecQ8Norm,
+    MatvecQ8RopeNorm,
     Gemm,
     GemmCoop,
     HeadNorm,
@@ -233,13 +237,15 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 16] = [
+    pub const ALL: [Kernel; 18] = [
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::Matmul,
         Kernel::Matvec,
         Kernel::MatvecQ8,
         Kernel::MatvecQ8Rope,
+        Kernel::MatvecQ8Norm,
+        Kernel::MatvecQ8RopeNorm,
         Kernel::Gemm,
         Kernel::GemmCoop,
         Kernel::HeadNorm,
@@ -261,6 +267,8 @@ impl Kernel {
             Kernel::Matvec => "matvec",
             Kernel::MatvecQ8 => "matvec_q8",
             Kernel::MatvecQ8Rope => "matvec_q8_rope",
+            Kernel::MatvecQ8Norm => "matvec_q8_norm",
+            Kernel::MatvecQ8RopeNorm => "matvec_q8_rope_norm",
             Kernel::Gemm => "gemm",
             Kernel::GemmCoop => "gemm_coop",
             Kernel::HeadNorm => "head_norm",
@@ -283,12 +291,13 @@ impl Kernel {
             // step, x, g, rows, out, out as 8-bit activations.
             Kernel::RmsNorm => &[U, R, R, R, W, W],
             // step, params, x, weight words, scales, y, x again as vec4s (matvec_q8: the
-            // 8-bit activations' quants and their scales).
-            Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8 | Kernel::Gemm => &[U, U, R, R, R, W, R],
+            // 8-bit activations' quants and their scales; matvec_q8_norm: the residual and the
+            // norm's weights).
+            Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8 | Kernel::MatvecQ8Norm | Kernel::Gemm => &[U, U, R, R, R, W, R],
             // matmul's, then the split reductions' sums.
             Kernel::GemmCoop => &[U, U, R, R, R, W, R, W],
             // matvec_q8's, then tokens, the RoPE table, and the K and V cache.
-            Kernel::MatvecQ8Rope => &[U, U, R, R, R, W, R, R, R, W, W],
+            Kernel::MatvecQ8Rope | Kernel::MatvecQ8RopeNorm => &[U, U, R, R, R, W, R, R, R, W, W],
             // step, qkv (normed in place), query-head and key-head weights.
             Kernel::HeadNorm => &[U, W, R, R],
             // step, y (biased in place), the bias.
@@ -308,7 +317,8 @@ impl Kernel {
     /// units' GEMM binds one more, its split sums, and has its own).
     pub fn layout_owner(self) -> Kernel {
         match self {
-            Kernel::Matvec | Kernel::MatvecQ8 | Kernel::Gemm => Kernel::Matmul,
+            Kernel::Matvec | Kernel::MatvecQ8 | Kernel::MatvecQ8Norm | Kernel::Gemm => Kernel::Matmul,
+            Kernel::MatvecQ8RopeNorm => Kernel::MatvecQ8Rope,
             k => k,
         }
     }
@@ -323,7 +333,15 @@ impl Kernel {
     pub fn reads_weights(self) -> bool {
         matches!(
             self,
-            Kernel::Embed | Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8 | Kernel::MatvecQ8Rope | Kernel::Gemm | Kernel::GemmCoop
+            Kernel::Embed
+                | Kernel::Matmul
+                | Kernel::Matvec
+                | Kernel::MatvecQ8
+                | Kernel::MatvecQ8Rope
+                | Kernel::MatvecQ8Norm
+                | Kernel::MatvecQ8RopeNorm
+                | Kernel::Gemm
+                | Kernel::GemmCoop
         )
     }
 
@@ -333,7 +351,9 @@ impl Kernel {
             Kernel::RmsNorm => include_str!("../wgsl/rmsnorm.wgsl"),
             Kernel::Matmul => include_str!("../wgsl/matmul.wgsl"),
             Kernel::Matvec => include_str!("../wgsl/matvec.wgsl"),
-            Kernel::MatvecQ8 | Kernel::MatvecQ8Rope => include_str!("../wgsl/matvec_q8.wgsl"),
+            Kernel::MatvecQ8 | Kernel::MatvecQ8Rope | Kernel::MatvecQ8Norm | Kernel::MatvecQ8RopeNorm => {
+                include_str!("../wgsl/matvec_q8.wgsl")
+            }
             Kernel::Gemm => include_str!("../wgsl/gemm.wgsl"),
             Kernel::GemmCoop => include_str!("../wgsl/gemm_coop.wgsl"),
             Kernel::HeadNorm => include_str!("../wgsl/head_norm.wgsl"),
@@ -350,12 +370,8 @@ impl Kernel {
     /// The module that exchanges values between a kernel's lanes, where the kernel has one.
     fn lanes_source(self, caps: ShaderCaps) -> Option<&'static str> {
         match (self, caps.subgroups) {
-            (Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8 | Kernel::MatvecQ8Rope, true) => {
-                Some(include_str!("../wgsl/matmul_lanes_subgroup.wgsl"))
-            }
-            (Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8 | Kernel::MatvecQ8Rope, false) => {
-                Some(include_str!("../wgsl/matmul_lanes_workgroup.wgsl"))
-            }
+            (k, true) if k.sums_rows_over_lanes() => Some(include_str!("../wgsl/matmul_lanes_subgroup.wgsl")),
+            (k, false) if k.sums_rows_over_lanes() => Some(include_str!("../wgsl/matmul_lanes_workgroup.wgsl")),
             (Kernel::Attention, true) => Some(include_str!("../wgsl/attention_lanes_subgroup.wgsl")),
             (Kernel::Attention, false) => Some(include_str!("../wgsl/attention_lanes_workgroup.wgsl")),
             (Kernel::RmsNorm, true) => Some(include_str!("../wgsl/norm_lanes_subgroup.wgsl")),
@@ -364,15 +380,37 @@ impl Kernel {
         }
     }
 
-    /// For the kernels that also write their output as 8-bit activations (the norms, SiLU·mul,
-    /// attention and its merge): `q8_lanes` and its block reductions for the adapter.
-    fn q8_out_sources(self, caps: ShaderCaps) -> [Option<&'static str>; 2] {
-        if !matches!(self, Kernel::RmsNorm | Kernel::SiluMul | Kernel::AttentionMerge | Kernel::Attention) {
-            return [None, None];
+    /// For the kernels that quantize values to 8-bit activations: `q8_lanes` and its block
+    /// reductions for the adapter, and for those that write them out (the norms, SiLU·mul,
+    /// attention and its merge) `q8_store_word`.
+    fn q8_out_sources(self, caps: ShaderCaps) -> [Option<&'static str>; 3] {
+        let stores = matches!(self, Kernel::RmsNorm | Kernel::SiluMul | Kernel::AttentionMerge | Kernel::Attention);
+        if !stores && !self.norms_input() {
+            return [None, None, None];
         }
         let block =
             if caps.subgroups { include_str!("../wgsl/q8_block_subgroup.wgsl") } else { include_str!("../wgsl/q8_block_workgroup.wgsl") };
-        [Some(include_str!("../wgsl/q8_lanes.wgsl")), Some(block)]
+        [Some(include_str!("../wgsl/q8_lanes.wgsl")), Some(block), stores.then_some(include_str!("../wgsl/q8_store.wgsl"))]
+    }
+
+    /// The matmul kernels (each binds matmul_io.wgsl's params and sums rows over lanes).
+    fn is_matmul(self) -> bool {
+        matches!(self, Kernel::Matmul | Kernel::Matvec | Kernel::Gemm | Kernel::GemmCoop) || self.is_matvec_q8()
+    }
+
+    /// The matmuls whose lanes share a row (matmul_lanes_*.wgsl).
+    fn sums_rows_over_lanes(self) -> bool {
+        matches!(self, Kernel::Matmul | Kernel::Matvec) || self.is_matvec_q8()
+    }
+
+    /// The matvecs on 8-bit activations.
+    fn is_matvec_q8(self) -> bool {
+        matches!(self, Kernel::MatvecQ8 | Kernel::MatvecQ8Rope | Kernel::MatvecQ8Norm | Kernel::MatvecQ8RopeNorm)
+    }
+
+    /// The matvecs that norm their own input.
+    fn norms_input(self) -> bool {
+        matches!(self, Kernel::MatvecQ8Norm | Kernel::MatvecQ8RopeNorm)
     }
 
     /// The complete WGSL source of one variant for an adapter with `caps`.
@@ -392,7 +430,7 @@ impl Kernel {
                 return Err(RenderError::MissingCapability(self));
             }
             let lanes = self.lanes_source(caps);
-            let [q8_out, q8_block] = self.q8_out_sources(caps);
+            let [q8_out, q8_block, q8_store] = self.q8_out_sources(caps);
             // Only rope_kv writes the cache.
             let writes = self == Kernel::RopeKv;
             let cache = cache.replace("KV_ACCESS", if writes { "read_write" } else { "read" });
@@ -406,12 +444,11 @@ impl Kernel {
                 lanes,
                 q8_out,
                 q8_block,
+                q8_store,
             ]));
         }
         let dequant = match (self.reads_weights(), format) {
-            (true, Some(f)) if matches!(self, Kernel::MatvecQ8 | Kernel::MatvecQ8Rope) => {
-                Some(f.packed_dot_source().ok_or(RenderError::UnsupportedFormat(self, f))?)
-            }
+            (true, Some(f)) if self.is_matvec_q8() => Some(f.packed_dot_source().ok_or(RenderError::UnsupportedFormat(self, f))?),
             (true, Some(f)) => Some(f.dequant_source()),
             (false, None) => None,
             (true, None) => return Err(RenderError::MissingFormat(self)),
@@ -431,23 +468,35 @@ impl Kernel {
             out.push_str("enable f16;\n");
         }
         let access = format.and_then(|f| f.weight_access_source(caps));
-        let matvec_q8 = matches!(self, Kernel::MatvecQ8 | Kernel::MatvecQ8Rope);
-        let matmul = matches!(self, Kernel::Matmul | Kernel::Matvec | Kernel::Gemm | Kernel::GemmCoop);
-        let io = (matmul || matvec_q8).then_some(include_str!("../wgsl/matmul_io.wgsl"));
+        let matvec_q8 = self.is_matvec_q8();
+        let matmul = self.is_matmul() && !matvec_q8;
+        let io = self.is_matmul().then_some(include_str!("../wgsl/matmul_io.wgsl"));
         // How matvec_q8's sums leave: stored, or rotated and cached (matvec_q8_rope).
         let finish = match self {
-            Kernel::MatvecQ8 => Some(include_str!("../wgsl/matvec_q8_store.wgsl")),
-            Kernel::MatvecQ8Rope => Some(include_str!("../wgsl/matvec_q8_rope.wgsl")),
+            Kernel::MatvecQ8 | Kernel::MatvecQ8Norm => Some(include_str!("../wgsl/matvec_q8_store.wgsl")),
+            Kernel::MatvecQ8Rope | Kernel::MatvecQ8RopeNorm => Some(include_str!("../wgsl/matvec_q8_rope.wgsl")),
             _ => None,
         };
         // The kernels that write a matvec's input also write it as 8-bit activations.
-        let [q8_out, q8_block] = self.q8_out_sources(caps);
+        let [q8_out, q8_block, q8_store] = self.q8_out_sources(caps);
         let f32_x = matmul.then_some(include_str!("../wgsl/matmul_x.wgsl"));
+        // matvec_q8's activations: as written, or normed here (with rmsnorm's lane sum).
+        let q8_x = match (matvec_q8, self.norms_input()) {
+            (true, false) => Some(include_str!("../wgsl/matvec_q8_x.wgsl")),
+            (true, true) => Some(include_str!("../wgsl/matvec_q8_x_norm.wgsl")),
+            _ => None,
+        };
+        let norm_lanes = match (self.norms_input(), caps.subgroups) {
+            (true, true) => Some(include_str!("../wgsl/norm_lanes_subgroup.wgsl")),
+            (true, false) => Some(include_str!("../wgsl/norm_lanes_workgroup.wgsl")),
+            _ => None,
+        };
         let groups = (self == Kernel::Matvec || matvec_q8).then_some(include_str!("../wgsl/matvec_groups.wgsl"));
         out.push_str(&concat([
             Some(include_str!("../wgsl/common.wgsl")),
             io,
             f32_x,
+            q8_x,
             Some(self.body()),
             access,
             format.and_then(WeightFormat::block_dm_source),
@@ -457,6 +506,8 @@ impl Kernel {
             finish,
             q8_out,
             q8_block,
+            q8_store,
+            norm_lanes,
         ]));
         Ok(out)
     }

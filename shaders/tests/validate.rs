@@ -42,7 +42,7 @@ fn shape_constants(kernel: Kernel) -> &'static [(&'static str, f64)] {
         Kernel::GemmCoop => &[("TILE_R", 256.0), ("SPLIT_K", 2.0), ("SUM_PASS", 1.0)],
         Kernel::Attention => &[("HEAD_DIM", 256.0), ("WINDOW", 512.0)],
         Kernel::AttentionCoop => &[("HEAD_DIM", 128.0), ("WINDOW", 512.0)],
-        Kernel::MatvecQ8Rope => &[("KV_F16", 0.0)],
+        Kernel::MatvecQ8Rope | Kernel::MatvecQ8RopeNorm => &[("KV_F16", 0.0)],
         Kernel::RmsNorm => &[("ADD", 1.0)],
         Kernel::SiluMul => &[("GELU", 1.0)],
         Kernel::Embed => &[("SCALE", 25.0)],
@@ -79,9 +79,10 @@ fn every_variant_validates() {
     // without subgroups, attention_coop for the f16 cache, embed and gemm in the 9 device layouts
     // plus native f16, matmul and matvec likewise, each with and without subgroups, gemm_coop in
     // the 9 layouts (it needs f16, so F16 weights are read natively), and matvec_q8 in the 6
-    // layouts with a packed-byte dot, with and without subgroups, and matvec_q8_rope likewise.
-    // Q5_0, Q5_1, Q2_K and Q3_K render as their device layouts' variants.
-    assert_eq!(count, 3 + 3 * 2 + 2 + 2 * 2 + 1 + 10 + 10 + 2 * 10 * 2 + 9 + 6 * 2 + 6 * 2);
+    // layouts with a packed-byte dot, with and without subgroups, and matvec_q8_rope, and the two
+    // that norm their input, likewise. Q5_0, Q5_1, Q2_K and Q3_K render as their device layouts'
+    // variants.
+    assert_eq!(count, 3 + 3 * 2 + 2 + 2 * 2 + 1 + 10 + 10 + 2 * 10 * 2 + 9 + 4 * 6 * 2);
 }
 
 /// What each kernel says it binds (its layout in core) is what its WGSL declares.

@@ -20,10 +20,9 @@ const MAX_ROWS: u32 = 4u;
 // Runs of 32 blocks each lane loads before computing.
 override UNROLL: u32 = 4u;
 
-// Token t's block b: quants at xq[2 * (t * x_stride / 32 + b)] and the next, (d, s) at
-// xd[t * x_stride / 32 + b] (the two ranges of one buffer, bound apart).
-@group(0) @binding(2) var<storage, read> xq: array<vec4<u32>>;
-@group(0) @binding(6) var<storage, read> xd: array<vec2<f32>>;
+// The activations come from matvec_q8_x.wgsl (as their producer wrote them) or
+// matvec_q8_x_norm.wgsl (normed and quantized here, the norm's dispatch saved): `x_prepare`, then
+// `x_block` per block.
 
 // The dot product of 16 signed bytes with 16 others, four at a time.
 fn dot_i8x16(a: vec4<u32>, b: vec4<u32>) -> i32 {
@@ -49,6 +48,7 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
     let nb = p.k / 32u;
     let xbs = p.x_stride / 32u;
 
+    x_prepare(li, t0);
     var acc: array<f32, MAX_TILE>;
     let run = KSPLIT * SPLIT;
     // Tokens past the step's count read stale blocks (Q8_TOKENS are always allocated) and are
@@ -63,12 +63,9 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
                 wb[r] = q8_weights(min(row0 + r, last_row), bb, nb);
             }
             for (var t = 0u; t < TOKENS; t++) {
-                let o = (t0 + t) * xbs + bb;
-                let x0 = xq[2u * o];
-                let x1 = xq[2u * o + 1u];
-                let xds = xd[o];
+                let xb = x_block(t0 + t, bb, xbs);
                 for (var r = 0u; r < ROWS; r++) {
-                    acc[r * TOKENS + t] += select(0.0, q8_dot(wb[r], x0, x1, xds), b < nb);
+                    acc[r * TOKENS + t] += select(0.0, q8_dot(wb[r], xb.lo, xb.hi, xb.ds), b < nb);
                 }
             }
         }

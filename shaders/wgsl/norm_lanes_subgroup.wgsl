@@ -3,7 +3,8 @@
 // where the tree takes log2(WG). A decode step's norm is one workgroup on the critical path, so
 // its barriers are its latency.
 
-var<workgroup> red: array<f32, WG / 32u>;
+// Sized for the largest workgroup (naga 30 panics on an override-sized one here).
+var<workgroup> red: array<f32, 32>;
 
 // The sum of every lane's `v`, in an order fixed by the adapter.
 fn sum_lanes(lane: u32, v: f32) -> f32 {

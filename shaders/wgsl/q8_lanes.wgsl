@@ -25,13 +25,3 @@ fn q8_lanes(li: u32, v: vec4<f32>) -> Q8Word {
     let sum = block_sum(li, q.x + q.y + q.z + q.w);
     return Q8Word(pack4xI8(q), d, d * f32(sum));
 }
-
-// Writes lane word `w` (4 values from 4w) of token t's activations, `stride` floats wide.
-fn q8_store_word(stride: u32, t: u32, w: u32, q: Q8Word) {
-    let b = w / 8u;
-    out_q8[q8_index(stride, t, b, w % 8u)] = q.word;
-    if (w % 8u == 0u) {
-        out_q8[q8_index(stride, t, b, 8u)] = bitcast<u32>(q.d);
-        out_q8[q8_index(stride, t, b, 9u)] = bitcast<u32>(q.s);
-    }
-}

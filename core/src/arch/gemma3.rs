@@ -69,15 +69,13 @@ impl Family for Gemma3 {
     }
 
     fn layer_ops(&self, b: &LayerBuilder<'_>) -> Result<Vec<LayerOp>> {
-        let mut ops = vec![b.norm("attn_norm", None)?];
-        ops.extend(b.qkv()?);
+        let mut ops = b.normed("attn_norm", b.qkv()?)?;
         ops.push(b.head_norm("attn_q_norm", "attn_k_norm")?);
         ops.push(b.rope_kv()?);
         ops.extend(b.attention()?);
         ops.push(b.attn_output(false)?);
         ops.push(b.norm("post_attention_norm", Some(&b.act.y))?);
-        ops.push(b.norm("ffn_norm", None)?);
-        ops.extend(b.gate_up()?);
+        ops.extend(b.normed("ffn_norm", b.gate_up()?)?);
         ops.push(b.glu(true)?);
         ops.push(b.down(false)?);
         ops.push(b.norm("post_ffw_norm", Some(&b.act.y))?);

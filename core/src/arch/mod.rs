@@ -72,19 +72,18 @@ pub trait Family: Sync {
 /// (Qwen2's biases, Qwen3's head norms) before RoPE, attention, O added into the residual, the
 /// gate/up ops `gate_up`, SwiGLU, down added into the residual.
 fn pre_norm_layer(b: &LayerBuilder<'_>, qkv: Vec<LayerOp>, after_qkv: Option<LayerOp>, gate_up: Vec<LayerOp>) -> Result<Vec<LayerOp>> {
-    let mut ops = vec![b.norm("attn_norm", None)?];
+    let mut ops = Vec::new();
     match after_qkv {
-        None => ops.extend(b.rotating(qkv)?),
+        None => ops.extend(b.normed("attn_norm", b.rotating(qkv)?)?),
         Some(after) => {
-            ops.extend(qkv);
+            ops.extend(b.normed("attn_norm", qkv)?);
             ops.push(after);
         }
     }
     ops.push(b.rope_kv()?);
     ops.extend(b.attention()?);
     ops.push(b.attn_output(true)?);
-    ops.push(b.norm("ffn_norm", None)?);
-    ops.extend(gate_up);
+    ops.extend(b.normed("ffn_norm", gate_up)?);
     ops.push(b.glu(false)?);
     ops.push(b.down(true)?);
     Ok(ops)
