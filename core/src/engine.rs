@@ -14,7 +14,9 @@ use crate::cpu_ref::rope_table;
 use crate::device_weights::{DeviceMatrix, upload_vector};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::kernels::{CoopPipelines, CoopPlan, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, Q8_TOKENS, q8_ranges};
+use crate::kernels::{
+    CoopPipelines, CoopPlan, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, Q8_TOKENS, Q8Finish, Q8Input, q8_ranges,
+};
 use crate::kv::{BLOCK_TOKENS, BlockPool, FREED_BLOCK, KvDtype, KvLayer, KvSink, PoolUsage, SeqId, SeqState, block_hash, prefix_hashes};
 use crate::layer::{Activations, LayerBuilder, LayerOps, takes_attention_tiles};
 use crate::model::{HostModel, layer_tensor};
@@ -159,8 +161,13 @@ struct MatvecQ8 {
     x_stride: usize,
     /// The twin that also does rope_kv's work (`MatmulOp::rotate`).
     rope: Option<RopeTwin>,
-    /// The twin of the one-token shape that norms its input itself (`MatmulOp::take_norm`).
-    normed: Option<NormedTwin>,
+    /// The RMSNorm its one-token twin does itself (`MatmulOp::take_norm`): the residual, the
+    /// norm's weights, epsilon.
+    norm: Option<(wgpu::Buffer, wgpu::Buffer, f32)>,
+    /// The gated activation its one-token twin does itself (`MatmulOp::take_glu`).
+    glu: Option<GluTarget>,
+    /// The kernel one-token steps take once it norms or gates (`takes_fused_matvec`).
+    one_token: Option<OneTokenTwin>,
 }
 
 /// matvec_q8_rope's pipeline per shape and bind group per part, and what they were built for.
@@ -173,17 +180,29 @@ struct RopeTwin {
     kv_f16: bool,
 }
 
-/// The one-token pipeline of a matvec (or its rotating twin) that norms its own input, and a
-/// bind group per part.
-struct NormedTwin {
+/// What a gate/up matvec needs to gate its output itself (matvec_q8_glu.wgsl).
+#[derive(Clone)]
+pub(crate) struct GluTarget {
+    /// The down projection's 8-bit input.
+    pub ffn_q8: wgpu::Buffer,
+    pub ffn_dim: usize,
+    pub gelu: bool,
+}
+
+/// The 8-bit matvec of a one-token step that also norms its input or gates its output: which
+/// kernel, its shape, its pipeline and a bind group per part.
+struct OneTokenTwin {
+    kernel: Kernel,
+    shape: MatvecShape,
     pipeline: wgpu::ComputePipeline,
     groups: Vec<wgpu::BindGroup>,
 }
 
 /// Whether a step of `tokens` tokens, of which up to `q8_tokens` may take the 8-bit matvec, takes
-/// the matvecs that norm their own input where a matmul has one (`MatmulOp::take_norm`), and so
-/// skips the RMSNorms before them (`Grid::NormedRows`): one-token steps. Both sides ask here.
-pub(crate) fn takes_normed_matvec(tokens: usize, q8_tokens: usize) -> bool {
+/// the matvecs that norm their input or gate their output themselves where a matmul has one
+/// (`MatmulOp::take_norm`, `take_glu`), and so skips the norms and SiLU·mul dispatches around
+/// them (`Grid::NormedRows`, `Grid::GatedTokens`): one-token steps. Both sides ask here.
+pub(crate) fn takes_fused_matvec(tokens: usize, q8_tokens: usize) -> bool {
     tokens == 1 && q8_tokens >= 1
 }
 
@@ -413,7 +432,17 @@ impl MatmulOp {
                             Ok((shape, kernels.matvec_q8(m.format, shape, accumulate, sample_rows)?))
                         })
                         .collect::<Result<Vec<_>>>()?;
-                    Some(MatvecQ8 { shapes, groups, buffers, x_q8: xq.clone(), x_stride, rope: None, normed: None })
+                    Some(MatvecQ8 {
+                        shapes,
+                        groups,
+                        buffers,
+                        x_q8: xq.clone(),
+                        x_stride,
+                        rope: None,
+                        norm: None,
+                        glu: None,
+                        one_token: None,
+                    })
                 }
                 _ => None,
             };
@@ -464,36 +493,68 @@ impl MatmulOp {
         Ok(true)
     }
 
-    /// Gives a matmul whose input is the RMSNorm (by `g`, with `eps`) of the residual `x` the
-    /// 8-bit matvec twin that norms it itself, for one-token steps (`takes_normed_matvec`),
-    /// where its shapes allow (rows of whole blocks up to `NORMED_MAX_COLS`, workgroups within
-    /// q8_lanes' lanes). Call after `rotate`: the twin of a rotating matvec rotates too. Returns
-    /// whether it did; the norm's dispatch is then skipped on those steps.
+    /// Gives a matmul whose input is the RMSNorm (by `g`, with `eps`) of the residual `x` an
+    /// 8-bit matvec twin that norms it itself, for one-token steps (`takes_fused_matvec`),
+    /// where its shapes allow (rows of whole blocks up to `NORMED_MAX_COLS`). Call after `rotate`
+    /// and `take_glu`: the twin rotates or gates too. Returns whether it did; the norm's dispatch
+    /// is then skipped on those steps.
     pub(crate) fn take_norm(&mut self, kernels: &Kernels, x: &wgpu::Buffer, g: &wgpu::Buffer, eps: f32) -> Result<bool> {
-        let Some(q8) = self.fast.as_mut().and_then(|f| f.matvec_q8.as_mut()) else { return Ok(false) };
-        let Some(&(shape, _)) = q8.shapes.first() else { return Ok(false) };
         let cols = self.cols as usize;
-        if shape.tokens != 1 || cols > NORMED_MAX_COLS || !cols.is_multiple_of(32) || shape.lanes > MatvecShape::MAX_LANES {
+        let Some(q8) = self.fast.as_mut().and_then(|f| f.matvec_q8.as_mut()) else { return Ok(false) };
+        if cols > NORMED_MAX_COLS || !cols.is_multiple_of(32) || q8.shapes.first().is_none_or(|(s, _)| s.tokens != 1) {
             return Ok(false);
         }
-        let accumulate = self.accumulate;
-        let pipeline = kernels.matvec_q8_norm(self.format, shape, accumulate, eps, q8.rope.as_ref().map(|r| (r.heads, r.kv_f16)))?;
+        q8.norm = Some((x.clone(), g.clone(), eps));
+        self.build_one_token(kernels)?;
+        Ok(true)
+    }
+
+    /// Gives a gate/up matmul (the gates' `ffn_dim` rows, then the ups', into the start of y) an
+    /// 8-bit matvec twin that applies the gated activation itself and writes the down
+    /// projection's 8-bit input, for one-token steps (`takes_fused_matvec`), where its shape
+    /// allows (one part, whole blocks of units). Returns whether it did; SiLU·mul's dispatch is
+    /// then skipped on those steps.
+    pub(crate) fn take_glu(&mut self, kernels: &Kernels, target: GluTarget) -> Result<bool> {
+        let whole = self.parts.len() == 1 && self.parts[0].1 as usize == 2 * target.ffn_dim && target.ffn_dim.is_multiple_of(32);
+        let Some(q8) = self.fast.as_mut().and_then(|f| f.matvec_q8.as_mut()) else { return Ok(false) };
+        if !whole || self.y_offset != 0 || self.accumulate || q8.rope.is_some() {
+            return Ok(false);
+        }
+        q8.glu = Some(target);
+        self.build_one_token(kernels)?;
+        Ok(true)
+    }
+
+    /// The one-token twin for what `take_norm` and `take_glu` gave the 8-bit matvec.
+    fn build_one_token(&mut self, kernels: &Kernels) -> Result<()> {
+        let (format, accumulate) = (self.format, self.accumulate);
+        let Some(q8) = self.fast.as_mut().and_then(|f| f.matvec_q8.as_mut()) else { return Ok(()) };
+        let finish = match (&q8.glu, &q8.rope) {
+            (Some(g), _) => Q8Finish::Glu { ffn_dim: g.ffn_dim, gelu: g.gelu },
+            (None, Some(r)) => Q8Finish::Rope { heads: r.heads, kv_f16: r.kv_f16 },
+            (None, None) => Q8Finish::Store,
+        };
+        let shape = if q8.glu.is_some() { MatvecShape::GLU } else { q8.shapes[0].0 };
+        let (kernel, pipeline) = kernels.matvec_q8_twin(format, shape, accumulate, q8.norm.as_ref().map(|n| n.2), finish)?;
+        let mut extra: Vec<&wgpu::Buffer> = Vec::new();
+        if let Some(g) = &q8.glu {
+            extra.push(&g.ffn_q8);
+        } else if let Some(r) = &q8.rope {
+            extra.extend(&r.buffers);
+        }
         let groups = q8
             .buffers
             .iter()
             .map(|[step, params, quants, scales, y]| {
-                let matmul = [step, params, x, quants, scales, y, g];
-                match &q8.rope {
-                    None => kernels.bind_group(Kernel::MatvecQ8Norm, "matvec_q8_norm", &matmul),
-                    Some(r) => {
-                        let [tokens, table, k, v] = &r.buffers;
-                        kernels.bind_group(Kernel::MatvecQ8RopeNorm, "matvec_q8_rope_norm", &[&matmul[..], &[tokens, table, k, v]].concat())
-                    }
-                }
+                let input = match &q8.norm {
+                    Some((x, g, _)) => Q8Input::Normed { x, g },
+                    None => Q8Input::Stored { x_q8: &q8.x_q8, x_stride: q8.x_stride },
+                };
+                kernels.matvec_q8_twin_bind_group(kernel, kernel.name(), [step, params, quants, scales, y], input, &extra)
             })
             .collect();
-        q8.normed = Some(NormedTwin { pipeline, groups });
-        Ok(true)
+        q8.one_token = Some(OneTokenTwin { kernel, shape, pipeline, groups });
+        Ok(())
     }
 
     /// Records the matmul for a step of `tokens` tokens; returns whether it recorded the
@@ -508,7 +569,8 @@ impl MatmulOp {
             let x_bytes = match kernel {
                 Kernel::MatvecQ8 | Kernel::MatvecQ8Rope => self.cols * 5 / 4,
                 // The residual and the norm's weights.
-                Kernel::MatvecQ8Norm | Kernel::MatvecQ8RopeNorm => self.cols * 8,
+                Kernel::MatvecQ8Norm | Kernel::MatvecQ8RopeNorm | Kernel::MatvecQ8NormGlu => self.cols * 8,
+                Kernel::MatvecQ8Glu => self.cols * 5 / 4,
                 _ => self.cols * 4,
             };
             Work { kernel, format: Some(self.format), bytes: bytes + t * (x_bytes + rows * 4), flops: 2 * t * rows * self.cols }
@@ -529,11 +591,10 @@ impl MatmulOp {
                         let shape = q8.shapes[at].0;
                         let groups = [wg(*rows as usize, shape.rows_per_workgroup()), wg(tokens, shape.tokens as usize), 1];
                         rotated = q8.rope.is_some();
-                        let normed = q8.normed.as_ref().filter(|_| takes_normed_matvec(tokens, q8_tokens));
-                        match (&q8.rope, normed) {
-                            (Some(_), Some(n)) => (Kernel::MatvecQ8RopeNorm, &n.pipeline, &n.groups[i], groups),
-                            (None, Some(n)) => (Kernel::MatvecQ8Norm, &n.pipeline, &n.groups[i], groups),
-                            (Some(r), None) => (Kernel::MatvecQ8Rope, &r.pipelines[at], &r.groups[i], groups),
+                        let fused = q8.one_token.as_ref().filter(|_| takes_fused_matvec(tokens, q8_tokens));
+                        match (fused, &q8.rope) {
+                            (Some(f), _) => (f.kernel, &f.pipeline, &f.groups[i], [wg(*rows as usize, f.shape.rows_per_workgroup()), 1, 1]),
+                            (None, Some(r)) => (Kernel::MatvecQ8Rope, &r.pipelines[at], &r.groups[i], groups),
                             (None, None) => (Kernel::MatvecQ8, &q8.shapes[at].1, &q8.groups[i], groups),
                         }
                     } else if let Some((shape, pipeline)) = f.matvec.iter().find(fits) {

@@ -142,31 +142,8 @@ impl Kernels {
     /// A bind group for `Kernel::MatvecQ8`: the matmul's buffers in `bind_group`'s order
     /// (step, params, weight quants, weight scales, y) with the f32 activations replaced by the
     /// quants and the scales of `x_q8`, 8-bit activations of inputs `x_stride` floats wide.
-    pub fn matvec_q8_bind_group(
-        &self,
-        label: &str,
-        [step, params, quants, scales, y]: [&wgpu::Buffer; 5],
-        x_q8: &wgpu::Buffer,
-        x_stride: usize,
-    ) -> wgpu::BindGroup {
-        let range = |r: std::ops::Range<u64>| {
-            wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: x_q8,
-                offset: r.start,
-                size: wgpu::BufferSize::new(r.end - r.start),
-            })
-        };
-        let (x_quants, x_scales) = q8_ranges(x_stride);
-        let resources = vec![
-            step.as_entire_binding(),
-            params.as_entire_binding(),
-            range(x_quants),
-            quants.as_entire_binding(),
-            scales.as_entire_binding(),
-            y.as_entire_binding(),
-            range(x_scales),
-        ];
-        self.bind_group_resources(Kernel::MatvecQ8, label, resources)
+    pub fn matvec_q8_bind_group(&self, label: &str, matmul: [&wgpu::Buffer; 5], x_q8: &wgpu::Buffer, x_stride: usize) -> wgpu::BindGroup {
+        self.matvec_q8_twin_bind_group(Kernel::MatvecQ8, label, matmul, Q8Input::Stored { x_q8, x_stride }, &[])
     }
 
     /// A bind group for `Kernel::MatvecQ8Rope`: `matvec_q8_bind_group`'s, then the step's
@@ -179,26 +156,45 @@ impl Kernels {
         x_stride: usize,
         rope: [&wgpu::Buffer; 4],
     ) -> wgpu::BindGroup {
-        let [step, params, quants, scales, y] = matmul;
-        let range = |r: std::ops::Range<u64>| {
-            wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: x_q8,
-                offset: r.start,
-                size: wgpu::BufferSize::new(r.end - r.start),
-            })
+        self.matvec_q8_twin_bind_group(Kernel::MatvecQ8Rope, label, matmul, Q8Input::Stored { x_q8, x_stride }, &rope)
+    }
+
+    /// A bind group for any of the 8-bit matvecs (`kernel`): the matmul's buffers as in
+    /// `matvec_q8_bind_group`, the activations from `input` in bindings 2 and 6, then `extra`
+    /// (the rotating twins' tokens, RoPE table and K/V cache; the gated ones' 8-bit output).
+    pub fn matvec_q8_twin_bind_group(
+        &self,
+        kernel: Kernel,
+        label: &str,
+        [step, params, quants, scales, y]: [&wgpu::Buffer; 5],
+        input: Q8Input<'_>,
+        extra: &[&wgpu::Buffer],
+    ) -> wgpu::BindGroup {
+        let (x, x2) = match input {
+            Q8Input::Stored { x_q8, x_stride } => {
+                let range = |r: std::ops::Range<u64>| {
+                    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: x_q8,
+                        offset: r.start,
+                        size: wgpu::BufferSize::new(r.end - r.start),
+                    })
+                };
+                let (x_quants, x_scales) = q8_ranges(x_stride);
+                (range(x_quants), range(x_scales))
+            }
+            Q8Input::Normed { x, g } => (x.as_entire_binding(), g.as_entire_binding()),
         };
-        let (x_quants, x_scales) = q8_ranges(x_stride);
         let mut resources = vec![
             step.as_entire_binding(),
             params.as_entire_binding(),
-            range(x_quants),
+            x,
             quants.as_entire_binding(),
             scales.as_entire_binding(),
             y.as_entire_binding(),
-            range(x_scales),
+            x2,
         ];
-        resources.extend(rope.iter().map(|b| b.as_entire_binding()));
-        self.bind_group_resources(Kernel::MatvecQ8Rope, label, resources)
+        resources.extend(extra.iter().map(|b| b.as_entire_binding()));
+        self.bind_group_resources(kernel, label, resources)
     }
 
     /// Lanes that cooperate on one matmul row on this adapter.
@@ -269,30 +265,38 @@ impl Kernels {
         self.pipeline(Kernel::MatvecQ8Rope, Some(format), &[shape.q8_constants().as_slice(), &rope_constants(heads, kv_f16)].concat())
     }
 
-    /// `matvec_q8` (or, with `rope`, `matvec_q8_rope`'s (heads, K/V cache is f16)) that norms its
-    /// input itself (matvec_q8_x_norm.wgsl): RMSNorm with `eps` of the residual, by the weights
-    /// bound in place of the activations' scales. One token a workgroup.
-    pub fn matvec_q8_norm(
+    /// The 8-bit matvec that, with `norm_eps`, norms its input itself (matvec_q8_x_norm.wgsl:
+    /// RMSNorm of the residual by the weights bound in place of the activations' scales) and
+    /// finishes as `finish` says; one token a workgroup wherever it norms or gates. Returns the
+    /// kernel it is, for its bind group (`matvec_q8_twin_bind_group`).
+    pub fn matvec_q8_twin(
         &self,
         format: WeightFormat,
         shape: MatvecShape,
         accumulate: bool,
-        eps: f32,
-        rope: Option<([usize; 3], bool)>,
-    ) -> Result<wgpu::ComputePipeline> {
-        let eps = ("NORM_EPS", f64::from(eps));
-        match rope {
-            None => self.pipeline(
-                Kernel::MatvecQ8Norm,
-                Some(format),
-                &[shape.q8_constants().as_slice(), &[("ACCUMULATE", f64::from(u8::from(accumulate))), eps]].concat(),
-            ),
-            Some((heads, kv_f16)) => self.pipeline(
-                Kernel::MatvecQ8RopeNorm,
-                Some(format),
-                &[shape.q8_constants().as_slice(), &rope_constants(heads, kv_f16), &[eps]].concat(),
-            ),
+        norm_eps: Option<f32>,
+        finish: Q8Finish,
+    ) -> Result<(Kernel, wgpu::ComputePipeline)> {
+        let mut constants = shape.q8_constants().to_vec();
+        if let Some(eps) = norm_eps {
+            constants.push(("NORM_EPS", f64::from(eps)));
         }
+        let normed = norm_eps.is_some();
+        let kernel = match finish {
+            Q8Finish::Store => {
+                constants.push(("ACCUMULATE", f64::from(u8::from(accumulate))));
+                if normed { Kernel::MatvecQ8Norm } else { Kernel::MatvecQ8 }
+            }
+            Q8Finish::Rope { heads, kv_f16 } => {
+                constants.extend(rope_constants(heads, kv_f16));
+                if normed { Kernel::MatvecQ8RopeNorm } else { Kernel::MatvecQ8Rope }
+            }
+            Q8Finish::Glu { ffn_dim, gelu } => {
+                constants.extend([("FFN_DIM", ffn_dim as f64), ("GELU", f64::from(u8::from(gelu)))]);
+                if normed { Kernel::MatvecQ8NormGlu } else { Kernel::MatvecQ8Glu }
+            }
+        };
+        Ok((kernel, self.pipeline(kernel, Some(format), &constants)?))
     }
 
     /// The tiled GEMM for steps of many tokens.
@@ -460,8 +464,12 @@ pub struct MatvecShape {
 impl MatvecShape {
     /// The most lanes a matvec workgroup may have (matmul_lanes_workgroup.wgsl sizes its sums by
     /// it), and the most sums a lane may keep (`rows * tokens`, `MAX_TILE` in matvec_groups.wgsl).
-    pub const MAX_LANES: u32 = 128;
+    pub const MAX_LANES: u32 = 256;
     pub const MAX_SUMS: u32 = 16;
+
+    /// The gated gate/up matvec's (matvec_q8_glu.wgsl): 8 lane groups of 4 units' gate and up
+    /// rows, 32 units a workgroup (one block of the down projection's 8-bit input).
+    pub const GLU: MatvecShape = MatvecShape { tokens: 1, rows: 8, unroll: 1, ksplit: 1, lanes: 256 };
 
     /// The shape for steps of up to `tokens` tokens through a matrix `cols` wide, from the sweeps
     /// on the H200 (docs/kernel-notes.md, `cargo bench --bench kernels -- matvec`): one row per
@@ -510,6 +518,28 @@ impl MatvecShape {
     pub fn rows_per_workgroup(&self) -> usize {
         (self.lanes / MATVEC_SPLIT / self.ksplit * self.rows) as usize
     }
+}
+
+/// Where an 8-bit matvec's activations come from.
+#[derive(Clone, Copy)]
+pub enum Q8Input<'a> {
+    /// 8-bit activations as their producer wrote them, for inputs `x_stride` floats wide.
+    Stored { x_q8: &'a wgpu::Buffer, x_stride: usize },
+    /// The residual `x`, normed here by the weights `g`.
+    Normed { x: &'a wgpu::Buffer, g: &'a wgpu::Buffer },
+}
+
+/// What an 8-bit matvec does with its sums.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Q8Finish {
+    /// Stores (or adds) them into y.
+    Store,
+    /// Rotates Q into y and K into the cache, and caches V (matvec_q8_rope.wgsl), for heads
+    /// (query heads, K/V heads, head dim) and a cache of f16 or f32.
+    Rope { heads: [usize; 3], kv_f16: bool },
+    /// Gates the gate half by the up half (SiLU, or GELU's tanh form) into y's gate half and the
+    /// down projection's 8-bit input (matvec_q8_glu.wgsl), FFN width `ffn_dim`.
+    Glu { ffn_dim: usize, gelu: bool },
 }
 
 /// The override constants of matvec_q8_rope.wgsl for `heads` (query heads, K/V heads, head dim)

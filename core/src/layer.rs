@@ -9,7 +9,7 @@ use tandem_shaders::{ATTENTION_CHUNK, ATTENTION_TILE_ROWS, Kernel, ShaderCaps};
 
 use crate::config::{ModelConfig, RopeLayout};
 use crate::device_weights::{DeviceMatrix, upload_vector};
-use crate::engine::{EngineConfig, MatmulOp, RopeTarget, stack_rows, takes_normed_matvec};
+use crate::engine::{EngineConfig, GluTarget, MatmulOp, RopeTarget, stack_rows, takes_fused_matvec};
 use crate::error::Result;
 use crate::gpu::GpuContext;
 use crate::kernels::{Kernels, SILU_MUL_TILE};
@@ -29,6 +29,9 @@ pub fn takes_attention_tiles(caps: ShaderCaps, engine: &EngineConfig, config: &M
 pub enum Grid {
     /// `[x, tokens, 1]`.
     Tokens(u32),
+    /// `[x, tokens, 1]`, only on steps whose gate/up matvec gated its output itself
+    /// (`LayerBuilder::gated`, `takes_fused_matvec`).
+    GatedTokens(u32),
     /// `[tokens, 1, 1]`: a workgroup per row.
     Rows,
     /// `[tokens, 1, 1]`, only on steps whose matvec after it norms its input itself
@@ -104,8 +107,10 @@ impl LayerOps {
                     );
                     let groups = match d.grid {
                         Grid::Tokens(x) => [x, n_tokens as u32, 1],
+                        Grid::GatedTokens(_) if takes_fused_matvec(n_tokens, q8_tokens) => continue,
+                        Grid::GatedTokens(x) => [x, n_tokens as u32, 1],
                         Grid::Rows => [n_tokens as u32, 1, 1],
-                        Grid::NormedRows if takes_normed_matvec(n_tokens, q8_tokens) => continue,
+                        Grid::NormedRows if takes_fused_matvec(n_tokens, q8_tokens) => continue,
                         Grid::NormedRows => [n_tokens as u32, 1, 1],
                         Grid::Attention(_) if tiles > 0 => continue,
                         Grid::Attention(heads) => [heads, n_tokens as u32, chunks],
@@ -453,6 +458,23 @@ impl LayerBuilder<'_> {
         };
         ops.push(LayerOp::Dispatch(merge));
         Ok(ops)
+    }
+
+    /// The gate/up ops `gate_up` and the gated activation after them (`glu`). Where they are one
+    /// matmul with an 8-bit matvec twin that gates its output itself (`MatmulOp::take_glu`),
+    /// one-token steps take that twin and skip the activation's dispatch. Returns both, for the
+    /// caller to place the gate/up ops after their norm (`normed`).
+    pub fn gated(&self, mut gate_up: Vec<LayerOp>, gelu: bool) -> Result<(Vec<LayerOp>, LayerOp)> {
+        let mut glu = self.glu(gelu)?;
+        if let ([LayerOp::Matmul(m)], Some(ffn_q8), LayerOp::Dispatch(d)) = (gate_up.as_mut_slice(), &self.act.ffn_q8, &mut glu) {
+            let target = GluTarget { ffn_q8: ffn_q8.clone(), ffn_dim: self.config.ffn_size, gelu };
+            if m.take_glu(self.kernels, target)?
+                && let Grid::Tokens(x) = d.grid
+            {
+                d.grid = Grid::GatedTokens(x);
+            }
+        }
+        Ok((gate_up, glu))
     }
 
     /// The gated activation over `gate_up`: SiLU (SwiGLU) or GELU's tanh form (GeGLU).

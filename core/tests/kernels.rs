@@ -6,7 +6,8 @@ use rand::{Rng, SeedableRng};
 use tandem_core::cpu_ref;
 use tandem_core::device_weights::DeviceMatrix;
 use tandem_core::kernels::{
-    CoopPlan, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, Q8_TOKENS, SILU_MUL_TILE, q8_activations, q8_ranges,
+    CoopPlan, GEMM_TILE, Kernels, MATMUL_TILE, MATVEC_TOKENS, MatvecShape, Q8_TOKENS, Q8Finish, Q8Input, SILU_MUL_TILE, q8_activations,
+    q8_ranges,
 };
 use tandem_core::tensor::{HostTensor, TensorBytes};
 use tandem_core::{GpuContext, KvDtype, WeightFormat};
@@ -378,7 +379,7 @@ fn matvec_q8_norm_norms_its_input_itself() {
                     let params = m.part_params(&ctx, cols, n, 0);
                     let shape = MatvecShape::for_q8_matrix(cols, 1);
                     for shape in [shape, MatvecShape { ksplit: 4, lanes: 128, ..shape }] {
-                        let pipeline = kernels.matvec_q8_norm(format, shape, false, eps, None).expect("pipeline");
+                        let (_, pipeline) = kernels.matvec_q8_twin(format, shape, false, Some(eps), Q8Finish::Store).expect("pipeline");
                         let groups: Vec<(wgpu::BindGroup, [u32; 3])> = m
                             .parts
                             .iter()
@@ -429,7 +430,8 @@ fn matvec_q8_norm_norms_its_input_itself() {
                     "qkv",
                     &[&step, u, &xb, &p.quants, &p.scales, &y, &gb, &info_b, &table_b, &kc, &vc],
                 );
-                (kernels.matvec_q8_norm(WeightFormat::Q4_0, shape, false, eps, Some(([nh, nkv, hd], true))).expect("pipeline"), bg)
+                let finish = Q8Finish::Rope { heads: [nh, nkv, hd], kv_f16: true };
+                (kernels.matvec_q8_twin(WeightFormat::Q4_0, shape, false, Some(eps), finish).expect("pipeline").1, bg)
             } else {
                 let bg = kernels.matvec_q8_rope_bind_group("qkv", [&step, u, &p.quants, &p.scales, &y], &x_q8, cols, rope);
                 (kernels.matvec_q8_rope(WeightFormat::Q4_0, shape, [nh, nkv, hd], true).expect("pipeline"), bg)
@@ -669,6 +671,69 @@ fn silu_mul_matches_cpu() {
             // Quantized with the down projection's input stride, [silu·mul | up] per token.
             let got_q8 = read_bytes(&ctx, &out_q8, q8_bytes, ctx.device.create_command_encoder(&Default::default()));
             assert_q8_matches(&got_q8, &out, 2 * ffn, ffn, "silu_mul q8");
+        }
+    }
+}
+
+/// The gate/up matvec that gates its output itself (matvec_q8_glu.wgsl), from stored 8-bit
+/// activations and from the residual it norms: the gate half of y against the CPU's SiLU (or
+/// GELU's tanh form) of the f64 matmul of the same rounded activations, and the down
+/// projection's 8-bit input against that output quantized.
+#[test]
+fn matvec_q8_glu_gates_its_output_itself() {
+    let eps = 1e-5;
+    for ctx in gpu_variants().into_iter().filter(|c| !c.caps.f16) {
+        let kernels = Kernels::new(&ctx);
+        let mut rng = rng();
+        for (format, ffn, cols, gelu) in
+            [(WeightFormat::Q4_0, 96, 64, false), (WeightFormat::Q8_0, 32, 96, true), (WeightFormat::Q4_1, 544, 576, false)]
+        {
+            let rows = 2 * ffn;
+            let t = host_matrix(format, &random(&mut rng, rows * cols), rows, cols);
+            let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
+            let x = random(&mut rng, cols);
+            let g = random(&mut rng, cols);
+            let step = step_buf(&ctx, 1, 0);
+            let (xb, gb) = (ctx.storage_init("x", bytemuck::cast_slice(&x)), ctx.storage_init("g", bytemuck::cast_slice(&g)));
+            let params = m.part_params(&ctx, cols, rows, 0);
+            let (p, u) = (&m.parts[0], &params[0]);
+            for norms in [false, true] {
+                let input_values = if norms { cpu_ref::rmsnorm(&x, &g, cols, eps) } else { x.clone() };
+                let mut padded = input_values.clone();
+                padded.resize(Q8_TOKENS * cols, 0.5);
+                let x_q8 = ctx.storage_init("x_q8", &q8_activations(&padded, cols));
+                let (want, scale) = matmul_reference(format, &t, &cpu_ref::q8_round_trip(&input_values), 1);
+                let act: Vec<f32> = (0..ffn)
+                    .map(|i| {
+                        let (gate, up) = (f64::from(want[i]), f64::from(want[ffn + i]));
+                        let a = if gelu {
+                            0.5 * gate * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (gate + 0.044715 * gate.powi(3))).tanh())
+                        } else {
+                            gate / (1.0 + (-gate).exp())
+                        };
+                        (a * up) as f32
+                    })
+                    .collect();
+                // How far the sums' own rounding (MATMUL_TOLERANCE of their terms) moves g * u.
+                let act_scale: Vec<f32> =
+                    (0..ffn).map(|i| scale[i] * (1.0 + want[ffn + i].abs()) + scale[ffn + i] * (1.0 + want[i].abs())).collect();
+                let y = ctx.storage("y", (rows * 4) as u64);
+                ctx.queue.write_buffer(&y, 0, bytemuck::cast_slice(&vec![f32::NAN; rows]));
+                let ffn_q8 = ctx.storage("ffn_q8", q8_ranges(rows).1.end);
+                let input = if norms { Q8Input::Normed { x: &xb, g: &gb } } else { Q8Input::Stored { x_q8: &x_q8, x_stride: cols } };
+                let finish = Q8Finish::Glu { ffn_dim: ffn, gelu };
+                let (kernel, pipeline) =
+                    kernels.matvec_q8_twin(format, MatvecShape::GLU, false, norms.then_some(eps), finish).expect("pipeline");
+                let bg = kernels.matvec_q8_twin_bind_group(kernel, "glu", [&step, u, &p.quants, &p.scales, &y], input, &[&ffn_q8]);
+                let groups = [rows.div_ceil(MatvecShape::GLU.rows_per_workgroup()) as u32, 1, 1];
+                let out = read_f32(&ctx, &y, (rows * 4) as u64, dispatch(&ctx, &pipeline, &[(&bg, groups)]));
+                let what = format!("{kernel:?} {format} ffn {ffn} x {cols} gelu={gelu} {:?}", ctx.caps);
+                assert_close(&out[..ffn], &act, MATMUL_TOLERANCE, &act_scale, &what);
+                let got_q8 = read_bytes(&ctx, &ffn_q8, q8_ranges(rows).1.end, ctx.device.create_command_encoder(&Default::default()));
+                let mut row = out[..ffn].to_vec();
+                row.resize(rows, 0.0);
+                assert_q8_matches(&got_q8, &row, rows, ffn, &format!("{what}: 8-bit output"));
+            }
         }
     }
 }

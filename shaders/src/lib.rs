@@ -223,6 +223,10 @@ pub enum Kernel {
     /// (matvec_q8_x_norm.wgsl), in place of the RMSNorm before them.
     MatvecQ8Norm,
     MatvecQ8RopeNorm,
+    /// The gate/up `MatvecQ8` of a one-token step doing SiLU·mul's (or GeGLU's) work too
+    /// (matvec_q8_glu.wgsl), and its twin that also norms its input.
+    MatvecQ8Glu,
+    MatvecQ8NormGlu,
     Gemm,
     GemmCoop,
     HeadNorm,
@@ -237,7 +241,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 18] = [
+    pub const ALL: [Kernel; 20] = [
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::Matmul,
@@ -246,6 +250,8 @@ impl Kernel {
         Kernel::MatvecQ8Rope,
         Kernel::MatvecQ8Norm,
         Kernel::MatvecQ8RopeNorm,
+        Kernel::MatvecQ8Glu,
+        Kernel::MatvecQ8NormGlu,
         Kernel::Gemm,
         Kernel::GemmCoop,
         Kernel::HeadNorm,
@@ -269,6 +275,8 @@ impl Kernel {
             Kernel::MatvecQ8Rope => "matvec_q8_rope",
             Kernel::MatvecQ8Norm => "matvec_q8_norm",
             Kernel::MatvecQ8RopeNorm => "matvec_q8_rope_norm",
+            Kernel::MatvecQ8Glu => "matvec_q8_glu",
+            Kernel::MatvecQ8NormGlu => "matvec_q8_norm_glu",
             Kernel::Gemm => "gemm",
             Kernel::GemmCoop => "gemm_coop",
             Kernel::HeadNorm => "head_norm",
@@ -298,6 +306,8 @@ impl Kernel {
             Kernel::GemmCoop => &[U, U, R, R, R, W, R, W],
             // matvec_q8's, then tokens, the RoPE table, and the K and V cache.
             Kernel::MatvecQ8Rope | Kernel::MatvecQ8RopeNorm => &[U, U, R, R, R, W, R, R, R, W, W],
+            // matvec_q8's, then the down projection's 8-bit input.
+            Kernel::MatvecQ8Glu | Kernel::MatvecQ8NormGlu => &[U, U, R, R, R, W, R, W],
             // step, qkv (normed in place), query-head and key-head weights.
             Kernel::HeadNorm => &[U, W, R, R],
             // step, y (biased in place), the bias.
@@ -319,6 +329,7 @@ impl Kernel {
         match self {
             Kernel::Matvec | Kernel::MatvecQ8 | Kernel::MatvecQ8Norm | Kernel::Gemm => Kernel::Matmul,
             Kernel::MatvecQ8RopeNorm => Kernel::MatvecQ8Rope,
+            Kernel::MatvecQ8NormGlu => Kernel::MatvecQ8Glu,
             k => k,
         }
     }
@@ -340,6 +351,8 @@ impl Kernel {
                 | Kernel::MatvecQ8Rope
                 | Kernel::MatvecQ8Norm
                 | Kernel::MatvecQ8RopeNorm
+                | Kernel::MatvecQ8Glu
+                | Kernel::MatvecQ8NormGlu
                 | Kernel::Gemm
                 | Kernel::GemmCoop
         )
@@ -351,9 +364,12 @@ impl Kernel {
             Kernel::RmsNorm => include_str!("../wgsl/rmsnorm.wgsl"),
             Kernel::Matmul => include_str!("../wgsl/matmul.wgsl"),
             Kernel::Matvec => include_str!("../wgsl/matvec.wgsl"),
-            Kernel::MatvecQ8 | Kernel::MatvecQ8Rope | Kernel::MatvecQ8Norm | Kernel::MatvecQ8RopeNorm => {
-                include_str!("../wgsl/matvec_q8.wgsl")
-            }
+            Kernel::MatvecQ8
+            | Kernel::MatvecQ8Rope
+            | Kernel::MatvecQ8Norm
+            | Kernel::MatvecQ8RopeNorm
+            | Kernel::MatvecQ8Glu
+            | Kernel::MatvecQ8NormGlu => include_str!("../wgsl/matvec_q8.wgsl"),
             Kernel::Gemm => include_str!("../wgsl/gemm.wgsl"),
             Kernel::GemmCoop => include_str!("../wgsl/gemm_coop.wgsl"),
             Kernel::HeadNorm => include_str!("../wgsl/head_norm.wgsl"),
@@ -384,7 +400,10 @@ impl Kernel {
     /// reductions for the adapter, and for those that write them out (the norms, SiLU·mul,
     /// attention and its merge) `q8_store_word`.
     fn q8_out_sources(self, caps: ShaderCaps) -> [Option<&'static str>; 3] {
-        let stores = matches!(self, Kernel::RmsNorm | Kernel::SiluMul | Kernel::AttentionMerge | Kernel::Attention);
+        let stores = matches!(
+            self,
+            Kernel::RmsNorm | Kernel::SiluMul | Kernel::AttentionMerge | Kernel::Attention | Kernel::MatvecQ8Glu | Kernel::MatvecQ8NormGlu
+        );
         if !stores && !self.norms_input() {
             return [None, None, None];
         }
@@ -405,12 +424,20 @@ impl Kernel {
 
     /// The matvecs on 8-bit activations.
     fn is_matvec_q8(self) -> bool {
-        matches!(self, Kernel::MatvecQ8 | Kernel::MatvecQ8Rope | Kernel::MatvecQ8Norm | Kernel::MatvecQ8RopeNorm)
+        matches!(
+            self,
+            Kernel::MatvecQ8
+                | Kernel::MatvecQ8Rope
+                | Kernel::MatvecQ8Norm
+                | Kernel::MatvecQ8RopeNorm
+                | Kernel::MatvecQ8Glu
+                | Kernel::MatvecQ8NormGlu
+        )
     }
 
     /// The matvecs that norm their own input.
     fn norms_input(self) -> bool {
-        matches!(self, Kernel::MatvecQ8Norm | Kernel::MatvecQ8RopeNorm)
+        matches!(self, Kernel::MatvecQ8Norm | Kernel::MatvecQ8RopeNorm | Kernel::MatvecQ8NormGlu)
     }
 
     /// The complete WGSL source of one variant for an adapter with `caps`.
@@ -475,6 +502,7 @@ impl Kernel {
         let finish = match self {
             Kernel::MatvecQ8 | Kernel::MatvecQ8Norm => Some(include_str!("../wgsl/matvec_q8_store.wgsl")),
             Kernel::MatvecQ8Rope | Kernel::MatvecQ8RopeNorm => Some(include_str!("../wgsl/matvec_q8_rope.wgsl")),
+            Kernel::MatvecQ8Glu | Kernel::MatvecQ8NormGlu => Some(include_str!("../wgsl/matvec_q8_glu.wgsl")),
             _ => None,
         };
         // The kernels that write a matvec's input also write it as 8-bit activations.

@@ -44,7 +44,7 @@ fn shape_constants(kernel: Kernel) -> &'static [(&'static str, f64)] {
         Kernel::AttentionCoop => &[("HEAD_DIM", 128.0), ("WINDOW", 512.0)],
         Kernel::MatvecQ8Rope | Kernel::MatvecQ8RopeNorm => &[("KV_F16", 0.0)],
         Kernel::RmsNorm => &[("ADD", 1.0)],
-        Kernel::SiluMul => &[("GELU", 1.0)],
+        Kernel::SiluMul | Kernel::MatvecQ8Glu | Kernel::MatvecQ8NormGlu => &[("GELU", 1.0)],
         Kernel::Embed => &[("SCALE", 25.0)],
         _ => &[],
     }
@@ -80,9 +80,9 @@ fn every_variant_validates() {
     // plus native f16, matmul and matvec likewise, each with and without subgroups, gemm_coop in
     // the 9 layouts (it needs f16, so F16 weights are read natively), and matvec_q8 in the 6
     // layouts with a packed-byte dot, with and without subgroups, and matvec_q8_rope, and the two
-    // that norm their input, likewise. Q5_0, Q5_1, Q2_K and Q3_K render as their device layouts'
-    // variants.
-    assert_eq!(count, 3 + 3 * 2 + 2 + 2 * 2 + 1 + 10 + 10 + 2 * 10 * 2 + 9 + 4 * 6 * 2);
+    // that norm their input, and the two gate/up ones with the gated activation, likewise. Q5_0,
+    // Q5_1, Q2_K and Q3_K render as their device layouts' variants.
+    assert_eq!(count, 3 + 3 * 2 + 2 + 2 * 2 + 1 + 10 + 10 + 2 * 10 * 2 + 9 + 6 * 6 * 2);
 }
 
 /// What each kernel says it binds (its layout in core) is what its WGSL declares.

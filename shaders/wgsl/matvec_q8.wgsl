@@ -16,7 +16,7 @@
 // Tokens per weight load and rows per lane group; ROWS * TOKENS <= MAX_TILE.
 override TOKENS: u32 = 1u;
 override ROWS: u32 = 1u;
-const MAX_ROWS: u32 = 4u;
+const MAX_ROWS: u32 = 8u;
 // Runs of 32 blocks each lane loads before computing.
 override UNROLL: u32 = 4u;
 
@@ -41,7 +41,8 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
     let lane = li % SPLIT;
     let group = li / SPLIT;
     let kpart = group % KSPLIT;
-    let row0 = (wg.x * (WG / SPLIT / KSPLIT) + group / KSPLIT) * ROWS;
+    // The lane group's set of ROWS rows (`weight_row` of the finish module says which).
+    let rows_set = wg.x * (WG / SPLIT / KSPLIT) + group / KSPLIT;
     let last_row = p.n - 1u;
     let n_tok = step_rows();
     let t0 = wg.y * TOKENS;
@@ -60,7 +61,7 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
             let bb = min(b, nb - 1u);
             var wb: array<WeightBlock, MAX_ROWS>;
             for (var r = 0u; r < ROWS; r++) {
-                wb[r] = q8_weights(min(row0 + r, last_row), bb, nb);
+                wb[r] = q8_weights(min(weight_row(rows_set, r), last_row), bb, nb);
             }
             for (var t = 0u; t < TOKENS; t++) {
                 let xb = x_block(t0 + t, bb, xbs);
@@ -72,6 +73,7 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
     }
 
     sum_row_groups(&acc, li, ROWS * TOKENS);
-    // matvec_q8_store.wgsl, or matvec_q8_rope.wgsl's rotation and cache write.
-    finish_rows(&acc, li, row0, t0, n_tok);
+    // matvec_q8_store.wgsl, matvec_q8_rope.wgsl's rotation and cache write, or matvec_q8_glu.wgsl's
+    // gated activation.
+    finish_rows(&acc, li, rows_set, t0, n_tok);
 }

@@ -61,9 +61,15 @@ fn rotate_pair(row: u32, t: u32, x0: f32, x1: f32) {
     }
 }
 
+// Rows set * ROWS.. of the set.
+fn weight_row(rows_set: u32, r: u32) -> u32 {
+    return rows_set * ROWS + r;
+}
+
 // With ROWS even a pair's two rows are one lane group's; with ROWS = 1 they are two groups' of
 // one workgroup, met in workgroup memory.
-fn finish_rows(acc: ptr<function, array<f32, MAX_TILE>>, li: u32, row0: u32, t0: u32, n_tok: u32) {
+fn finish_rows(acc: ptr<function, array<f32, MAX_TILE>>, li: u32, rows_set: u32, t0: u32, n_tok: u32) {
+    let row0 = rows_set * ROWS;
     if (ROWS == 1u) {
         let local = li / (SPLIT * KSPLIT);
         if (li % (SPLIT * KSPLIT) == 0u) {

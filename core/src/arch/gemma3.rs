@@ -75,8 +75,9 @@ impl Family for Gemma3 {
         ops.extend(b.attention()?);
         ops.push(b.attn_output(false)?);
         ops.push(b.norm("post_attention_norm", Some(&b.act.y))?);
-        ops.extend(b.normed("ffn_norm", b.gate_up()?)?);
-        ops.push(b.glu(true)?);
+        let (gate_up, glu) = b.gated(b.gate_up()?, true)?;
+        ops.extend(b.normed("ffn_norm", gate_up)?);
+        ops.push(glu);
         ops.push(b.down(false)?);
         ops.push(b.norm("post_ffw_norm", Some(&b.act.y))?);
         Ok(ops)
