@@ -49,17 +49,19 @@ async fn the_console_sees_the_mesh_and_commands_nodes_only_with_the_secret() {
     assert!(info.can_control);
     let mut state = ClusterState::new(info);
     let t0 = Instant::now();
-    wait_for(&feed.updates, "a snapshot with both nodes", |u| match u {
+    // A node's capability ad (its models, its measured speed) and its load reports (its cache)
+    // arrive as separate messages, so the snapshot waited for has both.
+    wait_for(&feed.updates, "a snapshot with both nodes, a's speed and its cache", |u| match u {
         Update::Snapshot(s) => {
             state.apply(&s, t0.elapsed().as_secs_f64());
             let serving = state.nodes.values().filter(|n| !n.models.is_empty()).count();
-            (serving == 2).then_some(())
+            let reported = state.nodes.get(&a.peer_id).is_some_and(|n| n.kv_blocks_total > 0 && n.gflops > 0.0);
+            (serving == 2 && reported).then_some(())
         }
         _ => None,
     });
     // The test nodes run --deterministic, which the console shows beside the model.
     assert_eq!(state.nodes[&a.peer_id].models, vec!["tiny (deterministic)".to_string()]);
-    assert!(state.nodes[&a.peer_id].kv_blocks_total > 0 && state.nodes[&a.peer_id].gflops > 0.0);
 
     // A request served by b shows up in the console's timeline with its timings.
     let body = json!({ "model": "tiny", "prompt": [1, 2, 3, 4, 5, 6, 7, 8], "max_tokens": 5, "temperature": 0, "ignore_eos": true });
