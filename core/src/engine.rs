@@ -206,13 +206,16 @@ pub(crate) fn takes_fused_matvec(tokens: usize, q8_tokens: usize) -> bool {
     tokens == 1 && q8_tokens >= 1
 }
 
-/// The widest input (the hidden size) whose matvecs take one-token twins. Every workgroup of a
-/// twin that norms reads the whole input row and quantizes it, redundant work that is nothing
-/// where a decode step is latency (SmolLM2's 576: 858 → 1,024 tok/s at context 128 on the H200)
-/// and ruinous where it is bytes (the 1B shape's 2,048: 1,081 → 501 with the Q/K/V and gate/up
-/// norms in the twins; docs/kernel-notes.md, item 40). The kernels take up to 8,192
-/// (`MAX_X_BLOCKS` in matvec_q8_x_norm.wgsl).
-const FUSED_MAX_COLS: usize = 1024;
+/// The widest input a twin that norms takes (`MAX_X_BLOCKS` in matvec_q8_x_norm.wgsl).
+const NORMED_MAX_COLS: usize = 256 * 32;
+
+/// The widest input (the hidden size) whose matvec norms it in the matvec's own one-token shape
+/// (two rows a workgroup). Every workgroup of a twin that norms reads the whole input row and
+/// quantizes it: nothing where a decode step is latency (SmolLM2's 576), ruinous where it is
+/// bytes (the 1B shape's 2,048: 1,081 → 501 tok/s on the H200 with the Q/K/V norm in such a
+/// twin). The gated twin's 64 rows a workgroup amortize it at every width (8B: 345 → 380;
+/// docs/kernel-notes.md, item 40).
+const NARROW_NORMED_MAX_COLS: usize = 1024;
 
 /// What a Q/K/V matvec needs to rotate Q and K and cache K and V itself (matvec_q8_rope.wgsl).
 pub(crate) struct RopeTarget<'a> {
@@ -500,13 +503,15 @@ impl MatmulOp {
 
     /// Gives a matmul whose input is the RMSNorm (by `g`, with `eps`) of the residual `x` an
     /// 8-bit matvec twin that norms it itself, for one-token steps (`takes_fused_matvec`),
-    /// where its shapes allow (rows of whole blocks up to `FUSED_MAX_COLS`). Call after `rotate`
+    /// where its shapes allow (rows of whole blocks, up to `NARROW_NORMED_MAX_COLS` or, for the
+    /// gated twin, `NORMED_MAX_COLS`). Call after `rotate`
     /// and `take_glu`: the twin rotates or gates too. Returns whether it did; the norm's dispatch
     /// is then skipped on those steps.
     pub(crate) fn take_norm(&mut self, kernels: &Kernels, x: &wgpu::Buffer, g: &wgpu::Buffer, eps: f32) -> Result<bool> {
         let cols = self.cols as usize;
         let Some(q8) = self.fast.as_mut().and_then(|f| f.matvec_q8.as_mut()) else { return Ok(false) };
-        if cols > FUSED_MAX_COLS || !cols.is_multiple_of(32) || q8.shapes.first().is_none_or(|(s, _)| s.tokens != 1) {
+        let widest = if q8.glu.is_some() { NORMED_MAX_COLS } else { NARROW_NORMED_MAX_COLS };
+        if cols > widest || !cols.is_multiple_of(32) || q8.shapes.first().is_none_or(|(s, _)| s.tokens != 1) {
             return Ok(false);
         }
         q8.norm = Some((x.clone(), g.clone(), eps));
@@ -517,13 +522,10 @@ impl MatmulOp {
     /// Gives a gate/up matmul (the gates' `ffn_dim` rows, then the ups', into the start of y) an
     /// 8-bit matvec twin that applies the gated activation itself and writes the down
     /// projection's 8-bit input, for one-token steps (`takes_fused_matvec`), where its shape
-    /// allows (one part, whole blocks of units, inputs up to `FUSED_MAX_COLS`). Returns whether
-    /// it did; SiLU·mul's dispatch is then skipped on those steps.
+    /// allows (one part, whole blocks of units). Returns whether it did; SiLU·mul's dispatch is
+    /// then skipped on those steps.
     pub(crate) fn take_glu(&mut self, kernels: &Kernels, target: GluTarget) -> Result<bool> {
-        let whole = self.parts.len() == 1
-            && self.parts[0].1 as usize == 2 * target.ffn_dim
-            && target.ffn_dim.is_multiple_of(32)
-            && self.cols as usize <= FUSED_MAX_COLS;
+        let whole = self.parts.len() == 1 && self.parts[0].1 as usize == 2 * target.ffn_dim && target.ffn_dim.is_multiple_of(32);
         let Some(q8) = self.fast.as_mut().and_then(|f| f.matvec_q8.as_mut()) else { return Ok(false) };
         if !whole || self.y_offset != 0 || self.accumulate || q8.rope.is_some() {
             return Ok(false);

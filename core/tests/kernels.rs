@@ -686,7 +686,13 @@ fn matvec_q8_glu_gates_its_output_itself() {
         let kernels = Kernels::new(&ctx);
         let mut rng = rng();
         for (format, ffn, cols, gelu) in
-            [(WeightFormat::Q4_0, 96, 64, false), (WeightFormat::Q8_0, 32, 96, true), (WeightFormat::Q4_1, 544, 576, false)]
+            // The last as wide as the 8B shape's hidden size: its norm takes 4 passes of 256 lanes.
+            [
+                (WeightFormat::Q4_0, 96, 64, false),
+                (WeightFormat::Q8_0, 32, 96, true),
+                (WeightFormat::Q4_1, 544, 576, false),
+                (WeightFormat::Q4_0, 64, 4096, false),
+            ]
         {
             let rows = 2 * ffn;
             let t = host_matrix(format, &random(&mut rng, rows * cols), rows, cols);
