@@ -504,9 +504,8 @@ impl MatmulOp {
     /// Gives a matmul whose input is the RMSNorm (by `g`, with `eps`) of the residual `x` an
     /// 8-bit matvec twin that norms it itself, for one-token steps (`takes_fused_matvec`),
     /// where its shapes allow (rows of whole blocks, up to `NARROW_NORMED_MAX_COLS` or, for the
-    /// gated twin, `NORMED_MAX_COLS`). Call after `rotate`
-    /// and `take_glu`: the twin rotates or gates too. Returns whether it did; the norm's dispatch
-    /// is then skipped on those steps.
+    /// gated twin, `NORMED_MAX_COLS`). Call after `rotate` and `take_glu`: the twin rotates or
+    /// gates too. Returns whether it did; the norm's dispatch is then skipped on those steps.
     pub(crate) fn take_norm(&mut self, kernels: &Kernels, x: &wgpu::Buffer, g: &wgpu::Buffer, eps: f32) -> Result<bool> {
         let cols = self.cols as usize;
         let Some(q8) = self.fast.as_mut().and_then(|f| f.matvec_q8.as_mut()) else { return Ok(false) };
@@ -577,10 +576,9 @@ impl MatmulOp {
             let rows = u64::from(rows);
             // 8-bit activations: a byte a value and 8 bytes of (d, s) a block of 32.
             let x_bytes = match kernel {
-                Kernel::MatvecQ8 | Kernel::MatvecQ8Rope => self.cols * 5 / 4,
+                Kernel::MatvecQ8 | Kernel::MatvecQ8Rope | Kernel::MatvecQ8Glu => self.cols * 5 / 4,
                 // The residual and the norm's weights.
                 Kernel::MatvecQ8Norm | Kernel::MatvecQ8RopeNorm | Kernel::MatvecQ8NormGlu => self.cols * 8,
-                Kernel::MatvecQ8Glu => self.cols * 5 / 4,
                 _ => self.cols * 4,
             };
             Work { kernel, format: Some(self.format), bytes: bytes + t * (x_bytes + rows * 4), flops: 2 * t * rows * self.cols }

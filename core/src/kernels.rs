@@ -262,7 +262,7 @@ impl Kernels {
         heads: [usize; 3],
         kv_f16: bool,
     ) -> Result<wgpu::ComputePipeline> {
-        self.pipeline(Kernel::MatvecQ8Rope, Some(format), &[shape.q8_constants().as_slice(), &rope_constants(heads, kv_f16)].concat())
+        Ok(self.matvec_q8_twin(format, shape, false, None, Q8Finish::Rope { heads, kv_f16 })?.1)
     }
 
     /// The 8-bit matvec that, with `norm_eps`, norms its input itself (matvec_q8_x_norm.wgsl:

@@ -35,7 +35,7 @@ pub enum Grid {
     /// `[tokens, 1, 1]`: a workgroup per row.
     Rows,
     /// `[tokens, 1, 1]`, only on steps whose matvec after it norms its input itself
-    /// (`LayerBuilder::normed`, `takes_normed_matvec`).
+    /// (`LayerBuilder::normed`, `takes_fused_matvec`).
     NormedRows,
     /// `[heads, tokens, attention chunks]`, on steps without attention tiles.
     Attention(u32),
