@@ -212,8 +212,8 @@ const NORMED_MAX_COLS: usize = 256 * 32;
 /// The widest input (the hidden size) whose matvec norms it in the matvec's own one-token shape
 /// (two rows a workgroup). Every workgroup of a twin that norms reads the whole input row and
 /// quantizes it: nothing where a decode step is latency (SmolLM2's 576), ruinous where it is
-/// bytes (the 1B shape's 2,048: 1,081 → 501 tok/s on the H200 with the Q/K/V norm in such a
-/// twin). The gated twin's 64 rows a workgroup amortize it at every width (8B: 345 → 380;
+/// bytes (the 1B shape's 2,048: 1,081 → 501 tok/s on the H200 with both its norms in such
+/// twins). The gated twin's 64 rows a workgroup amortize it at every width (8B: 345 → 380;
 /// docs/kernel-notes.md, item 40).
 const NARROW_NORMED_MAX_COLS: usize = 1024;
 
