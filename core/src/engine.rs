@@ -168,6 +168,9 @@ struct MatvecQ8 {
     glu: Option<GluTarget>,
     /// The kernel one-token steps take once it norms or gates (`takes_fused_matvec`).
     one_token: Option<OneTokenTwin>,
+    /// The attention output's twin that merges attention's chunks itself, for one-token steps
+    /// with a few chunks (`MatmulOp::take_merge`, `takes_merging_matvec`).
+    merge: Option<OneTokenTwin>,
 }
 
 /// matvec_q8_rope's pipeline per shape and bind group per part, and what they were built for.
@@ -204,6 +207,19 @@ struct OneTokenTwin {
 /// them (`Grid::NormedRows`, `Grid::GatedTokens`): one-token steps. Both sides ask here.
 pub(crate) fn takes_fused_matvec(tokens: usize, q8_tokens: usize) -> bool {
     tokens == 1 && q8_tokens >= 1
+}
+
+/// The most attention chunks a token may have where the output projection merges them itself:
+/// each of its workgroups reads every chunk's state, so the saved dispatch (a few µs) pays only
+/// while those reads are few.
+const MERGING_MAX_CHUNKS: u32 = 8;
+
+/// Whether a step of `tokens` tokens with up to `chunks` attention chunks a token takes the
+/// output projection that merges the chunks itself where it has one (`MatmulOp::take_merge`), and
+/// so skips attention_merge's dispatch (`Grid::MergeUnlessMatvec`): one-token steps of 2 to
+/// `MERGING_MAX_CHUNKS` chunks (with one, attention writes its output itself). Both sides ask here.
+pub(crate) fn takes_merging_matvec(tokens: usize, q8_tokens: usize, chunks: u32) -> bool {
+    takes_fused_matvec(tokens, q8_tokens) && (2..=MERGING_MAX_CHUNKS).contains(&chunks)
 }
 
 /// The widest input a twin that norms takes (`MAX_X_BLOCKS` in matvec_q8_x_norm.wgsl).
@@ -450,6 +466,7 @@ impl MatmulOp {
                         norm: None,
                         glu: None,
                         one_token: None,
+                        merge: None,
                     })
                 }
                 _ => None,
@@ -534,6 +551,39 @@ impl MatmulOp {
         Ok(true)
     }
 
+    /// Gives the attention output projection (input: `heads` query heads of `head_dim`) an 8-bit
+    /// matvec twin that merges attention's chunk states (`partials`, packed by the step's
+    /// `tokens`) itself, for one-token steps of a few chunks (`takes_merging_matvec`), where its
+    /// shape allows (one token a workgroup, whole blocks, up to `NARROW_NORMED_MAX_COLS`: every
+    /// workgroup merges the whole row). Returns whether it did; attention_merge's dispatch is then
+    /// skipped on those steps.
+    pub(crate) fn take_merge(
+        &mut self,
+        kernels: &Kernels,
+        partials: &wgpu::Buffer,
+        tokens: &wgpu::Buffer,
+        [heads, head_dim]: [usize; 2],
+    ) -> Result<bool> {
+        let (format, accumulate, cols) = (self.format, self.accumulate, self.cols as usize);
+        let Some(q8) = self.fast.as_mut().and_then(|f| f.matvec_q8.as_mut()) else { return Ok(false) };
+        let shape = q8.shapes[0].0;
+        if cols != heads * head_dim || cols > NARROW_NORMED_MAX_COLS || !head_dim.is_multiple_of(32) || shape.tokens != 1 {
+            return Ok(false);
+        }
+        let pipeline = kernels.matvec_q8_merge(format, shape, accumulate, heads, head_dim)?;
+        let kernel = Kernel::MatvecQ8Merge;
+        let input = Q8Input::Merged { partials, tokens };
+        let groups = q8
+            .buffers
+            .iter()
+            .map(|[step, params, quants, scales, y]| {
+                kernels.matvec_q8_twin_bind_group(kernel, kernel.name(), [step, params, quants, scales, y], input, &[])
+            })
+            .collect();
+        q8.merge = Some(OneTokenTwin { kernel, shape, pipeline, groups });
+        Ok(true)
+    }
+
     /// The one-token twin for what `take_norm` and `take_glu` gave the 8-bit matvec.
     fn build_one_token(&mut self, kernels: &Kernels) -> Result<()> {
         let (format, accumulate) = (self.format, self.accumulate);
@@ -566,10 +616,11 @@ impl MatmulOp {
         Ok(())
     }
 
-    /// Records the matmul for a step of `tokens` tokens; returns whether it recorded the
-    /// rotating twin (see `rotate`), which has done rope_kv's work. Steps of up to `q8_tokens`
-    /// tokens take the 8-bit matvec where the matrix has it (its largest shape in groups).
-    pub(crate) fn record(&self, rec: &mut Recorder<'_>, tokens: usize, split: u32, q8_tokens: usize) -> bool {
+    /// Records the matmul for a step of `tokens` tokens with up to `chunks` attention chunks a
+    /// token; returns whether it recorded the rotating twin (see `rotate`), which has done
+    /// rope_kv's work. Steps of up to `q8_tokens` tokens take the 8-bit matvec where the matrix
+    /// has it (its largest shape in groups).
+    pub(crate) fn record(&self, rec: &mut Recorder<'_>, tokens: usize, split: u32, q8_tokens: usize, chunks: u32) -> bool {
         let mut rotated = false;
         let t = tokens as u64;
         let work = |kernel, rows: u32, bytes: u64| {
@@ -577,6 +628,8 @@ impl MatmulOp {
             // 8-bit activations: a byte a value and 8 bytes of (d, s) a block of 32.
             let x_bytes = match kernel {
                 Kernel::MatvecQ8 | Kernel::MatvecQ8Rope | Kernel::MatvecQ8Glu => self.cols * 5 / 4,
+                // Every chunk's state, 4 bytes a value.
+                Kernel::MatvecQ8Merge => self.cols * 4 * u64::from(chunks),
                 // The residual and the norm's weights.
                 Kernel::MatvecQ8Norm | Kernel::MatvecQ8RopeNorm | Kernel::MatvecQ8NormGlu => self.cols * 8,
                 _ => self.cols * 4,
@@ -599,7 +652,8 @@ impl MatmulOp {
                         let shape = q8.shapes[at].0;
                         let groups = [wg(*rows as usize, shape.rows_per_workgroup()), wg(tokens, shape.tokens as usize), 1];
                         rotated = q8.rope.is_some();
-                        let fused = q8.one_token.as_ref().filter(|_| takes_fused_matvec(tokens, q8_tokens));
+                        let merging = q8.merge.as_ref().filter(|_| takes_merging_matvec(tokens, q8_tokens, chunks));
+                        let fused = merging.or(q8.one_token.as_ref().filter(|_| takes_fused_matvec(tokens, q8_tokens)));
                         match (fused, &q8.rope) {
                             (Some(f), _) => (f.kernel, &f.pipeline, &f.groups[i], [wg(*rows as usize, f.shape.rows_per_workgroup()), 1, 1]),
                             (None, Some(r)) => (Kernel::MatvecQ8Rope, &r.pipelines[at], &r.groups[i], groups),
@@ -1354,7 +1408,7 @@ impl Engine {
         // The final norm writes 8-bit rows for up to Q8_TOKENS sampled rows, one a sequence
         // unless every row is a prompt's (`forward_logits`).
         let head_q8 = if all_logits { largest } else { Q8_TOKENS };
-        self.head.record(rec, n_sample, split, head_q8);
+        self.head.record(rec, n_sample, split, head_q8, 1);
         if !all_logits && n_sample > 0 {
             let work = Work::of(Kernel::Sample, s * c.vocab_size as u64 * 4, 0);
             rec.dispatch(work, &p.sample, &self.sample, [n_sample as u32, 1, 1]);

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use tandem_shaders::{Binding, Kernel, WeightFormat};
+use tandem_shaders::{ATTENTION_CHUNK, Binding, Kernel, WeightFormat};
 
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
@@ -183,6 +183,7 @@ impl Kernels {
                 (range(x_quants), range(x_scales))
             }
             Q8Input::Normed { x, g } => (x.as_entire_binding(), g.as_entire_binding()),
+            Q8Input::Merged { partials, tokens } => (partials.as_entire_binding(), tokens.as_entire_binding()),
         };
         let mut resources = vec![
             step.as_entire_binding(),
@@ -263,6 +264,28 @@ impl Kernels {
         kv_f16: bool,
     ) -> Result<wgpu::ComputePipeline> {
         Ok(self.matvec_q8_twin(format, shape, false, None, Q8Finish::Rope { heads, kv_f16 })?.1)
+    }
+
+    /// The attention output's 8-bit matvec that merges attention's chunk states itself
+    /// (matvec_q8_x_merge.wgsl, attention_merge's arithmetic) for `heads` query heads of
+    /// `head_dim`, and stores or adds its sums; one token a workgroup. Its bind group comes from
+    /// `matvec_q8_twin_bind_group` with `Q8Input::Merged`.
+    pub fn matvec_q8_merge(
+        &self,
+        format: WeightFormat,
+        shape: MatvecShape,
+        accumulate: bool,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<wgpu::ComputePipeline> {
+        let mut constants = shape.q8_constants().to_vec();
+        constants.extend([
+            ("ACCUMULATE", f64::from(u8::from(accumulate))),
+            ("N_HEADS", heads as f64),
+            ("HEAD_DIM", head_dim as f64),
+            ("CHUNK", f64::from(ATTENTION_CHUNK)),
+        ]);
+        self.pipeline(Kernel::MatvecQ8Merge, Some(format), &constants)
     }
 
     /// The 8-bit matvec that, with `norm_eps`, norms its input itself (matvec_q8_x_norm.wgsl:
@@ -527,6 +550,8 @@ pub enum Q8Input<'a> {
     Stored { x_q8: &'a wgpu::Buffer, x_stride: usize },
     /// The residual `x`, normed here by the weights `g`.
     Normed { x: &'a wgpu::Buffer, g: &'a wgpu::Buffer },
+    /// Attention's chunk states, merged here for the step's `tokens`.
+    Merged { partials: &'a wgpu::Buffer, tokens: &'a wgpu::Buffer },
 }
 
 /// What an 8-bit matvec does with its sums.

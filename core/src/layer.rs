@@ -9,7 +9,7 @@ use tandem_shaders::{ATTENTION_CHUNK, ATTENTION_TILE_ROWS, Kernel, ShaderCaps};
 
 use crate::config::{ModelConfig, RopeLayout};
 use crate::device_weights::{DeviceMatrix, upload_vector};
-use crate::engine::{EngineConfig, GluTarget, MatmulOp, RopeTarget, stack_rows, takes_fused_matvec};
+use crate::engine::{EngineConfig, GluTarget, MatmulOp, RopeTarget, stack_rows, takes_fused_matvec, takes_merging_matvec};
 use crate::error::Result;
 use crate::gpu::GpuContext;
 use crate::kernels::{Kernels, SILU_MUL_TILE};
@@ -44,6 +44,10 @@ pub enum Grid {
     /// `[heads, tokens, 1]`, only on steps with more than one attention chunk per token (with
     /// one, attention writes its output itself).
     Merge(u32),
+    /// `[heads, tokens, 1]`, only on steps with more than one attention chunk per token whose
+    /// output projection does not merge them itself (`LayerBuilder::attended`,
+    /// `takes_merging_matvec`).
+    MergeUnlessMatvec(u32),
     /// `[x, tokens, 1]`, only on steps whose Q/K/V matmul did not do this work itself
     /// (`MatmulOp::rotate`).
     RopeKv(u32),
@@ -97,7 +101,7 @@ impl LayerOps {
         let mut rotated = false;
         for op in &self.ops {
             match op {
-                LayerOp::Matmul(m) => rotated |= m.record(rec, n_tokens, split, q8_tokens),
+                LayerOp::Matmul(m) => rotated |= m.record(rec, n_tokens, split, q8_tokens, chunks),
                 LayerOp::Dispatch(d) => {
                     let c = d.cost;
                     let work = Work::of(
@@ -118,6 +122,8 @@ impl LayerOps {
                         Grid::AttentionTiles(heads) => [heads, tiles, chunks],
                         Grid::Merge(_) if chunks <= 1 => continue,
                         Grid::Merge(heads) => [heads, n_tokens as u32, 1],
+                        Grid::MergeUnlessMatvec(_) if chunks <= 1 || takes_merging_matvec(n_tokens, q8_tokens, chunks) => continue,
+                        Grid::MergeUnlessMatvec(heads) => [heads, n_tokens as u32, 1],
                         Grid::RopeKv(_) if rotated => continue,
                         Grid::RopeKv(x) => [x, n_tokens as u32, 1],
                     };
@@ -291,9 +297,25 @@ impl LayerBuilder<'_> {
         }))
     }
 
-    /// The attention output projection: added into the residual `x`, or written to `y` for a
-    /// post-norm.
-    pub fn attn_output(&self, into_residual: bool) -> Result<LayerOp> {
+    /// Attention (`attention`) and the output projection after it, added into the residual `x`
+    /// or written to `y` for a post-norm. Where the projection has an 8-bit matvec twin that
+    /// merges attention's chunks itself (`MatmulOp::take_merge`), one-token steps of a few chunks
+    /// take it and skip the merge's dispatch.
+    pub fn attended(&self, into_residual: bool) -> Result<Vec<LayerOp>> {
+        let c = self.config;
+        let mut ops = self.attention()?;
+        let mut out = self.attn_output(into_residual)?;
+        if let (Some(LayerOp::Dispatch(merge)), LayerOp::Matmul(m), Some(_)) = (ops.last_mut(), &mut out, &self.act.attn_q8)
+            && let Grid::Merge(heads) = merge.grid
+            && m.take_merge(self.kernels, &self.act.partials, &self.act.tokens, [c.n_heads, c.head_dim])?
+        {
+            merge.grid = Grid::MergeUnlessMatvec(heads);
+        }
+        ops.push(out);
+        Ok(ops)
+    }
+
+    fn attn_output(&self, into_residual: bool) -> Result<LayerOp> {
         let c = self.config;
         let y = if into_residual { &self.act.x } else { &self.act.y };
         self.matmul_op(
@@ -402,7 +424,7 @@ impl LayerBuilder<'_> {
     /// and, where the engine takes them (`takes_attention_tiles`), in tiles of a sequence's
     /// tokens on the matrix units; and the merge of its chunks on steps that have more than one
     /// a token.
-    pub fn attention(&self) -> Result<Vec<LayerOp>> {
+    fn attention(&self) -> Result<Vec<LayerOp>> {
         let c = self.config;
         let [h, kvh, hd] = self.heads();
         let kv = self.engine.kv_dtype;

@@ -6,9 +6,13 @@ use tandem_core::synthetic::synthetic_model;
 use tandem_core::{Engine, EngineConfig, GpuContext, SamplingParams, StepInput, WeightFormat};
 
 fn engine(deterministic: bool) -> Engine {
+    engine_of(deterministic, 256)
+}
+
+fn engine_of(deterministic: bool, context_length: usize) -> Engine {
     let gpu = GpuContext::new(std::env::var("TANDEM_ADAPTER").ok().as_deref()).expect("a GPU adapter");
     let model = synthetic_model("tiny", WeightFormat::Q4_0, 3).expect("tiny model");
-    let cfg = EngineConfig { max_batch_tokens: 64, context_length: 256, deterministic, ..Default::default() };
+    let cfg = EngineConfig { max_batch_tokens: 64, context_length, deterministic, ..Default::default() };
     Engine::new(&gpu, &model, &cfg).expect("engine")
 }
 
@@ -73,14 +77,19 @@ fn a_run_gives_the_tokens_of_single_steps_and_stops_cleanly() {
 
 /// A decode step's dispatch count, which `tandem bench --json` reports: embed, 5 per layer (Q/K/V
 /// with its norm, RoPE and the cache write; attention; O; gate/up with its norm and SiLU; down;
-/// rope_kv joins them where the Q/K/V matvec cannot rotate, attention's merge past one
-/// 256-position chunk), then the final norm, the head and sampling.
+/// rope_kv joins them where the Q/K/V matvec cannot rotate, attention's merge past a few
+/// 256-position chunks or where O cannot merge them), then the final norm, the head and
+/// sampling. At 40 positions and at 300 (two chunks).
 #[test]
 fn a_decode_step_records_five_dispatches_a_layer() {
-    let mut e = engine(false);
+    let mut e = engine_of(false, 512);
     let layers = e.config.n_layers;
-    let seq = e.create_sequence();
-    let next = tandem_core::prefill(&mut e, seq, &prompt(), SamplingParams::greedy()).expect("prefill").expect("token");
-    e.step(&[StepInput { seq, tokens: vec![next], sample: Some(SamplingParams::greedy()) }]).expect("step");
-    assert_eq!(e.last_step_timing().dispatches, 1 + 5 * layers + 3);
+    for len in [40, 300] {
+        let prompt: Vec<u32> = (0..len).map(|i| (i * 37 + 5) % 500).collect();
+        let seq = e.create_sequence();
+        let next = tandem_core::prefill(&mut e, seq, &prompt, SamplingParams::greedy()).expect("prefill").expect("token");
+        e.step(&[StepInput { seq, tokens: vec![next], sample: Some(SamplingParams::greedy()) }]).expect("step");
+        assert_eq!(e.last_step_timing().dispatches, 1 + 5 * layers + 3, "at {len} positions");
+        e.free_sequence(seq);
+    }
 }

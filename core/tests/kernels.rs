@@ -458,6 +458,80 @@ fn matvec_q8_norm_norms_its_input_itself() {
 
 /// matvec_q8_rope: the Q/K/V matvec of a decode step that also rotates Q (into y) and K and
 /// writes K and V to each token's cache slot, against the CPU's matmul then RoPE.
+/// The output projection that merges attention's chunk states itself (matvec_q8_x_merge.wgsl):
+/// against the CPU's merge (attention_merge's arithmetic in f64), 8-bit rounding and matmul, for
+/// head shapes from 96 to 1,024 columns, rows that fill no workgroup evenly, and 2 to 8 chunks
+/// of very different maxima (so the rescaling matters), packed from a chunk offset that is not 0.
+#[test]
+fn matvec_q8_merge_merges_attention_chunks_itself() {
+    for ctx in gpu_variants().into_iter().filter(|c| !c.caps.f16) {
+        let kernels = Kernels::new(&ctx);
+        let mut rng = rng();
+        for format in WeightFormat::ALL.into_iter().filter(|f| f.has_packed_dot() && f.block_elems() == 32) {
+            for ((heads, head_dim), n, chunks) in [((3, 32), 70, 2), ((9, 64), 131, 5), ((4, 256), 33, 8)] {
+                let cols = heads * head_dim;
+                let chunk_off = 2;
+                let t = host_matrix(format, &random(&mut rng, n * cols), n, cols);
+                let m = DeviceMatrix::upload(&ctx, &t).expect("upload");
+                // State of chunk c, head h: (max, sum, weighted values) at ((off + c) * heads + h) * (head_dim + 2).
+                let state = head_dim + 2;
+                let mut partials = vec![f32::NAN; (chunk_off + chunks) * heads * state];
+                for c in 0..chunks {
+                    for h in 0..heads {
+                        let o = ((chunk_off + c) * heads + h) * state;
+                        partials[o] = rng.random_range(-8.0..8.0);
+                        partials[o + 1] = rng.random_range(0.5..40.0);
+                        for d in 0..head_dim {
+                            partials[o + 2 + d] = rng.random_range(-20.0..20.0);
+                        }
+                    }
+                }
+                let merged: Vec<f32> = (0..cols)
+                    .map(|i| {
+                        let (h, d) = (i / head_dim, i % head_dim);
+                        let at = |c: usize| ((chunk_off + c) * heads + h) * state;
+                        let big = (0..chunks).map(|c| f64::from(partials[at(c)])).fold(f64::MIN, f64::max);
+                        let weight = |c: usize| (f64::from(partials[at(c)]) - big).exp();
+                        let total: f64 = (0..chunks).map(|c| f64::from(partials[at(c) + 1]) * weight(c)).sum();
+                        let acc: f64 = (0..chunks).map(|c| f64::from(partials[at(c) + 2 + d]) * weight(c)).sum();
+                        (acc / total) as f32
+                    })
+                    .collect();
+                let (want, scale) = matmul_reference(format, &t, &cpu_ref::q8_round_trip(&merged), 1);
+                let pos = (chunks * tandem_shaders::ATTENTION_CHUNK as usize - 7) as u32;
+                let infos = [TokenInfo { id: 0, pos, slot: 0, table_off: 0, chunk_off: chunk_off as u32 }];
+                let (step, pb, tb) = (
+                    step_buf(&ctx, 1, 0),
+                    ctx.storage_init("partials", bytemuck::cast_slice(&partials)),
+                    ctx.storage_init("tokens", bytemuck::cast_slice(&infos)),
+                );
+                let y = ctx.storage("y", (n * 4) as u64);
+                ctx.queue.write_buffer(&y, 0, bytemuck::cast_slice(&vec![f32::NAN; n]));
+                let params = m.part_params(&ctx, cols, n, 0);
+                let shape = MatvecShape::for_q8_matrix(cols, 1);
+                let pipeline = kernels.matvec_q8_merge(format, shape, false, heads, head_dim).expect("pipeline");
+                let groups: Vec<(wgpu::BindGroup, [u32; 3])> = m
+                    .parts
+                    .iter()
+                    .zip(&params)
+                    .map(|(p, u)| {
+                        let input = Q8Input::Merged { partials: &pb, tokens: &tb };
+                        let bg =
+                            kernels.matvec_q8_twin_bind_group(Kernel::MatvecQ8Merge, "o", [&step, u, &p.quants, &p.scales, &y], input, &[]);
+                        (bg, [p.rows.div_ceil(shape.rows_per_workgroup()) as u32, 1, 1])
+                    })
+                    .collect();
+                let refs: Vec<(&wgpu::BindGroup, [u32; 3])> = groups.iter().map(|(b, d)| (b, *d)).collect();
+                let got = read_f32(&ctx, &y, (n * 4) as u64, dispatch(&ctx, &pipeline, &refs));
+                let what = format!("matvec_q8_merge {format} {n}x{cols} ({heads} heads of {head_dim}) {chunks} chunks {:?}", ctx.caps);
+                // The GPU's exp may round a near-tie quant the other way: a step of one
+                // activation, far under the 8-bit rounding's own error.
+                assert_close(&got, &want, Q8_ACTIVATION_TOLERANCE / 10.0, &scale, &what);
+            }
+        }
+    }
+}
+
 #[test]
 fn matvec_q8_rope_rotates_q_and_caches_k_and_v() {
     for ctx in gpu_variants().into_iter().filter(|c| !c.caps.f16) {

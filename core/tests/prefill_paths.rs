@@ -4,7 +4,7 @@
 //! tiled GEMM and attention a token at a time. One prompt across attention chunks, and two
 //! sequences prefilled in one step (then a decode token each, whose logits read the K/V the
 //! step wrote). Also a decode step of more sequences than the 8-bit matvec's largest shape,
-//! which takes it in groups. On the synthetic `tiny` model, whose heads are 64 wide.
+//! which takes it in groups, and a decode token past one attention chunk. On the synthetic `tiny` model, whose heads are 64 wide.
 //! scripts/test-gpu runs it on the GPU machine too.
 
 use tandem_core::synthetic::synthetic_model;
@@ -55,6 +55,20 @@ fn two_in_one_step(e: &mut Engine) -> Vec<Vec<f32>> {
     logits
 }
 
+/// One token after a 300-token prompt: a one-token step over two attention chunks, whose output
+/// projection merges them itself (matvec_q8_merge) where the engine has the 8-bit matvec. Also
+/// the kernels that token's step ran.
+fn one_past_a_chunk(e: &mut Engine) -> (Vec<Vec<f32>>, Vec<String>) {
+    let seq = e.create_sequence();
+    e.step(&[StepInput { seq, tokens: prompt(300, 4), sample: None }]).expect("prefill");
+    e.set_profiling(true).expect("profiling");
+    let logits = e.forward_logits(seq, &[11]).expect("decode");
+    let names = e.take_profile().iter().map(|k| k.name.to_string()).collect();
+    e.set_profiling(false).expect("profiling off");
+    e.free_sequence(seq);
+    (logits, names)
+}
+
 /// Twelve sequences prefilled in one step, then one decode token each in one step.
 fn twelve_decodes(e: &mut Engine) -> Vec<Vec<f32>> {
     let seqs: Vec<_> = (0..12).map(|_| e.create_sequence()).collect();
@@ -85,6 +99,10 @@ fn fast_prefill_gives_the_deterministic_modes_logits() {
     }
     assert_close(&got, &one_prompt(&mut exact), "one prompt of 300 tokens");
     assert_close(&two_in_one_step(&mut fast), &two_in_one_step(&mut exact), "two sequences in one step");
+    let (got, names) = one_past_a_chunk(&mut fast);
+    assert!(names.iter().any(|n| n.starts_with("matvec_q8_merge")), "one token past a chunk merged in its projection: {names:?}");
+    assert!(!names.iter().any(|n| n == "attention_merge"), "and recorded no merge: {names:?}");
+    assert_close(&got, &one_past_a_chunk(&mut exact).0, "one token past a chunk");
     fast.set_profiling(true).expect("profiling");
     let got = twelve_decodes(&mut fast);
     let names: Vec<String> = fast.take_profile().iter().map(|k| k.name.to_string()).collect();

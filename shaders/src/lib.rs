@@ -227,6 +227,9 @@ pub enum Kernel {
     /// (matvec_q8_glu.wgsl), and its twin that also norms its input.
     MatvecQ8Glu,
     MatvecQ8NormGlu,
+    /// The attention output's `MatvecQ8` of a one-token step that merges attention's chunks
+    /// itself (matvec_q8_x_merge.wgsl), in place of attention_merge.
+    MatvecQ8Merge,
     Gemm,
     GemmCoop,
     HeadNorm,
@@ -241,7 +244,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 20] = [
+    pub const ALL: [Kernel; 21] = [
         Kernel::Embed,
         Kernel::RmsNorm,
         Kernel::Matmul,
@@ -252,6 +255,7 @@ impl Kernel {
         Kernel::MatvecQ8RopeNorm,
         Kernel::MatvecQ8Glu,
         Kernel::MatvecQ8NormGlu,
+        Kernel::MatvecQ8Merge,
         Kernel::Gemm,
         Kernel::GemmCoop,
         Kernel::HeadNorm,
@@ -277,6 +281,7 @@ impl Kernel {
             Kernel::MatvecQ8RopeNorm => "matvec_q8_rope_norm",
             Kernel::MatvecQ8Glu => "matvec_q8_glu",
             Kernel::MatvecQ8NormGlu => "matvec_q8_norm_glu",
+            Kernel::MatvecQ8Merge => "matvec_q8_merge",
             Kernel::Gemm => "gemm",
             Kernel::GemmCoop => "gemm_coop",
             Kernel::HeadNorm => "head_norm",
@@ -300,8 +305,10 @@ impl Kernel {
             Kernel::RmsNorm => &[U, R, R, R, W, W],
             // step, params, x, weight words, scales, y, x again as vec4s (matvec_q8: the
             // 8-bit activations' quants and their scales; matvec_q8_norm: the residual and the
-            // norm's weights).
-            Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8 | Kernel::MatvecQ8Norm | Kernel::Gemm => &[U, U, R, R, R, W, R],
+            // norm's weights; matvec_q8_merge: attention's chunk states and the step's tokens).
+            Kernel::Matmul | Kernel::Matvec | Kernel::MatvecQ8 | Kernel::MatvecQ8Norm | Kernel::MatvecQ8Merge | Kernel::Gemm => {
+                &[U, U, R, R, R, W, R]
+            }
             // matmul's, then the split reductions' sums.
             Kernel::GemmCoop => &[U, U, R, R, R, W, R, W],
             // matvec_q8's, then tokens, the RoPE table, and the K and V cache.
@@ -327,7 +334,7 @@ impl Kernel {
     /// units' GEMM binds one more, its split sums, and has its own).
     pub fn layout_owner(self) -> Kernel {
         match self {
-            Kernel::Matvec | Kernel::MatvecQ8 | Kernel::MatvecQ8Norm | Kernel::Gemm => Kernel::Matmul,
+            Kernel::Matvec | Kernel::MatvecQ8 | Kernel::MatvecQ8Norm | Kernel::MatvecQ8Merge | Kernel::Gemm => Kernel::Matmul,
             Kernel::MatvecQ8RopeNorm => Kernel::MatvecQ8Rope,
             Kernel::MatvecQ8NormGlu => Kernel::MatvecQ8Glu,
             k => k,
@@ -353,6 +360,7 @@ impl Kernel {
                 | Kernel::MatvecQ8RopeNorm
                 | Kernel::MatvecQ8Glu
                 | Kernel::MatvecQ8NormGlu
+                | Kernel::MatvecQ8Merge
                 | Kernel::Gemm
                 | Kernel::GemmCoop
         )
@@ -369,7 +377,8 @@ impl Kernel {
             | Kernel::MatvecQ8Norm
             | Kernel::MatvecQ8RopeNorm
             | Kernel::MatvecQ8Glu
-            | Kernel::MatvecQ8NormGlu => include_str!("../wgsl/matvec_q8.wgsl"),
+            | Kernel::MatvecQ8NormGlu
+            | Kernel::MatvecQ8Merge => include_str!("../wgsl/matvec_q8.wgsl"),
             Kernel::Gemm => include_str!("../wgsl/gemm.wgsl"),
             Kernel::GemmCoop => include_str!("../wgsl/gemm_coop.wgsl"),
             Kernel::HeadNorm => include_str!("../wgsl/head_norm.wgsl"),
@@ -404,7 +413,7 @@ impl Kernel {
             self,
             Kernel::RmsNorm | Kernel::SiluMul | Kernel::AttentionMerge | Kernel::Attention | Kernel::MatvecQ8Glu | Kernel::MatvecQ8NormGlu
         );
-        if !stores && !self.norms_input() {
+        if !stores && !self.norms_input() && self != Kernel::MatvecQ8Merge {
             return [None, None, None];
         }
         let block =
@@ -432,6 +441,7 @@ impl Kernel {
                 | Kernel::MatvecQ8RopeNorm
                 | Kernel::MatvecQ8Glu
                 | Kernel::MatvecQ8NormGlu
+                | Kernel::MatvecQ8Merge
         )
     }
 
@@ -500,7 +510,7 @@ impl Kernel {
         let io = self.is_matmul().then_some(include_str!("../wgsl/matmul_io.wgsl"));
         // How matvec_q8's sums leave: stored, or rotated and cached (matvec_q8_rope).
         let finish = match self {
-            Kernel::MatvecQ8 | Kernel::MatvecQ8Norm => Some(include_str!("../wgsl/matvec_q8_store.wgsl")),
+            Kernel::MatvecQ8 | Kernel::MatvecQ8Norm | Kernel::MatvecQ8Merge => Some(include_str!("../wgsl/matvec_q8_store.wgsl")),
             Kernel::MatvecQ8Rope | Kernel::MatvecQ8RopeNorm => Some(include_str!("../wgsl/matvec_q8_rope.wgsl")),
             Kernel::MatvecQ8Glu | Kernel::MatvecQ8NormGlu => Some(include_str!("../wgsl/matvec_q8_glu.wgsl")),
             _ => None,
@@ -508,8 +518,10 @@ impl Kernel {
         // The kernels that write a matvec's input also write it as 8-bit activations.
         let [q8_out, q8_block, q8_store] = self.q8_out_sources(caps);
         let f32_x = matmul.then_some(include_str!("../wgsl/matmul_x.wgsl"));
-        // matvec_q8's activations: as written, or normed here (with rmsnorm's lane sum).
+        // matvec_q8's activations: as written, normed here (with rmsnorm's lane sum), or merged
+        // here from attention's chunks.
         let q8_x = match (matvec_q8, self.norms_input()) {
+            _ if self == Kernel::MatvecQ8Merge => Some(include_str!("../wgsl/matvec_q8_x_merge.wgsl")),
             (true, false) => Some(include_str!("../wgsl/matvec_q8_x.wgsl")),
             (true, true) => Some(include_str!("../wgsl/matvec_q8_x_norm.wgsl")),
             _ => None,

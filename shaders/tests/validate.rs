@@ -80,9 +80,10 @@ fn every_variant_validates() {
     // plus native f16, matmul and matvec likewise, each with and without subgroups, gemm_coop in
     // the 9 layouts (it needs f16, so F16 weights are read natively), and matvec_q8 in the 6
     // layouts with a packed-byte dot, with and without subgroups, and matvec_q8_rope, and the two
-    // that norm their input, and the two gate/up ones with the gated activation, likewise. Q5_0,
-    // Q5_1, Q2_K and Q3_K render as their device layouts' variants.
-    assert_eq!(count, 3 + 3 * 2 + 2 + 2 * 2 + 1 + 10 + 10 + 2 * 10 * 2 + 9 + 6 * 6 * 2);
+    // that norm their input, and the two gate/up ones with the gated activation, and the output
+    // projection's that merges attention's chunks, likewise. Q5_0, Q5_1, Q2_K and Q3_K render as
+    // their device layouts' variants.
+    assert_eq!(count, 3 + 3 * 2 + 2 + 2 * 2 + 1 + 10 + 10 + 2 * 10 * 2 + 9 + 7 * 6 * 2);
 }
 
 /// What each kernel says it binds (its layout in core) is what its WGSL declares.

@@ -72,8 +72,7 @@ impl Family for Gemma3 {
         let mut ops = b.normed("attn_norm", b.qkv()?)?;
         ops.push(b.head_norm("attn_q_norm", "attn_k_norm")?);
         ops.push(b.rope_kv()?);
-        ops.extend(b.attention()?);
-        ops.push(b.attn_output(false)?);
+        ops.extend(b.attended(false)?);
         ops.push(b.norm("post_attention_norm", Some(&b.act.y))?);
         let (gate_up, glu) = b.gated(b.gate_up()?, true)?;
         ops.extend(b.normed("ffn_norm", gate_up)?);

@@ -81,8 +81,7 @@ fn pre_norm_layer(b: &LayerBuilder<'_>, qkv: Vec<LayerOp>, after_qkv: Option<Lay
         }
     }
     ops.push(b.rope_kv()?);
-    ops.extend(b.attention()?);
-    ops.push(b.attn_output(true)?);
+    ops.extend(b.attended(true)?);
     let (gate_up, glu) = b.gated(gate_up, false)?;
     ops.extend(b.normed("ffn_norm", gate_up)?);
     ops.push(glu);
