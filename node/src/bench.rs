@@ -32,16 +32,19 @@ pub struct BenchReport {
     pub profile: Option<Profile>,
 }
 
-/// GPU time per kernel of a 512- and a 128-token prefill and of one decode step at context 128.
+/// GPU time per kernel of a 512- and a 128-token prefill and of one decode step at contexts 128
+/// and 1,024.
 #[derive(Debug, Serialize)]
 pub struct Profile {
     pub prefill_512: Vec<KernelTime>,
     pub prefill_128: Vec<KernelTime>,
     pub decode_128: Vec<KernelTime>,
+    pub decode_1024: Vec<KernelTime>,
 }
 
-/// Times every kernel of a 512-token prefill and of a decode step at context 128 (the median
-/// of several steps is not taken: each kernel's time is summed over 16 decode steps and divided).
+/// Times every kernel of a 512- and a 128-token prefill and of a decode step at contexts 128 and
+/// 1,024 (the median of several steps is not taken: each kernel's time is summed over 16 decode
+/// steps and divided).
 pub fn profile(engine: &mut Engine) -> tandem_core::Result<Profile> {
     let vocab = engine.config.vocab_size;
     engine.set_profiling(true)?;
@@ -50,20 +53,29 @@ pub fn profile(engine: &mut Engine) -> tandem_core::Result<Profile> {
     let prefill_512 = engine.take_profile();
     let (_, seq) = prefill_once(engine, &prompt(128, vocab))?;
     let prefill_128 = engine.take_profile();
+    let decode_128 = decode_profile(engine, seq)?;
+    let (_, seq) = prefill_once(engine, &prompt(1024, vocab))?;
+    engine.take_profile();
+    let decode_1024 = decode_profile(engine, seq)?;
+    engine.set_profiling(false)?;
+    Ok(Profile { prefill_512, prefill_128, decode_128, decode_1024 })
+}
+
+/// Per-kernel GPU time of one decode step of `seq` (freed after), averaged over 16.
+fn decode_profile(engine: &mut Engine, seq: tandem_core::SeqId) -> tandem_core::Result<Vec<KernelTime>> {
     const STEPS: u64 = 16;
     for _ in 0..STEPS {
         engine.step(&[StepInput { seq, tokens: vec![1], sample: Some(SamplingParams::greedy()) }])?;
     }
     engine.free_sequence(seq);
-    let mut decode_128 = engine.take_profile();
-    for k in &mut decode_128 {
+    let mut kernels = engine.take_profile();
+    for k in &mut kernels {
         k.calls /= STEPS;
         k.gpu_ns /= STEPS;
         k.bytes /= STEPS;
         k.flops /= STEPS;
     }
-    engine.set_profiling(false)?;
-    Ok(Profile { prefill_512, prefill_128, decode_128 })
+    Ok(kernels)
 }
 
 /// Median time of submitting nothing and reading 4 bytes back.
@@ -199,6 +211,7 @@ pub fn table(r: &BenchReport) -> String {
             ("prefill of 512 tokens", &p.prefill_512),
             ("prefill of 128 tokens", &p.prefill_128),
             ("decode step at context 128", &p.decode_128),
+            ("decode step at context 1024", &p.decode_1024),
         ] {
             let total = tandem_core::recorder::Profiler::total(kernels).as_secs_f64() * 1e3;
             s += &format!("GPU time of a {what}: {total:.3} ms\n");

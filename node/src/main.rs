@@ -215,8 +215,8 @@ struct BenchArgs {
     /// How the K/V cache stores values: f16 (half the memory) or f32.
     #[arg(long, default_value_t = KvDtype::F16)]
     kv_dtype: KvDtype,
-    /// Also time every kernel on the GPU (timestamp queries) for a 512-token prefill and a
-    /// decode step at context 128, with the GB/s and TFLOP/s each reaches.
+    /// Also time every kernel on the GPU (timestamp queries) for a 512- and a 128-token prefill
+    /// and a decode step at contexts 128 and 1,024, with the GB/s and TFLOP/s each reaches.
     #[arg(long)]
     profile: bool,
 }
