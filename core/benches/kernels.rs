@@ -261,7 +261,7 @@ fn matvec_q8(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, 
                 continue;
             }
             let pipeline = kernels.matvec_q8(WeightFormat::Q4_0, shape, false, false).expect("q8 pipeline");
-            let secs = time_with(ctx, kernels, &s, Some(&xq), &pipeline, [groups as u32, 1, 1], 200);
+            let secs = time_with(ctx, kernels, &s, Some(&xq), &pipeline, shape.q8_grid(s.rows, 1), 200);
             let got = read_y(ctx, &s);
             let close = got.iter().zip(&want).all(|(g, w)| (g - w).abs() <= 2e-2 * top.max(1e-6));
             let marks = format!("{}{}", if shape == pick { "*" } else { "" }, if close { "" } else { "!" });
@@ -309,7 +309,7 @@ fn matvec_q8_steps(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, u
                     print!(" {:>13}", "-");
                     continue;
                 }
-                let groups = [s.rows.div_ceil(shape.rows_per_workgroup()) as u32, step.div_ceil(shape.tokens as usize) as u32, 1];
+                let groups = shape.q8_grid(s.rows, step);
                 let pipeline = kernels.matvec_q8(WeightFormat::Q4_0, shape, false, false).expect("q8 pipeline");
                 let secs = time_with(ctx, kernels, &s, Some(&xq), &pipeline, groups, 100);
                 let y = read_y(ctx, &s);

@@ -650,12 +650,12 @@ impl MatmulOp {
                     });
                     if let Some((q8, at)) = q8 {
                         let shape = q8.shapes[at].0;
-                        let groups = [wg(*rows as usize, shape.rows_per_workgroup()), wg(tokens, shape.tokens as usize), 1];
+                        let groups = shape.q8_grid(*rows as usize, tokens);
                         rotated = q8.rope.is_some();
                         let merging = q8.merge.as_ref().filter(|_| takes_merging_matvec(tokens, q8_tokens, chunks));
                         let fused = merging.or(q8.one_token.as_ref().filter(|_| takes_fused_matvec(tokens, q8_tokens)));
                         match (fused, &q8.rope) {
-                            (Some(f), _) => (f.kernel, &f.pipeline, &f.groups[i], [wg(*rows as usize, f.shape.rows_per_workgroup()), 1, 1]),
+                            (Some(f), _) => (f.kernel, &f.pipeline, &f.groups[i], f.shape.q8_grid(*rows as usize, 1)),
                             (None, Some(r)) => (Kernel::MatvecQ8Rope, &r.pipelines[at], &r.groups[i], groups),
                             (None, None) => (Kernel::MatvecQ8, &q8.shapes[at].1, &q8.groups[i], groups),
                         }

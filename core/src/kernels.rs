@@ -537,6 +537,12 @@ impl MatvecShape {
         ]
     }
 
+    /// The workgroups of matvec_q8.wgsl (and its twins) in this shape for a step of `tokens`
+    /// tokens through `rows` rows: groups of tokens along x, sets of rows along y.
+    pub fn q8_grid(&self, rows: usize, tokens: usize) -> [u32; 3] {
+        [tokens.div_ceil(self.tokens as usize) as u32, rows.div_ceil(self.rows_per_workgroup()) as u32, 1]
+    }
+
     /// Weight rows one workgroup covers.
     pub fn rows_per_workgroup(&self) -> usize {
         (self.lanes / MATVEC_SPLIT / self.ksplit * self.rows) as usize

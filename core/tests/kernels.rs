@@ -217,9 +217,10 @@ fn run_fast(ctx: &GpuContext, kernels: &Kernels, m: &DeviceMatrix, x: &[f32], to
             let (size, sum) = match fast {
                 Fast::Gemm => ([p.rows.div_ceil(GEMM_TILE) as u32, tokens.div_ceil(GEMM_TILE) as u32, 1], [0; 3]),
                 Fast::GemmCoop(plan) => (plan.gemm_groups(p.rows, tokens), plan.sum_groups(p.rows, tokens)),
-                Fast::Matvec(shape) | Fast::MatvecQ8(shape) => {
+                Fast::Matvec(shape) => {
                     ([p.rows.div_ceil(shape.rows_per_workgroup()) as u32, tokens.div_ceil(shape.tokens as usize) as u32, 1], [0; 3])
                 }
+                Fast::MatvecQ8(shape) => (shape.q8_grid(p.rows, tokens), [0; 3]),
             };
             (bg, size, sum)
         })
@@ -386,7 +387,7 @@ fn matvec_q8_norm_norms_its_input_itself() {
                             .zip(&params)
                             .map(|(p, u)| {
                                 let bg = kernels.bind_group(Kernel::MatvecQ8Norm, "mm", &[&step, u, &xb, &p.quants, &p.scales, &y, &gb]);
-                                (bg, [p.rows.div_ceil(shape.rows_per_workgroup()) as u32, tokens as u32, 1])
+                                (bg, shape.q8_grid(p.rows, tokens))
                             })
                             .collect();
                         let refs: Vec<(&wgpu::BindGroup, [u32; 3])> = groups.iter().map(|(b, d)| (b, *d)).collect();
@@ -418,7 +419,7 @@ fn matvec_q8_norm_norms_its_input_itself() {
         let params = m.part_params(&ctx, cols, rows, 0);
         let (p, u) = (&m.parts[0], &params[0]);
         let shape = MatvecShape { rows: 2, ..MatvecShape::for_q8_matrix(cols, 1) };
-        let groups = [rows.div_ceil(shape.rows_per_workgroup()) as u32, 1, 1];
+        let groups = shape.q8_grid(rows, 1);
         let mut outputs = Vec::new();
         for norms in [false, true] {
             let cache_bytes = (8 * nkv * hd * 2) as u64;
@@ -518,7 +519,7 @@ fn matvec_q8_merge_merges_attention_chunks_itself() {
                         let input = Q8Input::Merged { partials: &pb, tokens: &tb };
                         let bg =
                             kernels.matvec_q8_twin_bind_group(Kernel::MatvecQ8Merge, "o", [&step, u, &p.quants, &p.scales, &y], input, &[]);
-                        (bg, [p.rows.div_ceil(shape.rows_per_workgroup()) as u32, 1, 1])
+                        (bg, shape.q8_grid(p.rows, 1))
                     })
                     .collect();
                 let refs: Vec<(&wgpu::BindGroup, [u32; 3])> = groups.iter().map(|(b, d)| (b, *d)).collect();
@@ -577,7 +578,7 @@ fn matvec_q8_rope_rotates_q_and_caches_k_and_v() {
                     MatvecShape { rows: 4, ..short },
                 ] {
                     let pipeline = kernels.matvec_q8_rope(format, shape, [nh, nkv, hd], dtype == KvDtype::F16).expect("pipeline");
-                    let groups = [rows.div_ceil(shape.rows_per_workgroup()) as u32, tokens.div_ceil(shape.tokens as usize) as u32, 1];
+                    let groups = shape.q8_grid(rows, tokens);
                     let got_y = read_f32(&ctx, &y, (tokens * rows * 4) as u64, dispatch(&ctx, &pipeline, &[(&bg, groups)]));
                     let got_k = dtype.decode(&read_bytes(&ctx, &kc, cache_bytes, ctx.device.create_command_encoder(&Default::default())));
                     let got_v = dtype.decode(&read_bytes(&ctx, &vc, cache_bytes, ctx.device.create_command_encoder(&Default::default())));
@@ -805,7 +806,7 @@ fn matvec_q8_glu_gates_its_output_itself() {
                 let (kernel, pipeline) =
                     kernels.matvec_q8_twin(format, MatvecShape::GLU, false, norms.then_some(eps), finish).expect("pipeline");
                 let bg = kernels.matvec_q8_twin_bind_group(kernel, "glu", [&step, u, &p.quants, &p.scales, &y], input, &[&ffn_q8]);
-                let groups = [rows.div_ceil(MatvecShape::GLU.rows_per_workgroup()) as u32, 1, 1];
+                let groups = MatvecShape::GLU.q8_grid(rows, 1);
                 let out = read_f32(&ctx, &y, (rows * 4) as u64, dispatch(&ctx, &pipeline, &[(&bg, groups)]));
                 let what = format!("{kernel:?} {format} ffn {ffn} x {cols} gelu={gelu} {:?}", ctx.caps);
                 assert_close(&out[..ffn], &act, MATMUL_TOLERANCE, &act_scale, &what);

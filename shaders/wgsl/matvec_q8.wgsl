@@ -10,6 +10,11 @@
 // not the weights', are what a lane spends its time on). KSPLIT lane groups
 // of a workgroup share a row, each taking every KSPLIT-th run of 32 blocks (matvec_groups.wgsl
 // combines the sums). Formats with a packed-byte dot only (Q4_0, Q4_1, Q8_0); rows of whole blocks.
+//
+// The grid's x is the step's groups of TOKENS tokens and its y the sets of rows, so the
+// workgroups that read one set of rows for different tokens are dispatched side by side and find
+// its weights in the L2: with rows along x, every group of tokens walked the whole matrix after
+// the last, and a matrix larger than the L2 came from memory once a group.
 // Not batch-invariant (the activations are rounded, and a token's sums depend on TOKENS);
 // deterministic mode never uses it.
 
@@ -42,10 +47,10 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
     let group = li / SPLIT;
     let kpart = group % KSPLIT;
     // The lane group's set of ROWS rows (`weight_row` of the finish module says which).
-    let rows_set = wg.x * (WG / SPLIT / KSPLIT) + group / KSPLIT;
+    let rows_set = wg.y * (WG / SPLIT / KSPLIT) + group / KSPLIT;
     let last_row = p.n - 1u;
     let n_tok = step_rows();
-    let t0 = wg.y * TOKENS;
+    let t0 = wg.x * TOKENS;
     let nb = p.k / 32u;
     let xbs = p.x_stride / 32u;
 
