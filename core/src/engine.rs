@@ -554,8 +554,8 @@ impl MatmulOp {
     /// Gives the attention output projection (input: `heads` query heads of `head_dim`) an 8-bit
     /// matvec twin that merges attention's chunk states (`partials`, packed by the step's
     /// `tokens`) itself, for one-token steps of a few chunks (`takes_merging_matvec`), where its
-    /// shape allows (one token a workgroup, whole blocks, up to `NARROW_NORMED_MAX_COLS`: every
-    /// workgroup merges the whole row). Returns whether it did; attention_merge's dispatch is then
+    /// shape allows (whole blocks, up to `NARROW_NORMED_MAX_COLS`: every workgroup merges the
+    /// whole row, for the 16 rows of `MatvecShape::MERGE`). Returns whether it did; attention_merge's dispatch is then
     /// skipped on those steps.
     pub(crate) fn take_merge(
         &mut self,
@@ -566,8 +566,8 @@ impl MatmulOp {
     ) -> Result<bool> {
         let (format, accumulate, cols) = (self.format, self.accumulate, self.cols as usize);
         let Some(q8) = self.fast.as_mut().and_then(|f| f.matvec_q8.as_mut()) else { return Ok(false) };
-        let shape = q8.shapes[0].0;
-        if cols != heads * head_dim || cols > NARROW_NORMED_MAX_COLS || !head_dim.is_multiple_of(32) || shape.tokens != 1 {
+        let shape = MatvecShape::MERGE;
+        if cols != heads * head_dim || cols > NARROW_NORMED_MAX_COLS || !head_dim.is_multiple_of(32) {
             return Ok(false);
         }
         let pipeline = kernels.matvec_q8_merge(format, shape, accumulate, heads, head_dim)?;

@@ -494,6 +494,12 @@ impl MatvecShape {
     /// rows, 32 units a workgroup (one block of the down projection's 8-bit input).
     pub const GLU: MatvecShape = MatvecShape { tokens: 1, rows: 8, unroll: 1, ksplit: 1, lanes: 256 };
 
+    /// The output projection's that merges attention's chunks (matvec_q8_x_merge.wgsl): 8 lane
+    /// groups of 2 rows, so each workgroup's merge of the whole row serves 16 rows. On the H200
+    /// (SmolLM2, context 1,024) 915 → 981 tok/s against the one-token shape's 2 rows; 64 rows (the
+    /// gated twin's shape) left too few workgroups, 911 (docs/kernel-notes.md, item 41).
+    pub const MERGE: MatvecShape = MatvecShape { tokens: 1, rows: 2, unroll: 1, ksplit: 1, lanes: 256 };
+
     /// The shape for steps of up to `tokens` tokens through a matrix `cols` wide, from the sweeps
     /// on the H200 (docs/kernel-notes.md, `cargo bench --bench kernels -- matvec`): one row per
     /// lane group (two lost 5-35% on every shape), and long rows split over 4 lane groups

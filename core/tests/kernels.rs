@@ -509,25 +509,36 @@ fn matvec_q8_merge_merges_attention_chunks_itself() {
                 let y = ctx.storage("y", (n * 4) as u64);
                 ctx.queue.write_buffer(&y, 0, bytemuck::cast_slice(&vec![f32::NAN; n]));
                 let params = m.part_params(&ctx, cols, n, 0);
-                let shape = MatvecShape::for_q8_matrix(cols, 1);
-                let pipeline = kernels.matvec_q8_merge(format, shape, false, heads, head_dim).expect("pipeline");
-                let groups: Vec<(wgpu::BindGroup, [u32; 3])> = m
-                    .parts
-                    .iter()
-                    .zip(&params)
-                    .map(|(p, u)| {
-                        let input = Q8Input::Merged { partials: &pb, tokens: &tb };
-                        let bg =
-                            kernels.matvec_q8_twin_bind_group(Kernel::MatvecQ8Merge, "o", [&step, u, &p.quants, &p.scales, &y], input, &[]);
-                        (bg, shape.q8_grid(p.rows, 1))
-                    })
-                    .collect();
-                let refs: Vec<(&wgpu::BindGroup, [u32; 3])> = groups.iter().map(|(b, d)| (b, *d)).collect();
-                let got = read_f32(&ctx, &y, (n * 4) as u64, dispatch(&ctx, &pipeline, &refs));
-                let what = format!("matvec_q8_merge {format} {n}x{cols} ({heads} heads of {head_dim}) {chunks} chunks {:?}", ctx.caps);
-                // The GPU's exp may round a near-tie quant the other way: a step of one
-                // activation, far under the 8-bit rounding's own error.
-                assert_close(&got, &want, Q8_ACTIVATION_TOLERANCE / 10.0, &scale, &what);
+                let one = MatvecShape::for_q8_matrix(cols, 1);
+                for shape in [MatvecShape::MERGE, one] {
+                    ctx.queue.write_buffer(&y, 0, bytemuck::cast_slice(&vec![f32::NAN; n]));
+                    let pipeline = kernels.matvec_q8_merge(format, shape, false, heads, head_dim).expect("pipeline");
+                    let groups: Vec<(wgpu::BindGroup, [u32; 3])> = m
+                        .parts
+                        .iter()
+                        .zip(&params)
+                        .map(|(p, u)| {
+                            let input = Q8Input::Merged { partials: &pb, tokens: &tb };
+                            let bg = kernels.matvec_q8_twin_bind_group(
+                                Kernel::MatvecQ8Merge,
+                                "o",
+                                [&step, u, &p.quants, &p.scales, &y],
+                                input,
+                                &[],
+                            );
+                            (bg, shape.q8_grid(p.rows, 1))
+                        })
+                        .collect();
+                    let refs: Vec<(&wgpu::BindGroup, [u32; 3])> = groups.iter().map(|(b, d)| (b, *d)).collect();
+                    let got = read_f32(&ctx, &y, (n * 4) as u64, dispatch(&ctx, &pipeline, &refs));
+                    let what = format!(
+                        "matvec_q8_merge {shape:?} {format} {n}x{cols} ({heads} heads of {head_dim}) {chunks} chunks {:?}",
+                        ctx.caps
+                    );
+                    // The GPU's exp may round a near-tie quant the other way: a step of one
+                    // activation, far under the 8-bit rounding's own error.
+                    assert_close(&got, &want, Q8_ACTIVATION_TOLERANCE / 10.0, &scale, &what);
+                }
             }
         }
     }
