@@ -272,7 +272,7 @@ fn matvec_q8(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, 
 }
 
 /// The 8-bit matvec on decode steps of several tokens (`MatvecShape::for_q8_matrix`): µs a step of
-/// 8 and of 32 tokens (groups of `tokens` in the grid's y), for rows per lane group, tokens per
+/// 8 and of 32 tokens (groups of `tokens` along the grid's x), for rows per lane group, tokens per
 /// weight load and row splits. Every variant sums each (row, token) in the same order, so `!`
 /// marks a result that differs from the first variant's.
 fn matvec_q8_steps(ctx: &GpuContext, kernels: &Kernels, shapes: &[(&str, &str, usize, usize)]) {

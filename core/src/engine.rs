@@ -222,6 +222,12 @@ pub(crate) fn takes_merging_matvec(tokens: usize, q8_tokens: usize, chunks: u32)
     takes_fused_matvec(tokens, q8_tokens) && (2..=MERGING_MAX_CHUNKS).contains(&chunks)
 }
 
+/// The widest input (the query width) whose output projection merges attention's chunks itself
+/// (`MAX_X_BLOCKS` in matvec_q8_x_merge.wgsl): each of its workgroups reads every chunk's state
+/// for the whole row, 4 bytes a value a chunk, so the reads grow with the width and the chunks.
+/// Wider models (the 1B and 8B shapes) were not measured with it and keep attention_merge.
+const MERGING_MAX_COLS: usize = 1024;
+
 /// The widest input a twin that norms takes (`MAX_X_BLOCKS` in matvec_q8_x_norm.wgsl).
 const NORMED_MAX_COLS: usize = 256 * 32;
 
@@ -554,9 +560,9 @@ impl MatmulOp {
     /// Gives the attention output projection (input: `heads` query heads of `head_dim`) an 8-bit
     /// matvec twin that merges attention's chunk states (`partials`, packed by the step's
     /// `tokens`) itself, for one-token steps of a few chunks (`takes_merging_matvec`), where its
-    /// shape allows (whole blocks, up to `NARROW_NORMED_MAX_COLS`: every workgroup merges the
-    /// whole row, for the 16 rows of `MatvecShape::MERGE`). Returns whether it did; attention_merge's dispatch is then
-    /// skipped on those steps.
+    /// shape allows (whole blocks, up to `MERGING_MAX_COLS`: every workgroup merges the whole
+    /// row, for the 16 rows of `MatvecShape::MERGE`). Returns whether it did; attention_merge's
+    /// dispatch is then skipped on those steps.
     pub(crate) fn take_merge(
         &mut self,
         kernels: &Kernels,
@@ -567,7 +573,7 @@ impl MatmulOp {
         let (format, accumulate, cols) = (self.format, self.accumulate, self.cols as usize);
         let Some(q8) = self.fast.as_mut().and_then(|f| f.matvec_q8.as_mut()) else { return Ok(false) };
         let shape = MatvecShape::MERGE;
-        if cols != heads * head_dim || cols > NARROW_NORMED_MAX_COLS || !head_dim.is_multiple_of(32) {
+        if cols != heads * head_dim || cols > MERGING_MAX_COLS || !head_dim.is_multiple_of(32) {
             return Ok(false);
         }
         let pipeline = kernels.matvec_q8_merge(format, shape, accumulate, heads, head_dim)?;
@@ -628,7 +634,8 @@ impl MatmulOp {
             // 8-bit activations: a byte a value and 8 bytes of (d, s) a block of 32.
             let x_bytes = match kernel {
                 Kernel::MatvecQ8 | Kernel::MatvecQ8Rope | Kernel::MatvecQ8Glu => self.cols * 5 / 4,
-                // Every chunk's state, 4 bytes a value.
+                // Every chunk's state, 4 bytes a value, counted once (each workgroup reads it
+                // from the L2 again, so the profile's GB/s understates the reads).
                 Kernel::MatvecQ8Merge => self.cols * 4 * u64::from(chunks),
                 // The residual and the norm's weights.
                 Kernel::MatvecQ8Norm | Kernel::MatvecQ8RopeNorm | Kernel::MatvecQ8NormGlu => self.cols * 8,

@@ -496,7 +496,7 @@ impl MatvecShape {
 
     /// The output projection's that merges attention's chunks (matvec_q8_x_merge.wgsl): 8 lane
     /// groups of 2 rows, so each workgroup's merge of the whole row serves 16 rows. On the H200
-    /// (SmolLM2, context 1,024) 915 → 981 tok/s against the one-token shape's 2 rows; 64 rows (the
+    /// (SmolLM2, context 1,024) about 915 → 980 tok/s against the one-token shape's 2 rows; 64 rows (the
     /// gated twin's shape) left too few workgroups, 911 (docs/kernel-notes.md, item 41).
     pub const MERGE: MatvecShape = MatvecShape { tokens: 1, rows: 2, unroll: 1, ksplit: 1, lanes: 256 };
 

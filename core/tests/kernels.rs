@@ -457,12 +457,12 @@ fn matvec_q8_norm_norms_its_input_itself() {
     }
 }
 
-/// matvec_q8_rope: the Q/K/V matvec of a decode step that also rotates Q (into y) and K and
-/// writes K and V to each token's cache slot, against the CPU's matmul then RoPE.
 /// The output projection that merges attention's chunk states itself (matvec_q8_x_merge.wgsl):
 /// against the CPU's merge (attention_merge's arithmetic in f64), 8-bit rounding and matmul, for
 /// head shapes from 96 to 1,024 columns, rows that fill no workgroup evenly, and 2 to 8 chunks
-/// of very different maxima (so the rescaling matters), packed from a chunk offset that is not 0.
+/// of very different maxima (so the rescaling matters), the first of them empty (as a chunk
+/// wholly before a sliding window leaves it), packed from a chunk offset that is not 0; stored,
+/// and added into y (the residual).
 #[test]
 fn matvec_q8_merge_merges_attention_chunks_itself() {
     for ctx in gpu_variants().into_iter().filter(|c| !c.caps.f16) {
@@ -480,10 +480,12 @@ fn matvec_q8_merge_merges_attention_chunks_itself() {
                 for c in 0..chunks {
                     for h in 0..heads {
                         let o = ((chunk_off + c) * heads + h) * state;
-                        partials[o] = rng.random_range(-8.0..8.0);
-                        partials[o + 1] = rng.random_range(0.5..40.0);
+                        // attention.wgsl's state of a chunk with nothing to attend to.
+                        let empty = c == 0;
+                        partials[o] = if empty { -3.0e38 } else { rng.random_range(-8.0..8.0) };
+                        partials[o + 1] = if empty { 0.0 } else { rng.random_range(0.5..40.0) };
                         for d in 0..head_dim {
-                            partials[o + 2 + d] = rng.random_range(-20.0..20.0);
+                            partials[o + 2 + d] = if empty { 0.0 } else { rng.random_range(-20.0..20.0) };
                         }
                     }
                 }
@@ -510,9 +512,11 @@ fn matvec_q8_merge_merges_attention_chunks_itself() {
                 ctx.queue.write_buffer(&y, 0, bytemuck::cast_slice(&vec![f32::NAN; n]));
                 let params = m.part_params(&ctx, cols, n, 0);
                 let one = MatvecShape::for_q8_matrix(cols, 1);
-                for shape in [MatvecShape::MERGE, one] {
-                    ctx.queue.write_buffer(&y, 0, bytemuck::cast_slice(&vec![f32::NAN; n]));
-                    let pipeline = kernels.matvec_q8_merge(format, shape, false, heads, head_dim).expect("pipeline");
+                let residual = random(&mut rng, n);
+                for (shape, accumulate) in [(MatvecShape::MERGE, false), (MatvecShape::MERGE, true), (one, false)] {
+                    let y0 = if accumulate { residual.clone() } else { vec![f32::NAN; n] };
+                    ctx.queue.write_buffer(&y, 0, bytemuck::cast_slice(&y0));
+                    let pipeline = kernels.matvec_q8_merge(format, shape, accumulate, heads, head_dim).expect("pipeline");
                     let groups: Vec<(wgpu::BindGroup, [u32; 3])> = m
                         .parts
                         .iter()
@@ -532,9 +536,10 @@ fn matvec_q8_merge_merges_attention_chunks_itself() {
                     let refs: Vec<(&wgpu::BindGroup, [u32; 3])> = groups.iter().map(|(b, d)| (b, *d)).collect();
                     let got = read_f32(&ctx, &y, (n * 4) as u64, dispatch(&ctx, &pipeline, &refs));
                     let what = format!(
-                        "matvec_q8_merge {shape:?} {format} {n}x{cols} ({heads} heads of {head_dim}) {chunks} chunks {:?}",
+                        "matvec_q8_merge {shape:?} {format} {n}x{cols} ({heads} heads of {head_dim}) {chunks} chunks, accumulate {accumulate} {:?}",
                         ctx.caps
                     );
+                    let want: Vec<f32> = if accumulate { want.iter().zip(&residual).map(|(w, r)| w + r).collect() } else { want.clone() };
                     // The GPU's exp may round a near-tie quant the other way: a step of one
                     // activation, far under the 8-bit rounding's own error.
                     assert_close(&got, &want, Q8_ACTIVATION_TOLERANCE / 10.0, &scale, &what);
@@ -544,6 +549,8 @@ fn matvec_q8_merge_merges_attention_chunks_itself() {
     }
 }
 
+/// matvec_q8_rope: the Q/K/V matvec of a decode step that also rotates Q (into y) and K and
+/// writes K and V to each token's cache slot, against the CPU's matmul then RoPE.
 #[test]
 fn matvec_q8_rope_rotates_q_and_caches_k_and_v() {
     for ctx in gpu_variants().into_iter().filter(|c| !c.caps.f16) {

@@ -25,9 +25,10 @@ const MAX_ROWS: u32 = 8u;
 // Runs of 32 blocks each lane loads before computing.
 override UNROLL: u32 = 4u;
 
-// The activations come from matvec_q8_x.wgsl (as their producer wrote them) or
-// matvec_q8_x_norm.wgsl (normed and quantized here, the norm's dispatch saved): `x_prepare`, then
-// `x_block` per block.
+// The activations come from matvec_q8_x.wgsl (as their producer wrote them),
+// matvec_q8_x_norm.wgsl (normed and quantized here, the norm's dispatch saved) or
+// matvec_q8_x_merge.wgsl (attention's chunks merged here, the merge's dispatch saved):
+// `x_prepare`, then `x_block` per block.
 
 // The dot product of 16 signed bytes with 16 others, four at a time.
 fn dot_i8x16(a: vec4<u32>, b: vec4<u32>) -> i32 {

@@ -4,13 +4,13 @@
 // one chunk records the merge's dispatch between attention and the output projection; here every
 // workgroup of the projection redoes the merge (chunks x heads x (HEAD_DIM + 2) floats, from
 // cache) and the step saves that dispatch. One token a workgroup (TOKENS is 1), rows of whole
-// blocks up to MAX_X_BLOCKS long; `MatmulOp::take_merge` in core builds it only then, and
-// `takes_merging_matvec` bounds the chunks.
+// blocks up to MAX_X_BLOCKS long (`MERGING_MAX_COLS` in core); `MatmulOp::take_merge` builds it
+// only then, and `takes_merging_matvec` bounds the chunks.
 
 override N_HEADS: u32;
 override HEAD_DIM: u32;
 override CHUNK: u32;
-const MAX_X_BLOCKS: u32 = 256u;
+const MAX_X_BLOCKS: u32 = 32u;
 
 // The chunks' states ((max, sum, weighted values) per chunk and head, packed by the tokens'
 // chunk_off) and the step's tokens.
