@@ -223,12 +223,13 @@ pub(crate) fn takes_merging_matvec(tokens: usize, q8_tokens: usize, chunks: u32)
 }
 
 /// The widest input (the query width) whose output projection merges attention's chunks itself
-/// (`MAX_X_BLOCKS` in matvec_q8_x_merge.wgsl): each of its workgroups reads every chunk's state
+/// (the kernel takes up to `NORMED_MAX_COLS`): each of its workgroups reads every chunk's state
 /// for the whole row, 4 bytes a value a chunk, so the reads grow with the width and the chunks.
 /// Wider models (the 1B and 8B shapes) were not measured with it and keep attention_merge.
 const MERGING_MAX_COLS: usize = 1024;
 
-/// The widest input a twin that norms takes (`MAX_X_BLOCKS` in matvec_q8_x_norm.wgsl).
+/// The widest input a twin that makes its own activations takes (`MAX_X_BLOCKS` in
+/// matvec_q8_x_staged.wgsl).
 const NORMED_MAX_COLS: usize = 256 * 32;
 
 /// The widest input (the hidden size) whose matvec norms it in the matvec's own one-token shape

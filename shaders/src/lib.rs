@@ -518,14 +518,16 @@ impl Kernel {
         // The kernels that write a matvec's input also write it as 8-bit activations.
         let [q8_out, q8_block, q8_store] = self.q8_out_sources(caps);
         let f32_x = matmul.then_some(include_str!("../wgsl/matmul_x.wgsl"));
-        // matvec_q8's activations: as written, normed here (with rmsnorm's lane sum), or merged
-        // here from attention's chunks.
-        let q8_x = match (matvec_q8, self.norms_input()) {
-            _ if self == Kernel::MatvecQ8Merge => Some(include_str!("../wgsl/matvec_q8_x_merge.wgsl")),
-            (true, false) => Some(include_str!("../wgsl/matvec_q8_x.wgsl")),
-            (true, true) => Some(include_str!("../wgsl/matvec_q8_x_norm.wgsl")),
-            _ => None,
+        // matvec_q8's activations: as written, or made here and staged in workgroup memory:
+        // normed (with rmsnorm's lane sum) or merged from attention's chunks.
+        let (q8_x, staged) = match (matvec_q8, self.norms_input()) {
+            _ if self == Kernel::MatvecQ8Merge => (Some(include_str!("../wgsl/matvec_q8_x_merge.wgsl")), true),
+            (true, false) => (Some(include_str!("../wgsl/matvec_q8_x.wgsl")), false),
+            (true, true) => (Some(include_str!("../wgsl/matvec_q8_x_norm.wgsl")), true),
+            _ => (None, false),
         };
+        // The chunk merge's arithmetic, one copy for both kernels that merge.
+        let merge = matches!(self, Kernel::AttentionMerge | Kernel::MatvecQ8Merge);
         let norm_lanes = match (self.norms_input(), caps.subgroups) {
             (true, true) => Some(include_str!("../wgsl/norm_lanes_subgroup.wgsl")),
             (true, false) => Some(include_str!("../wgsl/norm_lanes_workgroup.wgsl")),
@@ -537,6 +539,8 @@ impl Kernel {
             io,
             f32_x,
             q8_x,
+            staged.then_some(include_str!("../wgsl/matvec_q8_x_staged.wgsl")),
+            merge.then_some(include_str!("../wgsl/merge_chunks.wgsl")),
             Some(self.body()),
             access,
             format.and_then(WeightFormat::block_dm_source),

@@ -1,5 +1,5 @@
-// Combines attention.wgsl's per-chunk softmax states of each (head, token), in chunk order:
-// out = sum_c exp(m_c - M) acc_c / sum_c exp(m_c - M) l_c, M the running maximum. With Q8
+// Combines attention.wgsl's per-chunk softmax states of each (head, token), in chunk order
+// (`merge_run`, merge_chunks.wgsl). With Q8
 // (HEAD_DIM a multiple of 32), decode steps also get `out` as 8-bit activations for
 // matvec_q8.wgsl.
 
@@ -27,26 +27,10 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
     let stride = N_HEADS * (HEAD_DIM + 2u);
     let base = (tokens[t].chunk_off * N_HEADS + h) * (HEAD_DIM + 2u);
     let q8 = Q8 && step.n_tokens <= Q8_TOKENS;
-    // A lane 4 consecutive dimensions, a trip 4 * WG of them. One pass over the chunks, in
-    // order, rescaling as the running maximum grows: every load's address is known up front, so
-    // the loads overlap (three passes of dependent sums cost ~25 µs at 32 chunks on the H200).
+    // A lane 4 consecutive dimensions, a trip 4 * WG of them.
     for (var d0 = 0u; d0 < HEAD_DIM; d0 += 4u * WG) {
         let d = min(d0 + 4u * lane, HEAD_DIM - 4u);
-        var big = -3.0e38;
-        var total = 0.0;
-        var acc = vec4<f32>(0.0);
-        for (var c = 0u; c < chunks; c++) {
-            let o = base + c * stride;
-            let m = partials[o];
-            let next = max(big, m);
-            let was = exp(big - next);
-            let now = exp(m - next);
-            total = total * was + partials[o + 1u] * now;
-            let v = vec4<f32>(partials[o + 2u + d], partials[o + 3u + d], partials[o + 4u + d], partials[o + 5u + d]);
-            acc = acc * was + v * now;
-            big = next;
-        }
-        let v = acc / total;
+        let v = merge_run(base, stride, chunks, d);
         if (d0 + 4u * lane < HEAD_DIM) {
             for (var i = 0u; i < 4u; i++) {
                 out[(t * N_HEADS + h) * HEAD_DIM + d + i] = v[i];

@@ -30,6 +30,13 @@ override UNROLL: u32 = 4u;
 // matvec_q8_x_merge.wgsl (attention's chunks merged here, the merge's dispatch saved):
 // `x_prepare`, then `x_block` per block.
 
+// One token's block of 8-bit activations: its two halves' quants and (d, s).
+struct XBlock {
+    lo: vec4<u32>,
+    hi: vec4<u32>,
+    ds: vec2<f32>,
+}
+
 // The dot product of 16 signed bytes with 16 others, four at a time.
 fn dot_i8x16(a: vec4<u32>, b: vec4<u32>) -> i32 {
     return dot4I8Packed(a.x, b.x) + dot4I8Packed(a.y, b.y) + dot4I8Packed(a.z, b.z) + dot4I8Packed(a.w, b.w);

@@ -5,12 +5,6 @@
 @group(0) @binding(2) var<storage, read> xq: array<vec4<u32>>;
 @group(0) @binding(6) var<storage, read> xd: array<vec2<f32>>;
 
-struct XBlock {
-    lo: vec4<u32>,
-    hi: vec4<u32>,
-    ds: vec2<f32>,
-}
-
 fn x_prepare(li: u32, t0: u32) {}
 
 fn x_block(t: u32, b: u32, xbs: u32) -> XBlock {
