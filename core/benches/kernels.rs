@@ -421,7 +421,7 @@ fn coop_ablate(source: &str, no_loads: bool, no_stores: bool, no_mma: bool, no_b
     }
     let mut s = source.to_string();
     if no_loads {
-        s = cut(s, "    load_step(0u,", "    // ");
+        s = cut(s, "    load_step(first,", "    // ");
         s = cut(s, "            load_step(s + 1u,", "            // ");
     }
     if no_stores {
