@@ -373,12 +373,6 @@ const GEMM_PARTS_BYTES: u64 = 32 << 20;
 /// multiprocessors (a workgroup of 128-row tiles fills one).
 const SPLIT_WORKGROUPS: usize = 132;
 
-/// 32-column steps each part of a split must still walk for it to grow the GEMM to two waves:
-/// at 512 tokens the 8B shape's down projection (128 tiles, 448 steps) went from 50 to 82
-/// TFLOP/s split in 2, while its output projection (128 tiles, 128 steps) lost 106 -> 72
-/// (docs/kernel-notes.md, item 43).
-const LONG_SPLIT_STEPS: usize = 128;
-
 /// How the matrix units' GEMM covers one matrix for one step: the tile height (`TILE_R` in
 /// gemm_coop.wgsl) and the splits of the reduction (`SPLIT_K`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -396,10 +390,9 @@ impl CoopPlan {
     /// The plan for a matrix of `rows` x `cols` and a step of `tokens` tokens, on a device whose
     /// split sums may take `parts_bytes`: 256-row tiles where that still makes 96 workgroups or
     /// more; otherwise 128-row tiles, with the reduction split in as many parts as keep the
-    /// workgroups within `SPLIT_WORKGROUPS`, each part at least 2 steps of 32 columns, or within
-    /// twice that where each part walks `LONG_SPLIT_STEPS`. Swept on the H200 at 128 and 512
-    /// tokens (docs/kernel-notes.md, items 23, 37 and 43): splits beyond one wave of workgroups
-    /// lost unless each part still had a long walk, splits up to it won up to 4x.
+    /// workgroups within `SPLIT_WORKGROUPS`, each part at least 2 steps of 32 columns. Swept on
+    /// the H200 at 128 and 512 tokens (docs/kernel-notes.md, items 23 and 37): splits beyond one
+    /// wave of workgroups lost, splits up to it won up to 4x.
     pub fn for_step(rows: usize, cols: usize, tokens: usize, parts_bytes: u64) -> Self {
         let token_tiles = tokens.div_ceil(GEMM_COOP_TOKENS);
         if rows.div_ceil(256) * token_tiles >= 96 {
@@ -408,9 +401,7 @@ impl CoopPlan {
         let tiles = rows.div_ceil(128) * token_tiles;
         let fits = |s: u32| {
             let s = s as usize;
-            let steps = cols / 32 / s;
-            let wave = tiles * s <= SPLIT_WORKGROUPS || (tiles * s <= 2 * SPLIT_WORKGROUPS && steps >= LONG_SPLIT_STEPS);
-            wave && steps >= 2 && (s * tokens * rows * 4) as u64 <= parts_bytes
+            tiles * s <= SPLIT_WORKGROUPS && cols / 32 / s >= 2 && (s * tokens * rows * 4) as u64 <= parts_bytes
         };
         let splits = Self::SPLITS.into_iter().rev().find(|&s| s == 1 || fits(s)).unwrap_or(1);
         CoopPlan { tile_rows: 128, splits }
@@ -599,29 +590,3 @@ pub const GEMM_TILE: usize = 64;
 
 /// Tokens of one cooperative-matrix GEMM workgroup's tile (`TILE_T` in gemm_coop.wgsl).
 pub const GEMM_COOP_TOKENS: usize = 128;
-
-#[cfg(test)]
-mod tests {
-    use super::CoopPlan;
-
-    /// The plans the H200 sweeps chose (docs/kernel-notes.md, items 23, 37 and 43), at 512 tokens.
-    #[test]
-    fn coop_plans_follow_the_sweeps() {
-        let plan = |rows, cols| {
-            let p = CoopPlan::for_step(rows, cols, 512, 32 << 20);
-            (p.tile_rows, p.splits)
-        };
-        // 8B: Q/K/V and gate/up fill the GPU with 256-row tiles; o walks too few steps to split
-        // beyond one wave, down enough to split in 2.
-        assert_eq!(plan(6144, 4096), (256, 1));
-        assert_eq!(plan(28672, 4096), (256, 1));
-        assert_eq!(plan(4096, 4096), (128, 1));
-        assert_eq!(plan(4096, 14336), (128, 2));
-        // 1B: down and o split within one wave; Q/K/V has too few steps a part.
-        assert_eq!(plan(2048, 8192), (128, 2));
-        assert_eq!(plan(3072, 2048), (128, 1));
-        // SmolLM2: small matrices split 4 ways.
-        assert_eq!(plan(960, 576), (128, 4));
-        assert_eq!(plan(576, 1536), (128, 4));
-    }
-}
