@@ -519,10 +519,11 @@ impl MatvecShape {
     /// (`cargo bench --bench kernels -- q8`): 2 runs of 32 blocks a trip, and rows of 224 blocks
     /// or more split over 2 lane groups, of 448 or more over 4, so each lane still walks 3-4
     /// blocks (+10-30% on the down projections; a loss on shorter rows). Steps of several tokens
-    /// (`-- q8steps`): 2 rows a lane group and groups of 4 tokens for 3-4 tokens (item 37); from
-    /// 8 tokens (and the steps of up to `Q8_TOKENS` that take the 8-token shape in groups), 4
-    /// rows and groups of 2, since the grid puts a row set's token groups side by side (item 42):
-    /// 8-17% less time on the 1B and 8B matrices at 32 tokens (item 45).
+    /// (`-- q8steps`): 2 rows a lane group and groups of 4 tokens for 3-4 tokens (item 37); for
+    /// the 8-token shape (which the engine gives steps of 5-8 tokens, and steps of up to
+    /// `Q8_TOKENS` in groups), 4 rows and groups of 2, since the grid puts a row set's token
+    /// groups side by side (item 42): 8-17% less time on the 1B and 8B matrices at 32 tokens
+    /// (item 45).
     pub fn for_q8_matrix(cols: usize, tokens: u32) -> Self {
         let blocks = cols / 32;
         match (blocks, tokens) {
