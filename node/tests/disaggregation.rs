@@ -108,7 +108,7 @@ fn chunk_timings(log: &str) -> Vec<(String, usize, usize, f64, f64)> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn split_requests_give_the_single_node_tokens_for_every_reference_prompt() {
+async fn split_requests_give_the_single_node_tokens_for_the_short_reference_prompts() {
     let dir = tempfile::tempdir().expect("tempdir");
     let p = Node::start(&["--role", "prefill", "--placement", "colocated"], dir.path(), "p");
     let d = Node::start(&["--role", "decode", "--peer", &p.addr()], dir.path(), "d");
@@ -118,7 +118,10 @@ async fn split_requests_give_the_single_node_tokens_for_every_reference_prompt()
     for n in [&p, &d, &e] {
         n.wait_until_sees(&[&p, &d, &e], Duration::from_secs(60)).await;
     }
-    let prompts = reference_prompts();
+    // All but the 235-token one, which would cost lavapipe minutes three times over; prompts of
+    // several K/V chunks a layer cross the wire in `long_prompts_killed_nodes_drains_and_a_vanished_entry_node`.
+    let prompts: Vec<_> = reference_prompts().into_iter().filter(|(_, ids)| ids.len() <= 64).collect();
+    assert!(prompts.len() >= 5, "the short reference prompts");
     let mut split = Vec::new();
     for (name, ids) in &prompts {
         let (text, n) = stream(&e, greedy(ids, 6), usize::MAX, || async {}).await;

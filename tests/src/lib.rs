@@ -16,6 +16,22 @@ pub fn default_model() -> &'static HostModel {
     })
 }
 
+/// The synthetic `tiny` model (two small layers, seeded Q4_0 weights, a 512-token vocabulary), for
+/// tests of the machinery around the model: batching, chunking, the prefix cache, preemption and
+/// K/V transfer promise the same tokens whatever the weights, and the real model's cost on
+/// lavapipe would buy no more correctness there.
+pub fn tiny_model() -> &'static HostModel {
+    static MODEL: OnceLock<HostModel> = OnceLock::new();
+    // Q4_0: Q4_1's random blocks share an offset that swamps the input, so every prompt would
+    // continue with the same token.
+    MODEL.get_or_init(|| tandem_core::synthetic::synthetic_model("tiny", tandem_core::WeightFormat::Q4_0, 7).expect("tiny model"))
+}
+
+/// A prompt for the tiny model: `text`'s bytes as token ids (all inside its vocabulary).
+pub fn tiny_tokens(text: &str) -> Vec<u32> {
+    text.bytes().map(u32::from).collect()
+}
+
 /// Gemma 3 270M Q4_K_M (`gemma3-270m`), fetched into the cache if missing.
 pub fn gemma3_model() -> &'static HostModel {
     static MODEL: OnceLock<HostModel> = OnceLock::new();

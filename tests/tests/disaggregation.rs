@@ -8,21 +8,18 @@ use std::sync::mpsc;
 use tandem_core::KvLayer;
 use tandem_core::scheduler::{Event, KvExport, Request, RequestId, Scheduler, SchedulerConfig, Start};
 use tandem_core::{Engine, EngineConfig, SamplingParams};
-use tandem_tests::{default_model, gpu};
+use tandem_tests::{gpu, tiny_model, tiny_tokens};
 
 const NEW_TOKENS: usize = 6;
 
 fn scheduler(max_batch_tokens: usize) -> Scheduler {
     let ecfg =
         EngineConfig { max_batch_tokens, context_length: 256, kv_blocks: 0, max_sequences: 4, deterministic: true, ..Default::default() };
-    Scheduler::new(Engine::new(gpu(), default_model(), &ecfg).expect("engine"), SchedulerConfig::default())
+    Scheduler::new(Engine::new(gpu(), tiny_model(), &ecfg).expect("engine"), SchedulerConfig::default())
 }
 
 fn prompt() -> Vec<u32> {
-    default_model()
-        .tokenizer
-        .encode("The keeper of the lighthouse wrote in his log that the storm had lasted three days and that the supply boat", false)
-        .expect("encodes")
+    tiny_tokens("The keeper of the lighthouse wrote in his log that the storm had lasted three days and that the supply boat")
 }
 
 fn request(prompt: Vec<u32>, max_tokens: usize, resumed: Vec<u32>) -> Request {
@@ -78,7 +75,7 @@ fn exported_prefill_imported_and_decoded_elsewhere_gives_the_same_tokens() {
     let first = tokens_of(&rx);
     assert_eq!(first, want[..1]);
     let layers: Vec<KvLayer> = krx.try_iter().collect();
-    let n_layers = default_model().config.n_layers;
+    let n_layers = tiny_model().config.n_layers;
     let sent: usize = layers.iter().filter(|l| l.layer == 0).map(|l| l.tokens).sum();
     assert_eq!(sent, prompt.len() - held, "every position from `held` on, once");
     assert!(layers.iter().all(|l| l.layer < n_layers && l.start >= held));
@@ -129,7 +126,7 @@ fn a_detached_request_continues_from_its_moved_kv() {
     let Some(Event::Detached { tokens, kv }) = events.last() else { panic!("detached last: {events:?}") };
     assert_eq!(tokens[..prompt.len()], prompt[..]);
     assert_eq!(tokens[prompt.len()..], delivered[..], "the tokens so far are every token delivered");
-    assert_eq!(kv.len(), default_model().config.n_layers);
+    assert_eq!(kv.len(), tiny_model().config.n_layers);
     assert!(kv.iter().all(|l| l.start == 0 && l.tokens == tokens.len() - 1));
 
     let mut b = scheduler(64);

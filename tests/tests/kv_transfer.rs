@@ -3,7 +3,7 @@
 //! batch-invariance promises: alone, batched with others, or chunked, the tokens are the same.
 
 use tandem_core::{Engine, EngineConfig, Error, KvDtype, KvLayer, SamplingParams, SeqId, StepInput};
-use tandem_tests::{default_model, gpu};
+use tandem_tests::{gpu, tiny_model, tiny_tokens};
 
 const PROMPT: &str = "Once upon a time, in a small village by the sea,";
 const NEW_TOKENS: usize = 8;
@@ -14,12 +14,12 @@ fn engine() -> Engine {
 
 fn engine_with(kv_dtype: KvDtype) -> Engine {
     let cfg =
-        EngineConfig { max_batch_tokens: 64, context_length: 256, max_sequences: 4, deterministic: true, kv_dtype, ..Default::default() };
-    Engine::new(gpu(), default_model(), &cfg).expect("engine")
+        EngineConfig { max_batch_tokens: 128, context_length: 256, max_sequences: 4, deterministic: true, kv_dtype, ..Default::default() };
+    Engine::new(gpu(), tiny_model(), &cfg).expect("engine")
 }
 
 fn prompt() -> Vec<u32> {
-    default_model().tokenizer.encode(PROMPT, false).expect("encodes")
+    tiny_tokens(PROMPT)
 }
 
 /// Greedy decode of `n` tokens from `first`, on a sequence whose KV holds the prompt.
@@ -70,7 +70,7 @@ fn export_then_import_decodes_the_same_tokens(kv_dtype: KvDtype) {
         .step_with_sink(&[StepInput { seq, tokens: prompt.clone(), sample: Some(SamplingParams::greedy()) }], &mut sink)
         .expect("prefill with export")[0]
         .expect("first token");
-    assert_eq!(layers.len(), default_model().config.n_layers);
+    assert_eq!(layers.len(), tiny_model().config.n_layers);
     assert!(layers.iter().all(|l| l.start == 0 && l.tokens == prompt.len()));
     // What leaves the cache is what it held: re-encoding in its dtype changes nothing.
     for l in &layers {
@@ -88,13 +88,24 @@ fn export_then_import_decodes_the_same_tokens(kv_dtype: KvDtype) {
     }
     assert_eq!(decoder.sequence_len(dseq).expect("seq"), prompt.len());
     assert_eq!(decode(&mut decoder, dseq, first, NEW_TOKENS), want, "{kv_dtype} cache");
+
+    // The control: the same import with the positions' values shuffled decodes otherwise, so the
+    // tokens above depend on the K/V that travelled.
+    let kv_dim = tiny_model().config.kv_dim();
+    let wrong = decoder.create_sequence();
+    for kv in &layers {
+        let mut v = kv.v.clone();
+        v.rotate_left(kv_dim);
+        decoder.import_kv(wrong, &KvLayer { v, ..kv.clone() }).expect("import");
+    }
+    assert_ne!(decode(&mut decoder, wrong, first, NEW_TOKENS), want, "{kv_dtype} cache: shuffled values must show");
 }
 
 #[test]
 fn malformed_imports_are_rejected_without_changing_the_cache() {
     let mut e = engine();
     let seq = e.create_sequence();
-    let kv_dim = default_model().config.kv_dim();
+    let kv_dim = tiny_model().config.kv_dim();
     let good = KvLayer { layer: 0, start: 0, tokens: 2, k: vec![0.0; 2 * kv_dim], v: vec![0.0; 2 * kv_dim] };
     let bad_layer = KvLayer { layer: 999, ..good.clone() };
     let short = KvLayer { k: vec![0.0; kv_dim], ..good.clone() };
@@ -109,9 +120,11 @@ fn malformed_imports_are_rejected_without_changing_the_cache() {
 #[test]
 fn tokens_do_not_depend_on_batching_or_chunking() {
     let prompt = prompt();
-    let other = default_model().tokenizer.encode("def fibonacci(n):", false).expect("encodes");
+    let other = tiny_tokens("def fibonacci(n):");
     let mut e = engine();
     let alone = plain_run(&mut e, &prompt, 64);
+    let distinct: std::collections::HashSet<&u32> = alone.iter().collect();
+    assert!(distinct.len() > 1, "the tiny model's tokens vary, so equal runs say something: {alone:?}");
     assert_eq!(plain_run(&mut e, &prompt, 3), alone, "chunked prefill");
 
     // Batched: the other sequence prefills in the same steps, then both decode together.

@@ -21,6 +21,12 @@ const TOP1_MARGIN: f32 = 0.05;
 /// math); in the default mode, below twice its tolerance, since past that no logit within the
 /// tolerance can change the top-1.
 const GREEDY_MARGIN: f32 = 0.01;
+/// Greedy steps compared per prompt at most: lavapipe takes most of a second a step, and the
+/// deterministic mode's small margin lets most prompts run to their end otherwise.
+const MAX_GREEDY: usize = 16;
+/// The prompt the f32-cache configuration skips: it differs from the default only in the cache's
+/// dtype, and this prompt alone is two thirds of the tokens.
+const LONG_PROMPT: &str = "long";
 
 #[test]
 fn tokenization_matches_llama_cpp() {
@@ -60,6 +66,9 @@ fn logits_and_greedy_match_the_f64_reference_in(deterministic: bool, kv_dtype: K
     };
     let mut worst = 0f32;
     for p in reference("f64") {
+        if kv_dtype == KvDtype::F32 && p.name == LONG_PROMPT {
+            continue;
+        }
         let seq = engine.create_sequence();
         let logits = engine.forward_logits(seq, &p.tokens).expect("forward");
         assert_eq!(logits.len(), p.tokens.len());
@@ -84,7 +93,7 @@ fn logits_and_greedy_match_the_f64_reference_in(deterministic: bool, kv_dtype: K
             }
         }
         // Greedy continuation from the prompt's KV, sampled on the GPU.
-        let comparable = p.greedy_margins.iter().position(|&m| m < greedy_margin).unwrap_or(p.greedy_tokens.len());
+        let comparable = p.greedy_margins.iter().position(|&m| m < greedy_margin).unwrap_or(p.greedy_tokens.len()).min(MAX_GREEDY);
         let want = &p.greedy_tokens[..comparable];
         let mut got = Vec::new();
         let mut next = tandem_core::cpu_ref::argmax(logits.last().expect("logits"));
