@@ -648,12 +648,179 @@ fn small(ctx: &GpuContext, kernels: &Kernels) {
     ctx.check_errors("small kernels").expect("small kernels");
 }
 
+/// A prototype, not an engine kernel: the matrix units fed straight from f16 copies of the weights
+/// and activations (fragments loaded from storage, no workgroup tiles, no loader, no barriers),
+/// as if each matrix had been dequantized to f16 once before the step. Subgroup s of a workgroup
+/// owns rows 32 (s % SR).. by tokens 64 (s / SR)..; each k step loads 2 A and 4 B fragments for 8
+/// multiply-adds. UNROLL k steps a loop iteration.
+const DIRECT_WGSL: &str = "
+enable f16;
+enable wgpu_cooperative_matrix;
+@group(0) @binding(0) var<storage, read> w: array<vec4<f16>>;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f16>>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+override N: u32 = 4096u;
+override K: u32 = 4096u;
+override SR: u32 = 4u;
+override WG: u32 = 256u;
+override UNROLL: u32 = 1u;
+@compute @workgroup_size(WG)
+fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    let sg = li / 32u;
+    let st = WG / 32u / SR;
+    let r0 = wg.x * (SR * 32u) + (sg % SR) * 32u;
+    let t0 = wg.y * (st * 64u) + (sg / SR) * 64u;
+    let kv = K / 4u;
+    var c00 = coop_mat16x16<f32, C>();
+    var c01 = coop_mat16x16<f32, C>();
+    var c02 = coop_mat16x16<f32, C>();
+    var c03 = coop_mat16x16<f32, C>();
+    var c10 = coop_mat16x16<f32, C>();
+    var c11 = coop_mat16x16<f32, C>();
+    var c12 = coop_mat16x16<f32, C>();
+    var c13 = coop_mat16x16<f32, C>();
+    for (var k = 0u; k < K; k += 16u * UNROLL) {
+        for (var u = 0u; u < UNROLL; u++) {
+            let kk = (k + 16u * u) / 4u;
+            let a0 = coopLoadT<coop_mat16x16<f16, A>>(&w[r0 * kv + kk], kv);
+            let a1 = coopLoadT<coop_mat16x16<f16, A>>(&w[(r0 + 16u) * kv + kk], kv);
+            let b0 = coopLoad<coop_mat16x16<f16, B>>(&x[t0 * kv + kk], kv);
+            let b1 = coopLoad<coop_mat16x16<f16, B>>(&x[(t0 + 16u) * kv + kk], kv);
+            let b2 = coopLoad<coop_mat16x16<f16, B>>(&x[(t0 + 32u) * kv + kk], kv);
+            let b3 = coopLoad<coop_mat16x16<f16, B>>(&x[(t0 + 48u) * kv + kk], kv);
+            c00 = coopMultiplyAdd(a0, b0, c00);
+            c01 = coopMultiplyAdd(a0, b1, c01);
+            c02 = coopMultiplyAdd(a0, b2, c02);
+            c03 = coopMultiplyAdd(a0, b3, c03);
+            c10 = coopMultiplyAdd(a1, b0, c10);
+            c11 = coopMultiplyAdd(a1, b1, c11);
+            c12 = coopMultiplyAdd(a1, b2, c12);
+            c13 = coopMultiplyAdd(a1, b3, c13);
+        }
+    }
+    let n = N;
+    let o00 = t0 * N + r0;
+    let o01 = o00 + 16u * N;
+    let o02 = o00 + 32u * N;
+    let o03 = o00 + 48u * N;
+    let o10 = o00 + 16u;
+    let o11 = o01 + 16u;
+    let o12 = o02 + 16u;
+    let o13 = o03 + 16u;
+    coopStore(c00, &y[o00], n);
+    coopStore(c01, &y[o01], n);
+    coopStore(c02, &y[o02], n);
+    coopStore(c03, &y[o03], n);
+    coopStore(c10, &y[o10], n);
+    coopStore(c11, &y[o11], n);
+    coopStore(c12, &y[o12], n);
+    coopStore(c13, &y[o13], n);
+}
+";
+
+/// `DIRECT_WGSL` on each shape at 512 tokens (or GEMM_TOKENS), for a few workgroup shapes, with
+/// a handful of outputs checked against the CPU; and what the f16 copies would cost to write.
+fn gemm_direct(ctx: &GpuContext, shapes: &[(&str, &str, usize, usize)]) {
+    let tokens = std::env::var("GEMM_TOKENS").ok().and_then(|t| t.parse().ok()).unwrap_or(512usize);
+    println!("gemm from f16 copies (prototype), {tokens} tokens: TFLOP/s by (SR, WG, UNROLL); max rel. error of 16 outputs");
+    let module = {
+        let desc = wgpu::ShaderModuleDescriptor { label: Some("direct"), source: wgpu::ShaderSource::Wgsl(DIRECT_WGSL.into()) };
+        let mut checks = wgpu::ShaderRuntimeChecks::checked();
+        checks.force_loop_bounding = false;
+        #[allow(unsafe_code)]
+        unsafe {
+            ctx.device.create_shader_module_trusted(desc, checks)
+        }
+    };
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    };
+    for &(model, name, rows, cols) in shapes {
+        if !rows.is_multiple_of(256) || !cols.is_multiple_of(64) || !tokens.is_multiple_of(128) {
+            println!("{model}.{name}: shape not a multiple of the tiles, skipped");
+            continue;
+        }
+        let rows = rows.min(ctx.max_binding() as usize / (cols * 2)) / 256 * 256;
+        let wh: Vec<half::f16> = (0..rows * cols).map(|_| half::f16::from_f32(rnd() * 0.1)).collect();
+        let xh: Vec<half::f16> = (0..tokens * cols).map(|_| half::f16::from_f32(rnd())).collect();
+        let one = rows * cols * 2;
+        let n_copies = ROTATION_BYTES.div_ceil(one).clamp(1, 8);
+        let ws: Vec<wgpu::Buffer> = (0..n_copies).map(|_| ctx.storage_init("w16", bytemuck::cast_slice(&wh))).collect();
+        let xb = ctx.storage_init("x16", bytemuck::cast_slice(&xh));
+        let yb = ctx.storage("y", (tokens * rows * 4) as u64);
+        let flops = 2.0 * (tokens * rows * cols) as f64;
+        print!("{:<12}", format!("{model}.{name}"));
+        for (sr, wg, unroll) in [(4u32, 256u32, 1u32), (4, 256, 2), (2, 128, 1), (8, 256, 1), (4, 128, 1), (8, 512, 1)] {
+            let st = wg / 32 / sr;
+            let (tile_r, tile_t) = ((sr * 32) as usize, (st * 64) as usize);
+            if !rows.is_multiple_of(tile_r) || !tokens.is_multiple_of(tile_t) {
+                print!(" ({sr},{wg},{unroll}) -");
+                continue;
+            }
+            let pipeline = ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some("direct"),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &[
+                        ("N", rows as f64),
+                        ("K", cols as f64),
+                        ("SR", f64::from(sr)),
+                        ("WG", f64::from(wg)),
+                        ("UNROLL", f64::from(unroll)),
+                    ],
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
+            let bgs: Vec<wgpu::BindGroup> = ws
+                .iter()
+                .map(|w| {
+                    ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some("direct"),
+                        layout: &pipeline.get_bind_group_layout(0),
+                        entries: &[
+                            wgpu::BindGroupEntry { binding: 0, resource: w.as_entire_binding() },
+                            wgpu::BindGroupEntry { binding: 1, resource: xb.as_entire_binding() },
+                            wgpu::BindGroupEntry { binding: 2, resource: yb.as_entire_binding() },
+                        ],
+                    })
+                })
+                .collect();
+            let groups = [(rows / tile_r) as u32, (tokens / tile_t) as u32, 1];
+            let secs = time_passes(ctx, &bgs, &[(&pipeline, groups)], 20);
+            let size = yb.size();
+            let rb = ctx.readback("y", size);
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            enc.copy_buffer_to_buffer(&yb, 0, &rb, 0, size);
+            let idx = ctx.queue.submit([enc.finish()]);
+            let y: Vec<f32> = bytemuck::cast_slice(&ctx.read_mapped(&rb, size, idx).expect("readback")).to_vec();
+            let mut worst = 0f32;
+            for i in 0..16 {
+                let (t, r) = ((i * 7919) % tokens, (i * 104_729) % rows);
+                let want: f32 = (0..cols).map(|k| wh[r * cols + k].to_f32() * xh[t * cols + k].to_f32()).sum();
+                let scale: f32 = (0..cols).map(|k| (wh[r * cols + k].to_f32() * xh[t * cols + k].to_f32()).abs()).sum();
+                worst = worst.max((y[t * rows + r] - want).abs() / scale.max(1e-6));
+            }
+            print!(" ({sr},{wg},{unroll}) {:>6.1} ({worst:.0e})", flops / secs / 1e12);
+        }
+        // Writing the f16 copy from Q4_0 reads 0.5625 and writes 2 bytes a weight.
+        println!(" | f16 copy at 3 TB/s: {:.2} ms", (rows * cols) as f64 * 2.5625 / 3e12 * 1e3);
+        ctx.check_errors("direct gemm").expect("direct gemm");
+    }
+}
+
 fn main() {
     let ctx = GpuContext::new(std::env::var("TANDEM_ADAPTER").ok().as_deref()).expect("a GPU adapter");
     println!("{} ({}), caps {:?}", ctx.adapter.name, ctx.adapter.driver, ctx.caps);
     let kernels = Kernels::new(&ctx);
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let kinds = ["copy", "read", "matvec", "ablate", "q8", "q8steps", "gemm", "small"];
+    let kinds = ["copy", "read", "matvec", "ablate", "q8", "q8steps", "gemm", "direct", "small"];
     let want = |what: &str| !args.iter().any(|a| kinds.contains(&a.as_str())) || args.iter().any(|a| a == what);
     let models: Vec<&String> = args.iter().filter(|a| !kinds.contains(&a.as_str())).collect();
     let shapes: Vec<_> = SHAPES.into_iter().filter(|s| models.is_empty() || models.iter().any(|m| *m == s.0)).collect();
@@ -677,6 +844,9 @@ fn main() {
     }
     if want("gemm") {
         gemm(&ctx, &kernels, &shapes);
+    }
+    if want("direct") && ctx.caps.coop_matrix {
+        gemm_direct(&ctx, &shapes);
     }
     if want("small") {
         small(&ctx, &kernels);
