@@ -13,8 +13,17 @@ use crate::gpu::GpuContext;
 pub struct Kernels {
     ctx: GpuContext,
     layouts: HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
-    cache: Mutex<HashMap<String, wgpu::ComputePipeline>>,
+    cache: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     gemm_parts: std::sync::OnceLock<wgpu::Buffer>,
+}
+
+/// What a cached pipeline was built from: the kernel, the weight format its source reads, and
+/// its override constants in order (as bits, so the key hashes).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PipelineKey {
+    kernel: Kernel,
+    format: Option<WeightFormat>,
+    constants: Vec<(String, u64)>,
 }
 
 impl std::fmt::Debug for Kernels {
@@ -69,16 +78,17 @@ impl Kernels {
 
     /// The pipeline of `kernel` for `format` with the given override constants.
     pub fn pipeline(&self, kernel: Kernel, format: Option<WeightFormat>, constants: &[(&str, f64)]) -> Result<wgpu::ComputePipeline> {
-        let key = format!("{}:{:?}:{constants:?}", kernel.name(), format);
-        let mut cache = self.cache.lock().map_err(|_| Error::Gpu { op: key.clone(), reason: "pipeline cache poisoned".into() })?;
-        if let Some(p) = cache.get(&key) {
-            return Ok(p.clone());
-        }
-        let source = kernel.source(format, self.ctx.caps).map_err(|e| Error::Gpu { op: key.clone(), reason: e.to_string() })?;
+        let key = PipelineKey { kernel, format, constants: constants.iter().map(|&(n, v)| (n.to_string(), v.to_bits())).collect() };
         let label = match format {
             Some(f) => format!("{}.{}", kernel.name(), f.name()),
             None => kernel.name().to_string(),
         };
+        let op = || format!("{label} {constants:?}");
+        let mut cache = self.cache.lock().map_err(|_| Error::Gpu { op: op(), reason: "pipeline cache poisoned".into() })?;
+        if let Some(p) = cache.get(&key) {
+            return Ok(p.clone());
+        }
+        let source = kernel.source(format, self.ctx.caps).map_err(|e| Error::Gpu { op: op(), reason: e.to_string() })?;
         let pipeline = self.pipeline_from_source(kernel, &label, &source, constants)?;
         cache.insert(key, pipeline.clone());
         Ok(pipeline)
