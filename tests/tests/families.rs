@@ -3,12 +3,15 @@
 //! context and once within it, and Qwen2 with YaRN), on random-weight models in each family's own
 //! layout (`tests/fixtures/families/make.py`, written with the `gguf` and `safetensors` packages),
 //! against llama.cpp's logits on the GGUF (llama-cpp-python, CPU); the Hugging Face directory of
-//! the same weights must load to the same logits.
+//! the same weights must load to the same logits. And the weight formats no real file here holds
+//! (Q2_K, Q3_K, Q5_K, Q5_1, beside Q4_K and Q6_K), in Llama-shaped models that llama.cpp's own
+//! quantizer wrote, against llama.cpp's logits on those files and on their F32 twins (the same
+//! values decoded by the `gguf` package).
 
 use std::path::PathBuf;
 
 use serde::Deserialize;
-use tandem_core::{Engine, EngineConfig, HostModel, KvDtype};
+use tandem_core::{Engine, EngineConfig, HostModel, KvDtype, WeightFormat};
 use tandem_tests::{ReferencePrompt, gpu};
 
 /// llama.cpp rounds activations to f16 for its products with F16 weights, and Q and the
@@ -26,13 +29,21 @@ struct Fixtures {
 }
 
 fn fixtures() -> (PathBuf, Fixtures) {
+    fixtures_in("families.llamacpp.json")
+}
+
+fn fixtures_in(file: &str) -> (PathBuf, Fixtures) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/families");
-    let text = std::fs::read_to_string(dir.join("families.llamacpp.json")).expect("reference file");
+    let text = std::fs::read_to_string(dir.join(file)).expect("reference file");
     (dir.clone(), serde_json::from_str(&text).expect("reference parses"))
 }
 
 fn logits(model: &HostModel, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let cfg = EngineConfig { max_batch_tokens: 32, context_length: 64, kv_dtype: KvDtype::F16, ..Default::default() };
+    logits_in(model, tokens, false)
+}
+
+fn logits_in(model: &HostModel, tokens: &[u32], deterministic: bool) -> Vec<Vec<f32>> {
+    let cfg = EngineConfig { max_batch_tokens: 32, context_length: 64, kv_dtype: KvDtype::F16, deterministic, ..Default::default() };
     let mut engine = Engine::new(gpu(), model, &cfg).expect("engine");
     let seq = engine.create_sequence();
     // One token a step after the first, so the decode path runs too.
@@ -91,4 +102,66 @@ fn every_family_matches_llama_cpp_from_gguf_and_from_hugging_face() {
         }
     }
     eprintln!("worst logit difference from llama.cpp: {worst}; between GGUF and HF: {worst_hf}");
+}
+
+/// The formats' values, decoded by the `gguf` package into an F32 twin of each file, run through
+/// llama.cpp's F32 products (no rounding of the activations): our deterministic mode (f32
+/// activations, an f16 K/V cache) must land this close, so every dequantizer reads ggml's bits as
+/// ggml does. Measured 0.014 at worst.
+const EXACT_TOLERANCE: f32 = 0.05;
+/// Our default mode against llama.cpp on the quantized files themselves: both round activations
+/// to 8 bits for their products (llama.cpp to q8_K and q8_1 on the CPU), differently. llama.cpp's
+/// own logits there lie up to 0.48 from its F32 twin's; ours measured 0.56 at worst.
+const FORMAT_TOLERANCE: f32 = 0.75;
+
+/// The fixture's name, and the format that must be among its tensors for it to test anything.
+const FORMAT_FIXTURES: [(&str, WeightFormat); 4] = [
+    ("llama-q2_k", WeightFormat::Q2K),
+    ("llama-q3_k_m", WeightFormat::Q3K),
+    ("llama-q5_k_m", WeightFormat::Q5K),
+    ("llama-q5_1", WeightFormat::Q5_1),
+];
+
+/// The largest difference between our logits and a reference's top ones, position by position.
+fn worst_against(ours: &[Vec<f32>], want: &ReferencePrompt) -> f32 {
+    let mut worst = 0f32;
+    for (row, pos) in ours.iter().zip(&want.positions) {
+        for (id, w) in pos.top_ids.iter().zip(&pos.top_logits) {
+            worst = worst.max((row[*id as usize] - w).abs());
+        }
+    }
+    worst
+}
+
+#[test]
+fn formats_no_real_file_here_holds_match_llama_cpp_on_its_own_quantized_files() {
+    let (dir, fixtures) = fixtures_in("formats.llamacpp.json");
+    assert_eq!(fixtures.models.len(), 2 * FORMAT_FIXTURES.len(), "each file and its F32 twin");
+    let (mut exact, mut fast) = (0f32, 0f32);
+    for (name, format) in FORMAT_FIXTURES {
+        let model = HostModel::load(&dir.join(format!("{name}-tiny.gguf"))).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let formats: std::collections::BTreeSet<String> = model.tensors.values().map(|t| format!("{:?}", t.format)).collect();
+        assert!(formats.contains(&format!("{format:?}")), "{name} holds {format:?}: {formats:?}");
+        for (p, twin) in fixtures.models[name].iter().zip(&fixtures.models[&format!("{name}@f32")]) {
+            assert_eq!(p.tokens, twin.tokens);
+            // The prompt and the exact twin's greedy continuation, so positions past the prompt
+            // are checked too.
+            let mut tokens = twin.tokens.clone();
+            tokens.extend(&twin.greedy_tokens);
+            let ours = logits_in(&model, &tokens, true);
+            let w = worst_against(&ours, twin);
+            exact = exact.max(w);
+            assert!(w <= EXACT_TOLERANCE, "{name} `{}`: logits {w} from llama.cpp's on the F32 twin ({formats:?})", p.name);
+            for (j, (&want, &margin)) in twin.greedy_tokens.iter().zip(&twin.greedy_margins).enumerate() {
+                if margin < 2.0 * EXACT_TOLERANCE {
+                    break;
+                }
+                assert_eq!(tandem_core::cpu_ref::argmax(&ours[twin.tokens.len() - 1 + j]), want, "{name} `{}` greedy step {j}", p.name);
+            }
+            let w = worst_against(&logits_in(&model, &p.tokens, false), p);
+            fast = fast.max(w);
+            assert!(w <= FORMAT_TOLERANCE, "{name} `{}`: default-mode logits {w} from llama.cpp's on the file", p.name);
+        }
+    }
+    eprintln!("worst logit difference from llama.cpp: {exact} (deterministic, F32 twins), {fast} (default, the quantized files)");
 }
