@@ -13,7 +13,7 @@ use tandem_console::state::{ClusterState, ControlOrder};
 use tandem_mesh::{ControlCommand, ControlReply, MeshSecret, Role};
 
 fn tiny_node(extra: &[&str], dir: &std::path::Path, name: &str) -> Node {
-    let mut args = vec!["--model", "synthetic:tiny", "--role", "both", "--context", "1024", "--kv-memory", "32MiB"];
+    let mut args = vec!["--model", "synthetic:tiny:q4_0", "--role", "both", "--context", "1024", "--kv-memory", "32MiB"];
     args.extend_from_slice(extra);
     Node::start(&args, dir, name)
 }

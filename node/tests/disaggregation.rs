@@ -1,6 +1,6 @@
 //! Disaggregated prefill and decode across separate `tandem serve` processes on loopback: an
 //! entry node places requests split (prefill on P, K/V streamed layer by layer to D, decoded on
-//! D), and the tokens equal a single node's for every reference prompt; a long prompt transfers
+//! D), and the tokens equal a single node's for the short reference prompts; a long prompt transfers
 //! completely; a decode node killed mid-generation, a prefill node killed mid-prefill, and a
 //! decode node drained mid-generation all leave the client with the complete, identical text;
 //! an entry node that vanishes leaves nothing behind.
@@ -188,7 +188,8 @@ async fn split_requests_give_the_single_node_tokens_for_the_short_reference_prom
     assert!(dn["load"]["split_requests"].as_u64().is_some_and(|n| n >= prompts.len() as u64), "{dn}");
 }
 
-const TINY: &str = "synthetic:tiny";
+// Q4_0: random Q4_1 blocks share an offset that makes every continuation one repeated token.
+const TINY: &str = "synthetic:tiny:q4_0";
 
 fn tiny(prompt: &[u32], max_tokens: usize) -> Value {
     json!({ "model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true })

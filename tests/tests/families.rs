@@ -106,8 +106,8 @@ fn every_family_matches_llama_cpp_from_gguf_and_from_hugging_face() {
 
 /// The formats' values, decoded by the `gguf` package into an F32 twin of each file, run through
 /// llama.cpp's F32 products (no rounding of the activations): our deterministic mode (f32
-/// activations, an f16 K/V cache) must land this close, so every dequantizer reads ggml's bits as
-/// ggml does. Measured 0.014 at worst.
+/// activations, an f16 K/V cache) must land this close, so every dequantizer reads the bits as the
+/// `gguf` package decodes them. Measured 0.014 at worst.
 const EXACT_TOLERANCE: f32 = 0.05;
 /// Our default mode against llama.cpp on the quantized files themselves: both round activations
 /// to 8 bits for their products (llama.cpp to q8_K and q8_1 on the CPU), differently. llama.cpp's

@@ -8,8 +8,8 @@ use tandem_tests::{default_model, gpu, reference};
 /// by this much: measured 0.026 at worst on these prompts.
 const LOGIT_TOLERANCE: f32 = 0.05;
 /// The default mode's steps of few tokens multiply 8-bit activations, as llama.cpp does: its
-/// logits (f32 K/V cache) may differ from exact math by this much. Measured 0.37 at worst on
-/// these prompts; llama.cpp's own are up to 0.83 from exact math (reference/README.md).
+/// logits (f32 K/V cache) may differ from exact math by this much. Measured 0.44 at worst on
+/// these prompts but the longest (`LONG_PROMPT`); llama.cpp's own are up to 0.83 from exact math (reference/README.md).
 const FAST_LOGIT_TOLERANCE: f32 = 0.5;
 /// The same with the default f16 K/V cache, whose rounding adds to the activations': measured
 /// 0.52 at worst on these prompts (a bound of its own for that configuration; the f32 cache's
