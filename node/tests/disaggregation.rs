@@ -188,7 +188,7 @@ async fn split_requests_give_the_single_node_tokens_for_the_short_reference_prom
     assert!(dn["load"]["split_requests"].as_u64().is_some_and(|n| n >= prompts.len() as u64), "{dn}");
 }
 
-// Q4_0: random Q4_1 blocks share an offset that makes every continuation one repeated token.
+// Q4_0: in Q4_1 the tiny model's random weights continued every prompt tried with one repeated token.
 const TINY: &str = "synthetic:tiny:q4_0";
 
 fn tiny(prompt: &[u32], max_tokens: usize) -> Value {
