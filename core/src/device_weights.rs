@@ -103,8 +103,21 @@ fn transcode(format: WeightFormat, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
 impl DeviceMatrix {
     /// Uploads a 2-D tensor, split into parts that fit the adapter's binding limit.
     pub fn upload(ctx: &GpuContext, t: &HostTensor) -> Result<Self> {
-        let (rows, cols) = (t.rows(), t.cols());
-        let (qb, sb) = gpu_row_bytes(t.format, cols);
+        Self::upload_stacked(ctx, &[t])
+    }
+
+    /// Uploads 2-D tensors of one width and one device layout stacked by rows into one matrix,
+    /// each transcoded from its own file format, split into parts that fit the adapter's binding
+    /// limit.
+    pub fn upload_stacked(ctx: &GpuContext, ts: &[&HostTensor]) -> Result<Self> {
+        let first = ts.first().ok_or(Error::EmptyStack)?;
+        let (format, cols) = (first.format.device_format(), first.cols());
+        if let Some(t) = ts.iter().find(|t| t.format.device_format() != format || t.cols() != cols) {
+            return Err(Error::StackMismatch { first: first.name.clone(), other: t.name.clone() });
+        }
+        let name = ts.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join("+");
+        let rows: usize = ts.iter().map(|t| t.rows()).sum();
+        let (qb, sb) = gpu_row_bytes(format, cols);
         let per_row = qb.max(sb).max(1) as u64;
         // Rows per part: what fits one binding and one dispatch of a workgroup a row (the most
         // workgroups a dimension takes, 65,535 on every adapter: Gemma's 262,144-token head is
@@ -117,8 +130,18 @@ impl DeviceMatrix {
         let mut start = 0;
         while start < rows {
             let end = (start + max_rows).min(rows);
-            let (quants, scales) = repack(t.format, t.row_bytes(start, end));
-            let label = format!("{}[{start}..{end}]", t.name);
+            let (mut quants, mut scales) = (Vec::new(), Vec::new());
+            let mut first_row = 0;
+            for t in ts {
+                let (a, b) = (start.max(first_row), end.min(first_row + t.rows()));
+                if a < b {
+                    let (q, s) = repack(t.format, t.row_bytes(a - first_row, b - first_row));
+                    quants.extend_from_slice(&q);
+                    scales.extend_from_slice(&s);
+                }
+                first_row += t.rows();
+            }
+            let label = format!("{name}[{start}..{end}]");
             parts.push(MatrixPart {
                 row_start: start,
                 rows: end - start,
@@ -127,7 +150,7 @@ impl DeviceMatrix {
             });
             start = end;
         }
-        Ok(DeviceMatrix { name: t.name.clone(), format: t.format.device_format(), rows, cols, parts })
+        Ok(DeviceMatrix { name, format, rows, cols, parts })
     }
 
     /// Uniform parameters for each part when it writes columns `y_offset..` of rows `y_stride` wide.

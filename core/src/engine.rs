@@ -525,18 +525,24 @@ impl MatmulOp {
         Ok(true)
     }
 
+    /// Whether `take_norm` would give this matmul its norming twin.
+    pub(crate) fn can_take_norm(&self) -> bool {
+        let cols = self.cols as usize;
+        let Some(q8) = self.fast.as_ref().and_then(|f| f.matvec_q8.as_ref()) else { return false };
+        let widest = if q8.glu.is_some() { NORMED_MAX_COLS } else { NARROW_NORMED_MAX_COLS };
+        cols <= widest && cols.is_multiple_of(32) && q8.shapes.first().is_some_and(|(s, _)| s.tokens == 1)
+    }
+
     /// Gives a matmul whose input is the RMSNorm (by `g`, with `eps`) of the residual `x` an
     /// 8-bit matvec twin that norms it itself, for one-token steps (`takes_fused_matvec`),
     /// where its shapes allow (rows of whole blocks, up to `NARROW_NORMED_MAX_COLS` or, for the
     /// gated twin, `NORMED_MAX_COLS`). Call after `rotate` and `take_glu`: the twin rotates or
     /// gates too. Returns whether it did; the norm's dispatch is then skipped on those steps.
     pub(crate) fn take_norm(&mut self, kernels: &Kernels, x: &wgpu::Buffer, g: &wgpu::Buffer, eps: f32) -> Result<bool> {
-        let cols = self.cols as usize;
-        let Some(q8) = self.fast.as_mut().and_then(|f| f.matvec_q8.as_mut()) else { return Ok(false) };
-        let widest = if q8.glu.is_some() { NORMED_MAX_COLS } else { NARROW_NORMED_MAX_COLS };
-        if cols > widest || !cols.is_multiple_of(32) || q8.shapes.first().is_none_or(|(s, _)| s.tokens != 1) {
+        if !self.can_take_norm() {
             return Ok(false);
         }
+        let Some(q8) = self.fast.as_mut().and_then(|f| f.matvec_q8.as_mut()) else { return Ok(false) };
         q8.norm = Some((x.clone(), g.clone(), eps));
         self.build_one_token(kernels)?;
         Ok(true)
@@ -700,23 +706,6 @@ impl MatmulOp {
         }
         rotated
     }
-}
-
-/// `tensors` stacked by rows into one matrix, where they share a format and a width.
-pub(crate) fn stack_rows(tensors: &[&crate::tensor::HostTensor]) -> Option<crate::tensor::HostTensor> {
-    let first = tensors.first()?;
-    if tensors.iter().any(|t| t.format != first.format || t.cols() != first.cols()) {
-        return None;
-    }
-    let rows = tensors.iter().map(|t| t.rows()).sum();
-    let bytes = tensors.iter().flat_map(|t| t.bytes.as_slice()).copied().collect();
-    let name = tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join("+");
-    Some(crate::tensor::HostTensor {
-        name,
-        format: first.format,
-        shape: vec![first.cols(), rows],
-        bytes: crate::tensor::TensorBytes::owned(bytes),
-    })
 }
 
 impl Engine {

@@ -22,7 +22,9 @@ pub enum Error {
     Gguf { path: PathBuf, reason: String },
     #[error("{path}: tensor `{tensor}`: {reason}")]
     Tensor { path: PathBuf, tensor: String, reason: String },
-    #[error("{path}: tensor `{tensor}` has type {type_name}, which tandem does not support (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)")]
+    #[error(
+        "{path}: tensor `{tensor}` has type {type_name}, which tandem does not support (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)"
+    )]
     UnsupportedTensorType { path: PathBuf, tensor: String, type_name: String },
     #[error("{path}: missing tensor `{tensor}`")]
     MissingTensor { path: PathBuf, tensor: String },
@@ -60,6 +62,10 @@ pub enum Error {
     UnknownSequence(u64),
     #[error("KV import rejected: {0}")]
     KvImport(String),
+    #[error("cannot stack `{other}` under `{first}`: the matrices differ in width or device layout")]
+    StackMismatch { first: String, other: String },
+    #[error("no matrices to stack")]
+    EmptyStack,
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 }

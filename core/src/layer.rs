@@ -5,11 +5,11 @@
 
 use std::collections::HashMap;
 
-use tandem_shaders::{ATTENTION_CHUNK, ATTENTION_TILE_ROWS, Kernel, ShaderCaps};
+use tandem_shaders::{ATTENTION_CHUNK, ATTENTION_TILE_ROWS, Kernel, ShaderCaps, attention_tile_head_groups};
 
 use crate::config::{ModelConfig, RopeLayout};
 use crate::device_weights::{DeviceMatrix, upload_vector};
-use crate::engine::{EngineConfig, GluTarget, MatmulOp, RopeTarget, stack_rows, takes_fused_matvec, takes_merging_matvec};
+use crate::engine::{EngineConfig, GluTarget, MatmulOp, RopeTarget, takes_fused_matvec, takes_merging_matvec};
 use crate::error::Result;
 use crate::gpu::GpuContext;
 use crate::kernels::{Kernels, SILU_MUL_TILE};
@@ -19,9 +19,9 @@ use crate::recorder::{Recorder, Work};
 
 /// Whether the engine takes attention_coop.wgsl for steps whose sequences each bring
 /// `ATTENTION_TILE_MIN` tokens or more: fast mode (it is not batch-invariant), the matrix units,
-/// an f16 cache, and heads 64 or 128 wide (the kernel's fragments).
+/// an f16 cache, and heads 64, 128 or 256 wide (the kernel's fragments).
 pub fn takes_attention_tiles(caps: ShaderCaps, engine: &EngineConfig, config: &ModelConfig) -> bool {
-    !engine.deterministic && caps.has_coop_matrix() && engine.kv_dtype == KvDtype::F16 && matches!(config.head_dim, 64 | 128)
+    !engine.deterministic && caps.has_coop_matrix() && engine.kv_dtype == KvDtype::F16 && matches!(config.head_dim, 64 | 128 | 256)
 }
 
 /// The workgroups of a dispatch, by the step's token count.
@@ -39,7 +39,8 @@ pub enum Grid {
     NormedRows,
     /// `[heads, tokens, attention chunks]`, on steps without attention tiles.
     Attention(u32),
-    /// `[heads, attention tiles, attention chunks]`, on steps with them (attention_coop.wgsl).
+    /// `[x, attention tiles, attention chunks]`, on steps with them (attention_coop.wgsl: x is
+    /// `attention_tile_head_groups`).
     AttentionTiles(u32),
     /// `[heads, tokens, 1]`, only on steps with more than one attention chunk per token (with
     /// one, attention writes its output itself).
@@ -81,6 +82,14 @@ pub struct Dispatch {
 pub enum LayerOp {
     Dispatch(Dispatch),
     Matmul(MatmulOp),
+}
+
+impl LayerOp {
+    /// Whether this is `LayerBuilder::rope_kv`'s dispatch, the one a rotating Q/K/V matvec
+    /// stands in for (`LayerBuilder::rotating`).
+    pub fn is_plain_rope(&self) -> bool {
+        matches!(self, LayerOp::Dispatch(Dispatch { grid: Grid::RopeKv(_), .. }))
+    }
 }
 
 /// A layer's ops and its K/V cache.
@@ -191,14 +200,20 @@ impl LayerBuilder<'_> {
     }
 
     /// The RMSNorm `what` of `x` into `xn` followed by `consumers`, the ops that read `xn`. Where
-    /// they are one matmul with an 8-bit matvec twin that norms its input itself
-    /// (`MatmulOp::take_norm`), one-token steps take that twin and skip the norm's dispatch.
+    /// every one is a matmul with an 8-bit matvec twin that norms its input itself
+    /// (`MatmulOp::take_norm`; Q/K/V in two formats are two), one-token steps take those twins
+    /// and skip the norm's dispatch: each recomputes the norm of one row, which costs less than
+    /// a dispatch.
     pub fn normed(&self, what: &str, mut consumers: Vec<LayerOp>) -> Result<Vec<LayerOp>> {
         let g = self.vector(what)?;
         let mut norm = self.norm_by(what, &g, None)?;
-        if let ([LayerOp::Matmul(m)], Some(_), LayerOp::Dispatch(d)) = (consumers.as_mut_slice(), &self.act.xn_q8, &mut norm)
-            && m.take_norm(self.kernels, &self.act.x, &g, self.config.rms_eps)?
-        {
+        let all_can = consumers.iter().all(|op| matches!(op, LayerOp::Matmul(m) if m.can_take_norm()));
+        if let (true, Some(_), LayerOp::Dispatch(d)) = (all_can && !consumers.is_empty(), &self.act.xn_q8, &mut norm) {
+            for op in &mut consumers {
+                if let LayerOp::Matmul(m) = op {
+                    m.take_norm(self.kernels, &self.act.x, &g, self.config.rms_eps)?;
+                }
+            }
             d.grid = Grid::NormedRows;
         }
         let mut ops = vec![norm];
@@ -249,20 +264,19 @@ impl LayerBuilder<'_> {
         Ok(LayerOp::Matmul(op))
     }
 
-    /// Matrices that read `xn` and write side by side into `y` (rows `y_stride` wide): one
-    /// stacked matrix (one dispatch) where they share a format, else one op each.
+    /// Matrices that read `xn` and write side by side into `y` (rows `y_stride` wide): each run
+    /// of neighbours that share a device layout becomes one stacked matrix (one dispatch), so
+    /// Gemma's Q5_0 Q and K and Q8_0 V, all Q8_0 blocks on the GPU, are one matmul.
     pub fn side_by_side(&self, names: &[&str], y: &wgpu::Buffer, y_stride: usize) -> Result<Vec<LayerOp>> {
         let ts = names.iter().map(|n| self.model.tensor(&layer_tensor(self.layer, n))).collect::<Result<Vec<_>>>()?;
         let x_stride = ts[0].cols();
         let (x, x_q8) = (&self.act.xn, &self.act.xn_q8);
-        if let Some(t) = stack_rows(&ts) {
-            return Ok(vec![self.matmul_op(&DeviceMatrix::upload(self.ctx, &t)?, x, x_q8, y, (x_stride, y_stride, 0), false)?]);
-        }
         let mut offset = 0;
-        let mut ops = Vec::with_capacity(ts.len());
-        for t in ts {
-            ops.push(self.matmul_op(&DeviceMatrix::upload(self.ctx, t)?, x, x_q8, y, (x_stride, y_stride, offset), false)?);
-            offset += t.rows();
+        let mut ops = Vec::new();
+        for run in ts.chunk_by(|a, b| a.format.device_format() == b.format.device_format() && a.cols() == b.cols()) {
+            let m = DeviceMatrix::upload_stacked(self.ctx, run)?;
+            ops.push(self.matmul_op(&m, x, x_q8, y, (x_stride, y_stride, offset), false)?);
+            offset += m.rows;
         }
         Ok(ops)
     }
@@ -350,22 +364,6 @@ impl LayerBuilder<'_> {
         [("N_HEADS", c.n_heads as f64), ("N_KV_HEADS", c.n_kv_heads as f64), ("HEAD_DIM", c.head_dim as f64)]
     }
 
-    /// RMSNorm of each query head by `q_norm` and each key head by `k_norm`, in place.
-    pub fn head_norm(&self, q_norm: &str, k_norm: &str) -> Result<LayerOp> {
-        let c = self.config;
-        let [h, kvh, hd] = self.heads();
-        let pipeline = self.kernels.pipeline(Kernel::HeadNorm, None, &[h, kvh, hd, ("EPS", f64::from(c.rms_eps))])?;
-        let (gq, gk) = (self.vector(q_norm)?, self.vector(k_norm)?);
-        let bind_group = self.kernels.bind_group(Kernel::HeadNorm, "head_norm", &[&self.act.step, &self.act.qkv, &gq, &gk]);
-        let values = ((c.n_heads + c.n_kv_heads) * c.head_dim) as u64;
-        Ok(LayerOp::Dispatch(Dispatch {
-            pipeline,
-            bind_group,
-            cost: Cost::per_token(Kernel::HeadNorm, values * 12, values * 4),
-            grid: Grid::Tokens((c.n_heads + c.n_kv_heads) as u32),
-        }))
-    }
-
     /// This layer's RoPE table (its base and frequency divisor).
     fn rope_table(&self) -> &wgpu::Buffer {
         let c = self.config;
@@ -395,29 +393,56 @@ impl LayerBuilder<'_> {
     /// RoPE on Q and K with this layer's base, and the new K and V into the cache.
     pub fn rope_kv(&self) -> Result<LayerOp> {
         let c = self.config;
-        let [h, kvh, hd] = self.heads();
-        let kv = self.engine.kv_dtype;
-        let pipeline = self.kernels.pipeline(
-            Kernel::RopeKv,
-            Some(kv.format()),
-            &[h, kvh, hd, ("NEOX", f64::from(u8::from(c.rope_layout == RopeLayout::Neox)))],
-        )?;
-        let a = self.act;
-        let bind_group = self.kernels.bind_group(
-            Kernel::RopeKv,
-            "rope_kv",
-            &[&a.step, &a.qkv, &a.tokens, self.rope_table(), self.k_cache, self.v_cache],
-        );
-        let kv_dim = c.kv_dim() as u64;
+        let (pipeline, bind_group) = self.rope_pipeline(Kernel::RopeKv, &[], &[])?;
         let pairs = ((c.n_heads + c.n_kv_heads) * c.head_dim / 2) as u64;
         // rope_kv.wgsl: an invocation rotates two pairs or copies two V values.
         let items = (c.n_heads + c.n_kv_heads) * c.head_dim / 4 + c.kv_dim() / 2;
         Ok(LayerOp::Dispatch(Dispatch {
             pipeline,
             bind_group,
-            cost: Cost::per_token(Kernel::RopeKv, c.qkv_dim() as u64 * 8 + 2 * kv_dim * kv.bytes() as u64, 6 * pairs),
+            cost: Cost::per_token(Kernel::RopeKv, self.rope_bytes(), 6 * pairs),
             grid: Grid::RopeKv(items.div_ceil(64) as u32),
         }))
+    }
+
+    /// `rope_kv` after an RMSNorm of each query head by `q_norm` and each key head by `k_norm`
+    /// (one dispatch: norm_rope_kv.wgsl).
+    pub fn norm_rope_kv(&self, q_norm: &str, k_norm: &str) -> Result<LayerOp> {
+        let c = self.config;
+        let (gq, gk) = (self.vector(q_norm)?, self.vector(k_norm)?);
+        let (pipeline, bind_group) = self.rope_pipeline(Kernel::NormRopeKv, &[("EPS", f64::from(c.rms_eps))], &[&gq, &gk])?;
+        let values = ((c.n_heads + c.n_kv_heads) * c.head_dim) as u64;
+        Ok(LayerOp::Dispatch(Dispatch {
+            pipeline,
+            bind_group,
+            // The norm reads each value once more and spends 4 operations on it; RoPE 3 a value.
+            cost: Cost::per_token(Kernel::NormRopeKv, self.rope_bytes() + values * 4, 7 * values),
+            grid: Grid::Tokens((c.n_heads + 2 * c.n_kv_heads) as u32),
+        }))
+    }
+
+    /// A RoPE kernel's pipeline and bind group: rope_io.wgsl's constants and bindings, then
+    /// `consts` and `buffers` of its own.
+    fn rope_pipeline(
+        &self,
+        kernel: Kernel,
+        consts: &[(&str, f64)],
+        buffers: &[&wgpu::Buffer],
+    ) -> Result<(wgpu::ComputePipeline, wgpu::BindGroup)> {
+        let c = self.config;
+        let [h, kvh, hd] = self.heads();
+        let neox = ("NEOX", f64::from(u8::from(c.rope_layout == RopeLayout::Neox)));
+        let pipeline = self.kernels.pipeline(kernel, Some(self.engine.kv_dtype.format()), &[&[h, kvh, hd, neox][..], consts].concat())?;
+        let a = self.act;
+        let io = [&a.step, &a.qkv, &a.tokens, self.rope_table(), self.k_cache, self.v_cache];
+        let bind_group = self.kernels.bind_group(kernel, kernel.name(), &[&io[..], buffers].concat());
+        Ok((pipeline, bind_group))
+    }
+
+    /// Bytes a RoPE kernel moves a token: Q/K/V read, Q written, K and V cached.
+    fn rope_bytes(&self) -> u64 {
+        let c = self.config;
+        c.qkv_dim() as u64 * 8 + 2 * c.kv_dim() as u64 * self.engine.kv_dtype.bytes() as u64
     }
 
     /// Attention over the cache (this layer's window, if any) into `attn_out`, a token at a time
@@ -460,7 +485,7 @@ impl LayerBuilder<'_> {
                 bytes_per_attended: cost.bytes_per_attended / u64::from(ATTENTION_TILE_ROWS),
                 ..cost
             };
-            ops.push(LayerOp::Dispatch(Dispatch { pipeline, bind_group, cost, grid: Grid::AttentionTiles(c.n_heads as u32) }));
+            ops.push(LayerOp::Dispatch(Dispatch { pipeline, bind_group, cost, grid: Grid::AttentionTiles(attention_tile_head_groups(c.n_heads as u32, c.head_dim as u32)) }));
         }
         let pipeline = self.kernels.pipeline(
             Kernel::AttentionMerge,

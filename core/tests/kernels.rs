@@ -864,56 +864,74 @@ fn rope_kv_rotates_and_writes_the_paged_cache() {
     let ctx = gpu();
     let kernels = Kernels::new(&ctx);
     let mut rng = rng();
-    let (nh, nkv, hd) = (6, 2, 64);
-    let (q_dim, kv_dim) = (nh * hd, nkv * hd);
-    let stride = q_dim + 2 * kv_dim;
     let n_blocks = 8;
-    for dtype in [KvDtype::F16, KvDtype::F32] {
-        for neox in [false, true] {
-            let fx = paged(40, 5, n_blocks);
-            let tokens = fx.infos.len();
-            let qkv = random(&mut rng, tokens * stride);
-            let table = cpu_ref::rope_table(64, hd, 10000.0, None);
-            let flat: Vec<f32> = table.iter().flatten().copied().collect();
-            let step = step_buf(&ctx, tokens, 0);
-            let qkv_b = ctx.storage_init("qkv", bytemuck::cast_slice(&qkv));
-            let info_b = ctx.storage_init("tokens", bytemuck::cast_slice(&fx.infos));
-            let rope_b = ctx.storage_init("rope", bytemuck::cast_slice(&flat));
-            let cache_bytes = (n_blocks * 16 * kv_dim * dtype.bytes()) as u64;
-            let (kc, vc) = (ctx.storage("k", cache_bytes), ctx.storage("v", cache_bytes));
-            let bg = kernels.bind_group(Kernel::RopeKv, "rope", &[&step, &qkv_b, &info_b, &rope_b, &kc, &vc]);
-            let consts = [("N_HEADS", nh as f64), ("N_KV_HEADS", nkv as f64), ("HEAD_DIM", hd as f64), ("NEOX", f64::from(u8::from(neox)))];
-            let pipeline = kernels.pipeline(Kernel::RopeKv, Some(dtype.format()), &consts).expect("pipeline");
-            let items = (nh + nkv) * hd / 4 + kv_dim / 2;
-            let enc = dispatch(&ctx, &pipeline, &[(&bg, [items.div_ceil(64) as u32, tokens as u32, 1])]);
-            let got_qkv = read_f32(&ctx, &qkv_b, (tokens * stride * 4) as u64, enc);
-            let got_k = dtype.decode(&read_bytes(&ctx, &kc, cache_bytes, ctx.device.create_command_encoder(&Default::default())));
-            let got_v = dtype.decode(&read_bytes(&ctx, &vc, cache_bytes, ctx.device.create_command_encoder(&Default::default())));
-            // What the cache holds: the values rounded to its dtype once.
-            let stored = |v: &[f32]| dtype.decode(&dtype.encode(v));
-            for (t, info) in fx.infos.iter().enumerate() {
-                let row = &qkv[t * stride..(t + 1) * stride];
-                let slot = info.slot as usize;
-                let what = format!("rope {dtype} neox={neox} token {t}");
-                for h in 0..nh + nkv {
-                    let mut head = row[h * hd..(h + 1) * hd].to_vec();
-                    cpu_ref::rope(&mut head, info.pos as usize, &table, neox);
-                    if h < nh {
-                        let got = got_qkv[t * stride + h * hd..][..hd].to_vec();
-                        assert_close(&got, &head, ELEMENTWISE_TOLERANCE, &vec![1.0; hd], &format!("{what} head {h}"));
-                    } else {
-                        let got = got_k[slot * kv_dim + (h - nh) * hd..][..hd].to_vec();
-                        // The GPU rounds its f32 rotation to f16, the reference its own: they may
-                        // land an f16 step apart (2^-10 for values below 2).
-                        let tolerance = if dtype == KvDtype::F16 { 1e-3 } else { ELEMENTWISE_TOLERANCE };
-                        assert_close(&got, &stored(&head), tolerance, &vec![1.0; hd], &format!("{what} head {h}"));
-                    }
+    // rope_kv, and norm_rope_kv (each query and key head RMSNormed first) on heads narrower and
+    // wider than its workgroup's 64 lanes.
+    for (normed, (nh, nkv, hd)) in [(false, (6, 2, 64)), (true, (6, 2, 64)), (true, (4, 1, 256))] {
+        let (q_dim, kv_dim) = (nh * hd, nkv * hd);
+        let stride = q_dim + 2 * kv_dim;
+        for dtype in [KvDtype::F16, KvDtype::F32] {
+            for neox in [false, true] {
+                let fx = paged(40, 5, n_blocks);
+                let tokens = fx.infos.len();
+                let qkv = random(&mut rng, tokens * stride);
+                let (gq, gk) = (random(&mut rng, hd), random(&mut rng, hd));
+                let table = cpu_ref::rope_table(64, hd, 10000.0, None);
+                let flat: Vec<f32> = table.iter().flatten().copied().collect();
+                let step = step_buf(&ctx, tokens, 0);
+                let qkv_b = ctx.storage_init("qkv", bytemuck::cast_slice(&qkv));
+                let info_b = ctx.storage_init("tokens", bytemuck::cast_slice(&fx.infos));
+                let rope_b = ctx.storage_init("rope", bytemuck::cast_slice(&flat));
+                let (gq_b, gk_b) = (ctx.storage_init("gq", bytemuck::cast_slice(&gq)), ctx.storage_init("gk", bytemuck::cast_slice(&gk)));
+                let cache_bytes = (n_blocks * 16 * kv_dim * dtype.bytes()) as u64;
+                let (kc, vc) = (ctx.storage("k", cache_bytes), ctx.storage("v", cache_bytes));
+                let mut consts =
+                    vec![("N_HEADS", nh as f64), ("N_KV_HEADS", nkv as f64), ("HEAD_DIM", hd as f64), ("NEOX", f64::from(u8::from(neox)))];
+                let (kernel, groups) = if normed {
+                    consts.push(("EPS", 1e-6));
+                    (Kernel::NormRopeKv, [(nh + 2 * nkv) as u32, tokens as u32, 1])
+                } else {
+                    (Kernel::RopeKv, [((nh + nkv) * hd / 4 + kv_dim / 2).div_ceil(64) as u32, tokens as u32, 1])
+                };
+                let mut buffers = vec![&step, &qkv_b, &info_b, &rope_b, &kc, &vc];
+                if normed {
+                    buffers.extend([&gq_b, &gk_b]);
                 }
-                assert_eq!(
-                    &got_v[slot * kv_dim..(slot + 1) * kv_dim],
-                    &stored(&row[q_dim + kv_dim..])[..],
-                    "{what}: V written to its slot"
-                );
+                let bg = kernels.bind_group(kernel, "rope", &buffers);
+                let pipeline = kernels.pipeline(kernel, Some(dtype.format()), &consts).expect("pipeline");
+                let enc = dispatch(&ctx, &pipeline, &[(&bg, groups)]);
+                let got_qkv = read_f32(&ctx, &qkv_b, (tokens * stride * 4) as u64, enc);
+                let got_k = dtype.decode(&read_bytes(&ctx, &kc, cache_bytes, ctx.device.create_command_encoder(&Default::default())));
+                let got_v = dtype.decode(&read_bytes(&ctx, &vc, cache_bytes, ctx.device.create_command_encoder(&Default::default())));
+                // What the cache holds: the values rounded to its dtype once.
+                let stored = |v: &[f32]| dtype.decode(&dtype.encode(v));
+                for (t, info) in fx.infos.iter().enumerate() {
+                    let row = &qkv[t * stride..(t + 1) * stride];
+                    let slot = info.slot as usize;
+                    let what = format!("{} {dtype} neox={neox} head_dim {hd} token {t}", kernel.name());
+                    for h in 0..nh + nkv {
+                        let mut head = row[h * hd..(h + 1) * hd].to_vec();
+                        if normed {
+                            head = cpu_ref::rmsnorm(&head, if h < nh { &gq } else { &gk }, hd, 1e-6);
+                        }
+                        cpu_ref::rope(&mut head, info.pos as usize, &table, neox);
+                        if h < nh {
+                            let got = got_qkv[t * stride + h * hd..][..hd].to_vec();
+                            assert_close(&got, &head, ELEMENTWISE_TOLERANCE, &vec![1.0; hd], &format!("{what} head {h}"));
+                        } else {
+                            let got = got_k[slot * kv_dim + (h - nh) * hd..][..hd].to_vec();
+                            // The GPU rounds its f32 rotation to f16, the reference its own: they
+                            // may land an f16 step apart (2^-10 for values below 2).
+                            let tolerance = if dtype == KvDtype::F16 { 1e-3 } else { ELEMENTWISE_TOLERANCE };
+                            assert_close(&got, &stored(&head), tolerance, &vec![1.0; hd], &format!("{what} head {h}"));
+                        }
+                    }
+                    assert_eq!(
+                        &got_v[slot * kv_dim..(slot + 1) * kv_dim],
+                        &stored(&row[q_dim + kv_dim..])[..],
+                        "{what}: V written to its slot"
+                    );
+                }
             }
         }
     }
@@ -1003,7 +1021,7 @@ const COOP_ATTENTION_TOLERANCE: f32 = 4e-3;
 /// engine records it: tiles of each sequence's new tokens from `attention_tiles`, the merge
 /// where a token has several chunks. One tile and one chunk (written directly), tiles across a
 /// chunk boundary, a deep prefix with two sequences and the smallest tile, sliding windows,
-/// 64- and 128-wide heads.
+/// 64-, 128- and 256-wide heads.
 #[test]
 fn attention_tiles_match_cpu() {
     let ctx = gpu();
@@ -1019,8 +1037,10 @@ fn attention_tiles_match_cpu() {
     let chunk = tandem_shaders::ATTENTION_CHUNK as usize;
     // (heads, K/V heads, head dim, window, each sequence's (cached, new) positions).
     type Case = (usize, usize, usize, usize, &'static [(usize, usize)]);
-    let cases: [Case; 5] = [
+    let cases: [Case; 7] = [
         (4, 2, 64, 0, &[(0, 40)]),
+        (2, 1, 256, 0, &[(0, 300)]),
+        (4, 1, 256, 20, &[(100, 70), (0, 16)]),
         (4, 2, 64, 0, &[(0, 300)]),
         (4, 1, 128, 0, &[(500, 150), (3, 16)]),
         (3, 3, 128, 100, &[(200, 90)]),
@@ -1080,7 +1100,8 @@ fn attention_tiles_match_cpu() {
             ("WINDOW", window as f64),
         ];
         let pipeline = kernels.pipeline(Kernel::AttentionCoop, Some(WeightFormat::F16), &consts).expect("pipeline");
-        let mut enc = dispatch(&ctx, &pipeline, &[(&bg, [nh as u32, tiles.len() as u32, chunks])]);
+        let x = tandem_shaders::attention_tile_head_groups(nh as u32, hd as u32);
+        let mut enc = dispatch(&ctx, &pipeline, &[(&bg, [x, tiles.len() as u32, chunks])]);
         if chunks > 1 {
             let merge_bg = kernels.bind_group(Kernel::AttentionMerge, "merge", &[&step, &info_b, &partials, &out, &no_q8]);
             let merge_consts = [("N_HEADS", nh as f64), ("HEAD_DIM", hd as f64), ("CHUNK", chunk as f64), ("Q8", 0.0)];

@@ -31,6 +31,12 @@ pub const ATTENTION_CHUNK: u32 = 256;
 /// Query rows of one attention_coop.wgsl workgroup (`ROWS`): consecutive tokens of one sequence.
 pub const ATTENTION_TILE_ROWS: u32 = 64;
 
+/// The workgroups of attention_coop.wgsl along x for `heads` heads of `head_dim` (64, 128 or
+/// 256): one a head, two for 256-wide heads (a workgroup writes 128 output dimensions at most).
+pub fn attention_tile_head_groups(heads: u32, head_dim: u32) -> u32 {
+    heads * head_dim.div_ceil(128).max(1)
+}
+
 /// The fewest tokens of a sequence in a step for which the engine takes attention_coop.wgsl for
 /// that step: a tile of fewer rows leaves most of the matrix units' work masked, and a decode
 /// token is better served by attention.wgsl's split of its keys.
@@ -232,9 +238,10 @@ pub enum Kernel {
     MatvecQ8Merge,
     Gemm,
     GemmCoop,
-    HeadNorm,
     AddBias,
     RopeKv,
+    /// `RopeKv` after an RMSNorm of each query and key head (Gemma 3's and Qwen3's q/k norms).
+    NormRopeKv,
     Attention,
     AttentionCoop,
     AttentionMerge,
@@ -258,9 +265,9 @@ impl Kernel {
         Kernel::MatvecQ8Merge,
         Kernel::Gemm,
         Kernel::GemmCoop,
-        Kernel::HeadNorm,
         Kernel::AddBias,
         Kernel::RopeKv,
+        Kernel::NormRopeKv,
         Kernel::Attention,
         Kernel::AttentionCoop,
         Kernel::AttentionMerge,
@@ -284,9 +291,9 @@ impl Kernel {
             Kernel::MatvecQ8Merge => "matvec_q8_merge",
             Kernel::Gemm => "gemm",
             Kernel::GemmCoop => "gemm_coop",
-            Kernel::HeadNorm => "head_norm",
             Kernel::AddBias => "add_bias",
             Kernel::RopeKv => "rope_kv",
+            Kernel::NormRopeKv => "norm_rope_kv",
             Kernel::Attention => "attention",
             Kernel::AttentionCoop => "attention_coop",
             Kernel::AttentionMerge => "attention_merge",
@@ -315,11 +322,12 @@ impl Kernel {
             Kernel::MatvecQ8Rope | Kernel::MatvecQ8RopeNorm => &[U, U, R, R, R, W, R, R, R, W, W],
             // matvec_q8's, then the down projection's 8-bit input.
             Kernel::MatvecQ8Glu | Kernel::MatvecQ8NormGlu => &[U, U, R, R, R, W, R, W],
-            // step, qkv (normed in place), query-head and key-head weights.
-            Kernel::HeadNorm => &[U, W, R, R],
             // step, y (biased in place), the bias.
             Kernel::AddBias => &[U, W, R],
+            // step, qkv (Q rotated in place), tokens, the RoPE table, the K and V cache.
             Kernel::RopeKv => &[U, W, R, R, W, W],
+            // rope_kv's, then the query-head and key-head norm weights.
+            Kernel::NormRopeKv => &[U, W, R, R, W, W, R, R],
             Kernel::Attention => &[U, R, R, R, R, R, W, W, W],
             // step, qkv, tokens, tables, K, V, partials, out, the step's tiles.
             Kernel::AttentionCoop => &[U, R, R, R, R, R, W, W, R],
@@ -344,7 +352,7 @@ impl Kernel {
     /// Whether the kernel touches the paged K/V cache and so exists once per cache format (F16
     /// or F32, passed as the `format` of `source`).
     pub fn reads_kv(self) -> bool {
-        matches!(self, Kernel::RopeKv | Kernel::Attention | Kernel::AttentionCoop)
+        matches!(self, Kernel::RopeKv | Kernel::NormRopeKv | Kernel::Attention | Kernel::AttentionCoop)
     }
 
     /// Whether the kernel reads a weight tensor and so exists once per weight format.
@@ -381,9 +389,9 @@ impl Kernel {
             | Kernel::MatvecQ8Merge => include_str!("../wgsl/matvec_q8.wgsl"),
             Kernel::Gemm => include_str!("../wgsl/gemm.wgsl"),
             Kernel::GemmCoop => include_str!("../wgsl/gemm_coop.wgsl"),
-            Kernel::HeadNorm => include_str!("../wgsl/head_norm.wgsl"),
             Kernel::AddBias => include_str!("../wgsl/add_bias.wgsl"),
             Kernel::RopeKv => include_str!("../wgsl/rope_kv.wgsl"),
+            Kernel::NormRopeKv => include_str!("../wgsl/norm_rope_kv.wgsl"),
             Kernel::Attention => include_str!("../wgsl/attention.wgsl"),
             Kernel::AttentionCoop => include_str!("../wgsl/attention_coop.wgsl"),
             Kernel::AttentionMerge => include_str!("../wgsl/attention_merge.wgsl"),
@@ -468,13 +476,13 @@ impl Kernel {
             }
             let lanes = self.lanes_source(caps);
             let [q8_out, q8_block, q8_store] = self.q8_out_sources(caps);
-            // Only rope_kv writes the cache.
-            let writes = self == Kernel::RopeKv;
+            // Only the RoPE kernels write the cache.
+            let writes = matches!(self, Kernel::RopeKv | Kernel::NormRopeKv);
             let cache = cache.replace("KV_ACCESS", if writes { "read_write" } else { "read" });
             return Ok(concat([
                 coop.then_some(COOP_ENABLES),
                 Some(include_str!("../wgsl/common.wgsl")),
-                (self != Kernel::RopeKv).then_some(include_str!("../wgsl/attention_io.wgsl")),
+                if writes { Some(include_str!("../wgsl/rope_io.wgsl")) } else { Some(include_str!("../wgsl/attention_io.wgsl")) },
                 Some(self.body()),
                 Some(cache.as_str()),
                 writes.then_some(store),

@@ -1,6 +1,6 @@
 // Causal attention for prefill steps on the adapter's matrix units (cooperative-matrix
 // multiply-adds, 16 x 16 x 16, f16 inputs, f32 sums), for adapters whose subgroups are 32 lanes,
-// an f16 K/V cache, and heads 64 or 128 wide. attention.wgsl gives every (head, token, chunk) a
+// an f16 K/V cache, and heads 64, 128 or 256 wide. attention.wgsl gives every (head, token, chunk) a
 // workgroup, so each query reads its keys alone and a 512-token prefill is tens of thousands of
 // latency-bound workgroups; here a workgroup takes ROWS consecutive tokens of one sequence (a
 // tile, listed by the CPU in `tiles`) against one CHUNK of key positions, and each K/V row it
@@ -15,6 +15,11 @@
 // the step has one chunk a token (a grid one chunk deep), else (max, sum, weighted values) into
 // `partials` for attention_merge.wgsl.
 //
+// A workgroup writes at most MAX_HEAD_DIM dimensions of the output: 256-wide heads (Gemma 3) take
+// two workgroups each (`HALVES`, the grid's x being heads times halves), each with the whole
+// query and keys for the scores and its half of the values, so the workgroup's memory stays
+// what 128-wide heads need, and the scores are computed twice.
+//
 // Not batch-invariant (a row's sums depend on its tile and its f16 rounding), so fast mode only;
 // the engine takes it on steps whose every sequence brings at least ATTENTION_TILE_MIN tokens.
 
@@ -24,6 +29,7 @@ const WG: u32 = 128u;
 // Key positions a step, and a chunk's (`ATTENTION_CHUNK`).
 const KEYS: u32 = 32u;
 const CHUNK: u32 = 256u;
+// Output dimensions a workgroup (and value dimensions in `vt`).
 const MAX_HEAD_DIM: u32 = 128u;
 // Row strides in f16 of the Q and K tiles and of the probabilities and transposed values,
 // padded so fragment loads of consecutive rows fall on different banks: by 4, to an odd number
@@ -32,6 +38,10 @@ const MAX_HEAD_DIM: u32 = 128u;
 // 28-31), on every padding tried (docs/kernel-notes.md, item 32).
 const LD: u32 = MAX_HEAD_DIM + 4u;
 const LDV: u32 = LD / 4u;
+// The keys' row stride in `tile`, in runs of 4: 256-wide heads' rows are 260 wide (65 runs,
+// odd), the 32 of them fitting in the query tile's 64 rows of 132.
+override LDK: u32 = select(LDV, (2u * MAX_HEAD_DIM + 4u) / 4u, HEAD_DIM > MAX_HEAD_DIM);
+override HALVES: u32 = select(1u, 2u, HEAD_DIM > MAX_HEAD_DIM);
 const LDP: u32 = KEYS + 4u;
 
 // Bindings 0-7 in attention_io.wgsl (the cache: kv_f16.wgsl only). Each tile's first token in the
@@ -80,13 +90,33 @@ fn flush(sg: u32, lane: u32, d0: u32, h: u32, t0: u32, rows: u32, first: u32, c:
     workgroupBarrier();
 }
 
+// Loads dimensions from4 * 4.. (128 of them) of the tile's queries, scaled, as f16 into `tile`
+// ([row][dimension]); zeros past the head or the tile's rows.
+fn load_queries(li: u32, t0: u32, rows: u32, h: u32, from4: u32) {
+    let stride = N_HEADS * HEAD_DIM + 2u * N_KV_HEADS * HEAD_DIM;
+    for (var e = li; e < ROWS * MAX_HEAD_DIM / 4u; e += WG) {
+        let qr = e / (MAX_HEAD_DIM / 4u);
+        let d4 = from4 + e % (MAX_HEAD_DIM / 4u);
+        var v = vec4<f32>(0.0);
+        if (qr < rows && d4 < HEAD_DIM / 4u) {
+            let o = (t0 + qr) * stride + h * HEAD_DIM + 4u * d4;
+            v = vec4<f32>(qkv[o], qkv[o + 1u], qkv[o + 2u], qkv[o + 3u]) * SCALE;
+        }
+        tile[qr * LDV + e % (MAX_HEAD_DIM / 4u)] = vec4<f16>(v);
+    }
+    workgroupBarrier();
+}
+
 @compute @workgroup_size(WG)
 fn main(
     @builtin(local_invocation_index) li: u32,
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) grid: vec3<u32>,
 ) {
-    let h = wg.x;
+    let h = wg.x / HALVES;
+    // The output dimensions this workgroup writes start at `od` (in runs of 4: `od4`).
+    let od = (wg.x % HALVES) * MAX_HEAD_DIM;
+    let od4 = od / 4u;
     let c = wg.z;
     let sg = li / 32u;
     let lane = li % 32u;
@@ -116,28 +146,28 @@ fn main(
     let row_lo = max(c * CHUNK, window_start(pos));
     let row_hi = select(0u, min(c * CHUNK + CHUNK, pos + 1u), r < rows);
 
-    for (var e = li; e < ROWS * MAX_HEAD_DIM / 4u; e += WG) {
-        let qr = e / (MAX_HEAD_DIM / 4u);
-        let d4 = e % (MAX_HEAD_DIM / 4u);
-        var v = vec4<f32>(0.0);
-        if (qr < rows && d4 < HEAD_DIM / 4u) {
-            let o = (t0 + qr) * (q_dim + 2u * kv_dim) + h * HEAD_DIM + 4u * d4;
-            v = vec4<f32>(qkv[o], qkv[o + 1u], qkv[o + 2u], qkv[o + 3u]) * SCALE;
-        }
-        tile[qr * LDV + d4] = vec4<f16>(v);
-    }
-    workgroupBarrier();
+    // The queries' dimensions 0..128 through the tile into q0..q7, then 128..256 into q8..q15
+    // (zeros for narrower heads, whose extra multiply-adds are skipped; likewise q4..q7 past 64).
+    load_queries(li, t0, rows, h, 0u);
     let qo = sg * 16u * LDV;
     let q0 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo], LDV);
     let q1 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo + 4u], LDV);
     let q2 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo + 8u], LDV);
     let q3 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo + 12u], LDV);
-    // Zeros past 64-wide heads (the tile's columns there are zero), so the 128-wide code serves
-    // both and the extra multiply-adds are skipped.
     let q4 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo + 16u], LDV);
     let q5 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo + 20u], LDV);
     let q6 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo + 24u], LDV);
     let q7 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo + 28u], LDV);
+    workgroupBarrier();
+    load_queries(li, t0, rows, h, MAX_HEAD_DIM / 4u);
+    let q8 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo], LDV);
+    let q9 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo + 4u], LDV);
+    let q10 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo + 8u], LDV);
+    let q11 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo + 12u], LDV);
+    let q12 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo + 16u], LDV);
+    let q13 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo + 20u], LDV);
+    let q14 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo + 24u], LDV);
+    let q15 = coopLoadT<coop_mat16x16<f16, A>>(&tile[qo + 28u], LDV);
     var o0 = coop_mat16x16<f32, C>();
     var o1 = coop_mat16x16<f32, C>();
     var o2 = coop_mat16x16<f32, C>();
@@ -149,10 +179,13 @@ fn main(
 
     let table_off = info.table_off;
     let head_off = kvh * HEAD_DIM / 4u;
+    // The value dimensions this workgroup takes (in runs of 4).
+    let vd4 = min(HEAD_DIM, MAX_HEAD_DIM) / 4u;
     let so = sg * 512u;
     let ss = 16u;
     let po = sg * 16u * (LDP / 4u);
     let wide = HEAD_DIM > 64u;
+    let wider = HEAD_DIM > MAX_HEAD_DIM;
     var m = NEG_BIG;
     var l = 0.0;
     // Pass 1 (steps 0..steps): each row's maximum and sum. Pass 2: probabilities times values.
@@ -167,16 +200,16 @@ fn main(
         for (var e = li; e < KEYS * (HEAD_DIM / 4u); e += WG) {
             let key = e / (HEAD_DIM / 4u);
             let d4 = e % (HEAD_DIM / 4u);
-            tile[key * LDV + d4] = halves(k_cache[cache_row(table_off, min(k0 + key, hi - 1u)) * (kv_dim / 4u) + head_off + d4]);
+            tile[key * LDK + d4] = halves(k_cache[cache_row(table_off, min(k0 + key, hi - 1u)) * (kv_dim / 4u) + head_off + d4]);
         }
         if (second) {
             // A lane takes 4 keys by 4 dimensions and stores them as 4 runs of 4 keys.
-            for (var e = li; e < KEYS / 4u * (HEAD_DIM / 4u); e += WG) {
-                let kq = e / (HEAD_DIM / 4u);
-                let d4 = e % (HEAD_DIM / 4u);
+            for (var e = li; e < KEYS / 4u * vd4; e += WG) {
+                let kq = e / vd4;
+                let d4 = e % vd4;
                 var v: array<vec4<f16>, 4>;
                 for (var k = 0u; k < 4u; k++) {
-                    v[k] = halves(v_cache[cache_row(table_off, min(k0 + 4u * kq + k, hi - 1u)) * (kv_dim / 4u) + head_off + d4]);
+                    v[k] = halves(v_cache[cache_row(table_off, min(k0 + 4u * kq + k, hi - 1u)) * (kv_dim / 4u) + head_off + od4 + d4]);
                 }
                 for (var j = 0u; j < 4u; j++) {
                     vt[(4u * d4 + j) * (LDP / 4u) + kq] = vec4<f16>(v[0][j], v[1][j], v[2][j], v[3][j]);
@@ -187,23 +220,41 @@ fn main(
         // B[d][key] = K[key][d]: the keys read column-major.
         var s0 = coop_mat16x16<f32, C>();
         var s1 = coop_mat16x16<f32, C>();
-        s0 = coopMultiplyAdd(q0, coopLoad<coop_mat16x16<f16, B>>(&tile[0u], LDV), s0);
-        s1 = coopMultiplyAdd(q0, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDV], LDV), s1);
-        s0 = coopMultiplyAdd(q1, coopLoad<coop_mat16x16<f16, B>>(&tile[4u], LDV), s0);
-        s1 = coopMultiplyAdd(q1, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDV + 4u], LDV), s1);
-        s0 = coopMultiplyAdd(q2, coopLoad<coop_mat16x16<f16, B>>(&tile[8u], LDV), s0);
-        s1 = coopMultiplyAdd(q2, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDV + 8u], LDV), s1);
-        s0 = coopMultiplyAdd(q3, coopLoad<coop_mat16x16<f16, B>>(&tile[12u], LDV), s0);
-        s1 = coopMultiplyAdd(q3, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDV + 12u], LDV), s1);
+        s0 = coopMultiplyAdd(q0, coopLoad<coop_mat16x16<f16, B>>(&tile[0u], LDK), s0);
+        s1 = coopMultiplyAdd(q0, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDK], LDK), s1);
+        s0 = coopMultiplyAdd(q1, coopLoad<coop_mat16x16<f16, B>>(&tile[4u], LDK), s0);
+        s1 = coopMultiplyAdd(q1, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDK + 4u], LDK), s1);
+        s0 = coopMultiplyAdd(q2, coopLoad<coop_mat16x16<f16, B>>(&tile[8u], LDK), s0);
+        s1 = coopMultiplyAdd(q2, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDK + 8u], LDK), s1);
+        s0 = coopMultiplyAdd(q3, coopLoad<coop_mat16x16<f16, B>>(&tile[12u], LDK), s0);
+        s1 = coopMultiplyAdd(q3, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDK + 12u], LDK), s1);
         if (wide) {
-            s0 = coopMultiplyAdd(q4, coopLoad<coop_mat16x16<f16, B>>(&tile[16u], LDV), s0);
-            s1 = coopMultiplyAdd(q4, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDV + 16u], LDV), s1);
-            s0 = coopMultiplyAdd(q5, coopLoad<coop_mat16x16<f16, B>>(&tile[20u], LDV), s0);
-            s1 = coopMultiplyAdd(q5, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDV + 20u], LDV), s1);
-            s0 = coopMultiplyAdd(q6, coopLoad<coop_mat16x16<f16, B>>(&tile[24u], LDV), s0);
-            s1 = coopMultiplyAdd(q6, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDV + 24u], LDV), s1);
-            s0 = coopMultiplyAdd(q7, coopLoad<coop_mat16x16<f16, B>>(&tile[28u], LDV), s0);
-            s1 = coopMultiplyAdd(q7, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDV + 28u], LDV), s1);
+            s0 = coopMultiplyAdd(q4, coopLoad<coop_mat16x16<f16, B>>(&tile[16u], LDK), s0);
+            s1 = coopMultiplyAdd(q4, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDK + 16u], LDK), s1);
+            s0 = coopMultiplyAdd(q5, coopLoad<coop_mat16x16<f16, B>>(&tile[20u], LDK), s0);
+            s1 = coopMultiplyAdd(q5, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDK + 20u], LDK), s1);
+            s0 = coopMultiplyAdd(q6, coopLoad<coop_mat16x16<f16, B>>(&tile[24u], LDK), s0);
+            s1 = coopMultiplyAdd(q6, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDK + 24u], LDK), s1);
+            s0 = coopMultiplyAdd(q7, coopLoad<coop_mat16x16<f16, B>>(&tile[28u], LDK), s0);
+            s1 = coopMultiplyAdd(q7, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDK + 28u], LDK), s1);
+        }
+        if (wider) {
+            s0 = coopMultiplyAdd(q8, coopLoad<coop_mat16x16<f16, B>>(&tile[32u], LDK), s0);
+            s1 = coopMultiplyAdd(q8, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDK + 32u], LDK), s1);
+            s0 = coopMultiplyAdd(q9, coopLoad<coop_mat16x16<f16, B>>(&tile[36u], LDK), s0);
+            s1 = coopMultiplyAdd(q9, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDK + 36u], LDK), s1);
+            s0 = coopMultiplyAdd(q10, coopLoad<coop_mat16x16<f16, B>>(&tile[40u], LDK), s0);
+            s1 = coopMultiplyAdd(q10, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDK + 40u], LDK), s1);
+            s0 = coopMultiplyAdd(q11, coopLoad<coop_mat16x16<f16, B>>(&tile[44u], LDK), s0);
+            s1 = coopMultiplyAdd(q11, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDK + 44u], LDK), s1);
+            s0 = coopMultiplyAdd(q12, coopLoad<coop_mat16x16<f16, B>>(&tile[48u], LDK), s0);
+            s1 = coopMultiplyAdd(q12, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDK + 48u], LDK), s1);
+            s0 = coopMultiplyAdd(q13, coopLoad<coop_mat16x16<f16, B>>(&tile[52u], LDK), s0);
+            s1 = coopMultiplyAdd(q13, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDK + 52u], LDK), s1);
+            s0 = coopMultiplyAdd(q14, coopLoad<coop_mat16x16<f16, B>>(&tile[56u], LDK), s0);
+            s1 = coopMultiplyAdd(q14, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDK + 56u], LDK), s1);
+            s0 = coopMultiplyAdd(q15, coopLoad<coop_mat16x16<f16, B>>(&tile[60u], LDK), s0);
+            s1 = coopMultiplyAdd(q15, coopLoad<coop_mat16x16<f16, B>>(&tile[16u * LDK + 60u], LDK), s1);
         }
         let so1 = so + 256u;
         coopStore(s0, &scores[so], ss);
@@ -274,21 +325,21 @@ fn main(
         }
     }
     coopStore(o0, &scores[so], ss);
-    flush(sg, lane, 0u, h, t0, rows, first, c, direct);
+    flush(sg, lane, od + 0u, h, t0, rows, first, c, direct);
     coopStore(o1, &scores[so], ss);
-    flush(sg, lane, 16u, h, t0, rows, first, c, direct);
+    flush(sg, lane, od + 16u, h, t0, rows, first, c, direct);
     coopStore(o2, &scores[so], ss);
-    flush(sg, lane, 32u, h, t0, rows, first, c, direct);
+    flush(sg, lane, od + 32u, h, t0, rows, first, c, direct);
     coopStore(o3, &scores[so], ss);
-    flush(sg, lane, 48u, h, t0, rows, first, c, direct);
+    flush(sg, lane, od + 48u, h, t0, rows, first, c, direct);
     if (wide) {
         coopStore(o4, &scores[so], ss);
-        flush(sg, lane, 64u, h, t0, rows, first, c, direct);
+        flush(sg, lane, od + 64u, h, t0, rows, first, c, direct);
         coopStore(o5, &scores[so], ss);
-        flush(sg, lane, 80u, h, t0, rows, first, c, direct);
+        flush(sg, lane, od + 80u, h, t0, rows, first, c, direct);
         coopStore(o6, &scores[so], ss);
-        flush(sg, lane, 96u, h, t0, rows, first, c, direct);
+        flush(sg, lane, od + 96u, h, t0, rows, first, c, direct);
         coopStore(o7, &scores[so], ss);
-        flush(sg, lane, 112u, h, t0, rows, first, c, direct);
+        flush(sg, lane, od + 112u, h, t0, rows, first, c, direct);
     }
 }

@@ -70,8 +70,7 @@ impl Family for Gemma3 {
 
     fn layer_ops(&self, b: &LayerBuilder<'_>) -> Result<Vec<LayerOp>> {
         let mut ops = b.normed("attn_norm", b.qkv()?)?;
-        ops.push(b.head_norm("attn_q_norm", "attn_k_norm")?);
-        ops.push(b.rope_kv()?);
+        ops.push(b.norm_rope_kv("attn_q_norm", "attn_k_norm")?);
         ops.extend(b.attended(false)?);
         ops.push(b.norm("post_attention_norm", Some(&b.act.y))?);
         let (gate_up, glu) = b.gated(b.gate_up()?, true)?;

@@ -13,6 +13,6 @@ impl Family for Llama {
     }
 
     fn layer_ops(&self, b: &LayerBuilder<'_>) -> Result<Vec<LayerOp>> {
-        super::pre_norm_layer(b, b.qkv()?, None, b.gate_up()?)
+        super::pre_norm_layer(b, b.qkv()?, None, b.rope_kv()?, b.gate_up()?)
     }
 }

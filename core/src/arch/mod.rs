@@ -69,18 +69,26 @@ pub trait Family: Sync {
 }
 
 /// Llama's layer, which most families share: pre-norms, the Q/K/V ops `qkv` then `after_qkv`
-/// (Qwen2's biases, Qwen3's head norms) before RoPE, attention, O added into the residual, the
-/// gate/up ops `gate_up`, SwiGLU, down added into the residual.
-fn pre_norm_layer(b: &LayerBuilder<'_>, qkv: Vec<LayerOp>, after_qkv: Option<LayerOp>, gate_up: Vec<LayerOp>) -> Result<Vec<LayerOp>> {
+/// (Qwen2's biases) and `rope` (`rope_kv`, or Qwen3's `norm_rope_kv`), attention, O added into
+/// the residual, the gate/up ops `gate_up`, SwiGLU, down added into the residual.
+fn pre_norm_layer(
+    b: &LayerBuilder<'_>,
+    qkv: Vec<LayerOp>,
+    after_qkv: Option<LayerOp>,
+    rope: LayerOp,
+    gate_up: Vec<LayerOp>,
+) -> Result<Vec<LayerOp>> {
     let mut ops = Vec::new();
     match after_qkv {
-        None => ops.extend(b.normed("attn_norm", b.rotating(qkv)?)?),
+        // The Q/K/V matvec rotates and caches itself only in place of plain RoPE.
+        None if rope.is_plain_rope() => ops.extend(b.normed("attn_norm", b.rotating(qkv)?)?),
+        None => ops.extend(b.normed("attn_norm", qkv)?),
         Some(after) => {
             ops.extend(b.normed("attn_norm", qkv)?);
             ops.push(after);
         }
     }
-    ops.push(b.rope_kv()?);
+    ops.push(rope);
     ops.extend(b.attended(true)?);
     let (gate_up, glu) = b.gated(gate_up, false)?;
     ops.extend(b.normed("ffn_norm", gate_up)?);

@@ -34,6 +34,6 @@ impl Family for Phi3 {
     }
 
     fn layer_ops(&self, b: &LayerBuilder<'_>) -> Result<Vec<LayerOp>> {
-        super::pre_norm_layer(b, b.qkv_fused("attn_qkv")?, None, b.gate_up_fused("ffn_up")?)
+        super::pre_norm_layer(b, b.qkv_fused("attn_qkv")?, None, b.rope_kv()?, b.gate_up_fused("ffn_up")?)
     }
 }

@@ -24,7 +24,7 @@ impl Family for Qwen2 {
     }
 
     fn layer_ops(&self, b: &LayerBuilder<'_>) -> Result<Vec<LayerOp>> {
-        super::pre_norm_layer(b, b.qkv()?, Some(b.qkv_bias()?), b.gate_up()?)
+        super::pre_norm_layer(b, b.qkv()?, Some(b.qkv_bias()?), b.rope_kv()?, b.gate_up()?)
     }
 }
 
@@ -44,6 +44,6 @@ impl Family for Qwen3 {
     }
 
     fn layer_ops(&self, b: &LayerBuilder<'_>) -> Result<Vec<LayerOp>> {
-        super::pre_norm_layer(b, b.qkv()?, Some(b.head_norm("attn_q_norm", "attn_k_norm")?), b.gate_up()?)
+        super::pre_norm_layer(b, b.qkv()?, None, b.norm_rope_kv("attn_q_norm", "attn_k_norm")?, b.gate_up()?)
     }
 }
