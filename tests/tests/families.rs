@@ -1,9 +1,11 @@
 //! The families with no small real file reachable here (Qwen2, Qwen3, Phi-3, a Gemma 3 whose
 //! 4-position sliding window the prompts outrun, Phi-3 with LongRoPE, once past its original
-//! context and once within it, and Qwen2 with YaRN), on random-weight models in each family's own
-//! layout (`tests/fixtures/families/make.py`, written with the `gguf` and `safetensors` packages),
-//! against llama.cpp's logits on the GGUF (llama-cpp-python, CPU); the Hugging Face directory of
-//! the same weights must load to the same logits. And the weight formats no real file here holds
+//! context and once within it, Qwen2 with YaRN, and Llama 3.x with its `llama3` RoPE scaling),
+//! on random-weight models in each family's own layout (`tests/fixtures/families/make.py`,
+//! written with the `gguf` and `safetensors` packages), against llama.cpp's logits on the GGUF
+//! (llama-cpp-python, CPU); the Hugging Face directory of the same weights must load to the same
+//! logits. Mistral, whose sliding window llama.cpp does not apply, and the Llama 3.x directory
+//! against transformers' logits. And the weight formats no real file here holds
 //! (Q2_K, Q3_K, Q5_K, Q5_1, beside Q4_K and Q6_K), in Llama-shaped models that llama.cpp's own
 //! quantizer wrote, against llama.cpp's logits on those files and on their F32 twins (the same
 //! values decoded by the `gguf` package).
@@ -57,7 +59,7 @@ fn logits_in(model: &HostModel, tokens: &[u32], deterministic: bool) -> Vec<Vec<
 #[test]
 fn every_family_matches_llama_cpp_from_gguf_and_from_hugging_face() {
     let (dir, fixtures) = fixtures();
-    assert_eq!(fixtures.models.len(), 7, "qwen2, qwen3, phi3, gemma3, phi3-longrope-long, phi3-longrope-short, qwen2-yarn");
+    assert_eq!(fixtures.models.len(), 8, "qwen2, qwen3, phi3, gemma3, phi3-longrope-long, phi3-longrope-short, qwen2-yarn, llama3");
     let mut worst = 0f32;
     let mut worst_hf = 0f32;
     for (arch, prompts) in &fixtures.models {
@@ -102,6 +104,41 @@ fn every_family_matches_llama_cpp_from_gguf_and_from_hugging_face() {
         }
     }
     eprintln!("worst logit difference from llama.cpp: {worst}; between GGUF and HF: {worst_hf}");
+}
+
+/// transformers' logits (f32, eager attention, CPU) on the Hugging Face directories of a Mistral
+/// whose 4-position window every layer applies and the prompts outrun (transformers masks keys
+/// more than 3 positions back, as we do), and of the Llama 3.x whose `rope_scaling` transformers
+/// turns into frequencies itself (without it, its logits move by up to 7.8). The Llama 3.x
+/// directory also matches llama.cpp on the GGUF above, where its scaling is the converter's
+/// `rope_freqs`.
+#[test]
+fn hugging_face_directories_match_transformers() {
+    let (dir, fixtures) = fixtures_in("families.transformers.json");
+    assert_eq!(fixtures.models.len(), 2, "mistral, llama3");
+    let mut worst = 0f32;
+    for (name, prompts) in &fixtures.models {
+        let model = HostModel::load(&dir.join(format!("{name}-tiny-hf"))).unwrap_or_else(|e| panic!("{name}: {e}"));
+        if name == "mistral" {
+            let c = &model.config;
+            assert!((0..c.n_layers).all(|l| c.layer_window(l) == Some(4)), "mistral: every layer windowed by 4");
+        }
+        for p in prompts {
+            let mut tokens = p.tokens.clone();
+            tokens.extend(&p.greedy_tokens);
+            let ours = logits(&model, &tokens);
+            let w = worst_against(&ours, p);
+            worst = worst.max(w);
+            assert!(w <= LOGIT_TOLERANCE, "{name} `{}`: logits {w} from transformers'", p.name);
+            for (j, (&want, &margin)) in p.greedy_tokens.iter().zip(&p.greedy_margins).enumerate() {
+                if margin < 2.0 * LOGIT_TOLERANCE {
+                    break;
+                }
+                assert_eq!(tandem_core::cpu_ref::argmax(&ours[p.tokens.len() - 1 + j]), want, "{name} `{}` greedy step {j}", p.name);
+            }
+        }
+    }
+    eprintln!("worst logit difference from transformers: {worst}");
 }
 
 /// The formats' values, decoded by the `gguf` package into an F32 twin of each file, run through
