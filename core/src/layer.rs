@@ -485,7 +485,12 @@ impl LayerBuilder<'_> {
                 bytes_per_attended: cost.bytes_per_attended / u64::from(ATTENTION_TILE_ROWS),
                 ..cost
             };
-            ops.push(LayerOp::Dispatch(Dispatch { pipeline, bind_group, cost, grid: Grid::AttentionTiles(attention_tile_head_groups(c.n_heads as u32, c.head_dim as u32)) }));
+            ops.push(LayerOp::Dispatch(Dispatch {
+                pipeline,
+                bind_group,
+                cost,
+                grid: Grid::AttentionTiles(attention_tile_head_groups(c.n_heads as u32, c.head_dim as u32)),
+            }));
         }
         let pipeline = self.kernels.pipeline(
             Kernel::AttentionMerge,
