@@ -1144,6 +1144,19 @@ fn sampling_greedy_top_k_top_p_and_seeds() {
     assert_eq!(got, want);
     assert_eq!(got[1], 400);
 
+    // A vocabulary past four ids a lane (the unrolled trips, then the tail): the maximum in each
+    // part, and ties between a trip's ids, across trips, and between a trip and the tail.
+    let wide = 5003;
+    for (a, b) in [(17, 4000), (300, 300 + 256), (1024 + 5, 2048 + 5), (4095, 4100), (4990, 5002)] {
+        let mut row = random(&mut rng, wide);
+        row[a] = 7.0;
+        row[b] = 7.0;
+        let got = run_sample(&ctx, &kernels, &row, wide, &[greedy]);
+        assert_eq!(got, vec![a as u32], "tie between ids {a} and {b}");
+        row[a] = 0.0;
+        assert_eq!(run_sample(&ctx, &kernels, &row, wide, &[greedy]), vec![b as u32], "maximum at id {b}");
+    }
+
     // top_k = 1 and a tiny top_p both reduce to the argmax whatever the seed.
     let row0 = &logits[..vocab];
     for seed in 0..4 {
