@@ -37,8 +37,11 @@ fn gpu_row_bytes(format: WeightFormat, cols: usize) -> (usize, usize) {
         WeightFormat::Q8_0 => (blocks * 32, blocks * 2),
         WeightFormat::Q4_0 => (blocks * 16, blocks * 2),
         WeightFormat::Q4_1 => (blocks * 16, blocks * 4),
-        WeightFormat::Q4K => (blocks * 16, blocks * 8),
-        WeightFormat::Q5K | WeightFormat::Q6K => (blocks * 32, blocks * 8),
+        // Q4_K and Q5_K: 5 scale words a super-block of 8 blocks (block_dm_k.wgsl).
+        WeightFormat::Q4K => (blocks * 16, blocks / 8 * 20),
+        WeightFormat::Q5K => (blocks * 32, blocks / 8 * 20),
+        WeightFormat::Q5_1 => (blocks * 32, blocks * 4),
+        WeightFormat::Q6K => (blocks * 32, blocks * 8),
         // F16 and BF16 (and Q2_K, widened to F16).
         _ => (cols * 2, 0),
     }
@@ -70,6 +73,15 @@ fn transcode(format: WeightFormat, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
     let device = format.device_format();
     let (mut quants, mut scales) = (Vec::new(), Vec::new());
     for b in bytes.chunks_exact(format.block_bytes()) {
+        if matches!(device, WeightFormat::Q4K | WeightFormat::Q5K) {
+            // The super-block's f16 d and dmin as the file holds them, then each block's 6-bit
+            // scale and minimum as a byte pair (block_dm_k.wgsl).
+            scales.extend_from_slice(&b[..4]);
+            for j in 0..8 {
+                let (sc, m) = crate::quant::scale_min_k4(j, &b[4..16]);
+                scales.extend_from_slice(&[sc, m]);
+            }
+        }
         for sub in crate::quant::decode_block(format, b).unwrap_or_default() {
             match device {
                 // Q5_0: q - 16 under the file's own f16 scale is a Q8_0 block.
@@ -77,15 +89,12 @@ fn transcode(format: WeightFormat, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
                     scales.extend_from_slice(&half::f16::from_f32(sub.d[0]).to_le_bytes());
                     quants.extend(sub.q.iter().map(|&q| q as u8));
                 }
-                WeightFormat::Q4K => {
-                    quants.extend((0..16).map(|j| (sub.q[j] as u8) | ((sub.q[j + 16] as u8) << 4)));
-                    scales.extend_from_slice(&sub.d[0].to_le_bytes());
-                    scales.extend_from_slice(&sub.m[0].to_le_bytes());
-                }
-                WeightFormat::Q5K => {
+                WeightFormat::Q4K => quants.extend((0..16).map(|j| (sub.q[j] as u8) | ((sub.q[j + 16] as u8) << 4))),
+                WeightFormat::Q5K => quants.extend(sub.q.iter().map(|&q| q as u8)),
+                // Q5_1: its values as bytes, its f16 scale and minimum as the file holds them.
+                WeightFormat::Q5_1 => {
                     quants.extend(sub.q.iter().map(|&q| q as u8));
-                    scales.extend_from_slice(&sub.d[0].to_le_bytes());
-                    scales.extend_from_slice(&sub.m[0].to_le_bytes());
+                    scales.extend_from_slice(&b[..4]);
                 }
                 WeightFormat::Q6K => {
                     quants.extend(sub.q.iter().map(|&q| q as u8));

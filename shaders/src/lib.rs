@@ -137,13 +137,14 @@ impl WeightFormat {
 
     /// The layout the GPU keeps these weights in (the kernels are rendered for it). Q5_0's
     /// values are Q8_0 bytes under the same f16 scale; Q3_K's, like Q6_K's, are bytes with an f32
-    /// scale per 16; Q5_1's and Q5_K's bytes with an f32 scale and minimum per 32. Q2_K (a scale
-    /// and minimum per 16) has no such layout yet and is widened to f16.
+    /// scale per 16; Q4_K keeps its nibbles and Q5_K its values as bytes, both under their
+    /// super-blocks' own scales (block_dm_k.wgsl); Q5_1 its values as bytes under its own f16
+    /// scale and minimum. Q2_K (a scale and minimum per 16) has no such layout yet and is widened
+    /// to f16.
     pub fn device_format(self) -> WeightFormat {
         match self {
             WeightFormat::Q5_0 => WeightFormat::Q8_0,
             WeightFormat::Q3K => WeightFormat::Q6K,
-            WeightFormat::Q5_1 => WeightFormat::Q5K,
             WeightFormat::Q2K => WeightFormat::F16,
             f => f,
         }
@@ -166,7 +167,7 @@ impl WeightFormat {
             WeightFormat::Q8_0 => include_str!("../wgsl/dequant_q8_0.wgsl"),
             WeightFormat::Q4_0 => include_str!("../wgsl/dequant_q4_0.wgsl"),
             WeightFormat::Q4_1 | WeightFormat::Q4K => include_str!("../wgsl/dequant_q4_1.wgsl"),
-            WeightFormat::Q5K => include_str!("../wgsl/dequant_q5_k.wgsl"),
+            WeightFormat::Q5_1 | WeightFormat::Q5K => include_str!("../wgsl/dequant_q5_k.wgsl"),
             _ => include_str!("../wgsl/dequant_q6_k.wgsl"),
         }
     }
@@ -175,8 +176,8 @@ impl WeightFormat {
     /// only there (`block_dm`).
     fn block_dm_source(self) -> Option<&'static str> {
         match self.device_format() {
-            WeightFormat::Q4_1 => Some(include_str!("../wgsl/block_dm_f16.wgsl")),
-            WeightFormat::Q4K | WeightFormat::Q5K => Some(include_str!("../wgsl/block_dm_f32.wgsl")),
+            WeightFormat::Q4_1 | WeightFormat::Q5_1 => Some(include_str!("../wgsl/block_dm_f16.wgsl")),
+            WeightFormat::Q4K | WeightFormat::Q5K => Some(include_str!("../wgsl/block_dm_k.wgsl")),
             _ => None,
         }
     }
@@ -188,7 +189,7 @@ impl WeightFormat {
             WeightFormat::Q8_0 => Some(include_str!("../wgsl/q8dot_q8_0.wgsl")),
             WeightFormat::Q4_0 => Some(include_str!("../wgsl/q8dot_q4_0.wgsl")),
             WeightFormat::Q4_1 | WeightFormat::Q4K => Some(include_str!("../wgsl/q8dot_q4_1.wgsl")),
-            WeightFormat::Q5K => Some(include_str!("../wgsl/q8dot_q5_k.wgsl")),
+            WeightFormat::Q5_1 | WeightFormat::Q5K => Some(include_str!("../wgsl/q8dot_q5_k.wgsl")),
             WeightFormat::Q6K => Some(include_str!("../wgsl/q8dot_q6_k.wgsl")),
             _ => None,
         }

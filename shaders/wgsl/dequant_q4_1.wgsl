@@ -1,8 +1,8 @@
 // Q4_1 (GGUF): blocks of 32 four-bit values with an f16 scale and an f16 minimum,
 // x = d * q + m. Byte j holds element j (low nibble) and element j + 16 (high nibble).
 // Repacked at upload into 4 quant words per block (`w`) and the block's (d, m) in `s`, read by
-// `block_dm`: one f16 pair a word for Q4_1 (block_dm_f16.wgsl), two f32 words for Q4_K's blocks
-// of 32, transcoded at upload from its super-blocks of 256 (block_dm_f32.wgsl).
+// `block_dm`: one f16 pair a word for Q4_1 (block_dm_f16.wgsl), Q4_K's super-block scales as the
+// file holds them for its blocks of 32 (block_dm_k.wgsl).
 @group(0) @binding(3) var<storage, read> w: array<u32>;
 const BLOCK: u32 = 32u;
 

@@ -1,7 +1,8 @@
 // Q5_K and Q5_1 (GGUF) on the GPU: values 0..31 under a scale and a minimum per 32 (Q5_K's
 // 6-bit scales and minimums times its super-block's d and dmin), transcoded at upload into
-// blocks of 32 bytes (8 quant words a block in `w`) with the block's f32 scale and minimum (two
-// words a block in `s`, block_dm_f32.wgsl), computed on the CPU as ggml does: x = d * q + m, exactly the file's values.
+// blocks of 32 bytes (8 quant words a block in `w`), the scales kept as the file holds them and
+// read by `block_dm` (block_dm_k.wgsl for Q5_K, block_dm_f16.wgsl for Q5_1): x = d * q + m,
+// exactly the file's values.
 @group(0) @binding(3) var<storage, read> w: array<u32>;
 const BLOCK: u32 = 32u;
 

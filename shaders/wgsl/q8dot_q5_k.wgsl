@@ -1,5 +1,5 @@
-// Q5_K and Q5_1 weights (dequant_q5_k.wgsl's layout: 32 bytes of 0..31, an f32 scale and
-// minimum a block) against a block of 8-bit activations: the bytes are below 128, so the signed
+// Q5_K and Q5_1 weights (dequant_q5_k.wgsl's layout: 32 bytes of 0..31 a block, its scale and
+// minimum by `block_dm`) against a block of 8-bit activations: the bytes are below 128, so the signed
 // byte dot reads them as they are. x = d * q + m, so m takes s.
 @group(0) @binding(3) var<storage, read> w: array<vec4<u32>>;
 
