@@ -41,7 +41,8 @@ fn gpu_row_bytes(format: WeightFormat, cols: usize) -> (usize, usize) {
         WeightFormat::Q4K => (blocks * 16, blocks / 8 * 20),
         WeightFormat::Q5K => (blocks * 32, blocks / 8 * 20),
         WeightFormat::Q5_1 => (blocks * 32, blocks * 4),
-        WeightFormat::Q6K => (blocks * 32, blocks * 8),
+        // Q6_K and Q3_K: likewise (block_d_q6_k.wgsl).
+        WeightFormat::Q6K => (blocks * 32, blocks / 8 * 20),
         // F16 and BF16 (and Q2_K, widened to F16).
         _ => (cols * 2, 0),
     }
@@ -73,6 +74,13 @@ fn transcode(format: WeightFormat, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
     let device = format.device_format();
     let (mut quants, mut scales) = (Vec::new(), Vec::new());
     for b in bytes.chunks_exact(format.block_bytes()) {
+        if device == WeightFormat::Q6K {
+            // The super-block's f16 d (and two bytes of padding), then its 16 signed scales
+            // (block_d_q6_k.wgsl).
+            let (d, sc) = crate::quant::k6_scales(format, b);
+            scales.extend_from_slice(&[d[0], d[1], 0, 0]);
+            scales.extend(sc.iter().map(|&s| s as u8));
+        }
         if matches!(device, WeightFormat::Q4K | WeightFormat::Q5K) {
             // The super-block's f16 d and dmin as the file holds them, then each block's 6-bit
             // scale and minimum as a byte pair (block_dm_k.wgsl).
@@ -96,11 +104,7 @@ fn transcode(format: WeightFormat, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
                     quants.extend(sub.q.iter().map(|&q| q as u8));
                     scales.extend_from_slice(&b[..4]);
                 }
-                WeightFormat::Q6K => {
-                    quants.extend(sub.q.iter().map(|&q| q as u8));
-                    scales.extend_from_slice(&sub.d[0].to_le_bytes());
-                    scales.extend_from_slice(&sub.d[1].to_le_bytes());
-                }
+                WeightFormat::Q6K => quants.extend(sub.q.iter().map(|&q| q as u8)),
                 // Q2_K: its values, rounded to f16.
                 _ => quants.extend(sub.values().flat_map(|v| half::f16::from_f32(v).to_le_bytes())),
             }

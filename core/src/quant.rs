@@ -158,6 +158,16 @@ pub fn decode_block(format: WeightFormat, b: &[u8]) -> Option<Vec<SubBlock>> {
 }
 
 /// Q3_K's sixteen 6-bit scales (stored + 32) from its 12 packed bytes (ggml's aux shuffle).
+/// Q6_K's and Q3_K's super-block scale d (its f16 bytes) and its 16 signed scales, one per 16
+/// values in order (Q3_K's 6-bit ones less 32), as ggml reads them; the other formats have none.
+pub(crate) fn k6_scales(format: WeightFormat, b: &[u8]) -> ([u8; 2], [i8; 16]) {
+    match format {
+        WeightFormat::Q6K => ([b[208], b[209]], std::array::from_fn(|i| b[192 + i] as i8)),
+        WeightFormat::Q3K => ([b[108], b[109]], q3k_scales(&b[96..108]).map(|s| s as i8 - 32)),
+        _ => ([0; 2], [0; 16]),
+    }
+}
+
 fn q3k_scales(raw: &[u8]) -> [u8; 16] {
     let mut s = [0u8; 16];
     for i in 0..16 {

@@ -136,8 +136,8 @@ impl WeightFormat {
     }
 
     /// The layout the GPU keeps these weights in (the kernels are rendered for it). Q5_0's
-    /// values are Q8_0 bytes under the same f16 scale; Q3_K's, like Q6_K's, are bytes with an f32
-    /// scale per 16; Q4_K keeps its nibbles and Q5_K its values as bytes, both under their
+    /// values are Q8_0 bytes under the same f16 scale; Q3_K's, like Q6_K's, are signed bytes under
+    /// their super-blocks' own scale per 16 (block_d_q6_k.wgsl); Q4_K keeps its nibbles and Q5_K its values as bytes, both under their
     /// super-blocks' own scales (block_dm_k.wgsl); Q5_1 its values as bytes under its own f16
     /// scale and minimum. Q2_K (a scale and minimum per 16) has no such layout yet and is widened
     /// to f16.
@@ -178,6 +178,7 @@ impl WeightFormat {
         match self.device_format() {
             WeightFormat::Q4_1 | WeightFormat::Q5_1 => Some(include_str!("../wgsl/block_dm_f16.wgsl")),
             WeightFormat::Q4K | WeightFormat::Q5K => Some(include_str!("../wgsl/block_dm_k.wgsl")),
+            WeightFormat::Q6K => Some(include_str!("../wgsl/block_d_q6_k.wgsl")),
             _ => None,
         }
     }

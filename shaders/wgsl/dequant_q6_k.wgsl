@@ -1,13 +1,9 @@
 // Q6_K and Q3_K (GGUF) on the GPU: super-blocks of 256 with a signed scale per 16 values,
 // transcoded at upload into blocks of 32 signed bytes (8 quant words a block in `w`, the values
-// q - 32 of Q6_K or q - 4 of Q3_K in order) with one f32 scale d * sc per half block (two words
-// a block in `s`), computed on the CPU as ggml does: x = d_h * q, exactly the file's values.
+// q - 32 of Q6_K or q - 4 of Q3_K in order), each half block under its scale d * sc
+// (`q6k_scales`, block_d_q6_k.wgsl): x = d * sc * q, exactly the file's values.
 @group(0) @binding(3) var<storage, read> w: array<u32>;
 const BLOCK: u32 = 32u;
-
-fn q6k_scales(blk: u32) -> vec2<f32> {
-    return vec2<f32>(bitcast<f32>(s[2u * blk]), bitcast<f32>(s[2u * blk + 1u]));
-}
 
 fn dq_elem(row: u32, col: u32, k: u32) -> f32 {
     let blk = row * (k / BLOCK) + col / BLOCK;
