@@ -100,17 +100,6 @@ pub fn dequantize(format: WeightFormat, bytes: &[u8], rows: usize, cols: usize) 
     (0..rows).flat_map(|r| dequantize_row(format, &bytes[r * rb..(r + 1) * rb], cols)).collect()
 }
 
-/// A matrix as the GPU holds it after upload: [`dequantize`], rounded to f16 where the format is
-/// widened to f16 (Q2_K; every other transcoding keeps the values exactly).
-pub fn dequantize_uploaded(format: WeightFormat, bytes: &[u8], rows: usize, cols: usize) -> Vec<f32> {
-    let values = dequantize(format, bytes, rows, cols);
-    if format.device_format() == WeightFormat::F16 && format != WeightFormat::F16 {
-        values.into_iter().map(|v| f16::from_f32(v).to_f32()).collect()
-    } else {
-        values
-    }
-}
-
 /// y[t, n] = sum_k x[t, k] * w[n, k].
 pub fn matmul(x: &[f32], w: &[f32], tokens: usize, n: usize, k: usize) -> Vec<f32> {
     let mut y = vec![0f32; tokens * n];

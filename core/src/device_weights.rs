@@ -43,7 +43,9 @@ fn gpu_row_bytes(format: WeightFormat, cols: usize) -> (usize, usize) {
         WeightFormat::Q5_1 => (blocks * 32, blocks * 4),
         // Q6_K and Q3_K: likewise (block_d_q6_k.wgsl).
         WeightFormat::Q6K => (blocks * 32, blocks / 8 * 20),
-        // F16 and BF16 (and Q2_K, widened to F16).
+        // Q2_K: two bits a value, its super-blocks' scales as the file's (block_dm_q2_k.wgsl).
+        WeightFormat::Q2K => (blocks * 8, blocks / 8 * 20),
+        // F16 and BF16.
         _ => (cols * 2, 0),
     }
 }
@@ -74,6 +76,11 @@ fn transcode(format: WeightFormat, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
     let device = format.device_format();
     let (mut quants, mut scales) = (Vec::new(), Vec::new());
     for b in bytes.chunks_exact(format.block_bytes()) {
+        if device == WeightFormat::Q2K {
+            // The super-block's f16 d and dmin, then its 16 bytes of 4-bit scales and minimums.
+            scales.extend_from_slice(&b[80..84]);
+            scales.extend_from_slice(&b[..16]);
+        }
         if device == WeightFormat::Q6K {
             // The super-block's f16 d (and two bytes of padding), then its 16 signed scales
             // (block_d_q6_k.wgsl).
@@ -105,8 +112,14 @@ fn transcode(format: WeightFormat, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
                     scales.extend_from_slice(&b[..4]);
                 }
                 WeightFormat::Q6K => quants.extend(sub.q.iter().map(|&q| q as u8)),
-                // Q2_K: its values, rounded to f16.
-                _ => quants.extend(sub.values().flat_map(|v| half::f16::from_f32(v).to_le_bytes())),
+                // Q2_K: 16 values a word, element i at bits 2i.
+                WeightFormat::Q2K => {
+                    for half in sub.q.chunks(16) {
+                        let word = half.iter().enumerate().fold(0u32, |w, (i, &q)| w | (u32::from(q as u8 & 3) << (2 * i)));
+                        quants.extend_from_slice(&word.to_le_bytes());
+                    }
+                }
+                _ => {}
             }
         }
     }

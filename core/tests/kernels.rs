@@ -145,7 +145,7 @@ fn run_matmul(ctx: &GpuContext, kernels: &Kernels, m: &DeviceMatrix, x: &[f32], 
 
 fn matmul_reference(format: WeightFormat, t: &HostTensor, x: &[f32], tokens: usize) -> (Vec<f32>, Vec<f32>) {
     let (rows, cols) = (t.rows(), t.cols());
-    let w = cpu_ref::dequantize_uploaded(format, t.bytes.as_slice(), rows, cols);
+    let w = cpu_ref::dequantize(format, t.bytes.as_slice(), rows, cols);
     let want = cpu_ref::matmul(x, &w, tokens, rows, cols);
     let abs_w: Vec<f32> = w.iter().map(|v| v.abs()).collect();
     let abs_x: Vec<f32> = x.iter().map(|v| v.abs()).collect();
@@ -693,7 +693,7 @@ fn embed_gathers_dequantized_rows_of_given_and_sampled_ids() {
                 (ids.len() * cols * 4) as u64,
                 dispatch(&ctx, &pipeline, &[(&bg, [cols.div_ceil(64) as u32, ids.len() as u32, 1])]),
             );
-            let w = cpu_ref::dequantize_uploaded(format, t.bytes.as_slice(), rows, cols);
+            let w = cpu_ref::dequantize(format, t.bytes.as_slice(), rows, cols);
             let want: Vec<f32> = ids.iter().flat_map(|&id| w[id as usize * cols..(id as usize + 1) * cols].to_vec()).collect();
             assert_eq!(got, want, "embed {format} {:?}", ctx.caps);
         }

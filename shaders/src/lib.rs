@@ -135,17 +135,16 @@ impl WeightFormat {
         cols.is_multiple_of(self.block_elems()).then(|| cols / self.block_elems() * self.block_bytes())
     }
 
-    /// The layout the GPU keeps these weights in (the kernels are rendered for it). Q5_0's
-    /// values are Q8_0 bytes under the same f16 scale; Q3_K's, like Q6_K's, are signed bytes under
-    /// their super-blocks' own scale per 16 (block_d_q6_k.wgsl); Q4_K keeps its nibbles and Q5_K its values as bytes, both under their
-    /// super-blocks' own scales (block_dm_k.wgsl); Q5_1 its values as bytes under its own f16
-    /// scale and minimum. Q2_K (a scale and minimum per 16) has no such layout yet and is widened
-    /// to f16.
+    /// The layout the GPU keeps these weights in (the kernels are rendered for it), every value the
+    /// file's. Q5_0's values are Q8_0 bytes under the same f16 scale; Q3_K's, like Q6_K's, are
+    /// signed bytes under their super-blocks' own scale per 16 (block_d_q6_k.wgsl); Q4_K keeps
+    /// its nibbles and Q5_K its values as bytes, both under their super-blocks' own scales
+    /// (block_dm_k.wgsl); Q5_1 its values as bytes under its own f16 scale and minimum; Q2_K its
+    /// two-bit values in order under its super-blocks' own scales (block_dm_q2_k.wgsl).
     pub fn device_format(self) -> WeightFormat {
         match self {
             WeightFormat::Q5_0 => WeightFormat::Q8_0,
             WeightFormat::Q3K => WeightFormat::Q6K,
-            WeightFormat::Q2K => WeightFormat::F16,
             f => f,
         }
     }
@@ -168,6 +167,7 @@ impl WeightFormat {
             WeightFormat::Q4_0 => include_str!("../wgsl/dequant_q4_0.wgsl"),
             WeightFormat::Q4_1 | WeightFormat::Q4K => include_str!("../wgsl/dequant_q4_1.wgsl"),
             WeightFormat::Q5_1 | WeightFormat::Q5K => include_str!("../wgsl/dequant_q5_k.wgsl"),
+            WeightFormat::Q2K => include_str!("../wgsl/dequant_q2_k.wgsl"),
             _ => include_str!("../wgsl/dequant_q6_k.wgsl"),
         }
     }
@@ -179,6 +179,7 @@ impl WeightFormat {
             WeightFormat::Q4_1 | WeightFormat::Q5_1 => Some(include_str!("../wgsl/block_dm_f16.wgsl")),
             WeightFormat::Q4K | WeightFormat::Q5K => Some(include_str!("../wgsl/block_dm_k.wgsl")),
             WeightFormat::Q6K => Some(include_str!("../wgsl/block_d_q6_k.wgsl")),
+            WeightFormat::Q2K => Some(include_str!("../wgsl/block_dm_q2_k.wgsl")),
             _ => None,
         }
     }
@@ -192,6 +193,7 @@ impl WeightFormat {
             WeightFormat::Q4_1 | WeightFormat::Q4K => Some(include_str!("../wgsl/q8dot_q4_1.wgsl")),
             WeightFormat::Q5_1 | WeightFormat::Q5K => Some(include_str!("../wgsl/q8dot_q5_k.wgsl")),
             WeightFormat::Q6K => Some(include_str!("../wgsl/q8dot_q6_k.wgsl")),
+            WeightFormat::Q2K => Some(include_str!("../wgsl/q8dot_q2_k.wgsl")),
             _ => None,
         }
     }
