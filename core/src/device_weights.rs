@@ -41,8 +41,9 @@ fn gpu_row_bytes(format: WeightFormat, cols: usize) -> (usize, usize) {
         WeightFormat::Q4K => (blocks * 16, blocks / 8 * 20),
         WeightFormat::Q5K => (blocks * 32, blocks / 8 * 20),
         WeightFormat::Q5_1 => (blocks * 32, blocks * 4),
-        // Q6_K and Q3_K: likewise (block_d_q6_k.wgsl).
-        WeightFormat::Q6K => (blocks * 32, blocks / 8 * 20),
+        // Q6_K and Q3_K: six bits a value, their super-blocks' scales as the file's
+        // (block_d_q6_k.wgsl).
+        WeightFormat::Q6K => (blocks * 24, blocks / 8 * 20),
         // Q2_K: two bits a value, its super-blocks' scales as the file's (block_dm_q2_k.wgsl).
         WeightFormat::Q2K => (blocks * 8, blocks / 8 * 20),
         // F16 and BF16.
@@ -111,7 +112,19 @@ fn transcode(format: WeightFormat, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
                     quants.extend(sub.q.iter().map(|&q| q as u8));
                     scales.extend_from_slice(&b[..4]);
                 }
-                WeightFormat::Q6K => quants.extend(sub.q.iter().map(|&q| q as u8)),
+                // Q6_K and Q3_K: v = q + 32 as low nibbles (word j: elements 8j..8j+3 low,
+                // 8j+4..8j+7 high), then the top two bits, 16 a word in order.
+                WeightFormat::Q6K => {
+                    let v: Vec<u32> = sub.q.iter().map(|&q| (i32::from(q) + 32) as u32 & 63).collect();
+                    for j in 0..4 {
+                        let word = (0..4).fold(0u32, |w, b| w | ((v[8 * j + b] & 0xf) | ((v[8 * j + 4 + b] & 0xf) << 4)) << (8 * b));
+                        quants.extend_from_slice(&word.to_le_bytes());
+                    }
+                    for h in 0..2 {
+                        let word = (0..16).fold(0u32, |w, i| w | ((v[16 * h + i] >> 4) << (2 * i)));
+                        quants.extend_from_slice(&word.to_le_bytes());
+                    }
+                }
                 // Q2_K: 16 values a word, element i at bits 2i.
                 WeightFormat::Q2K => {
                     for half in sub.q.chunks(16) {
