@@ -39,8 +39,11 @@ fn gpu_row_bytes(format: WeightFormat, cols: usize) -> (usize, usize) {
         WeightFormat::Q4_1 => (blocks * 16, blocks * 4),
         // Q4_K and Q5_K: 5 scale words a super-block of 8 blocks (block_dm_k.wgsl).
         WeightFormat::Q4K => (blocks * 16, blocks / 8 * 20),
-        WeightFormat::Q5K => (blocks * 32, blocks / 8 * 20),
-        WeightFormat::Q5_1 => (blocks * 32, blocks * 4),
+        // The five-bit formats: 5 quant words a block (q5_values.wgsl), and Q5_0's f16 scale,
+        // Q5_1's f16 pair, Q5_K's super-block scales.
+        WeightFormat::Q5_0 => (blocks * 20, blocks * 2),
+        WeightFormat::Q5_1 => (blocks * 20, blocks * 4),
+        WeightFormat::Q5K => (blocks * 20, blocks / 8 * 20),
         // Q6_K and Q3_K: six bits a value, their super-blocks' scales as the file's
         // (block_d_q6_k.wgsl).
         WeightFormat::Q6K => (blocks * 24, blocks / 8 * 20),
@@ -51,9 +54,32 @@ fn gpu_row_bytes(format: WeightFormat, cols: usize) -> (usize, usize) {
     }
 }
 
-/// Splits file-layout blocks into (quant bytes, scale bytes) of the format's device layout
-/// (`WeightFormat::device_format`), transcoding where the two differ.
-fn repack(format: WeightFormat, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
+/// The device layout a stack of matrices in `formats` takes: their own where they share one,
+/// else Q8_0 where each is Q8_0 or Q5_0 (whose values are Q8_0 bytes under the same scale:
+/// Gemma 3's Q5_0 Q and K beside its Q8_0 V become one matmul, a dispatch fewer a layer).
+pub fn stack_layout(formats: impl IntoIterator<Item = WeightFormat>) -> Option<WeightFormat> {
+    let mut layouts = formats.into_iter().map(WeightFormat::device_format);
+    let first = layouts.next()?;
+    layouts.try_fold(first, |a, b| match (a, b) {
+        _ if a == b => Some(a),
+        (WeightFormat::Q8_0 | WeightFormat::Q5_0, WeightFormat::Q8_0 | WeightFormat::Q5_0) => Some(WeightFormat::Q8_0),
+        _ => None,
+    })
+}
+
+/// Splits file-layout blocks into (quant bytes, scale bytes) of the device layout `layout` (the
+/// format's own, `WeightFormat::device_format`, or a stack's, `stack_layout`), transcoding where
+/// the two differ.
+fn repack(format: WeightFormat, layout: WeightFormat, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    if (format, layout) == (WeightFormat::Q5_0, WeightFormat::Q8_0) {
+        let (mut quants, mut scales) = (Vec::new(), Vec::new());
+        for b in bytes.chunks_exact(format.block_bytes()) {
+            // q - 16 under the file's own f16 scale.
+            scales.extend_from_slice(&b[..2]);
+            quants.extend(crate::quant::decode_block(format, b).unwrap_or_default().iter().flat_map(|sub| sub.q.map(|q| q as u8)));
+        }
+        return (quants, scales);
+    }
     let (block, scale) = match format {
         WeightFormat::F32 | WeightFormat::F16 | WeightFormat::Bf16 => return (bytes.to_vec(), Vec::new()),
         WeightFormat::Q8_0 => (34, 2),
@@ -100,26 +126,27 @@ fn transcode(format: WeightFormat, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
         }
         for sub in crate::quant::decode_block(format, b).unwrap_or_default() {
             match device {
-                // Q5_0: q - 16 under the file's own f16 scale is a Q8_0 block.
-                WeightFormat::Q8_0 => {
-                    scales.extend_from_slice(&half::f16::from_f32(sub.d[0]).to_le_bytes());
-                    quants.extend(sub.q.iter().map(|&q| q as u8));
+                // The five-bit formats: v (Q5_0's q + 16) as low nibbles (word j: elements
+                // 8j..8j+3 low, 8j+4..8j+7 high), then the top bits, element i at bit i; Q5_0's
+                // and Q5_1's scales as the file holds them.
+                WeightFormat::Q5_0 | WeightFormat::Q5_1 | WeightFormat::Q5K => {
+                    let bias = if format == WeightFormat::Q5_0 { 16 } else { 0 };
+                    let v: Vec<u32> = sub.q.iter().map(|&q| (i32::from(q) + bias) as u32 & 31).collect();
+                    push_nibble_words(&mut quants, &v);
+                    let top = (0..32).fold(0u32, |w, i| w | ((v[i] >> 4) << i));
+                    quants.extend_from_slice(&top.to_le_bytes());
+                    match format {
+                        WeightFormat::Q5_0 => scales.extend_from_slice(&b[..2]),
+                        WeightFormat::Q5_1 => scales.extend_from_slice(&b[..4]),
+                        _ => {}
+                    }
                 }
                 WeightFormat::Q4K => quants.extend((0..16).map(|j| (sub.q[j] as u8) | ((sub.q[j + 16] as u8) << 4))),
-                WeightFormat::Q5K => quants.extend(sub.q.iter().map(|&q| q as u8)),
-                // Q5_1: its values as bytes, its f16 scale and minimum as the file holds them.
-                WeightFormat::Q5_1 => {
-                    quants.extend(sub.q.iter().map(|&q| q as u8));
-                    scales.extend_from_slice(&b[..4]);
-                }
                 // Q6_K and Q3_K: v = q + 32 as low nibbles (word j: elements 8j..8j+3 low,
                 // 8j+4..8j+7 high), then the top two bits, 16 a word in order.
                 WeightFormat::Q6K => {
                     let v: Vec<u32> = sub.q.iter().map(|&q| (i32::from(q) + 32) as u32 & 63).collect();
-                    for j in 0..4 {
-                        let word = (0..4).fold(0u32, |w, b| w | ((v[8 * j + b] & 0xf) | ((v[8 * j + 4 + b] & 0xf) << 4)) << (8 * b));
-                        quants.extend_from_slice(&word.to_le_bytes());
-                    }
+                    push_nibble_words(&mut quants, &v);
                     for h in 0..2 {
                         let word = (0..16).fold(0u32, |w, i| w | ((v[16 * h + i] >> 4) << (2 * i)));
                         quants.extend_from_slice(&word.to_le_bytes());
@@ -139,6 +166,16 @@ fn transcode(format: WeightFormat, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
     (quants, scales)
 }
 
+/// The low nibbles of a block's 32 values `v` as 4 words: word j holds elements 8j..8j+3 in the
+/// low nibbles of its bytes and 8j+4..8j+7 in the high ones, so a mask and a shift give four
+/// values in order, one a byte (q5_values.wgsl, block_d_q6_k.wgsl).
+fn push_nibble_words(quants: &mut Vec<u8>, v: &[u32]) {
+    for j in 0..4 {
+        let word = (0..4).fold(0u32, |w, b| w | ((v[8 * j + b] & 0xf) | ((v[8 * j + 4 + b] & 0xf) << 4)) << (8 * b));
+        quants.extend_from_slice(&word.to_le_bytes());
+    }
+}
+
 impl DeviceMatrix {
     /// Uploads a 2-D tensor, split into parts that fit the adapter's binding limit.
     pub fn upload(ctx: &GpuContext, t: &HostTensor) -> Result<Self> {
@@ -150,10 +187,12 @@ impl DeviceMatrix {
     /// limit.
     pub fn upload_stacked(ctx: &GpuContext, ts: &[&HostTensor]) -> Result<Self> {
         let first = ts.first().ok_or(Error::EmptyStack)?;
-        let (format, cols) = (first.format.device_format(), first.cols());
-        if let Some(t) = ts.iter().find(|t| t.format.device_format() != format || t.cols() != cols) {
-            return Err(Error::StackMismatch { first: first.name.clone(), other: t.name.clone() });
-        }
+        let cols = first.cols();
+        let format = stack_layout(ts.iter().map(|t| t.format)).filter(|_| ts.iter().all(|t| t.cols() == cols));
+        let Some(format) = format else {
+            let names = ts.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ");
+            return Err(Error::StackMismatch { names });
+        };
         let name = ts.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join("+");
         let rows: usize = ts.iter().map(|t| t.rows()).sum();
         let (qb, sb) = gpu_row_bytes(format, cols);
@@ -174,7 +213,7 @@ impl DeviceMatrix {
             for t in ts {
                 let (a, b) = (start.max(first_row), end.min(first_row + t.rows()));
                 if a < b {
-                    let (q, s) = repack(t.format, t.row_bytes(a - first_row, b - first_row));
+                    let (q, s) = repack(t.format, format, t.row_bytes(a - first_row, b - first_row));
                     quants.extend_from_slice(&q);
                     scales.extend_from_slice(&s);
                 }
@@ -215,4 +254,21 @@ impl DeviceMatrix {
 pub fn upload_vector(ctx: &GpuContext, t: &HostTensor) -> wgpu::Buffer {
     let values = crate::cpu_ref::dequantize_row(t.format, t.bytes.as_slice(), t.cols());
     ctx.storage_init(&t.name, bytemuck::cast_slice(&values))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stacks_share_a_layout_or_take_q8_0_for_q5_0() {
+        use WeightFormat::*;
+        assert_eq!(stack_layout([Q4K, Q4K]), Some(Q4K));
+        assert_eq!(stack_layout([Q5_0, Q5_0]), Some(Q5_0));
+        assert_eq!(stack_layout([Q5_0, Q5_0, Q8_0]), Some(Q8_0));
+        assert_eq!(stack_layout([Q3K, Q6K]), Some(Q6K), "Q3_K rides Q6_K's layout");
+        assert_eq!(stack_layout([Q4K, Q6K]), None);
+        assert_eq!(stack_layout([Q5_0, Q5_1]), None);
+        assert_eq!(stack_layout([]), None);
+    }
 }

@@ -62,8 +62,8 @@ pub enum Error {
     UnknownSequence(u64),
     #[error("KV import rejected: {0}")]
     KvImport(String),
-    #[error("cannot stack `{other}` under `{first}`: the matrices differ in width or device layout")]
-    StackMismatch { first: String, other: String },
+    #[error("cannot stack {names}: the matrices differ in width or share no device layout")]
+    StackMismatch { names: String },
     #[error("no matrices to stack")]
     EmptyStack,
     #[error("invalid request: {0}")]

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use tandem_shaders::{ATTENTION_CHUNK, ATTENTION_TILE_ROWS, Kernel, ShaderCaps, attention_tile_head_groups};
 
 use crate::config::{ModelConfig, RopeLayout};
-use crate::device_weights::{DeviceMatrix, upload_vector};
+use crate::device_weights::{DeviceMatrix, stack_layout, upload_vector};
 use crate::engine::{EngineConfig, GluTarget, MatmulOp, RopeTarget, takes_fused_matvec, takes_merging_matvec};
 use crate::error::Result;
 use crate::gpu::GpuContext;
@@ -265,15 +265,15 @@ impl LayerBuilder<'_> {
     }
 
     /// Matrices that read `xn` and write side by side into `y` (rows `y_stride` wide): each run
-    /// of neighbours that share a device layout becomes one stacked matrix (one dispatch), so
-    /// Gemma's Q5_0 Q and K and Q8_0 V, all Q8_0 blocks on the GPU, are one matmul.
+    /// of neighbours that share a device layout (`stack_layout`: Gemma's Q5_0 Q and K take its
+    /// Q8_0 V's) becomes one stacked matrix, one dispatch.
     pub fn side_by_side(&self, names: &[&str], y: &wgpu::Buffer, y_stride: usize) -> Result<Vec<LayerOp>> {
         let ts = names.iter().map(|n| self.model.tensor(&layer_tensor(self.layer, n))).collect::<Result<Vec<_>>>()?;
         let x_stride = ts[0].cols();
         let (x, x_q8) = (&self.act.xn, &self.act.xn_q8);
         let mut offset = 0;
         let mut ops = Vec::new();
-        for run in ts.chunk_by(|a, b| a.format.device_format() == b.format.device_format() && a.cols() == b.cols()) {
+        for run in ts.chunk_by(|a, b| stack_layout([a.format, b.format]).is_some() && a.cols() == b.cols()) {
             let m = DeviceMatrix::upload_stacked(self.ctx, run)?;
             ops.push(self.matmul_op(&m, x, x_q8, y, (x_stride, y_stride, offset), false)?);
             offset += m.rows;

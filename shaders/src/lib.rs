@@ -136,14 +136,11 @@ impl WeightFormat {
     }
 
     /// The layout the GPU keeps these weights in (the kernels are rendered for it), every value the
-    /// file's. Q5_0's values are Q8_0 bytes under the same f16 scale; Q3_K's, like Q6_K's, are
-    /// signed bytes under their super-blocks' own scale per 16 (block_d_q6_k.wgsl); Q4_K keeps
-    /// its nibbles and Q5_K its values as bytes, both under their super-blocks' own scales
-    /// (block_dm_k.wgsl); Q5_1 its values as bytes under its own f16 scale and minimum; Q2_K its
-    /// two-bit values in order under its super-blocks' own scales (block_dm_q2_k.wgsl).
+    /// file's in as many bits: blocks of 32 whose values are in order (the K-quants' super-blocks
+    /// of 256 are 8 of them, under the super-block's own scales: block_dm_k.wgsl,
+    /// block_d_q6_k.wgsl, block_dm_q2_k.wgsl). Q3_K's values ride Q6_K's six-bit layout.
     pub fn device_format(self) -> WeightFormat {
         match self {
-            WeightFormat::Q5_0 => WeightFormat::Q8_0,
             WeightFormat::Q3K => WeightFormat::Q6K,
             f => f,
         }
@@ -166,7 +163,7 @@ impl WeightFormat {
             WeightFormat::Q8_0 => include_str!("../wgsl/dequant_q8_0.wgsl"),
             WeightFormat::Q4_0 => include_str!("../wgsl/dequant_q4_0.wgsl"),
             WeightFormat::Q4_1 | WeightFormat::Q4K => include_str!("../wgsl/dequant_q4_1.wgsl"),
-            WeightFormat::Q5_1 | WeightFormat::Q5K => include_str!("../wgsl/dequant_q5_k.wgsl"),
+            WeightFormat::Q5_0 | WeightFormat::Q5_1 | WeightFormat::Q5K => include_str!("../wgsl/dequant_q5.wgsl"),
             WeightFormat::Q2K => include_str!("../wgsl/dequant_q2_k.wgsl"),
             _ => include_str!("../wgsl/dequant_q6_k.wgsl"),
         }
@@ -180,6 +177,15 @@ impl WeightFormat {
             WeightFormat::Q4K | WeightFormat::Q5K => Some(include_str!("../wgsl/block_dm_k.wgsl")),
             WeightFormat::Q6K => Some(include_str!("../wgsl/block_d_q6_k.wgsl")),
             WeightFormat::Q2K => Some(include_str!("../wgsl/block_dm_q2_k.wgsl")),
+            WeightFormat::Q5_0 => Some(include_str!("../wgsl/block_dm_q5_0.wgsl")),
+            _ => None,
+        }
+    }
+
+    /// How the values of a layout that both its dequantizer and its packed dot unpack are read.
+    fn values_source(self) -> Option<&'static str> {
+        match self.device_format() {
+            WeightFormat::Q5_0 | WeightFormat::Q5_1 | WeightFormat::Q5K => Some(include_str!("../wgsl/q5_values.wgsl")),
             _ => None,
         }
     }
@@ -191,7 +197,7 @@ impl WeightFormat {
             WeightFormat::Q8_0 => Some(include_str!("../wgsl/q8dot_q8_0.wgsl")),
             WeightFormat::Q4_0 => Some(include_str!("../wgsl/q8dot_q4_0.wgsl")),
             WeightFormat::Q4_1 | WeightFormat::Q4K => Some(include_str!("../wgsl/q8dot_q4_1.wgsl")),
-            WeightFormat::Q5_1 | WeightFormat::Q5K => Some(include_str!("../wgsl/q8dot_q5_k.wgsl")),
+            WeightFormat::Q5_0 | WeightFormat::Q5_1 | WeightFormat::Q5K => Some(include_str!("../wgsl/q8dot_q5.wgsl")),
             WeightFormat::Q6K => Some(include_str!("../wgsl/q8dot_q6_k.wgsl")),
             WeightFormat::Q2K => Some(include_str!("../wgsl/q8dot_q2_k.wgsl")),
             _ => None,
@@ -556,6 +562,7 @@ impl Kernel {
             Some(self.body()),
             access,
             format.and_then(WeightFormat::block_dm_source),
+            format.and_then(WeightFormat::values_source),
             dequant,
             lanes,
             groups,

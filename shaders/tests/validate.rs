@@ -76,14 +76,14 @@ fn every_variant_validates() {
     }
     // 2 plain kernels and the 3 that write 8-bit activations (the norm, SiLU·mul, the merge) with
     // and without subgroups, rope_kv and norm_rope_kv for the 2 K/V cache formats, attention for
-    // both with and without subgroups, attention_coop for the f16 cache, embed and gemm in the 11
+    // both with and without subgroups, attention_coop for the f16 cache, embed and gemm in the 12
     // device layouts plus native f16, matmul and matvec likewise, each with and without
-    // subgroups, gemm_coop in the 11 layouts (it needs f16, so F16 weights are read natively), and
-    // matvec_q8 in the 8 layouts with a packed-byte dot, with and without subgroups, and
+    // subgroups, gemm_coop in the 12 layouts (it needs f16, so F16 weights are read natively), and
+    // matvec_q8 in the 9 layouts with a packed-byte dot, with and without subgroups, and
     // matvec_q8_rope, and the two that norm their input, and the two gate/up ones with the gated
-    // activation, and the output projection's that merges attention's chunks, likewise. Q5_0
-    // and Q3_K render as their device layouts' variants.
-    assert_eq!(count, 2 + 3 * 2 + 2 * 2 + 2 * 2 + 1 + 12 + 12 + 2 * 12 * 2 + 11 + 7 * 8 * 2);
+    // activation, and the output projection's that merges attention's chunks, likewise. Q3_K
+    // renders as its device layout's variants.
+    assert_eq!(count, 2 + 3 * 2 + 2 * 2 + 2 * 2 + 1 + 13 + 13 + 2 * 13 * 2 + 12 + 7 * 9 * 2);
 }
 
 /// What each kernel says it binds (its layout in core) is what its WGSL declares.
