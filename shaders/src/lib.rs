@@ -46,9 +46,8 @@ pub const ATTENTION_TILE_MIN: usize = 16;
 const COOP_ENABLES: &str = "enable f16;\nenable wgpu_cooperative_matrix;\n";
 
 /// How a weight tensor is stored in a model file. On the GPU each format has a layout
-/// (`device_format`): its own, or, for formats whose blocks do not split into whole 32-element
-/// blocks of nibbles or bytes with one scale, a wider layout their values transcode to exactly
-/// (Q5_0 to Q8_0; the K-quants to `q4_k`, `q6_k` and `q5_k` blocks of 32 with f32 scales).
+/// (`device_format`): its own blocks of 32, their values in order, in as many bits as the file
+/// (Q3_K's ride Q6_K's six-bit layout).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum WeightFormat {
     F32,
