@@ -198,7 +198,7 @@ struct BenchArgs {
     /// Seeded random weights with the shapes of: smollm2-135m, smollm2-1.7b, llama-3.2-1b, llama-3-8b.
     #[arg(long)]
     synthetic: Option<String>,
-    /// Weight format of a synthetic model: q4_0, q4_1, q8_0, f16, bf16, f32.
+    /// Weight format of a synthetic model: q4_0, q4_1, q8_0, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, f16, bf16, f32.
     #[arg(long, default_value = "q4_1")]
     format: String,
     /// Decode steps per measurement.
