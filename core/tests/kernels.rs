@@ -1144,8 +1144,8 @@ fn sampling_greedy_top_k_top_p_and_seeds() {
     assert_eq!(got, want);
     assert_eq!(got[1], 400);
 
-    // A vocabulary past four ids a lane (the unrolled trips, then the tail): the maximum in each
-    // part, and ties between a trip's ids, across trips, and between a trip and the tail.
+    // A vocabulary of many ids a lane: the maximum anywhere, and ties between ids of one lane,
+    // of different lanes, and near the end.
     let wide = 5003;
     for (a, b) in [(17, 4000), (300, 300 + 256), (1024 + 5, 2048 + 5), (4095, 4100), (4990, 5002)] {
         let mut row = random(&mut rng, wide);

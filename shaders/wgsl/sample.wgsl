@@ -35,12 +35,6 @@ fn key_of(v: f32) -> u32 {
     return select(b | 0x80000000u, ~b, (b & 0x80000000u) != 0u);
 }
 
-// (key, id) of the better of `best` and (k, id), for ids met in increasing order: ties keep the
-// earlier, lower id.
-fn better(best: vec2<u32>, k: u32, id: u32) -> vec2<u32> {
-    return select(best, vec2<u32>(k, id), k > best.x || best.y == 0xffffffffu);
-}
-
 fn pcg(v: u32) -> u32 {
     let state = v * 747796405u + 2891336453u;
     let word = ((state >> ((state >> 28u) + 4u)) ^ state) * 277803737u;
@@ -90,28 +84,16 @@ fn main(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: v
     // Lane i takes ids i, i + WG, ...: each pass over the logits is one coalesced sweep (a
     // contiguous chunk a lane made the 128k-token argmax take 225 µs on the H200).
 
-    // Argmax by key, ties to the lowest id; also the maximum for the softmax. Four ids a trip
-    // (i, i + WG, i + 2 WG, i + 3 WG, still in id order), so four loads are in flight: with one,
-    // Gemma 3's 262,144-token argmax was latency-bound at 117 µs on the H200.
-    var best = vec2<u32>(0u, 0xffffffffu);
-    let full = VOCAB / (4u * WG) * (4u * WG);
-    for (var i = lane; i < full; i += 4u * WG) {
-        let k = vec4<u32>(
-            key_of(logits[base + i]),
-            key_of(logits[base + i + WG]),
-            key_of(logits[base + i + 2u * WG]),
-            key_of(logits[base + i + 3u * WG]),
-        );
-        best = better(best, k.x, i);
-        best = better(best, k.y, i + WG);
-        best = better(best, k.z, i + 2u * WG);
-        best = better(best, k.w, i + 3u * WG);
+    // Argmax by key, ties to the lowest id; also the maximum for the softmax.
+    var best_key = 0u;
+    var best_id = 0xffffffffu;
+    for (var i = lane; i < VOCAB; i += WG) {
+        let k = key_of(logits[base + i]);
+        if (k > best_key || best_id == 0xffffffffu) {
+            best_key = k;
+            best_id = i;
+        }
     }
-    for (var i = full + lane; i < VOCAB; i += WG) {
-        best = better(best, key_of(logits[base + i]), i);
-    }
-    let best_key = best.x;
-    let best_id = best.y;
     red_u[lane] = best_key;
     red_f[lane] = bitcast<f32>(best_id);
     workgroupBarrier();
