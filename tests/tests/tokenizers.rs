@@ -2,7 +2,7 @@
 //! `ggml-vocab-*.gguf` vocabularies of its `models/` folder with their `.inp` texts and `.out`
 //! ids, taken from llama-cpp-python 0.3.36's source distribution). The SentencePiece ones (Llama
 //! 2, Phi-3) are kept in `tests/fixtures/vocab`; `TANDEM_VOCAB_DIR` adds a folder of more (the
-//! BPE ones are several MB).
+//! BPE ones of Llama 3 and Qwen2, several MB, which `scripts/test` fetches into `target/vocab`).
 
 use std::path::{Path, PathBuf};
 
