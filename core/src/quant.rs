@@ -157,7 +157,6 @@ pub fn decode_block(format: WeightFormat, b: &[u8]) -> Option<Vec<SubBlock>> {
     Some(out)
 }
 
-/// Q3_K's sixteen 6-bit scales (stored + 32) from its 12 packed bytes (ggml's aux shuffle).
 /// Q6_K's and Q3_K's super-block scale d (its f16 bytes) and its 16 signed scales, one per 16
 /// values in order (Q3_K's 6-bit ones less 32), as ggml reads them; the other formats have none.
 pub(crate) fn k6_scales(format: WeightFormat, b: &[u8]) -> ([u8; 2], [i8; 16]) {
@@ -168,6 +167,7 @@ pub(crate) fn k6_scales(format: WeightFormat, b: &[u8]) -> ([u8; 2], [i8; 16]) {
     }
 }
 
+/// Q3_K's sixteen 6-bit scales (stored + 32) from its 12 packed bytes (ggml's aux shuffle).
 fn q3k_scales(raw: &[u8]) -> [u8; 16] {
     let mut s = [0u8; 16];
     for i in 0..16 {
