@@ -867,7 +867,7 @@ fn rope_kv_rotates_and_writes_the_paged_cache() {
     let n_blocks = 8;
     // rope_kv, and norm_rope_kv (each query and key head RMSNormed first) on heads narrower and
     // wider than its workgroup's 64 lanes.
-    for (normed, (nh, nkv, hd)) in [(false, (6, 2, 64)), (true, (6, 2, 64)), (true, (4, 1, 256))] {
+    for (normed, (nh, nkv, hd)) in [(false, (6, 2, 64)), (true, (6, 2, 64)), (true, (4, 2, 128)), (true, (4, 1, 256))] {
         let (q_dim, kv_dim) = (nh * hd, nkv * hd);
         let stride = q_dim + 2 * kv_dim;
         for dtype in [KvDtype::F16, KvDtype::F32] {
