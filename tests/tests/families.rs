@@ -86,14 +86,7 @@ fn every_family_matches_llama_cpp_from_gguf_and_from_hugging_face() {
                     assert!(d <= LOGIT_TOLERANCE, "{arch} `{}` position {i} token {id}: {} vs llama.cpp {w}", p.name, row[*id as usize]);
                 }
             }
-            // llama.cpp's greedy choices, each the argmax of ours while its margin is clear.
-            for (j, (&want, &margin)) in p.greedy_tokens.iter().zip(&p.greedy_margins).enumerate() {
-                if margin < 2.0 * LOGIT_TOLERANCE {
-                    break;
-                }
-                let row = &ours[p.tokens.len() - 1 + j];
-                assert_eq!(tandem_core::cpu_ref::argmax(row), want, "{arch} `{}` greedy step {j}", p.name);
-            }
+            assert_greedy(&ours, p, LOGIT_TOLERANCE, arch);
             let theirs = logits(&hf, &tokens);
             for (a, b) in ours.iter().zip(&theirs) {
                 for (x, y) in a.iter().zip(b) {
@@ -130,12 +123,7 @@ fn hugging_face_directories_match_transformers() {
             let w = worst_against(&ours, p);
             worst = worst.max(w);
             assert!(w <= LOGIT_TOLERANCE, "{name} `{}`: logits {w} from transformers'", p.name);
-            for (j, (&want, &margin)) in p.greedy_tokens.iter().zip(&p.greedy_margins).enumerate() {
-                if margin < 2.0 * LOGIT_TOLERANCE {
-                    break;
-                }
-                assert_eq!(tandem_core::cpu_ref::argmax(&ours[p.tokens.len() - 1 + j]), want, "{name} `{}` greedy step {j}", p.name);
-            }
+            assert_greedy(&ours, p, LOGIT_TOLERANCE, name);
         }
     }
     eprintln!("worst logit difference from transformers: {worst}");
@@ -158,6 +146,18 @@ const FORMAT_FIXTURES: [(&str, WeightFormat); 4] = [
     ("llama-q5_k_m", WeightFormat::Q5K),
     ("llama-q5_1", WeightFormat::Q5_1),
 ];
+
+/// The reference's greedy choices, each the argmax of `ours` (the logits of its prompt and greedy
+/// continuation) while the reference's margin is clear of twice `tolerance`.
+fn assert_greedy(ours: &[Vec<f32>], reference: &ReferencePrompt, tolerance: f32, what: &str) {
+    for (j, (&want, &margin)) in reference.greedy_tokens.iter().zip(&reference.greedy_margins).enumerate() {
+        if margin < 2.0 * tolerance {
+            break;
+        }
+        let row = &ours[reference.tokens.len() - 1 + j];
+        assert_eq!(tandem_core::cpu_ref::argmax(row), want, "{what} `{}` greedy step {j}", reference.name);
+    }
+}
 
 /// The largest difference between our logits and a reference's top ones, position by position.
 fn worst_against(ours: &[Vec<f32>], want: &ReferencePrompt) -> f32 {
@@ -189,12 +189,7 @@ fn formats_no_real_file_here_holds_match_llama_cpp_on_its_own_quantized_files() 
             let w = worst_against(&ours, twin);
             exact = exact.max(w);
             assert!(w <= EXACT_TOLERANCE, "{name} `{}`: logits {w} from llama.cpp's on the F32 twin ({formats:?})", p.name);
-            for (j, (&want, &margin)) in twin.greedy_tokens.iter().zip(&twin.greedy_margins).enumerate() {
-                if margin < 2.0 * EXACT_TOLERANCE {
-                    break;
-                }
-                assert_eq!(tandem_core::cpu_ref::argmax(&ours[twin.tokens.len() - 1 + j]), want, "{name} `{}` greedy step {j}", p.name);
-            }
+            assert_greedy(&ours, twin, EXACT_TOLERANCE, name);
             let w = worst_against(&logits_in(&model, &p.tokens, false), p);
             fast = fast.max(w);
             assert!(w <= FORMAT_TOLERANCE, "{name} `{}`: default-mode logits {w} from llama.cpp's on the file", p.name);
