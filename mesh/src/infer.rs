@@ -60,6 +60,31 @@ pub struct InferResume {
     pub ticket: Option<u64>,
 }
 
+/// Why a generation ended, in OpenAI's words (`finish_reason`), on the wire as in its output.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// `max_tokens` reached.
+    Length,
+    /// The request was cancelled.
+    Cancelled,
+    /// A stop token or stop string; also any reason this version does not know (serde takes
+    /// only the last variant for that).
+    #[serde(other)]
+    Stop,
+}
+
+impl FinishReason {
+    /// The name OpenAI gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// What the serving node streams back.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -85,7 +110,7 @@ pub enum InferReply {
         ticket: Option<u64>,
     },
     Done {
-        finish_reason: String,
+        finish_reason: FinishReason,
         prompt_tokens: u64,
         completion_tokens: u64,
     },
@@ -120,11 +145,24 @@ mod tests {
             InferReply::Heartbeat,
             InferReply::Tokens { ids: vec![7] },
             InferReply::Moved { peer: Some("p".into()), ticket: Some(1) },
-            InferReply::Done { finish_reason: "stop".into(), prompt_tokens: 3, completion_tokens: 4 },
+            InferReply::Done { finish_reason: FinishReason::Length, prompt_tokens: 3, completion_tokens: 4 },
             InferReply::Failed { status: 404, message: "x".into(), code: Some("model_not_found".into()), param: None },
         ] {
             assert_eq!(serde_json::from_slice::<InferReply>(&serde_json::to_vec(&r).expect("enc")).expect("dec"), r);
         }
         assert!(serde_json::from_slice::<InferReply>(br#"{"type":"text"}"#).is_err());
+    }
+
+    #[test]
+    fn finish_reasons_keep_their_openai_names() {
+        for r in [FinishReason::Stop, FinishReason::Length, FinishReason::Cancelled] {
+            assert_eq!(serde_json::to_value(r).expect("enc"), serde_json::json!(r.as_str()));
+            assert_eq!(serde_json::from_value::<FinishReason>(serde_json::json!(r.as_str())).expect("dec"), r);
+        }
+        let done: InferReply =
+            serde_json::from_str(r#"{"type":"done","finish_reason":"length","prompt_tokens":1,"completion_tokens":2}"#).expect("dec");
+        assert_eq!(done, InferReply::Done { finish_reason: FinishReason::Length, prompt_tokens: 1, completion_tokens: 2 });
+        // A reason this version does not know ends the request as a stop, as it always did.
+        assert_eq!(serde_json::from_value::<FinishReason>(serde_json::json!("content_filter")).expect("dec"), FinishReason::Stop);
     }
 }

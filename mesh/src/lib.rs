@@ -25,7 +25,7 @@ pub use control::{CONTROL_LIMITS, CONTROL_PROTOCOL, ControlCommand, ControlError
 pub use error::{Error, Result};
 pub use frames::{FrameError, FramedStream, Limits as FrameLimits};
 pub use identity::{IdentityLock, claim_identity, load_or_create_identity};
-pub use infer::{HEARTBEAT, INFER_LIMITS, INFER_PROTOCOL, InferEndpoint, InferReply, InferRequest, InferResume};
+pub use infer::{FinishReason, HEARTBEAT, INFER_LIMITS, INFER_PROTOCOL, InferEndpoint, InferReply, InferRequest, InferResume};
 pub use kv::{
     DTYPE_F16, DTYPE_F32, KV_LIMITS, KV_PROTOCOL, KvChunk, KvError, KvOpen, KvProgress, KvReply, KvSampling, KvShape, MAX_CHUNK_TOKENS,
     encode_chunk, fingerprint_number, hidden_share, is_chunk,

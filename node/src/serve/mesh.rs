@@ -499,14 +499,6 @@ enum Attempt {
     Lost(String),
 }
 
-fn finish_name(s: &str) -> &'static str {
-    match s {
-        "length" => "length",
-        "cancelled" => "cancelled",
-        _ => "stop",
-    }
-}
-
 fn failed(status: u16, message: String, code: Option<String>, param: Option<String>) -> ApiError {
     let status =
         StatusCode::from_u16(status).ok().filter(|s| s.is_client_error() || s.is_server_error()).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -755,7 +747,7 @@ async fn forward(app: &App, cand: &Placement, req: &InferRequest, out: &mpsc::Se
             Ok(Some(InferReply::Done { finish_reason, prompt_tokens, completion_tokens })) if result.is_none() => {
                 let (p, c) = (prompt_tokens as usize, completion_tokens as usize);
                 result = Some(Piece::Done {
-                    finish: finish_name(&finish_reason),
+                    finish: finish_reason,
                     usage: Usage { prompt_tokens: p, completion_tokens: c, total_tokens: p.saturating_add(c) },
                 });
                 continue;
@@ -898,7 +890,7 @@ async fn serve_stream(app: &Arc<App>, peer: PeerId, stream: tandem_mesh::Stream)
             Ok(Some(Piece::Token(id))) => InferReply::Tokens { ids: vec![id] },
             Ok(Some(Piece::Moved { peer, ticket })) => InferReply::Moved { peer: peer.map(|p| p.to_string()), ticket },
             Ok(Some(Piece::Done { finish, usage })) => InferReply::Done {
-                finish_reason: finish.into(),
+                finish_reason: finish,
                 prompt_tokens: usage.prompt_tokens as u64,
                 completion_tokens: usage.completion_tokens as u64,
             },

@@ -13,13 +13,13 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tandem_core::scheduler::{Event, FinishReason, Request, Start};
+use tandem_core::scheduler::{self, Event, Request, Start};
 use tandem_core::{ChatMessage, SamplingParams};
 use tokio::sync::mpsc;
 
 use super::mesh::RequestShape;
 use super::{App, Loaded};
-use tandem_mesh::InferEndpoint;
+use tandem_mesh::{FinishReason, InferEndpoint};
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug)]
@@ -491,7 +491,7 @@ pub enum Piece {
     Token(u32),
     Text(String),
     Done {
-        finish: &'static str,
+        finish: FinishReason,
         usage: Usage,
     },
     Failed(ApiError),
@@ -637,7 +637,7 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
         }
     }
     let mut generated = 0;
-    let done = |finish: &'static str, generated: usize| Piece::Done {
+    let done = |finish: FinishReason, generated: usize| Piece::Done {
         finish,
         usage: Usage { prompt_tokens, completion_tokens: generated, total_tokens: prompt_tokens + generated },
     };
@@ -649,9 +649,9 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
             first_at.get_or_insert_with(|| ms_since(arrival));
         }
         if stopped || request.stop_ids.contains(&id) {
-            ended = Some("stop");
+            ended = Some(FinishReason::Stop);
         } else if generated >= request.max_tokens {
-            ended = Some("length");
+            ended = Some(FinishReason::Length);
         }
         if ended.is_some() {
             break;
@@ -703,7 +703,7 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
                 first_at.get_or_insert_with(|| ms_since(arrival));
                 let Some(stopped) = deliver(&out, &mut text, id, true).await else { return };
                 if stopped {
-                    let _ = out.send(done("stop", generated)).await;
+                    let _ = out.send(done(FinishReason::Stop, generated)).await;
                     return;
                 }
             }
@@ -730,11 +730,11 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
                     let _ = out.send(Piece::Text(rest)).await;
                 }
                 let finish = match reason {
-                    FinishReason::Length => "length",
-                    FinishReason::Stop => "stop",
-                    FinishReason::Cancelled => "cancelled",
+                    scheduler::FinishReason::Length => FinishReason::Length,
+                    scheduler::FinishReason::Stop => FinishReason::Stop,
+                    scheduler::FinishReason::Cancelled => FinishReason::Cancelled,
                 };
-                trace.outcome = finish.into();
+                trace.outcome = finish.as_str().into();
                 app.metrics.trace(trace);
                 let _ = out.send(done(finish, generated)).await;
                 return;
@@ -825,7 +825,7 @@ async fn respond(endpoint: Endpoint, model: String, stream: bool, include_usage:
         Some(Piece::Failed(e)) => return e.into_response(),
         other => other,
     };
-    let chunk = move |text: Option<&str>, finish: Option<&str>, first: bool| -> serde_json::Value {
+    let chunk = move |text: Option<&str>, finish: Option<FinishReason>, first: bool| -> serde_json::Value {
         match endpoint {
             Endpoint::Completions => json!({
                 "id": id, "object": "text_completion", "created": created, "model": model,
