@@ -15,8 +15,8 @@ use std::time::Instant;
 use tandem_core::scheduler::{Event, KvExport, Request, Start};
 use tandem_core::{KvDtype, KvLayer};
 use tandem_mesh::{
-    DTYPE_F16, DTYPE_F32, FramedStream, KV_LIMITS, KV_PROTOCOL, KvChunk, KvOpen, KvProgress, KvReply, KvSampling, KvShape,
-    MAX_CHUNK_TOKENS, MeshEventKind, PROTOCOL_VERSION, PeerId, Role, encode_chunk, fingerprint_number, hidden_share, is_chunk,
+    DTYPE_F16, DTYPE_F32, FrameError, FramedStream, KV_LIMITS, KV_PROTOCOL, KvChunk, KvError, KvOpen, KvProgress, KvReply, KvSampling,
+    KvShape, MAX_CHUNK_TOKENS, MeshEventKind, PROTOCOL_VERSION, PeerId, Role, encode_chunk, fingerprint_number, hidden_share, is_chunk,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -27,9 +27,79 @@ const LAYERS_IN_FLIGHT: usize = 8;
 
 type Stream = FramedStream<tandem_mesh::Stream>;
 
-fn shape(loaded: &Loaded, session: u64) -> Result<KvShape, String> {
-    let fingerprint =
-        fingerprint_number(&loaded.fingerprint).ok_or_else(|| format!("fingerprint {} is not 16 hex digits", loaded.fingerprint))?;
+/// Why a K/V transfer failed, on either side; the sender of a refusal puts its message in
+/// `KvReply::Failed`. Whatever it is, the parked sequence is freed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    /// This node's model fingerprint does not fit a chunk's header.
+    #[error("fingerprint {0} is not 16 hex digits")]
+    Fingerprint(String),
+    /// No stream to the peer.
+    #[error(transparent)]
+    Open(tandem_mesh::Error),
+    /// The stream failed: i/o, a stall, a frame over its bound, a bad or missing trailer.
+    #[error(transparent)]
+    Stream(#[from] FrameError),
+    /// A chunk that does not belong to this transfer (foreign, misshapen, out of order,
+    /// repeated), or a transfer that ended with positions missing.
+    #[error(transparent)]
+    Chunk(#[from] KvError),
+    /// A reply that is not one.
+    #[error("malformed reply: {0}")]
+    MalformedReply(serde_json::Error),
+    /// A reply out of turn, as the peer sent it.
+    #[error("unexpected reply {0}")]
+    UnexpectedReply(String),
+    #[error("data after the first token")]
+    AfterFirstToken,
+    #[error("the stream ended without the first token")]
+    NoFirstToken,
+    #[error("a message where K/V was expected")]
+    NotKv,
+    #[error("first token {0} outside the vocabulary")]
+    FirstTokenOutOfRange(u32),
+    /// The prefill node refused or failed the prefill, with its message.
+    #[error("the prefill node failed: {0}")]
+    PrefillFailed(String),
+    /// The decode node refused to park the K/V, with its message.
+    #[error("{0}")]
+    Refused(String),
+    /// The local GPU worker refused a command.
+    #[error(transparent)]
+    Worker(tandem_core::Error),
+    #[error("the GPU worker stopped")]
+    WorkerStopped,
+    #[error("no room for the K/V here: {0}")]
+    NoRoom(tandem_core::Error),
+    // What a node refuses to take from a peer (its message goes back in `KvReply::Failed`).
+    /// This node has no model to take it (loading, stopping, an observer).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("protocol version {0}, this node speaks {PROTOCOL_VERSION}")]
+    Version(u16),
+    /// The transfer is for another model, or the same one with other weights.
+    #[error("this node serves `{model}` with fingerprint {fingerprint}")]
+    Mismatch { model: String, fingerprint: String },
+    #[error("{tokens} tokens do not fit a context of {context}")]
+    TooLong { tokens: usize, context: usize },
+    #[error("token {0} outside the vocabulary")]
+    TokenOutOfRange(u32),
+    #[error("this node is draining")]
+    Draining,
+    /// Its role does not take this side of a transfer.
+    #[error("this node's role is {0}")]
+    Role(Role),
+    #[error("skip {skip} leaves nothing of {tokens} tokens to prefill")]
+    NothingToPrefill { skip: usize, tokens: usize },
+    /// The scheduler refused or failed the prefill, with its reason.
+    #[error("{0}")]
+    Scheduler(String),
+    #[error("the prefill produced no token")]
+    NoToken,
+}
+
+fn shape(loaded: &Loaded, session: u64) -> Result<KvShape, TransferError> {
+    let fingerprint = fingerprint_number(&loaded.fingerprint).ok_or_else(|| TransferError::Fingerprint(loaded.fingerprint.clone()))?;
     Ok(KvShape { session, fingerprint, layers: loaded.layers, heads: loaded.kv_heads, head_dim: loaded.head_dim })
 }
 
@@ -110,16 +180,16 @@ fn answer<T: Send + 'static>() -> (Box<dyn FnOnce(T) + Send>, oneshot::Receiver<
 }
 
 /// Checks that every position parked under `ticket` has arrived (imports are applied in order).
-async fn seal(loaded: &Loaded, ticket: u64) -> Result<(), String> {
+async fn seal(loaded: &Loaded, ticket: u64) -> Result<(), TransferError> {
     let (reply, rx) = answer();
-    loaded.worker.seal(ticket, reply).map_err(|e| e.to_string())?;
-    rx.await.map_err(|_| "the GPU worker stopped".to_string())?.map_err(|e| e.to_string())
+    loaded.worker.seal(ticket, reply).map_err(TransferError::Worker)?;
+    rx.await.map_err(|_| TransferError::WorkerStopped)?.map_err(TransferError::Worker)
 }
 
-async fn park(loaded: &Loaded, tokens: Vec<u32>) -> Result<(Ticket, usize), String> {
+async fn park(loaded: &Loaded, tokens: Vec<u32>) -> Result<(Ticket, usize), TransferError> {
     let (reply, rx) = answer();
-    loaded.worker.park(tokens, reply).map_err(|e| e.to_string())?;
-    let (id, held) = rx.await.map_err(|_| "the GPU worker stopped".to_string())?.map_err(|e| format!("no room for the K/V here: {e}"))?;
+    loaded.worker.park(tokens, reply).map_err(TransferError::Worker)?;
+    let (id, held) = rx.await.map_err(|_| TransferError::WorkerStopped)?.map_err(TransferError::NoRoom)?;
     Ok((Ticket { worker: loaded.worker.clone(), id, kept: false }, held))
 }
 
@@ -140,13 +210,13 @@ fn receive_chunk(
     shape: &KvShape,
     progress: &mut KvProgress,
     held: usize,
-) -> Result<(), String> {
-    let chunk = KvChunk::decode(frame, shape).map_err(|e| e.to_string())?;
+) -> Result<(), TransferError> {
+    let chunk = KvChunk::decode(frame, shape)?;
     let before = progress.bytes;
-    progress.accept(&chunk).map_err(|e| e.to_string())?;
+    progress.accept(&chunk)?;
     app.mesh.count_link_bytes(peer, progress.bytes - before);
     if let Some(layer) = layer_from(chunk, held) {
-        loaded.worker.import(ticket, layer).map_err(|e| e.to_string())?;
+        loaded.worker.import(ticket, layer).map_err(TransferError::Worker)?;
     }
     Ok(())
 }
@@ -162,13 +232,13 @@ pub struct RemotePrefill {
 
 /// Has `peer` prefill `req.prompt` and streams its K/V into a parked sequence here, skipping what
 /// this node's prefix cache holds. On failure the parked sequence is freed.
-pub async fn prefill_remote(app: &App, loaded: &Loaded, peer: PeerId, req: &Request) -> Result<RemotePrefill, String> {
+pub async fn prefill_remote(app: &App, loaded: &Loaded, peer: PeerId, req: &Request) -> Result<RemotePrefill, TransferError> {
     let session = session_id();
     let shape = shape(loaded, session)?;
     let started = Instant::now();
     let (ticket, held) = park(loaded, req.prompt.clone()).await?;
     let result = async {
-        let stream = app.mesh.handle.open_stream(peer, KV_PROTOCOL).await.map_err(|e| e.to_string())?;
+        let stream = app.mesh.handle.open_stream(peer, KV_PROTOCOL).await.map_err(TransferError::Open)?;
         let mut s = FramedStream::new(stream, KV_LIMITS);
         let sp = req.sampling;
         let open = KvOpen::Prefill {
@@ -180,16 +250,16 @@ pub async fn prefill_remote(app: &App, loaded: &Loaded, peer: PeerId, req: &Requ
             skip: held,
             sampling: KvSampling { temperature: sp.temperature, top_k: sp.top_k, top_p: sp.top_p, seed: sp.seed },
         };
-        s.send_msg(&open).await.map_err(|e| e.to_string())?;
-        s.finish().await.map_err(|e| e.to_string())?;
+        s.send_msg(&open).await?;
+        s.finish().await?;
         let mut progress = KvProgress::new(loaded.layers as usize, held, req.prompt.len());
         let (mut first_chunk, mut last_chunk) = (None, None);
         let mut first = None;
         let mut busy_s = 0.0;
         let mut prefill_span = [0.0, 0.0];
-        while let Some(frame) = s.recv().await.map_err(|e| e.to_string())? {
+        while let Some(frame) = s.recv().await? {
             if first.is_some() {
-                return Err("data after the first token".into());
+                return Err(TransferError::AfterFirstToken);
             }
             if is_chunk(&frame) {
                 let now = Instant::now();
@@ -198,12 +268,12 @@ pub async fn prefill_remote(app: &App, loaded: &Loaded, peer: PeerId, req: &Requ
                 receive_chunk(app, peer, loaded, ticket.id, &frame, &shape, &mut progress, held)?;
                 continue;
             }
-            match serde_json::from_slice::<KvReply>(&frame).map_err(|e| format!("malformed reply: {e}"))? {
+            match serde_json::from_slice::<KvReply>(&frame).map_err(TransferError::MalformedReply)? {
                 KvReply::First { token, prefill_ms, first_send_ms, send_busy_ms, layers_ready_ms, layers_sent_ms } => {
                     busy_s = send_busy_ms / 1e3;
-                    progress.check_complete().map_err(|e| e.to_string())?;
+                    progress.check_complete()?;
                     if token as usize >= loaded.worker.limits().vocab_size {
-                        return Err(format!("first token {token} outside the vocabulary"));
+                        return Err(TransferError::FirstTokenOutOfRange(token));
                     }
                     app.metrics.kv.prefill.observe(prefill_ms / 1e3);
                     let compute_end = layers_ready_ms.iter().copied().fold(0.0, f64::max);
@@ -216,11 +286,11 @@ pub async fn prefill_remote(app: &App, loaded: &Loaded, peer: PeerId, req: &Requ
                     first = Some(token);
                 }
                 KvReply::Heartbeat => loaded.worker.touch(ticket.id),
-                KvReply::Failed { message } => return Err(format!("the prefill node failed: {message}")),
-                KvReply::Parked { .. } => return Err("unexpected reply `parked`".into()),
+                KvReply::Failed { message } => return Err(TransferError::PrefillFailed(message)),
+                KvReply::Parked { .. } => return Err(TransferError::UnexpectedReply("`parked`".into())),
             }
         }
-        let first = first.ok_or("the stream ended without the first token")?;
+        let first = first.ok_or(TransferError::NoFirstToken)?;
         seal(loaded, ticket.id).await?;
         app.metrics.kv.received_bytes.inc_by(progress.bytes);
         if let (Some(a), Some(b)) = (first_chunk, last_chunk) {
@@ -271,10 +341,10 @@ pub async fn migrate(app: &App, loaded: &Loaded, tokens: &[u32], kv: Vec<KvLayer
     None
 }
 
-async fn push(app: &App, loaded: &Loaded, peer: PeerId, tokens: &[u32], kv: &[KvLayer]) -> Result<(u64, u64), String> {
+async fn push(app: &App, loaded: &Loaded, peer: PeerId, tokens: &[u32], kv: &[KvLayer]) -> Result<(u64, u64), TransferError> {
     let session = session_id();
     let shape = shape(loaded, session)?;
-    let stream = app.mesh.handle.open_stream(peer, KV_PROTOCOL).await.map_err(|e| e.to_string())?;
+    let stream = app.mesh.handle.open_stream(peer, KV_PROTOCOL).await.map_err(TransferError::Open)?;
     let mut s = FramedStream::new(stream, KV_LIMITS);
     let open = KvOpen::Park {
         v: PROTOCOL_VERSION,
@@ -283,21 +353,21 @@ async fn push(app: &App, loaded: &Loaded, peer: PeerId, tokens: &[u32], kv: &[Kv
         fingerprint: loaded.fingerprint.clone(),
         tokens: tokens.to_vec(),
     };
-    s.send_msg(&open).await.map_err(|e| e.to_string())?;
+    s.send_msg(&open).await?;
     let mut bytes = 0;
     for layer in kv {
         for frame in chunks(layer, &shape, loaded.kv_dtype) {
             bytes += (frame.len() - 64) as u64;
-            s.send(&frame).await.map_err(|e| e.to_string())?;
+            s.send(&frame).await?;
         }
     }
-    s.finish().await.map_err(|e| e.to_string())?;
-    let reply = s.recv_msg::<KvReply>().await.map_err(|e| e.to_string())?;
-    let end = s.recv().await.map_err(|e| e.to_string())?;
+    s.finish().await?;
+    let reply = s.recv_msg::<KvReply>().await?;
+    let end = s.recv().await?;
     match (reply, end) {
         (Some(KvReply::Parked { ticket }), None) => Ok((ticket, bytes)),
-        (Some(KvReply::Failed { message }), _) => Err(message),
-        (other, _) => Err(format!("unexpected reply {other:?}")),
+        (Some(KvReply::Failed { message }), _) => Err(TransferError::Refused(message)),
+        (other, _) => Err(TransferError::UnexpectedReply(format!("{other:?}"))),
     }
 }
 
@@ -306,8 +376,9 @@ pub async fn accept_loop(app: Arc<App>) {
     super::mesh::accept_streams(app, KV_PROTOCOL, |app, peer, stream| async move { serve_kv(&app, peer, stream).await }).await;
 }
 
-async fn fail(s: &mut Stream, message: String) {
-    let _ = s.send_msg(&KvReply::Failed { message }).await;
+/// Refuses or fails a transfer, telling the peer why.
+async fn fail(s: &mut Stream, e: TransferError) {
+    let _ = s.send_msg(&KvReply::Failed { message: e.to_string() }).await;
     let _ = s.finish().await;
 }
 
@@ -331,18 +402,18 @@ async fn serve_kv(app: &Arc<App>, peer: PeerId, stream: tandem_mesh::Stream) {
     };
     let loaded = match app.loaded() {
         Ok(l) => l,
-        Err(e) => return fail(&mut s, e.message).await,
+        Err(e) => return fail(&mut s, TransferError::Unavailable(e.message)).await,
     };
     let problem = if v != PROTOCOL_VERSION {
-        Some(format!("protocol version {v}, this node speaks {PROTOCOL_VERSION}"))
+        Some(TransferError::Version(v))
     } else if *model != loaded.model_id || *fingerprint != loaded.fingerprint {
-        Some(format!("this node serves `{}` with fingerprint {}", loaded.model_id, loaded.fingerprint))
+        Some(TransferError::Mismatch { model: loaded.model_id.clone(), fingerprint: loaded.fingerprint.clone() })
     } else if tokens.is_empty() || tokens.len() >= loaded.worker.limits().context_length {
-        Some(format!("{} tokens do not fit a context of {}", tokens.len(), loaded.worker.limits().context_length))
+        Some(TransferError::TooLong { tokens: tokens.len(), context: loaded.worker.limits().context_length })
     } else if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= loaded.worker.limits().vocab_size) {
-        Some(format!("token {bad} outside the vocabulary"))
+        Some(TransferError::TokenOutOfRange(bad))
     } else if app.mesh.draining() {
-        Some("this node is draining".into())
+        Some(TransferError::Draining)
     } else {
         None
     };
@@ -353,16 +424,16 @@ async fn serve_kv(app: &Arc<App>, peer: PeerId, stream: tandem_mesh::Stream) {
     match open {
         KvOpen::Prefill { session, tokens, skip, sampling, .. } => {
             if !matches!(app.mesh.role(), Role::Prefill | Role::Both) {
-                return fail(&mut s, format!("this node's role is {}", app.mesh.role())).await;
+                return fail(&mut s, TransferError::Role(app.mesh.role())).await;
             }
             if skip >= tokens.len() {
-                return fail(&mut s, format!("skip {skip} leaves nothing of {} tokens to prefill", tokens.len())).await;
+                return fail(&mut s, TransferError::NothingToPrefill { skip, tokens: tokens.len() }).await;
             }
             serve_prefill(app, &loaded, peer, s, session, tokens, skip, sampling).await
         }
         KvOpen::Park { session, tokens, .. } => {
             if !matches!(app.mesh.role(), Role::Decode | Role::Both) {
-                return fail(&mut s, format!("this node's role is {}", app.mesh.role())).await;
+                return fail(&mut s, TransferError::Role(app.mesh.role())).await;
             }
             receive_park(app, &loaded, peer, s, session, tokens).await
         }
@@ -426,7 +497,7 @@ async fn serve_prefill(
     let start = Start::Export { sink: Box::new(LayerChannel(ltx)), from: skip };
     let id = match loaded.worker.submit_with(req, Box::new(super::openai::ChannelSink(etx)), start) {
         Ok(id) => id,
-        Err(e) => return fail(&mut s, e.to_string()).await,
+        Err(e) => return fail(&mut s, TransferError::Worker(e)).await,
     };
     // Dropped on any early return: the request is cancelled and its blocks freed.
     let mut guard = super::openai::CancelGuard { worker: loaded.worker.clone(), id, finished: false };
@@ -483,16 +554,16 @@ async fn serve_prefill(
             Event::Finished(..) => break,
             Event::Refused { reason, .. } | Event::Failed(reason) => {
                 guard.finished = true;
-                return fail(&mut s, reason).await;
+                return fail(&mut s, TransferError::Scheduler(reason)).await;
             }
             Event::Detached { .. } => {
                 guard.finished = true;
-                return fail(&mut s, "this node is draining".into()).await;
+                return fail(&mut s, TransferError::Draining).await;
             }
         }
     }
     guard.finished = true;
-    let Some(token) = first else { return fail(&mut s, "the prefill produced no token".into()).await };
+    let Some(token) = first else { return fail(&mut s, TransferError::NoToken).await };
     app.metrics.kv.sent_bytes.inc_by(bytes);
     let prefill_ms = ms(Instant::now());
     let first_send_ms = first_send_ms.unwrap_or(prefill_ms);
@@ -515,13 +586,13 @@ async fn receive_park(app: &App, loaded: &Loaded, peer: PeerId, mut s: Stream, s
     };
     let mut progress = KvProgress::new(loaded.layers as usize, 0, n);
     let result = async {
-        while let Some(frame) = s.recv().await.map_err(|e| e.to_string())? {
+        while let Some(frame) = s.recv().await? {
             if !is_chunk(&frame) {
-                return Err("a message where K/V was expected".to_string());
+                return Err(TransferError::NotKv);
             }
             receive_chunk(app, peer, loaded, ticket.id, &frame, &shape, &mut progress, held)?;
         }
-        progress.check_complete().map_err(|e| e.to_string())?;
+        progress.check_complete()?;
         seal(loaded, ticket.id).await
     }
     .await;
