@@ -56,7 +56,7 @@ async fn serve_control(app: &Arc<App>, gate: &Mutex<ControlGate>, peer: PeerId, 
                 )
             });
             let result = match command {
-                ControlCommand::SetRole { role } => super::mesh::set_role(app, role).await.map(|_| ()).map_err(|e| e.message),
+                ControlCommand::SetRole { role } => super::mesh::set_role(app, role).await.map(|_| ()).map_err(|e| e.to_string()),
                 ControlCommand::Drain { drain } => {
                     super::mesh::drain(app, drain).await;
                     Ok(())

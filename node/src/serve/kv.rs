@@ -20,6 +20,7 @@ use tandem_mesh::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use super::error::ServeError;
 use super::{App, Loaded};
 
 /// Layers a prefill node may have computed but not yet sent: beyond this the GPU thread waits.
@@ -73,8 +74,8 @@ pub enum TransferError {
     NoRoom(tandem_core::Error),
     // What a node refuses to take from a peer (its message goes back in `KvReply::Failed`).
     /// This node has no model to take it (loading, stopping, an observer).
-    #[error("{0}")]
-    Unavailable(String),
+    #[error(transparent)]
+    Unavailable(ServeError),
     #[error("protocol version {0}, this node speaks {PROTOCOL_VERSION}")]
     Version(u16),
     /// The transfer is for another model, or the same one with other weights.
@@ -402,7 +403,7 @@ async fn serve_kv(app: &Arc<App>, peer: PeerId, stream: tandem_mesh::Stream) {
     };
     let loaded = match app.loaded() {
         Ok(l) => l,
-        Err(e) => return fail(&mut s, TransferError::Unavailable(e.message)).await,
+        Err(e) => return fail(&mut s, TransferError::Unavailable(e)).await,
     };
     let problem = if v != PROTOCOL_VERSION {
         Some(TransferError::Version(v))

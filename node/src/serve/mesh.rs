@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
 use futures_util::StreamExt;
 use tandem_mesh::{
     AdapterAd, CapabilityAd, FramedStream, HEARTBEAT, INFER_LIMITS, INFER_PROTOCOL, InferReply, InferRequest, InferResume, LoadReport,
@@ -17,7 +16,8 @@ use tandem_mesh::{
 };
 use tokio::sync::mpsc;
 
-use super::openai::{ApiError, Continue, Endpoint, Piece, Usage};
+use super::error::ServeError;
+use super::openai::{Continue, Endpoint, Piece, Usage};
 use super::{App, Loaded};
 
 /// Concurrent request streams one peer may hold open to this node, and all peers together.
@@ -409,16 +409,14 @@ pub async fn flip_role(app: &App, target: Role) {
 
 /// An operator's role command: pin a role, or hand the choice back to `auto`. The flip runs in
 /// its own task, so a client that hangs up mid-drain cannot leave the node draining.
-pub async fn set_role(app: &Arc<App>, setting: Role) -> Result<serde_json::Value, ApiError> {
+pub async fn set_role(app: &Arc<App>, setting: Role) -> Result<serde_json::Value, ServeError> {
     let task = app.clone();
-    tokio::spawn(async move { set_role_now(&task, setting).await })
-        .await
-        .unwrap_or_else(|e| Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("role change failed: {e}"))))
+    tokio::spawn(async move { set_role_now(&task, setting).await }).await.unwrap_or_else(|e| Err(ServeError::RoleChange(e)))
 }
 
-async fn set_role_now(app: &App, setting: Role) -> Result<serde_json::Value, ApiError> {
+async fn set_role_now(app: &App, setting: Role) -> Result<serde_json::Value, ServeError> {
     if setting.serves() && app.loaded().is_err() {
-        return Err(ApiError::new(StatusCode::CONFLICT, "this node runs no model, so it can only be an observer"));
+        return Err(ServeError::NoModelForRole);
     }
     let previous = app.mesh.role();
     if let Ok(mut s) = app.mesh.setting.write() {
@@ -497,18 +495,6 @@ enum Attempt {
     Retry(String),
     /// The node failed after taking it: continue elsewhere from the tokens so far.
     Lost(String),
-}
-
-fn failed(status: u16, message: String, code: Option<String>, param: Option<String>) -> ApiError {
-    let status =
-        StatusCode::from_u16(status).ok().filter(|s| s.is_client_error() || s.is_server_error()).unwrap_or(StatusCode::BAD_GATEWAY);
-    // OpenAI's codes and params are a small fixed set; anything else a peer says is dropped.
-    let known = |s: Option<String>, set: &[&'static str]| s.and_then(|s| set.iter().copied().find(|k| *k == s));
-    ApiError {
-        code: known(code, &["overloaded", "context_length_exceeded", "model_not_found", "fingerprint_mismatch"]),
-        param: known(param, &["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "stop", "n", "logprobs"]),
-        ..ApiError::new(status, message)
-    }
 }
 
 /// One node's attempt at the request: here, or on a peer through a direct stream; its pieces go
@@ -646,9 +632,7 @@ pub async fn dispatch(
         } else {
             match outcome {
                 Attempt::Final => {
-                    let _ = out
-                        .send(Piece::Failed(ApiError::new(StatusCode::BAD_GATEWAY, format!("node {} ended without a result", cand.peer))))
-                        .await;
+                    let _ = out.send(Piece::Failed(ServeError::PeerNoResult(cand.peer))).await;
                     return;
                 }
                 Attempt::Retry(why) => {
@@ -673,8 +657,7 @@ pub async fn dispatch(
             break;
         }
     }
-    let _ =
-        out.send(Piece::Failed(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("no node could take the request: {last}")))).await;
+    let _ = out.send(Piece::Failed(ServeError::NoNode(last))).await;
 }
 
 async fn forward(app: &App, cand: &Placement, req: &InferRequest, out: &mpsc::Sender<Piece>) -> Attempt {
@@ -710,7 +693,7 @@ async fn forward(app: &App, cand: &Placement, req: &InferRequest, out: &mpsc::Se
             return Attempt::Retry(format!("{status}: {message}"));
         }
         Ok(Some(InferReply::Failed { status, message, code, param })) => {
-            let _ = out.send(Piece::Failed(failed(status, message, code, param))).await;
+            let _ = out.send(Piece::Failed(ServeError::Peer { status, message, code, param })).await;
             return Attempt::Final;
         }
         Ok(other) => return Attempt::Retry(format!("unexpected first reply {other:?}")),
@@ -719,7 +702,6 @@ async fn forward(app: &App, cand: &Placement, req: &InferRequest, out: &mpsc::Se
     app.metrics.forwarded();
     let mut sent_text = 0usize;
     let mut result: Option<Piece> = None;
-    let broke = |what: String| Piece::Failed(ApiError::new(StatusCode::BAD_GATEWAY, what));
     loop {
         let reply = tokio::select! {
             r = s.recv_msg::<InferReply>() => r,
@@ -730,7 +712,7 @@ async fn forward(app: &App, cand: &Placement, req: &InferRequest, out: &mpsc::Se
             Ok(Some(InferReply::Text { text })) if result.is_none() => {
                 sent_text += text.len();
                 if sent_text > MAX_FORWARDED_TEXT {
-                    let _ = out.send(broke(format!("node {peer} sent more than {MAX_FORWARDED_TEXT} bytes of text"))).await;
+                    let _ = out.send(Piece::Failed(ServeError::PeerTooMuchText { peer, limit: MAX_FORWARDED_TEXT })).await;
                     return Attempt::Final;
                 }
                 Piece::Text(text)
@@ -753,7 +735,7 @@ async fn forward(app: &App, cand: &Placement, req: &InferRequest, out: &mpsc::Se
                 continue;
             }
             Ok(Some(InferReply::Failed { status, message, code, param })) if result.is_none() => {
-                result = Some(Piece::Failed(failed(status, message, code, param)));
+                result = Some(Piece::Failed(ServeError::Peer { status, message, code, param }));
                 continue;
             }
             Ok(Some(InferReply::Moved { peer: to, ticket })) if result.is_none() => {
@@ -768,7 +750,7 @@ async fn forward(app: &App, cand: &Placement, req: &InferRequest, out: &mpsc::Se
                 return Attempt::Final;
             }
             Ok(Some(other)) => {
-                let _ = out.send(broke(format!("node {peer} broke the protocol: {other:?}"))).await;
+                let _ = out.send(Piece::Failed(ServeError::PeerProtocol { peer, reply: format!("{other:?}") })).await;
                 return Attempt::Final;
             }
             Err(e) => return Attempt::Lost(format!("node {peer} failed mid-request: {e}")),
@@ -812,10 +794,6 @@ where
     }
 }
 
-fn reply_error(e: ApiError) -> InferReply {
-    InferReply::Failed { status: e.status.as_u16(), message: e.message, code: e.code.map(Into::into), param: e.param.map(Into::into) }
-}
-
 async fn serve_stream(app: &Arc<App>, peer: PeerId, stream: tandem_mesh::Stream) {
     let _busy = app.mesh.busy_guard();
     let mut s = FramedStream::new(stream, INFER_LIMITS);
@@ -835,34 +813,25 @@ async fn serve_stream(app: &Arc<App>, peer: PeerId, stream: tandem_mesh::Stream)
     }
     let checked = (|| {
         if req.v != PROTOCOL_VERSION {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("protocol version {}, this node speaks {PROTOCOL_VERSION}", req.v)));
+            return Err(ServeError::Version(req.v));
         }
         let loaded = app.loaded()?;
         if req.model != loaded.model_id {
-            return Err(ApiError {
-                code: Some("model_not_found"),
-                ..ApiError::new(StatusCode::NOT_FOUND, format!("this node serves `{}`", loaded.model_id))
-            });
+            return Err(ServeError::NotServed(loaded.model_id.clone()));
         }
         if req.fingerprint != loaded.fingerprint {
-            return Err(ApiError {
-                code: Some("fingerprint_mismatch"),
-                ..ApiError::new(
-                    StatusCode::CONFLICT,
-                    format!("expected model fingerprint {}, this node has {}", req.fingerprint, loaded.fingerprint),
-                )
-            });
+            return Err(ServeError::Fingerprint { expected: req.fingerprint, have: loaded.fingerprint.clone() });
         }
         if app.mesh.draining() || !app.mesh.role().serves() {
-            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "this node is not taking requests now"));
+            return Err(ServeError::NotTaking);
         }
         let prefill = match req.prefill.as_deref().map(str::parse::<PeerId>) {
             None => None,
             Some(Ok(p)) => Some(p),
-            Some(Err(e)) => return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("bad prefill peer: {e}"))),
+            Some(Err(e)) => return Err(ServeError::PrefillPeer(e)),
         };
         if req.resume.as_ref().is_some_and(|r| r.tokens.len() > MAX_FORWARDED_TOKENS) {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "too many resumed tokens"));
+            return Err(ServeError::TooManyResumed);
         }
         let g = super::openai::generation(&loaded, req.endpoint.into(), req.body)?;
         Ok((loaded, g, Continue { resume: req.resume, prefill }))
@@ -870,7 +839,7 @@ async fn serve_stream(app: &Arc<App>, peer: PeerId, stream: tandem_mesh::Stream)
     let (loaded, g, cont) = match checked {
         Ok(x) => x,
         Err(e) => {
-            let _ = s.send_msg(&reply_error(e)).await;
+            let _ = s.send_msg(&super::openai::failure_reply(e)).await;
             let _ = s.finish().await;
             return;
         }
@@ -894,7 +863,7 @@ async fn serve_stream(app: &Arc<App>, peer: PeerId, stream: tandem_mesh::Stream)
                 prompt_tokens: usage.prompt_tokens as u64,
                 completion_tokens: usage.completion_tokens as u64,
             },
-            Ok(Some(Piece::Failed(e))) => reply_error(e),
+            Ok(Some(Piece::Failed(e))) => super::openai::failure_reply(e),
         };
         let last = matches!(reply, InferReply::Done { .. } | InferReply::Failed { .. } | InferReply::Moved { .. });
         if let Err(e) = s.send_msg(&reply).await {

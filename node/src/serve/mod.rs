@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod control;
+pub mod error;
 pub mod http;
 pub mod kv;
 pub mod mesh;
@@ -24,6 +25,7 @@ use tandem_core::worker::WorkerHandle;
 use tandem_core::{Engine, EngineConfig, GpuContext, HostModel, KvDtype, TextTokenizer, WeightFormat};
 
 pub use config::{ServeArgs, ServeConfig};
+use error::ServeError;
 use openai::ApiError;
 
 /// The model once it is on the GPU.
@@ -95,15 +97,15 @@ impl App {
         }
     }
 
-    /// The loaded model, or the 503 that explains why there is none.
-    pub fn loaded(&self) -> Result<Arc<Loaded>, ApiError> {
-        let phase = self.phase.read().map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "state lock poisoned"))?;
+    /// The loaded model, or why there is none.
+    pub fn loaded(&self) -> Result<Arc<Loaded>, ServeError> {
+        let phase = self.phase.read().map_err(|_| ServeError::Poisoned)?;
         match &*phase {
             Phase::Ready(l) => Ok(l.clone()),
-            Phase::Observer => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "this node is an observer and runs no model")),
-            Phase::Loading => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the model is still loading")),
-            Phase::Stopping(_) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down")),
-            Phase::Failed(e) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("the model failed to load: {e}"))),
+            Phase::Observer => Err(ServeError::Observer),
+            Phase::Loading => Err(ServeError::Loading),
+            Phase::Stopping(_) => Err(ServeError::ShuttingDown),
+            Phase::Failed(e) => Err(ServeError::LoadFailed(e.clone())),
         }
     }
 
@@ -209,7 +211,10 @@ async fn health(State(app): State<Arc<App>>) -> Response {
             ),
         )
             .into_response(),
-        Err(e) => (e.status, axum::Json(json!({ "status": "unavailable", "reason": e.message }))).into_response(),
+        Err(e) => {
+            let e = ApiError::from(e);
+            (e.status, axum::Json(json!({ "status": "unavailable", "reason": e.message }))).into_response()
+        }
     }
 }
 
@@ -251,7 +256,7 @@ async fn post_role(
     }
     let result = async {
         let axum::Json(RoleBody { role }) = body?;
-        mesh::set_role(&app, role).await
+        Ok::<_, ApiError>(mesh::set_role(&app, role).await?)
     }
     .await;
     match result {

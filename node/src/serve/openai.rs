@@ -17,9 +17,10 @@ use tandem_core::scheduler::{self, Event, Request, Start};
 use tandem_core::{ChatMessage, SamplingParams};
 use tokio::sync::mpsc;
 
+use super::error::ServeError;
 use super::mesh::RequestShape;
 use super::{App, Loaded};
-use tandem_mesh::{FinishReason, InferEndpoint};
+use tandem_mesh::{FinishReason, InferEndpoint, InferReply};
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug)]
@@ -73,6 +74,55 @@ fn refused(e: tandem_core::Error) -> ApiError {
         E::InvalidRequest(_) | E::TokenOutOfRange { .. } => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
         _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// A failure another node reported, in OpenAI's terms: its status if it is an error status,
+/// and its code and param only where they are among OpenAI's (a small fixed set; anything else
+/// a peer says is dropped).
+fn peer_failed(status: u16, message: String, code: Option<String>, param: Option<String>) -> ApiError {
+    let status =
+        StatusCode::from_u16(status).ok().filter(|s| s.is_client_error() || s.is_server_error()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let known = |s: Option<String>, set: &[&'static str]| s.and_then(|s| set.iter().copied().find(|k| *k == s));
+    ApiError {
+        code: known(code, &["overloaded", "context_length_exceeded", "model_not_found", "fingerprint_mismatch"]),
+        param: known(param, &["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "stop", "n", "logprobs"]),
+        ..ApiError::new(status, message)
+    }
+}
+
+/// Each serve error's status and OpenAI code.
+impl From<ServeError> for ApiError {
+    fn from(e: ServeError) -> Self {
+        use ServeError as E;
+        let message = e.to_string();
+        match e {
+            E::Body(_) | E::Version(_) | E::PrefillPeer(_) | E::TooManyResumed => ApiError::new(StatusCode::BAD_REQUEST, message),
+            E::Param { param, .. } => ApiError::bad(message, param),
+            E::WrongModel { .. } => {
+                ApiError { code: Some("model_not_found"), param: Some("model"), ..ApiError::new(StatusCode::NOT_FOUND, message) }
+            }
+            E::Refused(e) => refused(e),
+            E::Rejected { overloaded: true, .. } => {
+                ApiError { code: Some("overloaded"), ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, message) }
+            }
+            E::Rejected { overloaded: false, .. } => ApiError::new(StatusCode::BAD_REQUEST, message),
+            E::Poisoned | E::RoleChange(_) | E::Text(_) | E::Worker(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message),
+            E::Observer | E::Loading | E::ShuttingDown | E::LoadFailed(_) | E::NotTaking | E::NoNode(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
+            }
+            E::NoModelForRole => ApiError::new(StatusCode::CONFLICT, message),
+            E::NotServed(_) => ApiError { code: Some("model_not_found"), ..ApiError::new(StatusCode::NOT_FOUND, message) },
+            E::Fingerprint { .. } => ApiError { code: Some("fingerprint_mismatch"), ..ApiError::new(StatusCode::CONFLICT, message) },
+            E::Peer { status, message, code, param } => peer_failed(status, message, code, param),
+            E::PeerTooMuchText { .. } | E::PeerProtocol { .. } | E::PeerNoResult(_) => ApiError::new(StatusCode::BAD_GATEWAY, message),
+        }
+    }
+}
+
+/// A failure for the entry node, which returns it to its client as its own.
+pub fn failure_reply(e: ServeError) -> InferReply {
+    let e = ApiError::from(e);
+    InferReply::Failed { status: e.status.as_u16(), message: e.message, code: e.code.map(Into::into), param: e.param.map(Into::into) }
 }
 
 #[derive(Deserialize, Debug)]
@@ -192,24 +242,25 @@ pub struct Generation {
     stops: Vec<String>,
 }
 
-fn check_fields(f: &GenerationFields, loaded: &Loaded, prompt_len: usize, endpoint: Endpoint) -> Result<(Request, Vec<String>), ApiError> {
+fn check_fields(
+    f: &GenerationFields,
+    loaded: &Loaded,
+    prompt_len: usize,
+    endpoint: Endpoint,
+) -> Result<(Request, Vec<String>), ServeError> {
     if f.model != loaded.model_id {
-        return Err(ApiError {
-            code: Some("model_not_found"),
-            param: Some("model"),
-            ..ApiError::new(StatusCode::NOT_FOUND, format!("the model `{}` does not exist; this server has `{}`", f.model, loaded.model_id))
-        });
+        return Err(ServeError::WrongModel { asked: f.model.clone(), served: loaded.model_id.clone() });
     }
     if f.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::bad("only n = 1 is supported", "n"));
+        return Err(ServeError::param("n", "only n = 1 is supported"));
     }
     if f.logprobs.as_ref().is_some_and(|v| !v.is_null() && v != &json!(false)) {
-        return Err(ApiError::bad("logprobs are not supported", "logprobs"));
+        return Err(ServeError::param("logprobs", "logprobs are not supported"));
     }
     let context = loaded.worker.limits().context_length;
     let room = context.saturating_sub(prompt_len);
     let max_tokens = match f.max_completion_tokens.or(f.max_tokens) {
-        Some(n) if n < 1 => return Err(ApiError::bad(format!("max_tokens must be at least 1, got {n}"), "max_tokens")),
+        Some(n) if n < 1 => return Err(ServeError::param("max_tokens", format!("max_tokens must be at least 1, got {n}"))),
         Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
         // OpenAI's legacy default for completions; chat runs to the end of the context.
         None if endpoint == Endpoint::Completions => 16.min(room.max(1)),
@@ -217,16 +268,16 @@ fn check_fields(f: &GenerationFields, loaded: &Loaded, prompt_len: usize, endpoi
     };
     let temperature = f.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::bad(format!("temperature must be between 0 and 2, got {temperature}"), "temperature"));
+        return Err(ServeError::param("temperature", format!("temperature must be between 0 and 2, got {temperature}")));
     }
     let top_p = f.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::bad(format!("top_p must be in (0, 1], got {top_p}"), "top_p"));
+        return Err(ServeError::param("top_p", format!("top_p must be in (0, 1], got {top_p}")));
     }
     let top_k = match f.top_k {
         None | Some(-1) => 0,
         Some(k) if k >= 0 => u32::try_from(k).unwrap_or(u32::MAX),
-        Some(k) => return Err(ApiError::bad(format!("top_k must be -1 (off) or at least 0, got {k}"), "top_k")),
+        Some(k) => return Err(ServeError::param("top_k", format!("top_k must be -1 (off) or at least 0, got {k}"))),
     };
     let stops = match &f.stop {
         None => Vec::new(),
@@ -234,7 +285,7 @@ fn check_fields(f: &GenerationFields, loaded: &Loaded, prompt_len: usize, endpoi
         Some(StopInput::Many(v)) => v.clone(),
     };
     if stops.len() > 4 || stops.iter().any(String::is_empty) {
-        return Err(ApiError::bad("stop takes at most 4 non-empty strings", "stop"));
+        return Err(ServeError::param("stop", "stop takes at most 4 non-empty strings"));
     }
     let mut stop_ids = if f.ignore_eos { Vec::new() } else { loaded.tokenizer.stop_ids.clone() };
     stop_ids.extend(f.stop_token_ids.iter().flatten());
@@ -244,15 +295,11 @@ fn check_fields(f: &GenerationFields, loaded: &Loaded, prompt_len: usize, endpoi
     Ok((Request { prompt: Vec::new(), max_tokens, sampling, stop_ids, resumed: Vec::new() }, stops))
 }
 
-fn prepare(loaded: &Loaded, fields: &GenerationFields, prompt: Vec<u32>, endpoint: Endpoint) -> Result<Generation, ApiError> {
+fn prepare(loaded: &Loaded, fields: &GenerationFields, prompt: Vec<u32>, endpoint: Endpoint) -> Result<Generation, ServeError> {
     // Context, vocabulary and cache limits are checked by the worker at submission.
     let (mut request, stops) = check_fields(fields, loaded, prompt.len(), endpoint)?;
     request.prompt = prompt;
     Ok(Generation { request, stops })
-}
-
-fn invalid(e: serde_json::Error) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, format!("invalid request: {e}"))
 }
 
 fn chat_messages(messages: Vec<ChatRequestMessage>) -> Vec<ChatMessage> {
@@ -273,28 +320,29 @@ fn chat_messages(messages: Vec<ChatRequestMessage>) -> Vec<ChatMessage> {
 
 /// Checks and tokenizes a request body for this node's model: the same path for requests from
 /// its own HTTP clients and from other nodes.
-pub fn generation(loaded: &Loaded, endpoint: Endpoint, body: serde_json::Value) -> Result<Generation, ApiError> {
+pub fn generation(loaded: &Loaded, endpoint: Endpoint, body: serde_json::Value) -> Result<Generation, ServeError> {
     let tok = &loaded.tokenizer;
     match endpoint {
         Endpoint::Completions => {
-            let req: CompletionRequest = serde_json::from_value(body).map_err(invalid)?;
+            let req: CompletionRequest = serde_json::from_value(body).map_err(ServeError::Body)?;
             let prompt = match req.prompt {
                 PromptInput::Text(t) => tok.encode_prompt(&t, true),
                 PromptInput::Texts(v) if v.len() == 1 => tok.encode_prompt(&v[0], true),
-                PromptInput::Texts(v) if v.is_empty() => return Err(ApiError::bad("prompt must not be empty", "prompt")),
-                PromptInput::Texts(_) => return Err(ApiError::bad("only one prompt per request is supported", "prompt")),
+                PromptInput::Texts(v) if v.is_empty() => return Err(ServeError::param("prompt", "prompt must not be empty")),
+                PromptInput::Texts(_) => return Err(ServeError::param("prompt", "only one prompt per request is supported")),
                 PromptInput::Tokens(ids) => Ok(ids),
             }
-            .map_err(|e| ApiError::bad(e.to_string(), "prompt"))?;
+            .map_err(|e| ServeError::param("prompt", e.to_string()))?;
             prepare(loaded, &req.fields, prompt, endpoint)
         }
         Endpoint::Chat => {
-            let req: ChatRequest = serde_json::from_value(body).map_err(invalid)?;
+            let req: ChatRequest = serde_json::from_value(body).map_err(ServeError::Body)?;
             if req.messages.is_empty() {
-                return Err(ApiError::bad("messages must not be empty", "messages"));
+                return Err(ServeError::param("messages", "messages must not be empty"));
             }
-            let text = tok.apply_chat_template(&chat_messages(req.messages), true).map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
-            let prompt = tok.encode_prompt(&text, true).map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
+            let text =
+                tok.apply_chat_template(&chat_messages(req.messages), true).map_err(|e| ServeError::param("messages", e.to_string()))?;
+            let prompt = tok.encode_prompt(&text, true).map_err(|e| ServeError::param("messages", e.to_string()))?;
             prepare(loaded, &req.fields, prompt, endpoint)
         }
     }
@@ -307,11 +355,11 @@ struct Shape {
     request: RequestShape,
 }
 
-fn shape(endpoint: Endpoint, body: &serde_json::Value) -> Result<Shape, ApiError> {
+fn shape(endpoint: Endpoint, body: &serde_json::Value) -> Result<Shape, ServeError> {
     let hash = |s: &str| xxhash_rust::xxh3::xxh3_64(s.as_bytes());
     let (fields, chars, opening) = match endpoint {
         Endpoint::Completions => {
-            let req: CompletionRequest = serde_json::from_value(body.clone()).map_err(invalid)?;
+            let req: CompletionRequest = serde_json::from_value(body.clone()).map_err(ServeError::Body)?;
             let (chars, opening) = match &req.prompt {
                 PromptInput::Text(t) => (t.len(), t.chars().take(512).collect::<String>()),
                 PromptInput::Texts(v) => {
@@ -322,7 +370,7 @@ fn shape(endpoint: Endpoint, body: &serde_json::Value) -> Result<Shape, ApiError
             (req.fields, chars, opening)
         }
         Endpoint::Chat => {
-            let req: ChatRequest = serde_json::from_value(body.clone()).map_err(invalid)?;
+            let req: ChatRequest = serde_json::from_value(body.clone()).map_err(ServeError::Body)?;
             let messages = chat_messages(req.messages);
             let chars = messages.iter().map(|m| m.content.len() + 8).sum();
             // A conversation is known by its system prompt and first user turn.
@@ -407,7 +455,7 @@ fn nobody_serves(app: &App, model: &str) -> ApiError {
     if model == app.model_id {
         // Ours, but not now: loading, failed, draining or shutting down.
         if let Err(e) = app.loaded() {
-            return e;
+            return e.into();
         }
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -494,7 +542,7 @@ pub enum Piece {
         finish: FinishReason,
         usage: Usage,
     },
-    Failed(ApiError),
+    Failed(ServeError),
     /// The request left its node (draining) and continues on `peer` from the K/V parked there
     /// under `ticket`, or, without them, anywhere from the tokens so far.
     Moved {
@@ -525,11 +573,11 @@ struct TextOut<'a> {
 
 impl TextOut<'_> {
     /// The text to send for one more token, and whether a stop string ended the generation.
-    fn push(&mut self, id: u32) -> Result<(String, bool), ApiError> {
+    fn push(&mut self, id: u32) -> Result<(String, bool), ServeError> {
         if self.stop_ids.contains(&id) {
             return Ok((String::new(), false));
         }
-        let piece = self.text.push(id).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?.unwrap_or_default();
+        let piece = self.text.push(id).map_err(ServeError::Text)?.unwrap_or_default();
         let (safe, stopped) = self.stops.push(&piece);
         Ok((self.unsent(safe), stopped))
     }
@@ -686,7 +734,7 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
             return;
         }
         Err(e) => {
-            let _ = out.send(Piece::Failed(refused(e))).await;
+            let _ = out.send(Piece::Failed(ServeError::Refused(e))).await;
             return;
         }
     };
@@ -746,9 +794,7 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
             }
             Event::Refused { overloaded, reason } => {
                 guard.finished = true;
-                let status = if overloaded { StatusCode::TOO_MANY_REQUESTS } else { StatusCode::BAD_REQUEST };
-                let code = overloaded.then_some("overloaded");
-                let _ = out.send(Piece::Failed(ApiError { code, ..ApiError::new(status, reason) })).await;
+                let _ = out.send(Piece::Failed(ServeError::Rejected { overloaded, reason })).await;
                 return;
             }
             Event::Detached { tokens, kv } => {
@@ -767,7 +813,7 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
             }
             Event::Failed(msg) => {
                 guard.finished = true;
-                let _ = out.send(Piece::Failed(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg))).await;
+                let _ = out.send(Piece::Failed(ServeError::Worker(msg))).await;
                 return;
             }
         }
@@ -801,7 +847,7 @@ async fn respond(endpoint: Endpoint, model: String, stream: bool, include_usage:
                 Piece::Text(t) => text.push_str(&t),
                 // The entry node's dispatch consumes these; they never reach a client.
                 Piece::Token(_) | Piece::Moved { .. } => {}
-                Piece::Failed(e) => return e.into_response(),
+                Piece::Failed(e) => return ApiError::from(e).into_response(),
                 Piece::Done { finish, usage } => {
                     let body = match endpoint {
                         Endpoint::Completions => json!({
@@ -822,7 +868,7 @@ async fn respond(endpoint: Endpoint, model: String, stream: bool, include_usage:
         return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the generation ended without a result").into_response();
     }
     let first = match rx.recv().await {
-        Some(Piece::Failed(e)) => return e.into_response(),
+        Some(Piece::Failed(e)) => return ApiError::from(e).into_response(),
         other => other,
     };
     let chunk = move |text: Option<&str>, finish: Option<FinishReason>, first: bool| -> serde_json::Value {
@@ -880,7 +926,7 @@ async fn respond(endpoint: Endpoint, model: String, stream: bool, include_usage:
                     return;
                 }
                 Piece::Failed(e) => {
-                    let _ = sse_tx.send(Ok(send(e.body()))).await;
+                    let _ = sse_tx.send(Ok(send(ApiError::from(e).body()))).await;
                     let _ = sse_tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
                     return;
                 }
