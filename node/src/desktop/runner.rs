@@ -207,7 +207,7 @@ async fn chat(
     };
     let resp = client
         .post(format!("{http}/v1/chat/completions"))
-        .header(crate::serve::openai::PLACEMENT_HEADER, placement)
+        .header(crate::serve::api::PLACEMENT_HEADER, placement)
         .json(&body)
         .send()
         .await

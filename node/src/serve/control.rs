@@ -13,7 +13,7 @@ use super::App;
 pub async fn accept_loop(app: Arc<App>) {
     let me = app.mesh.handle.peer_id().to_string();
     let gate = Arc::new(Mutex::new(ControlGate::new(app.cfg.mesh.secret.as_ref(), &me)));
-    super::mesh::accept_streams(app, CONTROL_PROTOCOL, move |app, peer, stream| {
+    super::node_mesh::accept_streams(app, CONTROL_PROTOCOL, move |app, peer, stream| {
         let gate = gate.clone();
         async move { serve_control(&app, &gate, peer, stream).await }
     })
@@ -56,9 +56,9 @@ async fn serve_control(app: &Arc<App>, gate: &Mutex<ControlGate>, peer: PeerId, 
                 )
             });
             let result = match command {
-                ControlCommand::SetRole { role } => super::mesh::set_role(app, role).await.map(|_| ()).map_err(|e| e.to_string()),
+                ControlCommand::SetRole { role } => super::roles::set_role(app, role).await.map(|_| ()).map_err(|e| e.to_string()),
                 ControlCommand::Drain { drain } => {
-                    super::mesh::drain(app, drain).await;
+                    super::roles::drain(app, drain).await;
                     Ok(())
                 }
             };

@@ -32,7 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tower_service::Service;
 
-use super::openai::ApiError;
+use super::api::ApiError;
 
 /// How long connections may take and how many there may be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

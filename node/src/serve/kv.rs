@@ -323,7 +323,7 @@ pub async fn migrate(app: &App, loaded: &Loaded, tokens: &[u32], kv: Vec<KvLayer
     if kv.is_empty() || tokens.len() < 2 {
         return None;
     }
-    let targets = super::mesh::decode_targets(app, loaded, tokens.len());
+    let targets = super::placement::decode_targets(app, loaded, tokens.len());
     for target in targets.into_iter().take(2) {
         let started = Instant::now();
         match push(app, loaded, target.peer, &tokens[..tokens.len() - 1], &kv).await {
@@ -374,7 +374,7 @@ async fn push(app: &App, loaded: &Loaded, peer: PeerId, tokens: &[u32], kv: &[Kv
 
 /// Takes the K/V streams other nodes open to this one.
 pub async fn accept_loop(app: Arc<App>) {
-    super::mesh::accept_streams(app, KV_PROTOCOL, |app, peer, stream| async move { serve_kv(&app, peer, stream).await }).await;
+    super::node_mesh::accept_streams(app, KV_PROTOCOL, |app, peer, stream| async move { serve_kv(&app, peer, stream).await }).await;
 }
 
 /// Refuses or fails a transfer, telling the peer why.
@@ -496,12 +496,12 @@ async fn serve_prefill(
     let req = Request { prompt: tokens, max_tokens: 1, sampling, stop_ids: Vec::new(), resumed: Vec::new() };
     let t0 = Instant::now();
     let start = Start::Export { sink: Box::new(LayerChannel(ltx)), from: skip };
-    let id = match loaded.worker.submit_with(req, Box::new(super::openai::ChannelSink(etx)), start) {
+    let id = match loaded.worker.submit_with(req, Box::new(super::events::ChannelSink(etx)), start) {
         Ok(id) => id,
         Err(e) => return fail(&mut s, TransferError::Worker(e)).await,
     };
     // Dropped on any early return: the request is cancelled and its blocks freed.
-    let mut guard = super::openai::CancelGuard { worker: loaded.worker.clone(), id, finished: false };
+    let mut guard = super::events::CancelGuard { worker: loaded.worker.clone(), id, finished: false };
     app.metrics.kv.prefills_served.inc();
     let layers = loaded.layers as usize;
     let (mut ready_ms, mut sent_ms, mut first_send_ms) = (vec![0.0; layers], vec![0.0; layers], None);

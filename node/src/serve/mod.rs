@@ -1,14 +1,30 @@
 //! `tandem serve`: one node serving many users over an OpenAI-compatible HTTP API (axum), with
 //! the model on a GPU worker thread behind the continuous-batching scheduler.
+//!
+//! Its modules depend one way (`App` and `Loaded`, here, are shared by all): `api` (the HTTP
+//! edge) → `routing` (where each attempt runs; relaying, resuming) → `request` (a request's
+//! lifecycle on the local worker) → `kv` (K/V between nodes) → `placement` (plans from the view
+//! of the mesh) → `node_mesh` (the node's own mesh state and ads). `peers` (other nodes'
+//! requests) runs `request` and answers with `api`'s errors; `control` (operators' orders) and
+//! the routes here use `roles` (the role, its flips, draining), which uses `placement`. Beside
+//! them: `openai` (request shapes and validation), `events` (a request's link to the worker),
+//! `error` (`ServeError`), `config`, `metrics`, `http`.
 
+pub mod api;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod kv;
-pub mod mesh;
 pub mod metrics;
+pub mod node_mesh;
 pub mod openai;
+pub mod peers;
+pub mod placement;
+pub mod request;
+pub mod roles;
+pub mod routing;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -24,9 +40,9 @@ use tandem_core::scheduler::{Scheduler, SchedulerConfig};
 use tandem_core::worker::WorkerHandle;
 use tandem_core::{Engine, EngineConfig, GpuContext, HostModel, KvDtype, TextTokenizer, WeightFormat};
 
+use api::ApiError;
 pub use config::{ServeArgs, ServeConfig};
 use error::ServeError;
-use openai::ApiError;
 
 /// The model once it is on the GPU.
 pub struct Loaded {
@@ -64,7 +80,7 @@ pub struct App {
     pub cfg: ServeConfig,
     pub model_id: String,
     pub metrics: metrics::Metrics,
-    pub mesh: mesh::NodeMesh,
+    pub mesh: node_mesh::NodeMesh,
     /// Where the HTTP API listens.
     pub http_addr: std::net::SocketAddr,
     phase: RwLock<Phase>,
@@ -221,7 +237,7 @@ async fn health(State(app): State<Arc<App>>) -> Response {
 /// Every model served anywhere in the mesh.
 async fn models(State(app): State<Arc<App>>) -> Response {
     let created = app.loaded().map(|l| l.created).unwrap_or(0);
-    let mut ids = mesh::mesh_models(&app);
+    let mut ids = node_mesh::mesh_models(&app);
     if !app.model_id.is_empty() && !ids.contains(&app.model_id) {
         ids.insert(0, app.model_id.clone());
     }
@@ -232,7 +248,7 @@ async fn models(State(app): State<Arc<App>>) -> Response {
 /// `GET /v1/cluster`: every node this one knows of, their roles, loads and links, and recent
 /// mesh events.
 async fn cluster(State(app): State<Arc<App>>) -> Response {
-    mesh::refresh_own(&app);
+    node_mesh::refresh_own(&app);
     axum::Json(app.mesh.handle.snapshot()).into_response()
 }
 
@@ -256,7 +272,7 @@ async fn post_role(
     }
     let result = async {
         let axum::Json(RoleBody { role }) = body?;
-        Ok::<_, ApiError>(mesh::set_role(&app, role).await?)
+        Ok::<_, ApiError>(roles::set_role(&app, role).await?)
     }
     .await;
     match result {
@@ -289,7 +305,7 @@ async fn post_drain(
         Ok(axum::Json(b)) => b.drain,
         Err(e) => return ApiError::from(e).into_response(),
     };
-    let moved = mesh::drain(&app, drain).await;
+    let moved = roles::drain(&app, drain).await;
     axum::Json(json!({ "draining": app.mesh.draining(), "moving": moved })).into_response()
 }
 
@@ -309,8 +325,8 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
 pub fn router(app: Arc<App>) -> Router {
     let limit = app.cfg.max_body;
     Router::new()
-        .route("/v1/completions", post(openai::completions))
-        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(api::completions))
+        .route("/v1/chat/completions", post(api::chat_completions))
         .route("/v1/models", get(models))
         .route("/v1/cluster", get(cluster))
         .route("/v1/role", get(get_role).post(post_role))
@@ -411,7 +427,7 @@ pub async fn serve_until(cfg: ServeConfig, stop: impl std::future::Future<Output
     let observer = cfg.mesh.role == tandem_mesh::Role::Observer;
     let app = Arc::new(App {
         model_id: if observer { String::new() } else { model_id(&cfg.model) },
-        mesh: mesh::NodeMesh::new(handle.clone(), cfg.mesh.role),
+        mesh: node_mesh::NodeMesh::new(handle.clone(), cfg.mesh.role),
         cfg,
         metrics: metrics::Metrics::new(),
         http_addr: addr,
@@ -421,8 +437,8 @@ pub async fn serve_until(cfg: ServeConfig, stop: impl std::future::Future<Output
     announce(&format!("tandem: listening on http://{addr}"));
     announce(&format!("tandem: peer id {}", handle.peer_id()));
     print_mesh_addresses(&handle);
-    tokio::spawn(mesh::publish_loop(app.clone()));
-    tokio::spawn(mesh::accept_loop(app.clone()));
+    tokio::spawn(roles::publish_loop(app.clone()));
+    tokio::spawn(peers::accept_loop(app.clone()));
     tokio::spawn(kv::accept_loop(app.clone()));
     tokio::spawn(control::accept_loop(app.clone()));
     tracing::info!(%addr, model = %app.model_id, role = %app.mesh.setting(), "listening");
@@ -451,7 +467,7 @@ pub async fn serve_until(cfg: ServeConfig, stop: impl std::future::Future<Output
         tracing::info!(grace_s = grace.as_secs(), "shutting down: leaving the mesh, finishing in-flight requests");
         stopper.mesh.begin_draining();
         // Running requests continue on other decode nodes, where there are any.
-        mesh::move_running(&stopper);
+        roles::move_running(&stopper);
         let leaver = stopper.clone();
         tokio::spawn(async move {
             let _ = tokio::time::timeout(Duration::from_secs(2), leaver.mesh.handle.leave("shutting down")).await;
