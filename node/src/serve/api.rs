@@ -369,3 +369,44 @@ async fn respond(endpoint: Endpoint, model: String, stream: bool, include_usage:
     });
     Sse::new(tokio_stream::wrappers::ReceiverStream::new(sse_rx)).keep_alive(KeepAlive::default()).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_errors_keep_their_statuses_codes_and_messages() {
+        use tandem_core::Error as Core;
+        let cases = [
+            (ServeError::param("top_p", "top_p must be in (0, 1], got 2"), 400, None, Some("top_p")),
+            (ServeError::WrongModel { asked: "a".into(), served: "b".into() }, 404, Some("model_not_found"), Some("model")),
+            (ServeError::Refused(Core::Overloaded { waiting: 3 }), 429, Some("overloaded"), None),
+            (
+                ServeError::Refused(Core::ContextOverflow { tokens: 1, max_new: 2, context: 2 }),
+                400,
+                Some("context_length_exceeded"),
+                Some("max_tokens"),
+            ),
+            (ServeError::Rejected { overloaded: true, reason: "full".into() }, 429, Some("overloaded"), None),
+            (ServeError::Worker("lost".into()), 500, None, None),
+            (ServeError::Loading, 503, None, None),
+            (ServeError::NoModelForRole, 409, None, None),
+            (ServeError::Fingerprint { expected: "a".into(), have: "b".into() }, 409, Some("fingerprint_mismatch"), None),
+            (ServeError::PeerNoResult(tandem_mesh::PeerId::random()), 502, None, None),
+            (ServeError::NoNode("x".into()), 503, None, None),
+        ];
+        for (e, status, code, param) in cases {
+            let message = e.to_string();
+            let a = ApiError::from(e);
+            assert_eq!((a.status.as_u16(), a.code, a.param, a.message), (status, code, param, message));
+        }
+        // What a peer reports keeps an error status and OpenAI's codes and params, nothing else.
+        let peer = ServeError::Peer { status: 200, message: "m".into(), code: Some("x".into()), param: Some("model".into()) };
+        let a = ApiError::from(peer);
+        assert_eq!((a.status.as_u16(), a.code, a.param, a.message.as_str()), (502, None, Some("model"), "m"));
+        let reply = failure_reply(ServeError::NotServed("m".into()));
+        let want =
+            InferReply::Failed { status: 404, message: "this node serves `m`".into(), code: Some("model_not_found".into()), param: None };
+        assert_eq!(reply, want);
+    }
+}

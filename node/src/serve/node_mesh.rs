@@ -168,7 +168,8 @@ impl NodeMesh {
         self.affinity.lock().ok()?.0.get(&key).copied()
     }
 
-    /// Remembers where a conversation was served, so its next turn goes there.
+    /// Remembers where a conversation was served: its next turn prefers that node, whose prefix
+    /// cache holds it.
     pub fn remember(&self, key: u64, peer: PeerId) {
         let Ok(mut a) = self.affinity.lock() else { return };
         let (map, order) = &mut *a;

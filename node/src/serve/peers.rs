@@ -80,15 +80,7 @@ async fn serve_stream(app: &Arc<App>, peer: PeerId, stream: tandem_mesh::Stream)
         let reply = match tokio::time::timeout(HEARTBEAT, rx.recv()).await {
             Err(_) => InferReply::Heartbeat,
             Ok(None) => break,
-            Ok(Some(Piece::Text(text))) => InferReply::Text { text },
-            Ok(Some(Piece::Token(id))) => InferReply::Tokens { ids: vec![id] },
-            Ok(Some(Piece::Moved { peer, ticket })) => InferReply::Moved { peer: peer.map(|p| p.to_string()), ticket },
-            Ok(Some(Piece::Done { finish, usage })) => InferReply::Done {
-                finish_reason: finish,
-                prompt_tokens: usage.prompt_tokens as u64,
-                completion_tokens: usage.completion_tokens as u64,
-            },
-            Ok(Some(Piece::Failed(e))) => failure_reply(e),
+            Ok(Some(piece)) => reply(piece),
         };
         let last = matches!(reply, InferReply::Done { .. } | InferReply::Failed { .. } | InferReply::Moved { .. });
         if let Err(e) = s.send_msg(&reply).await {
@@ -101,4 +93,19 @@ async fn serve_stream(app: &Arc<App>, peer: PeerId, stream: tandem_mesh::Stream)
         }
     }
     let _ = s.finish().await;
+}
+
+/// A piece of output as the reply that carries it to the entry node.
+fn reply(piece: Piece) -> InferReply {
+    match piece {
+        Piece::Text(text) => InferReply::Text { text },
+        Piece::Token(id) => InferReply::Tokens { ids: vec![id] },
+        Piece::Moved { peer, ticket } => InferReply::Moved { peer: peer.map(|p| p.to_string()), ticket },
+        Piece::Done { finish, usage } => InferReply::Done {
+            finish_reason: finish,
+            prompt_tokens: usage.prompt_tokens as u64,
+            completion_tokens: usage.completion_tokens as u64,
+        },
+        Piece::Failed(e) => failure_reply(e),
+    }
 }

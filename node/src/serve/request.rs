@@ -1,11 +1,12 @@
 //! A request's lifecycle: `drive` runs it on the local worker (after a remote prefill, or from
 //! where another node left it) and turns its events into pieces of output (token ids, text with
-//! stop strings applied and what the client already has held back, the end).
+//! stop strings applied and what the client already has held back, the end); on the entry node,
+//! `ClientHas` keeps what the client has been sent, from which another node can continue it.
 
 use std::sync::Arc;
 
 use tandem_core::scheduler::{self, Event, Start};
-use tandem_mesh::FinishReason;
+use tandem_mesh::{FinishReason, InferResume};
 use tokio::sync::mpsc;
 
 use super::error::ServeError;
@@ -339,9 +340,48 @@ fn ms_since(t: std::time::Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
+/// What the client of a request has been sent, kept by the entry node as it relays the pieces of
+/// the node that runs it: the ids of its tokens and the bytes of their text. When that node fails
+/// or moves the request, the next one continues from here, so the client's stream has no gap and
+/// no repeat.
+#[derive(Default)]
+pub struct ClientHas {
+    tokens: Vec<u32>,
+    text_bytes: u64,
+}
+
+impl ClientHas {
+    /// A token whose text is on its way (ids beyond any context are not kept).
+    pub fn token(&mut self, id: u32) {
+        if self.tokens.len() < MAX_FORWARDED_TOKENS {
+            self.tokens.push(id);
+        }
+    }
+
+    /// Text on its way to the client.
+    pub fn text(&mut self, text: &str) {
+        self.text_bytes += text.len() as u64;
+    }
+
+    /// The tokens the client has.
+    pub fn tokens(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Where another node continues the request, with the K/V parked there under `ticket` if it
+    /// was moved; None to start afresh (nothing sent yet, nothing parked).
+    pub fn resume(&self, ticket: Option<u64>) -> Option<InferResume> {
+        (!self.tokens.is_empty() || ticket.is_some()).then(|| InferResume {
+            tokens: self.tokens.clone(),
+            text_bytes: self.text_bytes,
+            ticket,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::StopMatcher;
+    use super::{ClientHas, StopMatcher};
 
     #[test]
     fn stop_strings_cut_the_text_and_partial_matches_wait() {
@@ -353,5 +393,19 @@ mod tests {
         let mut m = StopMatcher { stops: vec!["é!".into()], pending: String::new() };
         assert_eq!(m.push("café"), ("caf".into(), false));
         assert_eq!(m.flush(), "é");
+    }
+
+    #[test]
+    fn what_the_client_has_is_where_another_node_continues() {
+        let mut client = ClientHas::default();
+        assert!(client.resume(None).is_none(), "nothing sent: a fresh start");
+        let moved = client.resume(Some(7)).expect("K/V parked elsewhere");
+        assert_eq!((moved.tokens.len(), moved.text_bytes, moved.ticket), (0, 0, Some(7)));
+        client.token(5);
+        client.text("é!");
+        client.token(9);
+        let r = client.resume(None).expect("resumed");
+        assert_eq!((r.tokens, r.text_bytes, r.ticket), (vec![5, 9], 3, None));
+        assert_eq!(client.tokens(), 2);
     }
 }

@@ -15,7 +15,7 @@ use super::App;
 use super::error::ServeError;
 use super::openai::{Endpoint, Usage, generation};
 use super::placement::{RequestShape, plan};
-use super::request::{Continue, MAX_FORWARDED_TOKENS, Piece, drive};
+use super::request::{ClientHas, Continue, Piece, drive};
 
 /// Nodes tried for one request before giving up.
 const MAX_ATTEMPTS: usize = 3;
@@ -79,7 +79,7 @@ pub async fn dispatch(
     out: mpsc::Sender<Piece>,
 ) {
     let mut candidates: VecDeque<Placement> = candidates.into();
-    let mut progress = InferResume::default();
+    let mut client = ClientHas::default();
     let mut exclude: Vec<PeerId> = Vec::new();
     let (mut tries, mut resumes) = (0, 0);
     let mut moved_to: Option<(PeerId, u64)> = None;
@@ -89,10 +89,10 @@ pub async fn dispatch(
         if out.is_closed() {
             return;
         }
-        progress.ticket = None;
+        let mut parked = None;
         let cand = match moved_to.take() {
             Some((peer, ticket)) => {
-                progress.ticket = Some(ticket);
+                parked = Some(ticket);
                 let is_self = peer == app.mesh.handle.peer_id();
                 Some(Placement {
                     peer,
@@ -107,7 +107,7 @@ pub async fn dispatch(
             None => plan(&app, &shape, &exclude).into_iter().next(),
         };
         let Some(cand) = cand else { break };
-        if cand.is_self && cand.prefill.is_none() && progress.tokens.is_empty() {
+        if cand.is_self && cand.prefill.is_none() && client.tokens() == 0 {
             // A full local queue would answer 429; another node may still have room.
             let full = app.loaded().is_ok_and(|l| l.worker.stats().waiting >= l.worker.limits().max_waiting);
             if full && !plan(&app, &shape, &[app.mesh.handle.peer_id()]).is_empty() && tries + 1 < MAX_ATTEMPTS {
@@ -118,7 +118,7 @@ pub async fn dispatch(
             }
         }
         fingerprint = cand.fingerprint.clone();
-        let resume = (!progress.tokens.is_empty() || progress.ticket.is_some()).then(|| progress.clone());
+        let resume = client.resume(parked);
         let (tx, mut rx) = mpsc::channel(64);
         let task = tokio::spawn(attempt(app.clone(), endpoint, body.clone(), shape.model.clone(), cand.clone(), resume, tx));
         let mut moved = None;
@@ -133,13 +133,9 @@ pub async fn dispatch(
             };
             let Some(piece) = piece else { break };
             match piece {
-                Piece::Token(id) => {
-                    if progress.tokens.len() < MAX_FORWARDED_TOKENS {
-                        progress.tokens.push(id);
-                    }
-                }
+                Piece::Token(id) => client.token(id),
                 Piece::Text(t) => {
-                    progress.text_bytes += t.len() as u64;
+                    client.text(&t);
                     if out.send(Piece::Text(t)).await.is_err() {
                         return;
                     }
@@ -161,7 +157,7 @@ pub async fn dispatch(
         if let Some((peer, ticket)) = moved {
             resumes += 1;
             let why = format!("node {} is draining: request moved to {}", cand.peer, peer.map_or("any node".into(), |p| p.to_string()));
-            tracing::info!(reason = %why, tokens = progress.tokens.len(), "continuing a moved request");
+            tracing::info!(reason = %why, tokens = client.tokens(), "continuing a moved request");
             app.mesh.handle.update_view(|v| v.record(MeshEventKind::Rerouted, cand.peer, why.clone()));
             moved_to = peer.zip(ticket);
             exclude.push(cand.peer);
@@ -181,7 +177,7 @@ pub async fn dispatch(
                 }
                 Attempt::Lost(why) => {
                     resumes += 1;
-                    tracing::warn!(peer = %cand.peer, reason = %why, tokens = progress.tokens.len(), "node lost mid-request: continuing elsewhere");
+                    tracing::warn!(peer = %cand.peer, reason = %why, tokens = client.tokens(), "node lost mid-request: continuing elsewhere");
                     app.mesh.handle.update_view(|v| {
                         v.record(MeshEventKind::Rerouted, cand.peer, format!("lost mid-request, resumed elsewhere: {why}"))
                     });
