@@ -57,6 +57,11 @@ pub struct EngineConfig {
     pub deterministic: bool,
     /// How the K/V cache stores values.
     pub kv_dtype: KvDtype,
+    /// The layers this engine holds (None: all). An engine whose span does not start at 0 takes
+    /// its first layer's input as hidden states (`step_span`) instead of embedding tokens, and
+    /// one whose span ends before the last layer hands its residual stream back instead of
+    /// sampling: a stage of a chain of nodes that together hold the model.
+    pub layers: Option<std::ops::Range<usize>>,
 }
 
 impl Default for EngineConfig {
@@ -68,6 +73,7 @@ impl Default for EngineConfig {
             max_sequences: 1,
             deterministic: false,
             kv_dtype: KvDtype::default(),
+            layers: None,
         }
     }
 }
@@ -251,10 +257,13 @@ pub(crate) struct RopeTarget<'a> {
     pub kv_f16: bool,
 }
 
-struct Pipelines {
-    embed: wgpu::ComputePipeline,
+/// The final norm, the head and sampling: only an engine whose span ends at the last layer has them.
+struct HeadOps {
     norm_gather: wgpu::ComputePipeline,
-    sample: wgpu::ComputePipeline,
+    norm_out: wgpu::BindGroup,
+    head: MatmulOp,
+    sample_pipeline: wgpu::ComputePipeline,
+    sample: wgpu::BindGroup,
 }
 
 struct StepBuffers {
@@ -279,6 +288,9 @@ pub struct StepOutput {
     pub tokens: Vec<Option<u32>>,
     /// Logits of every token of the step, `[tokens][vocab]`, when asked for.
     pub logits: Option<Vec<f32>>,
+    /// The residual stream after the engine's last layer, `[tokens][hidden]`, where its span
+    /// ends before the model's last layer (`step_span`).
+    pub hidden: Option<Vec<f32>>,
 }
 
 /// A model on one GPU with its KV cache.
@@ -295,12 +307,14 @@ pub struct Engine {
     /// Whether steps whose sequences bring enough tokens take attention tiles
     /// (`takes_attention_tiles`).
     takes_tiles: bool,
-    pipelines: Pipelines,
-    embed: Vec<wgpu::BindGroup>,
+    /// The layers held, `span.start` being `layers[0]`'s number.
+    span: std::ops::Range<usize>,
+    /// The embedding, where the span starts at layer 0.
+    embed: Option<(wgpu::ComputePipeline, Vec<wgpu::BindGroup>)>,
     layers: Vec<LayerOps>,
-    norm_out: wgpu::BindGroup,
-    head: MatmulOp,
-    sample: wgpu::BindGroup,
+    head: Option<HeadOps>,
+    /// The residual stream: what a stage's first layer reads and its last leaves.
+    x: wgpu::Buffer,
     bufs: StepBuffers,
     pool: BlockPool,
     seqs: HashMap<SeqId, SeqState>,
@@ -327,6 +341,9 @@ pub struct PendingStep {
     read: usize,
     n_sample: usize,
     logits: Option<(wgpu::Buffer, u64)>,
+    /// Where the residual stream after the span's last layer was copied (a stage that does not
+    /// end the model), and its bytes.
+    hidden: Option<(wgpu::Buffer, u64)>,
     /// Per input: its sequence, the positions it holds once the step is done (where its
     /// sampled token goes), and whether it samples.
     inputs: Vec<(SeqId, usize, bool)>,
@@ -712,6 +729,14 @@ impl Engine {
     /// Uploads `model` and builds every pipeline, buffer and bind group.
     pub fn new(ctx: &GpuContext, model: &HostModel, cfg: &EngineConfig) -> Result<Self> {
         let c = model.config.clone();
+        let span = cfg.layers.clone().unwrap_or(0..c.n_layers);
+        if span.start >= span.end || span.end > c.n_layers {
+            return Err(Error::InvalidRequest(format!(
+                "layers {}..{} are not a span of the model's {} layers",
+                span.start, span.end, c.n_layers
+            )));
+        }
+        let (first, last) = (span.start == 0, span.end == c.n_layers);
         let context_length = if cfg.context_length == 0 { c.context_length.min(8192) } else { cfg.context_length };
         let max_tokens = cfg.max_batch_tokens.max(1);
         let blocks_per_seq = context_length.div_ceil(BLOCK_TOKENS);
@@ -719,8 +744,8 @@ impl Engine {
         let max_binding = ctx.max_binding();
         let f4 = 4u64;
         let logits_row = c.vocab_size as u64 * f4;
-        let max_sample = (max_binding / logits_row).min(max_tokens as u64) as usize;
-        if max_sample == 0 {
+        let max_sample = if last { (max_binding / logits_row).min(max_tokens as u64) as usize } else { 0 };
+        if last && max_sample == 0 {
             return Err(Error::AdapterLimit { what: "bytes for one row of logits", needed: logits_row, limit: max_binding });
         }
         let cache_bytes = kv_blocks as u64 * BLOCK_TOKENS as u64 * c.kv_dim() as u64 * cfg.kv_dtype.bytes() as u64;
@@ -736,21 +761,26 @@ impl Engine {
         let qkv = act("qkv", qkv_dim);
         let attn_out = act("attn_out", q_dim);
         let gate_up = act("gate_up", 2 * f);
-        let hs = ctx.storage("hidden_sampled", max_sample as u64 * d as u64 * f4);
+        let hs = ctx.storage("hidden_sampled", (max_sample as u64 * d as u64 * f4).max(16));
         // The decode matvecs' inputs again as 8-bit activations, written by the kernels that
         // produce them (the norms, the attention merge, SiLU·mul) in whole blocks of 32: not in
         // deterministic mode, which never runs a matvec, and only for inputs that some matrix
         // reads through a packed-byte dot (an F16 model's producers would quantize for nothing).
         let packed = |read_by: &[&str]| -> Result<bool> {
-            Ok((0..c.n_layers)
+            Ok(span
+                .clone()
                 .any(|l| read_by.iter().any(|name| model.tensors.get(&layer_tensor(l, name)).is_some_and(|t| t.format.has_packed_dot()))))
         };
         let q8 = |label: &str, stride: usize, used: bool| (!cfg.deterministic && used).then(|| ctx.storage(label, q8_ranges(stride).1.end));
         let xn_q8 = q8("xn_q8", d, d.is_multiple_of(32) && packed(&["attn_q", "attn_k", "attn_v", "attn_qkv", "ffn_gate", "ffn_up"])?);
         let attn_q8 = q8("attn_out_q8", q_dim, c.head_dim.is_multiple_of(32) && packed(&["attn_output"])?);
         let ffn_q8 = q8("ffn_q8", 2 * f, f.is_multiple_of(32) && packed(&["ffn_down"])?);
-        let head_format = if c.tied_embeddings { model.tensor("token_embd.weight")?.format } else { model.output_head()?.format };
-        let hs_q8 = q8("hidden_sampled_q8", d, d.is_multiple_of(32) && head_format.has_packed_dot());
+        let head_format = match (last, c.tied_embeddings) {
+            (false, _) => None,
+            (true, true) => Some(model.tensor("token_embd.weight")?.format),
+            (true, false) => Some(model.output_head()?.format),
+        };
+        let hs_q8 = q8("hidden_sampled_q8", d, d.is_multiple_of(32) && head_format.is_some_and(|f| f.has_packed_dot()));
         // Bound where a producer writes no 8-bit activations.
         let no_q8 = ctx.storage("no_q8", 16);
         let hs_q8_out = hs_q8.as_ref().unwrap_or(&no_q8).clone();
@@ -780,7 +810,7 @@ impl Engine {
             chosen_reads: [ctx.readback("chosen_read.0", t * f4), ctx.readback("chosen_read.1", t * f4)],
             // A tile a token at most (a step's sequences each bring ATTENTION_TILE_MIN or more).
             attention_tiles: ctx.storage("attention_tiles", t * 8),
-            logits: ctx.storage("logits", max_sample as u64 * logits_row),
+            logits: ctx.storage("logits", (max_sample as u64 * logits_row).max(16)),
         };
         let family =
             c.family().ok_or_else(|| Error::Config { path: model.path.clone(), reason: format!("no family runs `{}`", c.architecture) })?;
@@ -799,7 +829,7 @@ impl Engine {
             .transpose()?;
         let attn_factor = c.rope_attn_factor.unwrap_or(1.0) as f32;
         let mut rope_tables = HashMap::new();
-        for l in 0..c.n_layers {
+        for l in span.clone() {
             let (theta, divisor) = (c.layer_rope_theta(l), c.layer_rope_divisor(l));
             if let std::collections::hash_map::Entry::Vacant(e) = rope_tables.entry(c.layer_rope_key(l)) {
                 let half = c.head_dim / 2;
@@ -816,30 +846,29 @@ impl Engine {
             }
         }
 
-        let pipelines = Pipelines {
-            embed: kernels.pipeline(
-                Kernel::Embed,
-                Some(model.tensor("token_embd.weight")?.format),
-                &[("SCALE", f64::from(family.embedding_scale(&c)))],
-            )?,
-            norm_gather: kernels.pipeline(
-                Kernel::RmsNorm,
-                None,
-                &[("DIM", d as f64), ("EPS", f64::from(c.rms_eps)), ("GATHER", 1.0), ("Q8", f64::from(u8::from(hs_q8.is_some())))],
-            )?,
-            sample: kernels.pipeline(Kernel::Sample, None, &[("VOCAB", c.vocab_size as f64)])?,
+        // The embedding is uploaded where the span starts the model, or ends it with a tied head.
+        let embed_t =
+            if first || (last && c.tied_embeddings) { Some(DeviceMatrix::upload(ctx, model.tensor("token_embd.weight")?)?) } else { None };
+        let embed = match (&embed_t, first) {
+            (Some(t), true) => {
+                let pipeline = kernels.pipeline(
+                    Kernel::Embed,
+                    Some(model.tensor("token_embd.weight")?.format),
+                    &[("SCALE", f64::from(family.embedding_scale(&c)))],
+                )?;
+                let groups = t
+                    .parts
+                    .iter()
+                    .map(|p| {
+                        let params = EmbedParams { row_start: p.row_start as u32, row_count: p.rows as u32, dim: d as u32, _pad: 0 };
+                        let u = ctx.uniform_init("embed.params", bytemuck::bytes_of(&params));
+                        kernels.bind_group(Kernel::Embed, "embed", &[&bufs.step, &u, &bufs.tokens, &p.quants, &p.scales, &x, &bufs.chosen])
+                    })
+                    .collect();
+                Some((pipeline, groups))
+            }
+            _ => None,
         };
-
-        let embed_t = DeviceMatrix::upload(ctx, model.tensor("token_embd.weight")?)?;
-        let embed = embed_t
-            .parts
-            .iter()
-            .map(|p| {
-                let params = EmbedParams { row_start: p.row_start as u32, row_count: p.rows as u32, dim: d as u32, _pad: 0 };
-                let u = ctx.uniform_init("embed.params", bytemuck::bytes_of(&params));
-                kernels.bind_group(Kernel::Embed, "embed", &[&bufs.step, &u, &bufs.tokens, &p.quants, &p.scales, &x, &bufs.chosen])
-            })
-            .collect();
 
         let act = Activations {
             step: bufs.step.clone(),
@@ -859,8 +888,8 @@ impl Engine {
             attention_tiles: bufs.attention_tiles.clone(),
             no_q8: no_q8.clone(),
         };
-        let mut layers = Vec::with_capacity(c.n_layers);
-        for l in 0..c.n_layers {
+        let mut layers = Vec::with_capacity(span.len());
+        for l in span.clone() {
             let _span = tracing::debug_span!("upload_layer", layer = l).entered();
             let cache = |what: &str| ctx.storage(&format!("{what}_cache.{l}"), cache_bytes);
             let (k_cache, v_cache) = (cache("k"), cache("v"));
@@ -879,28 +908,46 @@ impl Engine {
             let ops = family.layer_ops(&builder)?;
             layers.push(LayerOps { ops, k_cache, v_cache });
         }
-        let g_out = upload_vector(ctx, model.tensor("output_norm.weight")?);
-        let norm_out = kernels.bind_group(Kernel::RmsNorm, "norm_out", &[&bufs.step, &x, &g_out, &bufs.sample_rows, &hs, &hs_q8_out]);
-        let head_t = if c.tied_embeddings { embed_t } else { DeviceMatrix::upload(ctx, model.output_head()?)? };
-        let head = MatmulOp::new(
-            &kernels,
-            &head_t,
-            &bufs.step,
-            &hs,
-            &bufs.logits,
-            (d, c.vocab_size, 0),
-            hs_q8.as_ref(),
-            false,
-            true,
-            cfg.deterministic,
-        )?;
-        let sample = kernels.bind_group(Kernel::Sample, "sample", &[&bufs.step, &bufs.logits, &bufs.sample_params, &bufs.chosen]);
+        let head = if last {
+            let g_out = upload_vector(ctx, model.tensor("output_norm.weight")?);
+            let norm_out = kernels.bind_group(Kernel::RmsNorm, "norm_out", &[&bufs.step, &x, &g_out, &bufs.sample_rows, &hs, &hs_q8_out]);
+            let head_t = match embed_t {
+                Some(t) if c.tied_embeddings => t,
+                _ => DeviceMatrix::upload(ctx, model.output_head()?)?,
+            };
+            let head = MatmulOp::new(
+                &kernels,
+                &head_t,
+                &bufs.step,
+                &hs,
+                &bufs.logits,
+                (d, c.vocab_size, 0),
+                hs_q8.as_ref(),
+                false,
+                true,
+                cfg.deterministic,
+            )?;
+            let norm_gather = kernels.pipeline(
+                Kernel::RmsNorm,
+                None,
+                &[("DIM", d as f64), ("EPS", f64::from(c.rms_eps)), ("GATHER", 1.0), ("Q8", f64::from(u8::from(hs_q8.is_some())))],
+            )?;
+            Some(HeadOps {
+                norm_gather,
+                norm_out,
+                head,
+                sample_pipeline: kernels.pipeline(Kernel::Sample, None, &[("VOCAB", c.vocab_size as f64)])?,
+                sample: kernels.bind_group(Kernel::Sample, "sample", &[&bufs.step, &bufs.logits, &bufs.sample_params, &bufs.chosen]),
+            })
+        } else {
+            None
+        };
         ctx.check_errors("engine setup")?;
         let takes_tiles = takes_attention_tiles(ctx.caps, cfg, &c);
         Ok(Engine {
             ctx: ctx.clone(),
             kernels,
-            window_all: (0..c.n_layers).map(|l| c.layer_window(l)).collect::<Option<Vec<_>>>().and_then(|w| w.into_iter().min()),
+            window_all: span.clone().map(|l| c.layer_window(l)).collect::<Option<Vec<_>>>().and_then(|w| w.into_iter().min()),
             config: c,
             context_length,
             max_tokens,
@@ -908,12 +955,11 @@ impl Engine {
             max_table,
             attention_budget,
             takes_tiles,
-            pipelines,
+            span,
             embed,
             layers,
-            norm_out,
             head,
-            sample,
+            x,
             bufs,
             pool: BlockPool::new(kv_blocks),
             seqs: HashMap::new(),
@@ -990,7 +1036,7 @@ impl Engine {
     pub fn create_sequence(&mut self) -> SeqId {
         let id = SeqId(self.next_seq);
         self.next_seq += 1;
-        self.seqs.insert(id, SeqState { ready: vec![0; self.config.n_layers], ..Default::default() });
+        self.seqs.insert(id, SeqState { ready: vec![0; self.layers.len()], ..Default::default() });
         id
     }
 
@@ -1005,7 +1051,7 @@ impl Engine {
         let len = blocks.len() * BLOCK_TOKENS;
         let id = SeqId(self.next_seq);
         self.next_seq += 1;
-        let state = SeqState { blocks, len, ready: vec![len; self.config.n_layers], tokens: prompt[..len].to_vec(), hashes, freed: 0 };
+        let state = SeqState { blocks, len, ready: vec![len; self.layers.len()], tokens: prompt[..len].to_vec(), hashes, freed: 0 };
         self.seqs.insert(id, state);
         (id, len)
     }
@@ -1049,7 +1095,7 @@ impl Engine {
     /// (rows count the sampling inputs in order), which never leaves the GPU. Two steps at most
     /// are in flight, and they finish in the order they were submitted.
     pub fn submit_step(&mut self, inputs: &[StepInput]) -> Result<PendingStep> {
-        self.submit_with(inputs, false, None, true)
+        self.submit_with(inputs, false, None, true, None)
     }
 
     /// The tokens a submitted step sampled, per input (None where the input did not sample),
@@ -1099,7 +1145,7 @@ impl Engine {
         for (l, (k_stage, v_stage)) in stages.into_iter().enumerate() {
             let k = self.kv_dtype.decode(&self.ctx.read_mapped(&k_stage, bytes, done.clone())?);
             let v = self.kv_dtype.decode(&self.ctx.read_mapped(&v_stage, bytes, done.clone())?);
-            out.push(KvLayer { layer: l, start, tokens: end - start, k, v });
+            out.push(KvLayer { layer: self.span.start + l, start, tokens: end - start, k, v });
         }
         self.ctx.check_errors("export_kv")?;
         Ok(out)
@@ -1168,6 +1214,9 @@ impl Engine {
     ) -> Result<usize> {
         if self.in_flight > 0 {
             return Err(Error::InvalidRequest("a decode run cannot start while a submitted step is unfinished".into()));
+        }
+        if self.embed.is_none() || self.head.is_none() {
+            return Err(Error::InvalidRequest("a decode run needs every layer, the embedding and the head".into()));
         }
         // The run's steps overwrite the samples a FROM_SAMPLED id would name.
         self.last_sampled = 0;
@@ -1323,24 +1372,25 @@ impl Engine {
     /// Layers may arrive in any order; the sequence can be extended once every layer holds the range.
     pub fn import_kv(&mut self, seq: SeqId, kv: &KvLayer) -> Result<()> {
         let kv_dim = self.config.kv_dim();
-        let n_layers = self.config.n_layers;
         let ctx_len = self.context_length;
+        let span = self.span.clone();
         let state = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
-        if kv.layer >= n_layers {
-            return Err(Error::KvImport(format!("layer {} of a {n_layers}-layer model", kv.layer)));
+        if !span.contains(&kv.layer) {
+            return Err(Error::KvImport(format!("layer {} is not one of the layers {}..{} held here", kv.layer, span.start, span.end)));
         }
+        let local = kv.layer - span.start;
         if kv.k.len() != kv.tokens * kv_dim || kv.v.len() != kv.tokens * kv_dim {
             return Err(Error::KvImport(format!("{} tokens need {} values each for K and V", kv.tokens, kv.tokens * kv_dim)));
         }
-        if kv.start != state.ready[kv.layer] {
-            return Err(Error::KvImport(format!("layer {} continues at position {}, got {}", kv.layer, state.ready[kv.layer], kv.start)));
+        if kv.start != state.ready[local] {
+            return Err(Error::KvImport(format!("layer {} continues at position {}, got {}", kv.layer, state.ready[local], kv.start)));
         }
         let end = kv.start + kv.tokens;
         if end > ctx_len {
             return Err(Error::ContextOverflow { tokens: end, max_new: 0, context: ctx_len });
         }
         self.pool.reserve(state, end)?;
-        let layer = &self.layers[kv.layer];
+        let layer = &self.layers[local];
         let row_bytes = (kv_dim * self.kv_dtype.bytes()) as u64;
         let (k, v) = (self.kv_dtype.encode(&kv.k), self.kv_dtype.encode(&kv.v));
         let mut pos = kv.start;
@@ -1352,7 +1402,7 @@ impl Engine {
             self.ctx.queue.write_buffer(&layer.v_cache, offset, &v[src.start as usize..src.end as usize]);
             pos += run;
         }
-        state.ready[kv.layer] = end;
+        state.ready[local] = end;
         state.len = state.ready.iter().copied().min().unwrap_or(0);
         Ok(())
     }
@@ -1390,30 +1440,49 @@ impl Engine {
         // Positions attended over by the step's tokens, for the profile's figures.
         let attended: u64 = infos.iter().map(|i| u64::from(i.pos) + 1).sum();
         let t = n_tokens as u64;
-        for bg in &self.embed {
-            let work = Work::of(Kernel::Embed, t * c.hidden_size as u64 * 4, 0);
-            rec.dispatch(work, &self.pipelines.embed, bg, [wg(c.hidden_size, 64), n_tokens as u32, 1]);
+        // A stage after the first finds its input in x already (`submit_with` wrote it).
+        if let Some((pipeline, groups)) = &self.embed {
+            for bg in groups {
+                let work = Work::of(Kernel::Embed, t * c.hidden_size as u64 * 4, 0);
+                rec.dispatch(work, pipeline, bg, [wg(c.hidden_size, 64), n_tokens as u32, 1]);
+            }
         }
-        let p = &self.pipelines;
         let d = c.hidden_size as u64;
         for (l, layer) in self.layers.iter().enumerate() {
             layer.record(rec, n_tokens, attended, attention_chunks, tiles, split, q8_tokens);
             after_layer(rec, l, layer);
         }
+        let Some(h) = &self.head else { return };
         let s = n_sample as u64;
-        rec.dispatch(Work::of(Kernel::RmsNorm, s * d * 8, 3 * s * d), &p.norm_gather, &self.norm_out, [n_sample as u32, 1, 1]);
+        rec.dispatch(Work::of(Kernel::RmsNorm, s * d * 8, 3 * s * d), &h.norm_gather, &h.norm_out, [n_sample as u32, 1, 1]);
         // The final norm writes 8-bit rows for up to Q8_TOKENS sampled rows, one a sequence
         // unless every row is a prompt's (`forward_logits`).
         let head_q8 = if all_logits { largest } else { Q8_TOKENS };
-        self.head.record(rec, n_sample, split, head_q8, 1);
+        h.head.record(rec, n_sample, split, head_q8, 1);
         if !all_logits && n_sample > 0 {
             let work = Work::of(Kernel::Sample, s * c.vocab_size as u64 * 4, 0);
-            rec.dispatch(work, &p.sample, &self.sample, [n_sample as u32, 1, 1]);
+            rec.dispatch(work, &h.sample_pipeline, &h.sample, [n_sample as u32, 1, 1]);
         }
     }
 
     fn run_step(&mut self, inputs: &[StepInput], all_logits: bool, sink: Option<(&[SeqId], &mut dyn KvSink)>) -> Result<StepOutput> {
-        let pending = self.submit_with(inputs, all_logits, sink, false)?;
+        let pending = self.submit_with(inputs, all_logits, sink, false, None)?;
+        self.finish_with(pending)
+    }
+
+    /// The layers this engine holds (`EngineConfig::layers`).
+    pub fn span(&self) -> std::ops::Range<usize> {
+        self.span.clone()
+    }
+
+    /// Runs one step of a stage of a chain: where the span starts after layer 0, `hidden` holds
+    /// its first layer's input (the residual stream the stage before left, `[tokens][hidden]` in
+    /// step order); where it ends before the last layer, the output carries the residual stream
+    /// after its last layer instead of samples, and no input may sample. An engine holding every
+    /// layer runs it as `step` does. The token ids name the positions (they key the prefix cache
+    /// and the sampler's counter) whichever stage runs them.
+    pub fn step_span(&mut self, inputs: &[StepInput], hidden: Option<&[f32]>) -> Result<StepOutput> {
+        let pending = self.submit_with(inputs, false, None, false, Some(hidden))?;
         self.finish_with(pending)
     }
 
@@ -1427,6 +1496,7 @@ impl Engine {
         all_logits: bool,
         sink: Option<(&[SeqId], &mut dyn KvSink)>,
         from_sampled: bool,
+        stage: Option<Option<&[f32]>>,
     ) -> Result<PendingStep> {
         if self.in_flight >= self.bufs.chosen_reads.len() {
             return Err(Error::InvalidRequest("two steps are in flight: finish one first".into()));
@@ -1447,6 +1517,36 @@ impl Engine {
             return Err(Error::InvalidRequest(format!("{n_tokens} tokens exceed the step budget of {}", self.max_tokens)));
         }
         let n_sample = if all_logits { n_tokens } else { inputs.iter().filter(|i| i.sample.is_some()).count() };
+        let (first, last) = (self.embed.is_some(), self.head.is_some());
+        let span = &self.span;
+        if !last && n_sample > 0 {
+            return Err(Error::InvalidRequest(format!(
+                "layers {}..{} end before the model's last ({}): this stage cannot sample",
+                span.start, span.end, c.n_layers
+            )));
+        }
+        let hidden = stage.flatten();
+        match (first, hidden) {
+            (true, Some(_)) => {
+                return Err(Error::InvalidRequest("the first stage embeds its tokens: it takes no hidden states".into()));
+            }
+            (false, None) => {
+                return Err(Error::InvalidRequest(format!(
+                    "layers {}..{} start after layer 0: the step needs the hidden states before layer {}",
+                    span.start, span.end, span.start
+                )));
+            }
+            (false, Some(h)) if h.len() != n_tokens * c.hidden_size => {
+                return Err(Error::InvalidRequest(format!("{} hidden values for {n_tokens} tokens of width {}", h.len(), c.hidden_size)));
+            }
+            _ => {}
+        }
+        if !last && stage.is_none() {
+            return Err(Error::InvalidRequest(format!(
+                "layers {}..{} end before the model's last: run them with step_span",
+                span.start, span.end
+            )));
+        }
         if n_sample > self.max_sample {
             return Err(Error::InvalidRequest(format!("{n_sample} logit rows exceed the limit of {}", self.max_sample)));
         }
@@ -1552,6 +1652,9 @@ impl Engine {
         if !tiles.is_empty() {
             q.write_buffer(&self.bufs.attention_tiles, 0, bytemuck::cast_slice(&tiles));
         }
+        if let Some(h) = hidden {
+            q.write_buffer(&self.x, 0, bytemuck::cast_slice(h));
+        }
 
         let record_start = std::time::Instant::now();
         let kv_row = (c.kv_dim() * self.kv_dtype.bytes()) as u64;
@@ -1578,6 +1681,11 @@ impl Engine {
         });
         let result_bytes = if all_logits { (n_sample * c.vocab_size * 4) as u64 } else { (n_sample * 4) as u64 };
         let logits_read = all_logits.then(|| self.ctx.readback("logits_read", result_bytes));
+        let hidden_bytes = (n_tokens * c.hidden_size * 4) as u64;
+        let hidden_read = (!last).then(|| self.ctx.readback("hidden_read", hidden_bytes));
+        if let Some(buf) = &hidden_read {
+            rec.encoder().copy_buffer_to_buffer(&self.x, 0, buf, 0, hidden_bytes);
+        }
         match &logits_read {
             Some(buf) => rec.encoder().copy_buffer_to_buffer(&self.bufs.logits, 0, buf, 0, result_bytes),
             None if n_sample > 0 => {
@@ -1599,8 +1707,13 @@ impl Engine {
                 let mut off = 0;
                 for (seq, start, end, _) in &exports {
                     let n = (end - start) * kv_dim;
-                    let layer =
-                        KvLayer { layer: l, start: *start, tokens: end - start, k: k[off..off + n].to_vec(), v: v[off..off + n].to_vec() };
+                    let layer = KvLayer {
+                        layer: self.span.start + l,
+                        start: *start,
+                        tokens: end - start,
+                        k: k[off..off + n].to_vec(),
+                        v: v[off..off + n].to_vec(),
+                    };
                     sink.layer_ready(*seq, layer)?;
                     off += n;
                 }
@@ -1624,7 +1737,16 @@ impl Engine {
         self.last_sampled = if all_logits { 0 } else { n_sample };
         let samples =
             inputs.iter().map(|i| (i.seq, self.seqs.get(&i.seq).map_or(0, |s| s.len), i.sample.is_some() && !all_logits)).collect();
-        Ok(PendingStep { done, read, n_sample, logits: logits_read.map(|b| (b, result_bytes)), inputs: samples, record, dispatches })
+        Ok(PendingStep {
+            done,
+            read,
+            n_sample,
+            logits: logits_read.map(|b| (b, result_bytes)),
+            hidden: hidden_read.map(|b| (b, hidden_bytes)),
+            inputs: samples,
+            record,
+            dispatches,
+        })
     }
 
     /// Waits for a submitted step and reads its sampled ids (or its logits).
@@ -1639,6 +1761,9 @@ impl Engine {
             let bytes = self.ctx.read_mapped(&self.bufs.chosen_reads[p.read], (p.n_sample * 4) as u64, p.done.clone())?;
             let mut it = bytemuck::pod_collect_to_vec::<u8, u32>(&bytes).into_iter();
             out.tokens = p.inputs.iter().map(|&(_, _, samples)| if samples { it.next() } else { None }).collect();
+        } else if let Some((buf, bytes)) = &p.hidden {
+            out.hidden = Some(bytemuck::pod_collect_to_vec(&self.ctx.read_mapped(buf, *bytes, p.done.clone())?));
+            out.tokens = vec![None; p.inputs.len()];
         } else {
             self.ctx
                 .device

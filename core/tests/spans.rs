@@ -1,0 +1,140 @@
+//! A model split into layer spans (`EngineConfig::layers`), each on its own engine, with the
+//! residual stream handed from one to the next (`Engine::step_span`), gives the tokens of one
+//! engine holding every layer: for a prompt, its decode steps, and a batch mixing a prefill with
+//! another sequence's decode. And a stage refuses what it cannot do. On the synthetic `tiny`
+//! model, in both modes.
+
+use tandem_core::synthetic::synthetic_model;
+use tandem_core::{Engine, EngineConfig, GpuContext, HostModel, SamplingParams, SeqId, StepInput, WeightFormat};
+
+fn engine(gpu: &GpuContext, model: &HostModel, deterministic: bool, layers: Option<std::ops::Range<usize>>) -> Engine {
+    let cfg = EngineConfig { max_batch_tokens: 64, context_length: 256, deterministic, layers, ..Default::default() };
+    Engine::new(gpu, model, &cfg).expect("engine")
+}
+
+fn prompt(salt: u32) -> Vec<u32> {
+    (0..40).map(|i| (i * 37 + 5 + salt) % 500).collect()
+}
+
+/// A chain of stages run one after another, as nodes of a mesh would.
+struct Chain(Vec<Engine>);
+
+impl Chain {
+    fn create(&mut self) -> Vec<SeqId> {
+        self.0.iter_mut().map(|e| e.create_sequence()).collect()
+    }
+
+    /// One step over every stage; `inputs` name each sequence by its index in `seqs`.
+    fn step(&mut self, seqs: &[Vec<SeqId>], inputs: &[(usize, Vec<u32>, Option<SamplingParams>)]) -> Vec<Option<u32>> {
+        let mut hidden: Option<Vec<f32>> = None;
+        let n = self.0.len();
+        for (stage, e) in self.0.iter_mut().enumerate() {
+            let step: Vec<StepInput> = inputs
+                .iter()
+                .map(|(s, tokens, sample)| StepInput {
+                    seq: seqs[*s][stage],
+                    tokens: tokens.clone(),
+                    sample: if stage + 1 == n { *sample } else { None },
+                })
+                .collect();
+            let out = e.step_span(&step, hidden.as_deref()).expect("stage step");
+            if stage + 1 == n {
+                assert!(out.hidden.is_none(), "the last stage samples");
+                return out.tokens;
+            }
+            hidden = Some(out.hidden.expect("a stage before the last hands on its hidden states"));
+        }
+        unreachable!("a chain has stages")
+    }
+}
+
+fn generate_whole(e: &mut Engine, prompt: &[u32], steps: usize) -> Vec<u32> {
+    let seq = e.create_sequence();
+    let greedy = SamplingParams::greedy();
+    let mut next = tandem_core::prefill(e, seq, prompt, greedy).expect("prefill").expect("token");
+    let mut out = vec![next];
+    for _ in 1..steps {
+        next = e.step(&[StepInput { seq, tokens: vec![next], sample: Some(greedy) }]).expect("step")[0].expect("token");
+        out.push(next);
+    }
+    e.free_sequence(seq);
+    out
+}
+
+#[test]
+fn a_chain_of_spans_gives_the_tokens_of_the_whole_model() {
+    let gpu = GpuContext::new(std::env::var("TANDEM_ADAPTER").ok().as_deref()).expect("a GPU adapter");
+    let model = synthetic_model("tiny", WeightFormat::Q4_0, 3).expect("tiny model");
+    let n = model.config.n_layers;
+    assert!(n >= 2, "tiny has layers to split");
+    let greedy = Some(SamplingParams::greedy());
+    for deterministic in [true, false] {
+        let mut whole = engine(&gpu, &model, deterministic, None);
+        let (a, b) = (prompt(0), prompt(101));
+        let want_a = generate_whole(&mut whole, &a, 12);
+        let want_b = generate_whole(&mut whole, &b, 12);
+
+        let mut chain = Chain(vec![engine(&gpu, &model, deterministic, Some(0..1)), engine(&gpu, &model, deterministic, Some(1..n))]);
+        assert_eq!(chain.0[0].span(), 0..1);
+        assert_eq!(chain.0[1].span(), 1..n);
+        let seqs = vec![chain.create(), chain.create()];
+
+        // Sequence a alone: its prompt in two chunks, then a few decode steps.
+        chain.step(&seqs, &[(0, a[..24].to_vec(), None)]);
+        let mut got_a = vec![chain.step(&seqs, &[(0, a[24..].to_vec(), greedy)])[0].expect("token")];
+        for _ in 0..4 {
+            let next = chain.step(&seqs, &[(0, vec![*got_a.last().unwrap()], greedy)])[0].expect("token");
+            got_a.push(next);
+        }
+        // Then b's whole prompt in the same steps as a's decoding, in both orders.
+        let out = chain.step(&seqs, &[(0, vec![*got_a.last().unwrap()], greedy), (1, b.clone(), greedy)]);
+        got_a.push(out[0].expect("a's token"));
+        let mut got_b = vec![out[1].expect("b's token")];
+        while got_b.len() < 12 {
+            let out = chain.step(&seqs, &[(1, vec![*got_b.last().unwrap()], greedy), (0, vec![*got_a.last().unwrap()], greedy)]);
+            got_b.push(out[0].expect("b's token"));
+            if got_a.len() < 12 {
+                got_a.push(out[1].expect("a's token"));
+            }
+        }
+        assert_eq!(got_a, want_a, "sequence a, deterministic {deterministic}");
+        assert_eq!(got_b, want_b, "sequence b, deterministic {deterministic}");
+    }
+}
+
+#[test]
+fn a_stage_refuses_what_its_span_cannot_do() {
+    let gpu = GpuContext::new(std::env::var("TANDEM_ADAPTER").ok().as_deref()).expect("a GPU adapter");
+    let model = synthetic_model("tiny", WeightFormat::Q4_0, 3).expect("tiny model");
+    let n = model.config.n_layers;
+    let greedy = Some(SamplingParams::greedy());
+    let width = model.config.hidden_size;
+
+    let mut first = engine(&gpu, &model, true, Some(0..1));
+    let seq = first.create_sequence();
+    let err = first.step(&[StepInput { seq, tokens: vec![1, 2], sample: None }]).expect_err("a first stage has no head");
+    assert!(err.to_string().contains("step_span"), "{err}");
+    let err = first.step_span(&[StepInput { seq, tokens: vec![1, 2], sample: greedy }], None).expect_err("no sampling");
+    assert!(err.to_string().contains("cannot sample"), "{err}");
+    let err = first.step_span(&[StepInput { seq, tokens: vec![1, 2], sample: None }], Some(&vec![0.0; 2 * width])).expect_err("embeds");
+    assert!(err.to_string().contains("no hidden states"), "{err}");
+    let out = first.step_span(&[StepInput { seq, tokens: vec![1, 2], sample: None }], None).expect("a first stage's step");
+    assert_eq!(out.hidden.expect("hidden").len(), 2 * width);
+    assert_eq!(first.sequence_len(seq).expect("len"), 2);
+
+    let mut last = engine(&gpu, &model, true, Some(1..n));
+    let seq = last.create_sequence();
+    let err = last.step_span(&[StepInput { seq, tokens: vec![1, 2], sample: greedy }], None).expect_err("needs hidden");
+    assert!(err.to_string().contains("hidden states before layer 1"), "{err}");
+    let err = last.step_span(&[StepInput { seq, tokens: vec![1, 2], sample: greedy }], Some(&vec![0.0; width])).expect_err("short");
+    assert!(err.to_string().contains("hidden values"), "{err}");
+    assert_eq!(last.sequence_len(seq).expect("len"), 0, "a refused step leaves the sequence as it was");
+    let err = last.decode_run(seq, 1, 4, SamplingParams::greedy(), |_| Ok(true)).expect_err("a stage cannot run alone");
+    assert!(!err.to_string().is_empty());
+
+    for bad in [1..1, 0..n + 1, 2..1] {
+        let cfg = EngineConfig { layers: Some(bad.clone()), ..Default::default() };
+        let err = Engine::new(&gpu, &model, &cfg).err().expect("a bad span is refused");
+        assert!(err.to_string().contains("layers"), "{bad:?}: {err}");
+    }
+}
