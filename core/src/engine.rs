@@ -1475,6 +1475,16 @@ impl Engine {
         self.span.clone()
     }
 
+    /// Whether the span ends with the model's last layer, so steps sample.
+    pub fn holds_head(&self) -> bool {
+        self.head.is_some()
+    }
+
+    /// Whether the engine holds every layer (and so runs whole requests).
+    pub fn holds_all(&self) -> bool {
+        self.embed.is_some() && self.head.is_some()
+    }
+
     /// Runs one step of a stage of a chain: where the span starts after layer 0, `hidden` holds
     /// its first layer's input (the residual stream the stage before left, `[tokens][hidden]` in
     /// step order); where it ends before the last layer, the output carries the residual stream

@@ -25,6 +25,7 @@ pub mod quant;
 pub mod recorder;
 pub mod scheduler;
 pub mod spm;
+pub mod stage;
 mod strftime;
 pub mod synthetic;
 pub mod tensor;

@@ -335,6 +335,11 @@ impl Scheduler {
         &self.engine
     }
 
+    /// The engine, for work beside the scheduler's own requests (a chain's stage sessions).
+    pub fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
     pub fn stats(&self) -> SchedulerStats {
         self.stats
     }
@@ -365,6 +370,13 @@ impl Scheduler {
     pub fn submit_with(&mut self, id: RequestId, req: Request, mut sink: Box<dyn EventSink>, start: Start) -> Result<RequestId> {
         self.settle();
         let checked = match self.limits().check(&req) {
+            Ok(()) if !self.engine.holds_all() => {
+                let span = self.engine.span();
+                Err(Error::InvalidRequest(format!(
+                    "this node holds layers {}..{} only: it runs stages of chains, not whole requests",
+                    span.start, span.end
+                )))
+            }
             Ok(()) if self.waiting.len() >= self.cfg.max_waiting => Err(Error::Overloaded { waiting: self.waiting.len() }),
             other => other,
         };

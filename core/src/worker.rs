@@ -9,11 +9,18 @@ use std::thread::JoinHandle;
 use crate::error::{Error, Result};
 use crate::kv::KvLayer;
 use crate::scheduler::{Event, EventSink, Limits, Request, RequestId, Scheduler, SchedulerStats, Start};
+use crate::stage::{StageReply, StageStep, Stages};
 
 /// Where the answer to `park` goes (called on the GPU thread).
 pub type ParkReply = Box<dyn FnOnce(Result<(u64, usize)>) + Send>;
 /// Where the answer to `seal` goes (called on the GPU thread).
 pub type SealReply = Box<dyn FnOnce(Result<()>) + Send>;
+/// Where the answer to `stage_open` goes (called on the GPU thread): the session's id.
+pub type StageOpenReply = Box<dyn FnOnce(Result<u64>) + Send>;
+
+/// Stage sessions one worker holds at most: each reserves its blocks, and this bounds the table
+/// of a node whose cache is large.
+pub const MAX_STAGE_SESSIONS: usize = 1024;
 
 /// Work on parked sequences. It has its own channel, which never blocks its sender: K/V is
 /// received on async tasks, and a GPU thread waiting for one of them (a prefill streaming
@@ -32,6 +39,9 @@ enum Command {
     Park(Vec<u32>, ParkReply),
     /// Wakes the worker for K/V commands.
     Wake,
+    StageOpen(usize, StageOpenReply),
+    StageStep(u64, StageStep, StageReply),
+    StageClose(u64),
     /// Hand every request to its receiver to continue elsewhere.
     DetachAll,
     /// Stop taking requests; finish the running ones (`drain`) or cancel everything.
@@ -149,6 +159,27 @@ impl WorkerHandle {
         let _ = self.kv_command(KvCommand::Discard(ticket));
     }
 
+    /// Opens a stage session holding up to `positions` positions (`crate::stage`).
+    pub fn stage_open(&self, positions: usize, reply: StageOpenReply) -> Result<()> {
+        self.send(Command::StageOpen(positions, reply))
+    }
+
+    /// Queues a session's step; `reply` gets the hidden states or the sampled token.
+    pub fn stage_step(&self, session: u64, step: StageStep, reply: StageReply) -> Result<()> {
+        self.send(Command::StageStep(session, step, reply))
+    }
+
+    /// Ends a stage session and frees its blocks. Never blocks: a closing session must not wait
+    /// behind a full queue, or its blocks would stay held.
+    pub fn stage_close(&self, session: u64) {
+        if let Err(TrySendError::Full(cmd)) = self.tx.try_send(Command::StageClose(session)) {
+            let tx = self.tx.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send(cmd);
+            });
+        }
+    }
+
     /// Takes every request off this node: each receiver gets `Event::Detached`.
     pub fn detach_all(&self) -> Result<()> {
         self.send(Command::DetachAll)
@@ -174,12 +205,13 @@ impl WorkerHandle {
 }
 
 fn run(mut sched: Scheduler, rx: Receiver<Command>, kv: Receiver<KvCommand>, stats: Arc<Mutex<SchedulerStats>>) {
+    let mut stages = Stages::default();
     let mut stopping = false;
     let mut pending: Option<Command> = None;
     loop {
         kv_work(&mut sched, &kv);
         let mut cmds: Vec<Command> = pending.take().into_iter().collect();
-        if cmds.is_empty() && !sched.has_work() && !stopping {
+        if cmds.is_empty() && !sched.has_work() && !stages.has_work() && !stopping {
             if sched.parked() > 0 {
                 // Parked K/V must expire even when nothing else happens.
                 match rx.recv_timeout(std::time::Duration::from_secs(1)) {
@@ -217,6 +249,18 @@ fn run(mut sched: Scheduler, rx: Receiver<Command>, kv: Receiver<KvCommand>, sta
                     reply(r);
                 }
                 Command::Wake => {}
+                Command::StageOpen(positions, reply) => {
+                    let r = if stopping {
+                        Err(Error::Overloaded { waiting: 0 })
+                    } else if stages.sessions() >= MAX_STAGE_SESSIONS {
+                        Err(Error::Overloaded { waiting: stages.sessions() })
+                    } else {
+                        stages.open(sched.engine_mut(), positions)
+                    };
+                    reply(r);
+                }
+                Command::StageStep(session, step, reply) => stages.queue(session, step, reply),
+                Command::StageClose(session) => stages.close(sched.engine_mut(), session),
                 Command::DetachAll => sched.detach_all(),
                 Command::Shutdown { drain } => {
                     stopping = true;
@@ -228,6 +272,12 @@ fn run(mut sched: Scheduler, rx: Receiver<Command>, kv: Receiver<KvCommand>, sta
         }
         if stopping && !sched.has_work() {
             break;
+        }
+        if stages.has_work() && !sched.has_work() {
+            // A stage's engine runs no whole requests (the scheduler refuses them), so the two
+            // never share the GPU; a whole-model node runs stage steps only between requests.
+            stages.run(sched.engine_mut());
+            continue;
         }
         if sched.parked() > 0 {
             sched.expire_parked();

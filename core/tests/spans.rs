@@ -138,3 +138,91 @@ fn a_stage_refuses_what_its_span_cannot_do() {
         assert!(err.to_string().contains("layers"), "{bad:?}: {err}");
     }
 }
+
+/// Stage sessions on GPU workers (`WorkerHandle::stage_*`), as a node runs them: two requests
+/// stepped concurrently through two workers give the whole model's tokens, a step out of order
+/// is refused, and a worker holding a span refuses whole requests.
+#[test]
+fn stage_sessions_on_workers_give_the_whole_models_tokens() {
+    use std::sync::mpsc::channel;
+    use tandem_core::scheduler::{Event, Request, Scheduler, SchedulerConfig};
+    use tandem_core::stage::{StageOut, StageStep};
+    use tandem_core::worker::WorkerHandle;
+
+    let gpu = GpuContext::new(std::env::var("TANDEM_ADAPTER").ok().as_deref()).expect("a GPU adapter");
+    let model = synthetic_model("tiny", WeightFormat::Q4_0, 3).expect("tiny model");
+    let n = model.config.n_layers;
+    let mut whole = engine(&gpu, &model, true, None);
+    let prompts = [prompt(3), prompt(77)];
+    let want: Vec<Vec<u32>> = prompts.iter().map(|p| generate_whole(&mut whole, p, 8)).collect();
+
+    let workers: Vec<WorkerHandle> = [0..1, 1..n]
+        .into_iter()
+        .map(|span| {
+            WorkerHandle::spawn(Scheduler::new(engine(&gpu, &model, true, Some(span)), SchedulerConfig::default())).expect("worker")
+        })
+        .collect();
+    let open = |w: &WorkerHandle| {
+        let (tx, rx) = channel();
+        w.stage_open(128, Box::new(move |r| tx.send(r).expect("answer"))).expect("queued");
+        rx.recv().expect("reply").expect("opened")
+    };
+    let sessions: Vec<[u64; 2]> = prompts.iter().map(|_| [open(&workers[0]), open(&workers[1])]).collect();
+    // Both requests' steps are queued at a stage before either is answered: they may batch.
+    let step_all = |inputs: Vec<(usize, usize, Vec<u32>)>| -> Vec<u32> {
+        let mut hidden: Vec<Option<Vec<f32>>> = vec![None; inputs.len()];
+        for (stage, w) in workers.iter().enumerate() {
+            let rxs: Vec<_> = inputs
+                .iter()
+                .zip(&hidden)
+                .map(|((r, start, tokens), h)| {
+                    let (tx, rx) = channel();
+                    let step = StageStep {
+                        start: *start,
+                        tokens: tokens.clone(),
+                        hidden: h.clone(),
+                        sample: (stage == 1).then(SamplingParams::greedy),
+                    };
+                    w.stage_step(sessions[*r][stage], step, Box::new(move |o| tx.send(o).expect("answer"))).expect("queued");
+                    rx
+                })
+                .collect();
+            let outs: Vec<StageOut> = rxs.into_iter().map(|rx| rx.recv().expect("reply").expect("step")).collect();
+            if stage == 1 {
+                return outs.into_iter().map(|o| if let StageOut::Token(Some(t)) = o { t } else { panic!("{o:?}") }).collect();
+            }
+            hidden = outs.into_iter().map(|o| if let StageOut::Hidden(h) = o { Some(h) } else { panic!("{o:?}") }).collect();
+        }
+        unreachable!()
+    };
+    let mut got: Vec<Vec<u32>> =
+        step_all(prompts.iter().enumerate().map(|(r, p)| (r, 0, p.clone())).collect()).into_iter().map(|t| vec![t]).collect();
+    for i in 1..8 {
+        let next = step_all(got.iter().enumerate().map(|(r, g)| (r, prompts[r].len() + i - 1, vec![g[i - 1]])).collect());
+        for (g, t) in got.iter_mut().zip(next) {
+            g.push(t);
+        }
+    }
+    assert_eq!(got, want);
+
+    let (tx, rx) = channel();
+    let step = StageStep { start: 3, tokens: vec![1], hidden: None, sample: None };
+    workers[0].stage_step(sessions[0][0], step, Box::new(move |o| tx.send(o).expect("answer"))).expect("queued");
+    let err = rx.recv().expect("reply").expect_err("out of order");
+    assert!(err.to_string().contains("position 3"), "{err}");
+
+    let (tx, rx) = channel();
+    let req = Request { prompt: vec![1, 2, 3], max_tokens: 2, sampling: SamplingParams::greedy(), stop_ids: vec![], resumed: vec![] };
+    let _ = workers[0].submit(req, Box::new(tx));
+    match rx.recv().expect("event") {
+        Event::Refused { reason, .. } => assert!(reason.contains("stages of chains"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    for (stage, w) in workers.iter().enumerate() {
+        for s in &sessions {
+            w.stage_close(s[stage]);
+        }
+        w.request_stop(false);
+        w.join();
+    }
+}
