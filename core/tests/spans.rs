@@ -83,15 +83,16 @@ fn a_chain_of_spans_gives_the_tokens_of_the_whole_model() {
         chain.step(&seqs, &[(0, a[..24].to_vec(), None)]);
         let mut got_a = vec![chain.step(&seqs, &[(0, a[24..].to_vec(), greedy)])[0].expect("token")];
         for _ in 0..4 {
-            let next = chain.step(&seqs, &[(0, vec![*got_a.last().unwrap()], greedy)])[0].expect("token");
+            let next = chain.step(&seqs, &[(0, vec![*got_a.last().expect("a token")], greedy)])[0].expect("token");
             got_a.push(next);
         }
         // Then b's whole prompt in the same steps as a's decoding, in both orders.
-        let out = chain.step(&seqs, &[(0, vec![*got_a.last().unwrap()], greedy), (1, b.clone(), greedy)]);
+        let out = chain.step(&seqs, &[(0, vec![*got_a.last().expect("a token")], greedy), (1, b.clone(), greedy)]);
         got_a.push(out[0].expect("a's token"));
         let mut got_b = vec![out[1].expect("b's token")];
         while got_b.len() < 12 {
-            let out = chain.step(&seqs, &[(1, vec![*got_b.last().unwrap()], greedy), (0, vec![*got_a.last().unwrap()], greedy)]);
+            let out = chain
+                .step(&seqs, &[(1, vec![*got_b.last().expect("a token")], greedy), (0, vec![*got_a.last().expect("a token")], greedy)]);
             got_b.push(out[0].expect("b's token"));
             if got_a.len() < 12 {
                 got_a.push(out[1].expect("a's token"));
