@@ -65,10 +65,26 @@ pub struct ModelAd {
     /// send nothing and cache f32). K/V moves only between nodes of one dtype (placement).
     #[serde(default = "f32_dtype")]
     pub kv_dtype: String,
+    /// The layers `[start, end)` the node holds when it holds only part of the model, as one
+    /// stage of a chain (`None`: all of them; nodes from before spans send nothing).
+    #[serde(default)]
+    pub span: Option<[u32; 2]>,
 }
 
 fn f32_dtype() -> String {
     "f32".into()
+}
+
+impl ModelAd {
+    /// The layers the node holds.
+    pub fn layer_span(&self) -> [u32; 2] {
+        self.span.unwrap_or([0, self.layers])
+    }
+
+    /// Whether the node holds every layer, so it serves a request by itself.
+    pub fn holds_all(&self) -> bool {
+        self.layer_span() == [0, self.layers]
+    }
 }
 
 /// What a node is and can do.
@@ -278,6 +294,11 @@ impl GossipMessage {
                     if m.id.is_empty() || m.fingerprint.is_empty() || m.parameters == 0 {
                         return Err(format!("model `{}` lacks an id, fingerprint or size", m.id));
                     }
+                    if let Some([start, end]) = m.span
+                        && !(start < end && end <= m.layers)
+                    {
+                        return Err(format!("model `{}` spans layers {start}..{end} of {}", m.id, m.layers));
+                    }
                 }
                 list("addresses", a.addresses.len(), MAX_ADDRESSES)?;
                 for s in a.addresses.iter().chain(a.http.iter()) {
@@ -358,6 +379,7 @@ mod tests {
                 layers: 30,
                 deterministic: true,
                 kv_dtype: "f16".into(),
+                span: None,
             }],
             http: Some("127.0.0.1:8080".into()),
             addresses: vec!["/ip4/127.0.0.1/tcp/4001".into()],
@@ -382,6 +404,33 @@ mod tests {
         ] {
             let bytes = m.encode().expect("encodes");
             assert_eq!(GossipMessage::decode(&bytes).expect("decodes"), m);
+        }
+    }
+
+    #[test]
+    fn a_span_travels_and_ads_from_before_spans_hold_every_layer() {
+        let mut partial = ad();
+        partial.models[0].span = Some([10, 20]);
+        let m = GossipMessage::Capability(partial);
+        assert_eq!(GossipMessage::decode(&m.encode().expect("encodes")).expect("decodes"), m);
+
+        let mut old: serde_json::Value = serde_json::from_slice(&GossipMessage::Capability(ad()).encode().expect("encodes")).expect("json");
+        old["models"][0].as_object_mut().expect("model").remove("span");
+        let GossipMessage::Capability(old) = GossipMessage::decode(&serde_json::to_vec(&old).expect("json")).expect("decodes") else {
+            panic!("a capability ad")
+        };
+        assert_eq!(old.models[0].span, None);
+        assert!(old.models[0].holds_all());
+        assert_eq!(old.models[0].layer_span(), [0, 30]);
+        let whole = ModelAd { span: Some([0, 30]), ..old.models[0].clone() };
+        assert!(whole.holds_all(), "a span of every layer is the whole model");
+        assert!(!ModelAd { span: Some([0, 29]), ..whole }.holds_all());
+
+        for span in [[10, 10], [20, 10], [0, 31]] {
+            let mut bad = ad();
+            bad.models[0].span = Some(span);
+            let e = GossipMessage::decode(&GossipMessage::Capability(bad).encode().expect("encodes")).expect_err("implausible span");
+            assert!(e.contains("spans layers"), "{span:?}: {e}");
         }
     }
 

@@ -259,6 +259,7 @@ mod tests {
             layers: 30,
             deterministic: false,
             kv_dtype: "f16".into(),
+            span: None,
         }
     }
 
