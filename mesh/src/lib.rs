@@ -36,7 +36,10 @@ pub use messages::{
     Speed,
 };
 pub use network::{Mesh, MeshConfig, MeshHandle, StreamGate, StreamPermit};
-pub use placement::{DEFAULT_LINK_BYTES_PER_S, Placement, PlacementMode, PlacementRequest, PrefillNode, place, prefill_tokens_per_s};
+pub use placement::{
+    Chain, DEFAULT_LINK_BYTES_PER_S, Placement, PlacementMode, PlacementRequest, PrefillNode, Stage, chains, place, prefill_tokens_per_s,
+    span_lacked_most,
+};
 pub use roles::{Role, RoleBalancer, RoleInput, RoleSetting, auto_role};
 pub use secret::{MeshSecret, generate_secret};
 

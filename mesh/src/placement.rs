@@ -6,6 +6,9 @@
 //! A split pays a fixed overhead and the part of the transfer compute cannot hide, so short
 //! prompts and slow links stay colocated. The node that served a conversation before keeps it
 //! (its prefix cache holds the earlier turns) while it is nearly as good.
+//!
+//! A node may hold only a span of a model's layers. Such nodes serve no request alone: a chain
+//! of them whose spans tile the model does, one stage after another every step ([`chains`]).
 
 use libp2p::PeerId;
 
@@ -28,6 +31,13 @@ const NO_ROOM_S: f64 = 2.0;
 const OFF_ROLE: f64 = 1.25;
 /// A node that served the conversation before keeps it while within this factor of the best.
 const AFFINITY_SLACK: f64 = 1.5;
+/// Cost of a remote stage of a chain, every step: the driver sends it the step and waits for its
+/// output, a round trip on the LAN with a few KB of residual stream per token.
+const HIDDEN_HOP_S: f64 = 0.002;
+/// Most chains [`chains`] completes from each group of nodes that may chain, and most stages it
+/// tries in all: overlapping spans tile a model in many ways, and a request needs a few good ones.
+const MAX_CHAINS: usize = 64;
+const MAX_STAGE_TRIES: usize = 4096;
 
 /// What placement needs to know of a request.
 #[derive(Clone, Debug)]
@@ -95,6 +105,31 @@ impl Placement {
     }
 }
 
+/// One node's part of a chain: it runs the layers `[start, end)` of every step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stage {
+    pub peer: PeerId,
+    pub is_self: bool,
+    /// Its whole advertised span.
+    pub layers: [u32; 2],
+}
+
+/// A request served by a chain of nodes whose spans tile the model's layers, in layer order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Chain {
+    pub stages: Vec<Stage>,
+    /// The fingerprint every stage's ad gives for the model.
+    pub fingerprint: String,
+    pub expected_ttft_s: f64,
+    pub expected_tpot_s: f64,
+}
+
+impl Chain {
+    fn score(&self, output_tokens: usize) -> f64 {
+        self.expected_ttft_s + output_tokens as f64 * self.expected_tpot_s
+    }
+}
+
 /// Expected prompt tokens per second of a node with this matmul speed on a model of `parameters`.
 pub fn prefill_tokens_per_s(gflops: f64, parameters: u64) -> f64 {
     (gflops * 1e9 * PREFILL_EFFICIENCY / (2.0 * parameters.max(1) as f64)).max(1e-3)
@@ -128,6 +163,11 @@ impl Node<'_> {
     }
     fn hop_s(&self) -> f64 {
         if self.is_self { 0.0 } else { FORWARD_COST_S }
+    }
+    /// The share of the model's work its span holds.
+    fn share(&self) -> f64 {
+        let [start, end] = self.model.layer_span();
+        f64::from(end.saturating_sub(start)) / f64::from(self.model.layers.max(1))
     }
     /// The K/V rate from `from` to this node: measured, or assumed.
     fn link_from(&self, from: &PeerId) -> f64 {
@@ -203,9 +243,10 @@ fn split(p: &Node, d: &Node, req: &PlacementRequest) -> Placement {
     }
 }
 
-/// Every plan for the request, best first; empty when nobody serves the model.
+/// Every plan for the request, best first; empty when nobody serves the model by itself (nodes
+/// holding a span of its layers serve it in [`chains`] only).
 pub fn place(view: &ClusterView, req: &PlacementRequest) -> Vec<Placement> {
-    let nodes: Vec<Node> = view.nodes().filter_map(|(peer, node)| usable(view, req, peer, node)).collect();
+    let nodes: Vec<Node> = view.nodes().filter_map(|(peer, node)| usable(view, req, peer, node)).filter(|n| n.model.holds_all()).collect();
     let mut out = Vec::new();
     if req.mode != PlacementMode::Split {
         out.extend(nodes.iter().map(|n| colocated(n, req)));
@@ -241,6 +282,105 @@ pub fn place(view: &ClusterView, req: &PlacementRequest) -> Vec<Placement> {
     out
 }
 
+fn chain(stages: &[&Node], req: &PlacementRequest) -> Chain {
+    // Every stage does its span's share of the model's work; the driver talks to each remote
+    // stage in turn, so each costs a round trip every step.
+    let hops_s = stages.iter().filter(|n| !n.is_self).count() as f64 * HIDDEN_HOP_S;
+    let tokens = req.prompt_tokens + req.output_tokens;
+    let mut ttft = hops_s
+        + stages.iter().map(|n| (n.prefill_s(req.prompt_tokens) + n.step_s * (1.0 + n.load.running as f64 / 8.0)) * n.share()).sum::<f64>();
+    if stages.iter().any(|n| n.lacks_room(tokens)) {
+        ttft += NO_ROOM_S;
+    }
+    Chain {
+        stages: stages.iter().map(|n| Stage { peer: n.peer, is_self: n.is_self, layers: n.model.layer_span() }).collect(),
+        fingerprint: stages.first().map(|n| n.model.fingerprint.clone()).unwrap_or_default(),
+        expected_ttft_s: ttft,
+        expected_tpot_s: hops_s + stages.iter().map(|n| n.tpot_s(req.output_tokens) * n.share()).sum::<f64>(),
+    }
+}
+
+/// Extends `path` (stages of `nodes` tiling `0..at`) by every node whose span starts at `at`,
+/// recording each tiling that reaches `end` in `found`.
+fn tile(nodes: &[&Node], at: u32, end: u32, path: &mut Vec<usize>, found: &mut Vec<Vec<usize>>, tries: &mut usize) {
+    if at == end {
+        found.push(path.clone());
+        return;
+    }
+    // Longer spans first (fewer stages, fewer hops), then faster nodes: the bound cuts the
+    // worse tilings.
+    let mut next: Vec<usize> = (0..nodes.len())
+        .filter(|&i| {
+            let [start, stop] = nodes[i].model.layer_span();
+            start == at && at < stop && stop <= end
+        })
+        .collect();
+    next.sort_by(|&i, &j| {
+        let (a, b) = (nodes[i], nodes[j]);
+        b.model.layer_span()[1].cmp(&a.model.layer_span()[1]).then(a.step_s.total_cmp(&b.step_s)).then(a.peer.cmp(&b.peer))
+    });
+    for i in next {
+        if found.len() >= MAX_CHAINS || *tries == 0 {
+            return;
+        }
+        *tries -= 1;
+        path.push(i);
+        tile(nodes, nodes[i].model.layer_span()[1], end, path, found, tries);
+        path.pop();
+    }
+}
+
+/// Every chain of usable nodes holding spans of the model that tile its layers, best first.
+/// The stages of a chain compute the same tokens as one node would: one fingerprint, one kernel
+/// mode. A node holding the whole model is no stage ([`place`] has it).
+pub fn chains(view: &ClusterView, req: &PlacementRequest) -> Vec<Chain> {
+    let mut nodes: Vec<Node> = view
+        .nodes()
+        .filter_map(|(peer, node)| usable(view, req, peer, node))
+        .filter(|n| !n.model.holds_all() && n.model.layers > 0)
+        .collect();
+    nodes.sort_by_key(|n| n.peer);
+    let group = |n: &Node| (n.model.fingerprint.clone(), n.model.deterministic, n.model.layers);
+    let mut groups: Vec<_> = nodes.iter().map(group).collect();
+    groups.sort();
+    groups.dedup();
+    let mut out = Vec::new();
+    for g in groups {
+        let members: Vec<&Node> = nodes.iter().filter(|n| group(n) == g).collect();
+        let (mut found, mut tries) = (Vec::new(), MAX_STAGE_TRIES);
+        tile(&members, 0, g.2, &mut Vec::new(), &mut found, &mut tries);
+        out.extend(found.iter().map(|path| chain(&path.iter().map(|&i| members[i]).collect::<Vec<_>>(), req)));
+    }
+    let key = |c: &Chain| c.stages.iter().map(|s| s.peer).collect::<Vec<_>>();
+    out.sort_by(|a, b| a.score(req.output_tokens).total_cmp(&b.score(req.output_tokens)).then_with(|| key(a).cmp(&key(b))));
+    out
+}
+
+/// For a node about to load `want_layers` layers of an `n_layers`-layer model (`--layers auto`):
+/// the span other nodes hold least, counted layer by layer (a node holding the whole model holds
+/// every layer), the lowest on a tie. This node's own ad does not count: it is choosing its span.
+pub fn span_lacked_most(view: &ClusterView, model_id: &str, n_layers: u32, want_layers: u32) -> [u32; 2] {
+    let want = want_layers.clamp(1, n_layers.max(1)).min(n_layers) as usize;
+    let mut held = vec![0u64; n_layers as usize];
+    for ad in view.nodes().filter(|(p, _)| **p != view.self_id()).filter_map(|(_, n)| n.ad.as_ref()) {
+        // Another layer count is another model under the same name.
+        let Some(m) = ad.models.iter().find(|m| m.id == model_id && m.layers == n_layers) else {
+            continue;
+        };
+        let [start, end] = m.layer_span();
+        held.iter_mut().take(end as usize).skip(start as usize).for_each(|h| *h += 1);
+    }
+    let mut sum: u64 = held[..want].iter().sum();
+    let mut best = (sum, 0);
+    for start in 1..=n_layers as usize - want {
+        sum = sum + held[start + want - 1] - held[start - 1];
+        if sum < best.0 {
+            best = (sum, start);
+        }
+    }
+    [best.1 as u32, (best.1 + want) as u32]
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
@@ -268,13 +408,11 @@ mod tests {
     }
 
     fn add_model(v: &mut ClusterView, peer: PeerId, role: Role, gflops: f64, load: LoadReport, model: ModelAd) {
-        let ad = CapabilityAd {
-            peer_id: peer.to_string(),
-            role,
-            speed: Speed { gflops, gbps: 100.0 },
-            models: vec![model],
-            ..Default::default()
-        };
+        add_ad(v, peer, role, Speed { gflops, gbps: 100.0 }, load, model);
+    }
+
+    fn add_ad(v: &mut ClusterView, peer: PeerId, role: Role, speed: Speed, load: LoadReport, model: ModelAd) {
+        let ad = CapabilityAd { peer_id: peer.to_string(), role, speed, models: vec![model], ..Default::default() };
         if peer == v.self_id() {
             v.set_own(Some(ad), Some(load));
             return;
@@ -412,5 +550,171 @@ mod tests {
         add(&mut v, p2, Role::Prefill, 1000.0, idle());
         add(&mut v, d, Role::Decode, 1000.0, idle());
         assert_eq!(plans(&v, 2000, PlacementMode::Auto)[0], (d, Some(p2)));
+    }
+
+    fn spanning(start: u32, end: u32) -> ModelAd {
+        ModelAd { span: Some([start, end]), ..model() }
+    }
+
+    /// A node of `gbps` holding `model`.
+    fn add_span(v: &mut ClusterView, peer: PeerId, gbps: f64, model: ModelAd) {
+        add_ad(v, peer, Role::Both, Speed { gflops: 1000.0, gbps }, idle(), model);
+    }
+
+    fn request(exclude: &[PeerId]) -> PlacementRequest<'_> {
+        PlacementRequest { model: "m", prompt_tokens: 500, output_tokens: 100, affinity: None, exclude, mode: PlacementMode::Auto }
+    }
+
+    fn chain_peers(v: &ClusterView, exclude: &[PeerId]) -> Vec<Vec<PeerId>> {
+        chains(v, &request(exclude)).into_iter().map(|c| c.stages.into_iter().map(|s| s.peer).collect()).collect()
+    }
+
+    #[test]
+    fn a_node_holding_part_of_the_model_is_never_a_plain_placement() {
+        let me = PeerId::random();
+        let (part, whole) = (PeerId::random(), PeerId::random());
+        let mut v = ClusterView::new(me, Duration::from_secs(5));
+        add_span(&mut v, part, 1e4, spanning(0, 20));
+        assert!(order(&v, &request(&[])).is_empty(), "nobody holds every layer");
+        // A span of every layer is the whole model.
+        add_span(&mut v, whole, 100.0, spanning(0, 30));
+        for mode in [PlacementMode::Auto, PlacementMode::Colocated, PlacementMode::Split] {
+            let p = place(&v, &PlacementRequest { mode, ..request(&[]) });
+            assert!(p.iter().all(|p| p.peer == whole && p.prefill.is_none()), "{mode:?}: {p:?}");
+            assert!(!p.is_empty());
+        }
+        // And the whole-model node is no chain of one.
+        assert!(chains(&v, &request(&[])).is_empty());
+    }
+
+    #[test]
+    fn spans_that_tile_the_model_make_one_chain_in_layer_order() {
+        let me = PeerId::random();
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let mut v = ClusterView::new(me, Duration::from_secs(5));
+        add_span(&mut v, c, 100.0, spanning(20, 30));
+        add_span(&mut v, a, 100.0, spanning(0, 10));
+        add_span(&mut v, me, 100.0, model()); // the whole model: never a stage
+        assert!(chains(&v, &request(&[])).is_empty(), "layers 10..20 are held by nobody");
+        add_span(&mut v, b, 100.0, spanning(10, 20));
+        let found = chains(&v, &request(&[]));
+        assert_eq!(found.len(), 1);
+        let stages: Vec<(PeerId, [u32; 2])> = found[0].stages.iter().map(|s| (s.peer, s.layers)).collect();
+        assert_eq!(stages, [(a, [0, 10]), (b, [10, 20]), (c, [20, 30])]);
+        assert_eq!(found[0].fingerprint, "f");
+        assert!(found[0].stages.iter().all(|s| !s.is_self));
+        // A third of the model each on equal nodes: one node's step time, plus a hop per stage.
+        let step_s = 100e6 / 100e9;
+        assert!((found[0].expected_tpot_s - (step_s + 3.0 * HIDDEN_HOP_S)).abs() < 1e-9, "{}", found[0].expected_tpot_s);
+        assert!(found[0].expected_ttft_s > found[0].expected_tpot_s);
+    }
+
+    #[test]
+    fn the_faster_of_two_candidates_for_a_span_leads() {
+        let me = PeerId::random();
+        let (a, fast, slow, c) = (PeerId::random(), PeerId::random(), PeerId::random(), PeerId::random());
+        let mut v = ClusterView::new(me, Duration::from_secs(5));
+        add_span(&mut v, a, 100.0, spanning(0, 10));
+        add_span(&mut v, slow, 10.0, spanning(10, 20));
+        add_span(&mut v, fast, 1000.0, spanning(10, 20));
+        add_span(&mut v, c, 100.0, spanning(20, 30));
+        assert_eq!(chain_peers(&v, &[]), [vec![a, fast, c], vec![a, slow, c]]);
+        // A stage spanning two others' layers saves a hop.
+        add_span(&mut v, me, 100.0, spanning(10, 30));
+        let found = chains(&v, &request(&[]));
+        assert_eq!(found.len(), 3);
+        let short: Vec<_> = found.iter().filter(|c| c.stages.len() == 2).collect();
+        assert_eq!(short.len(), 1);
+        assert!(short[0].stages[1].is_self && short[0].stages[1].layers == [10, 30]);
+        // Equal chains come in one order, call after call.
+        let twin = PeerId::random();
+        add_span(&mut v, twin, 1000.0, spanning(10, 20));
+        let first = chain_peers(&v, &[]);
+        assert!((0..5).all(|_| chain_peers(&v, &[]) == first));
+    }
+
+    #[test]
+    fn excluded_draining_and_unusable_stages_are_skipped() {
+        let me = PeerId::random();
+        let (a, fast, slow, c) = (PeerId::random(), PeerId::random(), PeerId::random(), PeerId::random());
+        let mut v = ClusterView::new(me, Duration::from_secs(5));
+        add_span(&mut v, a, 100.0, spanning(0, 10));
+        add_span(&mut v, fast, 1000.0, spanning(10, 20));
+        add_span(&mut v, slow, 10.0, spanning(10, 20));
+        add_span(&mut v, c, 100.0, spanning(20, 30));
+        assert_eq!(chain_peers(&v, &[fast]), [vec![a, slow, c]]);
+        add_ad(&mut v, slow, Role::Both, Speed { gflops: 1000.0, gbps: 10.0 }, LoadReport { draining: true, ..idle() }, spanning(10, 20));
+        assert!(chain_peers(&v, &[fast]).is_empty());
+        assert_eq!(chain_peers(&v, &[]), [vec![a, fast, c]]);
+        add_ad(&mut v, fast, Role::Observer, Speed { gflops: 1000.0, gbps: 1000.0 }, idle(), spanning(10, 20));
+        assert!(chain_peers(&v, &[]).is_empty(), "an observer serves nothing");
+        add_span(&mut v, fast, 1000.0, spanning(10, 20));
+        v.distrust(c, "m", "fingerprint mismatch");
+        assert!(chain_peers(&v, &[]).is_empty());
+    }
+
+    #[test]
+    fn stages_of_other_fingerprints_or_kernel_modes_never_mix() {
+        let me = PeerId::random();
+        let (a, b, c, d) = (PeerId::random(), PeerId::random(), PeerId::random(), PeerId::random());
+        let mut v = ClusterView::new(me, Duration::from_secs(5));
+        add_span(&mut v, a, 100.0, spanning(0, 10));
+        add_span(&mut v, b, 100.0, ModelAd { fingerprint: "g".into(), ..spanning(10, 20) });
+        add_span(&mut v, c, 100.0, spanning(20, 30));
+        add_span(&mut v, d, 100.0, ModelAd { deterministic: true, ..spanning(10, 20) });
+        assert!(chains(&v, &request(&[])).is_empty());
+        // A whole chain of the other fingerprint is fine, as is one of ours.
+        add_span(&mut v, me, 100.0, ModelAd { fingerprint: "g".into(), ..spanning(0, 10) });
+        let e = PeerId::random();
+        add_span(&mut v, e, 100.0, ModelAd { fingerprint: "g".into(), ..spanning(20, 30) });
+        let found = chains(&v, &request(&[]));
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].fingerprint.as_str(), found[0].stages.iter().map(|s| s.peer).collect::<Vec<_>>()), ("g", vec![me, b, e]));
+        // With a partner in our kernel mode, ours chains too; each chain keeps to its own.
+        add_span(&mut v, d, 100.0, spanning(10, 20));
+        let found: Vec<(String, Vec<PeerId>)> =
+            chains(&v, &request(&[])).into_iter().map(|c| (c.fingerprint, c.stages.into_iter().map(|s| s.peer).collect())).collect();
+        assert_eq!(found.len(), 2);
+        assert!(found.contains(&("f".into(), vec![a, d, c])) && found.contains(&("g".into(), vec![me, b, e])), "{found:?}");
+    }
+
+    #[test]
+    fn the_search_for_chains_is_bounded() {
+        let me = PeerId::random();
+        let mut v = ClusterView::new(me, Duration::from_secs(5));
+        // Ten nodes for each of ten spans: 10^10 tilings.
+        for l in 0..10 {
+            for _ in 0..10 {
+                add_span(&mut v, PeerId::random(), 100.0, ModelAd { layers: 10, ..spanning(l, l + 1) });
+            }
+        }
+        let found = chains(&v, &request(&[]));
+        assert_eq!(found.len(), MAX_CHAINS);
+        assert!(found.iter().all(|c| c.stages.len() == 10));
+    }
+
+    #[test]
+    fn a_new_node_takes_the_span_the_others_hold_least() {
+        let me = PeerId::random();
+        let mut v = ClusterView::new(me, Duration::from_secs(5));
+        assert_eq!(span_lacked_most(&v, "m", 30, 10), [0, 10], "nobody holds any: the first");
+        add_span(&mut v, PeerId::random(), 100.0, spanning(0, 10));
+        assert_eq!(span_lacked_most(&v, "m", 30, 10), [10, 20]);
+        assert_eq!(span_lacked_most(&v, "m", 30, 15), [10, 25]);
+        add_span(&mut v, PeerId::random(), 100.0, spanning(10, 20));
+        assert_eq!(span_lacked_most(&v, "m", 30, 10), [20, 30]);
+        // A whole-model node holds every layer alike; this node's own ad does not count.
+        add_span(&mut v, PeerId::random(), 100.0, model());
+        add_span(&mut v, me, 100.0, spanning(20, 30));
+        assert_eq!(span_lacked_most(&v, "m", 30, 10), [20, 30]);
+        add_span(&mut v, PeerId::random(), 100.0, spanning(20, 30));
+        assert_eq!(span_lacked_most(&v, "m", 30, 10), [0, 10], "held alike everywhere: the lowest");
+        // Other models, or another layer count under the same name, do not count.
+        add_span(&mut v, PeerId::random(), 100.0, ModelAd { id: "other".into(), ..spanning(0, 10) });
+        add_span(&mut v, PeerId::random(), 100.0, ModelAd { layers: 40, ..spanning(0, 10) });
+        assert_eq!(span_lacked_most(&v, "m", 30, 10), [0, 10]);
+        assert_eq!(span_lacked_most(&v, "m", 30, 50), [0, 30], "at most the whole model");
+        assert_eq!(span_lacked_most(&v, "m", 30, 0), [0, 1], "at least a layer");
+        assert_eq!(span_lacked_most(&v, "m", 0, 4), [0, 0]);
     }
 }
