@@ -429,6 +429,9 @@ pub enum HiddenReply {
         /// Hidden values per token (the model's hidden size), so the driver checks every
         /// stage's frames against one width.
         hidden_size: u32,
+        /// Attention chunks it takes in one step (`tandem_core::engine::attention_chunks`): a
+        /// long prompt's chunks must fit it as well as `max_step_tokens`.
+        attention_budget: u32,
     },
     Failed {
         message: String,
@@ -662,7 +665,10 @@ mod tests {
             wire_dtype: DTYPE_F16,
         };
         assert_eq!(serde_json::from_slice::<HiddenOpen>(&serde_json::to_vec(&open).expect("enc")).expect("dec"), open);
-        for r in [HiddenReply::Opened { max_step_tokens: 512, hidden_size: 576 }, HiddenReply::Failed { message: "no".into() }] {
+        for r in [
+            HiddenReply::Opened { max_step_tokens: 512, hidden_size: 576, attention_budget: 1024 },
+            HiddenReply::Failed { message: "no".into() },
+        ] {
             let bytes = serde_json::to_vec(&r).expect("enc");
             assert!(!is_hidden_frame(&bytes));
             assert_eq!(serde_json::from_slice::<HiddenReply>(&bytes).expect("dec"), r);
