@@ -31,6 +31,16 @@ pub struct ServeArgs {
     /// GPUs (wgpu does not report an adapter's memory size), capped by the adapter's binding limit.
     #[arg(long, env = "TANDEM_KV_MEMORY")]
     pub kv_memory: Option<String>,
+    /// Which of the model's layers this node holds: `all` (the default), a span such as `0-9`
+    /// (layers 0 through 9; the node then serves as one stage of a chain of nodes that together
+    /// hold the model), or `auto` (the span the mesh lacks most, as many layers as fit in
+    /// `--gpu-memory`).
+    #[arg(long, env = "TANDEM_LAYERS")]
+    pub layers: Option<String>,
+    /// The adapter's memory for weights and K/V, e.g. `8GiB`: wgpu does not report it. Used by
+    /// `--layers auto` and shown to the mesh.
+    #[arg(long, env = "TANDEM_GPU_MEMORY")]
+    pub gpu_memory: Option<String>,
     /// Most tokens in one engine step: decode tokens of every running request plus prefill chunks.
     #[arg(long, env = "TANDEM_MAX_BATCH_TOKENS")]
     pub max_batch_tokens: Option<usize>,
@@ -113,6 +123,8 @@ struct FileConfig {
     http: Option<SocketAddr>,
     adapter: Option<String>,
     kv_memory: Option<String>,
+    layers: Option<String>,
+    gpu_memory: Option<String>,
     max_batch_tokens: Option<usize>,
     context: Option<usize>,
     deterministic: Option<bool>,
@@ -144,6 +156,9 @@ pub struct ServeConfig {
     pub adapter: Option<String>,
     /// Bytes; None for the adapter-dependent default.
     pub kv_memory: Option<u64>,
+    pub layers: Layers,
+    /// Bytes, when told.
+    pub gpu_memory: Option<u64>,
     pub max_batch_tokens: usize,
     pub context: Option<usize>,
     pub deterministic: bool,
@@ -159,6 +174,38 @@ pub struct ServeConfig {
     pub http_max_connections: usize,
     pub log_json: bool,
     pub mesh: MeshSettings,
+}
+
+/// Which layers of the model a node holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Layers {
+    #[default]
+    All,
+    /// Layers `start..end` (the flag names the last one, inclusive).
+    Span { start: usize, end: usize },
+    /// Chosen at load from what the mesh lacks and what fits.
+    Auto,
+}
+
+impl std::str::FromStr for Layers {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "all" => Ok(Layers::All),
+            "auto" => Ok(Layers::Auto),
+            span => {
+                let (a, b) = span.split_once('-').ok_or("expected `all`, `auto` or a span like `0-9`")?;
+                let (start, last): (usize, usize) = match (a.trim().parse(), b.trim().parse()) {
+                    (Ok(a), Ok(b)) => (a, b),
+                    _ => return Err("a span is two layer numbers, like `0-9`".into()),
+                };
+                if last < start {
+                    return Err(format!("the span ends (layer {last}) before it starts (layer {start})"));
+                }
+                Ok(Layers::Span { start, end: last + 1 })
+            }
+        }
+    }
 }
 
 /// How the node joins the mesh.
@@ -233,12 +280,19 @@ impl ServeArgs {
             None => FileConfig::default(),
         };
         let kv_memory = self.kv_memory.or(file.kv_memory).map(|v| size("kv-memory", &v)).transpose()?;
+        let layers = match self.layers.or(file.layers) {
+            Some(v) => v.parse().map_err(|message| ConfigError::Mesh { setting: "layers", value: v, message })?,
+            None => Layers::All,
+        };
+        let gpu_memory = self.gpu_memory.or(file.gpu_memory).map(|v| size("gpu-memory", &v)).transpose()?;
         let max_body = size("max-body", &self.max_body.or(file.max_body).unwrap_or_else(|| "1MiB".into()))?;
         let cfg = ServeConfig {
             model: self.model.or(file.model).unwrap_or_else(|| crate::models::DEFAULT_MODEL.id.to_string()),
             http: self.http.or(file.http).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
             adapter: self.adapter.or(file.adapter),
             kv_memory,
+            layers,
+            gpu_memory,
             max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens).unwrap_or(512),
             context: self.context.or(file.context),
             deterministic: self.deterministic.or(file.deterministic).unwrap_or(false),
@@ -326,6 +380,20 @@ mod tests {
         let err = ServeArgs { config: Some(path), ..Default::default() }.resolve().expect_err("unknown key");
         assert!(err.to_string().contains("max_batch_size"), "{err}");
         let err = ServeArgs { kv_memory: Some("lots".into()), ..Default::default() }.resolve().expect_err("bad size");
+        assert!(err.to_string().contains("kv-memory"), "{err}");
+        for (v, want) in [
+            ("0-9", Layers::Span { start: 0, end: 10 }),
+            ("auto", Layers::Auto),
+            ("all", Layers::All),
+            ("20-29", Layers::Span { start: 20, end: 30 }),
+        ] {
+            let cfg = ServeArgs { layers: Some(v.into()), ..Default::default() }.resolve().expect("layers");
+            assert_eq!(cfg.layers, want, "{v}");
+        }
+        for bad in ["9-0", "x", "1-", "-3"] {
+            let err = ServeArgs { layers: Some(bad.into()), ..Default::default() }.resolve().expect_err("bad span");
+            assert!(err.to_string().contains("layers"), "{bad}: {err}");
+        }
         assert!(err.to_string().contains("kv-memory"), "{err}");
     }
 }

@@ -20,14 +20,15 @@ impl tandem_core::scheduler::EventSink for ChannelSink {
 /// Cancels the request in the scheduler when dropped before it finished (client gone).
 pub(super) struct CancelGuard {
     pub(super) worker: tandem_core::worker::WorkerHandle,
-    pub(super) id: tandem_core::scheduler::RequestId,
+    /// None where no scheduler runs it (a chain's driver stops when its events are not taken).
+    pub(super) id: Option<tandem_core::scheduler::RequestId>,
     pub(super) finished: bool,
 }
 
 impl Drop for CancelGuard {
     fn drop(&mut self) {
-        if !self.finished {
-            self.worker.cancel(self.id);
+        if let (false, Some(id)) = (self.finished, self.id) {
+            self.worker.cancel(id);
         }
     }
 }

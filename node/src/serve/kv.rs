@@ -501,7 +501,7 @@ async fn serve_prefill(
         Err(e) => return fail(&mut s, TransferError::Worker(e)).await,
     };
     // Dropped on any early return: the request is cancelled and its blocks freed.
-    let mut guard = super::events::CancelGuard { worker: loaded.worker.clone(), id, finished: false };
+    let mut guard = super::events::CancelGuard { worker: loaded.worker.clone(), id: Some(id), finished: false };
     app.metrics.kv.prefills_served.inc();
     let layers = loaded.layers as usize;
     let (mut ready_ms, mut sent_ms, mut first_send_ms) = (vec![0.0; layers], vec![0.0; layers], None);

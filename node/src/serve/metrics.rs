@@ -22,6 +22,7 @@ pub struct Metrics {
     forwarded: prometheus_client::metrics::counter::Counter,
     served_for_peers: prometheus_client::metrics::counter::Counter,
     pub kv: KvMetrics,
+    pub chain: ChainMetrics,
     /// (TTFT, TPOT) in ms of the last requests, for the load report's percentiles.
     recent: Mutex<std::collections::VecDeque<(Option<f64>, Option<f64>)>>,
     /// Requests finished since the last load report, for the console's timeline.
@@ -105,6 +106,7 @@ impl Metrics {
         registry.register("tandem_mesh_forwarded_requests", "Requests this node placed on another node", forwarded.clone());
         registry.register("tandem_mesh_served_requests", "Requests this node ran for another node", served_for_peers.clone());
         let kv = KvMetrics::register(&mut registry);
+        let chain = ChainMetrics::register(&mut registry);
         Metrics {
             registry,
             ttft,
@@ -115,6 +117,7 @@ impl Metrics {
             forwarded,
             served_for_peers,
             kv,
+            chain,
             recent: Mutex::default(),
             traces: Mutex::default(),
             next_trace: Default::default(),
@@ -264,6 +267,34 @@ impl KvMetrics {
         if let Ok(mut o) = self.recent_overlap.lock() {
             *o = Some(o.map_or(share, |x| 0.8 * x + 0.2 * share));
         }
+    }
+}
+
+/// Chains of layer spans: the stage sessions this node serves and the requests it drives.
+#[derive(Debug, Default)]
+pub struct ChainMetrics {
+    pub stage_sessions: Gauge,
+    pub stage_steps: Counter,
+    pub hidden_sent_bytes: Counter,
+    pub hidden_received_bytes: Counter,
+    pub driven_requests: Counter,
+    pub rebuilds: Counter,
+}
+
+impl ChainMetrics {
+    fn register(r: &mut Registry) -> Self {
+        let m = ChainMetrics::default();
+        r.register("tandem_stage_sessions", "Sessions of other nodes' chains open on this node's layers", m.stage_sessions.clone());
+        r.register("tandem_stage_steps", "Steps run here for chains", m.stage_steps.clone());
+        r.register("tandem_hidden_sent_bytes", "Hidden-state bytes sent to other stages (wire bytes)", m.hidden_sent_bytes.clone());
+        r.register(
+            "tandem_hidden_received_bytes",
+            "Hidden-state bytes received from other stages (wire bytes)",
+            m.hidden_received_bytes.clone(),
+        );
+        r.register("tandem_chain_requests", "Requests this node drove through a chain of stages", m.driven_requests.clone());
+        r.register("tandem_chain_rebuilds", "Chains rebuilt mid-request after a stage failed", m.rebuilds.clone());
+        m
     }
 }
 

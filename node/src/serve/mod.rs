@@ -11,6 +11,7 @@
 //! `error` (`ServeError`), `config`, `metrics`, `http`.
 
 pub mod api;
+pub mod chain;
 pub mod config;
 pub mod control;
 pub mod error;
@@ -25,6 +26,7 @@ pub mod placement;
 pub mod request;
 pub mod roles;
 pub mod routing;
+pub mod stages;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -61,6 +63,13 @@ pub struct Loaded {
     pub kv_dtype: KvDtype,
     /// Layers, K/V heads and head size: the shape of K/V on the wire.
     pub layers: u32,
+    /// The layers held, where only some are (a stage of chains).
+    pub span: Option<[u32; 2]>,
+    /// Values per token of the residual stream (hidden states between stages).
+    pub hidden_size: usize,
+    /// A step's bounds: token slots, and attention chunks (`tandem_core::engine::attention_chunks`).
+    pub max_step_tokens: usize,
+    pub attention_budget: usize,
     pub kv_heads: u32,
     pub head_dim: u32,
 }
@@ -155,10 +164,11 @@ fn load_model(spec: &str) -> anyhow::Result<HostModel> {
     Ok(HostModel::load(&crate::models::resolve_model(spec)?)?)
 }
 
-/// KV blocks for `bytes` of cache (or the default share), within the adapter's binding limit.
-fn kv_blocks(gpu: &GpuContext, model: &HostModel, bytes: Option<u64>, dtype: KvDtype) -> usize {
+/// KV blocks for `bytes` of cache (or the default share) over `layers` layers, within the
+/// adapter's binding limit.
+fn kv_blocks(gpu: &GpuContext, model: &HostModel, layers: usize, bytes: Option<u64>, dtype: KvDtype) -> usize {
     let row = model.config.kv_dim() as u64 * dtype.bytes() as u64 * tandem_core::BLOCK_TOKENS as u64;
-    let per_block = row * 2 * model.config.n_layers as u64;
+    let per_block = row * 2 * layers as u64;
     let default = if gpu.is_cpu { 1 << 30 } else { 4 << 30 };
     let wanted = bytes.unwrap_or(default) / per_block.max(1);
     // Each layer's K (and V) cache is one storage binding.
@@ -169,9 +179,12 @@ fn load(app: &App) -> anyhow::Result<Arc<Loaded>> {
     let cfg = &app.cfg;
     let model = load_model(&cfg.model).with_context(|| format!("loading {}", cfg.model))?;
     let gpu = GpuContext::new(cfg.adapter.as_deref())?;
+    let span = span_to_hold(app, &model)?;
+    let held = span.as_ref().map_or(model.config.n_layers, |s| s.len());
     let ecfg = EngineConfig {
+        layers: span.clone(),
         max_batch_tokens: cfg.max_batch_tokens,
-        kv_blocks: kv_blocks(&gpu, &model, cfg.kv_memory, cfg.kv_dtype),
+        kv_blocks: kv_blocks(&gpu, &model, held, cfg.kv_memory, cfg.kv_dtype),
         context_length: cfg.context.unwrap_or(0),
         max_sequences: 1,
         deterministic: cfg.deterministic,
@@ -186,11 +199,13 @@ fn load(app: &App) -> anyhow::Result<Arc<Loaded>> {
     let (layers, kv_heads, head_dim) = (model.config.n_layers as u32, model.config.n_kv_heads as u32, model.config.head_dim as u32);
     let engine = Engine::new(&gpu, &model, &ecfg)?;
     let usage = engine.kv_usage();
+    let (max_step_tokens, attention_budget) = (engine.max_batch_tokens(), engine.attention_budget());
     tracing::info!(
         adapter = %gpu.adapter,
         kv_blocks = usage.total,
         kv_tokens = usage.total * tandem_core::BLOCK_TOKENS,
         context = engine.context_length(),
+        layers = ?engine.span(),
         "model loaded"
     );
     let scfg = SchedulerConfig { policy: cfg.policy, chunked_prefill: cfg.chunked_prefill, max_waiting: cfg.max_waiting };
@@ -209,9 +224,45 @@ fn load(app: &App) -> anyhow::Result<Arc<Loaded>> {
         kv_bytes_per_token,
         kv_dtype: cfg.kv_dtype,
         layers,
+        span: span.map(|s| [s.start as u32, s.end as u32]),
+        hidden_size: model.config.hidden_size,
+        max_step_tokens,
+        attention_budget,
         kv_heads,
         head_dim,
     }))
+}
+
+/// The layers this node holds: all of them, the span it was told, or with `--layers auto` the
+/// span the mesh lacks most of as many layers as fit in `--gpu-memory` (a quarter of it left for
+/// K/V and activations). None when that is every layer.
+fn span_to_hold(app: &App, model: &HostModel) -> anyhow::Result<Option<std::ops::Range<usize>>> {
+    let n = model.config.n_layers;
+    let span = match app.cfg.layers {
+        config::Layers::All => return Ok(None),
+        config::Layers::Span { start, end } => {
+            anyhow::ensure!(end <= n, "--layers {start}-{}: the model has {n} layers (0-{})", end - 1, n - 1);
+            start..end
+        }
+        config::Layers::Auto => {
+            let Some(memory) = app.cfg.gpu_memory else {
+                tracing::info!("--layers auto without --gpu-memory: holding every layer");
+                return Ok(None);
+            };
+            let per_layer = (model.weight_bytes() / n.max(1) as u64).max(1);
+            let fits = (memory / 4 * 3 / per_layer) as usize;
+            anyhow::ensure!(fits > 0, "--gpu-memory {memory} bytes holds no layer of {} bytes", per_layer);
+            if fits >= n {
+                return Ok(None);
+            }
+            let view = app.mesh.handle.view();
+            let view = view.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let [start, end] = tandem_mesh::span_lacked_most(&view, &app.model_id, n as u32, fits as u32);
+            tracing::info!(start, end, fits, "--layers auto: holding the span the mesh lacks most");
+            start as usize..end as usize
+        }
+    };
+    Ok((span != (0..n)).then_some(span))
 }
 
 async fn health(State(app): State<Arc<App>>) -> Response {
@@ -440,6 +491,7 @@ pub async fn serve_until(cfg: ServeConfig, stop: impl std::future::Future<Output
     tokio::spawn(roles::publish_loop(app.clone()));
     tokio::spawn(peers::accept_loop(app.clone()));
     tokio::spawn(kv::accept_loop(app.clone()));
+    tokio::spawn(stages::accept_loop(app.clone()));
     tokio::spawn(control::accept_loop(app.clone()));
     tracing::info!(%addr, model = %app.model_id, role = %app.mesh.setting(), "listening");
 

@@ -192,13 +192,13 @@ impl Drop for BusyGuard<'_> {
     }
 }
 
-fn adapter_ad(l: &Loaded) -> AdapterAd {
+fn adapter_ad(app: &App, l: &Loaded) -> AdapterAd {
     AdapterAd {
         name: l.gpu.name.clone(),
         vendor: l.gpu.driver.clone(),
         backend: l.gpu.backend.clone(),
         device_type: l.gpu.device_type.clone(),
-        memory_bytes: None,
+        memory_bytes: app.cfg.gpu_memory,
     }
 }
 
@@ -215,6 +215,7 @@ pub fn capability(app: &App) -> CapabilityAd {
             context: l.worker.limits().context_length as u64,
             kv_bytes_per_token: l.kv_bytes_per_token,
             layers: l.layers,
+            span: l.span,
             deterministic: app.cfg.deterministic,
             kv_dtype: l.kv_dtype.to_string(),
         })
@@ -224,7 +225,7 @@ pub fn capability(app: &App) -> CapabilityAd {
         version: env!("CARGO_PKG_VERSION").into(),
         role: app.mesh.role(),
         auto_role: app.mesh.setting() == Role::Auto,
-        adapter: loaded.as_ref().map(|l| adapter_ad(l)),
+        adapter: loaded.as_ref().map(|l| adapter_ad(app, l)),
         speed: loaded.as_ref().map(|l| l.speed).unwrap_or_default(),
         models,
         http: Some(format!("http://{}", app.http_addr)),

@@ -38,11 +38,25 @@ pub fn plan_with(app: &App, shape: &RequestShape, exclude: &[PeerId], mode: Plac
     let affinity = app.mesh.affinity_of(shape.affinity_key);
     let output_tokens = app.mesh.predicted_output(&shape.model, shape.prompt_tokens, shape.budget());
     let req = PlacementRequest { model: &shape.model, prompt_tokens: shape.prompt_tokens, output_tokens, affinity, exclude, mode };
-    let view = app.mesh.handle.view().read();
-    match view {
-        Ok(v) => tandem_mesh::place(&v, &req),
-        Err(p) => tandem_mesh::place(&p.into_inner(), &req),
+    let view = app.mesh.handle.view();
+    let view = view.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut plans = tandem_mesh::place(&view, &req);
+    // Chains of nodes holding spans come after every node that holds the whole model: one node
+    // has no hops between stages. A chain is placed on its first stage, which drives it.
+    for c in tandem_mesh::chains(&view, &req) {
+        let Some(head) = c.stages.first() else { continue };
+        if !plans.iter().any(|p| p.peer == head.peer) {
+            plans.push(Placement {
+                peer: head.peer,
+                is_self: head.is_self,
+                fingerprint: c.fingerprint.clone(),
+                prefill: None,
+                expected_ttft_s: c.expected_ttft_s,
+                expected_tpot_s: c.expected_tpot_s,
+            });
+        }
     }
+    plans
 }
 
 /// Other nodes that could continue this node's decodes: connected, serving the same model with
@@ -61,9 +75,12 @@ pub fn decode_targets(app: &App, loaded: &Loaded, tokens: usize) -> Vec<Placemen
                 && snap.nodes.iter().any(|n| {
                     n.peer_id == p.peer.to_string()
                         && matches!(n.role, Some(Role::Decode | Role::Both))
-                        && n.models
-                            .iter()
-                            .any(|m| m.fingerprint == loaded.fingerprint && m.deterministic == deterministic && m.kv_dtype == kv_dtype)
+                        && n.models.iter().any(|m| {
+                            m.fingerprint == loaded.fingerprint
+                                && m.deterministic == deterministic
+                                && m.kv_dtype == kv_dtype
+                                && m.span.is_none()
+                        })
                 })
         })
         .collect()

@@ -241,17 +241,26 @@ pub async fn drive(loaded: Arc<Loaded>, app: Arc<App>, g: Generation, out: mpsc:
     if let Some(t) = parked {
         t.keep();
     }
-    let id = match loaded.worker.submit_with(request, Box::new(ChannelSink(tx)), start) {
-        Ok(id) => id,
-        Err(e) if resumed && app.mesh.draining() => {
-            // Caught by a drain between its prefill and its start: it continues elsewhere.
-            tracing::info!(error = %e, "refused while draining: handing the request back");
-            let _ = out.send(Piece::Moved { peer: None, ticket: None }).await;
-            return;
+    let id = if loaded.span.is_some() {
+        // This node holds only the first layers: a chain of stages runs the request.
+        if let Start::Parked(ticket) = start {
+            loaded.worker.discard(ticket);
         }
-        Err(e) => {
-            let _ = out.send(Piece::Failed(ServeError::Refused(e))).await;
-            return;
+        tokio::spawn(super::chain::run(app.clone(), loaded.clone(), request, tx));
+        None
+    } else {
+        match loaded.worker.submit_with(request, Box::new(ChannelSink(tx)), start) {
+            Ok(id) => Some(id),
+            Err(e) if resumed && app.mesh.draining() => {
+                // Caught by a drain between its prefill and its start: it continues elsewhere.
+                tracing::info!(error = %e, "refused while draining: handing the request back");
+                let _ = out.send(Piece::Moved { peer: None, ticket: None }).await;
+                return;
+            }
+            Err(e) => {
+                let _ = out.send(Piece::Failed(ServeError::Refused(e))).await;
+                return;
+            }
         }
     };
     let mut guard = CancelGuard { worker: loaded.worker.clone(), id, finished: false };

@@ -1,0 +1,130 @@
+//! One model over several processes: three `tandem serve --layers` nodes, each holding a third of
+//! SmolLM2-135M's 30 layers (and a spare for the middle third), serve a request sent to a fourth,
+//! observer node through a chain of stages, with the text of one process holding every layer
+//! (deterministic mode). The middle stage SIGKILLed mid-generation leaves the client with the
+//! very same text: the first stage builds another chain and recomputes it from the tokens.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{MODEL, Node};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+fn greedy(prompt: &str, max_tokens: usize) -> Value {
+    json!({ "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0 })
+}
+
+async fn completion(node: &Node, body: Value) -> (String, Value) {
+    let resp = reqwest::Client::new().post(format!("{}/v1/completions", node.http)).json(&body).send().await.expect("request");
+    let status = resp.status();
+    let v: Value = resp.json().await.expect("JSON");
+    assert_eq!(status, 200, "{v}");
+    (v["choices"][0]["text"].as_str().expect("text").to_string(), v)
+}
+
+/// A streamed completion's text; `during` runs once, after `after` text chunks have arrived.
+async fn stream<F: std::future::Future<Output = ()>>(node: &Node, mut body: Value, after: usize, during: impl FnOnce() -> F) -> String {
+    body["stream"] = json!(true);
+    let resp = reqwest::Client::new().post(format!("{}/v1/completions", node.http)).json(&body).send().await.expect("request");
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap_or_default());
+    let mut bytes = resp.bytes_stream();
+    let (mut buf, mut text, mut chunks, mut done) = (String::new(), String::new(), 0, false);
+    let mut during = Some(during);
+    while let Some(b) = bytes.next().await {
+        buf.push_str(&String::from_utf8_lossy(&b.expect("stream")));
+        while let Some(at) = buf.find("\n\n") {
+            let event: String = buf.drain(..at + 2).collect();
+            let Some(data) = event.trim().strip_prefix("data: ") else { continue };
+            if data == "[DONE]" {
+                done = true;
+                continue;
+            }
+            let v: Value = serde_json::from_str(data).expect("JSON chunk");
+            assert!(v.get("error").is_none(), "the stream failed: {v}");
+            if let Some(t) = v["choices"][0]["text"].as_str() {
+                text.push_str(t);
+                chunks += 1;
+            }
+            if chunks >= after
+                && let Some(f) = during.take()
+            {
+                f().await;
+            }
+        }
+    }
+    assert!(done, "the stream ends with [DONE]");
+    text
+}
+
+const PROMPTS: [&str; 2] = ["The capital of France is", "Once upon a time, in a small village by the sea,"];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_processes_holding_a_third_each_give_one_processs_text_and_survive_a_lost_stage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path();
+
+    // The reference: one process holding every layer, alone.
+    let whole = Node::start(&[], path, "whole");
+    whole.wait_ready().await;
+    let mut want = Vec::new();
+    for p in PROMPTS {
+        want.push(completion(&whole, greedy(p, 24)).await.0);
+    }
+    let want_long = completion(&whole, greedy(PROMPTS[1], 48)).await.0;
+    drop(whole);
+
+    let a = Node::start(&["--layers", "0-9"], path, "a");
+    let b = Node::start(&["--layers", "10-19", "--peer", &a.addr()], path, "b");
+    let spare = Node::start(&["--layers", "10-19", "--peer", &a.addr()], path, "spare");
+    let c = Node::start(&["--layers", "20-29", "--peer", &a.addr()], path, "c");
+    let e = Node::start(&["--role", "observer", "--peer", &a.addr()], path, "e");
+    for n in [&a, &b, &spare, &c, &e] {
+        n.wait_ready().await;
+    }
+    e.wait_until_sees(&[&a, &b, &spare, &c, &e], Duration::from_secs(60)).await;
+    a.wait_until_sees(&[&a, &b, &spare, &c, &e], Duration::from_secs(60)).await;
+
+    // The cluster view shows which node holds which layers.
+    let cluster = e.get("/v1/cluster").await;
+    let span_of = |peer: &str| -> Value {
+        cluster["nodes"].as_array().expect("nodes").iter().find(|n| n["peer_id"] == peer).expect("node")["models"][0]["span"].clone()
+    };
+    assert_eq!(span_of(&a.peer_id), json!([0, 10]));
+    assert_eq!(span_of(&b.peer_id), json!([10, 20]));
+    assert_eq!(span_of(&c.peer_id), json!([20, 30]));
+
+    // Through the observer: the chain a → (b or spare) → c gives the whole model's text.
+    for (p, want) in PROMPTS.iter().zip(&want) {
+        let (got, v) = completion(&e, greedy(p, 24)).await;
+        assert_eq!(&got, want, "prompt {p:?} through a chain");
+        assert_eq!(v["usage"]["completion_tokens"], 24);
+    }
+    assert!(a.metric("tandem_chain_requests_total").await >= 2.0, "a drove the chains");
+    assert!(c.metric("tandem_stage_steps_total").await >= 48.0, "c ran the last stage");
+    assert!(a.metric("tandem_hidden_sent_bytes_total").await > 0.0);
+
+    // The middle stage in use is SIGKILLed after the first tokens: the client's text is the
+    // uninterrupted one.
+    let mut middles = [b, spare];
+    let got = stream(&e, greedy(PROMPTS[1], 48), 4, || async {
+        let mut used = None;
+        let start = Instant::now();
+        while used.is_none() {
+            for (i, m) in middles.iter().enumerate() {
+                if m.metric("tandem_stage_sessions").await >= 1.0 {
+                    used = Some(i);
+                }
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "a middle stage holds the request's session");
+        }
+        let i = used.expect("a middle in use");
+        middles[i].child.kill().expect("SIGKILL");
+        let _ = middles[i].child.wait();
+    })
+    .await;
+    assert_eq!(got, want_long, "the text after losing the middle stage");
+    assert!(a.metric("tandem_chain_rebuilds_total").await >= 1.0, "the first stage built another chain");
+    drop(middles);
+}
