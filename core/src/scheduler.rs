@@ -285,6 +285,13 @@ pub struct SchedulerStats {
     /// Requests handed to another node (drain).
     pub detached: u64,
     pub parked: usize,
+    /// Engine steps run for chains' stage sessions (`crate::stage`), the session-steps and
+    /// tokens they held (their ratio is the batching across requests), and the microseconds
+    /// the GPU worker spent on them (against wall time: a stage's share idle in bubbles).
+    pub stage_steps: u64,
+    pub stage_session_steps: u64,
+    pub stage_tokens: u64,
+    pub stage_busy_us: u64,
 }
 
 /// Continuous batching over one engine.
@@ -338,6 +345,14 @@ impl Scheduler {
     /// The engine, for work beside the scheduler's own requests (a chain's stage sessions).
     pub fn engine_mut(&mut self) -> &mut Engine {
         &mut self.engine
+    }
+
+    /// Counts a stage step run on the engine beside the scheduler (`crate::stage`).
+    pub fn count_stage_step(&mut self, sessions: usize, tokens: usize, busy: std::time::Duration) {
+        self.stats.stage_steps += 1;
+        self.stats.stage_session_steps += sessions as u64;
+        self.stats.stage_tokens += tokens as u64;
+        self.stats.stage_busy_us += busy.as_micros() as u64;
     }
 
     pub fn stats(&self) -> SchedulerStats {

@@ -82,8 +82,9 @@ impl Stages {
         self.queue.push_back((session, step, reply));
     }
 
-    /// Runs the queued steps that fit in one engine step, oldest first, and answers them.
-    pub fn run(&mut self, engine: &mut Engine) {
+    /// Runs the queued steps that fit in one engine step, oldest first, and answers them;
+    /// returns how many sessions and tokens the step held (none when nothing ran).
+    pub fn run(&mut self, engine: &mut Engine) -> (usize, usize) {
         let width = engine.config.hidden_size;
         let first_stage = engine.span().start == 0;
         let mut batch: Vec<(SeqId, StageStep, StageReply)> = Vec::new();
@@ -119,8 +120,9 @@ impl Stages {
         }
         self.queue = later;
         if batch.is_empty() {
-            return;
+            return (0, 0);
         }
+        let ran = (batch.len(), tokens);
         let inputs: Vec<StepInput> =
             batch.iter().map(|(seq, step, _)| StepInput { seq: *seq, tokens: step.tokens.clone(), sample: step.sample }).collect();
         let hidden: Option<Vec<f32>> =
@@ -144,6 +146,7 @@ impl Stages {
                 }
             }
         }
+        ran
     }
 }
 

@@ -276,7 +276,14 @@ fn run(mut sched: Scheduler, rx: Receiver<Command>, kv: Receiver<KvCommand>, sta
         if stages.has_work() && !sched.has_work() {
             // A stage's engine runs no whole requests (the scheduler refuses them), so the two
             // never share the GPU; a whole-model node runs stage steps only between requests.
-            stages.run(sched.engine_mut());
+            let started = std::time::Instant::now();
+            let (sessions, tokens) = stages.run(sched.engine_mut());
+            if sessions > 0 {
+                sched.count_stage_step(sessions, tokens, started.elapsed());
+                if let Ok(mut s) = stats.lock() {
+                    *s = sched.stats();
+                }
+            }
             continue;
         }
         if sched.parked() > 0 {

@@ -85,6 +85,15 @@ impl Collector for SchedulerCollector {
         )?;
         counter(&mut enc, "tandem_requests_detached", "Requests handed to another node while draining", s.detached)?;
         gauge(&mut enc, "tandem_kv_parked_sequences", "Imported K/V waiting for its request", s.parked as f64)?;
+        counter(&mut enc, "tandem_stage_engine_steps", "Engine steps run for chains' stage sessions", s.stage_steps)?;
+        counter(
+            &mut enc,
+            "tandem_stage_session_steps",
+            "Session-steps those engine steps held (batching across requests)",
+            s.stage_session_steps,
+        )?;
+        counter(&mut enc, "tandem_stage_tokens", "Tokens those engine steps held", s.stage_tokens)?;
+        counter(&mut enc, "tandem_stage_busy_microseconds", "GPU worker time spent on stage steps", s.stage_busy_us)?;
         Ok(())
     }
 }
