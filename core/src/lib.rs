@@ -7,6 +7,7 @@
 
 pub mod arch;
 pub mod config;
+pub mod content;
 pub mod cpu_ref;
 pub mod device_weights;
 pub mod engine;

@@ -1,11 +1,14 @@
 //! A model on the host: configuration, named tensors (with GGUF's canonical names) and tokenizer,
 //! from a GGUF file or a Hugging Face directory.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use sha2::{Digest as _, Sha256};
 
 use crate::config::ModelConfig;
+use crate::content::{Digest, MANIFEST_VERSION, Manifest, Region};
 use crate::error::{Error, Result};
 use crate::files::{MAX_JSON_BYTES, open_regular, read_text};
 use crate::gguf::GgufFile;
@@ -19,6 +22,10 @@ pub struct HostModel {
     pub config: ModelConfig,
     pub tensors: HashMap<String, HostTensor>,
     pub tokenizer: TextTokenizer,
+    /// Every tensor's content address, computed from its bytes when first asked for, or given
+    /// by a manifest for a file that holds only some of them (`with_regions`). Code that
+    /// changes `tensors` afterwards (tests) resets it.
+    pub regions: OnceLock<Arc<BTreeMap<String, Region>>>,
 }
 
 /// The names of one layer's tensors.
@@ -39,7 +46,7 @@ impl HostModel {
         let tensors: HashMap<String, HostTensor> = std::mem::take(&mut file.tensors).into_iter().map(|t| (t.name.clone(), t)).collect();
         check_tensors(path, &config, &tensors)?;
         let tokenizer = TextTokenizer::from_gguf(&file)?;
-        Ok(HostModel { path: path.into(), config, tensors, tokenizer })
+        Ok(HostModel { path: path.into(), config, tensors, tokenizer, regions: OnceLock::new() })
     }
 
     /// Loads `config.json`, `model.safetensors` (or shards listed in
@@ -87,7 +94,7 @@ impl HostModel {
         }
         check_tensors(dir, &config, &tensors)?;
         let tokenizer = TextTokenizer::from_hf_dir(dir)?;
-        Ok(HostModel { path: dir.into(), config, tensors, tokenizer })
+        Ok(HostModel { path: dir.into(), config, tensors, tokenizer, regions: OnceLock::new() })
     }
 
     /// A tensor by canonical name.
@@ -110,21 +117,62 @@ impl HostModel {
         self.tensors.values().map(|t| t.shape.iter().map(|&d| d as u64).product::<u64>()).sum()
     }
 
-    /// The model's identity as 16 hex digits, for nodes to check that they serve the same model
-    /// before they exchange work or KV caches: xxh3 over the configuration, every tensor's name,
-    /// format, shape and bytes (in name order), and the tokenizer (its serialized form, special
-    /// tokens and chat template). The path is left out, so copies of one file at different places
-    /// agree; any changed weight byte, shape or token changes it. It reads every weight byte
-    /// (memory-mapped pages included), at xxh3's speed of several GB/s.
-    pub fn fingerprint(&self) -> String {
-        let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
+    /// Every tensor's content address (its bytes' chunk digests), hashed on every core the first
+    /// time (several GB/s) unless a manifest gave them.
+    pub fn regions(&self) -> &BTreeMap<String, Region> {
+        self.regions.get_or_init(|| {
+            Arc::new(
+                self.tensors
+                    .iter()
+                    .map(|(name, t)| (name.clone(), Region::of_bytes(name, t.bytes.offset() as u64, t.bytes.as_slice())))
+                    .collect(),
+            )
+        })
+    }
+
+    /// Takes the tensors' content addresses from a manifest instead of hashing their bytes: for a
+    /// file that holds only the tensors of a span (the rest are holes), fetched from peers. Each
+    /// of the model's tensors must have its region, at its offset and of its length.
+    pub fn with_regions(self, regions: BTreeMap<String, Region>) -> Result<Self> {
+        let bad = |tensor: &str, reason: String| Error::Tensor { path: self.path.clone(), tensor: tensor.into(), reason };
+        if regions.len() != self.tensors.len() {
+            return Err(bad("", format!("the manifest lists {} tensors, the file {}", regions.len(), self.tensors.len())));
+        }
+        for (name, t) in &self.tensors {
+            let r = regions.get(name).ok_or_else(|| bad(name, "not in the manifest".into()))?;
+            if r.offset != t.bytes.offset() as u64 || r.len != t.bytes.as_slice().len() as u64 {
+                return Err(bad(
+                    name,
+                    format!(
+                        "the manifest places it at [{}, +{}), the file at [{}, +{}]",
+                        r.offset,
+                        r.len,
+                        t.bytes.offset(),
+                        t.bytes.as_slice().len()
+                    ),
+                ));
+            }
+        }
+        let model = HostModel { regions: OnceLock::new(), ..self };
+        let _ = model.regions.set(Arc::new(regions));
+        Ok(model)
+    }
+
+    /// The model's identity: a sha256 over the configuration, every tensor's name, format, shape
+    /// and content address (in name order), and the tokenizer (its serialized form, special
+    /// tokens and chat template). The path is left out, so copies of one file at different
+    /// places agree; any changed weight byte, shape or token changes it. It is what a node
+    /// fetching weights from strangers trusts: every chunk it takes is checked against it.
+    pub fn identity(&self) -> Digest {
+        let mut hasher = Sha256::new();
         let mut field = |bytes: &[u8]| {
             // Length-prefixed, so no two different sequences of fields hash the same stream.
-            hasher.update(&(bytes.len() as u64).to_le_bytes());
+            hasher.update((bytes.len() as u64).to_le_bytes());
             hasher.update(bytes);
         };
-        field(b"tandem model fingerprint v1");
+        field(b"tandem model identity v2");
         field(&json_bytes(&self.config));
+        let regions = self.regions();
         let mut names: Vec<&String> = self.tensors.keys().collect();
         names.sort();
         for name in names {
@@ -132,12 +180,40 @@ impl HostModel {
             field(name.as_bytes());
             field(t.format.name().as_bytes());
             field(&t.shape.iter().flat_map(|&d| (d as u64).to_le_bytes()).collect::<Vec<u8>>());
-            field(t.bytes.as_slice());
+            field(&regions.get(name).map_or([0; 32], Region::digest));
         }
         let tok = &self.tokenizer;
         field(&tok.identity_json());
         field(&json_bytes(&(tok.bos_id, tok.eos_id, &tok.stop_ids, &tok.chat_template)));
-        format!("{:016x}", hasher.digest())
+        hasher.finalize().into()
+    }
+
+    /// The identity in hex: how the catalog pins a model (`tandem model fetch` prints it).
+    pub fn identity_hex(&self) -> String {
+        hex::encode(self.identity())
+    }
+
+    /// The identity's first 16 hex digits: what capability ads carry, for nodes to check that
+    /// they serve the same model before they exchange work or K/V.
+    pub fn fingerprint(&self) -> String {
+        hex::encode(&self.identity()[..8])
+    }
+
+    /// The content addresses of the GGUF file the model was mapped from: its header (every byte
+    /// before the first tensor) and its tensors in file order. Other models (synthetic weights,
+    /// Hugging Face directories) have none to share.
+    pub fn manifest(&self) -> Result<Manifest> {
+        let not_shareable =
+            || Error::Config { path: self.path.clone(), reason: "only a model mapped from one GGUF file can be shared with peers".into() };
+        let first = self.tensors.values().min_by_key(|t| t.bytes.offset()).ok_or_else(not_shareable)?;
+        if !first.bytes.is_mapped() || self.path.is_dir() {
+            return Err(not_shareable());
+        }
+        let file = first.bytes.backing();
+        let header = Region::of_bytes("", 0, &file[..first.bytes.offset()]);
+        let mut tensors: Vec<Region> = self.regions().values().cloned().collect();
+        tensors.sort_by_key(|r| r.offset);
+        Ok(Manifest { version: MANIFEST_VERSION, file_size: file.len() as u64, header, tensors })
     }
 }
 
@@ -357,6 +433,7 @@ mod tests {
         let mut bytes = t.bytes.as_slice().to_vec();
         bytes[1000] ^= 0x10;
         t.bytes = TensorBytes::owned(bytes);
+        one_byte.regions = OnceLock::new();
         assert_ne!(one_byte.fingerprint(), fp, "one weight byte changed");
 
         let mut tokenizer = model.clone();

@@ -120,5 +120,5 @@ pub fn synthetic_model(name: &str, format: WeightFormat, seed: u64) -> Result<Ho
         add(layer_tensor(l, "ffn_down"), format, d, f, &mut rng);
     }
     let tokenizer = TextTokenizer::placeholder(c.vocab_size)?;
-    Ok(HostModel { path: format!("synthetic:{name}:{format}").into(), config, tensors, tokenizer })
+    Ok(HostModel { path: format!("synthetic:{name}:{format}").into(), config, tensors, tokenizer, regions: Default::default() })
 }

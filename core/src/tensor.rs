@@ -63,6 +63,21 @@ impl TensorBytes {
         TensorBytes { backing: Arc::new(Backing::Owned(bytes)), start: 0, len }
     }
 
+    /// Where the bytes start in their backing (in a mapped file, the file offset).
+    pub fn offset(&self) -> usize {
+        self.start
+    }
+
+    /// Every byte of the backing (of a mapped file, the whole file).
+    pub fn backing(&self) -> &[u8] {
+        self.backing.bytes()
+    }
+
+    /// Whether the backing is a mapped file.
+    pub fn is_mapped(&self) -> bool {
+        matches!(*self.backing, Backing::Mapped(_))
+    }
+
     /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
         &self.backing.bytes()[self.start..self.start + self.len]

@@ -20,6 +20,7 @@ mod placement;
 mod refusals;
 mod roles;
 mod secret;
+mod weights;
 
 pub use cluster::{ClusterSnapshot, ClusterView, Link, MeshEvent, MeshEventKind, NodeSnapshot, NodeState, short, unix_ms};
 pub use control::{CONTROL_LIMITS, CONTROL_PROTOCOL, ControlCommand, ControlError, ControlGate, ControlReply, ControlRequest};
@@ -47,6 +48,10 @@ pub use placement::{
 };
 pub use roles::{Role, RoleBalancer, RoleInput, RoleSetting, auto_role};
 pub use secret::{MeshSecret, generate_secret};
+pub use weights::{
+    ChunkFrameError, MAX_CHUNKS_PER_ASK, RateLimit, WEIGHTS_LIMITS, WEIGHTS_PROTOCOL, WEIGHTS_VERSION, WeightsAsk, WeightsReply,
+    decode_weights_chunk, encode_weights_chunk,
+};
 
 pub use libp2p::Stream;
 pub use libp2p::identity::{Keypair, ParseError as PeerIdError};

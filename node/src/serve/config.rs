@@ -41,6 +41,10 @@ pub struct ServeArgs {
     /// `--layers auto` and shown to the mesh.
     #[arg(long, env = "TANDEM_GPU_MEMORY")]
     pub gpu_memory: Option<String>,
+    /// Most bytes per second this node sends of its model's weights to peers that fetch them,
+    /// e.g. `100MiB` (the default); a quarter of it while it serves requests.
+    #[arg(long, env = "TANDEM_WEIGHTS_RATE")]
+    pub weights_rate: Option<String>,
     /// Most tokens in one engine step: decode tokens of every running request plus prefill chunks.
     #[arg(long, env = "TANDEM_MAX_BATCH_TOKENS")]
     pub max_batch_tokens: Option<usize>,
@@ -125,6 +129,7 @@ struct FileConfig {
     kv_memory: Option<String>,
     layers: Option<String>,
     gpu_memory: Option<String>,
+    weights_rate: Option<String>,
     max_batch_tokens: Option<usize>,
     context: Option<usize>,
     deterministic: Option<bool>,
@@ -159,6 +164,8 @@ pub struct ServeConfig {
     pub layers: Layers,
     /// Bytes, when told.
     pub gpu_memory: Option<u64>,
+    /// Bytes per second of weights sent to peers.
+    pub weights_rate: u64,
     pub max_batch_tokens: usize,
     pub context: Option<usize>,
     pub deterministic: bool,
@@ -285,6 +292,7 @@ impl ServeArgs {
             None => Layers::All,
         };
         let gpu_memory = self.gpu_memory.or(file.gpu_memory).map(|v| size("gpu-memory", &v)).transpose()?;
+        let weights_rate = size("weights-rate", &self.weights_rate.or(file.weights_rate).unwrap_or_else(|| "100MiB".into()))?;
         let max_body = size("max-body", &self.max_body.or(file.max_body).unwrap_or_else(|| "1MiB".into()))?;
         let cfg = ServeConfig {
             model: self.model.or(file.model).unwrap_or_else(|| crate::models::DEFAULT_MODEL.id.to_string()),
@@ -293,6 +301,7 @@ impl ServeArgs {
             kv_memory,
             layers,
             gpu_memory,
+            weights_rate,
             max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens).unwrap_or(512),
             context: self.context.or(file.context),
             deterministic: self.deterministic.or(file.deterministic).unwrap_or(false),

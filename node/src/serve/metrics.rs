@@ -23,6 +23,7 @@ pub struct Metrics {
     served_for_peers: prometheus_client::metrics::counter::Counter,
     pub kv: KvMetrics,
     pub chain: ChainMetrics,
+    pub weights: WeightsMetrics,
     /// (TTFT, TPOT) in ms of the last requests, for the load report's percentiles.
     recent: Mutex<std::collections::VecDeque<(Option<f64>, Option<f64>)>>,
     /// Requests finished since the last load report, for the console's timeline.
@@ -116,6 +117,7 @@ impl Metrics {
         registry.register("tandem_mesh_served_requests", "Requests this node ran for another node", served_for_peers.clone());
         let kv = KvMetrics::register(&mut registry);
         let chain = ChainMetrics::register(&mut registry);
+        let weights = WeightsMetrics::register(&mut registry);
         Metrics {
             registry,
             ttft,
@@ -127,6 +129,7 @@ impl Metrics {
             served_for_peers,
             kv,
             chain,
+            weights,
             recent: Mutex::default(),
             traces: Mutex::default(),
             next_trace: Default::default(),
@@ -303,6 +306,30 @@ impl ChainMetrics {
         );
         r.register("tandem_chain_requests", "Requests this node drove through a chain of stages", m.driven_requests.clone());
         r.register("tandem_chain_rebuilds", "Chains rebuilt mid-request after a stage failed", m.rebuilds.clone());
+        m
+    }
+}
+
+/// Model weights shared with peers and fetched from them (`/tandem/weights/1`).
+#[derive(Debug, Default)]
+pub struct WeightsMetrics {
+    pub sent_bytes: Counter,
+    pub received_bytes: Counter,
+    pub refused_peers: Counter,
+    pub corrupt_chunks: Counter,
+}
+
+impl WeightsMetrics {
+    fn register(r: &mut Registry) -> Self {
+        let m = WeightsMetrics::default();
+        r.register("tandem_weights_sent_bytes", "Model weight bytes sent to peers fetching them", m.sent_bytes.clone());
+        r.register("tandem_weights_received_bytes", "Model weight bytes fetched from peers, checked and written", m.received_bytes.clone());
+        r.register("tandem_weights_refused_peers", "Peers refused for a manifest or chunk that did not check out", m.refused_peers.clone());
+        r.register(
+            "tandem_weights_corrupt_chunks",
+            "Chunks from peers whose sha256 was not the manifest's (none written)",
+            m.corrupt_chunks.clone(),
+        );
         m
     }
 }

