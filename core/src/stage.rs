@@ -6,12 +6,18 @@
 //!
 //! A session reserves K/V blocks for every position it may hold when it opens, so a step never
 //! fails for want of blocks and a stranger cannot hold more than the sessions it could open.
+//!
+//! Where a chain is split into prefill and decode, a decode stage's session takes its prompt's
+//! K/V from the prefill stage holding the same span (`import`), which reads it out of its own
+//! session after each step (`export`). A session's id is unguessable: it is what a prefill stage
+//! names to write into it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, Hasher};
 
 use crate::engine::{Engine, SamplingParams, StepInput, attention_chunks};
 use crate::error::{Error, Result};
-use crate::kv::SeqId;
+use crate::kv::{KvLayer, SeqId};
 
 /// One step of a session.
 #[derive(Clone, Debug, PartialEq)]
@@ -37,12 +43,20 @@ pub enum StageOut {
 /// Where a step's answer goes (called on the GPU thread).
 pub type StageReply = Box<dyn FnOnce(Result<StageOut>) + Send>;
 
+/// One session: its sequence, and the positions it reserved (imports stay within them).
+struct Session {
+    seq: SeqId,
+    positions: usize,
+}
+
 /// The sessions of a stage and their queued steps.
 #[derive(Default)]
 pub struct Stages {
-    sessions: HashMap<u64, SeqId>,
+    sessions: HashMap<u64, Session>,
     queue: VecDeque<(u64, StageStep, StageReply)>,
     next: u64,
+    /// Keys the session ids: random per process, so ids cannot be guessed from one another.
+    ids: std::collections::hash_map::RandomState,
 }
 
 impl Stages {
@@ -61,16 +75,54 @@ impl Stages {
             engine.free_sequence(seq);
             return Err(e);
         }
-        self.next += 1;
-        self.sessions.insert(self.next, seq);
-        Ok(self.next)
+        let id = loop {
+            self.next += 1;
+            let mut h = self.ids.build_hasher();
+            h.write_u64(self.next);
+            let id = h.finish();
+            if id != 0 && !self.sessions.contains_key(&id) {
+                break id;
+            }
+        };
+        self.sessions.insert(id, Session { seq, positions });
+        Ok(id)
     }
 
     /// Ends a session and frees its blocks; a step of it still queued is answered with an error.
     pub fn close(&mut self, engine: &mut Engine, session: u64) {
-        if let Some(seq) = self.sessions.remove(&session) {
-            engine.free_sequence(seq);
+        if let Some(s) = self.sessions.remove(&session) {
+            engine.free_sequence(s.seq);
         }
+    }
+
+    fn session(&self, session: u64) -> Result<&Session> {
+        self.sessions.get(&session).ok_or_else(|| Error::InvalidRequest(format!("no stage session {session} (closed or never opened)")))
+    }
+
+    /// Writes one layer of K/V computed elsewhere (a prefill stage of the same span) into a
+    /// session, within the positions it reserved.
+    pub fn import(&mut self, engine: &mut Engine, session: u64, kv: &KvLayer) -> Result<()> {
+        let s = self.session(session)?;
+        if kv.start + kv.tokens > s.positions {
+            return Err(Error::KvImport(format!(
+                "positions {}..{} beyond the {} stage session {session} reserved",
+                kv.start,
+                kv.start + kv.tokens,
+                s.positions
+            )));
+        }
+        engine.import_kv(s.seq, kv)
+    }
+
+    /// The K/V of positions `start..end` of a session, every layer of the span.
+    pub fn export(&mut self, engine: &mut Engine, session: u64, start: usize, end: usize) -> Result<Vec<KvLayer>> {
+        let seq = self.session(session)?.seq;
+        engine.export_kv(seq, start, end)
+    }
+
+    /// Positions a session holds in every layer.
+    pub fn held(&self, engine: &Engine, session: u64) -> Result<usize> {
+        engine.sequence_len(self.session(session)?.seq)
     }
 
     /// Queues a step; a second step of a session before the first is answered is refused.
@@ -92,7 +144,7 @@ impl Stages {
         let mut in_batch = HashSet::new();
         let mut later = VecDeque::new();
         while let Some((session, step, reply)) = self.queue.pop_front() {
-            let Some(&seq) = self.sessions.get(&session) else {
+            let Some(seq) = self.sessions.get(&session).map(|s| s.seq) else {
                 reply(Err(Error::InvalidRequest(format!("no stage session {session} (closed or never opened)"))));
                 continue;
             };

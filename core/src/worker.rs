@@ -17,6 +17,10 @@ pub type ParkReply = Box<dyn FnOnce(Result<(u64, usize)>) + Send>;
 pub type SealReply = Box<dyn FnOnce(Result<()>) + Send>;
 /// Where the answer to `stage_open` goes (called on the GPU thread): the session's id.
 pub type StageOpenReply = Box<dyn FnOnce(Result<u64>) + Send>;
+/// Where a stage session's exported K/V goes (called on the GPU thread).
+pub type StageExportReply = Box<dyn FnOnce(Result<Vec<KvLayer>>) + Send>;
+/// Where the positions a stage session holds go (called on the GPU thread).
+pub type StageHeldReply = Box<dyn FnOnce(Result<usize>) + Send>;
 
 /// Stage sessions one worker holds at most: each reserves its blocks, and this bounds the table
 /// of a node whose cache is large.
@@ -31,6 +35,9 @@ enum KvCommand {
     Seal(u64, SealReply),
     Touch(u64),
     Discard(u64),
+    /// Into a stage session (`crate::stage`): its id, the layer.
+    StageImport(u64, KvLayer),
+    StageHeld(u64, StageHeldReply),
 }
 
 enum Command {
@@ -42,6 +49,7 @@ enum Command {
     StageOpen(usize, StageOpenReply),
     StageStep(u64, StageStep, StageReply),
     StageClose(u64),
+    StageExport(u64, usize, usize, StageExportReply),
     /// Hand every request to its receiver to continue elsewhere.
     DetachAll,
     /// Stop taking requests; finish the running ones (`drain`) or cancel everything.
@@ -169,6 +177,22 @@ impl WorkerHandle {
         self.send(Command::StageStep(session, step, reply))
     }
 
+    /// Writes one layer of K/V a prefill stage computed into a stage session (in order per
+    /// layer, within the positions it reserved). Never blocks.
+    pub fn stage_import(&self, session: u64, kv: KvLayer) -> Result<()> {
+        self.kv_command(KvCommand::StageImport(session, kv))
+    }
+
+    /// The positions a stage session holds in every layer, after every import sent before.
+    pub fn stage_held(&self, session: u64, reply: StageHeldReply) -> Result<()> {
+        self.kv_command(KvCommand::StageHeld(session, reply))
+    }
+
+    /// Reads the K/V of positions `start..end` of a stage session, every layer it holds.
+    pub fn stage_export(&self, session: u64, start: usize, end: usize, reply: StageExportReply) -> Result<()> {
+        self.send(Command::StageExport(session, start, end, reply))
+    }
+
     /// Ends a stage session and frees its blocks. Never blocks: a closing session must not wait
     /// behind a full queue, or its blocks would stay held.
     pub fn stage_close(&self, session: u64) {
@@ -209,7 +233,7 @@ fn run(mut sched: Scheduler, rx: Receiver<Command>, kv: Receiver<KvCommand>, sta
     let mut stopping = false;
     let mut pending: Option<Command> = None;
     loop {
-        kv_work(&mut sched, &kv);
+        kv_work(&mut sched, &mut stages, &kv);
         let mut cmds: Vec<Command> = pending.take().into_iter().collect();
         if cmds.is_empty() && !sched.has_work() && !stages.has_work() && !stopping {
             if sched.parked() > 0 {
@@ -230,7 +254,7 @@ fn run(mut sched: Scheduler, rx: Receiver<Command>, kv: Receiver<KvCommand>, sta
         }
         cmds.extend(std::iter::from_fn(|| rx.try_recv().ok()));
         // Imports sent before a request that uses them are in before it is submitted.
-        kv_work(&mut sched, &kv);
+        kv_work(&mut sched, &mut stages, &kv);
         for cmd in cmds {
             match cmd {
                 Command::Submit(id, req, mut sink, start) => {
@@ -261,6 +285,7 @@ fn run(mut sched: Scheduler, rx: Receiver<Command>, kv: Receiver<KvCommand>, sta
                 }
                 Command::StageStep(session, step, reply) => stages.queue(session, step, reply),
                 Command::StageClose(session) => stages.close(sched.engine_mut(), session),
+                Command::StageExport(session, start, end, reply) => reply(stages.export(sched.engine_mut(), session, start, end)),
                 Command::DetachAll => sched.detach_all(),
                 Command::Shutdown { drain } => {
                     stopping = true;
@@ -302,7 +327,7 @@ fn run(mut sched: Scheduler, rx: Receiver<Command>, kv: Receiver<KvCommand>, sta
     tracing::info!("GPU worker stopped");
 }
 
-fn kv_work(sched: &mut Scheduler, kv: &Receiver<KvCommand>) {
+fn kv_work(sched: &mut Scheduler, stages: &mut Stages, kv: &Receiver<KvCommand>) {
     for cmd in std::iter::from_fn(|| kv.try_recv().ok()) {
         match cmd {
             KvCommand::Import(ticket, layer) => {
@@ -313,6 +338,13 @@ fn kv_work(sched: &mut Scheduler, kv: &Receiver<KvCommand>) {
             KvCommand::Seal(ticket, reply) => reply(sched.seal(ticket)),
             KvCommand::Touch(ticket) => sched.touch(ticket),
             KvCommand::Discard(ticket) => sched.discard(ticket),
+            KvCommand::StageImport(session, layer) => {
+                // A bad layer leaves the session short: its driver's next step is refused.
+                if let Err(e) = stages.import(sched.engine_mut(), session, &layer) {
+                    tracing::debug!(session, layer = layer.layer, error = %e, "stage K/V import rejected");
+                }
+            }
+            KvCommand::StageHeld(session, reply) => reply(stages.held(sched.engine_mut(), session)),
         }
     }
 }

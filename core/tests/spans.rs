@@ -227,3 +227,93 @@ fn stage_sessions_on_workers_give_the_whole_models_tokens() {
         w.join();
     }
 }
+
+/// A chain split into prefill and decode, on GPU workers as nodes run it: the prompt runs
+/// through prefill stages, each of which hands the K/V of its span, step by step, to the decode
+/// stage holding the same span (`stage_export` into `stage_import`); the decode stages then go
+/// on from the first token with the whole model's tokens. A session takes no K/V beyond the
+/// positions it reserved.
+#[test]
+fn a_prefill_chain_hands_each_spans_kv_to_the_decode_stage_of_that_span() {
+    use std::sync::mpsc::channel;
+    use tandem_core::scheduler::{Scheduler, SchedulerConfig};
+    use tandem_core::stage::{StageOut, StageStep};
+    use tandem_core::worker::WorkerHandle;
+
+    let gpu = GpuContext::new(std::env::var("TANDEM_ADAPTER").ok().as_deref()).expect("a GPU adapter");
+    let model = synthetic_model("tiny", WeightFormat::Q4_0, 3).expect("tiny model");
+    let n = model.config.n_layers;
+    let p = prompt(11);
+    let want = generate_whole(&mut engine(&gpu, &model, true, None), &p, 6);
+
+    let spawn = |span: std::ops::Range<usize>| {
+        WorkerHandle::spawn(Scheduler::new(engine(&gpu, &model, true, Some(span)), SchedulerConfig::default())).expect("worker")
+    };
+    let prefill = [spawn(0..1), spawn(1..n)];
+    let decode = [spawn(0..1), spawn(1..n)];
+    let open = |w: &WorkerHandle, positions: usize| {
+        let (tx, rx) = channel();
+        w.stage_open(positions, Box::new(move |r| tx.send(r).expect("answer"))).expect("queued");
+        rx.recv().expect("reply").expect("opened")
+    };
+    let p_sessions = [open(&prefill[0], p.len()), open(&prefill[1], p.len())];
+    let d_sessions = [open(&decode[0], p.len() + 8), open(&decode[1], p.len() + 8)];
+    let run = |workers: &[WorkerHandle; 2], sessions: [u64; 2], start: usize, tokens: &[u32], sample: bool| -> Option<u32> {
+        let mut hidden = None;
+        for (stage, w) in workers.iter().enumerate() {
+            let (tx, rx) = channel();
+            let step = StageStep {
+                start,
+                tokens: tokens.to_vec(),
+                hidden: hidden.take(),
+                sample: (stage == 1 && sample).then(SamplingParams::greedy),
+            };
+            w.stage_step(sessions[stage], step, Box::new(move |o| tx.send(o).expect("answer"))).expect("queued");
+            match rx.recv().expect("reply").expect("step") {
+                StageOut::Hidden(h) => hidden = Some(h),
+                StageOut::Token(t) => return t,
+            }
+        }
+        None
+    };
+    // The prompt in two steps; after each, every prefill stage hands its span's new K/V on.
+    let mut first = None;
+    for (from, to) in [(0, 24), (24, p.len())] {
+        first = run(&prefill, p_sessions, from, &p[from..to], to == p.len());
+        for stage in 0..2 {
+            let (tx, rx) = channel();
+            prefill[stage].stage_export(p_sessions[stage], from, to, Box::new(move |r| tx.send(r).expect("answer"))).expect("queued");
+            let layers = rx.recv().expect("reply").expect("exported");
+            assert_eq!(layers.len(), if stage == 0 { 1 } else { n - 1 }, "the span's layers");
+            for layer in layers {
+                decode[stage].stage_import(d_sessions[stage], layer).expect("queued");
+            }
+        }
+    }
+    let held = |w: &WorkerHandle, s: u64| {
+        let (tx, rx) = channel();
+        w.stage_held(s, Box::new(move |r| tx.send(r).expect("answer"))).expect("queued");
+        rx.recv().expect("reply").expect("held")
+    };
+    for stage in 0..2 {
+        assert_eq!(held(&decode[stage], d_sessions[stage]), p.len(), "decode stage {stage} holds the prompt");
+    }
+    let mut got = vec![first.expect("the prefill chain's first token")];
+    for i in 1..6 {
+        got.push(run(&decode, d_sessions, p.len() + i - 1, &[got[i - 1]], true).expect("token"));
+    }
+    assert_eq!(got, want, "the decode chain goes on from the handed K/V");
+
+    // Beyond the positions a session reserved, K/V is refused.
+    let small = open(&decode[0], 4);
+    let (tx, rx) = channel();
+    prefill[0].stage_export(p_sessions[0], 0, 8, Box::new(move |r| tx.send(r).expect("answer"))).expect("queued");
+    for layer in rx.recv().expect("reply").expect("exported") {
+        decode[0].stage_import(small, layer).expect("queued");
+    }
+    assert_eq!(held(&decode[0], small), 0, "nothing beyond the reservation was taken");
+    for w in prefill.iter().chain(&decode) {
+        w.request_stop(false);
+        w.join();
+    }
+}
