@@ -416,6 +416,18 @@ pub struct HiddenOpen {
     /// How hidden states travel both ways (`DTYPE_F16`, or `DTYPE_F32` in deterministic mode,
     /// where they must arrive bit-exact).
     pub wire_dtype: u8,
+    /// Set on a prefill stage of a chain split into prefill and decode: where its span's K/V
+    /// goes, step by step, over `/tandem/kv/1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<Handoff>,
+}
+
+/// The decode stage that takes a prefill stage's K/V: a node holding the same span, and the
+/// session it opened there (its id is what lets the prefill stage write into it).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Handoff {
+    pub peer: String,
+    pub session: u64,
 }
 
 /// A stage's JSON messages on a hidden-state stream, besides output frames.
@@ -432,6 +444,13 @@ pub enum HiddenReply {
         /// Attention chunks it takes in one step (`tandem_core::engine::attention_chunks`): a
         /// long prompt's chunks must fit it as well as `max_step_tokens`.
         attention_budget: u32,
+        /// The session's id on the stage: a prefill stage names it to hand K/V into it.
+        session: u64,
+    },
+    /// From a prefill stage once the driver ended its steps: the decode stage holds the K/V of
+    /// every position the steps covered.
+    HandedOff {
+        positions: u32,
     },
     Failed {
         message: String,
@@ -663,10 +682,14 @@ mod tests {
             layers: [10, 20],
             positions: 4096,
             wire_dtype: DTYPE_F16,
+            handoff: None,
         };
         assert_eq!(serde_json::from_slice::<HiddenOpen>(&serde_json::to_vec(&open).expect("enc")).expect("dec"), open);
+        let open = HiddenOpen { handoff: Some(Handoff { peer: "12D3".into(), session: u64::MAX }), ..open };
+        assert_eq!(serde_json::from_slice::<HiddenOpen>(&serde_json::to_vec(&open).expect("enc")).expect("dec"), open);
         for r in [
-            HiddenReply::Opened { max_step_tokens: 512, hidden_size: 576, attention_budget: 1024 },
+            HiddenReply::Opened { max_step_tokens: 512, hidden_size: 576, attention_budget: 1024, session: 7 },
+            HiddenReply::HandedOff { positions: 40 },
             HiddenReply::Failed { message: "no".into() },
         ] {
             let bytes = serde_json::to_vec(&r).expect("enc");

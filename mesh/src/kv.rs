@@ -62,6 +62,8 @@ pub enum KvError {
     Shape { want_heads: u32, want_dim: u32, got_heads: u32, got_dim: u32 },
     #[error("layer {layer} of a {layers}-layer model")]
     Layer { layer: u32, layers: u32 },
+    #[error("layer {layer} is outside the span {span:?} this transfer is for")]
+    OutsideSpan { layer: u32, span: [u32; 2] },
     #[error("{tokens} positions in one chunk (at most {MAX_CHUNK_TOKENS}, at least 1)")]
     Tokens { tokens: u32 },
     #[error("payload is {got} bytes, the header says {want}")]
@@ -276,6 +278,8 @@ pub fn encode_chunk(
 /// gaps or repeats, inside `from..to`, and all of them before the transfer counts as complete.
 #[derive(Debug)]
 pub struct KvProgress {
+    /// The first layer expected: a stage of a chain takes only its span's.
+    first: usize,
     next: Vec<usize>,
     to: usize,
     pub bytes: u64,
@@ -283,14 +287,24 @@ pub struct KvProgress {
 
 impl KvProgress {
     pub fn new(layers: usize, from: usize, to: usize) -> Self {
-        KvProgress { next: vec![from; layers], to, bytes: 0 }
+        Self::span(0..layers, from, to)
+    }
+
+    /// Progress of a transfer of the layers `layers` only.
+    pub fn span(layers: std::ops::Range<usize>, from: usize, to: usize) -> Self {
+        KvProgress { first: layers.start, next: vec![from; layers.len()], to, bytes: 0 }
     }
 
     /// Accepts the next chunk or says why not.
     pub fn accept(&mut self, c: &KvChunk) -> Result<(), KvError> {
-        let (l, start, end) = (c.layer as usize, c.start as usize, c.start as usize + c.tokens as usize);
+        let (start, end) = (c.start as usize, c.start as usize + c.tokens as usize);
+        let l = (c.layer as usize).wrapping_sub(self.first);
         let Some(&next) = self.next.get(l) else {
-            return Err(KvError::Layer { layer: c.layer, layers: self.next.len() as u32 });
+            let end = (self.first + self.next.len()) as u32;
+            if self.first == 0 {
+                return Err(KvError::Layer { layer: c.layer, layers: end });
+            }
+            return Err(KvError::OutsideSpan { layer: c.layer, span: [self.first as u32, end] });
         };
         if start != next {
             return Err(KvError::Order { layer: c.layer, want: next, got: start });
@@ -307,7 +321,7 @@ impl KvProgress {
     /// Whether every layer holds every position.
     pub fn check_complete(&self) -> Result<(), KvError> {
         match self.next.iter().enumerate().find(|&(_, &n)| n != self.to) {
-            Some((layer, &at)) => Err(KvError::Incomplete { layer, at, want: self.to }),
+            Some((layer, &at)) => Err(KvError::Incomplete { layer: self.first + layer, at, want: self.to }),
             None => Ok(()),
         }
     }
@@ -337,6 +351,10 @@ pub enum KvOpen {
     /// To a decode node: hold the K/V of `tokens` (which follows, from position 0) for a request
     /// that will continue here.
     Park { v: u16, session: u64, model: String, fingerprint: String, tokens: Vec<u32> },
+    /// To a decode stage of a chain split into prefill and decode, from the prefill stage of the
+    /// same span: K/V of the layers `layers` for positions `0..positions`, into the stage session
+    /// `stage_session` (`/tandem/hidden/1`'s `Handoff`), as the prefill's steps compute it.
+    Stage { v: u16, session: u64, model: String, fingerprint: String, stage_session: u64, layers: [u32; 2], positions: u32 },
 }
 
 /// Control messages on a K/V stream, besides chunks.
@@ -358,6 +376,10 @@ pub enum KvReply {
     /// The receiving decode node's ticket for the parked K/V.
     Parked {
         ticket: u64,
+    },
+    /// The decode stage holds every position a `Stage` transfer promised.
+    Held {
+        positions: u32,
     },
     /// Sent while a layer takes long to compute, so a slow prefill is not taken for a dead one.
     Heartbeat,
@@ -460,6 +482,12 @@ mod tests {
         p.accept(&chunk(1, 16, 24)).expect("layer 1");
         assert_eq!(p.check_complete(), Ok(()));
         assert_eq!(p.bytes, 48 * 6 * 8);
+
+        // A stage's transfer: only its span's layers, counted from the span's start.
+        let mut p = KvProgress::span(1..2, 0, 8);
+        assert!(matches!(p.accept(&chunk(0, 0, 8)), Err(KvError::OutsideSpan { layer: 0, span: [1, 2] })));
+        p.accept(&chunk(1, 0, 8)).expect("the span's layer");
+        assert_eq!(p.check_complete(), Ok(()));
     }
 
     #[test]
@@ -468,6 +496,15 @@ mod tests {
         for m in [
             KvOpen::Prefill { v: 1, session: 1, model: "m".into(), fingerprint: "f".into(), tokens: vec![1, 2], skip: 0, sampling },
             KvOpen::Park { v: 1, session: 2, model: "m".into(), fingerprint: "f".into(), tokens: vec![3] },
+            KvOpen::Stage {
+                v: 1,
+                session: 3,
+                model: "m".into(),
+                fingerprint: "f".into(),
+                stage_session: u64::MAX,
+                layers: [10, 20],
+                positions: 40,
+            },
         ] {
             assert_eq!(serde_json::from_slice::<KvOpen>(&serde_json::to_vec(&m).expect("enc")).expect("dec"), m);
         }

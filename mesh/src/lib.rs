@@ -27,8 +27,8 @@ pub use control::{CONTROL_LIMITS, CONTROL_PROTOCOL, ControlCommand, ControlError
 pub use error::{Error, Result};
 pub use frames::{FrameError, FramedStream, Limits as FrameLimits};
 pub use hidden::{
-    HIDDEN_LIMITS, HIDDEN_PROTOCOL, HiddenError, HiddenOpen, HiddenOutput, HiddenReply, HiddenShape, HiddenStep, MAX_STEP_TOKENS, StageOut,
-    WireSampling, check_wire_dtype, is_hidden_frame, max_frame_tokens,
+    HIDDEN_LIMITS, HIDDEN_PROTOCOL, Handoff, HiddenError, HiddenOpen, HiddenOutput, HiddenReply, HiddenShape, HiddenStep, MAX_STEP_TOKENS,
+    StageOut, WireSampling, check_wire_dtype, is_hidden_frame, max_frame_tokens,
 };
 pub use identity::{IdentityLock, claim_identity, load_or_create_identity};
 pub use infer::{FinishReason, HEARTBEAT, INFER_LIMITS, INFER_PROTOCOL, InferEndpoint, InferReply, InferRequest, InferResume};

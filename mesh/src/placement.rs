@@ -8,7 +8,9 @@
 //! (its prefix cache holds the earlier turns) while it is nearly as good.
 //!
 //! A node may hold only a span of a model's layers. Such nodes serve no request alone: a chain
-//! of them whose spans tile the model does, one stage after another every step ([`chains`]).
+//! of them whose spans tile the model does, one stage after another every step ([`chains`]). A
+//! chain splits too: a chain of prefill nodes computes the prompt, each stage handing its span's
+//! K/V to the decode stage of the same span, and the chain of decode nodes goes on from there.
 
 use libp2p::PeerId;
 
@@ -117,7 +119,11 @@ pub struct Stage {
 /// A request served by a chain of nodes whose spans tile the model's layers, in layer order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Chain {
+    /// The stages that decode (and prefill too, unless `prefill` says otherwise); the first
+    /// drives the request.
     pub stages: Vec<Stage>,
+    /// Set for a split chain: the prefill stages, one per decode stage, of the same spans.
+    pub prefill: Option<Vec<Stage>>,
     /// The fingerprint every stage's ad gives for the model.
     pub fingerprint: String,
     pub expected_ttft_s: f64,
@@ -287,17 +293,74 @@ fn chain(stages: &[&Node], req: &PlacementRequest) -> Chain {
     // stage in turn, so each costs a round trip every step.
     let hops_s = stages.iter().filter(|n| !n.is_self).count() as f64 * HIDDEN_HOP_S;
     let tokens = req.prompt_tokens + req.output_tokens;
+    // Work against a stage's role counts more, as for one node.
+    let off = |n: &Node, role: Role| if n.role == role { OFF_ROLE } else { 1.0 };
     let mut ttft = hops_s
-        + stages.iter().map(|n| (n.prefill_s(req.prompt_tokens) + n.step_s * (1.0 + n.load.running as f64 / 8.0)) * n.share()).sum::<f64>();
+        + stages
+            .iter()
+            .map(|n| (n.prefill_s(req.prompt_tokens) + n.step_s * (1.0 + n.load.running as f64 / 8.0)) * n.share() * off(n, Role::Decode))
+            .sum::<f64>();
     if stages.iter().any(|n| n.lacks_room(tokens)) {
         ttft += NO_ROOM_S;
     }
     Chain {
         stages: stages.iter().map(|n| Stage { peer: n.peer, is_self: n.is_self, layers: n.model.layer_span() }).collect(),
+        prefill: None,
         fingerprint: stages.first().map(|n| n.model.fingerprint.clone()).unwrap_or_default(),
         expected_ttft_s: ttft,
-        expected_tpot_s: hops_s + stages.iter().map(|n| n.tpot_s(req.output_tokens) * n.share()).sum::<f64>(),
+        expected_tpot_s: hops_s + stages.iter().map(|n| n.tpot_s(req.output_tokens) * n.share() * off(n, Role::Prefill)).sum::<f64>(),
     }
+}
+
+/// `decode` split: for each of its stages, the fastest prefill node of `nodes` holding the same
+/// span with the same K/V dtype (K/V moves exactly), or None where a span has none.
+fn split_chain(decode: &[&Node], nodes: &[&Node], req: &PlacementRequest) -> Option<Chain> {
+    if !decode.iter().all(|d| matches!(d.role, Role::Decode | Role::Both)) {
+        return None;
+    }
+    let prefill: Vec<&Node> = decode
+        .iter()
+        .map(|d| {
+            nodes
+                .iter()
+                .filter(|p| {
+                    matches!(p.role, Role::Prefill | Role::Both)
+                        && p.peer != d.peer
+                        && p.model.layer_span() == d.model.layer_span()
+                        && p.model.kv_dtype == d.model.kv_dtype
+                })
+                .min_by(|a, b| a.prefill_s(req.prompt_tokens).total_cmp(&b.prefill_s(req.prompt_tokens)).then(a.peer.cmp(&b.peer)))
+                .copied()
+        })
+        .collect::<Option<_>>()?;
+    let colocated = chain(decode, req);
+    let hops_s = prefill.len() as f64 * HIDDEN_HOP_S;
+    // Each span's K/V moves while later spans compute; what shows is the last span's transfer,
+    // and whatever of the others a slow link cannot hide.
+    let mut ttft = hops_s + SPLIT_OVERHEAD_S;
+    let mut exposed_s: f64 = 0.0;
+    for (p, d) in prefill.iter().zip(decode) {
+        let compute_s = p.prefill_s(req.prompt_tokens) * p.share();
+        let transfer_s = req.prompt_tokens as f64 * p.model.kv_bytes_per_token as f64 * p.share() / d.link_from(&p.peer);
+        ttft += compute_s;
+        exposed_s = exposed_s.max(transfer_s - compute_s).max(0.0);
+        if p.lacks_room(req.prompt_tokens) {
+            ttft += NO_ROOM_S;
+        }
+    }
+    let last = prefill
+        .last()
+        .zip(decode.last())
+        .map_or(0.0, |(p, d)| req.prompt_tokens as f64 * p.model.kv_bytes_per_token as f64 * p.share() / d.link_from(&p.peer));
+    ttft += exposed_s + last;
+    if decode.iter().any(|d| d.lacks_room(req.prompt_tokens + req.output_tokens)) {
+        ttft += NO_ROOM_S;
+    }
+    Some(Chain {
+        prefill: Some(prefill.iter().map(|n| Stage { peer: n.peer, is_self: n.is_self, layers: n.model.layer_span() }).collect()),
+        expected_ttft_s: ttft,
+        ..colocated
+    })
 }
 
 /// Extends `path` (stages of `nodes` tiling `0..at`) by every node whose span starts at `at`,
@@ -349,9 +412,22 @@ pub fn chains(view: &ClusterView, req: &PlacementRequest) -> Vec<Chain> {
         let members: Vec<&Node> = nodes.iter().filter(|n| group(n) == g).collect();
         let (mut found, mut tries) = (Vec::new(), MAX_STAGE_TRIES);
         tile(&members, 0, g.2, &mut Vec::new(), &mut found, &mut tries);
-        out.extend(found.iter().map(|path| chain(&path.iter().map(|&i| members[i]).collect::<Vec<_>>(), req)));
+        for path in &found {
+            let stages: Vec<&Node> = path.iter().map(|&i| members[i]).collect();
+            if req.mode != PlacementMode::Split {
+                out.push(chain(&stages, req));
+            }
+            if req.mode != PlacementMode::Colocated {
+                out.extend(split_chain(&stages, &members, req));
+            }
+        }
     }
-    let key = |c: &Chain| c.stages.iter().map(|s| s.peer).collect::<Vec<_>>();
+    if out.is_empty() && req.mode == PlacementMode::Split {
+        // Nobody to split with: the chains still serve it.
+        return chains(view, &PlacementRequest { mode: PlacementMode::Colocated, ..req.clone() });
+    }
+    let key =
+        |c: &Chain| (c.stages.iter().map(|s| s.peer).collect::<Vec<_>>(), c.prefill.iter().flatten().map(|s| s.peer).collect::<Vec<_>>());
     out.sort_by(|a, b| a.score(req.output_tokens).total_cmp(&b.score(req.output_tokens)).then_with(|| key(a).cmp(&key(b))));
     out
 }
@@ -689,8 +765,38 @@ mod tests {
             }
         }
         let found = chains(&v, &request(&[]));
-        assert_eq!(found.len(), MAX_CHAINS);
+        // Each tiling once as it is and once split (every node may prefill and decode).
+        assert_eq!(found.len(), 2 * MAX_CHAINS);
         assert!(found.iter().all(|c| c.stages.len() == 10));
+        assert_eq!(chains(&v, &PlacementRequest { mode: PlacementMode::Colocated, ..request(&[]) }).len(), MAX_CHAINS);
+    }
+
+    #[test]
+    fn a_chain_of_decode_nodes_splits_with_prefill_nodes_of_the_same_spans() {
+        let me = PeerId::random();
+        let (pa, pb, da, db) = (PeerId::random(), PeerId::random(), PeerId::random(), PeerId::random());
+        let mut v = ClusterView::new(me, Duration::from_secs(5));
+        // Compute-rich prefill nodes, bandwidth-rich decode nodes.
+        let (speed, decode_speed) = (Speed { gflops: 4000.0, gbps: 50.0 }, Speed { gflops: 1000.0, gbps: 100.0 });
+        add_ad(&mut v, pa, Role::Prefill, speed, idle(), spanning(0, 15));
+        add_ad(&mut v, pb, Role::Prefill, speed, idle(), spanning(15, 30));
+        add_ad(&mut v, da, Role::Decode, decode_speed, idle(), spanning(0, 15));
+        add_ad(&mut v, db, Role::Decode, decode_speed, idle(), spanning(15, 30));
+        let ask = |v: &ClusterView, mode, prompt_tokens| chains(v, &PlacementRequest { mode, prompt_tokens, ..request(&[]) });
+        let peers = |s: &[Stage]| s.iter().map(|s| s.peer).collect::<Vec<_>>();
+
+        let split = ask(&v, PlacementMode::Split, 2000);
+        assert_eq!(split.len(), 1, "{split:?}");
+        assert_eq!(peers(&split[0].stages), [da, db], "decode nodes decode");
+        assert_eq!(peers(split[0].prefill.as_deref().expect("split")), [pa, pb], "prefill nodes of the same spans prefill");
+        assert!(ask(&v, PlacementMode::Colocated, 2000).iter().all(|c| c.prefill.is_none()));
+        // Long prompts pay for the split; the very shortest do not.
+        assert!(ask(&v, PlacementMode::Auto, 2000)[0].prefill.is_some());
+        assert!(ask(&v, PlacementMode::Auto, 4)[0].prefill.is_none());
+        // A span without a prefill node of its K/V dtype: no split, and Split falls back to a chain.
+        add_ad(&mut v, pb, Role::Prefill, speed, idle(), ModelAd { kv_dtype: "f32".into(), ..spanning(15, 30) });
+        assert!(ask(&v, PlacementMode::Auto, 2000).iter().all(|c| c.prefill.is_none()));
+        assert!(!ask(&v, PlacementMode::Split, 2000).is_empty());
     }
 
     #[test]
