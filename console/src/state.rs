@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
-use tandem_mesh::{ClusterSnapshot, ControlCommand, ControlReply, MeshEvent, RequestTrace, Role, short};
+use tandem_mesh::{ChainSnapshot, ClusterSnapshot, ControlCommand, ControlReply, MeshEvent, RequestTrace, Role, short};
 
 /// Seconds of history the charts keep.
 pub const HISTORY_S: f64 = 600.0;
@@ -71,11 +71,21 @@ pub fn role_name(role: Option<Role>) -> &'static str {
     }
 }
 
-/// K/V streaming from a prefill node to a decode node, now.
+/// What a flow between two nodes carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FlowKind {
+    /// K/V, from a prefill node to a decode node.
+    Kv,
+    /// The residual stream between stages of a chain (either way).
+    Hidden,
+}
+
+/// Bytes streaming from one node to another, now.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KvFlow {
     pub from: String,
     pub to: String,
+    pub kind: FlowKind,
     /// Bytes per second over the last report interval.
     pub bytes_per_s: f64,
 }
@@ -182,6 +192,8 @@ pub struct ClusterState {
     pub nodes: BTreeMap<String, NodeRow>,
     pub links: Vec<(String, String)>,
     pub flows: Vec<KvFlow>,
+    /// The best chains of span-holding nodes, per model, as the source node ranks them.
+    pub chains: Vec<ChainSnapshot>,
     pub history: VecDeque<Sample>,
     pub traces: VecDeque<Trace>,
     pub events: VecDeque<MeshEvent>,
@@ -207,7 +219,7 @@ pub struct ClusterState {
     seen_events: HashSet<(u64, String, String)>,
     /// K/V bytes each decode node has received from each source, when they last grew, and the
     /// rate of that growth.
-    received: HashMap<(String, String), LinkReading>,
+    received: HashMap<(String, String, FlowKind), LinkReading>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -247,7 +259,12 @@ impl ClusterState {
                     models: n
                         .models
                         .iter()
-                        .map(|m| if m.deterministic { format!("{} (deterministic)", m.id) } else { m.id.clone() })
+                        .map(|m| {
+                            let [start, end] = m.layer_span();
+                            let span = if m.holds_all() { String::new() } else { format!(" layers {start}–{end}") };
+                            let mode = if m.deterministic { " (deterministic)" } else { "" };
+                            format!("{}{span}{mode}", m.id)
+                        })
                         .collect(),
                     running: load.running,
                     waiting: load.waiting,
@@ -263,6 +280,7 @@ impl ClusterState {
             })
             .collect();
         self.links = snap.links.iter().map(|l| (l.a.clone(), l.b.clone())).collect();
+        self.chains = snap.chains.clone();
         self.take_flows(snap, now);
         for n in &snap.nodes {
             for t in n.load.iter().flat_map(|l| &l.recent) {
@@ -302,21 +320,24 @@ impl ClusterState {
         self.updated = Some(now);
     }
 
-    /// Live K/V rates: each decode node reports the bytes it has received from each prefill
-    /// node; their growth since the last change is the flow now (reports come once a second,
-    /// snapshots more often).
+    /// Live rates: each node reports the K/V and hidden-state bytes it has received from each
+    /// other node; their growth since the last change is the flow now (reports come once a
+    /// second, snapshots more often).
     fn take_flows(&mut self, snap: &ClusterSnapshot, now: f64) {
         let mut readings = HashMap::new();
         for n in &snap.nodes {
-            for link in n.load.iter().flat_map(|l| &l.kv_links) {
-                let key = (link.from.clone(), n.peer_id.clone());
-                let mut r = self.received.get(&key).copied().unwrap_or(LinkReading { bytes: link.bytes, at: now, rate: 0.0 });
-                if link.bytes > r.bytes {
-                    r.rate = (link.bytes - r.bytes) as f64 / (now - r.at).max(0.5);
-                    (r.bytes, r.at) = (link.bytes, now);
-                } else if link.bytes < r.bytes {
+            let Some(load) = &n.load else { continue };
+            let kv = load.kv_links.iter().map(|l| (&l.from, l.bytes, FlowKind::Kv));
+            let hidden = load.hidden_links.iter().map(|l| (&l.from, l.bytes, FlowKind::Hidden));
+            for (from, bytes, kind) in kv.chain(hidden) {
+                let key = (from.clone(), n.peer_id.clone(), kind);
+                let mut r = self.received.get(&key).copied().unwrap_or(LinkReading { bytes, at: now, rate: 0.0 });
+                if bytes > r.bytes {
+                    r.rate = (bytes - r.bytes) as f64 / (now - r.at).max(0.5);
+                    (r.bytes, r.at) = (bytes, now);
+                } else if bytes < r.bytes {
                     // The node restarted: start over.
-                    r = LinkReading { bytes: link.bytes, at: now, rate: 0.0 };
+                    r = LinkReading { bytes, at: now, rate: 0.0 };
                 } else if now - r.at > 2.5 {
                     r.rate = 0.0;
                 }
@@ -326,9 +347,9 @@ impl ClusterState {
         self.flows = readings
             .iter()
             .filter(|(_, r)| r.rate > 0.0)
-            .map(|((from, to), r)| KvFlow { from: from.clone(), to: to.clone(), bytes_per_s: r.rate })
+            .map(|((from, to, kind), r)| KvFlow { from: from.clone(), to: to.clone(), kind: *kind, bytes_per_s: r.rate })
             .collect();
-        self.flows.sort_by(|a, b| (&a.from, &a.to).cmp(&(&b.from, &b.to)));
+        self.flows.sort_by(|a, b| (&a.from, &a.to, a.kind).cmp(&(&b.from, &b.to, b.kind)));
         self.received = readings;
     }
 

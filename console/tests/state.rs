@@ -70,3 +70,39 @@ fn the_table_sorts_filters_and_the_actions_need_confirmation_and_the_secret() {
     read_only.confirm();
     assert!(read_only.outbox.is_empty(), "without the secret there is nothing to confirm");
 }
+
+/// Chains of span-holding nodes: each node's span shows with its model, the source's chains are
+/// kept, and hidden-state bytes between stages become flows of their own kind.
+#[test]
+fn chains_show_their_spans_and_the_hidden_state_traffic_between_stages() {
+    use tandem_console::state::FlowKind;
+    use tandem_mesh::{ChainSnapshot, HiddenLinkBytes, StageSnapshot};
+
+    let chained = |t: u64| {
+        let mut snap = common::snapshot(3, t);
+        for (i, n) in snap.nodes.iter_mut().enumerate().take(2) {
+            n.models[0].span = Some(if i == 0 { [0, 15] } else { [15, 30] });
+            n.models[0].layers = 30;
+            let other = common::peer(1 - i);
+            n.load.as_mut().expect("load").hidden_links = vec![HiddenLinkBytes { from: other, bytes: t * 8192 * 50 }];
+        }
+        snap.chains = vec![ChainSnapshot {
+            model: "smollm2-135m".into(),
+            fingerprint: "f".into(),
+            stages: (0..2).map(|i| StageSnapshot { peer_id: common::peer(i), layers: [15 * i as u32, 15 * (i as u32 + 1)] }).collect(),
+            prefill: vec![],
+            expected_ttft_ms: 40.0,
+            expected_tpot_ms: 6.0,
+        }];
+        snap
+    };
+    let mut s = ClusterState::new(SourceInfo::default());
+    s.apply(&chained(1), 0.0);
+    s.apply(&chained(2), 1.0);
+    assert_eq!(s.nodes[&common::peer(0)].models, ["smollm2-135m layers 0–15"]);
+    assert_eq!(s.nodes[&common::peer(1)].models, ["smollm2-135m layers 15–30"]);
+    assert_eq!(s.chains.len(), 1);
+    let hidden: Vec<_> =
+        s.flows.iter().filter(|f| f.kind == FlowKind::Hidden).map(|f| (f.from.clone(), f.to.clone(), f.bytes_per_s)).collect();
+    assert_eq!(hidden, [(common::peer(0), common::peer(1), 409_600.0), (common::peer(1), common::peer(0), 409_600.0)]);
+}

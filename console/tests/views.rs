@@ -105,3 +105,25 @@ fn the_graph_keeps_1_to_200_nodes_apart_inside_its_area() {
         }
     }
 }
+
+#[test]
+fn a_chain_of_spans_is_drawn_stage_by_stage() {
+    let mut s = cluster(3, false);
+    let mut snap = common::snapshot(3, 3);
+    snap.chains = vec![tandem_mesh::ChainSnapshot {
+        model: "smollm2-135m".into(),
+        fingerprint: "f".into(),
+        stages: vec![
+            tandem_mesh::StageSnapshot { peer_id: common::peer(0), layers: [0, 15] },
+            tandem_mesh::StageSnapshot { peer_id: common::peer(1), layers: [15, 30] },
+        ],
+        prefill: vec![],
+        expected_ttft_ms: 40.0,
+        expected_tpot_ms: 6.0,
+    }];
+    s.apply(&snap, 3.0);
+    let mut h = harness(s);
+    h.run_steps(2);
+    h.get_by_label("chain · smollm2-135m");
+    h.get_by_label("000000 [0–15) -> 000001 [15–30)");
+}

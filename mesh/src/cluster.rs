@@ -104,7 +104,34 @@ pub struct ClusterSnapshot {
     pub nodes: Vec<NodeSnapshot>,
     pub links: Vec<Link>,
     pub events: Vec<MeshEvent>,
+    /// The best chains of nodes holding spans of a model, per model, as placement ranks them
+    /// for a typical request (512 prompt tokens, 128 out).
+    #[serde(default)]
+    pub chains: Vec<ChainSnapshot>,
 }
+
+/// A chain as `/v1/cluster` shows it: which node runs which layers, in order.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ChainSnapshot {
+    pub model: String,
+    pub fingerprint: String,
+    pub stages: Vec<StageSnapshot>,
+    /// A split chain's prefill stages (empty when the decode stages prefill too).
+    #[serde(default)]
+    pub prefill: Vec<StageSnapshot>,
+    pub expected_ttft_ms: f64,
+    pub expected_tpot_ms: f64,
+}
+
+/// One stage of a chain: a node and its layers `[start, end)`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct StageSnapshot {
+    pub peer_id: String,
+    pub layers: [u32; 2],
+}
+
+/// Chains shown per model.
+const CHAINS_SHOWN: usize = 4;
 
 /// The end of a peer id, as people tell them apart.
 pub fn short(peer: &str) -> &str {
@@ -336,10 +363,36 @@ impl ClusterView {
                 links.insert(Link { a, b });
             }
         }
+        let models: BTreeSet<&str> = nodes.iter().flat_map(|n| &n.models).filter(|m| !m.holds_all()).map(|m| m.id.as_str()).collect();
+        let stages = |s: &[crate::placement::Stage]| {
+            s.iter().map(|s| StageSnapshot { peer_id: s.peer.to_string(), layers: s.layers }).collect::<Vec<_>>()
+        };
+        let chains = models
+            .into_iter()
+            .flat_map(|model| {
+                let req = crate::placement::PlacementRequest {
+                    model,
+                    prompt_tokens: 512,
+                    output_tokens: 128,
+                    affinity: None,
+                    exclude: &[],
+                    mode: crate::placement::PlacementMode::Auto,
+                };
+                crate::placement::chains(self, &req).into_iter().take(CHAINS_SHOWN).map(move |c| ChainSnapshot {
+                    model: model.to_string(),
+                    fingerprint: c.fingerprint,
+                    stages: stages(&c.stages),
+                    prefill: c.prefill.as_deref().map(stages).unwrap_or_default(),
+                    expected_ttft_ms: c.expected_ttft_s * 1e3,
+                    expected_tpot_ms: c.expected_tpot_s * 1e3,
+                })
+            })
+            .collect();
         ClusterSnapshot {
             self_id: self.self_id.to_string(),
             nodes,
             links: links.into_iter().collect(),
+            chains,
             events: {
                 let mut all: Vec<MeshEvent> = self.events.iter().chain(&self.refusals).cloned().collect();
                 all.sort_by_key(|e| e.at_ms);

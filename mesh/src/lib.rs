@@ -22,7 +22,9 @@ mod roles;
 mod secret;
 mod weights;
 
-pub use cluster::{ClusterSnapshot, ClusterView, Link, MeshEvent, MeshEventKind, NodeSnapshot, NodeState, short, unix_ms};
+pub use cluster::{
+    ChainSnapshot, ClusterSnapshot, ClusterView, Link, MeshEvent, MeshEventKind, NodeSnapshot, NodeState, StageSnapshot, short, unix_ms,
+};
 pub use control::{CONTROL_LIMITS, CONTROL_PROTOCOL, ControlCommand, ControlError, ControlGate, ControlReply, ControlRequest};
 pub use error::{Error, Result};
 pub use frames::{FrameError, FramedStream, Limits as FrameLimits};
@@ -38,8 +40,8 @@ pub use kv::{
 };
 pub use length::LengthPredictor;
 pub use messages::{
-    AdapterAd, CapabilityAd, GossipMessage, KvLinkRate, LoadReport, MAX_GOSSIP_BYTES, MAX_TRACES, ModelAd, PROTOCOL_VERSION, RequestTrace,
-    Speed,
+    AdapterAd, CapabilityAd, GossipMessage, HiddenLinkBytes, KvLinkRate, LoadReport, MAX_GOSSIP_BYTES, MAX_TRACES, ModelAd,
+    PROTOCOL_VERSION, RequestTrace, Speed,
 };
 pub use network::{Mesh, MeshConfig, MeshHandle, StreamGate, StreamPermit};
 pub use placement::{

@@ -132,6 +132,10 @@ pub struct LoadReport {
     /// Measured K/V transfer rates from other nodes to this one (bytes/s, recent average).
     #[serde(default)]
     pub kv_links: Vec<KvLinkRate>,
+    /// Hidden-state bytes received from each node it chains with (layer spans), in all: the
+    /// console draws the residual stream's traffic between stages from its growth.
+    #[serde(default)]
+    pub hidden_links: Vec<HiddenLinkBytes>,
     /// Share of the last K/V transfers' time hidden behind the prefill's compute (0..1).
     #[serde(default)]
     pub kv_overlap: Option<f64>,
@@ -200,6 +204,13 @@ pub struct KvLinkRate {
     pub bytes_per_s: f64,
     /// K/V bytes received from that node, in all (the console draws live flows from its growth).
     #[serde(default)]
+    pub bytes: u64,
+}
+
+/// Hidden-state bytes a node has received from another, in all.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct HiddenLinkBytes {
+    pub from: String,
     pub bytes: u64,
 }
 
@@ -328,6 +339,10 @@ impl GossipMessage {
                 for k in &l.kv_links {
                     text("kv link", &k.from)?;
                     number("kv link bytes_per_s", k.bytes_per_s, 1e13)?;
+                }
+                list("hidden_links", l.hidden_links.len(), MAX_PEERS_LISTED)?;
+                for h in &l.hidden_links {
+                    text("hidden link", &h.from)?;
                 }
                 if let Some(o) = l.kv_overlap {
                     number("kv_overlap", o, 1.0)?;

@@ -433,28 +433,39 @@ pub fn chains(view: &ClusterView, req: &PlacementRequest) -> Vec<Chain> {
 }
 
 /// For a node about to load `want_layers` layers of an `n_layers`-layer model (`--layers auto`):
-/// the span other nodes hold least, counted layer by layer (a node holding the whole model holds
-/// every layer), the lowest on a tie. This node's own ad does not count: it is choosing its span.
+/// the span with the least throughput from other nodes, as Petals' servers choose their blocks:
+/// each holder of a layer adds its memory bandwidth (decode is memory-bound), a node holding the
+/// whole model holding every layer. Only spans that start or end where another node's span
+/// does (or at the model's ends) are candidates, since chains tile spans end to end; the least
+/// throughput per layer wins, then the longer span, then the lower. This node's own ad does not
+/// count: it is choosing its span.
 pub fn span_lacked_most(view: &ClusterView, model_id: &str, n_layers: u32, want_layers: u32) -> [u32; 2] {
     let want = want_layers.clamp(1, n_layers.max(1)).min(n_layers) as usize;
-    let mut held = vec![0u64; n_layers as usize];
+    let n = n_layers as usize;
+    let mut held = vec![0.0f64; n];
+    let mut bounds = vec![0, n];
     for ad in view.nodes().filter(|(p, _)| **p != view.self_id()).filter_map(|(_, n)| n.ad.as_ref()) {
         // Another layer count is another model under the same name.
         let Some(m) = ad.models.iter().find(|m| m.id == model_id && m.layers == n_layers) else {
             continue;
         };
         let [start, end] = m.layer_span();
-        held.iter_mut().take(end as usize).skip(start as usize).for_each(|h| *h += 1);
+        let rate = ad.speed.gbps.clamp(1e-3, 1e6);
+        held.iter_mut().take(end as usize).skip(start as usize).for_each(|h| *h += rate);
+        bounds.extend([start as usize, end as usize]);
     }
-    let mut sum: u64 = held[..want].iter().sum();
-    let mut best = (sum, 0);
-    for start in 1..=n_layers as usize - want {
-        sum = sum + held[start + want - 1] - held[start - 1];
-        if sum < best.0 {
-            best = (sum, start);
-        }
-    }
-    [best.1 as u32, (best.1 + want) as u32]
+    bounds.sort_unstable();
+    bounds.dedup();
+    let candidates = bounds.iter().flat_map(|&b| {
+        let from = (b < n).then(|| b..(b + want).min(n));
+        let to = (b > 0).then(|| b.saturating_sub(want)..b);
+        from.into_iter().chain(to)
+    });
+    let per_layer = |r: &std::ops::Range<usize>| held[r.clone()].iter().sum::<f64>() / r.len() as f64;
+    let best = candidates
+        .min_by(|a, b| per_layer(a).total_cmp(&per_layer(b)).then(b.len().cmp(&a.len())).then(a.start.cmp(&b.start)))
+        .unwrap_or(0..want);
+    [best.start as u32, best.end as u32]
 }
 
 #[cfg(test)]
@@ -820,7 +831,22 @@ mod tests {
         add_span(&mut v, PeerId::random(), 100.0, ModelAd { layers: 40, ..spanning(0, 10) });
         assert_eq!(span_lacked_most(&v, "m", 30, 10), [0, 10]);
         assert_eq!(span_lacked_most(&v, "m", 30, 50), [0, 30], "at most the whole model");
-        assert_eq!(span_lacked_most(&v, "m", 30, 0), [0, 1], "at least a layer");
+        // Throughput, not heads: a slow holder of 10..20 leaves it lacking more than 0..10.
+        let mut v = ClusterView::new(me, Duration::from_secs(5));
+        add_span(&mut v, PeerId::random(), 100.0, spanning(0, 10));
+        add_span(&mut v, PeerId::random(), 100.0, spanning(20, 30));
+        add_span(&mut v, PeerId::random(), 5.0, spanning(10, 20));
+        add_span(&mut v, PeerId::random(), 5.0, spanning(10, 20));
+        assert_eq!(span_lacked_most(&v, "m", 30, 10), [10, 20]);
+        assert_eq!(span_lacked_most(&v, "m", 30, 0), [10, 11], "at least a layer");
         assert_eq!(span_lacked_most(&v, "m", 0, 4), [0, 0]);
+        // Spans abut others' ends, so chains can tile them: 16 layers beside one holder of
+        // 0..15 are 15..30, not 14..30.
+        let mut v = ClusterView::new(me, Duration::from_secs(5));
+        add_span(&mut v, PeerId::random(), 100.0, spanning(0, 15));
+        assert_eq!(span_lacked_most(&v, "m", 30, 16), [15, 30]);
+        add_span(&mut v, PeerId::random(), 100.0, spanning(15, 30));
+        add_span(&mut v, PeerId::random(), 100.0, spanning(0, 15));
+        assert_eq!(span_lacked_most(&v, "m", 30, 20), [15, 30], "the less held half, whole");
     }
 }

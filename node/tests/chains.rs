@@ -3,6 +3,9 @@
 //! observer node through a chain of stages, with the text of one process holding every layer
 //! (deterministic mode). The middle stage SIGKILLed mid-generation leaves the client with the
 //! very same text: the first stage builds another chain and recomputes it from the tokens.
+//! And a chain split into prefill and decode: two prefill nodes and two decode nodes holding the
+//! same halves (one of them chose its half itself, `--layers auto`) give that text too, each
+//! prefill stage handing its half's K/V to its twin.
 
 mod common;
 
@@ -127,4 +130,86 @@ async fn three_processes_holding_a_third_each_give_one_processs_text_and_survive
     assert_eq!(got, want_long, "the text after losing the middle stage");
     assert!(a.metric("tandem_chain_rebuilds_total").await >= 1.0, "the first stage built another chain");
     drop(middles);
+}
+
+/// Polls `metric` on `node` until `ok` holds of it (a stage frees its session as its stream ends,
+/// just after the client has its answer).
+async fn eventually(node: &Node, metric: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let start = Instant::now();
+    loop {
+        let v = node.metric(metric).await;
+        if ok(v) || start.elapsed() > Duration::from_secs(10) {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chain_split_into_prefill_and_decode_gives_one_processs_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path();
+    let whole = Node::start(&[], path, "whole");
+    whole.wait_ready().await;
+    let want = completion(&whole, greedy(PROMPTS[1], 16)).await.0;
+    drop(whole);
+
+    let da = Node::start(&["--layers", "0-14", "--role", "decode", "--placement", "split"], path, "da");
+    // db picks its span itself: as many layers as 100 MiB holds (about 24 of SmolLM2's 30) where
+    // the mesh lacks them most, abutting da's, so the two tile the model.
+    let db = Node::start(&["--layers", "auto", "--gpu-memory", "100MiB", "--role", "decode", "--peer", &da.addr()], path, "db");
+    db.wait_ready().await;
+    let pa = Node::start(&["--layers", "0-14", "--role", "prefill", "--peer", &da.addr(), "--peer", &db.addr()], path, "pa");
+    let pb = Node::start(&["--layers", "15-29", "--role", "prefill", "--peer", &da.addr(), "--peer", &db.addr()], path, "pb");
+    for n in [&da, &pa, &pb] {
+        n.wait_ready().await;
+    }
+    da.wait_until_sees(&[&da, &db, &pa, &pb], Duration::from_secs(60)).await;
+    // The cluster view shows the split chain once every ad with its span has arrived.
+    let start = Instant::now();
+    let chain = loop {
+        let cluster = da.get("/v1/cluster").await;
+        if let Some(c) =
+            cluster["chains"].as_array().and_then(|c| c.iter().find(|c| c["prefill"].as_array().is_some_and(|p| !p.is_empty())))
+        {
+            break c.clone();
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "no split chain in {cluster}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let peers = |stages: &Value| stages.as_array().expect("stages").iter().map(|s| s["peer_id"].clone()).collect::<Vec<_>>();
+    assert_eq!(peers(&chain["stages"]), [json!(da.peer_id), json!(db.peer_id)]);
+    assert_eq!(peers(&chain["prefill"]), [json!(pa.peer_id), json!(pb.peer_id)]);
+    assert_eq!(chain["stages"][1]["layers"], json!([15, 30]));
+
+    let (got, v) = completion(&da, greedy(PROMPTS[1], 16)).await;
+    assert_eq!(got, want, "the split chain's text");
+    assert_eq!(v["usage"]["completion_tokens"], 16);
+    assert_eq!(da.metric("tandem_chain_split_prefills_total").await, 1.0, "the prompt ran on the prefill chain");
+    for (name, p) in [("pa", &pa), ("pb", &pb)] {
+        assert_eq!(p.metric("tandem_stage_handoffs_total").await, 1.0, "{name} handed its half's K/V on");
+        assert!(p.metric("tandem_stage_steps_total").await <= 2.0, "{name} only prefilled");
+        assert!(p.metric("tandem_kv_sent_bytes_total").await > 0.0, "{name} sent K/V");
+    }
+    for (name, d) in [("da", &da), ("db", &db)] {
+        assert!(d.metric("tandem_kv_received_bytes_total").await > 0.0, "{name} took its half's K/V");
+    }
+    assert!(db.metric("tandem_stage_steps_total").await >= 15.0, "db decoded");
+    for (name, n) in [("da", &da), ("db", &db), ("pa", &pa), ("pb", &pb)] {
+        assert_eq!(eventually(n, "tandem_stage_sessions", |v| v == 0.0).await, 0.0, "{name} freed its sessions");
+    }
+    // The hidden-state traffic between the decode stages shows in the cluster view.
+    let start = Instant::now();
+    loop {
+        let cluster = da.get("/v1/cluster").await;
+        let node = cluster["nodes"].as_array().expect("nodes").iter().find(|n| n["peer_id"] == db.peer_id.as_str()).cloned();
+        let from_da = node.and_then(|n| {
+            n["load"]["hidden_links"].as_array()?.iter().find(|l| l["from"] == da.peer_id.as_str()).and_then(|l| l["bytes"].as_u64())
+        });
+        if from_da.is_some_and(|b| b > 0) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no hidden-state bytes from da at db in {cluster}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

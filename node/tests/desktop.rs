@@ -36,6 +36,7 @@ fn me() -> ClusterSnapshot {
         }],
         links: vec![],
         events: vec![],
+        chains: vec![],
     }
 }
 

@@ -17,6 +17,16 @@ const MAX_NODES_WITH_LINKS: usize = 40;
 /// Node labels are drawn only up to this many nodes (beyond, hover for them).
 const MAX_NODES_WITH_LABELS: usize = 60;
 pub const FLOW_COLOR: Color32 = Color32::from_rgb(70, 220, 150);
+/// The residual stream between the stages of a chain.
+pub const HIDDEN_COLOR: Color32 = Color32::from_rgb(240, 170, 60);
+
+/// The colour a flow of this kind is drawn in.
+pub fn flow_color(kind: crate::state::FlowKind) -> Color32 {
+    match kind {
+        crate::state::FlowKind::Kv => FLOW_COLOR,
+        crate::state::FlowKind::Hidden => HIDDEN_COLOR,
+    }
+}
 
 /// Where each node goes in `rect`, and the largest radius that keeps them apart.
 pub fn layout(nodes: &[&NodeRow], rect: Rect) -> (HashMap<String, Pos2>, f32) {
@@ -103,16 +113,17 @@ pub fn graph(ui: &mut Ui, s: &mut ClusterState) {
         // Dashes move toward the decode node, faster for faster streams.
         let speed = 20.0 + 60.0 * (f.bytes_per_s / max_rate) as f32;
         let offset = (time * speed) % 16.0;
-        painter.extend(Shape::dashed_line_with_offset(&path, Stroke::new(width, FLOW_COLOR), &[10.0], &[6.0], 16.0 - offset));
+        let color = flow_color(f.kind);
+        painter.extend(Shape::dashed_line_with_offset(&path, Stroke::new(width, color), &[10.0], &[6.0], 16.0 - offset));
         let end_dir = (path[24] - path[23]).normalized();
-        painter.add(arrow_head(b, end_dir, width + 5.0, FLOW_COLOR));
+        painter.add(arrow_head(b, end_dir, width + 5.0, color));
         if s.flows.len() <= 12 {
             painter.text(
                 path[12] - vec2(0.0, width + 2.0),
                 Align2::CENTER_BOTTOM,
                 bytes_per_s(f.bytes_per_s),
                 FontId::proportional(12.0),
-                FLOW_COLOR,
+                color,
             );
         }
     }

@@ -11,7 +11,7 @@ pub mod timeline;
 use egui::{Align2, Color32, RichText, Ui};
 use tandem_mesh::{ControlCommand, Role};
 
-use crate::state::{ClusterState, NodeRow, Tab, role_name};
+use crate::state::{ClusterState, FlowKind, NodeRow, Tab, role_name};
 
 /// A coloured dot and a label (the default fonts have no bullet glyphs).
 pub fn swatch(ui: &mut Ui, color: Color32, text: impl Into<RichText>) -> egui::Response {
@@ -114,8 +114,13 @@ fn summary(ui: &mut Ui, s: &ClusterState) {
         let last = s.history.back().copied().unwrap_or_default();
         ui.label(format!("{:.1} tok/s", last.tokens_per_s));
         ui.label(format!("{} running · {} waiting", last.running, last.waiting));
-        let streams = s.flows.iter().map(|f| f.bytes_per_s).fold(0.0, |a, b| a + b);
-        ui.colored_label(graph::FLOW_COLOR, format!("K/V {} over {} streams", bytes_per_s(streams), s.flows.len()));
+        for (kind, what) in [(FlowKind::Kv, "K/V"), (FlowKind::Hidden, "hidden states")] {
+            let flows: Vec<f64> = s.flows.iter().filter(|f| f.kind == kind).map(|f| f.bytes_per_s).collect();
+            if kind == FlowKind::Kv || !flows.is_empty() {
+                let total = flows.iter().sum::<f64>();
+                ui.colored_label(graph::flow_color(kind), format!("{what} {} over {} streams", bytes_per_s(total), flows.len()));
+            }
+        }
         ui.separator();
         ui.weak(&s.source.label);
         if s.source.can_control {
@@ -124,8 +129,31 @@ fn summary(ui: &mut Ui, s: &ClusterState) {
             ui.weak("read-only").on_hover_text(&s.source.why_not);
         }
     });
+    chains(ui, s);
     if let Some(r) = s.replies.back() {
         ui.weak(r);
+    }
+}
+
+/// The best chains of nodes holding spans of a model: which node runs which layers.
+fn chains(ui: &mut Ui, s: &ClusterState) {
+    for c in &s.chains {
+        ui.horizontal_wrapped(|ui| {
+            ui.label(RichText::new(format!("chain · {}", c.model)).strong());
+            let stages = |stages: &[tandem_mesh::StageSnapshot]| {
+                stages
+                    .iter()
+                    .map(|st| format!("{} [{}–{})", tandem_mesh::short(&st.peer_id), st.layers[0], st.layers[1]))
+                    .collect::<Vec<_>>()
+                    .join(" -> ")
+            };
+            if !c.prefill.is_empty() {
+                ui.colored_label(role_color(Some(Role::Prefill)), format!("prefill {}", stages(&c.prefill)));
+                ui.weak("hands K/V to");
+            }
+            ui.colored_label(graph::HIDDEN_COLOR, stages(&c.stages));
+            ui.weak(format!("~{:.1} ms/token", c.expected_tpot_ms));
+        });
     }
 }
 

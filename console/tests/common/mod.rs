@@ -93,5 +93,6 @@ pub fn snapshot(n: usize, t: u64) -> ClusterSnapshot {
         nodes,
         links: (1..n).map(|i| Link { a: peer(0), b: peer(i) }).collect(),
         events: vec![MeshEvent { at_ms: 1_700_000_000_000, kind: MeshEventKind::Joined, peer_id: peer(0), detail: "role prefill".into() }],
+        chains: vec![],
     }
 }

@@ -5,6 +5,10 @@
 //! requests' steps on that stage (`tandem_core::stage`), so the pipeline stays full across
 //! concurrent requests.
 //!
+//! A split chain's prompt runs on its prefill stages instead, each handing its span's K/V to the
+//! decode stage of the same span as the steps go (`stages.rs`); once every decode stage holds the
+//! prompt, the decode stages go on from the first token the last prefill stage sampled.
+//!
 //! A stage lost mid-request does not lose the request: this node keeps every token (prompt and
 //! generated), builds another chain without the lost node, and recomputes every stage's K/V
 //! from those tokens before the next step, as Petals' clients do. The next token is sampled at
@@ -18,8 +22,8 @@ use tandem_core::scheduler::{Event, FinishReason, Request, RequestTimings};
 use tandem_core::stage::{StageOut, StageStep};
 use tandem_core::{Engine, SamplingParams};
 use tandem_mesh::{
-    Chain, DTYPE_F16, DTYPE_F32, FramedStream, HIDDEN_LIMITS, HIDDEN_PROTOCOL, HiddenOpen, HiddenOutput, HiddenReply, HiddenShape,
-    HiddenStep, MeshEventKind, PROTOCOL_VERSION, PeerId, PlacementMode, PlacementRequest, StageOut as WireOut, WireSampling,
+    Chain, DTYPE_F16, DTYPE_F32, FramedStream, HIDDEN_LIMITS, HIDDEN_PROTOCOL, Handoff, HiddenOpen, HiddenOutput, HiddenReply, HiddenShape,
+    HiddenStep, MeshEventKind, PROTOCOL_VERSION, PeerId, PlacementRequest, Stage, StageOut as WireOut, WireSampling,
 };
 use tokio::sync::mpsc;
 
@@ -61,6 +65,8 @@ enum RemoteError {
     Ended,
     #[error("hidden states of width {got}, this model's are {want}")]
     Width { want: usize, got: u32 },
+    #[error("handed {got} positions' K/V to its decode stage, the prompt has {want}")]
+    HandedOff { want: usize, got: u32 },
 }
 
 /// One stage as this node reaches it.
@@ -74,6 +80,8 @@ enum Link {
     /// states: the last stage's output).
     Remote {
         peer: PeerId,
+        /// Its session's id there (what a prefill stage names to hand it K/V).
+        session: u64,
         stream: Box<FramedStream<tandem_mesh::Stream>>,
         seq_no: u32,
         step: HiddenShape,
@@ -103,6 +111,7 @@ async fn open_remote(
     peer: PeerId,
     layers: [u32; 2],
     positions: usize,
+    handoff: Option<Handoff>,
 ) -> Result<(Link, StepBounds), RemoteError> {
     let stream = app.mesh.handle.open_stream(peer, HIDDEN_PROTOCOL).await.map_err(|e| RemoteError::Open(e.to_string()))?;
     let mut stream = FramedStream::new(stream, HIDDEN_LIMITS);
@@ -114,30 +123,55 @@ async fn open_remote(
         layers,
         positions: positions as u32,
         wire_dtype: dtype,
+        handoff,
     };
     stream.send_msg(&open).await?;
     match stream.recv_msg::<HiddenReply>().await? {
         Some(HiddenReply::Opened { hidden_size, .. }) if hidden_size as usize != loaded.hidden_size => {
             Err(RemoteError::Width { want: loaded.hidden_size, got: hidden_size })
         }
-        Some(HiddenReply::Opened { max_step_tokens, attention_budget, hidden_size }) => Ok((
+        Some(HiddenReply::Opened { max_step_tokens, attention_budget, hidden_size, session }) => Ok((
             Link::Remote {
                 peer,
+                session,
                 stream: Box::new(stream),
                 seq_no: 0,
-                step: HiddenShape { width: hidden_size, dtype },
+                // The first stage embeds: its steps carry no hidden states.
+                step: HiddenShape { width: if layers[0] > 0 { hidden_size } else { 0 }, dtype },
                 out: HiddenShape { width: if layers[1] < loaded.layers { hidden_size } else { 0 }, dtype },
             },
             StepBounds { tokens: max_step_tokens as usize, attention: attention_budget as usize },
         )),
         Some(HiddenReply::Failed { message }) => Err(RemoteError::Refused(message)),
+        Some(HiddenReply::HandedOff { .. }) => Err(RemoteError::WrongOutput("`handed_off`")),
         None => Err(RemoteError::Ended),
     }
 }
 
 impl Link {
+    /// Where a prefill stage of the same span hands this stage its K/V.
+    fn handoff(&self, app: &App) -> Handoff {
+        match self {
+            Link::Local { session, .. } => Handoff { peer: app.mesh.handle.peer_id().to_string(), session: *session },
+            Link::Remote { peer, session, .. } => Handoff { peer: peer.to_string(), session: *session },
+        }
+    }
+
+    /// Ends a prefill stage's steps and waits until its decode stage holds all `positions`.
+    async fn end_handoff(&mut self, positions: usize) -> Result<(), RemoteError> {
+        let Link::Remote { stream, .. } = self else { unreachable!("prefill stages are other nodes") };
+        stream.finish().await?;
+        match stream.recv_msg::<HiddenReply>().await? {
+            Some(HiddenReply::HandedOff { positions: got }) if got as usize == positions => Ok(()),
+            Some(HiddenReply::HandedOff { positions: got }) => Err(RemoteError::HandedOff { want: positions, got }),
+            Some(HiddenReply::Failed { message }) => Err(RemoteError::Refused(message)),
+            Some(HiddenReply::Opened { .. }) => Err(RemoteError::WrongOutput("`opened`")),
+            None => Err(RemoteError::Ended),
+        }
+    }
+
     async fn step(&mut self, app: &App, step: StageStep, last: bool) -> Result<StageOut, RemoteError> {
-        let Link::Remote { stream, seq_no, step: step_shape, out: out_shape, .. } = self else {
+        let Link::Remote { peer, stream, seq_no, step: step_shape, out: out_shape, .. } = self else {
             unreachable!("local steps go to the worker")
         };
         *seq_no += 1;
@@ -153,6 +187,7 @@ impl Link {
         stream.send(&frame).await?;
         let answer = stream.recv().await?.ok_or(RemoteError::Ended)?;
         app.metrics.chain.hidden_received_bytes.inc_by(answer.len() as u64);
+        app.mesh.count_hidden_bytes(*peer, answer.len() as u64);
         if !tandem_mesh::is_hidden_frame(&answer) {
             return match serde_json::from_slice::<HiddenReply>(&answer) {
                 Ok(HiddenReply::Failed { message }) => Err(RemoteError::Refused(message)),
@@ -175,30 +210,63 @@ impl Link {
 /// The best chain from this node's span onward, without `exclude`.
 fn plan_chain(app: &App, loaded: &Loaded, prompt_tokens: usize, output_tokens: usize, exclude: &[PeerId]) -> Option<Chain> {
     super::node_mesh::refresh_own(app);
-    let req =
-        PlacementRequest { model: &loaded.model_id, prompt_tokens, output_tokens, affinity: None, exclude, mode: PlacementMode::Colocated };
+    let req = PlacementRequest { model: &loaded.model_id, prompt_tokens, output_tokens, affinity: None, exclude, mode: app.cfg.placement };
     let view = app.mesh.handle.view();
     let view = view.read().unwrap_or_else(std::sync::PoisonError::into_inner);
     let held = held_span(loaded);
     tandem_mesh::chains(&view, &req).into_iter().find(|c| c.stages.first().is_some_and(|s| s.is_self && s.layers == held))
 }
 
-/// A chain's links, opened; the first is this node's own span.
-async fn open_chain(app: &Arc<App>, loaded: &Arc<Loaded>, chain: &Chain, positions: usize) -> Result<(Vec<Link>, StepBounds), ChainError> {
-    let session = open_session(&loaded.worker, positions).await?;
-    app.metrics.chain.stage_sessions.inc();
-    let mut links = vec![Link::Local { loaded: loaded.clone(), session, app: app.clone() }];
+/// Links to `stages`, each session holding up to `positions` positions; a prefill chain's stages
+/// hand their K/V to `handoffs`, one per stage.
+async fn open_links(
+    app: &Arc<App>,
+    loaded: &Arc<Loaded>,
+    stages: &[Stage],
+    positions: usize,
+    handoffs: Option<Vec<Handoff>>,
+) -> Result<(Vec<Link>, StepBounds), ChainError> {
+    let mut links = Vec::with_capacity(stages.len());
     let mut bounds = StepBounds { tokens: loaded.max_step_tokens, attention: loaded.attention_budget };
-    for (i, stage) in chain.stages.iter().enumerate().skip(1) {
-        let (link, b) = open_remote(app, loaded, stage.peer, stage.layers, positions).await.map_err(|source| ChainError::Remote {
-            stage: i,
-            peer: stage.peer,
-            source,
-        })?;
+    let mut handoffs = handoffs.map(Vec::into_iter);
+    for (i, stage) in stages.iter().enumerate() {
+        let handoff = handoffs.as_mut().and_then(Iterator::next);
+        if stage.is_self {
+            if handoff.is_some() {
+                return Err(ChainError::Local(StageError::NotReady("a prefill stage on the driving node".into())));
+            }
+            let session = open_session(&loaded.worker, positions).await?;
+            app.metrics.chain.stage_sessions.inc();
+            links.push(Link::Local { loaded: loaded.clone(), session, app: app.clone() });
+            continue;
+        }
+        let (link, b) = open_remote(app, loaded, stage.peer, stage.layers, positions, handoff)
+            .await
+            .map_err(|source| ChainError::Remote { stage: i, peer: stage.peer, source })?;
         links.push(link);
         bounds = StepBounds { tokens: bounds.tokens.min(b.tokens), attention: bounds.attention.min(b.attention) };
     }
     Ok((links, bounds))
+}
+
+/// Runs `tokens` through the prefill chain `stages`, each stage handing its span's K/V to the
+/// decode stage of the same span (`handoffs`), and waits until every decode stage holds them:
+/// the token sampled after them.
+async fn prefill_split(
+    app: &Arc<App>,
+    loaded: &Arc<Loaded>,
+    handoffs: Vec<Handoff>,
+    stages: &[Stage],
+    tokens: &[u32],
+    sample: SamplingParams,
+) -> Result<Option<u32>, ChainError> {
+    let (mut links, bounds) = open_links(app, loaded, stages, tokens.len(), Some(handoffs)).await?;
+    let next = prefill(app, &mut links, bounds, tokens, sample).await?;
+    for (i, (link, stage)) in links.iter_mut().zip(stages).enumerate() {
+        link.end_handoff(tokens.len()).await.map_err(|source| ChainError::Remote { stage: i, peer: stage.peer, source })?;
+    }
+    app.metrics.chain.split_prefills.inc();
+    Ok(next)
 }
 
 /// One step through every stage: the sampled token where `sample` asks for one.
@@ -272,8 +340,14 @@ pub async fn run(app: Arc<App>, loaded: Arc<Loaded>, request: Request, tx: mpsc:
         };
         tracing::debug!(stages = chain.stages.len(), tokens = tokens.len(), "driving a request through a chain");
         let result = async {
-            let (mut links, bounds) = open_chain(&app, &loaded, &chain, positions).await?;
-            let mut next = prefill(&app, &mut links, bounds, &tokens, request.sampling).await?;
+            let (mut links, bounds) = open_links(&app, &loaded, &chain.stages, positions, None).await?;
+            let mut next = match &chain.prefill {
+                Some(stages) => {
+                    let handoffs = links.iter().map(|l| l.handoff(&app)).collect();
+                    prefill_split(&app, &loaded, handoffs, stages, &tokens, request.sampling).await?
+                }
+                None => prefill(&app, &mut links, bounds, &tokens, request.sampling).await?,
+            };
             loop {
                 let Some(id) = next else { return Ok(None) };
                 generated += 1;

@@ -4,7 +4,9 @@
 //! - a prefill node runs such a prefill, streaming each layer as the GPU writes it, with a
 //!   bounded number of layers in flight (`serve_prefill`);
 //! - a draining decode node moves a running request's K/V to another decode node
-//!   (`migrate`), which parks it until the request arrives (`receive_park`).
+//!   (`migrate`), which parks it until the request arrives (`receive_park`);
+//! - a prefill stage of a split chain hands its span's K/V, step by step, to the decode stage
+//!   of the same span (`hand_off`), straight into that stage's session (`receive_stage`).
 //!
 //! Whatever goes wrong (a malformed, out-of-order, foreign or cut-off transfer; a peer that
 //! vanishes), the parked sequence is freed at once: nothing of a failed transfer stays.
@@ -97,6 +99,10 @@ pub enum TransferError {
     Scheduler(String),
     #[error("the prefill produced no token")]
     NoToken,
+    #[error("K/V of layers {want:?} offered, this node holds {have:?}")]
+    Span { want: [u32; 2], have: [u32; 2] },
+    #[error("the decode stage holds {held} of the {want} positions handed to it")]
+    Short { held: usize, want: usize },
 }
 
 fn shape(loaded: &Loaded, session: u64) -> Result<KvShape, TransferError> {
@@ -269,7 +275,8 @@ pub async fn prefill_remote(app: &App, loaded: &Loaded, peer: PeerId, req: &Requ
                 receive_chunk(app, peer, loaded, ticket.id, &frame, &shape, &mut progress, held)?;
                 continue;
             }
-            match serde_json::from_slice::<KvReply>(&frame).map_err(TransferError::MalformedReply)? {
+            let reply = serde_json::from_slice::<KvReply>(&frame).map_err(TransferError::MalformedReply)?;
+            match reply {
                 KvReply::First { token, prefill_ms, first_send_ms, send_busy_ms, layers_ready_ms, layers_sent_ms } => {
                     busy_s = send_busy_ms / 1e3;
                     progress.check_complete()?;
@@ -288,7 +295,7 @@ pub async fn prefill_remote(app: &App, loaded: &Loaded, peer: PeerId, req: &Requ
                 }
                 KvReply::Heartbeat => loaded.worker.touch(ticket.id),
                 KvReply::Failed { message } => return Err(TransferError::PrefillFailed(message)),
-                KvReply::Parked { .. } => return Err(TransferError::UnexpectedReply("`parked`".into())),
+                other @ (KvReply::Parked { .. } | KvReply::Held { .. }) => return Err(TransferError::UnexpectedReply(format!("{other:?}"))),
             }
         }
         let first = first.ok_or(TransferError::NoFirstToken)?;
@@ -398,8 +405,10 @@ async fn serve_kv(app: &Arc<App>, peer: PeerId, stream: tandem_mesh::Stream) {
     };
     let (v, model, fingerprint, tokens) = match &open {
         KvOpen::Prefill { v, model, fingerprint, tokens, .. } | KvOpen::Park { v, model, fingerprint, tokens, .. } => {
-            (*v, model, fingerprint, tokens)
+            (*v, model, fingerprint, &tokens[..])
         }
+        // Its positions are bounded by the session it names, which reserved them.
+        KvOpen::Stage { v, model, fingerprint, .. } => (*v, model, fingerprint, &[0][..]),
     };
     let loaded = match app.loaded() {
         Ok(l) => l,
@@ -437,6 +446,13 @@ async fn serve_kv(app: &Arc<App>, peer: PeerId, stream: tandem_mesh::Stream) {
                 return fail(&mut s, TransferError::Role(app.mesh.role())).await;
             }
             receive_park(app, &loaded, peer, s, session, tokens).await
+        }
+        KvOpen::Stage { session, stage_session, layers, positions, .. } => {
+            let held = super::stages::held_span(&loaded);
+            if layers != held || layers[0] >= layers[1] {
+                return fail(&mut s, TransferError::Span { want: layers, have: held }).await;
+            }
+            receive_stage(app, &loaded, peer, s, session, stage_session, layers, positions as usize).await
         }
     }
 }
@@ -611,6 +627,116 @@ async fn receive_park(app: &App, loaded: &Loaded, peer: PeerId, mut s: Stream, s
             drop(ticket);
             app.metrics.kv.rejected_transfers.inc();
             tracing::warn!(%peer, error = %e, "K/V transfer rejected; nothing of it is kept");
+            fail(&mut s, e).await;
+        }
+    }
+}
+
+/// Hands the K/V of a prefill stage's session to the decode stage `to`, one step's positions at a
+/// time as `ranges` names them, as each step's answer has gone to the driver. Ends when `ranges`
+/// closes (the driver ended its steps): the positions the decode stage then holds.
+pub async fn hand_off(
+    app: Arc<App>,
+    loaded: Arc<Loaded>,
+    session: u64,
+    to: tandem_mesh::Handoff,
+    layers: [u32; 2],
+    positions: u32,
+    mut ranges: mpsc::Receiver<(usize, usize)>,
+) -> Result<u32, TransferError> {
+    let peer: PeerId = to.peer.parse().map_err(|_| TransferError::Refused(format!("{:?} is not a peer id", to.peer)))?;
+    let transfer = session_id();
+    let shape = shape(&loaded, transfer)?;
+    let stream = app.mesh.handle.open_stream(peer, KV_PROTOCOL).await.map_err(TransferError::Open)?;
+    let mut s = FramedStream::new(stream, KV_LIMITS);
+    let open = KvOpen::Stage {
+        v: PROTOCOL_VERSION,
+        session: transfer,
+        model: loaded.model_id.clone(),
+        fingerprint: loaded.fingerprint.clone(),
+        stage_session: to.session,
+        layers,
+        positions,
+    };
+    s.send_msg(&open).await?;
+    let (mut bytes, mut sent) = (0u64, 0usize);
+    let started = Instant::now();
+    while let Some((start, end)) = ranges.recv().await {
+        let (reply, rx) = answer();
+        loaded.worker.stage_export(session, start, end, reply).map_err(TransferError::Worker)?;
+        let kv = rx.await.map_err(|_| TransferError::WorkerStopped)?.map_err(TransferError::Worker)?;
+        for layer in &kv {
+            for frame in chunks(layer, &shape, loaded.kv_dtype) {
+                bytes += (frame.len() - 64) as u64;
+                s.send(&frame).await?;
+            }
+        }
+        sent = end;
+    }
+    s.finish().await?;
+    let reply = s.recv_msg::<KvReply>().await?;
+    app.metrics.kv.sent_bytes.inc_by(bytes);
+    match reply {
+        Some(KvReply::Held { positions }) => {
+            tracing::debug!(%peer, positions, bytes, ms = started.elapsed().as_secs_f64() * 1e3, "a span's K/V handed to its decode stage");
+            Ok(positions)
+        }
+        Some(KvReply::Failed { message }) => Err(TransferError::Refused(message)),
+        other => Err(TransferError::UnexpectedReply(format!("{other:?} after {sent} positions"))),
+    }
+}
+
+/// Takes a prefill stage's K/V of this node's span into the stage session it names, checking
+/// every chunk against the transfer; answers `Held` once the session holds every position.
+#[allow(clippy::too_many_arguments)]
+async fn receive_stage(
+    app: &App,
+    loaded: &Loaded,
+    peer: PeerId,
+    mut s: Stream,
+    transfer: u64,
+    stage_session: u64,
+    layers: [u32; 2],
+    positions: usize,
+) {
+    let shape = match shape(loaded, transfer) {
+        Ok(x) => x,
+        Err(e) => return fail(&mut s, e).await,
+    };
+    let mut progress = KvProgress::span(layers[0] as usize..layers[1] as usize, 0, positions);
+    let result = async {
+        while let Some(frame) = s.recv().await? {
+            if !is_chunk(&frame) {
+                return Err(TransferError::NotKv);
+            }
+            let chunk = KvChunk::decode(&frame, &shape)?;
+            let before = progress.bytes;
+            progress.accept(&chunk)?;
+            app.mesh.count_link_bytes(peer, progress.bytes - before);
+            if let Some(layer) = layer_from(chunk, 0) {
+                loaded.worker.stage_import(stage_session, layer).map_err(TransferError::Worker)?;
+            }
+        }
+        progress.check_complete()?;
+        let (reply, rx) = answer();
+        loaded.worker.stage_held(stage_session, reply).map_err(TransferError::Worker)?;
+        let held = rx.await.map_err(|_| TransferError::WorkerStopped)?.map_err(TransferError::Worker)?;
+        if held != positions {
+            return Err(TransferError::Short { held, want: positions });
+        }
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            app.metrics.kv.received_bytes.inc_by(progress.bytes);
+            tracing::debug!(%peer, positions, bytes = progress.bytes, "a prefill stage's K/V taken");
+            let _ = s.send_msg(&KvReply::Held { positions: positions as u32 }).await;
+            let _ = s.finish().await;
+        }
+        Err(e) => {
+            app.metrics.kv.rejected_transfers.inc();
+            tracing::warn!(%peer, error = %e, "a prefill stage's K/V refused");
             fail(&mut s, e).await;
         }
     }

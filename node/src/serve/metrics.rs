@@ -291,6 +291,8 @@ pub struct ChainMetrics {
     pub hidden_received_bytes: Counter,
     pub driven_requests: Counter,
     pub rebuilds: Counter,
+    pub split_prefills: Counter,
+    pub handed_off_sessions: Counter,
 }
 
 impl ChainMetrics {
@@ -306,6 +308,16 @@ impl ChainMetrics {
         );
         r.register("tandem_chain_requests", "Requests this node drove through a chain of stages", m.driven_requests.clone());
         r.register("tandem_chain_rebuilds", "Chains rebuilt mid-request after a stage failed", m.rebuilds.clone());
+        r.register(
+            "tandem_chain_split_prefills",
+            "Prompts of driven requests computed on a chain of prefill nodes and handed to the decode chain",
+            m.split_prefills.clone(),
+        );
+        r.register(
+            "tandem_stage_handoffs",
+            "Prefill stage sessions here whose K/V the decode stage of the same span took whole",
+            m.handed_off_sessions.clone(),
+        );
         m
     }
 }

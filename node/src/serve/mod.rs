@@ -277,6 +277,7 @@ fn span_to_hold(app: &App, model: &HostModel) -> anyhow::Result<Option<std::ops:
             if fits >= n {
                 return Ok(None);
             }
+            wait_for_ads(app);
             let view = app.mesh.handle.view();
             let view = view.read().unwrap_or_else(std::sync::PoisonError::into_inner);
             let [start, end] = tandem_mesh::span_lacked_most(&view, &app.model_id, n as u32, fits as u32);
@@ -285,6 +286,31 @@ fn span_to_hold(app: &App, model: &HostModel) -> anyhow::Result<Option<std::ops:
         }
     };
     Ok((span != (0..n)).then_some(span))
+}
+
+/// How long `--layers auto` waits to hear other nodes' ads before choosing its span.
+const AUTO_SPAN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits (blocking) until another node's ad with this node's model is in the view, or
+/// `AUTO_SPAN_WAIT` has passed: a span chosen before the mesh is heard would be the first.
+fn wait_for_ads(app: &App) {
+    if !weights::has_peers(app) {
+        return;
+    }
+    let deadline = std::time::Instant::now() + AUTO_SPAN_WAIT;
+    while std::time::Instant::now() < deadline {
+        let heard = {
+            let view = app.mesh.handle.view();
+            let view = view.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let me = view.self_id();
+            view.nodes().any(|(p, n)| *p != me && n.ad.as_ref().is_some_and(|a| a.models.iter().any(|m| m.id == app.model_id)))
+        };
+        if heard {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    tracing::info!("--layers auto: no other node's ad heard yet; choosing from what is known");
 }
 
 async fn health(State(app): State<Arc<App>>) -> Response {

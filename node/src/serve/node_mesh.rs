@@ -32,6 +32,8 @@ pub struct NodeMesh {
     /// Measured K/V rates from other nodes to this one (bytes/s, moving average), and the bytes
     /// received from each.
     kv_links: Mutex<HashMap<PeerId, (f64, u64)>>,
+    /// Hidden-state bytes received from each peer (chains), in all.
+    hidden_links: Mutex<HashMap<PeerId, u64>>,
     /// Output lengths of requests that entered here, to predict the next ones'.
     lengths: Mutex<tandem_mesh::LengthPredictor>,
     flip: tokio::sync::Mutex<()>,
@@ -54,6 +56,7 @@ impl NodeMesh {
             gate: StreamGate::new(STREAMS_PER_PEER, STREAMS_TOTAL),
             affinity: Mutex::default(),
             kv_links: Mutex::default(),
+            hidden_links: Mutex::default(),
             lengths: Mutex::default(),
             flip: tokio::sync::Mutex::new(()),
             busy: Default::default(),
@@ -129,6 +132,13 @@ impl NodeMesh {
     pub fn count_link_bytes(&self, peer: PeerId, bytes: u64) {
         if let Ok(mut l) = self.kv_links.lock() {
             l.entry(peer).or_insert((0.0, 0)).1 += bytes;
+        }
+    }
+
+    /// Counts hidden-state bytes received from `peer`, for the cluster view.
+    pub fn count_hidden_bytes(&self, peer: PeerId, bytes: u64) {
+        if let Ok(mut l) = self.hidden_links.lock() {
+            *l.entry(peer).or_insert(0) += bytes;
         }
     }
 
@@ -267,6 +277,10 @@ pub fn load_report(app: &App, rate: bool) -> LoadReport {
                 .take(64)
                 .map(|(p, &(r, bytes))| tandem_mesh::KvLinkRate { from: p.to_string(), bytes_per_s: r.min(1e12), bytes })
                 .collect();
+        }
+        if let Ok(links) = app.mesh.hidden_links.lock() {
+            report.hidden_links =
+                links.iter().take(64).map(|(p, &bytes)| tandem_mesh::HiddenLinkBytes { from: p.to_string(), bytes }).collect();
         }
         if rate {
             report.recent = app.metrics.take_traces();

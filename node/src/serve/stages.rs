@@ -3,6 +3,11 @@
 //! entering the span), and gets the hidden states leaving it, or at the last stage the sampled
 //! token. The session's blocks are reserved at open and freed when the stream ends, however it
 //! ends.
+//!
+//! A prefill stage of a split chain (`HiddenOpen::handoff`) also hands each step's K/V of its
+//! span to the decode stage of the same span (`kv::hand_off`), behind the step's answer so the
+//! pipeline does not wait for it; when the driver ends its steps, it answers `HandedOff` once
+//! the decode stage holds them all.
 
 use std::sync::Arc;
 
@@ -48,6 +53,10 @@ pub enum StageError {
     Malformed(tandem_mesh::HiddenError),
     #[error("cannot encode the output: {0}")]
     Encode(tandem_mesh::HiddenError),
+    #[error("hand-off to {0:?}: not a peer id")]
+    HandoffPeer(String),
+    #[error("handing K/V to the decode stage: {0}")]
+    Handoff(super::kv::TransferError),
 }
 
 /// The layers a node holds, as on the wire.
@@ -111,6 +120,9 @@ fn check_open(app: &App, open: &HiddenOpen) -> Result<Arc<Loaded>, StageError> {
     if open.wire_dtype != DTYPE_F32 && open.wire_dtype != DTYPE_F16 {
         return Err(StageError::Dtype(open.wire_dtype));
     }
+    if let Some(h) = &open.handoff {
+        h.peer.parse::<PeerId>().map_err(|_| StageError::HandoffPeer(h.peer.clone()))?;
+    }
     if app.mesh.draining() || !app.mesh.role().serves() {
         return Err(StageError::NotTaking);
     }
@@ -156,11 +168,22 @@ async fn serve_stage(app: &Arc<App>, peer: PeerId, stream: tandem_mesh::Stream) 
             .min(tandem_mesh::max_frame_tokens(out_shape)),
         hidden_size: loaded.hidden_size as u32,
         attention_budget: loaded.attention_budget as u32,
+        session: session.id,
     };
     if s.send_msg(&reply).await.is_err() {
         return;
     }
-    tracing::debug!(%peer, layers = ?open.layers, positions = open.positions, "stage session opened");
+    tracing::debug!(%peer, layers = ?open.layers, positions = open.positions, handoff = open.handoff.is_some(), "stage session opened");
+    // The steps' position ranges, for the task handing their K/V on (bounded: a slow decode
+    // stage holds the steps back rather than grow a queue).
+    let (ranges, handoff) = match open.handoff.clone() {
+        Some(h) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let task = super::kv::hand_off(app.clone(), loaded.clone(), session.id, h, open.layers, open.positions, rx);
+            (Some(tx), Some(tokio::spawn(task)))
+        }
+        None => (None, None),
+    };
     loop {
         let frame = match s.recv().await {
             Ok(Some(f)) => f,
@@ -171,6 +194,7 @@ async fn serve_stage(app: &Arc<App>, peer: PeerId, stream: tandem_mesh::Stream) 
             }
         };
         app.metrics.chain.hidden_received_bytes.inc_by(frame.len() as u64);
+        app.mesh.count_hidden_bytes(peer, frame.len() as u64);
         let out = match HiddenStep::decode(&frame, step_shape) {
             Ok(step) => {
                 let seq_no = step.seq_no;
@@ -185,11 +209,14 @@ async fn serve_stage(app: &Arc<App>, peer: PeerId, stream: tandem_mesh::Stream) 
                         seed: w.seed,
                     }),
                 };
-                step_session(&session.worker, session.id, core).await.map(|out| (seq_no, out))
+                let range = (core.start, core.start + core.tokens.len());
+                step_session(&session.worker, session.id, core).await.map(|out| (seq_no, range, out))
             }
             Err(e) => Err(StageError::Malformed(e)),
         };
-        let encoded = out.and_then(|(seq_no, out)| {
+        let mut ran = None;
+        let encoded = out.and_then(|(seq_no, range, out)| {
+            ran = Some(range);
             let out = match out {
                 StageOut::Hidden(h) => WireOut::Hidden(h),
                 StageOut::Token(t) => WireOut::Tokens(vec![t]),
@@ -211,7 +238,26 @@ async fn serve_stage(app: &Arc<App>, peer: PeerId, stream: tandem_mesh::Stream) 
             tracing::info!(%peer, error = %e, "stage reply not taken: session closed");
             return;
         }
+        if let (Some(tx), Some(range)) = (&ranges, ran)
+            && tx.send(range).await.is_err()
+        {
+            // The hand-off failed; its error goes to the driver when the steps end.
+            tracing::debug!(%peer, "the K/V hand-off ended early");
+        }
+    }
+    if let Some(task) = handoff {
+        drop(ranges);
+        let reply = match task.await {
+            Ok(Ok(positions)) => {
+                app.metrics.chain.handed_off_sessions.inc();
+                HiddenReply::HandedOff { positions }
+            }
+            Ok(Err(e)) => HiddenReply::Failed { message: StageError::Handoff(e).to_string() },
+            Err(e) => HiddenReply::Failed { message: format!("the K/V hand-off task failed: {e}") },
+        };
+        // The decode stage holds the K/V now: this session's blocks are no longer needed.
+        drop(session);
+        let _ = s.send_msg(&reply).await;
     }
     let _ = s.finish().await;
-    drop(session);
 }
