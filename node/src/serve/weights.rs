@@ -26,6 +26,14 @@ use crate::models::KnownModel;
 
 /// How long a node with peers waits for one that holds its model before it turns to PyPI.
 const HOLDER_WAIT: Duration = Duration::from_secs(30);
+/// The same where only mDNS could bring a holder: on most LANs there is none, and a first start
+/// should not wait long for it.
+const MDNS_HOLDER_WAIT: Duration = Duration::from_secs(8);
+
+/// How long to wait for a first holder: long where the operator named peers, short otherwise.
+fn first_holder_wait(app: &App) -> Duration {
+    if app.cfg.mesh.peers.is_empty() { MDNS_HOLDER_WAIT } else { HOLDER_WAIT }
+}
 
 /// Failed streams after which a holder is not asked again in one fetch.
 const MAX_FAILURES: u32 = 3;
@@ -53,8 +61,8 @@ impl WeightsSource {
 pub enum WeightsError {
     #[error("{0}: {1}")]
     Io(PathBuf, #[source] std::io::Error),
-    #[error("no peer holding model {0} appeared within {HOLDER_WAIT:?}")]
-    NoHolder(String),
+    #[error("no peer holding model {0} appeared within {1:?}")]
+    NoHolder(String, Duration),
     #[error("every peer holding the model failed or was refused; {missing} chunks are still missing (a later start continues)")]
     Incomplete { missing: usize },
     #[error("the fetched model does not load: {0}")]
@@ -259,9 +267,10 @@ async fn start(app: &App, known: &KnownModel, refused: &mut HashSet<PeerId>) -> 
     let identity = known.identity;
     let dir = fetch_dir(identity);
     let waited = Instant::now();
+    let wait = first_holder_wait(app);
     loop {
-        if waited.elapsed() > HOLDER_WAIT {
-            return Err(WeightsError::NoHolder(identity[..16].into()));
+        if waited.elapsed() > wait {
+            return Err(WeightsError::NoHolder(identity[..16].into(), wait));
         }
         for peer in holders(app, identity, refused) {
             match try_manifest(app, peer, identity, &dir).await {
