@@ -233,10 +233,16 @@ impl ClusterView {
             }
             GossipMessage::Load(load) => {
                 // Refusals are the reporting node's own business (and a flood of them must not
-                // reach every node's log).
+                // reach every node's log). A node speaks only for itself: an event it reports
+                // about another is logged as its own report, never as that node's.
+                let reporter = from.to_string();
                 for e in load.events.iter().filter(|e| e.kind != MeshEventKind::Refused) {
-                    let detail = format!("{} (reported by {})", e.detail, short(&from.to_string()));
-                    self.push_event(MeshEvent { detail, ..e.clone() });
+                    let detail = if e.peer_id == reporter {
+                        format!("{} (reported by {})", e.detail, short(&reporter))
+                    } else {
+                        format!("{} (reported by {} about {})", e.detail, short(&reporter), short(&e.peer_id))
+                    };
+                    self.push_event(MeshEvent { peer_id: reporter.clone(), detail, ..e.clone() });
                 }
                 let node = self.entry(from, now);
                 node.load = Some(load);
@@ -463,5 +469,16 @@ mod tests {
         let load = LoadReport { peer_id: b.to_string(), events: vec![forged.clone(), forged], ..Default::default() };
         other.apply(b, GossipMessage::Load(load), Instant::now()).expect("load");
         assert!(other.snapshot().events.iter().all(|e| e.kind != MeshEventKind::Refused));
+
+        // An event about another node is the reporter's word: it is logged under the reporter.
+        let victim = PeerId::random().to_string();
+        let forged = MeshEvent { at_ms: 1, kind: MeshEventKind::Left, peer_id: victim.clone(), detail: "gone".into() };
+        let load = LoadReport { peer_id: b.to_string(), events: vec![forged], ..Default::default() };
+        other.apply(b, GossipMessage::Load(load), Instant::now()).expect("load");
+        let events = other.snapshot().events;
+        assert!(events.iter().all(|e| e.peer_id != victim), "{events:?}");
+        let logged = events.iter().find(|e| e.kind == MeshEventKind::Left).expect("the report is kept");
+        assert_eq!(logged.peer_id, b.to_string());
+        assert!(logged.detail.contains(&format!("about {}", short(&victim))), "{}", logged.detail);
     }
 }

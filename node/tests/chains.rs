@@ -75,7 +75,7 @@ async fn three_processes_holding_a_third_each_give_one_processs_text_and_survive
     for p in PROMPTS {
         want.push(completion(&whole, greedy(p, 24)).await.0);
     }
-    let want_long = completion(&whole, greedy(PROMPTS[1], 48)).await.0;
+    let want_long = completion(&whole, greedy(PROMPTS[1], 32)).await.0;
     drop(whole);
 
     let a = Node::start(&["--layers", "0-9"], path, "a");
@@ -111,7 +111,7 @@ async fn three_processes_holding_a_third_each_give_one_processs_text_and_survive
     // The middle stage in use is SIGKILLed after the first tokens: the client's text is the
     // uninterrupted one.
     let mut middles = [b, spare];
-    let got = stream(&e, greedy(PROMPTS[1], 48), 4, || async {
+    let got = stream(&e, greedy(PROMPTS[1], 32), 4, || async {
         let mut used = None;
         let start = Instant::now();
         while used.is_none() {
