@@ -165,36 +165,75 @@ async fn a_chain_split_into_prefill_and_decode_gives_one_processs_text() {
         n.wait_ready().await;
     }
     da.wait_until_sees(&[&da, &db, &pa, &pb], Duration::from_secs(60)).await;
-    // The cluster view shows the split chain once every ad with its span has arrived.
-    let start = Instant::now();
-    let chain = loop {
-        let cluster = da.get("/v1/cluster").await;
-        if let Some(c) =
-            cluster["chains"].as_array().and_then(|c| c.iter().find(|c| c["prefill"].as_array().is_some_and(|p| !p.is_empty())))
-        {
-            break c.clone();
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "no split chain in {cluster}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let warnings = |n: &Node, name: &str| -> String {
+        n.plain_log(path, name).lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect::<Vec<_>>().join("\n")
     };
-    let peers = |stages: &Value| stages.as_array().expect("stages").iter().map(|s| s["peer_id"].clone()).collect::<Vec<_>>();
-    assert_eq!(peers(&chain["stages"]), [json!(da.peer_id), json!(db.peer_id)]);
-    assert_eq!(peers(&chain["prefill"]), [json!(pa.peer_id), json!(pb.peer_id)]);
-    assert_eq!(chain["stages"][1]["layers"], json!([15, 30]));
+    let counters = async || {
+        let mut c = Vec::new();
+        for (n, metric) in [
+            (&da, "tandem_chain_rebuilds_total"),
+            (&da, "tandem_chain_split_prefills_total"),
+            (&pa, "tandem_stage_handoffs_total"),
+            (&pb, "tandem_stage_handoffs_total"),
+            (&pa, "tandem_stage_steps_total"),
+            (&pb, "tandem_stage_steps_total"),
+            (&db, "tandem_stage_steps_total"),
+        ] {
+            c.push(n.metric(metric).await);
+        }
+        c
+    };
+    // A stage whose connection a starved machine drops mid-request is rebuilt around (the text
+    // stays the same, as the first test shows); the split is judged on a run that lost none.
+    let mut clean = false;
+    for attempt in 0..3 {
+        // The cluster view shows the split chain once every ad with its span has arrived.
+        let start = Instant::now();
+        let chain = loop {
+            let cluster = da.get("/v1/cluster").await;
+            let split =
+                cluster["chains"].as_array().and_then(|c| c.iter().find(|c| c["prefill"].as_array().is_some_and(|p| !p.is_empty())));
+            if let Some(c) = split {
+                break c.clone();
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "no split chain in {cluster}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let peers = |stages: &Value| stages.as_array().expect("stages").iter().map(|s| s["peer_id"].clone()).collect::<Vec<_>>();
+        assert_eq!(peers(&chain["stages"]), [json!(da.peer_id), json!(db.peer_id)]);
+        assert_eq!(peers(&chain["prefill"]), [json!(pa.peer_id), json!(pb.peer_id)]);
+        assert_eq!(chain["stages"][1]["layers"], json!([15, 30]));
 
-    let (got, v) = completion(&da, greedy(PROMPTS[1], 16)).await;
-    assert_eq!(got, want, "the split chain's text");
-    assert_eq!(v["usage"]["completion_tokens"], 16);
-    assert_eq!(da.metric("tandem_chain_split_prefills_total").await, 1.0, "the prompt ran on the prefill chain");
+        let before = counters().await;
+        let (got, v) = completion(&da, greedy(PROMPTS[1], 16)).await;
+        assert_eq!(got, want, "the split chain's text (attempt {attempt})");
+        assert_eq!(v["usage"]["completion_tokens"], 16);
+        let after = counters().await;
+        let d: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        if d[0] > 0.0 {
+            eprintln!(
+                "attempt {attempt} lost a stage and was rebuilt:\nda: {}\npa: {}\npb: {}\ndb: {}",
+                warnings(&da, "da"),
+                warnings(&pa, "pa"),
+                warnings(&pb, "pb"),
+                warnings(&db, "db")
+            );
+            continue;
+        }
+        assert_eq!(d[1], 1.0, "the prompt ran on the prefill chain");
+        assert_eq!((d[2], d[3]), (1.0, 1.0), "each prefill node handed its half's K/V on");
+        assert!(d[4] <= 2.0 && d[5] <= 2.0, "the prefill nodes only prefilled: {d:?}");
+        assert!(d[6] >= 15.0, "db decoded: {d:?}");
+        clean = true;
+        break;
+    }
+    assert!(clean, "three attempts each lost a stage");
     for (name, p) in [("pa", &pa), ("pb", &pb)] {
-        assert_eq!(p.metric("tandem_stage_handoffs_total").await, 1.0, "{name} handed its half's K/V on");
-        assert!(p.metric("tandem_stage_steps_total").await <= 2.0, "{name} only prefilled");
         assert!(p.metric("tandem_kv_sent_bytes_total").await > 0.0, "{name} sent K/V");
     }
     for (name, d) in [("da", &da), ("db", &db)] {
         assert!(d.metric("tandem_kv_received_bytes_total").await > 0.0, "{name} took its half's K/V");
     }
-    assert!(db.metric("tandem_stage_steps_total").await >= 15.0, "db decoded");
     for (name, n) in [("da", &da), ("db", &db), ("pa", &pa), ("pb", &pb)] {
         assert_eq!(eventually(n, "tandem_stage_sessions", |v| v == 0.0).await, 0.0, "{name} freed its sessions");
     }
