@@ -338,21 +338,17 @@ fn split_chain(decode: &[&Node], nodes: &[&Node], req: &PlacementRequest) -> Opt
     // Each span's K/V moves while later spans compute; what shows is the last span's transfer,
     // and whatever of the others a slow link cannot hide.
     let mut ttft = hops_s + SPLIT_OVERHEAD_S;
-    let mut exposed_s: f64 = 0.0;
+    let (mut exposed_s, mut last_s): (f64, f64) = (0.0, 0.0);
     for (p, d) in prefill.iter().zip(decode) {
         let compute_s = p.prefill_s(req.prompt_tokens) * p.share();
-        let transfer_s = req.prompt_tokens as f64 * p.model.kv_bytes_per_token as f64 * p.share() / d.link_from(&p.peer);
+        last_s = req.prompt_tokens as f64 * p.model.kv_bytes_per_token as f64 * p.share() / d.link_from(&p.peer);
         ttft += compute_s;
-        exposed_s = exposed_s.max(transfer_s - compute_s).max(0.0);
+        exposed_s = exposed_s.max(last_s - compute_s);
         if p.lacks_room(req.prompt_tokens) {
             ttft += NO_ROOM_S;
         }
     }
-    let last = prefill
-        .last()
-        .zip(decode.last())
-        .map_or(0.0, |(p, d)| req.prompt_tokens as f64 * p.model.kv_bytes_per_token as f64 * p.share() / d.link_from(&p.peer));
-    ttft += exposed_s + last;
+    ttft += exposed_s + last_s;
     if decode.iter().any(|d| d.lacks_room(req.prompt_tokens + req.output_tokens)) {
         ttft += NO_ROOM_S;
     }

@@ -205,25 +205,24 @@ fn session_id() -> u64 {
     xxhash_rust::xxh3::xxh3_64(&t.to_le_bytes()) ^ u64::from(std::process::id())
 }
 
-/// Receives one chunk from `peer` into a parked sequence, checking it against the transfer, and
-/// counts its bytes on the link as they arrive (the console draws live streams from them).
-#[allow(clippy::too_many_arguments)]
+/// Receives one chunk from `peer`, checking it against the transfer, hands its positions from
+/// `held` on to `import` (a parked sequence's, or a stage session's), and counts its bytes on
+/// the link as they arrive (the console draws live streams from them).
 fn receive_chunk(
     app: &App,
     peer: PeerId,
-    loaded: &Loaded,
-    ticket: u64,
     frame: &[u8],
     shape: &KvShape,
     progress: &mut KvProgress,
     held: usize,
+    import: impl FnOnce(KvLayer) -> tandem_core::Result<()>,
 ) -> Result<(), TransferError> {
     let chunk = KvChunk::decode(frame, shape)?;
     let before = progress.bytes;
     progress.accept(&chunk)?;
     app.mesh.count_link_bytes(peer, progress.bytes - before);
     if let Some(layer) = layer_from(chunk, held) {
-        loaded.worker.import(ticket, layer).map_err(TransferError::Worker)?;
+        import(layer).map_err(TransferError::Worker)?;
     }
     Ok(())
 }
@@ -272,7 +271,7 @@ pub async fn prefill_remote(app: &App, loaded: &Loaded, peer: PeerId, req: &Requ
                 let now = Instant::now();
                 first_chunk.get_or_insert(now);
                 last_chunk = Some(now);
-                receive_chunk(app, peer, loaded, ticket.id, &frame, &shape, &mut progress, held)?;
+                receive_chunk(app, peer, &frame, &shape, &mut progress, held, |l| loaded.worker.import(ticket.id, l))?;
                 continue;
             }
             let reply = serde_json::from_slice::<KvReply>(&frame).map_err(TransferError::MalformedReply)?;
@@ -403,12 +402,13 @@ async fn serve_kv(app: &Arc<App>, peer: PeerId, stream: tandem_mesh::Stream) {
             return;
         }
     };
+    // A stage transfer carries no tokens: its positions are bounded by the session it names,
+    // which reserved them.
     let (v, model, fingerprint, tokens) = match &open {
         KvOpen::Prefill { v, model, fingerprint, tokens, .. } | KvOpen::Park { v, model, fingerprint, tokens, .. } => {
-            (*v, model, fingerprint, &tokens[..])
+            (*v, model, fingerprint, Some(&tokens[..]))
         }
-        // Its positions are bounded by the session it names, which reserved them.
-        KvOpen::Stage { v, model, fingerprint, .. } => (*v, model, fingerprint, &[0][..]),
+        KvOpen::Stage { v, model, fingerprint, .. } => (*v, model, fingerprint, None),
     };
     let loaded = match app.loaded() {
         Ok(l) => l,
@@ -418,9 +418,9 @@ async fn serve_kv(app: &Arc<App>, peer: PeerId, stream: tandem_mesh::Stream) {
         Some(TransferError::Version(v))
     } else if *model != loaded.model_id || *fingerprint != loaded.fingerprint {
         Some(TransferError::Mismatch { model: loaded.model_id.clone(), fingerprint: loaded.fingerprint.clone() })
-    } else if tokens.is_empty() || tokens.len() >= loaded.worker.limits().context_length {
-        Some(TransferError::TooLong { tokens: tokens.len(), context: loaded.worker.limits().context_length })
-    } else if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= loaded.worker.limits().vocab_size) {
+    } else if let Some(t) = tokens.filter(|t| t.is_empty() || t.len() >= loaded.worker.limits().context_length) {
+        Some(TransferError::TooLong { tokens: t.len(), context: loaded.worker.limits().context_length })
+    } else if let Some(&bad) = tokens.into_iter().flatten().find(|&&t| t as usize >= loaded.worker.limits().vocab_size) {
         Some(TransferError::TokenOutOfRange(bad))
     } else if app.mesh.draining() {
         Some(TransferError::Draining)
@@ -607,7 +607,7 @@ async fn receive_park(app: &App, loaded: &Loaded, peer: PeerId, mut s: Stream, s
             if !is_chunk(&frame) {
                 return Err(TransferError::NotKv);
             }
-            receive_chunk(app, peer, loaded, ticket.id, &frame, &shape, &mut progress, held)?;
+            receive_chunk(app, peer, &frame, &shape, &mut progress, held, |l| loaded.worker.import(ticket.id, l))?;
         }
         progress.check_complete()?;
         seal(loaded, ticket.id).await
@@ -709,13 +709,7 @@ async fn receive_stage(
             if !is_chunk(&frame) {
                 return Err(TransferError::NotKv);
             }
-            let chunk = KvChunk::decode(&frame, &shape)?;
-            let before = progress.bytes;
-            progress.accept(&chunk)?;
-            app.mesh.count_link_bytes(peer, progress.bytes - before);
-            if let Some(layer) = layer_from(chunk, 0) {
-                loaded.worker.stage_import(stage_session, layer).map_err(TransferError::Worker)?;
-            }
+            receive_chunk(app, peer, &frame, &shape, &mut progress, 0, |l| loaded.worker.stage_import(stage_session, l))?;
         }
         progress.check_complete()?;
         let (reply, rx) = answer();
